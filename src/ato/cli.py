@@ -1,0 +1,86 @@
+"""`ato <stage>`: parse params, dispatch to the stage's `main`. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Nothing in the default run may reach for the network.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+STAGES: dict[str, tuple[str, str, bool]] = {
+    # name: (module, help, works per pair)
+    "prepare": ("prepare", "local float32 copy of the model (params: prepare.*)", False),
+    "collect": ("collect", "residuals into the zarr activation store (params: corpus.*, collect.*)", False),
+    "validate": ("validate", "great-expectations checks of the store (params: validate.*)", False),
+    "stats": ("stats", "streaming sufficient statistics per pair and split (params: stats.*)", False),
+    "tune": ("tune", "Optuna search of the ridge penalty (params: tune.*)", True),
+    "fit": ("fit", "refit, save, track and register operators (params: fit.*)", True),
+    "sae": ("sae", "train or load one SAE per target layer (params: sae.*)", False),
+    "select": ("select", "score and rank SAE features (params: select.*)", False),
+    "evaluate": ("evaluate", "R², feature R², CCA ceiling, efficiency (params: evaluate.*)", True),
+    "causal": ("causal", "perplexity under transport patching (params: causal.*)", True),
+    "report": ("report", "summary tables and figures (params: report.*)", False),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ato",
+        description="Activation transport operators: one subcommand per pipeline stage. Every path "
+        "and setting comes from params.yaml (see the comments there); `dvc repro` runs them in order.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_module, help_text, per_pair) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        if per_pair:
+            p.add_argument("--pair", default=None, help="one pair name such as L06_k1 (default: all pairs)")
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the project's store")
+    ui.add_argument("--params", default="params.yaml")
+    ui.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import AtoError
+    from .params import ParamsError, load_params
+
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params(args.params)
+        if getattr(args, "pair", None) and args.pair not in params.pairs:
+            raise ParamsError(f"--pair {args.pair}: not in pairs ({', '.join(params.pairs)})")
+    except ParamsError as exc:
+        print(f"ato {args.command}: params error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "ui":
+        from .tracking import serve_ui
+
+        return serve_ui(params, port=args.port)
+    module = importlib.import_module(f".stages.{STAGES[args.command][0]}", __package__)
+    kwargs = {"pair": args.pair} if STAGES[args.command][2] else {}
+    try:
+        module.main(params, **kwargs)
+    except AtoError as exc:
+        print(f"ato {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ato {args.command}: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

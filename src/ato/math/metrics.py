@@ -1,0 +1,237 @@
+"""Scores of a prediction ŷ against the truth y, computed by streaming over chunks (DESIGN §3).
+
+* `ResidualAccumulator`: residual-space R² (uniform average over dimensions, as the reference reports,
+  and variance-weighted), per-dimension R² and its quantiles, MSE and mean token cosine.
+* `FeatureAccumulator`: feature-space scores per SAE feature f along its unit decoder direction u_f,
+  over the tokens where the SAE's own encoder says f is active on the TRUE y:
+  a = yᵀu_f, â = ŷᵀu_f, R² = 1 − Σ(a−â)²/Σ(a−ā)², Pearson r, rms(â)/rms(a), active count.
+* `feature_verdicts`: transported / synthesised / no verdict (too few active tokens).
+* Paired bootstrap CIs (re-exported from `ato.math.bootstrap`) for the causal stage.
+
+Every accumulator holds O(d) or O(features) float64 sums, never tokens, so the test split need not
+fit in memory; `merge` combines accumulators built on disjoint chunks (results equal one-shot).
+Sums of squares are taken about a shift (the first chunk's mean) so float64 cancellation stays
+harmless even for late-layer residuals with norms ~4e4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .bootstrap import paired_bootstrap, paired_bootstrap_recovered, recovered_fraction
+
+__all__ = [
+    "ResidualAccumulator", "FeatureAccumulator", "feature_verdicts", "unit_directions",
+    "paired_bootstrap", "paired_bootstrap_ratio", "paired_bootstrap_recovered", "recovered_fraction",
+    "TRANSPORTED", "SYNTHESISED", "NO_VERDICT", "QUANTILES",
+]
+
+TRANSPORTED, SYNTHESISED, NO_VERDICT = "transported", "synthesised", "no_verdict"
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def _f64(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _bool(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy().astype(bool)
+    return np.asarray(a, dtype=bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Residual space
+
+
+@dataclass
+class ResidualAccumulator:
+    """Streaming residual-space scores of ŷ vs y ([m, d] chunks)."""
+
+    d: int
+    n: float = 0.0
+    shift: np.ndarray | None = None  # reference point for the y sums (first chunk's mean)
+    sum_y: np.ndarray = field(init=False)  # Σ (y − shift)
+    sum_y2: np.ndarray = field(init=False)  # Σ (y − shift)²
+    sse: np.ndarray = field(init=False)  # Σ (y − ŷ)² per dimension
+    cos_sum: float = 0.0
+    cos_count: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.sum_y = np.zeros(self.d)
+        self.sum_y2 = np.zeros(self.d)
+        self.sse = np.zeros(self.d)
+
+    def update(self, y: np.ndarray | torch.Tensor, y_hat: np.ndarray | torch.Tensor) -> None:
+        y, y_hat = _f64(y), _f64(y_hat)
+        if y.shape != y_hat.shape or y.ndim != 2 or y.shape[1] != self.d:
+            raise ValueError(f"expected y and ŷ of shape [m, {self.d}], got {y.shape} and {y_hat.shape}")
+        if len(y) == 0:
+            return
+        if self.shift is None:
+            self.shift = y.mean(0)
+        yc = y - self.shift
+        self.n += len(y)
+        self.sum_y += yc.sum(0)
+        self.sum_y2 += (yc * yc).sum(0)
+        self.sse += ((y - y_hat) ** 2).sum(0)
+        ny, nh = np.linalg.norm(y, axis=1), np.linalg.norm(y_hat, axis=1)
+        ok = (ny > 0) & (nh > 0)
+        self.cos_sum += float(((y * y_hat).sum(1)[ok] / (ny[ok] * nh[ok])).sum())
+        self.cos_count += float(ok.sum())
+
+    def merge(self, other: ResidualAccumulator) -> ResidualAccumulator:
+        """Combine with an accumulator over disjoint rows (shifts may differ: sums are re-centred)."""
+        out = ResidualAccumulator(self.d)
+        if self.n == 0:
+            return other._copy()
+        if other.n == 0:
+            return self._copy()
+        out.shift = self.shift
+        out.n = self.n + other.n
+        delta = other.shift - self.shift  # other's sums about self.shift
+        out.sum_y = self.sum_y + other.sum_y + other.n * delta
+        out.sum_y2 = self.sum_y2 + other.sum_y2 + 2 * delta * other.sum_y + other.n * delta**2
+        out.sse = self.sse + other.sse
+        out.cos_sum = self.cos_sum + other.cos_sum
+        out.cos_count = self.cos_count + other.cos_count
+        return out
+
+    def _copy(self) -> ResidualAccumulator:
+        out = ResidualAccumulator(self.d)
+        out.n, out.shift = self.n, None if self.shift is None else self.shift.copy()
+        out.sum_y, out.sum_y2, out.sse = self.sum_y.copy(), self.sum_y2.copy(), self.sse.copy()
+        out.cos_sum, out.cos_count = self.cos_sum, self.cos_count
+        return out
+
+    def sst(self) -> np.ndarray:
+        """Per-dimension Σ (y − ȳ)² about the accumulated rows' own mean."""
+        if self.n == 0:
+            return np.zeros(self.d)
+        return np.clip(self.sum_y2 - self.sum_y**2 / self.n, 0.0, None)
+
+    def r2_per_dim(self) -> np.ndarray:
+        sst = self.sst()
+        valid = sst > 0
+        return np.where(valid, 1.0 - self.sse / np.where(valid, sst, 1.0), np.nan)
+
+    def result(self) -> dict[str, float]:
+        """Flat scores: r2 (uniform mean over dims), r2_weighted, r2_dim_q10/q50/q90, mse, cosine, n_tokens."""
+        per_dim = self.r2_per_dim()
+        sst = self.sst()
+        finite = per_dim[np.isfinite(per_dim)]
+        out = {
+            "r2": float(finite.mean()) if finite.size else float("nan"),
+            "r2_weighted": float(1.0 - self.sse.sum() / sst.sum()) if sst.sum() > 0 else float("nan"),
+            "mse": float(self.sse.sum() / (self.n * self.d)) if self.n else float("nan"),
+            "cosine": float(self.cos_sum / self.cos_count) if self.cos_count else float("nan"),
+            "n_tokens": float(self.n),
+        }
+        for q in QUANTILES:
+            out[f"r2_dim_q{round(q * 100):02d}"] = float(np.quantile(finite, q)) if finite.size else float("nan")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Feature space
+
+
+def unit_directions(W_dec: np.ndarray | torch.Tensor, ids: list[int] | np.ndarray) -> np.ndarray:
+    """[d, F] float64 unit decoder directions u_f = d_f/‖d_f‖ for feature ids (W_dec is [d_sae, d])."""
+    rows = _f64(W_dec)[np.asarray(ids, dtype=int)]
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        bad = np.asarray(ids)[norms[:, 0] == 0].tolist()
+        raise ValueError(f"features {bad} have a zero decoder row")
+    return (rows / norms).T
+
+
+@dataclass
+class FeatureAccumulator:
+    """Streaming per-feature scores along unit directions, over tokens active on the true y."""
+
+    n_features: int
+    count: np.ndarray = field(init=False)
+    sum_a: np.ndarray = field(init=False)
+    sum_a2: np.ndarray = field(init=False)
+    sum_h: np.ndarray = field(init=False)
+    sum_h2: np.ndarray = field(init=False)
+    sum_ah: np.ndarray = field(init=False)
+    sse: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("count", "sum_a", "sum_a2", "sum_h", "sum_h2", "sum_ah", "sse"):
+            setattr(self, name, np.zeros(self.n_features))
+
+    def update(self, y: np.ndarray | torch.Tensor, y_hat: np.ndarray | torch.Tensor,
+               directions: np.ndarray, active: np.ndarray | torch.Tensor) -> None:
+        """y, ŷ: [m, d]; directions: [d, F] unit vectors; active: [m, F] bool (SAE encoder on true y)."""
+        self.update_projected(_f64(y) @ directions, _f64(y_hat) @ directions, active)
+
+    def update_projected(self, a: np.ndarray | torch.Tensor, a_hat: np.ndarray | torch.Tensor,
+                         active: np.ndarray | torch.Tensor) -> None:
+        """Same with projections already taken: a = y U, â = ŷ U ([m, F]); lets several predictions
+        share one projection of the truth."""
+        a, a_hat, mask = _f64(a), _f64(a_hat), _bool(active)
+        if a.shape != a_hat.shape or a.shape != mask.shape or a.shape[1] != self.n_features:
+            raise ValueError(f"a, â and active must all be [m, {self.n_features}]; got "
+                             f"{a.shape}, {a_hat.shape}, {mask.shape}")
+        w = mask.astype(np.float64)
+        am, hm = a * w, a_hat * w
+        self.count += w.sum(0)
+        self.sum_a += am.sum(0)
+        self.sum_a2 += (am * a).sum(0)
+        self.sum_h += hm.sum(0)
+        self.sum_h2 += (hm * a_hat).sum(0)
+        self.sum_ah += (am * a_hat).sum(0)
+        self.sse += (((a - a_hat) ** 2) * w).sum(0)
+
+    def merge(self, other: FeatureAccumulator) -> FeatureAccumulator:
+        out = FeatureAccumulator(self.n_features)
+        for name in ("count", "sum_a", "sum_a2", "sum_h", "sum_h2", "sum_ah", "sse"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Per-feature arrays: active, r2, pearson, rms_ratio (nan where undefined)."""
+        n = self.count
+        with np.errstate(divide="ignore", invalid="ignore"):
+            safe_n = np.where(n > 0, n, 1.0)
+            ssa = np.clip(self.sum_a2 - self.sum_a**2 / safe_n, 0.0, None)  # Σ(a − ā)²
+            ssh = np.clip(self.sum_h2 - self.sum_h**2 / safe_n, 0.0, None)
+            sah = self.sum_ah - self.sum_a * self.sum_h / safe_n
+            r2 = np.where((n > 0) & (ssa > 0), 1.0 - self.sse / np.where(ssa > 0, ssa, 1.0), np.nan)
+            pearson = np.where((n > 1) & (ssa > 0) & (ssh > 0), sah / np.sqrt(ssa * ssh), np.nan)
+            rms_ratio = np.where((n > 0) & (self.sum_a2 > 0),
+                                 np.sqrt(self.sum_h2 / np.where(self.sum_a2 > 0, self.sum_a2, 1.0)), np.nan)
+        return {"active": n.copy(), "r2": r2, "pearson": pearson, "rms_ratio": rms_ratio}
+
+
+def feature_verdicts(r2: np.ndarray, active: np.ndarray, threshold: float, min_active: int) -> np.ndarray:
+    """Per feature: `transported` when it has ≥ min_active active tokens and R² ≥ threshold,
+    `synthesised` when it has enough tokens but R² < threshold (or undefined R²), else `no_verdict`."""
+    r2, active = np.asarray(r2, dtype=np.float64), np.asarray(active)
+    enough = active >= min_active
+    ok = enough & np.isfinite(r2) & (r2 >= threshold)
+    out = np.full(r2.shape, NO_VERDICT, dtype=object)
+    out[enough] = SYNTHESISED
+    out[ok] = TRANSPORTED
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap (implementation in ato.math.bootstrap; the ratio form named here for the causal stage)
+
+
+def paired_bootstrap_ratio(delta_a: np.ndarray, delta_b: np.ndarray, n_resamples: int, seed: int,
+                           weights: np.ndarray | None = None, level: float = 0.95) -> tuple[float, float, float]:
+    """(1 − mean Δa / mean Δb, lo, hi): "damage recovered" with a paired percentile CI.
+
+    Δa: per-sequence delta of the patched condition vs clean; Δb: of the ablation (e.g. zero) vs
+    clean. Both means use the same resampled sequences in every replicate."""
+    return paired_bootstrap_recovered(delta_a, delta_b, n_resamples, seed, weights=weights, level=level)

