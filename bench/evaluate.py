@@ -109,23 +109,50 @@ def bench_sweep(train: PairStats, test: PairStats, W: np.ndarray, n_ranks: int, 
 # The stage for one pair, in a child process (clean peak RSS)
 
 
+def _child(params_path: str, pair: str) -> None:
+    """Runs in the child: the stage body for one pair, timing MLflow logging and figures apart."""
+    from ato.params import load_params
+    from ato.stages import evaluate
+
+    timed = {"mlflow": 0.0, "figures": 0.0}
+
+    def wrap(fn, key):
+        def inner(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timed[key] += time.perf_counter() - t
+        return inner
+
+    evaluate._log_mlflow = wrap(evaluate._log_mlflow, "mlflow")
+    for name in ("plot_efficiency", "plot_feature_r2", "plot_dim_r2"):
+        setattr(evaluate, name, wrap(getattr(evaluate, name), "figures"))
+    params = load_params(params_path)
+    t0 = time.perf_counter()
+    evaluate.evaluate_pair(params, pair)
+    print("__TIMES__", json.dumps({"wall": time.perf_counter() - t0, **timed}))
+
+
 def bench_stage(params_path: Path, pair: str) -> list[tuple[str, str]]:
-    code = ("import json,sys,time; from ato.params import load_params; from ato.stages.evaluate import evaluate_pair;"
-            f"p=load_params({str(params_path)!r}); t=time.perf_counter(); evaluate_pair(p, {pair!r});"
-            "print('__WALL__', time.perf_counter()-t)")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", str(params_path), "--pair", pair], env=env,
+                          capture_output=True, text=True)
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"evaluate failed for {pair} (exit {proc.returncode})")
-    inner = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("__WALL__")))
+    times = json.loads(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines()
+                            if line.startswith("__TIMES__")))
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
     return [
-        ("evaluate wall (stage body)", f"{inner:.2f} s"),
-        ("evaluate wall (incl. imports)", f"{total:.2f} s"),
-        ("evaluate peak RSS", f"{peak_mb:.0f} MiB"),
+        ("evaluate wall (stage body)", f"{times['wall']:.2f} s"),
+        ("  of which MLflow logging", f"{times['mlflow']:.2f} s"),
+        ("  of which figures", f"{times['figures']:.2f} s"),
+        ("  data pass + scores (rest)", f"{times['wall'] - times['mlflow'] - times['figures']:.2f} s"),
+        ("evaluate wall (process, incl. imports)", f"{total:.2f} s"),
+        ("evaluate peak RSS (process)", f"{peak_mb:.0f} MiB"),
     ]
 
 
@@ -216,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-ranks", type=int, default=0,
                     help="time the naive sweep on this many of the ranks only (0: all) and extrapolate")
     ap.add_argument("--skip-stage", action="store_true", help="only the rank-sweep comparison")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        _child(args.child, args.pair)
+        return 0
 
     from ato.params import load_params
     from ato.stages.stats import load_pair_stats

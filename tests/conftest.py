@@ -103,7 +103,7 @@ def make_prepared_model(directory: Path, kind: str = "gemma3") -> Path:
     return directory
 
 
-def make_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
+def make_corpus(path: Path, n_docs: int = 150, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for _ in range(n_docs):

@@ -50,16 +50,16 @@ def _save_prepared(model, tokenizer, directory: Path, name: str) -> Path:
 
 
 @functools.cache
-def _trained_state(steps: int = 40) -> dict[str, torch.Tensor]:
+def _trained_state(steps: int = 30) -> dict[str, torch.Tensor]:
     """Weights of the tiny gemma3 after a few Adam steps on fresh random-word batches: it learns
     the word distribution (NLL ≈ log 45 < log 128), so its predictions carry information (a random
     model is near-uniform and an ablation could go either way). Trained once per test process."""
     model, tok = tiny_model("gemma3"), tiny_tokenizer()
     rng = random.Random(1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     model.train()
     for _ in range(steps):
-        batch = tok([random_text(rng, 20) for _ in range(16)], return_tensors="pt")["input_ids"]
+        batch = tok([random_text(rng, 16) for _ in range(8)], return_tensors="pt")["input_ids"]
         opt.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()

@@ -152,7 +152,7 @@ def test_stage_trains_saves_reports(tiny_project):
 
     from ato.stages import sae as stage
 
-    params = load_tiny_params(tiny_project, **{"sae.steps": 40})
+    params = load_tiny_params(tiny_project, **{"sae.steps": 40, "sae.lr": 0.01})
     make_model_store(tiny_project)
     t0 = time.perf_counter()
     results = stage.main(params)

@@ -230,6 +230,7 @@ def _read_reports(directory: Path) -> tuple[dict, str, list[dict]]:
     return summary, md, stats
 
 
+@pytest.mark.slow  # creating a fresh MLflow SQLite store runs its migrations (~10 s)
 def test_main_passes_writes_report_and_logs_to_mlflow(store: SyntheticStore, tmp_path: Path):
     import mlflow
 

@@ -348,9 +348,13 @@ def plot_efficiency(path: Path, name: str, table: dict[str, np.ndarray], cca: CC
             title=f"{name}: whitened R² vs CCA ceiling (PR {cca.participation_ratio():.1f})")
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set(xscale="log", xlabel="rank r", ylabel="η(r) = R²_w(r) / ceiling(r)", title=f"{name}: transport efficiency")
-    ax1.legend(fontsize=7, loc="best")
-    ax2.legend(fontsize=7, loc="best")
-    for ax in (ax1, ax2):
+    for ax, keys in ((ax1, ("r2w_svd_train", "r2w_svd_test", "r2w_rrr_train", "r2w_rrr_test", "ceiling")),
+                     (ax2, ("eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test"))):
+        values = np.concatenate([table[k][np.isfinite(table[k])] for k in keys] + [np.array([0.0, 1.0])])
+        if values.min() < -1.0:  # a few very negative SVD-truncation scores would flatten everything else
+            ax.set_ylim(-1.05, max(1.05, values.max() + 0.05))
+            ax.set_ylabel(ax.get_ylabel() + "  (axis clipped at −1)")
+        ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
@@ -365,20 +369,24 @@ def plot_feature_r2(path: Path, name: str, fr: dict[str, np.ndarray], identity_r
     lo = -1.0
     bins = np.linspace(lo, 1.0, 41)
     colors = {TRANSPORTED: "tab:green", SYNTHESISED: "tab:red", NO_VERDICT: "tab:grey"}
+    groups, group_colors, group_labels = [], [], []
     for verdict, color in colors.items():
         sel = (verdicts == verdict) & np.isfinite(fr["r2"])
         if sel.any():
-            ax1.hist(np.clip(fr["r2"][sel], lo, 1.0), bins=bins, color=color, alpha=0.75,
-                     label=f"{verdict} ({int((verdicts == verdict).sum())})")
+            groups.append(np.clip(fr["r2"][sel], lo, 1.0))
+            group_colors.append(color)
+            group_labels.append(f"{verdict} ({int((verdicts == verdict).sum())})")
             ax2.scatter(np.clip(identity_r2[sel], lo, 1.0), np.clip(fr["r2"][sel], lo, 1.0), s=12, color=color,
                         alpha=0.8, label=verdict)
+    if groups:  # stacked, so no verdict hides another
+        ax1.hist(groups, bins=bins, color=group_colors, label=group_labels, stacked=True, alpha=0.85)
     ax1.axvline(threshold, color="k", ls="--", label=f"threshold R² = {threshold}")
     ax1.set(xlabel=f"feature R² of the ATO (clipped at {lo})", ylabel="features",
             title=f"{name}: feature-space R² on test (active tokens only)")
     ax2.plot([lo, 1], [lo, 1], "k:", lw=1, label="y = x")
     ax2.axhline(threshold, color="k", ls="--", lw=0.8)
-    ax2.set(xlim=(lo - 0.05, 1.05), ylim=(lo - 0.05, 1.05), xlabel="feature R² of identity (ŷ = x)",
-            ylabel="feature R² of the ATO", title=f"{name}: ATO vs identity per feature")
+    ax2.set(xlim=(lo - 0.05, 1.05), ylim=(lo - 0.05, 1.05), xlabel=f"feature R² of identity (ŷ = x), clipped at {lo}",
+            ylabel=f"feature R² of the ATO, clipped at {lo}", title=f"{name}: ATO vs identity per feature")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
@@ -394,11 +402,12 @@ def plot_dim_r2(path: Path, name: str, per_dim: dict[str, np.ndarray], dpi: int)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     lo = -1.0
     bins = np.linspace(lo, 1.0, 51)
-    labels = {"ato": "ATO", "ols": "OLS (α = 0)", "identity": "identity (ŷ = x)"}
-    for k, label in labels.items():
+    styles = {"ato": ("ATO", "tab:blue", "-", 2.6), "ols": ("OLS (α = 0)", "tab:orange", "--", 1.6),
+              "identity": ("identity (ŷ = x)", "tab:green", "-", 1.6)}
+    for k, (label, color, ls, lw) in styles.items():
         v = per_dim[k][np.isfinite(per_dim[k])]
         if v.size:
-            ax.hist(np.clip(v, lo, 1.0), bins=bins, histtype="step", lw=1.8,
+            ax.hist(np.clip(v, lo, 1.0), bins=bins, histtype="step", lw=lw, ls=ls, color=color,
                     label=f"{label}: median {np.median(v):.3f}")
     ax.set(xlabel=f"R² per residual dimension (clipped at {lo})", ylabel="dimensions",
            title=f"{name}: per-dimension R² on test")

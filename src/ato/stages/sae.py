@@ -148,41 +148,34 @@ def to_inference_sae(training_sae, scale: float, metadata: dict[str, Any] | None
     return sae.eval()
 
 
-def topk_training_loss(tsae, x: torch.Tensor, dead_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`TopKTrainingSAE.training_forward_pass`'s loss (MSE + dead-latent auxiliary loss), computed
-    sparsely: the pre-activations are found without autograd, and only the k selected latents (and
-    the k_aux dead latents of the auxiliary loss) are recomputed with gradients, by gathering their
-    encoder columns and decoder rows. Same value and gradients as sae-lens' dense pass (tested), at
-    one dense matmul per step instead of ~six. Returns (loss, sae_out, feature_acts as (idx, val))."""
+def topk_training_loss(tsae, x: torch.Tensor, dead_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`TopKTrainingSAE.training_forward_pass`'s loss (MSE + dead-latent auxiliary loss) with a
+    sparse decoder: the dense pre-activations come from one matmul, but the reconstructions are
+    `embedding_bag` sums over the k selected (and k_aux dead) latents instead of dense
+    [batch, d_sae] @ [d_sae, d_in] products. Same value and gradients as sae-lens' dense pass
+    (tested), at about half its cost. Returns (loss, sae_out, (selected ids, activations))."""
+    import torch.nn.functional as F
+
     cfg = tsae.cfg
-    W_enc, b_enc, W_dec, b_dec = tsae.W_enc, tsae.b_enc, tsae.W_dec, tsae.b_dec
+    W_dec, b_dec = tsae.W_dec, tsae.b_dec
     norms = W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
-    sae_in = x - b_dec
-    with torch.no_grad():
-        hp = sae_in @ W_enc + b_enc
-        if norms is not None:
-            hp = hp * norms
-        idx = torch.topk(hp, cfg.k, dim=-1, sorted=False).indices  # [B, k]
-    sel = torch.einsum("bd,bkd->bk", sae_in, W_enc.T[idx]) + b_enc[idx]
+    hidden_pre = (x - b_dec) @ tsae.W_enc + tsae.b_enc
     if norms is not None:
-        sel = sel * norms[idx]
-    vals = sel.relu()
+        hidden_pre = hidden_pre * norms
+    top = torch.topk(hidden_pre, cfg.k, dim=-1, sorted=False)
+    idx, vals = top.indices, top.values.relu()
     coef = vals / norms[idx] if norms is not None else vals
-    sae_out = torch.einsum("bk,bkd->bd", coef, W_dec[idx]) + b_dec
+    sae_out = F.embedding_bag(idx, W_dec, per_sample_weights=coef, mode="sum") + b_dec
     loss = ((sae_out - x) ** 2).sum(-1).mean()
     if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
         residual = (x - sae_out).detach()
         k_aux_full = x.shape[-1] // 2
         scale = min(num_dead / k_aux_full, 1.0)
         k_aux = min(k_aux_full, num_dead)
-        dead = torch.nonzero(dead_mask, as_tuple=True)[0]
-        hp_dead = sae_in @ W_enc[:, dead] + b_enc[dead]
-        if norms is not None:
-            hp_dead = hp_dead * norms[dead]
-        top = torch.topk(hp_dead, k_aux, dim=-1, sorted=False)
-        aux_idx = dead[top.indices]
-        aux_coef = top.values / norms[aux_idx] if norms is not None else top.values
-        recons = torch.einsum("bk,bkd->bd", aux_coef, W_dec[aux_idx])
+        masked = torch.where(dead_mask[None], hidden_pre, torch.full_like(hidden_pre, -torch.inf))
+        aux = torch.topk(masked, k_aux, dim=-1, sorted=False)
+        aux_coef = aux.values / norms[aux.indices] if norms is not None else aux.values
+        recons = F.embedding_bag(aux.indices, W_dec, per_sample_weights=aux_coef, mode="sum")
         loss = loss + cfg.aux_loss_coefficient * scale * ((recons - residual) ** 2).sum(-1).mean()
     return loss, sae_out, (idx, vals)
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with pinned versions, and export the
+# switches that keep every run offline. Sourced by scripts/repro.sh, scripts/test.sh and the
+# Dockerfile's build, so all three install exactly the same thing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ATO_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+export DVC_NO_ANALYTICS=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
+
+stamp="$VENV/.ato-requirements.sha256"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+  echo "ato: installing the pinned environment into $VENV (first run takes a few minutes)…" >&2
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r "$ROOT/requirements.txt" -c "$ROOT/requirements.lock" 2>&1 \
+    | grep -v "WARNING: Location" >&2 || true
+  "$VENV/bin/pip" install -q --no-deps -e "$ROOT" 2>&1 | grep -v "WARNING: Location" >&2 || true
+  "$VENV/bin/python" -c "import torch, transformers, sae_lens, zarr, mlflow, dvc, optuna, great_expectations, ato" \
+    || { echo "ato: environment install failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"

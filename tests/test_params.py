@@ -1,0 +1,76 @@
+"""Malformed params fail before any compute, naming the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ato.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_default_params_parse_and_cover_every_section():
+    params = load_params(ROOT / "params.yaml", n_layers=18)
+    assert params.pairs and all(p.L + p.k <= 17 for p in params.pairs.values())
+    assert params.collect.layers == "all"
+    # params.yaml spells out every field, so the defaults a user sees are the defaults that run
+    raw = default_raw()
+    from dataclasses import fields
+
+    for section in ("prepare", "corpus", "collect", "validate", "stats", "tune", "fit", "sae", "select",
+                    "evaluate", "causal", "report", "paths"):
+        declared = {f.name for f in fields(type(getattr(params, section)))}
+        assert set(raw[section]) == declared, section
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda r: r["tune"].__setitem__("n_trails", 3), "tune.n_trails"),
+        (lambda r: r.__setitem__("bogus", {}), "bogus"),
+        (lambda r: r["tune"].__setitem__("n_trials", "many"), "tune.n_trials"),
+        (lambda r: r["collect"].__setitem__("device", "tpu"), "collect.device"),
+        (lambda r: r["pairs"].__setitem__("L05_k1", {"L": 5, "k": -1}), "pairs.L05_k1.k"),
+        (lambda r: r["pairs"].__setitem__("L05_k1", {"L": 5, "k": 0}), "pairs.L05_k1.k"),
+        (lambda r: r["pairs"].__setitem__("L05_k9", {"L": 5, "k": 1}), "pairs.L05_k9"),
+        (lambda r: r.__setitem__("pairs", {}), "pairs"),
+        (lambda r: r["corpus"]["tokens"].__setitem__("val", 0), "corpus.tokens.val"),
+        (lambda r: r["corpus"].__setitem__("split_fractions", {"train": 0.5, "val": 0.2, "test": 0.2}),
+         "corpus.split_fractions"),
+        (lambda r: r["tune"].__setitem__("alpha_min", 1e9), "tune.alpha_min"),
+        (lambda r: r["collect"].__setitem__("layers", [5, 6]), "collect.layers"),
+        (lambda r: r["causal"]["position_sets"].__setitem__("bad", [0]), "causal.position_sets.bad"),
+        (lambda r: r["causal"]["position_sets"].__setitem__("bad", [500]), "causal.position_sets.bad"),
+    ],
+)
+def test_bad_params_name_the_key(mutate, key):
+    raw = copy.deepcopy(default_raw())
+    mutate(raw)
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(raw)
+
+
+def test_pair_beyond_model_depth_is_refused():
+    raw = default_raw()
+    raw["pairs"] = {"L15_k3": {"L": 15, "k": 3}}
+    parse_params(raw)  # fine without knowing the model
+    with pytest.raises(ParamsError, match="pairs.L15_k3: L \\+ k = 18 is beyond the model's last layer 17"):
+        parse_params(raw, n_layers=18)
+
+
+def test_cli_reports_params_errors_before_compute(tmp_path, capsys):
+    from ato.cli import main
+
+    raw = default_raw()
+    raw["fit"]["methd"] = "ridge"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--params", str(tmp_path / "params.yaml")]) == 2
+    assert "fit.methd" in capsys.readouterr().err
