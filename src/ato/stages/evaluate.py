@@ -42,6 +42,7 @@ from ..math.ridge import r2_from_stats, ridge_fit
 from ..operators import load_operator
 from ..params import Params
 from ..store import ActivationStore, write_json_atomic
+from .stats import load_pair_stats
 
 PREDICTORS = ("ato", "identity", "mean", "ols")  # metric prefixes: "" for the ATO, else "<name>_"
 SAE_ENCODE_ROWS = 2048  # rows per SAE encode call: bounds the [rows, d_sae] activation buffer
@@ -138,8 +139,6 @@ def main(params: Params, pair: str | None = None) -> None:
 
 def evaluate_pair(params: Params, name: str) -> dict[str, float]:
     """Evaluate one pair; writes every output and returns the flat metrics."""
-    from ..stages.stats import load_pair_stats
-
     if name not in params.pairs:
         raise EvaluateError(f"pair {name} is not in params.pairs ({', '.join(params.pairs)})")
     pair, ev = params.pairs[name], params.evaluate

@@ -168,7 +168,7 @@ def first_order_effects(model: nn.Module, sae, layer: int, sequences: list[tuple
         with torch.no_grad():
             acts = sae.encode(h[ablate])
             total += first_order_ablation_effect(acts, g[ablate], directions).cpu()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
         n_tok += n
     if n_tok == 0:
         raise SelectError(f"layer {layer}: the held-out sequences have no next-token pairs")

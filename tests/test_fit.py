@@ -1,0 +1,128 @@
+"""Stats → tune → fit on a tiny model: operator artifact, exactness, MLflow runs and registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_tiny_params
+
+from ato.operators import OperatorError, load_operator, save_operator
+from ato.stages import collect, fit, stats, tune
+from ato.store import ActivationStore
+
+
+@pytest.fixture
+def fitted(tiny_project):
+    params = load_tiny_params(tiny_project)
+    collect.main(params)
+    stats.main(params)
+    tune.main(params)
+    fit.main(params)
+    return params
+
+
+@pytest.mark.slow
+def test_operators_are_exact_tracked_and_registered(fitted):
+    import mlflow
+    from sklearn.linear_model import Ridge
+
+    params = fitted
+    store = ActivationStore.open(params.path("store"))
+    op_dir = params.path("operators") / "L01_k2"
+    op = load_operator(op_dir, expect={"model_digest": store.manifest["model"]["weights_digest"],
+                                       "d_model": 32, "layer_in": 1, "layer_out": 3,
+                                       "store_digest": store.digest})
+    cfg = op.config
+    tuning = json.loads((params.path("reports") / "tuning" / "L01_k2.json").read_text())
+    assert cfg["alpha"] == tuning["alpha"] and cfg["method"] == "ridge"
+    assert len(tuning["curve"]) == params.tune.curve_points and tuning["n_trials"] == params.tune.n_trials
+    # The operator equals scikit-learn's Ridge on the same (BOS-free) training tokens.
+    chunks = list(store.iter_chunks("train", [1, 3], 10_000))
+    X = np.concatenate([c[1] for c in chunks]).astype(np.float64)
+    Y = np.concatenate([c[3] for c in chunks]).astype(np.float64)
+    assert cfg["n_train_tokens"] == len(X)
+    ref = Ridge(alpha=cfg["alpha"]).fit(X, Y)
+    np.testing.assert_allclose(op.W.numpy(), ref.coef_, rtol=1e-4, atol=1e-5 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(op.b.numpy(), ref.intercept_, rtol=1e-4, atol=1e-5 * np.abs(ref.intercept_).max())
+
+    # MLflow: parent run, one child per pair with params/metrics/inputs, nested trials.
+    mlflow.set_tracking_uri(params.mlflow_uri())
+    runs = mlflow.search_runs(experiment_names=["ato"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("ato.kind") == "pipeline"]
+    pairs = {r.data.tags["ato.pair"]: r for r in runs if r.data.tags.get("ato.kind") == "pair"}
+    trials = [r for r in runs if r.data.tags.get("ato.kind") == "trial"]
+    assert len(parents) == 1 and set(pairs) == {"L00_k1", "L01_k2"}
+    child = pairs["L01_k2"]
+    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert float(child.data.params["alpha"]) == pytest.approx(cfg["alpha"])
+    assert {"val_r2", "train_r2", "alpha"} <= set(child.data.metrics)
+    assert child.inputs.dataset_inputs and child.inputs.dataset_inputs[0].dataset.digest
+    assert len(trials) == 2 * params.tune.n_trials
+    assert all(t.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in pairs.values()} for t in trials)
+
+    # Registry: a fresh process loads models:/<name>@champion and predicts like the safetensors file.
+    name = fit.registry_name("tiny-gemma3", "L01_k2")
+    x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32) * 10
+    code = (
+        "import sys, json, numpy as np, mlflow\n"
+        f"mlflow.set_tracking_uri({params.mlflow_uri()!r})\n"
+        f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
+        "x = np.array(json.loads(sys.stdin.read()), dtype=np.float32)\n"
+        "print(json.dumps(np.asarray(m.predict(x)).tolist()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(x.tolist()), capture_output=True,
+                         text=True, timeout=180, env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(got, op(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-4)
+    from ato import load_registered_operator
+
+    reg = load_registered_operator(name, tracking_uri=params.mlflow_uri())
+    torch.testing.assert_close(reg.W, op.W)
+
+
+def test_operator_mismatch_and_tampering_are_refused(tmp_path):
+    W, b = np.eye(4, dtype=np.float32), np.zeros(4, dtype=np.float32)
+    cfg = {"model": "m", "model_digest": "abc", "layer_in": 1, "layer_out": 2, "alpha": 1.0, "method": "ridge",
+           "d_model": 4, "n_train_tokens": 10, "store_digest": "s1"}
+    d = save_operator(tmp_path / "L01_k1", W, b, cfg)
+    assert torch.equal(load_operator(d).W, torch.eye(4))
+    with pytest.raises(OperatorError, match="model_digest='abc'.*'xyz'"):
+        load_operator(d, expect={"model_digest": "xyz"})
+    with pytest.raises(OperatorError, match="store_digest"):
+        load_operator(d, expect={"store_digest": "s2"})
+    raw = bytearray((d / "operator.safetensors").read_bytes())
+    raw[10:20] = b"\xff" * 10  # corrupt the header
+    (d / "operator.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(OperatorError, match="tampered"):
+        load_operator(d)
+    (d / "operator.safetensors").write_bytes(b"")
+    with pytest.raises(OperatorError):
+        load_operator(d)
+
+
+def test_bad_input_is_caught_before_fitting(tiny_project):
+    import yaml
+
+    from ato.errors import AtoError
+    from ato.params import load_params
+
+    raw = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    raw["collect"]["layers"] = [0, 1]
+    raw["pairs"] = {"L00_k1": {"L": 0, "k": 1}}
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tiny_project / "params.yaml")
+    collect.main(params)
+    stats.main(params)
+    params = load_tiny_params(tiny_project)  # same store; the pairs now need layers it lacks
+    params.pairs["L01_k2"] = type(params.pairs["L00_k1"])(1, 2)
+    params.collect.layers = "all"
+    with pytest.raises(AtoError, match=r"layer\(s\) \[3\].*not in the store"):
+        stats.main(params)
+    with pytest.raises(AtoError, match="L01_k2"):
+        fit.fit_pair(params, "L01_k2")
