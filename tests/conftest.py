@@ -147,3 +147,18 @@ def load_tiny_params(project: Path, **overrides):
         raw.setdefault(section, {})[key] = value
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     return load_params(project / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(tmp_path_factory) -> Path:
+    """The embedded Gemma-3-270M, prepared once per session (reuses the project's models/base when
+    `dvc repro` has built it; otherwise runs the real `prepare` stage, ~1 min)."""
+    local = ROOT / "models" / "base"
+    if (local / "ato_model.json").exists():
+        return local
+    from ato.params import parse_params
+    from ato.stages import prepare
+
+    out = tmp_path_factory.mktemp("real") / "base"
+    prepare.main(parse_params({"pairs": {"L00_k1": {"L": 0, "k": 1}}, "paths": {"model_dir": str(out)}}))
+    return out

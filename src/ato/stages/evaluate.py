@@ -164,7 +164,7 @@ def evaluate_pair(params: Params, name: str) -> dict[str, float]:
     res = {k: ResidualAccumulator(d) for k in PREDICTORS}
     feat = {k: FeatureAccumulator(len(features.kept)) for k in PREDICTORS}
     U = features.directions
-    with tqdm(total=store.n_tokens("test"), desc=f"evaluate {name} (test)", unit="tok", leave=False) as bar:
+    with tqdm(total=int(test.n), desc=f"evaluate {name} (test)", unit="tok", leave=False) as bar:
         for chunk in store.iter_chunks("test", [L, T], chunk_tokens=params.stats.chunk_tokens,
                                        include_special=params.stats.include_bos):
             x = chunk[L].astype(np.float64)
