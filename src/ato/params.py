@@ -190,7 +190,7 @@ class SelectParams:
     min_activation_rate: float = 1e-4
     max_tokens: int = 16384  # tokens scored per layer
     causal_sequences: int = 16  # held-out sequences for the causal-effect score
-    exact_check: int = 3  # features whose first-order causal effect is checked by exact ablation
+    exact_check: int = 2  # features whose first-order causal effect is also measured by exact ablation
     top_contexts: int = 5
     context_window: int = 8
     neuronpedia: bool = False  # fetch explanations online (never in the default run)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,8 +443,6 @@ def main(params: Params) -> dict[int, dict[str, Any]]:
                                                       "lr", "seed")})
         sae = sae.to("cpu").eval()
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         sae.save_model(tmp)
         probe = torch.from_numpy(_sample(store, "val", n, 256))
