@@ -12,7 +12,7 @@ import torch
 from conftest import load_tiny_params
 
 from ato.operators import OperatorError, load_operator, save_operator
-from ato.stages import collect, fit, stats, tune
+from ato.stages import collect, fit, stats, tune, validate
 from ato.store import ActivationStore
 
 
@@ -20,6 +20,7 @@ from ato.store import ActivationStore
 def fitted(tiny_project):
     params = load_tiny_params(tiny_project)
     collect.main(params)
+    validate.main(params)
     stats.main(params)
     tune.main(params)
     fit.main(params)
@@ -118,6 +119,7 @@ def test_bad_input_is_caught_before_fitting(tiny_project):
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(tiny_project / "params.yaml")
     collect.main(params)
+    validate.main(params)
     stats.main(params)
     params = load_tiny_params(tiny_project)  # same store; the pairs now need layers it lacks
     params.pairs["L01_k2"] = type(params.pairs["L00_k1"])(1, 2)
@@ -126,3 +128,23 @@ def test_bad_input_is_caught_before_fitting(tiny_project):
         stats.main(params)
     with pytest.raises(AtoError, match="L01_k2"):
         fit.fit_pair(params, "L01_k2")
+
+
+def test_stats_refuse_an_unvalidated_or_failed_store(tiny_project):
+    import json
+
+    from ato.errors import AtoError
+
+    params = load_tiny_params(tiny_project)
+    collect.main(params)
+    with pytest.raises(AtoError, match="run `ato validate` first"):
+        stats.main(params)
+    validate.main(params)
+    report = params.path("reports") / "validation" / "validation.json"
+    data = json.loads(report.read_text())
+    report.write_text(json.dumps({**data, "success": False}))
+    with pytest.raises(AtoError, match="failed validation"):
+        stats.main(params)
+    report.write_text(json.dumps({**data, "store_digest": "other"}))
+    with pytest.raises(AtoError, match="different store state"):
+        stats.main(params)

@@ -217,3 +217,16 @@ class ActivationStore:
                     raise StoreError(f"{path}: reading rows {start}:{stop} failed: {exc}") from exc
                 if len(chunk[layers[0]]):
                     yield chunk
+
+
+def require_validated(store: ActivationStore, report: Path) -> None:
+    """Refuse to compute on a store that `ato validate` has not passed (or passed in another state)."""
+    report = Path(report)
+    if not report.exists():
+        raise StoreError(f"{report}: no validation report for {store.root}; run `ato validate` first")
+    result = json.loads(report.read_text())
+    if result.get("store_digest") != store.digest:
+        raise StoreError(f"{report}: validated a different store state; rerun `ato validate`")
+    if not result.get("success"):
+        raise StoreError(f"{store.root} failed validation ({result.get('n_failed')} expectations); "
+                         f"see {report.with_suffix('.md')}")

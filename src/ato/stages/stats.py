@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..errors import AtoError
 from ..math.stats import PairStats
 from ..params import SPLITS, Params
-from ..store import ActivationStore, layer_key
+from ..store import ActivationStore, layer_key, require_validated
 
 META_KEYS = ("store_digest", "include_bos", "split", "pair", "layer_in", "layer_out")
 
@@ -146,6 +146,7 @@ class _nullcontext:
 def main(params: Params) -> None:
     s = params.stats
     store = ActivationStore.open(params.path("store"))
+    require_validated(store, params.path("reports") / "validation" / "validation.json")
     pairs = {name: (pair.L, pair.target) for name, pair in params.pairs.items()}
     store.require_layers(params.needed_layers(), "pairs")
     if store.manifest["model"]["n_layers"] <= max(params.needed_layers()):
