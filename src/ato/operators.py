@@ -68,7 +68,7 @@ def save_operator(directory: str | Path, W: np.ndarray | torch.Tensor, b: np.nda
     tmp = directory.with_name(f".tmp-{directory.name}.{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({"W": W_t, "b": b_t}, str(tmp / WEIGHTS),
-              metadata={"layer_in": str(config["layer_in"]), "layer_out": str(config["layer_out"])})
+              metadata={"ato": json.dumps({"layer_in": config["layer_in"], "layer_out": config["layer_out"]})})
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if directory.exists():
         import shutil

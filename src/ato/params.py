@@ -166,8 +166,8 @@ class SaeParams:
     width: int = 2560
     k: int = 32  # active latents for TopK
     l1_coefficient: float = 5.0  # sparsity penalty for JumpReLU
-    steps: int = 600
-    batch_tokens: int = 1024
+    steps: int = 400
+    batch_tokens: int = 512
     lr: float = 4e-4
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -226,9 +226,13 @@ class CausalParams:
 
 @dataclass
 class ReportParams:
-    """Stage `report`."""
+    """Stage `report` (and the resolution of every stage's PNG figures)."""
 
     dpi: int = 120
+    ranks: list[int] = field(default_factory=lambda: [1, 10, 100])  # ranks r at which the summary
+    # quotes η(r) and ceiling(r); the largest swept rank ≤ r is used (evaluate.n_ranks sets the sweep)
+    causal_scope: Literal["all", "after"] = "after"  # causal tokens summarised: every prediction, or
+    # those at/after the first patched position (the only ones a patch can change)
 
 
 @dataclass
@@ -433,6 +437,16 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         raise ParamsError("tune.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
     if params.tune.objective == "kfold" and params.tune.kfold < 2:
         raise ParamsError("tune.kfold: needs at least 2 folds")
+    for key, value in {"select.max_tokens": params.select.max_tokens,
+                       "select.causal_sequences": params.select.causal_sequences}.items():
+        if value <= 0:
+            raise ParamsError(f"{key}: must be positive, got {value}")
+    if params.select.exact_check < 0:
+        raise ParamsError("select.exact_check: must be >= 0")
+    if params.sae.architecture == "topk" and not 0 < params.sae.k <= params.sae.width:
+        raise ParamsError(f"sae.k: must be in 1..sae.width ({params.sae.width}), got {params.sae.k}")
+    if params.report.dpi <= 0 or not params.report.ranks or any(r < 1 for r in params.report.ranks):
+        raise ParamsError("report.dpi / report.ranks: dpi must be positive and ranks a non-empty list of ranks >= 1")
     if not 0 < params.select.keep_fraction <= 1:
         raise ParamsError("select.keep_fraction: must be in (0, 1]")
     if params.collect.layers != "all":

@@ -88,7 +88,7 @@ def sse_from_stats(s: PairStats, W: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64)
     yy = np.diag(s.yty)
     wxy = np.einsum("oi,io->o", W, s.xty)
-    wxxw = np.einsum("oi,ij,oj->o", W, s.xtx, W)
+    wxxw = np.einsum("oj,oj->o", W @ s.xtx, W)  # one BLAS product, not a triple loop
     wx = W @ s.sum_x
     return yy - 2 * wxy - 2 * b * s.sum_y + wxxw + 2 * b * wx + s.n * b * b
 

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import AtoError
 from ..params import Params, SaeParams, section_dict
-from ..store import ActivationStore, write_json_atomic
+from ..store import ActivationStore, require_validated, write_json_atomic
 
 SAE_INFO = "ato_sae.json"
 SCALE_SAMPLE_TOKENS = 8192  # tokens used to estimate the input scale and the initial b_dec
@@ -413,6 +413,7 @@ def main(params: Params) -> dict[int, dict[str, Any]]:
         for n in layers:
             resolve_pretrained(sp.release, ids[n])
     store = ActivationStore.open(params.path("store"))
+    require_validated(store, params.path("reports") / "validation" / "validation.json")
     store.require_layers(layers, what="stage sae")
     device = resolve_device(sp.device)
     results: dict[int, dict[str, Any]] = {}

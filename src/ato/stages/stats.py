@@ -38,7 +38,9 @@ def save_pair_stats(path: Path, stats: PairStats, meta: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file(stats.to_tensors(), str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    # One metadata key: safetensors writes a multi-key metadata map in random order, and the
+    # bytes must not change between identical runs (DVC would rerun everything downstream).
+    save_file(stats.to_tensors(), str(tmp), metadata={"ato": json.dumps(meta, sort_keys=True)})
     tmp.replace(path)
 
 
@@ -52,7 +54,7 @@ def load_pair_stats(params: Params, split: str, pair_name: str,
     if not path.exists():
         raise StatsError(f"{path}: missing statistics for pair {pair_name} on {split}; run `ato stats`")
     with safe_open(str(path), "pt") as fh:
-        meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+        meta = json.loads((fh.metadata() or {}).get("ato", "{}"))
     if store_digest is not None and meta.get("store_digest") != store_digest:
         raise StatsError(f"{path}: computed from store {meta.get('store_digest', '?')[:12]}, "
                          f"but the current store is {store_digest[:12]}; rerun `ato stats`")
