@@ -1,0 +1,310 @@
+"""Stage `report` on realistic synthetic per-pair outputs (no model, no store): the files exist, the
+summary carries every pair and the numbers of the inputs, and missing inputs are named."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ato.math.cca import rank_grid
+
+PAIRS = {"L05_k1": (5, 1), "L04_k2": (4, 2), "L03_k3": (3, 3), "L11_k1": (11, 1), "L10_k2": (10, 2),
+         "L09_k3": (9, 3)}
+CONDITIONS = ("ato", "identity", "zero", "bias_only", "train_mean")
+D_MODEL = 640
+
+
+def fake_metrics(L: int, k: int) -> dict[str, float]:
+    """Plausible evaluate metrics: R² falls with k and with depth, baselines below the ATO."""
+    r2 = round(0.93 - 0.09 * k - 0.006 * L, 6)
+    ranks = rank_grid(D_MODEL, 24)
+    m = {
+        "alpha": 10.0 ** (1 + L / 4), "val_r2": r2 + 0.004, "r2": r2, "r2_weighted": r2 + 0.02,
+        "identity_r2": r2 - 0.31, "mean_r2": -0.0012, "ols_r2": r2 - 0.017, "cosine": 0.9 - 0.05 * k,
+        "mse": 12.5 * k + L, "n_test_tokens": 14960.0, "n_train_tokens": 59800.0,
+        "n_features": 128.0, "n_transported": float(90 - 17 * k), "n_synthesised": float(30 + 15 * k),
+        "n_no_verdict": float(8 + 2 * k), "feature_r2_median": round(0.71 - 0.12 * k, 6),
+        "identity_feature_r2_median": 0.21, "ols_feature_r2_median": round(0.69 - 0.12 * k, 6),
+        "feature_pearson_median": 0.88, "feature_rms_ratio_median": 0.93,
+        "ceiling_full": round(0.95 - 0.05 * k, 6), "participation_ratio": 37.25 + 3 * k + L,
+        "subspace_size": float(40 + 25 * k + 2 * L), "eta_test": round(0.9 - 0.04 * k, 6),
+        "eta_train": round(0.93 - 0.04 * k, 6), "whitened_r2_test": 0.8, "whitened_r2_train": 0.85,
+    }
+    m["transported_fraction"] = m["n_transported"] / (m["n_transported"] + m["n_synthesised"])
+    for r in ranks:
+        m[f"eta_rrr_test_r{r:03d}"] = 0.95
+    return m
+
+
+def fake_efficiency(L: int, k: int) -> dict[str, list[float]]:
+    ranks = np.array(rank_grid(D_MODEL, 24), dtype=float)
+    full = 0.95 - 0.05 * k
+    tau = 30.0 + 20 * k + L
+    ceiling = full * (1 - np.exp(-ranks / tau)) / (1 - np.exp(-D_MODEL / tau))
+    rrr_test = 0.97 - 0.05 * k - 0.03 * np.exp(-ranks / 50)
+    svd_test = rrr_test - 1.6 * np.exp(-ranks / (12 + 4 * k))  # worse at small rank, can go below −1
+    return {"rank": ranks.astype(int).tolist(), "ceiling": ceiling.tolist(),
+            "eta_svd_train": (svd_test + 0.02).tolist(), "eta_svd_test": svd_test.tolist(),
+            "eta_rrr_train": np.ones_like(ranks).tolist(), "eta_rrr_test": rrr_test.tolist()}
+
+
+def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
+    """The shape `ato causal` writes: flat headline keys + `position_sets` (NaN written as null)."""
+    base = {"ato": 0.021 * k + 0.001 * L, "identity": 0.35 * k, "zero": 2.4 + 0.2 * k, "bias_only": 1.7,
+            "train_mean": 1.1 + 0.1 * k}
+    sets = {}
+    for set_name, scale in (("all", 1.0), ("early", 0.2), ("late", 0.1), ("single_8", 0.03)):
+        entry = {"n_patched_tokens": int(2016 * scale), "first_patched_position": 1,
+                 "n_tokens_all": 2016, "n_tokens_after": int(2016 * scale) + 10}
+        for scope, f in (("all", 0.8), ("after", 1.0)):
+            pass
+        entry["clean"] = {"logppl_all": 3.1, "logppl_after": 3.05}
+        for c, delta in base.items():
+            row = {}
+            for scope, f in (("all", 0.8 * scale), ("after", scale)):
+                dm = round(delta * f, 6)
+                row.update({f"logppl_{scope}": 3.1 + dm, f"delta_{scope}_mean": dm,
+                            f"delta_{scope}_lo": round(dm * 0.8, 6), f"delta_{scope}_hi": round(dm * 1.2, 6)})
+            entry[c] = row
+        rec = {}
+        for scope in ("all", "after"):
+            m = 1 - entry["ato"][f"delta_{scope}_mean"] / entry["zero"][f"delta_{scope}_mean"]
+            rec.update({f"{scope}_mean": None if recovered_null else m, f"{scope}_lo": None if recovered_null else m - 0.01,
+                        f"{scope}_hi": None if recovered_null else min(1.0, m + 0.01)})
+        entry["recovered"] = rec
+        sets[set_name] = entry
+    flat = {}
+    e = sets["all"]
+    for scope in ("all", "after"):
+        flat[f"clean_logppl_{scope}"] = e["clean"][f"logppl_{scope}"]
+        for c in CONDITIONS:
+            flat[f"{c}_logppl_{scope}"] = e[c][f"logppl_{scope}"]
+            flat[f"{c}_delta_{scope}"] = e[c][f"delta_{scope}_mean"]
+            flat[f"{c}_delta_{scope}_lo"] = e[c][f"delta_{scope}_lo"]
+            flat[f"{c}_delta_{scope}_hi"] = e[c][f"delta_{scope}_hi"]
+        for part in ("mean", "lo", "hi"):
+            flat[f"recovered_{scope}" + ("" if part == "mean" else f"_{part}")] = e["recovered"][f"{scope}_{part}"]
+    return {**flat, "L": L, "k": k, "n_sequences": 32, "seq_len": 64, "seconds": 12.5,
+            "tokens_per_second": 4100.0, "position_sets": sets}
+
+
+def fake_tuning(name: str, L: int, k: int) -> dict:
+    grid = np.geomspace(1e-3, 1e7, 64)
+    best = 10.0 ** (1 + L / 4)
+    top = 0.93 - 0.09 * k - 0.006 * L + 0.004
+    curve = top - 0.02 * (np.log10(grid) - np.log10(best)) ** 2 / 4
+    curve = np.where(grid > best, top - 0.12 * np.log10(grid / best) ** 1.5, np.maximum(curve, top - 0.03))
+    return {"pair": name, "study": f"ato-{name}-abc", "objective": "val", "alpha": best, "val_r2": top,
+            "n_trials": 40, "tune_seconds": 1.2,
+            "curve": [{"alpha": float(a), "val_r2": float(v)} for a, v in zip(grid, curve)],
+            "trials": [{"alpha": best, "val_r2": top}]}
+
+
+def write_fake_outputs(project: Path, pairs: dict[str, tuple[int, int]], skip: dict[str, set[str]] | None = None,
+                       recovered_null: tuple[str, ...] = ()) -> None:
+    """Per-pair stage outputs under project/reports; `skip[pair]` ⊂ {metrics, efficiency, causal, tuning}."""
+    skip = skip or {}
+    reports = project / "reports"
+    for name, (L, k) in pairs.items():
+        left_out = skip.get(name, set())
+        if "metrics" not in left_out:
+            (reports / "metrics").mkdir(parents=True, exist_ok=True)
+            (reports / "metrics" / f"{name}.json").write_text(json.dumps(fake_metrics(L, k), indent=2))
+        if "efficiency" not in left_out:
+            eff = fake_efficiency(L, k)
+            (reports / "evaluate" / name).mkdir(parents=True, exist_ok=True)
+            with open(reports / "evaluate" / name / "efficiency.csv", "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(list(eff))
+                w.writerows(zip(*eff.values()))
+        if "causal" not in left_out:
+            (reports / "causal").mkdir(parents=True, exist_ok=True)
+            (reports / "causal" / f"{name}.json").write_text(
+                json.dumps(fake_causal(L, k, recovered_null=name in recovered_null), indent=2))
+        if "tuning" not in left_out:
+            (reports / "tuning").mkdir(parents=True, exist_ok=True)
+            (reports / "tuning" / f"{name}.json").write_text(json.dumps(fake_tuning(name, L, k)))
+
+
+def make_project(tmp_path: Path, pairs: dict[str, tuple[int, int]], **report) -> Path:
+    raw = {"pairs": {n: {"L": L, "k": k} for n, (L, k) in pairs.items()}}
+    if report:
+        raw["report"] = report
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """One report over six pairs, with L04_k2's causal output and L10_k2's evaluate outputs missing."""
+    from ato.params import load_params
+    from ato.stages import report
+
+    project = make_project(tmp_path_factory.mktemp("report"), PAIRS)
+    write_fake_outputs(project, PAIRS, skip={"L04_k2": {"causal"}, "L10_k2": {"metrics", "efficiency"}},
+                       recovered_null=("L09_k3",))
+    params = load_params(project / "params.yaml")
+    summary_path = report.main(params)
+    return project, params, summary_path
+
+
+def test_outputs_exist(reported):
+    project, _params, summary_path = reported
+    reports = project / "reports"
+    assert summary_path == reports / "summary.md"
+    for name in ("summary_heatmaps", "summary_efficiency", "summary_causal", "summary_alpha"):
+        png = reports / "figures" / f"{name}.png"
+        assert png.exists() and png.stat().st_size > 10_000, png
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("summary.csv", "efficiency_k1.csv", "efficiency_k2.csv", "efficiency_k3.csv", "alpha.csv"):
+        assert (reports / "plots" / name).exists(), name
+    assert not list(reports.rglob(".tmp-*"))
+
+
+def test_summary_has_every_pair_and_the_input_numbers(reported):
+    project, params, summary_path = reported
+    text = summary_path.read_text()
+    for name in PAIRS:
+        assert text.count(f"| {name} |") >= 4, name  # one row in each per-pair table
+    for name, (L, k) in PAIRS.items():
+        if name == "L10_k2":
+            continue
+        m = fake_metrics(L, k)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {L} → {L + k} |"))
+        for key in ("r2", "identity_r2", "ols_r2", "val_r2", "r2_weighted"):
+            assert f"{m[key]:.4f}" in row, (name, key)
+        assert f"{m['alpha']:.3g}" in row
+        assert f"| {m['feature_r2_median']:.4f} |" in text
+        assert f"| {int(m['n_transported'])} | {int(m['n_synthesised'])} |" in text
+        assert f"{m['transported_fraction']:.3f}" in text
+        assert f"{m['ceiling_full']:.4f}" in text
+        assert f"| {int(m['subspace_size'])} | {m['participation_ratio']:.1f} |" in text
+        eff = fake_efficiency(L, k)
+        for r in (1, 10):  # both in the default sweep of d = 640
+            i = eff["rank"].index(r)
+            assert f"{eff['eta_rrr_test'][i]:.4f}" in text and f"{eff['ceiling'][i]:.4f}" in text
+    # r = 100 is not swept: the header names the rank used (81, the largest swept rank ≤ 100)
+    assert "η_RRR(r=81)" in text and "ceiling(r=81)" in text
+    causal = fake_causal(5, 1)
+    assert params.report.causal_scope == "after"
+    d, lo, hi = (causal[f"ato_delta_after{s}"] for s in ("", "_lo", "_hi"))
+    assert f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" in text
+    rec = causal["recovered_after"]
+    assert f"{rec:.1%}" in text
+    assert "single_8" in text and "early" in text  # per position set table
+
+
+def test_missing_inputs_are_reported(reported):
+    _project, _params, summary_path = reported
+    text = summary_path.read_text()
+    section = text.split("## Missing inputs", 1)[1].split("\n## ", 1)[0]
+    assert "**L04_k2**: causal — `reports/causal/L04_k2.json`" in section
+    assert "dvc repro causal@L04_k2" in section
+    assert "**L10_k2**: metrics — `reports/metrics/L10_k2.json`" in section
+    assert "**L10_k2**: efficiency — `reports/evaluate/L10_k2/efficiency.csv`" in section
+    assert "3 input file(s) are missing" in section
+    assert "L05_k1" not in section
+    row = next(line for line in text.splitlines() if line.startswith("| L10_k2 | 10 → 12 |"))
+    assert row.count("—") >= 8  # every evaluate cell of the residual table
+    causal_rows = [line for line in text.splitlines() if line.startswith("| L04_k2 |")]
+    assert any(line.count("—") >= 6 for line in causal_rows)
+    # a null `recovered` (zero-ablation Δ of 0) reads as a dash, not "nan" or "None"
+    assert "nan" not in text.lower().replace("nan)", "") and "None" not in text
+
+
+def test_plot_csvs(reported):
+    project, _params, _ = reported
+    plots = project / "reports" / "plots"
+    with open(plots / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["pair"] for r in rows] == list(PAIRS)
+    by = {r["pair"]: r for r in rows}
+    assert math.isclose(float(by["L05_k1"]["r2"]), fake_metrics(5, 1)["r2"])
+    assert by["L10_k2"]["r2"] == "" and by["L04_k2"]["causal_ato_delta"] == ""
+    assert math.isclose(float(by["L11_k1"]["causal_ato_delta"]), fake_causal(11, 1)["ato_delta_after"])
+    with open(plots / "efficiency_k2.csv") as fh:
+        eff = list(csv.DictReader(fh))
+    assert list(eff[0]) == ["rank", "eta_rrr_test_L04", "ceiling_L04", "eta_rrr_test_L10", "ceiling_L10"]
+    assert [int(r["rank"]) for r in eff] == rank_grid(D_MODEL, 24)
+    assert all(r["eta_rrr_test_L10"] == "" for r in eff)  # L10_k2's efficiency.csv is missing
+    assert math.isclose(float(eff[0]["ceiling_L04"]), fake_efficiency(4, 2)["ceiling"][0])
+    with open(plots / "alpha.csv") as fh:
+        alpha = list(csv.DictReader(fh))
+    assert len(alpha) == 64 and list(alpha[0])[1:] == list(PAIRS)
+
+
+def test_logged_to_the_parent_run(reported):
+    import mlflow
+
+    from ato import tracking
+
+    _project, params, _ = reported
+    tracking.setup(params)
+    run_id = tracking.parent_run_id(params)
+    client = mlflow.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {"report/summary.md", "report/summary_heatmaps.png", "report/summary_efficiency.png",
+            "report/summary_causal.png", "report/summary_alpha.png", "report/summary.csv"} <= logged
+    run = client.get_run(run_id)
+    assert run.data.tags.get("ato.stage.report") == "done"
+    assert run.data.metrics["report_missing_inputs"] == 3
+
+
+def test_nothing_there_yet(tmp_path, monkeypatch):
+    """No per-pair output at all: still a summary (everything missing), no crash; MLflow skipped here."""
+    from ato.params import load_params
+    from ato.stages import report
+
+    monkeypatch.setattr(report, "_log_mlflow", lambda *a, **k: None)
+    pairs = {"L00_k1": (0, 1), "L01_k2": (1, 2)}
+    params = load_params(make_project(tmp_path, pairs, ranks=[1, 4], causal_scope="all") / "params.yaml")
+    text = report.main(params).read_text()
+    assert "8 input file(s) are missing" in text
+    for name in pairs:
+        assert f"| {name} |" in text
+    assert (tmp_path / "reports" / "figures" / "summary_heatmaps.png").exists()
+
+
+def test_unreadable_input_names_the_file(tmp_path, monkeypatch):
+    from ato.params import load_params
+    from ato.stages import report
+
+    monkeypatch.setattr(report, "_log_mlflow", lambda *a, **k: None)
+    pairs = {"L00_k1": (0, 1)}
+    project = make_project(tmp_path, pairs)
+    write_fake_outputs(project, pairs)
+    bad = project / "reports" / "causal" / "L00_k1.json"
+    bad.write_text('{"ato_delta_all": 0.1,')  # truncated
+    params = load_params(project / "params.yaml")
+    with pytest.raises(report.ReportError, match="L00_k1.json: not valid JSON"):
+        report.main(params)
+    bad.write_text(json.dumps(fake_causal(0, 1)))
+    eff = project / "reports" / "evaluate" / "L00_k1" / "efficiency.csv"
+    eff.write_text("rank,ceiling\n1,0.5\n")
+    with pytest.raises(report.ReportError, match=r"efficiency.csv: missing column\(s\)"):
+        report.main(params)
+
+
+def test_rank_value_picks_the_largest_swept_rank_below():
+    from ato.stages.report import rank_value
+
+    eff = {"rank": np.array([1.0, 2, 4, 8]), "ceiling": np.array([0.1, 0.2, 0.4, 0.8])}
+    assert rank_value(eff, "ceiling", 5) == (0.4, 4)
+    assert rank_value(eff, "ceiling", 8) == (0.8, 8)
+    assert rank_value(eff, "ceiling", 100) == (0.8, 8)
+    assert rank_value(None, "ceiling", 3)[1] is None
+
+
+def test_report_params_are_checked(tmp_path):
+    from ato.params import ParamsError, load_params
+
+    with pytest.raises(ParamsError, match="report.ranks"):
+        load_params(make_project(tmp_path, {"L00_k1": (0, 1)}, ranks=[0, 4]) / "params.yaml")
+    with pytest.raises(ParamsError, match="report.causal_scope"):
+        load_params(make_project(tmp_path, {"L00_k1": (0, 1)}, causal_scope="before") / "params.yaml")
