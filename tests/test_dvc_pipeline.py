@@ -48,7 +48,7 @@ def dvc_project(tmp_path: Path) -> Path:
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
-    dvc(project, "config", "core.analytics", "false")
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's remote + settings
     return project
 
 
@@ -70,3 +70,14 @@ def test_repro_is_incremental(dvc_project: Path):
     # their tune/fit stages are skipped and only the new pair is fitted.
     assert ran(dvc(dvc_project, "repro", "fit")) == {"stats", "tune@L02_k1", "fit@L02_k1"}
     assert (dvc_project / "models" / "operators" / "L02_k1" / "operator.safetensors").exists()
+
+
+def test_push_and_pull_through_the_default_local_remote(dvc_project: Path):
+    dvc(dvc_project, "repro", "collect")
+    pushed = dvc(dvc_project, "push")
+    assert "pushed" in pushed
+    shutil.rmtree(dvc_project / "data" / "activations")
+    shutil.rmtree(dvc_project / ".dvc" / "cache")
+    dvc(dvc_project, "pull", "collect")
+    assert (dvc_project / "data" / "activations" / "manifest.json").exists()
+    assert "up to date" in dvc(dvc_project, "status", "collect").lower()

@@ -47,7 +47,7 @@ def fake_efficiency(L: int, k: int) -> dict[str, list[float]]:
     full = 0.95 - 0.05 * k
     tau = 30.0 + 20 * k + L
     ceiling = full * (1 - np.exp(-ranks / tau)) / (1 - np.exp(-D_MODEL / tau))
-    rrr_test = 0.97 - 0.05 * k - 0.03 * np.exp(-ranks / 50)
+    rrr_test = 0.97 - 0.05 * k - 0.01 * L - 0.03 * np.exp(-ranks / 50)
     svd_test = rrr_test - 1.6 * np.exp(-ranks / (12 + 4 * k))  # worse at small rank, can go below −1
     return {"rank": ranks.astype(int).tolist(), "ceiling": ceiling.tolist(),
             "eta_svd_train": (svd_test + 0.02).tolist(), "eta_svd_test": svd_test.tolist(),
@@ -62,8 +62,6 @@ def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
     for set_name, scale in (("all", 1.0), ("early", 0.2), ("late", 0.1), ("single_8", 0.03)):
         entry = {"n_patched_tokens": int(2016 * scale), "first_patched_position": 1,
                  "n_tokens_all": 2016, "n_tokens_after": int(2016 * scale) + 10}
-        for scope, f in (("all", 0.8), ("after", 1.0)):
-            pass
         entry["clean"] = {"logppl_all": 3.1, "logppl_after": 3.05}
         for c, delta in base.items():
             row = {}
@@ -99,7 +97,7 @@ def fake_tuning(name: str, L: int, k: int) -> dict:
     best = 10.0 ** (1 + L / 4)
     top = 0.93 - 0.09 * k - 0.006 * L + 0.004
     curve = top - 0.02 * (np.log10(grid) - np.log10(best)) ** 2 / 4
-    curve = np.where(grid > best, top - 0.12 * np.log10(grid / best) ** 1.5, np.maximum(curve, top - 0.03))
+    curve = np.where(grid > best, top - 0.12 * np.abs(np.log10(grid / best)) ** 1.5, np.maximum(curve, top - 0.03))
     return {"pair": name, "study": f"ato-{name}-abc", "objective": "val", "alpha": best, "val_r2": top,
             "n_trials": 40, "tune_seconds": 1.2,
             "curve": [{"alpha": float(a), "val_r2": float(v)} for a, v in zip(grid, curve)],
@@ -136,7 +134,7 @@ def make_project(tmp_path: Path, pairs: dict[str, tuple[int, int]], **report) ->
     raw = {"pairs": {n: {"L": L, "k": k} for n, (L, k) in pairs.items()}}
     if report:
         raw["report"] = report
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return tmp_path
 
 

@@ -197,9 +197,9 @@ def fmt_ci(m: float, lo: float, hi: float, spec: str = "+.4f") -> str:
     return f"{format(m, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured markdown table; the first column left-aligned, the rest right-aligned."""
-    align = [":--"] + ["--:"] * (len(header) - 1)
+def md_table(header: list[str], rows: list[list[str]], n_left: int = 1) -> str:
+    """A GitHub-flavoured markdown table; the first `n_left` columns left-aligned, numbers right-aligned."""
+    align = [":--"] * n_left + ["--:"] * (len(header) - n_left)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -290,7 +290,7 @@ def render_summary(params: Params, results: list[PairResults], figures: dict[str
     ceil_headers = _rank_headers(results, rp.ranks, "ceiling")
     eta_headers = _rank_headers(results, rp.ranks, "eta_rrr_test")
     out += ["## CCA ceiling, transport efficiency and subspace size", "",
-            "ceiling(r) = (1/d) Σ_{i≤r} ρ_i² bounds the whitened R² of any rank-r affine map (train "
+            "ceiling(r) = (1/d) Σ ρ_i² over the r largest canonical correlations bounds the whitened R² of any rank-r affine map (train "
             "statistics). η = whitened R² / ceiling: for the ATO itself at full rank, and for the "
             f"reduced-rank-regression map at rank r (η_RRR, test). Subspace size = smallest r with "
             f"ceiling(r) ≥ {ev.subspace_fraction:.0%} of ceiling(d) (`evaluate.subspace_fraction`); PR = "
@@ -308,16 +308,19 @@ def render_summary(params: Params, results: list[PairResults], figures: dict[str
                       "subspace size", "PR"], rows), ""]
 
     # ---- causal ------------------------------------------------------------------------------
-    scope_text = ("predictions at or after the first patched position (the only ones a patch can change)"
+    scope_text = ("the predictions at or after the first patched position, the only ones a patch can change"
                   if scope == "after" else "every prediction of the sequence")
+    headline_sets = sorted({causal_set_name(res.causal) for res in results if res.causal} - {None})
+    headline_text = ", ".join(f"`{n}`" for n in headline_sets) or "`all`"
     seqs = {(res.causal.get("n_sequences"), res.causal.get("seq_len")) for res in results if res.causal}
     seq_text = ", ".join(f"{n} sequences × {t} tokens" for n, t in sorted(seqs, key=str)) or "no causal output yet"
     out += ["## Causal check (held-out test text)", "",
             "The residual after block L+k is overwritten with each condition's value at the patched "
             f"positions; Δ = log-perplexity − clean log-perplexity (nats/token) over {scope_text} "
             f"(`report.causal_scope: {scope}`), with a paired-bootstrap 95 % CI over sequences. "
-            "Recovered = 1 − Δ(ATO)/Δ(zero), the share of the zero-ablation damage the ATO repairs. "
-            f"Headline position set: `all` (every non-BOS position). Data: {seq_text}.", ""]
+            "Recovered = 1 − Δ(ATO)/Δ(zero), the share of the zero-ablation damage the ATO repairs "
+            "(— where Δ(zero) is 0 and the share is undefined). "
+            f"Headline position set: {headline_text} (`all` = every non-BOS position). Data: {seq_text}.", ""]
     rows = []
     for res in results:
         rows.append([res.name, fmt(res.causal_value(f"clean_logppl_{scope}")),
@@ -343,7 +346,8 @@ def render_summary(params: Params, results: list[PairResults], figures: dict[str
                                 _as_float(rec.get(f"{scope}_hi")), spec=".1%")])
     if rows:
         out += ["Per position set (`causal.position_sets`):", "",
-                md_table(["pair", "position set", "patched tokens", "Δ ATO", "Δ zero", "recovered"], rows), ""]
+                md_table(["pair", "position set", "patched tokens", "Δ ATO", "Δ zero", "recovered"], rows, n_left=2),
+                ""]
 
     # ---- figures -----------------------------------------------------------------------------
     out += ["## Figures", ""]
@@ -492,11 +496,10 @@ def plot_heatmaps(path: Path, params: Params, results: list[PairResults]) -> Pat
     Ls = sorted({res.pair.L for res in results})
     ks = sorted({res.pair.k for res in results})
     by_lk = {(res.pair.L, res.pair.k): res for res in results}
-    cell_w = max(0.62, min(1.0, 7.0 / len(Ls)))
-    panel_w = cell_w * len(Ls) + 1.6
-    panel_h = 0.62 * len(ks) + 1.5
-    ncols = 3
-    nrows = math.ceil((len(HEATMAPS) + 1) / ncols)
+    panel_w = 0.8 * len(Ls) + 2.0
+    panel_h = 0.62 * len(ks) + 1.6
+    ncols = 1 if len(Ls) > 8 else 2 if len(Ls) > 3 else 3
+    nrows = math.ceil(len(HEATMAPS) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * panel_w, nrows * panel_h), squeeze=False)
     flat = axes.ravel()
     for ax, (key, title, kind) in zip(flat, HEATMAPS):
@@ -512,8 +515,7 @@ def plot_heatmaps(path: Path, params: Params, results: list[PairResults]) -> Pat
             cmap, spec = matplotlib.colormaps["cividis"], ".0f"
         norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
         shown = np.ma.masked_invalid(grid)
-        cmap = cmap.copy()
-        cmap.set_bad("white")
+        cmap = cmap.with_extremes(bad="white")
         im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
         for i, k in enumerate(ks):
             for j, L in enumerate(Ls):
@@ -545,22 +547,24 @@ def plot_heatmaps(path: Path, params: Params, results: list[PairResults]) -> Pat
         ax.set_yticks(np.arange(len(ks) + 1) - 0.5, minor=True)
         ax.grid(which="minor", color="white", lw=1.5)
         ax.tick_params(which="minor", length=0)
-        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03).ax.tick_params(labelsize=7)
+        bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label("rank" if kind == "size" else "", fontsize=8)
     for ax in flat[len(HEATMAPS):]:
         ax.axis("off")
-    key_ax = flat[len(HEATMAPS)]
-    key_ax.legend(handles=[Patch(facecolor="#e6e6e6", edgecolor="white", label="no such pair in params.pairs"),
-                           Patch(facecolor="white", edgecolor="#888888", hatch="///",
-                                 label="pair configured, output missing")],
-                  loc="center", fontsize=8, frameon=False, title="cells", title_fontsize=9)
+    fig.legend(handles=[Patch(facecolor="#e6e6e6", edgecolor="#bbbbbb", label="no such pair in params.pairs"),
+                        Patch(facecolor="white", edgecolor="#888888", hatch="///",
+                              label="pair configured, output missing")],
+               loc="lower center", ncols=2, fontsize=9, frameon=False)
     fig.suptitle(f"ato: headline scores per pair (L → L+k), {len(results)} pairs", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - 0.4 / fig.get_figheight()))
     return _save(fig, path, params.report.dpi)
 
 
 def plot_efficiency(path: Path, params: Params, results: list[PairResults]) -> Path:
     """Per k: η(r) (reduced-rank map solid, SVD truncation dashed; test) above ceiling(r) (train)."""
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     plt = _plt()
     ks = sorted({res.pair.k for res in results})
@@ -593,24 +597,23 @@ def plot_efficiency(path: Path, params: Params, results: list[PairResults]) -> P
         if low < -1.0:  # very negative SVD-truncation scores would flatten everything else
             ax_eta.set_ylim(-1.05, 1.1)
             ax_eta.text(0.98, 0.03, "axis clipped at −1", transform=ax_eta.transAxes, ha="right", fontsize=7)
-        ax_eta.set_title(f"k = {k}: transport efficiency (test)", fontsize=10)
-        ax_ceil.set_title(f"k = {k}: CCA ceiling (train)", fontsize=10)
+        note = f"\n(efficiency.csv missing: {', '.join(absent)})" if absent else ""
+        ax_eta.set_title(f"k = {k}: transport efficiency (test){note}", fontsize=10)
+        ax_ceil.set_title(f"k = {k}: CCA ceiling (train){note}", fontsize=10)
         style = [Line2D([], [], color="grey", ls="-", lw=1.8, label="reduced-rank map"),
                  Line2D([], [], color="grey", ls="--", lw=1.1, label="SVD truncation of the ATO")]
-        ax_eta.legend(handles=handles + style, fontsize=7, loc="lower right")
+        ax_eta.legend(handles=handles + style, fontsize=7, loc="best")
         ceil_handles = handles + [Line2D([], [], color="grey", ls=":", lw=1.2,
                                          label=f"subspace size ({params.evaluate.subspace_fraction:.0%} of ceiling(d))")]
-        ax_ceil.legend(handles=ceil_handles, fontsize=7, loc="lower right")
+        ax_ceil.legend(handles=ceil_handles, fontsize=7, loc="upper left")
         for ax in (ax_eta, ax_ceil):
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
             ax.grid(alpha=0.3, which="both")
-            if absent:
-                ax.text(0.02, 0.97, "efficiency.csv missing: " + ", ".join(absent), transform=ax.transAxes,
-                        fontsize=7, va="top", color="#b22222")
         ax_ceil.set_xlabel("rank r")
         if col == 0:
             ax_eta.set_ylabel("η(r) = whitened R²(r) / ceiling(r)")
-            ax_ceil.set_ylabel("ceiling(r) = (1/d) Σ_{i≤r} ρ_i²")
+            ax_ceil.set_ylabel(r"ceiling(r) = $\frac{1}{d}\sum_{i \leq r} \rho_i^2$")
     fig.suptitle("Transport efficiency and CCA ceiling vs rank, one panel per k, one line per L", fontsize=11)
     fig.tight_layout()
     return _save(fig, path, params.report.dpi)
@@ -623,10 +626,11 @@ def plot_causal(path: Path, params: Params, results: list[PairResults]) -> Path:
     plt = _plt()
     scope = params.report.causal_scope
     n = len(results)
-    fig, (ax, ax_rec) = plt.subplots(1, 2, figsize=(max(7.0, 1.25 * n + 2.5) + max(3.5, 0.55 * n + 2), 5.0),
-                                     gridspec_kw={"width_ratios": [max(7.0, 1.25 * n + 2.5), max(3.5, 0.55 * n + 2)]})
+    w_bars, w_rec = min(16.0, max(7.0, 1.25 * n + 2.5)), min(7.0, max(3.5, 0.45 * n + 2))
+    fig, (ax, ax_rec) = plt.subplots(1, 2, figsize=(w_bars + w_rec, 5.2), gridspec_kw={"width_ratios": [w_bars, w_rec]})
     x = np.arange(n)
     width = 0.8 / len(CONDITIONS)
+    top = 0.0
     for ci, cond in enumerate(CONDITIONS):
         trip = np.array([causal_triplet(res, cond, scope) for res in results])
         mean, lo, hi = trip[:, 0], trip[:, 1], trip[:, 2]
@@ -634,21 +638,26 @@ def plot_causal(path: Path, params: Params, results: list[PairResults]) -> Path:
         err = np.vstack([np.clip(mean - np.where(np.isfinite(lo), lo, mean), 0, None),
                          np.clip(np.where(np.isfinite(hi), hi, mean) - mean, 0, None)])
         pos = x - 0.4 + width * (ci + 0.5)
+        top = max([top, *mean[ok] + err[1, ok]])
         ax.bar(pos[ok], mean[ok], width, yerr=err[:, ok], capsize=2, color=CONDITION_COLOURS[cond],
                edgecolor="black", linewidth=0.4, error_kw={"elinewidth": 0.8})
     for i, res in enumerate(results):
         if res.causal is None:
             ax.text(i, 0, "causal\nmissing", ha="center", va="bottom", fontsize=8, color="#b22222")
     ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlim(-0.6, n - 0.4)
     ax.set_yscale("symlog", linthresh=0.01)
-    ax.set_xticks(x, [res.name for res in results], rotation=30 if n > 6 else 0)
+    if top > 0:  # headroom so the tallest CI is not cut by the frame
+        ax.set_ylim(top=top * 1.8)
+    ax.set_xticks(x, [res.name for res in results], rotation=45 if n > 8 else 0, ha="right" if n > 8 else "center")
     ax.set_xlabel("pair")
     scope_label = "tokens at/after the first patch" if scope == "after" else "all predicted tokens"
     ax.set_ylabel(f"Δ log-perplexity vs clean (nats/token, symlog)\n{scope_label}; bars: 95% CI")
-    ax.set_title("Patching the residual after block L+k (position set `all`)", fontsize=10)
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(handles=[Patch(facecolor=CONDITION_COLOURS[c], edgecolor="black", label=CONDITION_LABELS[c])
-                       for c in CONDITIONS], fontsize=8, loc="upper left", ncols=2)
+                       for c in CONDITIONS], fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.01),
+              ncols=len(CONDITIONS), frameon=False, title="value written into the residual after block L+k",
+              title_fontsize=8)
     rec = np.array([recovered_triplet(res, scope) for res in results])
     ok = np.isfinite(rec[:, 0])
     lo = np.where(np.isfinite(rec[:, 1]), rec[:, 1], rec[:, 0])
@@ -656,29 +665,33 @@ def plot_causal(path: Path, params: Params, results: list[PairResults]) -> Path:
     ax_rec.errorbar(x[ok], 100 * rec[ok, 0], yerr=100 * np.vstack([np.clip(rec[ok, 0] - lo[ok], 0, None),
                                                                   np.clip(hi[ok] - rec[ok, 0], 0, None)]),
                     fmt="o", color=CONDITION_COLOURS["ato"], capsize=4, ms=6)
-    for i in np.flatnonzero(ok):
+    for i in np.flatnonzero(ok) if n <= 8 else []:  # labels would collide beyond a few pairs
         ax_rec.annotate(f"{100 * rec[i, 0]:.1f}%", (x[i], 100 * rec[i, 0]), textcoords="offset points",
                         xytext=(7, 0), va="center", fontsize=7)
-    for i in np.flatnonzero(~ok):
-        ax_rec.text(x[i], 50, "n/a", ha="center", va="center", fontsize=8, color="#b22222")
+    for i in np.flatnonzero(~ok):  # no causal output, or Δ(zero) = 0 makes the share undefined
+        label = "causal\nmissing" if results[i].causal is None else "undefined"
+        ax_rec.text(x[i], 50, label, ha="center", va="center", fontsize=8, color="#b22222")
     ax_rec.axhline(100, color="black", lw=0.8, ls="--")
     ax_rec.axhline(0, color="black", lw=0.8)
-    ax_rec.set_xticks(x, [res.name for res in results], rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center")
+    ax_rec.set_xticks(x, [res.name for res in results], rotation=90 if n > 8 else 30 if n > 3 else 0,
+                      ha="center" if n > 8 or n <= 3 else "right")
     ax_rec.set_xlim(-0.6, n - 0.4)
-    ax_rec.set_ylabel("zero-ablation damage recovered by the ATO (%)\n1 − Δ(ATO)/Δ(zero), 95% CI")
-    ax_rec.set_title("Damage recovered", fontsize=10)
+    ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(zero)\n95% CI")
+    ax_rec.set_title("Damage recovered by the ATO", fontsize=10)
     ax_rec.grid(axis="y", alpha=0.3)
-    fig.suptitle("Causal check on held-out test text", fontsize=11)
+    fig.suptitle("Causal check on held-out test text: patching every non-BOS position (position set `all`)",
+                 fontsize=11)
     fig.tight_layout()
     return _save(fig, path, params.report.dpi)
 
 
 def plot_alpha(path: Path, params: Params, results: list[PairResults]) -> Path:
-    """α → validation R² per pair on a log α axis; a star marks each pair's chosen α."""
+    """α → validation R² per pair on a log α axis, a star at each pair's chosen α; the right panel
+    zooms on the optimum (R² minus the pair's best) so a flat and a sharp optimum look different."""
     import matplotlib
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9.5, 5.2))
+    fig, (ax, ax_zoom) = plt.subplots(1, 2, figsize=(13.5, 5.2), sharex=True)
     cmap = matplotlib.colormaps["tab10" if len(results) <= 10 else "tab20"]
     styles = ["-", "--", "-.", ":"]
     ks = sorted({res.pair.k for res in results})
@@ -691,27 +704,35 @@ def plot_alpha(path: Path, params: Params, results: list[PairResults]) -> Path:
             absent.append(res.name)
             continue
         colour = cmap(i % cmap.N)
+        style = styles[ks.index(res.pair.k) % len(styles)]
         a, v = np.array(pts).T
         low = min(low, float(v.min()))
         alpha, best = _as_float(res.tuning.get("alpha")), _as_float(res.tuning.get("val_r2"))
-        ax.plot(a, v, styles[ks.index(res.pair.k) % len(styles)], color=colour, lw=1.6,
-                label=f"{res.name}: α = {fmt(alpha, '.3g')}, val R² = {fmt(best)}")
+        ax.plot(a, v, style, color=colour, lw=1.6, label=f"{res.name}: α = {fmt(alpha, '.3g')}, val R² = {fmt(best)}")
+        ref = best if math.isfinite(best) else float(v.max())
+        ax_zoom.plot(a, v - ref, style, color=colour, lw=1.6)
         if math.isfinite(alpha) and math.isfinite(best):
-            ax.plot([alpha], [best], marker="*", ms=13, color=colour, markeredgecolor="black", zorder=4)
+            for target, y in ((ax, best), (ax_zoom, 0.0)):
+                target.plot([alpha], [y], marker="*", ms=13, color=colour, markeredgecolor="black", zorder=4)
     ax.set_xscale("log")
-    ax.set_xlabel("ridge penalty α (log scale)")
+    for a_ in (ax, ax_zoom):
+        a_.set_xlabel("ridge penalty α (log scale)")
+        a_.grid(alpha=0.3, which="both")
     ax.set_ylabel("validation R² (uniform average over dimensions)")
-    ax.set_title("Ridge penalty α → validation R² per pair (★ = chosen α; line style = k)", fontsize=10)
+    ax.set_title("α → validation R² (★ = chosen α; line style = k)", fontsize=10)
+    ax_zoom.set_ylim(-0.05, 0.005)
+    ax_zoom.set_ylabel("val R²(α) − val R² at the chosen α")
+    ax_zoom.set_title("near the optimum (y clipped at −0.05)", fontsize=10)
     if low < -1.0:
-        top = ax.get_ylim()[1]
-        ax.set_ylim(-1.05, top)
+        ax.set_ylim(-1.05, ax.get_ylim()[1])
         ax.text(0.01, 0.02, "axis clipped at −1", transform=ax.transAxes, fontsize=7)
     if absent:
         ax.text(0.01, 0.98, "no tuning output: " + ", ".join(absent), transform=ax.transAxes, va="top",
                 fontsize=8, color="#b22222")
-    ax.grid(alpha=0.3, which="both")
     if len(absent) < len(results):
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        ax_zoom.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                       frameon=False)
+    fig.suptitle("Ridge penalty per pair: the exact validation R² curve from the statistics", fontsize=11)
     fig.tight_layout()
     return _save(fig, path, params.report.dpi)
 

@@ -91,8 +91,12 @@ def _log_trial(study, trial) -> None:
             mlflow.log_metric("val_r2", trial.value)
 
 
-def _run_worker(params: Params, pair_name: str, name: str, run_id: str | None, n_trials: int) -> None:
-    """Optimise in this process until the study holds `n_trials` complete trials."""
+def _run_worker(params: Params, pair_name: str, name: str, run_id: str | None, n_trials: int,
+                worker: int = 0, share: int | None = None) -> None:
+    """Optimise in this process until the study holds `n_trials` complete trials, running at most
+    `share` of them here. Worker `i` seeds its sampler with `tune.seed + i`: with one shared seed every
+    worker's sampler draws the same α sequence (TPE's random start-up draws depend on the seed alone),
+    so n workers would mostly evaluate duplicate trials."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
@@ -101,9 +105,11 @@ def _run_worker(params: Params, pair_name: str, name: str, run_id: str | None, n
     t = params.tune
     objective = build_objective(params, pair_name)
     study = optuna.load_study(study_name=name, storage=params.optuna_storage(),
-                              sampler=optuna.samplers.TPESampler(seed=t.seed))
+                              sampler=optuna.samplers.TPESampler(seed=t.seed + worker))
     callbacks = [MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))]
     remaining = n_trials - len(study.get_trials(states=(TrialState.COMPLETE,)))
+    if share is not None:
+        remaining = min(remaining, share)
     if remaining <= 0:
         return
     started = False
@@ -141,15 +147,22 @@ def tune_pair(params: Params, pair_name: str, run_id: str | None = None) -> dict
     if t.n_workers == 1:
         _run_worker(params, pair_name, name, run_id, t.n_trials)
     else:
+        # Split the remaining trials between the workers: with MaxTrialsCallback alone, workers that
+        # finish trials at the same moment overshoot `n_trials` by up to n_workers − 1.
+        done = len(optuna.load_study(study_name=name, storage=storage).get_trials(
+            states=(optuna.trial.TrialState.COMPLETE,)))
+        remaining = max(0, t.n_trials - done)
+        shares = [remaining // t.n_workers + (i < remaining % t.n_workers) for i in range(t.n_workers)]
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_run_worker, args=(params, pair_name, name, run_id, t.n_trials))
-                 for _ in range(t.n_workers)]
+        procs = [ctx.Process(target=_run_worker, args=(params, pair_name, name, run_id, t.n_trials, i, share))
+                 for i, share in enumerate(shares) if share > 0]
         for p in procs:
             p.start()
         for p in procs:
-            p.join()
-            if p.exitcode != 0:
-                raise RuntimeError(f"tune {pair_name}: a worker exited with code {p.exitcode}")
+            p.join()  # all of them, so a failing worker never leaves the others running unattended
+        codes = [p.exitcode for p in procs if p.exitcode != 0]
+        if codes:
+            raise RuntimeError(f"tune {pair_name}: {len(codes)} worker(s) failed (exit codes {codes})")
     seconds = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=storage)
     objective = build_objective(params, pair_name)
