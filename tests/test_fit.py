@@ -98,6 +98,12 @@ def test_operator_mismatch_and_tampering_are_refused(tmp_path):
     with pytest.raises(OperatorError, match="store_digest"):
         load_operator(d, expect={"store_digest": "s2"})
     raw = bytearray((d / "operator.safetensors").read_bytes())
+    original = bytes(raw)
+    raw[-3] ^= 0x40  # one bit in a value: the header stays valid, only the checksum notices
+    (d / "operator.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(OperatorError, match="sha256 differs"):
+        load_operator(d)
+    raw = bytearray(original)
     raw[10:20] = b"\xff" * 10  # corrupt the header
     (d / "operator.safetensors").write_bytes(bytes(raw))
     with pytest.raises(OperatorError, match="tampered"):

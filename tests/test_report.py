@@ -228,13 +228,14 @@ def test_plot_csvs(reported):
     assert math.isclose(float(by["L11_k1"]["causal_ato_delta"]), fake_causal(11, 1)["ato_delta_after"])
     with open(plots / "efficiency_k2.csv") as fh:
         eff = list(csv.DictReader(fh))
-    assert list(eff[0]) == ["rank", "eta_rrr_test_L04", "ceiling_L04", "eta_rrr_test_L10", "ceiling_L10"]
+    assert list(eff[0]) == ["rank", "log10_rank", "eta_rrr_test_L04", "ceiling_L04", "eta_rrr_test_L10", "ceiling_L10"]
     assert [int(r["rank"]) for r in eff] == rank_grid(D_MODEL, 24)
     assert all(r["eta_rrr_test_L10"] == "" for r in eff)  # L10_k2's efficiency.csv is missing
     assert math.isclose(float(eff[0]["ceiling_L04"]), fake_efficiency(4, 2)["ceiling"][0])
     with open(plots / "alpha.csv") as fh:
         alpha = list(csv.DictReader(fh))
-    assert len(alpha) == 64 and list(alpha[0])[1:] == list(PAIRS)
+    assert len(alpha) == 64 and list(alpha[0])[2:] == list(PAIRS)
+    assert math.isclose(float(alpha[0]["log10_alpha"]), -3.0)
 
 
 def test_logged_to_the_parent_run(reported):

@@ -69,6 +69,7 @@ def save_operator(directory: str | Path, W: np.ndarray | torch.Tensor, b: np.nda
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({"W": W_t, "b": b_t}, str(tmp / WEIGHTS),
               metadata={"ato": json.dumps({"layer_in": config["layer_in"], "layer_out": config["layer_out"]})})
+    config = {**config, "weights_sha256": _sha256(tmp / WEIGHTS)}
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if directory.exists():
         import shutil
@@ -76,6 +77,12 @@ def save_operator(directory: str | Path, W: np.ndarray | torch.Tensor, b: np.nda
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_operator(directory: str | Path, expect: dict[str, Any] | None = None,
@@ -94,6 +101,10 @@ def load_operator(directory: str | Path, expect: dict[str, Any] | None = None,
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise OperatorError(f"{config_path}: not valid JSON: {exc}") from None
+    expected_sha = config.get("weights_sha256")
+    if expected_sha is not None and _sha256(weights_path) != expected_sha:
+        raise OperatorError(f"{weights_path}: sha256 differs from config.json's weights_sha256; "
+                            "the file was modified or tampered with after saving")
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -19,8 +19,9 @@ Writes (all under `paths.reports`):
     figures/summary_causal.png        Δ log-ppl per pair and condition (95 % CIs), damage recovered
     figures/summary_alpha.png         α → validation R² per pair, chosen α marked
     plots/summary.csv                 one row per pair, headline numbers (for `dvc plots`)
-    plots/efficiency_k<k>.csv         rank, then η_RRR(test) and ceiling per L (for `dvc plots`)
-    plots/alpha.csv                   α, then validation R² per pair (for `dvc plots`)
+    plots/efficiency_k<k>.csv         rank, log10_rank, then η_RRR(test) and ceiling per L (`dvc plots`)
+    plots/alpha.csv                   α, log10_alpha, then validation R² per pair (`dvc plots`;
+                                      its templates have no log axis, hence the log10 columns)
 
 and logs summary.md, the figures and the CSVs to the pipeline's parent MLflow run (`report/`).
 Params: `report.dpi` (figure resolution), `report.ranks` (ranks at which the tables quote η(r) and
@@ -428,7 +429,7 @@ def write_plot_csvs(params: Params, results: list[PairResults]) -> list[Path]:
         cols = [f"{c}_L{res.pair.L:02d}" for res in group for c in ("eta_rrr_test", "ceiling")]
         table = []
         for r in ranks:
-            row: list[Any] = [r]
+            row: list[Any] = [r, repr(math.log10(r))]
             for res in group:
                 for c in ("eta_rrr_test", "ceiling"):
                     value = math.nan
@@ -437,13 +438,14 @@ def write_plot_csvs(params: Params, results: list[PairResults]) -> list[Path]:
                         value = res.efficiency[c][hit[0]] if hit.size else math.nan
                     row.append(_cell(value))
             table.append(row)
-        paths.append(write_csv(out_dir / f"efficiency_k{k}.csv", ["rank", *cols], table))
+        paths.append(write_csv(out_dir / f"efficiency_k{k}.csv", ["rank", "log10_rank", *cols], table))
 
     curves = {res.name: {float(c["alpha"]): c.get("val_r2") for c in (res.tuning or {}).get("curve", [])
                          if isinstance(c, dict) and "alpha" in c} for res in results}
     alphas = sorted({a for curve in curves.values() for a in curve})
-    paths.append(write_csv(out_dir / "alpha.csv", ["alpha", *[res.name for res in results]],
-                           [[repr(a), *[_cell(curves[res.name].get(a)) for res in results]] for a in alphas]))
+    paths.append(write_csv(out_dir / "alpha.csv", ["alpha", "log10_alpha", *[res.name for res in results]],
+                           [[repr(a), repr(math.log10(a)), *[_cell(curves[res.name].get(a)) for res in results]]
+                            for a in alphas if a > 0]))
     return paths
 
 
@@ -679,15 +681,18 @@ def plot_causal(path: Path, params: Params, results: list[PairResults]) -> Path:
     ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(zero)\n95% CI")
     ax_rec.set_title("Damage recovered by the ATO", fontsize=10)
     ax_rec.grid(axis="y", alpha=0.3)
-    fig.suptitle("Causal check on held-out test text: patching every non-BOS position (position set `all`)",
+    sets = sorted({causal_set_name(res.causal) for res in results if res.causal} - {None}) or ["all"]
+    what = "every non-BOS position" if sets == ["all"] else "the headline positions"
+    fig.suptitle(f"Causal check on held-out test text: patching {what} (position set {', '.join(sets)})",
                  fontsize=11)
     fig.tight_layout()
     return _save(fig, path, params.report.dpi)
 
 
 def plot_alpha(path: Path, params: Params, results: list[PairResults]) -> Path:
-    """α → validation R² per pair on a log α axis, a star at each pair's chosen α; the right panel
-    zooms on the optimum (R² minus the pair's best) so a flat and a sharp optimum look different."""
+    """α → validation R² per pair on a log α axis, a star at each pair's chosen α. The right panel
+    shows R² minus the chosen α's R² on a symmetric-log axis: ridge often gains only ~1e-5 over OLS,
+    invisible on the left, and this shows how flat the optimum is and what α → 0 (OLS) costs."""
     import matplotlib
 
     plt = _plt()
@@ -695,7 +700,7 @@ def plot_alpha(path: Path, params: Params, results: list[PairResults]) -> Path:
     cmap = matplotlib.colormaps["tab10" if len(results) <= 10 else "tab20"]
     styles = ["-", "--", "-.", ":"]
     ks = sorted({res.pair.k for res in results})
-    absent, low = [], math.inf
+    absent, low, gaps = [], math.inf, [0.0]
     for i, res in enumerate(results):
         curve = [c for c in (res.tuning or {}).get("curve", []) if isinstance(c, dict)]
         pts = sorted((_as_float(c.get("alpha")), _as_float(c.get("val_r2"))) for c in curve)
@@ -711,6 +716,7 @@ def plot_alpha(path: Path, params: Params, results: list[PairResults]) -> Path:
         ax.plot(a, v, style, color=colour, lw=1.6, label=f"{res.name}: α = {fmt(alpha, '.3g')}, val R² = {fmt(best)}")
         ref = best if math.isfinite(best) else float(v.max())
         ax_zoom.plot(a, v - ref, style, color=colour, lw=1.6)
+        gaps += [float((v - ref).min()), float((v - ref).max())]
         if math.isfinite(alpha) and math.isfinite(best):
             for target, y in ((ax, best), (ax_zoom, 0.0)):
                 target.plot([alpha], [y], marker="*", ms=13, color=colour, markeredgecolor="black", zorder=4)
@@ -720,9 +726,12 @@ def plot_alpha(path: Path, params: Params, results: list[PairResults]) -> Path:
         a_.grid(alpha=0.3, which="both")
     ax.set_ylabel("validation R² (uniform average over dimensions)")
     ax.set_title("α → validation R² (★ = chosen α; line style = k)", fontsize=10)
-    ax_zoom.set_ylim(-0.05, 0.005)
-    ax_zoom.set_ylabel("val R²(α) − val R² at the chosen α")
-    ax_zoom.set_title("near the optimum (y clipped at −0.05)", fontsize=10)
+    lin = 1e-7  # below this |ΔR²| the axis is linear: differences no α search can resolve
+    ax_zoom.set_yscale("symlog", linthresh=lin)
+    ax_zoom.set_ylim(max(-1.0, min(-10 * lin, 2 * min(gaps))), max(10 * lin, 3 * max(gaps)))
+    ax_zoom.axhline(0, color="black", lw=0.8)
+    ax_zoom.set_ylabel("val R²(α) − val R² at the chosen α (symlog)")
+    ax_zoom.set_title(f"distance from the chosen α (linear for |Δ| < {lin:g})", fontsize=10)
     if low < -1.0:
         ax.set_ylim(-1.05, ax.get_ylim()[1])
         ax.text(0.01, 0.02, "axis clipped at −1", transform=ax.transAxes, fontsize=7)

