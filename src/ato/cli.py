@@ -21,17 +21,25 @@ for _key, _value in {
 
 STAGES: dict[str, tuple[str, str, bool]] = {
     # name: (module, help, works per pair)
-    "prepare": ("prepare", "local float32 copy of the model (params: prepare.*)", False),
-    "collect": ("collect", "residuals into the zarr activation store (params: corpus.*, collect.*)", False),
-    "validate": ("validate", "great-expectations checks of the store (params: validate.*)", False),
-    "stats": ("stats", "streaming sufficient statistics per pair and split (params: stats.*)", False),
-    "tune": ("tune", "Optuna search of the ridge penalty (params: tune.*)", True),
-    "fit": ("fit", "refit, save, track and register operators (params: fit.*)", True),
-    "sae": ("sae", "train or load one SAE per target layer (params: sae.*)", False),
-    "select": ("select", "score and rank SAE features (params: select.*)", False),
-    "evaluate": ("evaluate", "R², feature R², CCA ceiling, efficiency (params: evaluate.*)", True),
-    "causal": ("causal", "perplexity under transport patching (params: causal.*)", True),
-    "report": ("report", "summary tables and figures (params: report.*)", False),
+    "prepare": ("prepare", "float32 safetensors copy of the model + weights digest → paths.model_dir "
+                "(params: prepare.*)", False),
+    "collect": ("collect", "residuals of every requested block → zarr store paths.store, split by document "
+                "(params: corpus.*, collect.*)", False),
+    "validate": ("validate", "great-expectations checks of the store → reports/validation; fails on bad data "
+                 "(params: validate.*)", False),
+    "stats": ("stats", "float64 sufficient statistics per pair and split → paths.stats (params: stats.*, pairs)",
+              False),
+    "tune": ("tune", "Optuna search of the ridge α on exact validation R² → reports/tuning "
+             "(params: tune.*, stats.include_bos, paths.optuna_storage)", True),
+    "fit": ("fit", "refit at the chosen α → paths.operators; MLflow run + registry (params: fit.*)", True),
+    "sae": ("sae", "train or load one SAE per target layer → paths.sae_dir (params: sae.*)", False),
+    "select": ("select", "score and rank SAE features → paths.features (params: select.*)", False),
+    "evaluate": ("evaluate", "test-split R² + baselines, feature R², CCA ceiling, η(r), subspace → "
+                 "reports/metrics (params: evaluate.*, stats.include_bos, report.dpi)", True),
+    "causal": ("causal", "log-perplexity under patching of block L+k, bootstrap CIs → reports/causal "
+               "(params: causal.*, report.dpi)", True),
+    "report": ("report", "summary.md, comparison figures, plot CSVs over all pairs → reports/ (params: report.*)",
+               False),
 }
 
 
@@ -47,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if per_pair:
             p.add_argument("--pair", default=None, help="one pair name such as L06_k1 (default: all pairs)")
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the project's store")
-    ui.add_argument("--params", default="params.yaml")
-    ui.add_argument("--port", type=int, default=5000)
+    ui_help = "MLflow UI on 127.0.0.1 for paths.mlflow_uri; Ctrl-C or SIGTERM stops it"
+    ui = sub.add_parser("ui", help=ui_help, description=ui_help)
+    ui.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     return parser
 
 
