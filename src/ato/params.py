@@ -212,7 +212,7 @@ class EvaluateParams:
 class CausalParams:
     """Stage `causal`: perplexity under transport patching."""
 
-    n_sequences: int = 32
+    n_sequences: int = 16
     seq_len: int = 64
     batch_size: int = 8
     position_sets: dict[str, list[int] | Literal["all"]] = field(
