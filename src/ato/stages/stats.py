@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,13 +109,31 @@ def accumulate_local(store: ActivationStore, split: str, pairs: dict[str, tuple[
     return {name: acc.pair_stats(name) for name in pairs}
 
 
+@contextmanager
+def dask_client(workers: int = 2, scheduler: str | None = None) -> Iterator[Any]:
+    """A dask.distributed client: on `scheduler` (a running cluster's address) when given, else on a
+    LocalCluster of `workers` single-threaded processes, closed on exit. One client serves every
+    split: starting worker processes costs seconds, far more than a tiny split's statistics."""
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        with Client(scheduler, set_as_default=False) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            yield client
+
+
 def accumulate_dask(store: ActivationStore, split: str, pairs: dict[str, tuple[int, int]],
                     chunk_tokens: int, include_bos: bool, workers: int = 2,
-                    scheduler: str | None = None) -> dict[str, PairStats]:
-    """The same statistics with dask.array over the zarr parts (chunked reads, tree reductions)."""
+                    scheduler: str | None = None, client: Any = None) -> dict[str, PairStats]:
+    """The same statistics with dask.array over the zarr parts (chunked reads, tree reductions).
+
+    Runs on `client` when given; otherwise opens one with `dask_client(workers, scheduler)` for this
+    call. Dropped tokens (BOS) get weight zero, so every product keeps the chunk structure."""
     import dask
     import dask.array as da
-    from dask.distributed import Client, LocalCluster
 
     layers = sorted({layer for pair in pairs.values() for layer in pair})
     paths = store.parts(split)
@@ -129,20 +150,13 @@ def accumulate_dask(store: ActivationStore, split: str, pairs: dict[str, tuple[i
     grams = {layer: xs[layer].T @ xs[layer] for layer in layers}
     sums = {layer: xs[layer].sum(0) for layer in layers}
     cross = {name: xs[L].T @ xs[T] for name, (L, T) in pairs.items()}
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) \
-            if scheduler is None else _nullcontext() as cluster:
-        with Client(scheduler or cluster):
-            n_val, sums_v, grams_v, cross_v = dask.compute(n, sums, grams, cross)
+    if client is None:
+        with dask_client(workers, scheduler) as own:
+            n_val, sums_v, grams_v, cross_v = dask.compute(n, sums, grams, cross, scheduler=own)
+    else:
+        n_val, sums_v, grams_v, cross_v = dask.compute(n, sums, grams, cross, scheduler=client)
     return {name: PairStats(float(n_val), sums_v[L], sums_v[T], grams_v[L], cross_v[name], grams_v[T])
             for name, (L, T) in pairs.items()}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(params: Params) -> None:
@@ -157,22 +171,29 @@ def main(params: Params) -> None:
         if store.n_tokens(split) == 0:
             raise StatsError(f"{store.root}: split {split} is empty")
     meta_base = {"store_digest": store.digest, "include_bos": s.include_bos}
-    for split in SPLITS:
-        t0 = time.perf_counter()
-        if s.engine == "dask":
-            result = accumulate_dask(store, split, pairs, s.chunk_tokens, s.include_bos, s.dask_workers,
-                                     s.dask_scheduler)
-        else:
-            result = accumulate_local(store, split, pairs, s.chunk_tokens, s.include_bos)
-        for name, st in result.items():
-            where = f"pair {name} ({split}, layers {pairs[name][0]}→{pairs[name][1]})"
-            if st.n == 0:
-                raise StatsError(f"{where}: no tokens after excluding BOS")
-            try:
-                st.check_finite(where)
-            except ValueError as exc:
-                raise StatsError(str(exc)) from None
-            save_pair_stats(stats_path(params, split, name), st,
-                            {**meta_base, "split": split, "pair": name,
-                             "layer_in": pairs[name][0], "layer_out": pairs[name][1]})
-        print(f"stats {split}: {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s")
+    with (dask_client(s.dask_workers, s.dask_scheduler) if s.engine == "dask" else nullcontext()) as client:
+        for split in SPLITS:
+            _split_stats(params, store, split, pairs, meta_base, client)
+
+
+def _split_stats(params: Params, store: ActivationStore, split: str, pairs: dict[str, tuple[int, int]],
+                 meta_base: dict, client: Any) -> None:
+    """Statistics of every pair on one split, checked and saved."""
+    s = params.stats
+    t0 = time.perf_counter()
+    if s.engine == "dask":
+        result = accumulate_dask(store, split, pairs, s.chunk_tokens, s.include_bos, client=client)
+    else:
+        result = accumulate_local(store, split, pairs, s.chunk_tokens, s.include_bos)
+    for name, st in result.items():
+        where = f"pair {name} ({split}, layers {pairs[name][0]}→{pairs[name][1]})"
+        if st.n == 0:
+            raise StatsError(f"{where}: no tokens after excluding BOS")
+        try:
+            st.check_finite(where)
+        except ValueError as exc:
+            raise StatsError(str(exc)) from None
+        save_pair_stats(stats_path(params, split, name), st,
+                        {**meta_base, "split": split, "pair": name,
+                         "layer_in": pairs[name][0], "layer_out": pairs[name][1]})
+    print(f"stats {split}: {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s")

@@ -13,8 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -132,6 +136,34 @@ def _run_worker(params: Params, pair_name: str, name: str, run_id: str | None, n
             mlflow.end_run()
 
 
+@contextmanager
+def sqlite_init_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock while opening a SQLite database that may not exist yet.
+
+    Why: the first connection to a fresh SQLite storage creates its tables and stamps the alembic
+    version; two processes that start together (`ato tune --pair A` and `ato tune --pair B`) both find
+    no schema, both migrate, and one dies with `UNIQUE constraint failed: alembic_version`. Only SQLite
+    files are locked (creating a server database's schema is a deployment step). The lock file lives
+    in the temp directory, keyed by the database path, so the project tree stays clean.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    key = hashlib.sha256(str(Path(url[len(prefix):]).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"ato-sqlite-{key}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def tune_pair(params: Params, pair_name: str, run_id: str | None = None) -> dict:
     """Run (or resume) the pair's study; return the chosen α, its R², and the α → R² curve."""
     import optuna
@@ -141,8 +173,9 @@ def tune_pair(params: Params, pair_name: str, run_id: str | None = None) -> dict
     storage = params.optuna_storage()
     if storage.startswith("sqlite:///"):
         params.root.joinpath(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                        sampler=optuna.samplers.TPESampler(seed=t.seed))
+    with sqlite_init_lock(storage):
+        optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                            sampler=optuna.samplers.TPESampler(seed=t.seed))
     t0 = time.perf_counter()
     if t.n_workers == 1:
         _run_worker(params, pair_name, name, run_id, t.n_trials)
