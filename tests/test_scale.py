@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,9 +61,29 @@ def test_dask_engine_equals_local_engine(project):
             x, y = getattr(a[key], field), getattr(b[key], field)
             # rtol 1e-9 on every entry; entries that cancel to ~0 are held to 1e-12 of the field's scale
             np.testing.assert_allclose(y, x, rtol=1e-9, atol=1e-12 * np.abs(x).max(), err_msg=f"{key} {field}")
-    # BOS excluded in both (the dask engine zero-weights it instead of dropping it)
+    # BOS excluded in both
     manifest = json.loads((params.path("store") / "manifest.json").read_text())
     assert a[("train", "L00_k1")].n == manifest["splits"]["train"]["tokens"] - manifest["splits"]["train"]["special_tokens"]
+
+
+@pytest.mark.slow
+def test_dask_engine_names_an_unreadable_part(project, tmp_path):
+    """A read error inside a worker comes back as the StoreError naming the part, like the local engine."""
+    import shutil
+
+    from store_factory import flip_byte, shard_file
+
+    from ato.store import ActivationStore, StoreError, layer_key
+
+    params = load_params(project / "params.yaml")
+    copy = Path(shutil.copytree(params.path("store"), tmp_path / "store"))
+    flip_byte(shard_file(copy / "val" / "part-00000.zarr", layer_key(3)))
+    store = ActivationStore.open(copy)
+    pairs = {name: (pair.L, pair.target) for name, pair in params.pairs.items()}
+    with stats.dask_client(2) as client:
+        stats.accumulate_dask(store, "train", pairs, 96, False, client=client)  # undamaged split: fine
+        with pytest.raises(StoreError, match=r"val/part-00000\.zarr: reading rows .*checksum"):
+            stats.accumulate_dask(store, "val", pairs, 96, False, client=client)
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@
 Each needed layer is read once per chunk and serves every pair that uses it; the Gram of a layer
 (XᵀX) is formed once and shared by all pairs with that input layer. Files:
 `<paths.stats>/<split>/<pair>.safetensors` (float64 tensors n, sum_x, sum_y, xtx, xty, yty).
-Engines: `local` (torch matmuls over zarr chunks, in process) or `dask` (dask.array.from_zarr over
-the same parts, on a LocalCluster or a `dask.distributed` scheduler).
+Engines: `local` (torch matmuls over zarr chunks, in process) or `dask` (the same accumulation
+map-reduced over row slices of the parts, on a LocalCluster or a `dask.distributed` scheduler).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from ..errors import AtoError
 from ..math.stats import PairStats
 from ..params import SPLITS, Params
-from ..store import ActivationStore, layer_key, require_validated
+from ..store import ActivationStore, StoreError, layer_key, require_validated
 
 META_KEYS = ("store_digest", "include_bos", "split", "pair", "layer_in", "layer_out")
 
@@ -128,35 +129,70 @@ def dask_client(workers: int = 2, scheduler: str | None = None) -> Iterator[Any]
 def accumulate_dask(store: ActivationStore, split: str, pairs: dict[str, tuple[int, int]],
                     chunk_tokens: int, include_bos: bool, workers: int = 2,
                     scheduler: str | None = None, client: Any = None) -> dict[str, PairStats]:
-    """The same statistics with dask.array over the zarr parts (chunked reads, tree reductions).
+    """The same statistics as `accumulate_local`, map-reduced over a dask.distributed cluster.
 
-    Runs on `client` when given; otherwise opens one with `dask_client(workers, scheduler)` for this
-    call. Dropped tokens (BOS) get weight zero, so every product keeps the chunk structure."""
+    The split's token rows are cut into slices of `chunk_tokens` rows (never across parts); each dask
+    partition — a contiguous run of slices — reads its slices from zarr itself and accumulates them
+    with `LayerStatsAccumulator`, exactly like the local engine; only the d×d partial sums travel and
+    are added up. (A dask.array graph instead moves every [chunk, d] float64 block between workers
+    and re-aligns it with the BOS mask, which made it slower than one process.) Workers must see the
+    store's paths (a local cluster, or a shared filesystem).
+
+    Runs on `client` when given; otherwise opens one with `dask_client(workers, scheduler)`.
+    """
     import dask
-    import dask.array as da
+    import dask.bag as db
 
-    layers = sorted({layer for pair in pairs.values() for layer in pair})
-    paths = store.parts(split)
+    info = store.split_info(split)
+    slices = [(str(path), start, min(n, start + chunk_tokens))
+              for path, n in zip(store.parts(split), info["part_tokens"], strict=True)
+              for start in range(0, n, chunk_tokens)]
+    if not slices:
+        raise StatsError(f"{store.root}: split {split} has no parts")
 
-    def column(key: str):
-        return da.concatenate([da.from_zarr(str(p), component=key) for p in paths], axis=0)
+    def run(c) -> LayerStatsAccumulator:
+        threads = max(1, sum(c.nthreads().values()))
+        bag = db.from_sequence(slices, npartitions=min(len(slices), threads))
+        total = bag.reduction(partial(_accumulate_slices, pairs=pairs, d=store.d_model, include_bos=include_bos),
+                              _merge_accumulators, split_every=8)
+        return dask.compute(total, scheduler=c)[0]
 
-    keep = ~column("special") if not include_bos else None
-    xs = {}
-    for layer in layers:
-        x = column(layer_key(layer)).rechunk((chunk_tokens, store.d_model)).astype(np.float64)
-        xs[layer] = x * keep[:, None] if keep is not None else x  # dropping = zero weight
-    n = keep.sum() if keep is not None else column("special").shape[0]
-    grams = {layer: xs[layer].T @ xs[layer] for layer in layers}
-    sums = {layer: xs[layer].sum(0) for layer in layers}
-    cross = {name: xs[L].T @ xs[T] for name, (L, T) in pairs.items()}
     if client is None:
         with dask_client(workers, scheduler) as own:
-            n_val, sums_v, grams_v, cross_v = dask.compute(n, sums, grams, cross, scheduler=own)
+            acc = run(own)
     else:
-        n_val, sums_v, grams_v, cross_v = dask.compute(n, sums, grams, cross, scheduler=client)
-    return {name: PairStats(float(n_val), sums_v[L], sums_v[T], grams_v[L], cross_v[name], grams_v[T])
-            for name, (L, T) in pairs.items()}
+        acc = run(client)
+    return {name: acc.pair_stats(name) for name in pairs}
+
+
+def _accumulate_slices(slices, pairs: dict[str, tuple[int, int]], d: int,
+                       include_bos: bool) -> LayerStatsAccumulator:
+    """One dask partition: read (part path, start, stop) row slices and accumulate them in order."""
+    import zarr
+
+    acc = LayerStatsAccumulator(pairs, d)
+    for path, start, stop in slices:
+        try:
+            group = zarr.open_group(path, mode="r", zarr_format=3)
+            keep = slice(None) if include_bos else ~np.asarray(group["special"][start:stop])
+            chunk = {layer: np.asarray(group[layer_key(layer)][start:stop])[keep] for layer in acc.layers}
+        except Exception as exc:  # noqa: BLE001 - name the part, like the local engine
+            raise StoreError(f"{path}: reading rows {start}:{stop} failed: {exc}") from exc
+        if len(chunk[acc.layers[0]]):
+            acc.update(chunk)
+    return acc
+
+
+def _merge_accumulators(accs) -> LayerStatsAccumulator:
+    """Add partial accumulators (float64) into the first."""
+    accs = list(accs)
+    total = accs[0]
+    for other in accs[1:]:
+        total.n += other.n
+        for mine, theirs in ((total.sums, other.sums), (total.grams, other.grams), (total.cross, other.cross)):
+            for key in mine:
+                mine[key] += theirs[key]
+    return total
 
 
 def main(params: Params) -> None:
