@@ -32,6 +32,8 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_N
                "TQDM_DISABLE": "1"}.items():
     os.environ.setdefault(_k, _v)
 
+import torch  # noqa: E402
+
 from ato.params import load_params  # noqa: E402
 from ato.stages.stats import accumulate_dask, accumulate_local, dask_client  # noqa: E402
 from ato.store import ActivationStore  # noqa: E402
@@ -100,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic or not (params.path("store") / "manifest.json").exists():
         tmp = tempfile.TemporaryDirectory(prefix="ato-bench-scale-")
         store = synthetic_store(Path(tmp.name) / "store", 640, max(sizes + [args.dask_parts]), 8192)
-        layers = store.layers
         pairs = {"L00_k1": (0, 1), "L01_k2": (1, 3), "L00_k3": (0, 3)}
     else:
         store = ActivationStore.open(params.path("store"))
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(pairs, d)
     print(f"store {store.root}: d={d}, train parts of {store.manifest['splits']['train']['part_tokens'][0]} tokens; "
           f"{len(pairs)} pairs over {n_layers} layers; {fpt / 1e6:.2f} MFLOP/token; chunk_tokens={chunk}; "
-          f"{os.cpu_count()} CPUs", flush=True)
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them); "
+          f"local engine: {torch.get_num_threads()} torch threads, dask: 1 thread per worker", flush=True)
 
     rows = []
     # Warm the page cache with the largest prefix once, so every timed run reads from memory alike.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_tiny_params, make_prepared_model, random_text, tiny_model, tiny_tokenizer
+from conftest import load_tiny_params, random_text, tiny_model, tiny_tokenizer
 
 from ato.errors import AtoError
 from ato.math.bootstrap import paired_bootstrap, paired_bootstrap_recovered, resample_indices

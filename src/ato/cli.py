@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"pair": args.pair} if STAGES[args.command][2] else {}
     try:
         module.main(params, **kwargs)
+    except ParamsError as exc:
+        print(f"ato {args.command}: params error: {exc}", file=sys.stderr)
+        return 2
     except AtoError as exc:
         print(f"ato {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ Public API::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -80,8 +81,6 @@ def save_operator(directory: str | Path, W: np.ndarray | torch.Tensor, b: np.nda
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -90,7 +89,7 @@ def load_operator(directory: str | Path, expect: dict[str, Any] | None = None,
     """Load and check an operator. `expect` holds config values that must match (model digest,
     d_model, layers, store digest …); any mismatch is refused with a message naming the key."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG, directory / WEIGHTS
@@ -101,12 +100,17 @@ def load_operator(directory: str | Path, expect: dict[str, Any] | None = None,
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise OperatorError(f"{config_path}: not valid JSON: {exc}") from None
+    # Read once: the checksum and the tensors come from the same bytes, and the loaded operator
+    # is a private copy (a memory map would change if the file were rewritten in place).
+    data = weights_path.read_bytes()
     expected_sha = config.get("weights_sha256")
-    if expected_sha is not None and _sha256(weights_path) != expected_sha:
+    if expected_sha is None:
+        raise OperatorError(f"{config_path}: no weights_sha256; re-save the operator with `ato fit`")
+    if hashlib.sha256(data).hexdigest() != expected_sha:
         raise OperatorError(f"{weights_path}: sha256 differs from config.json's weights_sha256; "
                             "the file was modified or tampered with after saving")
     try:
-        tensors = load_file(str(weights_path), device="cpu")
+        tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise OperatorError(f"{weights_path}: unreadable or tampered safetensors file: {exc}") from None
     if set(tensors) != {"W", "b"}:

@@ -419,6 +419,7 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         "collect.chunk_tokens": params.collect.chunk_tokens,
         "stats.chunk_tokens": params.stats.chunk_tokens,
         "tune.n_trials": params.tune.n_trials,
+        "stats.dask_workers": params.stats.dask_workers,
         "tune.n_workers": params.tune.n_workers,
         "tune.curve_points": params.tune.curve_points,
         "sae.width": params.sae.width,

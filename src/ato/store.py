@@ -50,12 +50,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _array_codecs():
@@ -91,6 +95,10 @@ def write_part(split_dir: Path, index: int, arrays: dict[str, np.ndarray], chunk
                                      fill_value=0, **_array_codecs())
             arr[...] = value
         os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(f"{final}: writing the part failed ({exc.strerror or exc}); earlier parts are "
+                         "intact — free space or fix the cause and rerun to resume") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

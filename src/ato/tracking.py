@@ -12,6 +12,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,34 @@ from .params import Params
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@contextmanager
+def sqlite_init_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock while opening a SQLite database that may not exist yet.
+
+    Why: the first connection to a fresh SQLite storage creates its tables and stamps the alembic
+    version; two processes that start together (`ato tune --pair A` and `ato tune --pair B`) both find
+    no schema, both migrate, and one dies with `UNIQUE constraint failed: alembic_version`. Only SQLite
+    files are locked (creating a server database's schema is a deployment step). The lock file lives
+    in the temp directory, keyed by the database path, so the project tree stays clean.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    key = hashlib.sha256(str(Path(url[len(prefix):]).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"ato-sqlite-{key}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def git_commit(root: Path) -> str:
@@ -45,8 +74,9 @@ def setup(params: Params) -> str:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     name = params.paths.mlflow_experiment
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(name)
+    with sqlite_init_lock(uri):  # the first connection migrates a fresh database: one process at a time
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name(name)
     if exp is None:
         artifacts = params.path("mlflow_artifacts").resolve()
         artifacts.mkdir(parents=True, exist_ok=True)

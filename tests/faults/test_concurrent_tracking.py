@@ -5,7 +5,7 @@ pairs' runs must be recorded, under one pipeline run.
 Protections exercised: `tracking.setup` tolerating a concurrent experiment creation, MLflow's and
 Optuna's SQLite handling of concurrent writers (locking, retries), and `tracking.parent_run_id`
 finding (not duplicating) the pipeline run that the other process created.
-Known gap (xfail below): two processes that find no MLflow database both run its schema migrations.
+The first connection to a fresh database is serialised by `tracking.sqlite_init_lock` (tested below).
 """
 
 from __future__ import annotations
@@ -73,9 +73,6 @@ SETUP = "import sys; from ato.params import load_params; from ato.tracking impor
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="race: two processes that find no MLflow SQLite database both run its "
-                   "alembic migrations ('duplicate column name: step'); one crashes. Fix: serialise the first "
-                   "connection in tracking.setup with a file lock beside the database")
 def test_two_processes_create_a_fresh_mlflow_store_together(project):
     import sys
 

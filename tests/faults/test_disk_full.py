@@ -132,8 +132,6 @@ def test_enospc_writing_the_manifest_then_rerun(fresh_project, reference, monkey
     assert_same_store(root, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="a full disk is a user-fixable error, but `ato collect` ends in a raw "
-                   "OSError traceback: neither store.write_part nor cli.main turns ENOSPC into an AtoError")
 def test_cli_reports_a_full_disk_as_a_user_error(fresh_project, full_disk, capsys):
     from ato.cli import main as cli_main
 

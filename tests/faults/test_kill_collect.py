@@ -30,8 +30,6 @@ from ato.store import ActivationStore, StoreError
 from .conftest import assert_same_store, ato_command, leftovers, subprocess_env
 
 SEEDS = (0, 1, 2)
-KNOWN_RESUME_BUG = ("collect: a part renamed into place but not yet recorded in _progress.json (kill between "
-                    "write_part and the progress write) makes every rerun fail with KeyError in collect.main")
 
 
 def _complete_parts(root: Path) -> list[Path]:
@@ -78,7 +76,6 @@ def test_sigkill_collect_at_random_points_then_rerun_equals_uninterrupted(fresh_
 
     import zarr
 
-    hit_known_bug = []
     for run in runs:
         seed, project = run["seed"], projects[run["seed"]]
         assert run["alive_at_kill"], f"seed {seed}: collect finished (rc {run['rc']}) before the kill: {run['log']}"
@@ -105,21 +102,12 @@ def test_sigkill_collect_at_random_points_then_rerun_equals_uninterrupted(fresh_
               f"{len(list(root.rglob('.tmp-*')))} temporaries on disk")
 
         # Rerun: resumes (kept parts are not rewritten) and ends with exactly the uninterrupted store.
-        try:
-            collect.main(params)
-        except KeyError as exc:
-            if "part-" not in str(exc):
-                raise
-            hit_known_bug.append(seed)  # see test_kill_between_part_rename_and_progress_write
-            continue
+        collect.main(params)
         assert {p: (p / "zarr.json").stat().st_mtime_ns for p in kept} == stamps, "complete parts rewritten"
         assert leftovers(root) == []
         assert_same_store(root, reference)
-    if hit_known_bug:
-        pytest.xfail(f"seeds {hit_known_bug}: {KNOWN_RESUME_BUG}")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=KNOWN_RESUME_BUG)
 def test_kill_between_part_rename_and_progress_write(fresh_project, reference, monkeypatch):
     """The narrowest kill window, made deterministic: the process dies right after a part was renamed
     into place, before `_progress.json` records its digest. A rerun must still finish the same store

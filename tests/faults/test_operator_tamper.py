@@ -67,8 +67,8 @@ def test_operator_of_another_model_is_refused_by_causal(fitted, tmp_path):
     assert other["weights_digest"] != _model_info(fitted.path("model_dir"))["weights_digest"]
     with pytest.raises(OperatorError, match=r"model_digest=.*refit"):
         causal.prepare_inputs(fitted, [PAIR], other)
-    causal_ok = causal.prepare_inputs  # the matching model passes the same check
-    assert PAIR in causal_ok(fitted, [PAIR], _model_info(fitted.path("model_dir")))
+    # the matching model passes the same check
+    assert PAIR in causal.prepare_inputs(fitted, [PAIR], _model_info(fitted.path("model_dir")))
 
 
 def test_operator_of_another_store_is_refused_by_evaluate(fitted):
@@ -94,14 +94,21 @@ def test_operator_of_another_width_is_refused(fitted):
         load_operator(fitted.path("operators") / PAIR, expect={"d_model": 64})
 
 
+@pytest.mark.parametrize("checksum", [True, False], ids=["with_sha256", "without_sha256"])
 @pytest.mark.parametrize("cut", ["inside_data", "inside_header", "length_prefix"])
-def test_truncated_weights_are_refused(fitted, cut):
+def test_truncated_weights_are_refused(fitted, cut, checksum):
+    """Refused by the checksum; a config without one is refused outright (nothing to verify against)."""
     path = _weights(fitted)
+    if not checksum:
+        config_path = path.parent / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("weights_sha256", None)
+        config_path.write_text(json.dumps(config))
     raw = path.read_bytes()
     start = _data_start(path)
     keep = {"inside_data": start + (len(raw) - start) // 2, "inside_header": start // 2, "length_prefix": 5}[cut]
     path.write_bytes(raw[:keep])
-    with pytest.raises(OperatorError, match="operator.safetensors"):
+    with pytest.raises(OperatorError, match="sha256 differs" if checksum else "no weights_sha256"):
         load_operator(path.parent)
 
 
@@ -134,9 +141,6 @@ def test_flipped_data_byte_is_refused(fitted, byte):
         load_operator(path.parent)
 
 
-@pytest.mark.xfail(strict=True, reason="load_operator returns tensors that memory-map operator.safetensors: "
-                   "rewriting the file in place changes an operator already loaded (fix: load from the bytes "
-                   "read for the checksum, e.g. safetensors.torch.load(path.read_bytes()), or clone)")
 def test_loaded_operator_does_not_follow_later_writes_to_its_file(fitted):
     path = _weights(fitted)
     op = load_operator(path.parent)

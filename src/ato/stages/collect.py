@@ -118,6 +118,12 @@ def _part_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _stored_digest(part: Path) -> str:
+    import zarr
+
+    return str(zarr.open_group(str(part), mode="r", zarr_format=3).attrs["sha256"])
+
+
 def _prepare_root(root: Path, fp: str) -> dict:
     """Keep a compatible partial store (resume) or clear an incompatible one. Returns progress."""
     progress_path = root / PROGRESS
@@ -161,6 +167,8 @@ def main(params: Params) -> Path:
             raise StoreError(f"corpus {c.source!r}: split {split!r} has no documents; lower its fraction or add text")
         parts = plan_parts(seqs, p.part_tokens)
         done = {q.name for q in complete_parts(root / split)}
+        for name in done:  # killed between the part's rename and the progress write: read it back
+            progress["part_digests"].setdefault(f"{split}/{name}", _stored_digest(root / split / name))
         todo_tokens = sum(len(s.token_ids) for i, part in enumerate(parts) if part_name(i) not in done for s in part)
         with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"collect {split}", dynamic_ncols=True) as bar:
             for i, part in enumerate(parts):

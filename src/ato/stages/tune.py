@@ -13,18 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..math.ridge import RidgePath, r2_from_stats
 from ..math.stats import PairStats
 from ..params import Params, section_dict
+from ..tracking import sqlite_init_lock
 from ..store import ActivationStore, write_json_atomic
 from .stats import load_pair_stats
 
@@ -134,34 +131,6 @@ def _run_worker(params: Params, pair_name: str, name: str, run_id: str | None, n
     finally:
         if started:
             mlflow.end_run()
-
-
-@contextmanager
-def sqlite_init_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock while opening a SQLite database that may not exist yet.
-
-    Why: the first connection to a fresh SQLite storage creates its tables and stamps the alembic
-    version; two processes that start together (`ato tune --pair A` and `ato tune --pair B`) both find
-    no schema, both migrate, and one dies with `UNIQUE constraint failed: alembic_version`. Only SQLite
-    files are locked (creating a server database's schema is a deployment step). The lock file lives
-    in the temp directory, keyed by the database path, so the project tree stays clean.
-    """
-    prefix = "sqlite:///"
-    if not url.startswith(prefix):
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    key = hashlib.sha256(str(Path(url[len(prefix):]).resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"ato-sqlite-{key}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def tune_pair(params: Params, pair_name: str, run_id: str | None = None) -> dict:
