@@ -124,6 +124,7 @@ class StatsParams:
     include_bos: bool = False  # BOS/special tokens are excluded from every fit and score by default
     chunk_tokens: int = 8192
     engine: Literal["local", "dask"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the local engine forms the float64 Grams
     dask_workers: int = 2
     dask_scheduler: str | None = None  # address of a running dask.distributed scheduler
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..errors import AtoError
 from ..math.stats import PairStats
+from ..models import resolve_device
 from ..params import SPLITS, Params
 from ..store import ActivationStore, StoreError, layer_key, require_validated
 
@@ -71,36 +72,36 @@ def load_pair_stats(params: Params, split: str, pair_name: str,
 class LayerStatsAccumulator:
     """Accumulates, for a set of pairs, the Grams and cross products over streamed chunks."""
 
-    def __init__(self, pairs: dict[str, tuple[int, int]], d: int):
+    def __init__(self, pairs: dict[str, tuple[int, int]], d: int, device: str | torch.device = "cpu"):
         self.pairs = pairs
+        self.device = torch.device(device)
         self.layers = sorted({layer for pair in pairs.values() for layer in pair})
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.n = 0.0
         self.sums = {layer: z(d) for layer in self.layers}
-        inputs = {L for L, _ in pairs.values()}
-        outputs = {T for _, T in pairs.values()}
-        self.grams = {layer: z(d, d) for layer in sorted(inputs | outputs)}
+        self.grams = {layer: z(d, d) for layer in self.layers}  # one Gram per layer, shared by its pairs
         self.cross = {name: z(d, d) for name in pairs}
 
     def update(self, chunk: dict[int, np.ndarray]) -> None:
-        xs = {layer: torch.from_numpy(np.ascontiguousarray(chunk[layer])).to(torch.float64) for layer in self.layers}
+        xs = {layer: torch.from_numpy(np.ascontiguousarray(chunk[layer])).to(self.device, torch.float64)
+              for layer in self.layers}
         self.n += float(next(iter(xs.values())).shape[0])
         for layer, x in xs.items():
             self.sums[layer] += x.sum(0)
-        for layer, g in self.grams.items():
-            g.addmm_(xs[layer].T, xs[layer])
+            self.grams[layer].addmm_(x.T, x)
         for name, (L, T) in self.pairs.items():
             self.cross[name].addmm_(xs[L].T, xs[T])
 
     def pair_stats(self, name: str) -> PairStats:
         L, T = self.pairs[name]
-        return PairStats(self.n, self.sums[L].numpy(), self.sums[T].numpy(), self.grams[L].numpy(),
-                         self.cross[name].numpy(), self.grams[T].numpy())
+        host = lambda t: t.cpu().numpy()  # noqa: E731
+        return PairStats(self.n, host(self.sums[L]), host(self.sums[T]), host(self.grams[L]),
+                         host(self.cross[name]), host(self.grams[T]))
 
 
 def accumulate_local(store: ActivationStore, split: str, pairs: dict[str, tuple[int, int]],
-                     chunk_tokens: int, include_bos: bool) -> dict[str, PairStats]:
-    acc = LayerStatsAccumulator(pairs, store.d_model)
+                     chunk_tokens: int, include_bos: bool, device: str = "cpu") -> dict[str, PairStats]:
+    acc = LayerStatsAccumulator(pairs, store.d_model, device)
     with tqdm(total=store.n_tokens(split), unit="tok", unit_scale=True, desc=f"stats {split}",
               dynamic_ncols=True) as bar:
         for chunk in store.iter_chunks(split, acc.layers, chunk_tokens, include_special=True, with_tokens=True):
@@ -220,7 +221,7 @@ def _split_stats(params: Params, store: ActivationStore, split: str, pairs: dict
     if s.engine == "dask":
         result = accumulate_dask(store, split, pairs, s.chunk_tokens, s.include_bos, client=client)
     else:
-        result = accumulate_local(store, split, pairs, s.chunk_tokens, s.include_bos)
+        result = accumulate_local(store, split, pairs, s.chunk_tokens, s.include_bos, resolve_device(s.device))
     for name, st in result.items():
         where = f"pair {name} ({split}, layers {pairs[name][0]}→{pairs[name][1]})"
         if st.n == 0:
