@@ -1,7 +1,7 @@
 """Benchmark `collect`: tokens/s against a bare forward pass of the same base model on the same
 batches (same run), and peak RSS at two corpus sizes (must not grow with the corpus).
 
-    .venv/bin/python bench/collect.py [--tokens 4096] [--repeats 3] [--rss-tokens 4096 16384]
+    .venv/bin/python bench/collect.py [--tokens 4096] [--repeats 3] [--rss-tokens 16384 49152]
 
 Needs the prepared model (`dvc repro prepare`, or `ato prepare`).
 """
@@ -111,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rss-tokens", type=int, nargs=2, default=[4096, 16384])
+    ap.add_argument("--rss-tokens", type=int, nargs=2, default=[16384, 49152])
     ap.add_argument("--child-rss", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_rss:
