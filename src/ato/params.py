@@ -500,12 +500,5 @@ def load_params(path: str | Path = "params.yaml", n_layers: int | None = None) -
         raise ParamsError(f"{path}: {exc}") from None
 
 
-def to_dict(params: Params) -> dict[str, Any]:
-    """The params as plain data (for manifests and tracking)."""
-    out = dataclasses.asdict(params)
-    out.pop("root")
-    return out
-
-
 def section_dict(section: Any) -> dict[str, Any]:
     return dataclasses.asdict(section)
