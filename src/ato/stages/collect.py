@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,15 @@ def _part_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _write_and_record(root: Path, split: str, index: int, arrays: dict[str, np.ndarray], chunk_tokens: int,
+                      progress: dict) -> None:
+    """Write one part atomically, then record its digest (a kill in between is healed on resume)."""
+    digest = _part_digest(arrays)
+    write_part(root / split, index, arrays, chunk_tokens, attrs={"sha256": digest, "split": split})
+    progress["part_digests"][f"{split}/{part_name(index)}"] = digest
+    write_json_atomic(root / PROGRESS, progress)
+
+
 def _stored_digest(part: Path) -> str:
     import zarr
 
@@ -170,7 +180,11 @@ def main(params: Params) -> Path:
         for name in done:  # killed between the part's rename and the progress write: read it back
             progress["part_digests"].setdefault(f"{split}/{name}", _stored_digest(root / split / name))
         todo_tokens = sum(len(s.token_ids) for i, part in enumerate(parts) if part_name(i) not in done for s in part)
-        with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"collect {split}", dynamic_ncols=True) as bar:
+        # One writer thread: part i is written (mostly disk I/O, GIL released) while part i+1 is
+        # computed. At most two parts are in memory; parts are written and recorded in order.
+        pending: Future | None = None
+        with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"collect {split}", dynamic_ncols=True) as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="ato-write") as writer:
             for i, part in enumerate(parts):
                 name = part_name(i)
                 if name in done:
@@ -179,10 +193,11 @@ def main(params: Params) -> Path:
                 arrays = {layer_key(layer): _to_storage(a, p.dtype, f"{split}/{name} layer {layer}")
                           for layer, a in acts.items()}
                 arrays.update(as_arrays(part))
-                digest = _part_digest(arrays)
-                write_part(root / split, i, arrays, p.chunk_tokens, attrs={"sha256": digest, "split": split})
-                progress["part_digests"][f"{split}/{name}"] = digest
-                write_json_atomic(root / PROGRESS, progress)
+                if pending is not None:
+                    pending.result()  # re-raises the previous part's write error here
+                pending = writer.submit(_write_and_record, root, split, i, arrays, p.chunk_tokens, progress)
+            if pending is not None:
+                pending.result()
         stored = as_arrays(seqs)
         splits[split] = {
             "tokens": int(len(stored["token_id"])),
