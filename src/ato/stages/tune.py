@@ -40,16 +40,15 @@ def kfold_stats(params: Params, pair_name: str, k: int) -> list[tuple[PairStats,
     """(train-minus-fold, fold) statistics for K blocks of contiguous training documents."""
     pair = params.pairs[pair_name]
     store = ActivationStore.open(params.path("store"))
-    docs: list[int] = []
-    for chunk in store.iter_chunks("train", [pair.L], params.stats.chunk_tokens, with_tokens=True):
-        docs.extend(np.unique(chunk["doc_id"]).tolist())
-    order = list(dict.fromkeys(docs))  # documents in stored (contiguous) order
-    fold_of_doc = {doc: i * k // len(order) for i, doc in enumerate(order)}
+    n_docs = int(store.split_info("train")["documents"])
+    rank: dict[int, int] = {}  # documents are stored contiguously, so first appearance = stored order
     d = store.d_model
     folds = [PairStats.zeros(d, d) for _ in range(k)]
     for chunk in store.iter_chunks("train", [pair.L, pair.target], params.stats.chunk_tokens,
                                    include_special=params.stats.include_bos, with_tokens=True):
-        fold_ids = np.array([fold_of_doc[doc] for doc in chunk["doc_id"]])
+        for doc in chunk["doc_id"].tolist():
+            rank.setdefault(doc, len(rank))
+        fold_ids = np.array([rank[doc] * k // n_docs for doc in chunk["doc_id"].tolist()])
         for f in np.unique(fold_ids):
             rows = fold_ids == f
             folds[f].update(chunk[pair.L][rows], chunk[pair.target][rows])
@@ -93,7 +92,7 @@ def _log_trial(study, trial) -> None:
 
 
 def _run_worker(params: Params, pair_name: str, name: str, run_id: str | None, n_trials: int,
-                worker: int = 0, share: int | None = None) -> None:
+                worker: int = 0, share: int | None = None, objective: Objective | None = None) -> None:
     """Optimise in this process until the study holds `n_trials` complete trials, running at most
     `share` of them here. Worker `i` seeds its sampler with `tune.seed + i`: with one shared seed every
     worker's sampler draws the same α sequence (TPE's random start-up draws depend on the seed alone),
@@ -104,7 +103,7 @@ def _run_worker(params: Params, pair_name: str, name: str, run_id: str | None, n
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t = params.tune
-    objective = build_objective(params, pair_name)
+    objective = objective or build_objective(params, pair_name)  # spawned workers build their own
     study = optuna.load_study(study_name=name, storage=params.optuna_storage(),
                               sampler=optuna.samplers.TPESampler(seed=t.seed + worker))
     callbacks = [MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))]
@@ -145,9 +144,10 @@ def tune_pair(params: Params, pair_name: str, run_id: str | None = None) -> dict
     with sqlite_init_lock(storage):
         optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                             sampler=optuna.samplers.TPESampler(seed=t.seed))
+    objective = build_objective(params, pair_name)  # serves the in-process trials and the curve
     t0 = time.perf_counter()
     if t.n_workers == 1:
-        _run_worker(params, pair_name, name, run_id, t.n_trials)
+        _run_worker(params, pair_name, name, run_id, t.n_trials, objective=objective)
     else:
         # Split the remaining trials between the workers: with MaxTrialsCallback alone, workers that
         # finish trials at the same moment overshoot `n_trials` by up to n_workers − 1.
@@ -167,7 +167,6 @@ def tune_pair(params: Params, pair_name: str, run_id: str | None = None) -> dict
             raise RuntimeError(f"tune {pair_name}: {len(codes)} worker(s) failed (exit codes {codes})")
     seconds = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=storage)
-    objective = build_objective(params, pair_name)
     grid = np.geomspace(t.alpha_min, t.alpha_max, t.curve_points)
     trials = sorted((tr.params["alpha"], tr.value) for tr in study.trials if tr.value is not None)
     return {
