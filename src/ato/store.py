@@ -204,7 +204,7 @@ class ActivationStore:
         """Yield {layer: float array [m, d], …} chunk by chunk, streaming (memory ∝ chunk_tokens).
 
         Special tokens (BOS) are dropped unless `include_special`. With `with_tokens`, the chunk
-        also carries the per-token arrays under their own names.
+        also carries the per-token arrays under their own names (`layers=[]` reads only those).
         """
         self.require_layers(layers)
         for index, path in enumerate(self.parts(split)):
@@ -214,7 +214,8 @@ class ActivationStore:
                 stop = min(n, start + chunk_tokens)
                 try:
                     special = np.asarray(group["special"][start:stop])
-                    keep = slice(None) if include_special else ~special
+                    keep = slice(None) if include_special else ~special  # a slice keeps views, no copy
+                    n_kept = len(special) if include_special else int(keep.sum())
                     chunk: dict[str, Any] = {}
                     for layer in layers:
                         chunk[layer] = np.asarray(group[layer_key(layer)][start:stop])[keep]
@@ -223,7 +224,7 @@ class ActivationStore:
                             chunk[name] = np.asarray(group[name][start:stop])[keep]
                 except Exception as exc:
                     raise StoreError(f"{path}: reading rows {start}:{stop} failed: {exc}") from exc
-                if len(chunk[layers[0]]):
+                if n_kept:  # `layers` may be empty: token arrays only
                     yield chunk
 
 

@@ -97,13 +97,10 @@ def fit_pair(params: Params, pair_name: str) -> tuple[np.ndarray, np.ndarray, di
         "hook": store.manifest["hook"],
         "equation": "y_hat = x @ W.T + b",
     }
-    metrics = {
-        "train_r2": r2_from_stats(train, W, b)["r2"],
-        "train_r2_weighted": r2_from_stats(train, W, b)["r2_weighted"],
-        "val_r2": r2_from_stats(val, W, b)["r2"],
-        "val_r2_weighted": r2_from_stats(val, W, b)["r2_weighted"],
-        "alpha": alpha,
-    }
+    metrics: dict[str, float] = {"alpha": alpha}
+    for split, s in (("train", train), ("val", val)):
+        scores = r2_from_stats(s, W, b)
+        metrics[f"{split}_r2"], metrics[f"{split}_r2_weighted"] = scores["r2"], scores["r2_weighted"]
     return W, b, {"config": config, "metrics": metrics}
 
 

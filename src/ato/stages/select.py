@@ -205,12 +205,12 @@ def exact_effects(model: nn.Module, sae, layer: int, sequences: list[tuple[np.nd
 # Store-side helpers
 
 
-def read_sequences(store: ActivationStore, split: str, layer: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def read_sequences(store: ActivationStore, split: str, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The first `n` sequences of a split as (token ids, special flags), BOS included. Sequences are
     stored contiguously; a new one starts where position == 0."""
     toks, specs, poss = [], [], []
     n_starts = 0
-    for chunk in store.iter_chunks(split, [layer], 2048, include_special=True, with_tokens=True):
+    for chunk in store.iter_chunks(split, [], 2048, include_special=True, with_tokens=True):  # no residuals
         toks.append(chunk["token_id"])
         specs.append(chunk["special"])
         poss.append(chunk["position"])
@@ -335,7 +335,7 @@ def score_layer(params: Params, model: nn.Module, tokenizer, store: ActivationSt
     directions = decoder_directions(sae)
     focus = vocab_focus(model, directions.to(device))
     t_focus = time.perf_counter() - t0 - t_scan
-    sequences = read_sequences(store, "val", layer, sp.causal_sequences)
+    sequences = read_sequences(store, "val", sp.causal_sequences)
     if not sequences:
         raise SelectError(f"{store.root}: the VAL split has no sequences for the causal score")
     causal, clean_loss, n_loss = first_order_effects(model, sae, layer, sequences, progress=progress)
