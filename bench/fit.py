@@ -101,7 +101,7 @@ def gram_throughput(params, pair) -> dict:
     import numpy as np
     import torch
 
-    from ato.stages.stats import LayerStatsAccumulator
+    from ato.accumulate import LayerStatsAccumulator
     from ato.store import ActivationStore
 
     store = ActivationStore.open(params.path("store"))

@@ -35,7 +35,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_N
 import torch  # noqa: E402
 
 from ato.params import load_params  # noqa: E402
-from ato.stages.stats import accumulate_dask, accumulate_local, dask_client  # noqa: E402
+from ato.accumulate import accumulate_dask, accumulate_local, dask_client  # noqa: E402
 from ato.store import ActivationStore  # noqa: E402
 
 

@@ -10,8 +10,12 @@ PYTHON="${PYTHON:-python3}"
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 export DVC_NO_ANALYTICS=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Two stamps: the pinned requirements (a full install), and pyproject.toml (only the cheap editable
+# install of ato itself, so editing tool configuration does not reinstall the stack).
 stamp="$VENV/.ato-requirements.sha256"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements.lock" | sha256sum | cut -d' ' -f1)"
+project_stamp="$VENV/.ato-project.sha256"
+project_want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "ato: installing the pinned environment into $VENV (first run takes a few minutes)…" >&2
   "$PYTHON" -m venv "$VENV"
@@ -21,5 +25,9 @@ if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" 
   "$VENV/bin/python" -c "import torch, transformers, sae_lens, zarr, mlflow, dvc, optuna, great_expectations, ato" \
     || { echo "ato: environment install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
+  echo "$project_want" > "$project_stamp"
+elif [[ "$(cat "$project_stamp" 2>/dev/null)" != "$project_want" ]]; then
+  "$VENV/bin/pip" install -q --no-deps -e "$ROOT" 2>&1 | grep -v "WARNING: Location" >&2 || true
+  echo "$project_want" > "$project_stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -17,8 +17,9 @@ def _orthonormal(rng: np.random.Generator, d: int, r: int) -> np.ndarray:
     return q
 
 
-def planted(rng: np.random.Generator, n: int, d: int, s: np.ndarray, sigma: float,
-            offset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def planted(
+    rng: np.random.Generator, n: int, d: int, s: np.ndarray, sigma: float, offset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """x ~ N(offset, I); y = W x + 3 + N(0, σ²I) with W = Q_out diag(s) Q_inᵀ of rank len(s).
 
     Then Σyy = W Wᵀ + σ² I shares eigenvectors with W Wᵀ, so ρ_i² = s_i² / (s_i² + σ²) exactly."""
@@ -103,10 +104,12 @@ def _two_splits(seed: int, n: int = 600, d_in: int = 7, d_out: int = 6):
     rng = np.random.default_rng(seed)
     mix = rng.normal(size=(d_in, d_in)) * np.logspace(0, 2, d_in)
     W = rng.normal(size=(d_out, d_in))
+
     def draw(shift):
         x = rng.normal(size=(n, d_in)) @ mix + 50 + shift
         y = x @ W.T * 0.1 + rng.normal(size=(n, d_out)) * rng.uniform(0.5, 30, size=d_out) - 20
         return x, y
+
     return draw(0.0), draw(1.0)
 
 
@@ -153,8 +156,14 @@ def test_ceiling_is_one_over_d_sum_rho2_without_ridge():
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), d_in=st.integers(2, 7), d_out=st.integers(2, 7),
-       r=st.integers(1, 7), alpha=st.floats(1e-3, 1e3), eps=st.floats(0.0, 0.3))
+@given(
+    seed=st.integers(0, 10_000),
+    d_in=st.integers(2, 7),
+    d_out=st.integers(2, 7),
+    r=st.integers(1, 7),
+    alpha=st.floats(1e-3, 1e3),
+    eps=st.floats(0.0, 0.3),
+)
 def test_ceiling_bounds_every_rank_r_map_in_sample(seed, d_in, d_out, r, alpha, eps):
     """ceiling(r) ≥ in-sample whitened R² of any rank-≤r affine map: random maps, maps near the
     optimum (perturbed RRR factors), SVD-truncated ridge; RRR attains it."""
@@ -178,7 +187,8 @@ def test_ceiling_bounds_every_rank_r_map_in_sample(seed, d_in, d_out, r, alpha, 
     left, right = cca.wy_inv @ cca.u[:, :r], cca.rrr_sweep().q[:, :r].T  # W_rrr = left @ right
     np.testing.assert_allclose(left @ right, W_rrr, atol=1e-8 * max(1.0, np.abs(W_rrr).max()))
     W_near = (left + eps * rng.normal(size=left.shape) * np.abs(left).mean()) @ (
-        right + eps * rng.normal(size=right.shape) * np.abs(right).mean())
+        right + eps * rng.normal(size=right.shape) * np.abs(right).mean()
+    )
     b_near = s.mean_y - W_near @ s.mean_x + eps * rng.normal(size=d_out) * y.std(0)
     assert cca.whitened_r2(s, W_near, b_near) <= ceiling_r + tol
     # SVD-truncated ridge, with its own intercept and with the refitted one

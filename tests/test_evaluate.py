@@ -12,12 +12,13 @@ import pytest
 import yaml
 from sklearn.metrics import r2_score
 
+from ato.artifacts import write_json_atomic
 from ato.errors import AtoError
 from ato.math.ridge import ridge_fit
 from ato.math.stats import PairStats
 from ato.operators import save_operator
 from ato.params import load_params
-from ato.store import STORE_FORMAT, layer_key, write_json_atomic, write_part
+from ato.store import STORE_FORMAT, layer_key, write_part
 
 D = 8
 PAIR = "L00_k1"
@@ -48,7 +49,7 @@ def build_project(root: Path, include_bos: bool = False) -> dict:
     """Write params, store (+ manifest), stats, operator, SAE and features; return the raw data."""
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-    from ato.stages.stats import save_pair_stats, stats_path
+    from ato.artifacts import FeatureScores, FeatureSet, Layout, PairStatsMeta, write_pair_stats
 
     params_raw = {
         "pairs": {PAIR: {"L": 0, "k": 1}},
@@ -58,6 +59,7 @@ def build_project(root: Path, include_bos: bool = False) -> dict:
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params_raw))
     params = load_params(root / "params.yaml")
+    layout = Layout.from_params(params)
 
     rng = np.random.default_rng(0)
     W_true = 0.8 * np.eye(D) + 0.3 * rng.normal(size=(D, D))
@@ -93,9 +95,9 @@ def build_project(root: Path, include_bos: bool = False) -> dict:
         stats[split] = PairStats.from_data(x, y)
         # stats always saved without BOS: with include_bos=True the evaluate check must refuse them
         s = PairStats.from_data(arrays[layer_key(0)][~arrays["special"]], arrays[layer_key(1)][~arrays["special"]])
-        save_pair_stats(stats_path(params, split, PAIR), s,
-                        {"store_digest": STORE_DIGEST, "include_bos": False, "split": split, "pair": PAIR,
-                         "layer_in": 0, "layer_out": 1})
+        meta = PairStatsMeta(store_digest=STORE_DIGEST, include_bos=False, split=split, pair=PAIR, layer_in=0,
+                             layer_out=1)
+        write_pair_stats(layout.pair_stats(split, PAIR), s, meta)
 
     W, b = ridge_fit(stats["train"], 1.0)
     save_operator(params.path("operators") / PAIR, W, b, {
@@ -105,9 +107,8 @@ def build_project(root: Path, include_bos: bool = False) -> dict:
 
     sae = TopKSAE(TopKSAEConfig(d_in=D, d_sae=16, k=3, dtype="float32", device="cpu"))
     sae.save_model(params.path("sae_dir") / "layer_01")
-    features = params.path("features") / "layer_01.json"
-    features.parent.mkdir(parents=True, exist_ok=True)
-    features.write_text(json.dumps({"layer": 1, "ranked": KEPT + [1, 3], "kept": KEPT, "scores": {}}))
+    no_scores = FeatureScores(*([] for _ in range(6)))
+    FeatureSet(layer=1, ranked=KEPT + [1, 3], kept=KEPT, scores=no_scores).write(layout.feature_set(1))
     return {"params": params, "data": data}
 
 
@@ -205,7 +206,7 @@ def test_evaluate_missing_sae_or_features_is_a_clear_error(tmp_path: Path):
     with pytest.raises(AtoError, match=r"layer_01\.json"):
         evaluate.main(params, PAIR)
     shutil.rmtree(tmp_path / "models" / "sae" / "layer_01")
-    with pytest.raises(AtoError, match=r"SAE for target layer 1 .*layer_01"):
+    with pytest.raises(AtoError, match=r"layer_01: no SAE here .*run `ato sae`"):
         evaluate.main(params, PAIR)
 
 

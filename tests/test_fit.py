@@ -11,6 +11,9 @@ import pytest
 import torch
 from conftest import load_tiny_params
 
+from ato import tracking
+from ato.accumulate import kfold_stats
+from ato.artifacts import Layout, TuningResult, read_pair_stats
 from ato.operators import OperatorError, load_operator, save_operator
 from ato.stages import collect, fit, stats, tune, validate
 from ato.store import ActivationStore
@@ -39,9 +42,9 @@ def test_operators_are_exact_tracked_and_registered(fitted):
                                        "d_model": 32, "layer_in": 1, "layer_out": 3,
                                        "store_digest": store.digest})
     cfg = op.config
-    tuning = json.loads((params.path("reports") / "tuning" / "L01_k2.json").read_text())
-    assert cfg["alpha"] == tuning["alpha"] and cfg["method"] == "ridge"
-    assert len(tuning["curve"]) == params.tune.curve_points and tuning["n_trials"] == params.tune.n_trials
+    tuning = TuningResult.read(params.path("reports") / "tuning" / "L01_k2.json")
+    assert cfg["alpha"] == tuning.alpha and cfg["method"] == "ridge"
+    assert len(tuning.curve) == params.tune.curve_points and tuning.n_trials == params.tune.n_trials
     # The operator equals scikit-learn's Ridge on the same (BOS-free) training tokens.
     chunks = list(store.iter_chunks("train", [1, 3], 10_000))
     X = np.concatenate([c[1] for c in chunks]).astype(np.float64)
@@ -67,7 +70,7 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     assert all(t.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in pairs.values()} for t in trials)
 
     # Registry: a fresh process loads models:/<name>@champion and predicts like the safetensors file.
-    name = fit.registry_name("tiny-gemma3", "L01_k2")
+    name = tracking.registry_name("tiny-gemma3", "L01_k2")
     x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32) * 10
     code = (
         "import sys, json, numpy as np, mlflow\n"
@@ -161,8 +164,9 @@ def test_kfold_statistics_partition_the_training_split(tiny_project):
     collect.main(params)
     validate.main(params)
     stats.main(params)
-    folds = tune.kfold_stats(params, "L01_k2", 3)
-    full = stats.load_pair_stats(params, "train", "L01_k2")
+    store = ActivationStore.open(params.path("store"))
+    folds = kfold_stats(store, 1, 3, 3, params.stats.chunk_tokens, params.stats.include_bos)
+    full = read_pair_stats(Layout.from_params(params).pair_stats("train", "L01_k2"), store.digest)
     assert len(folds) == 3 and all(held.n > 0 for _, held in folds)
     for fit_part, held in folds:  # each fold plus its complement is the whole training split
         np.testing.assert_allclose(fit_part.merge(held).xty, full.xty, rtol=1e-9, atol=1e-6)

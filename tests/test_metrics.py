@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import r2_score
 
-from ato.math.metrics import (NO_VERDICT, SYNTHESISED, TRANSPORTED, FeatureAccumulator, ResidualAccumulator,
-                              feature_verdicts, paired_bootstrap, paired_bootstrap_ratio, unit_directions)
+from ato.math.bootstrap import paired_bootstrap, paired_bootstrap_recovered
+from ato.math.metrics import (
+    NO_VERDICT,
+    SYNTHESISED,
+    TRANSPORTED,
+    FeatureR2Accumulator,
+    ResidualAccumulator,
+    feature_verdicts,
+    unit_directions,
+)
 from ato.math.ridge import r2_from_stats
 from ato.math.stats import PairStats
 
@@ -25,7 +33,7 @@ def test_residual_streaming_equals_one_shot_and_sklearn():
     _, y, y_hat = _data()
     acc = ResidualAccumulator(8)
     for start in range(0, len(y), 97):  # uneven chunks
-        acc.update(y[start:start + 97], y_hat[start:start + 97])
+        acc.update(y[start : start + 97], y_hat[start : start + 97])
     one = ResidualAccumulator(8)
     one.update(y, y_hat)
     res, ref = acc.result(), one.result()
@@ -83,7 +91,7 @@ def test_feature_r2_known_answers():
     y[:, 1] = y[:, 2] = 7.0 / np.sqrt(2)  # feature 1: a = 7 everywhere (zero variance) …
     y_hat[:, 1] = y_hat[:, 2] = 7.0 / np.sqrt(2)
     active = np.array([[1, 1], [1, 1], [1, 1], [1, 0], [0, 0]], dtype=bool)
-    acc = FeatureAccumulator(2)
+    acc = FeatureR2Accumulator(2)
     acc.update(y, y_hat, U, active)
     res = acc.result()
     assert res["active"].tolist() == [4, 3]
@@ -101,19 +109,19 @@ def test_feature_r2_reference_cases_and_streaming():
     y = rng.normal(size=(n, d)) * 10 + 100
     active = rng.random((n, F)) < 0.4
     a = y @ U
-    acc = FeatureAccumulator(F)
+    acc = FeatureR2Accumulator(F)
     acc.update(y, y, U, active)  # perfect prediction
     np.testing.assert_allclose(acc.result()["r2"], 1.0)
     # predicting each feature's active-token mean exactly: R² = 0
     means = np.array([a[active[:, f], f].mean() for f in range(F)])
-    acc = FeatureAccumulator(F)
+    acc = FeatureR2Accumulator(F)
     acc.update_projected(a, np.broadcast_to(means, a.shape), active)
     np.testing.assert_allclose(acc.result()["r2"], 0.0, atol=1e-9)
     # streaming (uneven chunks) = one-shot reference formulas for a noisy prediction
     y_hat = y + rng.normal(size=(n, d)) * 5
-    stream = FeatureAccumulator(F)
+    stream = FeatureR2Accumulator(F)
     for s in range(0, n, 77):
-        stream.update(y[s:s + 77], y_hat[s:s + 77], U, active[s:s + 77])
+        stream.update(y[s : s + 77], y_hat[s : s + 77], U, active[s : s + 77])
     res = stream.result()
     h = y_hat @ U
     for f in range(F):
@@ -123,7 +131,7 @@ def test_feature_r2_reference_cases_and_streaming():
         assert res["r2"][f] == pytest.approx(1 - ((af - hf) ** 2).sum() / ((af - af.mean()) ** 2).sum(), rel=1e-9)
         assert res["pearson"][f] == pytest.approx(np.corrcoef(af, hf)[0, 1], rel=1e-9)
         assert res["rms_ratio"][f] == pytest.approx(np.sqrt((hf**2).mean() / (af**2).mean()), rel=1e-9)
-    half1, half2 = FeatureAccumulator(F), FeatureAccumulator(F)
+    half1, half2 = FeatureR2Accumulator(F), FeatureR2Accumulator(F)
     half1.update(y[:200], y_hat[:200], U, active[:200])
     half2.update(y[200:], y_hat[200:], U, active[200:])
     np.testing.assert_allclose(half1.merge(half2).result()["r2"], res["r2"], rtol=1e-9)
@@ -149,14 +157,14 @@ def test_paired_bootstrap_covers_mean_and_is_seeded():
     assert paired_bootstrap(deltas, 2000, seed=2) != (mean, lo, hi)
 
 
-def test_paired_bootstrap_ratio_damage_recovered():
+def test_paired_bootstrap_recovered_damage_share():
     rng = np.random.default_rng(1)
     ablate = rng.uniform(1.0, 3.0, size=40)  # Δ of zero ablation vs clean, per sequence
     patch = 0.25 * ablate  # ATO leaves a quarter of the damage everywhere → recovered = 0.75 exactly
-    value, lo, hi = paired_bootstrap_ratio(patch, ablate, 500, seed=0)
+    value, lo, hi = paired_bootstrap_recovered(patch, ablate, 500, seed=0)
     assert value == pytest.approx(0.75)
     assert lo == pytest.approx(0.75) and hi == pytest.approx(0.75)  # paired resampling: no spread
     noisy = patch + rng.normal(0, 0.2, size=40)
-    value, lo, hi = paired_bootstrap_ratio(noisy, ablate, 500, seed=0)
+    value, lo, hi = paired_bootstrap_recovered(noisy, ablate, 500, seed=0)
     assert lo < value < hi
-    assert paired_bootstrap_ratio(noisy, ablate, 500, seed=0) == (value, lo, hi)
+    assert paired_bootstrap_recovered(noisy, ablate, 500, seed=0) == (value, lo, hi)

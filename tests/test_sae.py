@@ -11,19 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_tiny_params, tiny_model
-
 from ato.params import SaeParams
+from conftest import load_tiny_params, tiny_model
 
 TARGETS = (1, 3)  # target layers of conftest.TINY_PARAMS' pairs
 
 
-def make_model_store(project: Path, layers=TARGETS, seqs={"train": 40, "val": 12, "test": 6}, seed: int = 0) -> Path:
+SPLIT_SEQUENCES = {"train": 40, "val": 12, "test": 6}
+
+
+def make_model_store(project: Path, layers=TARGETS, seqs: dict[str, int] | None = None, seed: int = 0) -> Path:
     """A small activation store holding the tiny model's real residuals of random word sequences
     (written with ato.store.write_part + a manifest, as `ato collect` would)."""
+    from ato.artifacts import write_json_atomic
     from ato.models import base_model, capture_residuals, run_captured
-    from ato.store import MANIFEST, STORE_FORMAT, layer_key, write_json_atomic, write_part
+    from ato.store import MANIFEST, STORE_FORMAT, layer_key, write_part
 
+    seqs = SPLIT_SEQUENCES if seqs is None else seqs
     model = tiny_model()
     rng = np.random.default_rng(seed)
     root = project / "data" / "activations"
@@ -48,27 +52,48 @@ def make_model_store(project: Path, layers=TARGETS, seqs={"train": 40, "val": 12
         data.update({layer_key(n): np.concatenate(resid[n]) for n in layers})
         write_part(root / split, 0, data, chunk_tokens=64)
         n_tok = len(data["token_id"])
-        splits[split] = {"tokens": n_tok, "special_tokens": int(data["special"].sum()), "sequences": n_seq,
-                         "documents": n_seq, "parts": ["part-00000.zarr"], "part_tokens": [n_tok]}
-    manifest = {"format": STORE_FORMAT,
-                "model": {"name": "tiny-gemma3", "source": "tiny", "model_type": "gemma3_text",
-                          "weights_digest": None, "n_layers": 4, "d_model": 32},
-                "tokenizer": {"bos_token_id": 2, "pad_token_id": 0, "vocab_size": 128, "special_ids": [0, 1, 2, 3]},
-                "layers": list(layers), "d_model": 32, "dtype": "float32", "hook": "block output",
-                "corpus": {}, "splits": splits, "fingerprint": f"synthetic-{seed}",
-                "content_digest": f"synthetic-content-{seed}"}
+        splits[split] = {
+            "tokens": n_tok,
+            "special_tokens": int(data["special"].sum()),
+            "sequences": n_seq,
+            "documents": n_seq,
+            "parts": ["part-00000.zarr"],
+            "part_tokens": [n_tok],
+        }
+    manifest = {
+        "format": STORE_FORMAT,
+        "model": {
+            "name": "tiny-gemma3",
+            "source": "tiny",
+            "model_type": "gemma3_text",
+            "weights_digest": None,
+            "n_layers": 4,
+            "d_model": 32,
+        },
+        "tokenizer": {"bos_token_id": 2, "pad_token_id": 0, "vocab_size": 128, "special_ids": [0, 1, 2, 3]},
+        "layers": list(layers),
+        "d_model": 32,
+        "dtype": "float32",
+        "hook": "block output",
+        "corpus": {},
+        "splits": splits,
+        "fingerprint": f"synthetic-{seed}",
+        "content_digest": f"synthetic-content-{seed}",
+    }
     write_json_atomic(root / MANIFEST, manifest)
     # Stages refuse unvalidated stores; this synthetic store is consistent by construction
     # (tests/test_validate.py covers the real check), so record it as validated.
-    write_json_atomic(project / "reports" / "validation" / "validation.json",
-                      {"success": True, "store_digest": manifest["content_digest"], "n_failed": 0})
+    write_json_atomic(
+        project / "reports" / "validation" / "validation.json",
+        {"success": True, "store_digest": manifest["content_digest"], "n_failed": 0},
+    )
     return root
 
 
 def test_sparse_topk_loss_matches_sae_lens():
     from sae_lens.saes.sae import TrainStepInput
 
-    from ato.stages.sae import build_training_sae, topk_training_loss
+    from ato.sae.training import build_training_sae, topk_training_loss
 
     sae = build_training_sae(SaeParams(width=64, k=4), 16)
     with torch.no_grad():
@@ -77,8 +102,9 @@ def test_sparse_topk_loss_matches_sae_lens():
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
     x = torch.randn(32, 16) * 3
     for dead in (None, torch.rand(64) < 0.3, torch.rand(64) < 0.05):
-        ref = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
-                                                       n_training_steps=0, is_logging_step=False))
+        ref = sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+        )
         ref.loss.backward()
         g_ref = {n: p.grad.clone() for n, p in sae.named_parameters()}
         sae.zero_grad()
@@ -94,7 +120,7 @@ def test_sparse_topk_loss_matches_sae_lens():
 @pytest.mark.parametrize("arch", ["topk", "jumprelu"])
 def test_scale_fold_back(arch):
     """The saved (raw-space) SAE equals the training SAE run on scaled inputs, rescaled."""
-    from ato.stages.sae import build_training_sae, to_inference_sae
+    from ato.sae.training import build_training_sae, to_inference_sae
 
     tsae = build_training_sae(SaeParams(architecture=arch, width=48, k=5), 16)
     with torch.no_grad():
@@ -111,8 +137,12 @@ def test_scale_fold_back(arch):
         acts_train = tsae.encode(x * scale)
         acts_raw = sae.encode(x)
         assert torch.equal(acts_raw > 0, acts_train > 0)  # same active set
-        torch.testing.assert_close(acts_raw, acts_train / scale * tsae.W_dec.norm(dim=-1)
-                                   if arch == "jumprelu" else acts_train / scale, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(
+            acts_raw,
+            acts_train / scale * tsae.W_dec.norm(dim=-1) if arch == "jumprelu" else acts_train / scale,
+            rtol=1e-4,
+            atol=1e-3,
+        )
         torch.testing.assert_close(sae.decode(acts_raw), tsae.decode(acts_train) / scale, rtol=1e-4, atol=1e-2)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(48))
     assert sae.cfg.normalize_activations == "none"
@@ -121,10 +151,12 @@ def test_scale_fold_back(arch):
 def test_train_save_reload_identical_and_topk_exact(tmp_path):
     from sae_lens import SAE
 
-    from ato.stages.sae import evaluate_sae, input_scale, train_sae
+    from ato.sae.quality import evaluate_sae
+    from ato.sae.training import input_scale, train_sae
 
     g = torch.Generator().manual_seed(0)
     dirs = torch.randn(40, 24, generator=g)
+
     def batch(n):
         codes = torch.rand(n, 40, generator=g) * (torch.rand(n, 40, generator=g) < 0.1)
         return (codes @ dirs) * 500 + 3000.0
@@ -139,7 +171,7 @@ def test_train_save_reload_identical_and_topk_exact(tmp_path):
     sae, info = train_sae(stream(), 24, sp, scale, b_dec_init=sample.mean(0), progress=False)
     x = batch(512)
     ev = evaluate_sae(sae, [x])
-    assert ev["fve"] > 0.5, ev
+    assert ev.fve > 0.5, ev
     with torch.no_grad():
         acts = sae.encode(x)
     assert torch.all((acts > 0).sum(-1) == sp.k)  # TopK: exactly k active
@@ -201,3 +233,70 @@ def test_pretrained_offline_fails_fast(tiny_project, monkeypatch, tmp_path):
     params.sae.source = "pretrained"
     with pytest.raises(AtoError, match="does not have"):
         stage.main(params)
+
+
+def test_load_sae_names_the_directory(tmp_path):
+    from ato.sae import SaeError, load_sae
+    from ato.sae.training import build_training_sae, to_inference_sae
+
+    missing = tmp_path / "models" / "sae" / "layer_07"
+    with pytest.raises(SaeError, match=str(missing)):
+        load_sae(missing)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cfg.json").write_text("{not json")
+    with pytest.raises(SaeError, match=str(broken)):
+        load_sae(broken)
+    sae = to_inference_sae(build_training_sae(SaeParams(width=16, k=2), 8), 1.0)
+    sae.save_model(tmp_path / "good")
+    loaded = load_sae(tmp_path / "good", device=torch.device("cpu"))
+    assert not loaded.training and torch.equal(loaded.W_dec, sae.W_dec)
+
+
+def test_sae_info_keys_per_source(tmp_path):
+    """The record writes the keys `ato sae` always wrote (DVC metrics), plus `format`, per source."""
+    from ato.artifacts import ArtifactError, SaeInfo
+    from ato.artifacts.sae import PRETRAINED_ONLY, TRAIN_ONLY
+
+    common = dict(
+        layer=6,
+        architecture="topk",
+        d_in=640,
+        d_sae=2560,
+        store_digest="abc",
+        fve_val=0.85,
+        mean_l0=32.0,
+        dead_fraction=0.5,
+        n_val_tokens=100,
+        hook="blocks.6.hook_resid_post",
+    )
+    trained = SaeInfo(
+        **common,
+        source="train",
+        train_seconds=1.0,
+        train_tokens=2,
+        train_fve_last_batch=0.8,
+        train_l0_last_batch=32.0,
+        dead_window_steps=100,
+        input_scale=0.007,
+        width=2560,
+        k=32,
+        l1_coefficient=5.0,
+        steps=400,
+        batch_tokens=512,
+        lr=4e-4,
+        seed=0,
+    )
+    keys = set(trained.to_dict())
+    assert keys == {*common, "source", *TRAIN_ONLY, "format"} and not keys & set(PRETRAINED_ONLY)
+    trained.write(tmp_path / "t.json")
+    assert SaeInfo.read(tmp_path / "t.json") == trained
+    assert set(trained.metrics()) == {"fve_val", "mean_l0", "dead_fraction", "train_seconds", "input_scale"}
+    pre = SaeInfo(**common, source="pretrained", release="r", sae_id="s", repo_id="o/n", folder="f")
+    assert set(pre.to_dict()) == {*common, "source", *PRETRAINED_ONLY, "format"}
+    pre.write(tmp_path / "p.json")
+    assert SaeInfo.read(tmp_path / "p.json") == pre
+    raw = json.loads((tmp_path / "t.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**raw, "surprise": 1}))
+    with pytest.raises(ArtifactError, match="surprise"):
+        SaeInfo.read(tmp_path / "bad.json")

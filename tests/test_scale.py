@@ -13,9 +13,12 @@ import pytest
 import yaml
 from conftest import TINY_PARAMS, make_corpus, make_prepared_model
 
+from ato.accumulate import accumulate_dask, dask_client
+from ato.artifacts import Layout, read_pair_stats
 from ato.math.stats import FIELDS
 from ato.params import load_params
 from ato.stages import collect, stats, tune
+from ato.store import ActivationStore
 from ato.stages.validate import REPORT_SUBDIR, validate_store, write_report
 
 N_TRIALS = 24
@@ -42,8 +45,14 @@ def _with(params, section: str, **changes):
 
 
 def _all_stats(params) -> dict:
-    return {(split, name): stats.load_pair_stats(params, split, name)
+    layout = Layout.from_params(params)
+    return {(split, name): read_pair_stats(layout.pair_stats(split, name))
             for split in ("train", "val", "test") for name in params.pairs}
+
+
+def _study_name(params, pair: str) -> str:
+    digest = ActivationStore.open(params.path("store")).digest
+    return tune.study_name(pair, digest, params.tune, params.stats.include_bos)
 
 
 @pytest.mark.slow
@@ -73,17 +82,17 @@ def test_dask_engine_names_an_unreadable_part(project, tmp_path):
 
     from store_factory import flip_byte, shard_file
 
-    from ato.store import ActivationStore, StoreError, layer_key
+    from ato.store import StoreError, layer_key
 
     params = load_params(project / "params.yaml")
     copy = Path(shutil.copytree(params.path("store"), tmp_path / "store"))
     flip_byte(shard_file(copy / "val" / "part-00000.zarr", layer_key(3)))
     store = ActivationStore.open(copy)
     pairs = {name: (pair.L, pair.target) for name, pair in params.pairs.items()}
-    with stats.dask_client(2) as client:
-        stats.accumulate_dask(store, "train", pairs, 96, False, client=client)  # undamaged split: fine
+    with dask_client(2) as client:
+        accumulate_dask(store, "train", pairs, 96, False, client=client)  # undamaged split: fine
         with pytest.raises(StoreError, match=r"val/part-00000\.zarr: reading rows .*checksum"):
-            stats.accumulate_dask(store, "val", pairs, 96, False, client=client)
+            accumulate_dask(store, "val", pairs, 96, False, client=client)
 
 
 @pytest.mark.slow
@@ -100,13 +109,13 @@ def test_two_tune_workers_choose_as_well_as_one(project):
     grid = np.geomspace(params.tune.alpha_min, params.tune.alpha_max, 400)
     best = max(objective(float(a)) for a in grid)
     # Same optimum up to search noise: the chosen α's validation R² agree, and are near the grid optimum.
-    assert abs(objective(two["alpha"]) - objective(one["alpha"])) < 1e-3
-    assert objective(two["alpha"]) > best - 1e-3 and objective(one["alpha"]) > best - 1e-3
-    assert two["val_r2"] == pytest.approx(objective(two["alpha"]), abs=1e-12)
+    assert abs(objective(two.alpha) - objective(one.alpha)) < 1e-3
+    assert objective(two.alpha) > best - 1e-3 and objective(one.alpha) > best - 1e-3
+    assert two.val_r2 == pytest.approx(objective(two.alpha), abs=1e-12)
     # Exactly n_trials trials (the remaining trials are split between the workers) …
-    assert one["n_trials"] == two["n_trials"] == N_TRIALS
+    assert one.n_trials == two.n_trials == N_TRIALS
     # … and no duplicates: each worker seeds its sampler differently (one shared seed → identical draws).
-    alphas = [t["alpha"] for t in two["trials"]]
+    alphas = [t.alpha for t in two.trials]
     assert len(set(alphas)) == len(alphas)
 
 
@@ -118,13 +127,13 @@ def test_two_tune_workers_resume_a_partial_study(project):
     params = load_params(project / "params.yaml")
     stats.main(params)
     p = _with(_with(params, "paths", optuna_storage="sqlite:///optuna_resume.db"), "tune", n_trials=5)
-    name = tune.study_name(p, "L00_k1")
+    name = _study_name(p, "L00_k1")
     optuna.create_study(study_name=name, storage=p.optuna_storage(), direction="maximize")
     tune._run_worker(p, "L00_k1", name, None, n_trials=2)  # an interrupted run: 2 of 5 trials
     result = tune.tune_pair(_with(p, "tune", n_workers=2), "L00_k1")
-    assert result["n_trials"] == 5
+    assert result.n_trials == 5
     again = tune.tune_pair(_with(p, "tune", n_workers=2), "L00_k1")  # complete: no worker starts
-    assert again["n_trials"] == 5 and again["alpha"] == result["alpha"]
+    assert again.n_trials == 5 and again.alpha == result.alpha
 
 
 def test_tune_workers_draw_different_alphas(project):
@@ -136,7 +145,7 @@ def test_tune_workers_draw_different_alphas(project):
     params = load_params(project / "params.yaml")
     stats.main(params)
     p = _with(_with(params, "paths", optuna_storage="sqlite:///optuna_seeds.db"), "tune", n_trials=8)
-    name = tune.study_name(p, "L01_k2")
+    name = _study_name(p, "L01_k2")
     optuna.create_study(study_name=name, storage=p.optuna_storage(), direction="maximize")
     tune._run_worker(p, "L01_k2", name, None, 8, worker=0, share=4)
     tune._run_worker(p, "L01_k2", name, None, 8, worker=1, share=4)

@@ -1,6 +1,22 @@
-"""ato: activation transport operators — linear maps from the residual at layer L to layer L+k."""
+"""ato: activation transport operators — linear maps from the residual at layer L to layer L+k.
 
-from .operators import Operator, load_operator, load_registered_operator
+`import ato` is cheap: torch and the rest of the stack load on first use of an attribute.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["Operator", "load_operator", "load_registered_operator"]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .operators import Operator, load_operator, load_registered_operator
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import operators
+
+        return getattr(operators, name)
+    raise AttributeError(f"module 'ato' has no attribute {name!r}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
 import os
 import sys
 
@@ -21,25 +23,51 @@ for _key, _value in {
 
 STAGES: dict[str, tuple[str, str, bool]] = {
     # name: (module, help, works per pair)
-    "prepare": ("prepare", "float32 safetensors copy of the model + weights digest → paths.model_dir "
-                "(params: prepare.*)", False),
-    "collect": ("collect", "residuals of every requested block → zarr store paths.store, split by document "
-                "(params: corpus.*, collect.*)", False),
-    "validate": ("validate", "great-expectations checks of the store → reports/validation; fails on bad data "
-                 "(params: validate.*)", False),
-    "stats": ("stats", "float64 sufficient statistics per pair and split → paths.stats (params: stats.*, pairs)",
-              False),
-    "tune": ("tune", "Optuna search of the ridge α on exact validation R² → reports/tuning "
-             "(params: tune.*, stats.include_bos, paths.optuna_storage)", True),
+    "prepare": (
+        "prepare",
+        "float32 safetensors copy of the model + weights digest → paths.model_dir (params: prepare.*)",
+        False,
+    ),
+    "collect": (
+        "collect",
+        "residuals of every requested block → zarr store paths.store, split by document (params: corpus.*, collect.*)",
+        False,
+    ),
+    "validate": (
+        "validate",
+        "great-expectations checks of the store → reports/validation; fails on bad data (params: validate.*)",
+        False,
+    ),
+    "stats": (
+        "stats",
+        "float64 sufficient statistics per pair and split → paths.stats (params: stats.*, pairs)",
+        False,
+    ),
+    "tune": (
+        "tune",
+        "Optuna search of the ridge α on exact validation R² → reports/tuning "
+        "(params: tune.*, stats.include_bos, paths.optuna_storage)",
+        True,
+    ),
     "fit": ("fit", "refit at the chosen α → paths.operators; MLflow run + registry (params: fit.*)", True),
     "sae": ("sae", "train or load one SAE per target layer → paths.sae_dir (params: sae.*)", False),
     "select": ("select", "score and rank SAE features → paths.features (params: select.*)", False),
-    "evaluate": ("evaluate", "test-split R² + baselines, feature R², CCA ceiling, η(r), subspace → "
-                 "reports/metrics (params: evaluate.*, stats.include_bos, report.dpi)", True),
-    "causal": ("causal", "log-perplexity under patching of block L+k, bootstrap CIs → reports/causal "
-               "(params: causal.*, report.dpi)", True),
-    "report": ("report", "summary.md, comparison figures, plot CSVs over all pairs → reports/ (params: report.*)",
-               False),
+    "evaluate": (
+        "evaluate",
+        "test-split R² + baselines, feature R², CCA ceiling, η(r), subspace → "
+        "reports/metrics (params: evaluate.*, stats.include_bos, report.dpi)",
+        True,
+    ),
+    "causal": (
+        "causal",
+        "log-perplexity under patching of block L+k, bootstrap CIs → reports/causal (params: causal.*, report.dpi)",
+        True,
+    ),
+    "report": (
+        "report",
+        "summary.md, comparison figures, plot CSVs over all pairs → reports/ (params: report.*)",
+        False,
+    ),
 }
 
 
@@ -62,9 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """Stage messages go to stderr through `logging` (INFO; ATO_LOG_LEVEL overrides)."""
+    level = os.environ.get("ATO_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "optuna", "great_expectations", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
+
+
+def fail(command: str, kind: str, message: object, code: int) -> int:
+    sys.stderr.write(f"ato {command}: {kind}{message}\n")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import AtoError
-    from .params import ParamsError, load_params
+    from .params import TRACE_ENV, ParamsError, load_params, traced
 
     args = build_parser().parse_args(argv)
     try:
@@ -72,25 +113,29 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "pair", None) and args.pair not in params.pairs:
             raise ParamsError(f"--pair {args.pair}: not in pairs ({', '.join(params.pairs)})")
     except ParamsError as exc:
-        print(f"ato {args.command}: params error: {exc}", file=sys.stderr)
-        return 2
+        return fail(args.command, "params error: ", exc, 2)
+    configure_logging()
     if args.command == "ui":
         from .tracking import serve_ui
 
         return serve_ui(params, port=args.port)
+    trace_file = os.environ.get(TRACE_ENV)
+    if trace_file:
+        params, reads = traced(params)
     module = importlib.import_module(f".stages.{STAGES[args.command][0]}", __package__)
     kwargs = {"pair": args.pair} if STAGES[args.command][2] else {}
     try:
         module.main(params, **kwargs)
     except ParamsError as exc:
-        print(f"ato {args.command}: params error: {exc}", file=sys.stderr)
-        return 2
+        return fail(args.command, "params error: ", exc, 2)
     except AtoError as exc:
-        print(f"ato {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(args.command, "error: ", exc, 1)
     except KeyboardInterrupt:
-        print(f"ato {args.command}: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
-        return 130
+        return fail(args.command, "", "interrupted; completed outputs are kept, rerun to resume", 130)
+    if trace_file:
+        record = {"stage": args.command, "pair": getattr(args, "pair", None), "params": sorted(reads)}
+        with open(trace_file, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
     return 0
 
 

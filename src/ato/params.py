@@ -7,8 +7,6 @@ compute starts.
 
 from __future__ import annotations
 
-from .errors import AtoError
-
 import dataclasses
 import re
 import types
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from .errors import AtoError
 
 SPLITS = ("train", "val", "test")
 
@@ -83,9 +83,7 @@ class CorpusParams:
     hf_split: str = "train"
     text_field: str = "text"  # field holding the text in JSONL / HF records
     split_seed: int = 0
-    split_fractions: dict[str, float] = field(
-        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
-    )
+    split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     max_length: int = 128  # tokens per sequence, BOS included
     packing: bool = False  # pack documents into full-length rows instead of truncating each
     tokens: dict[str, int] = field(
@@ -260,24 +258,32 @@ class Params:
         return value if value.is_absolute() else self.root / value
 
     def mlflow_uri(self) -> str:
-        uri = self.paths.mlflow_uri
-        prefix = "sqlite:///"
-        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-            return prefix + str((self.root / uri[len(prefix):]).resolve())
-        return uri
+        return resolve_sqlite_uri(self.paths.mlflow_uri, self.root)
 
     def optuna_storage(self) -> str:
-        uri = self.paths.optuna_storage
-        prefix = "sqlite:///"
-        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-            return prefix + str((self.root / uri[len(prefix):]).resolve())
-        return uri
+        return resolve_sqlite_uri(self.paths.optuna_storage, self.root)
 
     def target_layers(self) -> list[int]:
         return sorted({p.target for p in self.pairs.values()})
 
     def needed_layers(self) -> list[int]:
         return sorted({p.L for p in self.pairs.values()} | set(self.target_layers()))
+
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def resolve_sqlite_uri(uri: str, root: Path) -> str:
+    """`sqlite:///relative/path.db` resolved against `root` (absolute `sqlite:////…` and other
+    schemes pass through unchanged)."""
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        return SQLITE_PREFIX + str((root / uri[len(SQLITE_PREFIX) :]).resolve())
+    return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a resolved `sqlite:///` URI, else None."""
+    return Path(uri[len(SQLITE_PREFIX) :]) if uri.startswith(SQLITE_PREFIX) else None
 
 
 def pair_name(L: int, k: int) -> str:
@@ -337,7 +343,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")
         return value
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     raise ParamsError(f"{key}: unsupported type {annotation}")  # pragma: no cover
 
@@ -355,9 +361,7 @@ def _build(cls: type, raw: Any, key: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise ParamsError(
-            f"unknown key {key + '.' if key else ''}{unknown[0]} (known: {', '.join(sorted(fields))})"
-        )
+        raise ParamsError(f"unknown key {key + '.' if key else ''}{unknown[0]} (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}" if key else name)
@@ -439,8 +443,10 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         raise ParamsError("tune.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
     if params.tune.objective == "kfold" and params.tune.kfold < 2:
         raise ParamsError("tune.kfold: needs at least 2 folds")
-    for key, value in {"select.max_tokens": params.select.max_tokens,
-                       "select.causal_sequences": params.select.causal_sequences}.items():
+    for key, value in {
+        "select.max_tokens": params.select.max_tokens,
+        "select.causal_sequences": params.select.causal_sequences,
+    }.items():
         if value <= 0:
             raise ParamsError(f"{key}: must be positive, got {value}")
     if params.select.exact_check < 0:
@@ -501,4 +507,79 @@ def load_params(path: str | Path = "params.yaml", n_layers: int | None = None) -
 
 
 def section_dict(section: Any) -> dict[str, Any]:
+    """A params section as a plain dict (for logging and fingerprints); reads every key of it."""
+    if isinstance(section, _TracedSection):
+        section._log.add(section._prefix)
+        section = section._target
     return dataclasses.asdict(section)
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing which params a stage reads (tests/test_dvc_truth.py compares them with dvc.yaml)
+
+TRACE_ENV = "ATO_PARAMS_TRACE"  # file the CLI appends each stage's params reads to, when set
+
+
+class _TracedSection:
+    """Read-through view of a params section that records every key read as `section.key`."""
+
+    def __init__(self, target: Any, prefix: str, log: set[str]):
+        self._target, self._prefix, self._log = target, prefix, log
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if name.startswith("_") or callable(value):
+            return value
+        self._log.add(f"{self._prefix}.{name}")
+        return value
+
+
+class _TracedPairs(dict[str, Pair]):
+    """`pairs` that records `pairs.<name>` for one pair looked up and `pairs` for the whole set."""
+
+    def __init__(self, pairs: dict[str, Pair], log: set[str]):
+        super().__init__(pairs)
+        self._log = log
+
+    def __getitem__(self, name: str) -> Pair:
+        self._log.add(f"pairs.{name}")
+        return super().__getitem__(name)
+
+    def _all(self) -> None:
+        self._log.add("pairs")
+
+    def __iter__(self):
+        self._all()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._all()
+        return super().__len__()
+
+    def __contains__(self, name: object) -> bool:
+        self._log.add(f"pairs.{name}")
+        return super().__contains__(name)
+
+    def keys(self):
+        self._all()
+        return super().keys()
+
+    def values(self):
+        self._all()
+        return super().values()
+
+    def items(self):
+        self._all()
+        return super().items()
+
+
+def traced(params: Params) -> tuple[Params, set[str]]:
+    """A copy of `params` whose sections record every key read, and the set they record into."""
+    log: set[str] = set()
+    view = dataclasses.replace(params)
+    for f in dataclasses.fields(Params):
+        if f.name == "pairs":
+            view.pairs = _TracedPairs(params.pairs, log)
+        elif f.name != "root":
+            setattr(view, f.name, _TracedSection(getattr(params, f.name), f.name, log))
+    return view, log

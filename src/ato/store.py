@@ -1,6 +1,6 @@
-"""The activation store (DESIGN §5): zarr v3 parts per split plus a manifest.
+"""The activation store (docs/contracts.md#store): zarr v3 parts per split plus a manifest.
 
-    <root>/manifest.json
+    <root>/manifest.json                 `ato.artifacts.StoreManifest`, written last
     <root>/<split>/part-NNNNN.zarr/      zarr v3 group
         resid/layer_NN   float32 [n_tokens, d_model]
         token_id, doc_id, position  int32 [n_tokens]
@@ -9,28 +9,41 @@
 Each array is one shard file made of `chunk_tokens`-row chunks, every chunk guarded by a crc32c
 checksum, so a flipped byte or a truncated file is an error on read, never silent garbage.
 A part is written under a temporary name and renamed when complete: readers never see half a part.
+`require_validated` binds a stage to the bytes `ato validate` checked (docs/contracts.md#validation).
 """
 
 from __future__ import annotations
 
-from .errors import AtoError
-
 import hashlib
-import json
+import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .artifacts import ArtifactError, StoreManifest, ValidationVerdict, atomic_path
+from .artifacts._io import TMP_PREFIX
+from .artifacts.manifest import STORE_FORMAT, SplitInfo
+from .errors import AtoError
+
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
-STORE_FORMAT = "ato-activation-store/1"
 TOKEN_ARRAYS = ("token_id", "doc_id", "position", "special")
-_TMP_PREFIX = ".tmp-"
+_READ_BLOCK = 1 << 24  # bytes per read when hashing
+
+__all__ = [
+    "MANIFEST", "STORE_FORMAT", "TOKEN_ARRAYS", "ActivationStore", "StoreError", "complete_parts",
+    "directory_digest", "layer_key", "part_digests", "part_name", "remove_temporaries", "require_validated",
+    "write_part",
+]
 
 
 class StoreError(AtoError):
@@ -45,24 +58,7 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.zarr"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file + rename, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _array_codecs():
+def _array_codecs() -> dict[str, Any]:
     from zarr.codecs import Crc32cCodec
 
     return {"compressors": [Crc32cCodec()]}
@@ -73,45 +69,35 @@ def write_part(split_dir: Path, index: int, arrays: dict[str, np.ndarray], chunk
     """Write one part atomically. `arrays` maps array paths (`resid/layer_NN`, `token_id`, …) to data."""
     import zarr
 
-    split_dir.mkdir(parents=True, exist_ok=True)
-    final = split_dir / part_name(index)
-    tmp = split_dir / f"{_TMP_PREFIX}{part_name(index)}.{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    final = Path(split_dir) / part_name(index)
     n = len(arrays["token_id"])
     for key, value in arrays.items():
         if len(value) != n:
             raise StoreError(f"part {index}: array {key} has {len(value)} rows, token_id has {n}")
+    chunk = max(1, min(chunk_tokens, n))
+    shard_rows = chunk * math.ceil(n / chunk)
     try:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        group.attrs.update({"n_tokens": n, **(attrs or {})})
-        chunk = max(1, min(chunk_tokens, n))
-        shard_rows = chunk * math.ceil(n / chunk)
-        for key, value in arrays.items():
-            shape = value.shape
-            chunks = (chunk, *shape[1:])
-            shards = (shard_rows, *shape[1:])
-            arr = group.create_array(key, shape=shape, dtype=value.dtype, chunks=chunks, shards=shards,
-                                     fill_value=0, **_array_codecs())
-            arr[...] = value
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            group.attrs.update({"n_tokens": n, **(attrs or {})})
+            for key, value in arrays.items():
+                shape = value.shape
+                arr = group.create_array(key, shape=shape, dtype=value.dtype, chunks=(chunk, *shape[1:]),
+                                         shards=(shard_rows, *shape[1:]), fill_value=0, **_array_codecs())
+                arr[...] = value
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise StoreError(f"{final}: writing the part failed ({exc.strerror or exc}); earlier parts are "
                          "intact — free space or fix the cause and rerun to resume") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
 def remove_temporaries(root: Path) -> None:
-    """Delete half-written parts left by an interrupted run."""
+    """Delete half-written parts and files left by an interrupted run."""
     for split_dir in Path(root).glob("*"):
         if split_dir.is_dir():
-            for tmp in split_dir.glob(f"{_TMP_PREFIX}*"):
+            for tmp in split_dir.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-    for tmp in Path(root).glob(f"{_TMP_PREFIX}*"):
+    for tmp in Path(root).glob(f"{TMP_PREFIX}*"):
         tmp.unlink(missing_ok=True)
 
 
@@ -119,16 +105,46 @@ def complete_parts(split_dir: Path) -> list[Path]:
     return sorted(p for p in Path(split_dir).glob("part-*.zarr") if p.is_dir())
 
 
+# --------------------------------------------------------------------------------------------
+# Digests of the bytes on disk
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_READ_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def directory_digest(path: Path) -> str:
     """sha256 over relative file names and bytes under `path` (temporaries ignored)."""
     h = hashlib.sha256()
     path = Path(path)
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and _TMP_PREFIX not in str(p.relative_to(path))):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and TMP_PREFIX not in str(p.relative_to(path))):
         h.update(str(f.relative_to(path)).encode())
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
+            for block in iter(lambda: fh.read(_READ_BLOCK), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def part_digests(store: ActivationStore, workers: int | None = None) -> dict[str, str]:
+    """`directory_digest` of every part the manifest lists, keyed "split/part-NNNNN.zarr" (a missing part
+    is left out). Parts are hashed in parallel threads: hashlib and file reads release the GIL, so
+    this runs at disk (or sha256) speed on every core."""
+    names = [f"{split}/{path.name}" for split in store.manifest.splits for path in store.parts(split)
+             if path.is_dir()]
+    workers = workers or min(len(names), os.cpu_count() or 1) or 1
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ato-digest") as pool:
+        digests = dict(zip(names, pool.map(lambda name: directory_digest(store.root / name), names), strict=True))
+    log.debug("hashed %d parts of %s in %.1fs", len(names), store.root, time.perf_counter() - t0)
+    return digests
+
+
+def manifest_sha256(root: Path) -> str:
+    return _file_sha256(Path(root) / MANIFEST)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +156,7 @@ class ActivationStore:
     """Read access to a complete store, checked against its manifest."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: StoreManifest
 
     @classmethod
     def open(cls, root: str | Path) -> ActivationStore:
@@ -149,38 +165,37 @@ class ActivationStore:
         if not path.exists():
             raise StoreError(f"{root}: no {MANIFEST}; the store is missing or incomplete (run `ato collect`)")
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{path}: unreadable manifest: {exc}") from None
-        if manifest.get("format") != STORE_FORMAT:
-            raise StoreError(f"{path}: format {manifest.get('format')!r}, expected {STORE_FORMAT!r}")
+            manifest = StoreManifest.read(path)
+        except ArtifactError as exc:
+            raise StoreError(f"unreadable store manifest: {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong shape (a list for a dict …)
+            raise StoreError(f"{path}: malformed store manifest ({exc}); rerun `ato collect`") from None
         return cls(root, manifest)
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
+        return list(self.manifest.layers)
 
     @property
     def d_model(self) -> int:
-        return int(self.manifest["d_model"])
+        return int(self.manifest.d_model)
 
     @property
     def digest(self) -> str:
         """Identity of the store's content (recorded in every downstream artifact)."""
-        return self.manifest["content_digest"]
+        return self.manifest.content_digest
 
-    def split_info(self, split: str) -> dict[str, Any]:
+    def split_info(self, split: str) -> SplitInfo:
         try:
-            return self.manifest["splits"][split]
+            return self.manifest.splits[split]
         except KeyError:
             raise StoreError(f"{self.root}: split {split!r} not in the manifest") from None
 
     def parts(self, split: str) -> list[Path]:
-        info = self.split_info(split)
-        return [self.root / split / name for name in info["parts"]]
+        return [self.root / split / name for name in self.split_info(split).parts]
 
     def n_tokens(self, split: str) -> int:
-        return int(self.split_info(split)["tokens"])
+        return int(self.split_info(split).tokens)
 
     def require_layers(self, layers: list[int], what: str = "") -> None:
         missing = sorted(set(layers) - set(self.layers))
@@ -190,7 +205,7 @@ class ActivationStore:
                 f"are not in the store (it has {self.layers}); add them to collect.layers"
             )
 
-    def open_part(self, split: str, index: int):
+    def open_part(self, split: str, index: int) -> Any:
         import zarr
 
         path = self.parts(split)[index]
@@ -199,14 +214,16 @@ class ActivationStore:
         except Exception as exc:
             raise StoreError(f"{path}: cannot open part: {exc}") from exc
 
-    def iter_chunks(self, split: str, layers: list[int], chunk_tokens: int = 8192,
-                    include_special: bool = False, with_tokens: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    def iter_chunks(self, split: str, layers: list[int], chunk_tokens: int = 8192, include_special: bool = False,
+                    with_tokens: bool = False) -> Iterator[dict[Any, np.ndarray]]:
         """Yield {layer: float array [m, d], …} chunk by chunk, streaming (memory ∝ chunk_tokens).
 
         Special tokens (BOS) are dropped unless `include_special`. With `with_tokens`, the chunk
         also carries the per-token arrays under their own names (`layers=[]` reads only those).
         """
         self.require_layers(layers)
+        names = [*(layer_key(layer) for layer in layers), *(TOKEN_ARRAYS if with_tokens else ())]
+        keys: list[Any] = [*layers, *(TOKEN_ARRAYS if with_tokens else ())]
         for index, path in enumerate(self.parts(split)):
             group = self.open_part(split, index)
             n = int(group.attrs["n_tokens"])
@@ -214,14 +231,13 @@ class ActivationStore:
                 stop = min(n, start + chunk_tokens)
                 try:
                     special = np.asarray(group["special"][start:stop])
-                    keep = slice(None) if include_special else ~special  # a slice keeps views, no copy
-                    n_kept = len(special) if include_special else int(keep.sum())
-                    chunk: dict[str, Any] = {}
-                    for layer in layers:
-                        chunk[layer] = np.asarray(group[layer_key(layer)][start:stop])[keep]
-                    if with_tokens:
-                        for name in TOKEN_ARRAYS:
-                            chunk[name] = np.asarray(group[name][start:stop])[keep]
+                    if include_special:  # a slice keeps views, no copy
+                        chunk = {key: np.asarray(group[name][start:stop]) for key, name in zip(keys, names)}
+                        n_kept = len(special)
+                    else:
+                        keep = ~special
+                        chunk = {key: np.asarray(group[name][start:stop])[keep] for key, name in zip(keys, names)}
+                        n_kept = int(keep.sum())
                 except Exception as exc:
                     raise StoreError(f"{path}: reading rows {start}:{stop} failed: {exc}") from exc
                 if n_kept:  # `layers` may be empty: token arrays only
@@ -229,13 +245,33 @@ class ActivationStore:
 
 
 def require_validated(store: ActivationStore, report: Path) -> None:
-    """Refuse to compute on a store that `ato validate` has not passed (or passed in another state)."""
+    """Refuse to compute on a store that `ato validate` has not passed, or whose bytes changed since.
+
+    The verdict records the sha256 of manifest.json and of every part directory as validated; they
+    are recomputed here (every core, at disk speed: a few seconds for the 5 GB default store), so a
+    part rewritten after validation — even with valid checksums — is refused by name.
+    """
     report = Path(report)
     if not report.exists():
         raise StoreError(f"{report}: no validation report for {store.root}; run `ato validate` first")
-    result = json.loads(report.read_text())
-    if result.get("store_digest") != store.digest:
+    try:
+        verdict = ValidationVerdict.read(report)
+    except ArtifactError as exc:
+        raise StoreError(f"{exc}; rerun `ato validate`") from None
+    if verdict.store_digest != store.digest:
         raise StoreError(f"{report}: validated a different store state; rerun `ato validate`")
-    if not result.get("success"):
-        raise StoreError(f"{store.root} failed validation ({result.get('n_failed')} expectations); "
+    if not verdict.success:
+        raise StoreError(f"{store.root} failed validation ({verdict.n_failed} expectations); "
                          f"see {report.with_suffix('.md')}")
+    if verdict.manifest_sha256 != manifest_sha256(store.root):
+        raise StoreError(f"{store.root / MANIFEST}: changed since `ato validate` checked it; rerun `ato validate`")
+    _require_same_parts(store, verdict.part_sha256, report)
+
+
+def _require_same_parts(store: ActivationStore, validated: dict[str, str], report: Path) -> None:
+    now = part_digests(store)
+    changed = sorted(name for name in validated.keys() | now.keys() if validated.get(name) != now.get(name))
+    if changed:
+        what = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise StoreError(f"{store.root}: part(s) {what} changed since `ato validate` checked them "
+                         f"({report}); rerun `ato validate`")

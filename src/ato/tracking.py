@@ -9,7 +9,9 @@ causal all land on the same run.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .params import Params
+from .params import Params, sqlite_file
+
+log = logging.getLogger(__name__)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -26,7 +30,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 @contextmanager
 def sqlite_init_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock while opening a SQLite database that may not exist yet.
+    """Make a SQLite database's directory and hold an exclusive lock while opening the database,
+    which may not exist yet. `url` is resolved (`Params.mlflow_uri()` / `Params.optuna_storage()`).
 
     Why: the first connection to a fresh SQLite storage creates its tables and stamps the alembic
     version; two processes that start together (`ato tune --pair A` and `ato tune --pair B`) both find
@@ -34,16 +39,17 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
     files are locked (creating a server database's schema is a deployment step). The lock file lives
     in the temp directory, keyed by the database path, so the project tree stays clean.
     """
-    prefix = "sqlite:///"
-    if not url.startswith(prefix):
+    database = sqlite_file(url)
+    if database is None:
         yield
         return
+    database.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    key = hashlib.sha256(str(Path(url[len(prefix):]).resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"ato-sqlite-{key}.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -70,8 +76,6 @@ def setup(params: Params) -> str:
     import mlflow
 
     uri = params.mlflow_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     name = params.paths.mlflow_experiment
     with sqlite_init_lock(uri):  # the first connection migrates a fresh database: one process at a time
@@ -83,7 +87,10 @@ def setup(params: Params) -> str:
         try:
             exp_id = client.create_experiment(name, artifact_location=artifacts.as_uri())
         except Exception:  # another process created it first
-            exp_id = client.get_experiment_by_name(name).experiment_id
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
@@ -93,8 +100,13 @@ def setup(params: Params) -> str:
 def _find_run(exp_id: str, filter_string: str) -> str | None:
     import mlflow
 
-    runs = mlflow.search_runs([exp_id], filter_string=filter_string, max_results=1,
-                              order_by=["attributes.start_time DESC"], output_format="list")
+    runs = mlflow.search_runs(
+        [exp_id],
+        filter_string=filter_string,
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -120,8 +132,7 @@ def parent_run_id(params: Params) -> str:
     if found:
         return found
     client = mlflow.MlflowClient()
-    run = client.create_run(exp_id, run_name=f"pipeline-{key[:8]}",
-                            tags={**_base_tags(params), "ato.kind": "pipeline"})
+    run = client.create_run(exp_id, run_name=f"pipeline-{key[:8]}", tags={**_base_tags(params), "ato.kind": "pipeline"})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -146,9 +157,15 @@ def pair_run(params: Params, pair_name: str, stage: str) -> Iterator[Any]:
     exp_id = setup(params)
     pair = params.pairs[pair_name]
     found = _find_run(exp_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.`ato.pair` = '{pair_name}'")
-    tags = {**_base_tags(params), "ato.kind": "pair", "ato.pair": pair_name,
-            "ato.layer_in": str(pair.L), "ato.k": str(pair.k), "ato.layer_out": str(pair.target),
-            "mlflow.parentRunId": parent}
+    tags = {
+        **_base_tags(params),
+        "ato.kind": "pair",
+        "ato.pair": pair_name,
+        "ato.layer_in": str(pair.L),
+        "ato.k": str(pair.k),
+        "ato.layer_out": str(pair.target),
+        "mlflow.parentRunId": parent,
+    }
     if found is None:
         run = mlflow.MlflowClient().create_run(exp_id, run_name=pair_name, tags=tags)
         found = run.info.run_id
@@ -157,7 +174,8 @@ def pair_run(params: Params, pair_name: str, stage: str) -> Iterator[Any]:
         yield run
 
 
-def log_flat_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+def log_flat_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log the finite numeric entries of `metrics` in the active run (others are skipped)."""
     import math
 
     import mlflow
@@ -165,6 +183,79 @@ def log_flat_metrics(metrics: dict[str, float], step: int | None = None) -> None
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+# --------------------------------------------------------------------------------------------
+# Lineage and registry
+
+
+def dvc_out_hash(root: Path, out: str) -> str | None:
+    """The hash DVC recorded in `root/dvc.lock` for the stage output `out` (a path as dvc.yaml writes
+    it, relative to `root`), or None when there is no lock or DVC has not recorded that output."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError as exc:
+        log.warning("%s: unreadable (%s); no DVC hash for %s", lock, exc, out)
+        return None
+    for stage in stages.values():
+        for entry in stage.get("outs", []):
+            if entry.get("path") == out:
+                return entry.get("md5")
+    return None
+
+
+def log_store_lineage(store: Path, digest: str) -> None:
+    """Record the activation store as the training dataset of the active run (MLflow dataset
+    lineage), identified by `digest` (its DVC hash when DVC recorded one), and tag the run with it."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    mlflow.set_tag("ato.store_dvc_hash", digest)
+    source = resolve_dataset_source(store.resolve().as_uri())
+    # MetaDataset is concrete at run time; mlflow's annotations leave `profile` abstract
+    dataset = MetaDataset(source, name="activation-store", digest=digest[:36])  # type: ignore[abstract]
+    mlflow.log_input(dataset, context="training")
+
+
+def registry_name(model_label: str, pair_name: str) -> str:
+    """`ato-<model>-<pair>`, e.g. ato-gemma-3-270m-L05_k1 (registry names allow [A-Za-z0-9_.-])."""
+    slug = model_label.split(" ")[0].split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ato-{slug}-{pair_name}")
+
+
+def register_operator(operator_dir: Path, name: str, alias: str) -> str:
+    """Log the operator directory as a pyfunc model in the active run (MLflow "model from code":
+    `pyfunc_model.py`, no pickle), register it as `name`, point `alias` at the new version and tag the
+    run with it. Returns the model URI `models:/<name>@<alias>`."""
+    import mlflow
+    import numpy as np
+    import safetensors
+    import torch
+
+    package = Path(__file__).resolve().parent
+    info = mlflow.pyfunc.log_model(
+        name="operator",
+        python_model=str(package / "pyfunc_model.py"),
+        artifacts={"operator": str(operator_dir)},
+        code_paths=[str(package)],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"safetensors=={safetensors.__version__}",
+            f"numpy=={np.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+        registered_model_name=name,
+    )
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(info.registered_model_version))
+    uri = f"models:/{name}@{alias}"
+    mlflow.set_tag("ato.registered_model", uri)
+    return uri
 
 
 def serve_ui(params: Params, port: int = 5000) -> int:
@@ -181,9 +272,22 @@ def serve_ui(params: Params, port: int = 5000) -> int:
     setup(params)
     uri = params.mlflow_uri()
     artifacts = params.path("mlflow_artifacts").resolve()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--default-artifact-root", artifacts.as_uri(),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifacts.as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     stop_requested: list[float] = []  # monotonic time of the first SIGINT/SIGTERM
@@ -195,7 +299,7 @@ def serve_ui(params: Params, port: int = 5000) -> int:
             proc.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    print(f"MLflow UI: http://127.0.0.1:{port}  (store {uri}; Ctrl-C to stop)", flush=True)
+    log.info("MLflow UI: http://127.0.0.1:%d  (store %s; Ctrl-C to stop)", port, uri)
     try:
         while True:
             try:

@@ -34,8 +34,8 @@ def fitted(project):
     params = load_params(project / "params.yaml")
     params.fit.method = "ols"
     stats.main(params)
-    W, b, result = fit.fit_pair(params, PAIR)
-    save_operator(params.path("operators") / PAIR, W, b, result["config"])
+    fitted = fit.fit_pair(params, PAIR)
+    save_operator(params.path("operators") / PAIR, fitted.W, fitted.b, fitted.config)
     return params
 
 

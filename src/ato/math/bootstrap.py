@@ -52,8 +52,9 @@ def weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> floa
     return float((values * w).sum() / total) if total > 0 else float("nan")
 
 
-def paired_bootstrap(deltas: np.ndarray, n_resamples: int, seed: int, weights: np.ndarray | None = None,
-                     level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(
+    deltas: np.ndarray, n_resamples: int, seed: int, weights: np.ndarray | None = None, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean, lo, hi) of the (token-weighted) mean of per-unit paired differences.
 
     `deltas[i]` is unit i's condition-minus-baseline value; the CI is the percentile interval of
@@ -72,9 +73,14 @@ def recovered_fraction(delta_patch: float, delta_ablate: float) -> float:
     return float(1.0 - delta_patch / delta_ablate)
 
 
-def paired_bootstrap_recovered(delta_patch: np.ndarray, delta_ablate: np.ndarray, n_resamples: int, seed: int,
-                               weights: np.ndarray | None = None, level: float = 0.95,
-                               ) -> tuple[float, float, float]:
+def paired_bootstrap_recovered(
+    delta_patch: np.ndarray,
+    delta_ablate: np.ndarray,
+    n_resamples: int,
+    seed: int,
+    weights: np.ndarray | None = None,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
     """(recovered, lo, hi) for 1 − mean Δ(patch) / mean Δ(ablation), both means over the SAME
     resampled units (paired), each token-weighted with `weights`."""
     delta_patch = np.asarray(delta_patch, dtype=np.float64)

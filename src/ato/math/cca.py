@@ -1,5 +1,6 @@
 """Canonical correlations, the CCA ceiling, whitened R², transport efficiency and the size of the
-linear-transport subspace (DESIGN §3), all from sufficient statistics.
+linear-transport subspace, all from sufficient statistics (see docs/method.md#cca and
+docs/method.md#efficiency).
 
 Definitions (train split, centred on the train means x̄, ȳ; covariances divided by n):
 
@@ -9,8 +10,8 @@ Definitions (train split, centred on the train means x̄, ȳ; covariances divide
     T = tr(A Σyy A)                                  (total whitened target variance on train)
     ceiling(r) = Σ_{i≤r} ρ_i² / T
 
-T equals d_out when ε → 0 and Σyy has full rank (DESIGN's "1/d"); with the ridge, T = Σ λ/(λ+εμ) is
-the exact whitened variance, so the ridge on Σyy costs the bound nothing and ceiling(d) ≤ 1. The
+T equals d_out when ε → 0 and Σyy has full rank (the "1/d" of docs/method.md#cca); with the ridge,
+T = Σ λ/(λ+εμ) is the exact whitened variance, so the ridge on Σyy costs the bound nothing and ceiling(d) ≤ 1. The
 ridge on Σxx (numerical stability for near-singular residual covariances) lowers ρ slightly: the
 ceiling then bounds every rank-r map in-sample up to O(ε · cond(Σxx)) (exactly with ε = 0, where
 zero-variance directions are handled by a pseudo-inverse).
@@ -43,7 +44,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .stats import PairStats
-
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -134,8 +134,9 @@ class SplitMoments:
     def from_stats(cls, s: PairStats, ref_x: np.ndarray, ref_y: np.ndarray) -> SplitMoments:
         cxx, cxy, cyy = (m / s.n for m in s.centred())
         dx, dy = s.mean_x - ref_x, s.mean_y - ref_y
-        return cls(s.n, dx, dy, _sym(cxx) + np.outer(dx, dx), cxy + np.outer(dx, dy),
-                   _sym(cyy) + np.outer(dy, dy), _sym(cyy))
+        return cls(
+            s.n, dx, dy, _sym(cxx) + np.outer(dx, dx), cxy + np.outer(dx, dy), _sym(cyy) + np.outer(dy, dy), _sym(cyy)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +168,7 @@ class CCA:
         wx, _, _ = _inverse_sqrt(cxx, ridge)
         C = wy @ cxy.T @ wx  # [d_out, d_in]
         U, rho, Vt = np.linalg.svd(C, full_matrices=False)
-        return cls(s.mean_x.copy(), s.mean_y.copy(), wy, wy_inv, wx, rho, U, Vt.T,
-                   float(shrink_y.sum()), float(ridge))
+        return cls(s.mean_x.copy(), s.mean_y.copy(), wy, wy_inv, wx, rho, U, Vt.T, float(shrink_y.sum()), float(ridge))
 
     @property
     def d_out(self) -> int:
@@ -277,8 +277,9 @@ class RankSweep:
             return np.where(ceil > 0, r2 / np.where(ceil > 0, ceil, 1.0), np.nan)
 
 
-def efficiency_table(cca: CCA, W: np.ndarray, train: PairStats, test: PairStats,
-                     ranks: list[int]) -> dict[str, np.ndarray]:
+def efficiency_table(
+    cca: CCA, W: np.ndarray, train: PairStats, test: PairStats, ranks: list[int]
+) -> dict[str, np.ndarray]:
     """The whole rank sweep for one pair: ceiling and η for SVD truncation and RRR on train and test.
 
     One CCA (passed in), one SVD of W, and one set of moments per split serve every rank."""

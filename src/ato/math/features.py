@@ -35,7 +35,7 @@ METRICS = ("activation_rate", "token_entropy", "vocab_focus", "redundancy", "cau
 
 
 @dataclass
-class FeatureAccumulator:
+class FeatureActivationStats:
     """Streaming sums over chunks of activations: counts, moments, Gram, token pairs, top-k.
 
     Memory is O(d_sae²) for the Gram (float64) plus O(active pairs) for the token histogram, so
@@ -158,7 +158,7 @@ def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 is plenty for a ratio of moments
     c = x - x.mean(-1, keepdim=True)
     m2 = (c * c).mean(-1)
-    m4 = (c ** 4).mean(-1)
+    m4 = (c**4).mean(-1)
     safe = m2.clamp(min=torch.finfo(m2.dtype).tiny)
     return torch.where(m2 > 0, m4 / safe / safe - 3.0, torch.zeros_like(m2)).double()
 

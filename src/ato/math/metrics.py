@@ -1,12 +1,12 @@
-"""Scores of a prediction ŷ against the truth y, computed by streaming over chunks (DESIGN §3).
+"""Scores of a prediction ŷ against the truth y, computed by streaming over chunks (see
+docs/method.md#r2 and docs/method.md#features).
 
 * `ResidualAccumulator`: residual-space R² (uniform average over dimensions, as the reference reports,
   and variance-weighted), per-dimension R² and its quantiles, MSE and mean token cosine.
-* `FeatureAccumulator`: feature-space scores per SAE feature f along its unit decoder direction u_f,
+* `FeatureR2Accumulator`: feature-space scores per SAE feature f along its unit decoder direction u_f,
   over the tokens where the SAE's own encoder says f is active on the TRUE y:
   a = yᵀu_f, â = ŷᵀu_f, R² = 1 − Σ(a−â)²/Σ(a−ā)², Pearson r, rms(â)/rms(a), active count.
 * `feature_verdicts`: transported / synthesised / no verdict (too few active tokens).
-* Paired bootstrap CIs (re-exported from `ato.math.bootstrap`) for the causal stage.
 
 Every accumulator holds O(d) or O(features) float64 sums, never tokens, so the test split need not
 fit in memory; `merge` combines accumulators built on disjoint chunks (results equal one-shot).
@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .bootstrap import paired_bootstrap, paired_bootstrap_recovered, recovered_fraction
-
 __all__ = [
-    "ResidualAccumulator", "FeatureAccumulator", "feature_verdicts", "unit_directions",
-    "paired_bootstrap", "paired_bootstrap_ratio", "paired_bootstrap_recovered", "recovered_fraction",
-    "TRANSPORTED", "SYNTHESISED", "NO_VERDICT", "QUANTILES",
+    "ResidualAccumulator",
+    "FeatureR2Accumulator",
+    "feature_verdicts",
+    "unit_directions",
+    "TRANSPORTED",
+    "SYNTHESISED",
+    "NO_VERDICT",
+    "QUANTILES",
 ]
 
 TRANSPORTED, SYNTHESISED, NO_VERDICT = "transported", "synthesised", "no_verdict"
@@ -152,7 +155,7 @@ def unit_directions(W_dec: np.ndarray | torch.Tensor, ids: list[int] | np.ndarra
 
 
 @dataclass
-class FeatureAccumulator:
+class FeatureR2Accumulator:
     """Streaming per-feature scores along unit directions, over tokens active on the true y."""
 
     n_features: int
@@ -168,19 +171,26 @@ class FeatureAccumulator:
         for name in ("count", "sum_a", "sum_a2", "sum_h", "sum_h2", "sum_ah", "sse"):
             setattr(self, name, np.zeros(self.n_features))
 
-    def update(self, y: np.ndarray | torch.Tensor, y_hat: np.ndarray | torch.Tensor,
-               directions: np.ndarray, active: np.ndarray | torch.Tensor) -> None:
+    def update(
+        self,
+        y: np.ndarray | torch.Tensor,
+        y_hat: np.ndarray | torch.Tensor,
+        directions: np.ndarray,
+        active: np.ndarray | torch.Tensor,
+    ) -> None:
         """y, ŷ: [m, d]; directions: [d, F] unit vectors; active: [m, F] bool (SAE encoder on true y)."""
         self.update_projected(_f64(y) @ directions, _f64(y_hat) @ directions, active)
 
-    def update_projected(self, a: np.ndarray | torch.Tensor, a_hat: np.ndarray | torch.Tensor,
-                         active: np.ndarray | torch.Tensor) -> None:
+    def update_projected(
+        self, a: np.ndarray | torch.Tensor, a_hat: np.ndarray | torch.Tensor, active: np.ndarray | torch.Tensor
+    ) -> None:
         """Same with projections already taken: a = y U, â = ŷ U ([m, F]); lets several predictions
         share one projection of the truth."""
         a, a_hat, mask = _f64(a), _f64(a_hat), _bool(active)
         if a.shape != a_hat.shape or a.shape != mask.shape or a.shape[1] != self.n_features:
-            raise ValueError(f"a, â and active must all be [m, {self.n_features}]; got "
-                             f"{a.shape}, {a_hat.shape}, {mask.shape}")
+            raise ValueError(
+                f"a, â and active must all be [m, {self.n_features}]; got {a.shape}, {a_hat.shape}, {mask.shape}"
+            )
         w = mask.astype(np.float64)
         am, hm = a * w, a_hat * w
         self.count += w.sum(0)
@@ -191,8 +201,8 @@ class FeatureAccumulator:
         self.sum_ah += (am * a_hat).sum(0)
         self.sse += (((a - a_hat) ** 2) * w).sum(0)
 
-    def merge(self, other: FeatureAccumulator) -> FeatureAccumulator:
-        out = FeatureAccumulator(self.n_features)
+    def merge(self, other: FeatureR2Accumulator) -> FeatureR2Accumulator:
+        out = FeatureR2Accumulator(self.n_features)
         for name in ("count", "sum_a", "sum_a2", "sum_h", "sum_h2", "sum_ah", "sse"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         return out
@@ -207,8 +217,9 @@ class FeatureAccumulator:
             sah = self.sum_ah - self.sum_a * self.sum_h / safe_n
             r2 = np.where((n > 0) & (ssa > 0), 1.0 - self.sse / np.where(ssa > 0, ssa, 1.0), np.nan)
             pearson = np.where((n > 1) & (ssa > 0) & (ssh > 0), sah / np.sqrt(ssa * ssh), np.nan)
-            rms_ratio = np.where((n > 0) & (self.sum_a2 > 0),
-                                 np.sqrt(self.sum_h2 / np.where(self.sum_a2 > 0, self.sum_a2, 1.0)), np.nan)
+            rms_ratio = np.where(
+                (n > 0) & (self.sum_a2 > 0), np.sqrt(self.sum_h2 / np.where(self.sum_a2 > 0, self.sum_a2, 1.0)), np.nan
+            )
         return {"active": n.copy(), "r2": r2, "pearson": pearson, "rms_ratio": rms_ratio}
 
 
@@ -222,16 +233,3 @@ def feature_verdicts(r2: np.ndarray, active: np.ndarray, threshold: float, min_a
     out[enough] = SYNTHESISED
     out[ok] = TRANSPORTED
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Bootstrap (implementation in ato.math.bootstrap; the ratio form named here for the causal stage)
-
-
-def paired_bootstrap_ratio(delta_a: np.ndarray, delta_b: np.ndarray, n_resamples: int, seed: int,
-                           weights: np.ndarray | None = None, level: float = 0.95) -> tuple[float, float, float]:
-    """(1 − mean Δa / mean Δb, lo, hi): "damage recovered" with a paired percentile CI.
-
-    Δa: per-sequence delta of the patched condition vs clean; Δb: of the ablation (e.g. zero) vs
-    clean. Both means use the same resampled sequences in every replicate."""
-    return paired_bootstrap_recovered(delta_a, delta_b, n_resamples, seed, weights=weights, level=level)

@@ -7,6 +7,7 @@ one O(d³) decomposition each α costs two d×d products.
 
 With `standardize`, the penalty applies to X scaled to unit variance per dimension:
 Xs = Xc / σ, and the map is returned in the original coordinates (W = Ws / σ).
+See docs/method.md#ridge and docs/method.md#r2.
 """
 
 from __future__ import annotations
@@ -76,3 +77,14 @@ def r2_from_stats(s: PairStats, W: np.ndarray, b: np.ndarray) -> dict[str, float
         "r2_per_dim": per_dim,
         "mse": float(sse.sum() / (s.n * len(sse))),
     }
+
+
+@dataclass
+class HeldOutR2:
+    """Held-out R² (uniform average over output dimensions) as a function of α, averaged over one or
+    more folds of (ridge path of the fitting rows, statistics of the held-out rows)."""
+
+    folds: list[tuple[RidgePath, PairStats]]
+
+    def __call__(self, alpha: float) -> float:
+        return float(np.mean([r2_from_stats(held, *path.solve(alpha))["r2"] for path, held in self.folds]))

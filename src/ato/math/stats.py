@@ -61,8 +61,7 @@ class PairStats:
     def centred(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(XcᵀXc, XcᵀYc, YcᵀYc): scatter matrices about the means."""
         mx, my, n = self.mean_x, self.mean_y, self.n
-        return (self.xtx - n * np.outer(mx, mx), self.xty - n * np.outer(mx, my),
-                self.yty - n * np.outer(my, my))
+        return (self.xtx - n * np.outer(mx, mx), self.xty - n * np.outer(mx, my), self.yty - n * np.outer(my, my))
 
     def check_finite(self, where: str) -> None:
         for f in FIELDS:

@@ -1,88 +1,85 @@
 """Stage `fit`: refit each pair at its tuned α on the training statistics, save the operator
-artifact (safetensors + config.json), track it in the pair's MLflow run and register it."""
+artifact (safetensors + config.json, docs/contracts.md#operator), track it in the pair's MLflow run
+and register it."""
 
 from __future__ import annotations
 
-import json
-import re
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import AtoError
-from ..math.ridge import RidgePath, r2_from_stats
-from ..operators import save_operator
-from ..params import Params
-from ..store import ActivationStore
-from .stats import load_pair_stats
+from ato.artifacts import Layout, TuningResult, read_json, read_pair_stats
+from ato.math.ridge import RidgePath, r2_from_stats
+from ato.math.stats import PairStats
+from ato.operators import CONFIG, save_operator
+from ato.params import FitParams, Pair, Params
+from ato.store import ActivationStore
+from ato.tracking import dvc_out_hash, log_flat_metrics, log_store_lineage, pair_run, register_operator, registry_name
+
+log = logging.getLogger(__name__)
+
+# config.json keys logged as MLflow params of the pair's run
+LOGGED_CONFIG = (
+    "layer_in",
+    "layer_out",
+    "k",
+    "alpha",
+    "method",
+    "n_train_tokens",
+    "n_val_tokens",
+    "model",
+    "store_digest",
+    "d_model",
+    "standardize",
+)
 
 
-def registry_name(model_label: str, pair_name: str) -> str:
-    """`ato-<model>-<pair>`, e.g. ato-gemma-3-270m-L05_k1 (registry names allow [A-Za-z0-9_.-])."""
-    slug = model_label.split(" ")[0].split("/")[-1]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ato-{slug}-{pair_name}")
+@dataclass
+class FitResult:
+    """One fitted operator before it is saved: ŷ = x Wᵀ + b, its config.json and its scores."""
+
+    W: np.ndarray  # [d_out, d_in]
+    b: np.ndarray  # [d_out]
+    config: dict[str, Any]  # the operator's config.json (ato.operators.CONFIG_KEYS and more)
+    metrics: dict[str, float] = field(default_factory=dict)  # alpha, train/val R² (uniform, weighted)
 
 
-def dvc_store_hash(params: Params) -> str | None:
-    """The DVC hash of the activation store from dvc.lock, when DVC has recorded it."""
-    import yaml
-
-    lock = params.root / "dvc.lock"
-    if not lock.exists():
-        return None
-    store = str(Path(params.paths.store))
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for out in stage.get("outs", []):
-            if out.get("path") == store:
-                return out.get("md5")
-    return None
+def main(params: Params, pair: str | None = None) -> None:
+    layout = Layout.from_params(params)
+    for name in [pair] if pair else list(params.pairs):
+        fitted = fit_pair(params, name)
+        out = save_operator(layout.operator(name), fitted.W, fitted.b, fitted.config)
+        with pair_run(params, name, "fit"):
+            track(params, name, out, fitted)
+        m = fitted.metrics
+        log.info(
+            "fit %s: α = %.4g, train R² = %.4f, val R² = %.4f → %s", name, m["alpha"], m["train_r2"], m["val_r2"], out
+        )
 
 
-def sklearn_fit(params: Params, pair_name: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """Lasso / elastic-net via scikit-learn on a training subsample (parity with the reference)."""
-    from sklearn.linear_model import ElasticNet, Lasso
-
+def fit_pair(params: Params, pair_name: str) -> FitResult:
+    """The pair's operator by `fit.method`, with its config and train/val scores (from the statistics)."""
     pair = params.pairs[pair_name]
-    store = ActivationStore.open(params.path("store"))
-    xs, ys, n = [], [], 0
-    for chunk in store.iter_chunks("train", [pair.L, pair.target], params.stats.chunk_tokens,
-                                   include_special=params.stats.include_bos):
-        xs.append(chunk[pair.L])
-        ys.append(chunk[pair.target])
-        n += len(xs[-1])
-        if n >= params.fit.sklearn_subsample:
-            break
-    X = np.concatenate(xs)[: params.fit.sklearn_subsample]
-    Y = np.concatenate(ys)[: params.fit.sklearn_subsample]
-    alpha = params.fit.sklearn_alpha
-    model = (Lasso(alpha=alpha) if params.fit.method == "lasso"
-             else ElasticNet(alpha=alpha, l1_ratio=params.fit.l1_ratio))
-    model.fit(X, Y)
-    return model.coef_, model.intercept_, alpha
-
-
-def fit_pair(params: Params, pair_name: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    pair = params.pairs[pair_name]
-    store = ActivationStore.open(params.path("store"))
+    layout = Layout.from_params(params)
+    store = ActivationStore.open(layout.store)
     store.require_layers([pair.L, pair.target], f"pair {pair_name}")
-    train = load_pair_stats(params, "train", pair_name, store.digest)
-    val = load_pair_stats(params, "val", pair_name, store.digest)
+    train = read_pair_stats(layout.pair_stats("train", pair_name), store.digest)
+    val = read_pair_stats(layout.pair_stats("val", pair_name), store.digest)
     method = params.fit.method
     if method == "ridge":
-        tuning = params.path("reports") / "tuning" / f"{pair_name}.json"
-        if not tuning.exists():
-            raise AtoError(f"{tuning}: no tuning result for {pair_name}; run `ato tune --pair {pair_name}`")
-        alpha = float(json.loads(tuning.read_text())["alpha"])
+        alpha = TuningResult.read(layout.tuning(pair_name)).alpha
         W, b = RidgePath.from_stats(train, params.tune.standardize).solve(alpha)
     elif method == "ols":
         alpha = 0.0
         W, b = RidgePath.from_stats(train).solve(0.0)
     else:
-        W, b, alpha = sklearn_fit(params, pair_name)
-    model = store.manifest["model"]
+        W, b, alpha = sklearn_fit(store, pair, params.fit, params.stats.chunk_tokens, params.stats.include_bos)
     config = {
-        "model": model["name"],
-        "model_digest": model["weights_digest"],
+        "model": store.manifest["model"]["name"],
+        "model_digest": store.manifest["model"]["weights_digest"],
         "layer_in": pair.L,
         "layer_out": pair.target,
         "k": pair.k,
@@ -97,61 +94,59 @@ def fit_pair(params: Params, pair_name: str) -> tuple[np.ndarray, np.ndarray, di
         "hook": store.manifest["hook"],
         "equation": "y_hat = x @ W.T + b",
     }
-    metrics: dict[str, float] = {"alpha": alpha}
-    for split, s in (("train", train), ("val", val)):
-        scores = r2_from_stats(s, W, b)
-        metrics[f"{split}_r2"], metrics[f"{split}_r2_weighted"] = scores["r2"], scores["r2_weighted"]
-    return W, b, {"config": config, "metrics": metrics}
+    return FitResult(W, b, config, {"alpha": alpha, **scores(W, b, {"train": train, "val": val})})
 
 
-def main(params: Params, pair: str | None = None) -> None:
+def scores(W: np.ndarray, b: np.ndarray, splits: dict[str, PairStats]) -> dict[str, float]:
+    """`<split>_r2` (uniform average over dimensions) and `<split>_r2_weighted`, exactly."""
+    out: dict[str, float] = {}
+    for split, s in splits.items():
+        r2 = r2_from_stats(s, W, b)
+        out[f"{split}_r2"], out[f"{split}_r2_weighted"] = float(r2["r2"]), float(r2["r2_weighted"])
+    return out
+
+
+def sklearn_fit(
+    store: ActivationStore, pair: Pair, f: FitParams, chunk_tokens: int, include_bos: bool
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lasso / elastic-net via scikit-learn on a training subsample (parity with the reference)."""
+    from sklearn.linear_model import ElasticNet, Lasso
+
+    xs, ys, n = [], [], 0
+    for chunk in store.iter_chunks("train", [pair.L, pair.target], chunk_tokens, include_special=include_bos):
+        xs.append(chunk[pair.L])
+        ys.append(chunk[pair.target])
+        n += len(xs[-1])
+        if n >= f.sklearn_subsample:
+            break
+    X = np.concatenate(xs)[: f.sklearn_subsample]
+    Y = np.concatenate(ys)[: f.sklearn_subsample]
+    model = (
+        Lasso(alpha=f.sklearn_alpha) if f.method == "lasso" else ElasticNet(alpha=f.sklearn_alpha, l1_ratio=f.l1_ratio)
+    )
+    model.fit(X, Y)
+    return model.coef_, model.intercept_, f.sklearn_alpha
+
+
+def track(params: Params, pair_name: str, operator_dir: Path, fitted: FitResult) -> None:
+    """In the pair's active run: params, scores, the store as training dataset, config.json, registry."""
     import mlflow
 
-    from ..tracking import log_flat_metrics, pair_run
-
-    for name in [pair] if pair else list(params.pairs):
-        W, b, result = fit_pair(params, name)
-        out = save_operator(params.path("operators") / name, W, b, result["config"])
-        config, metrics = result["config"], result["metrics"]
-        with pair_run(params, name, "fit"):
-            mlflow.log_params({k: config[k] for k in ("layer_in", "layer_out", "k", "alpha", "method",
-                                                      "n_train_tokens", "n_val_tokens", "model",
-                                                      "store_digest", "d_model", "standardize")})
-            log_flat_metrics(metrics)
-            digest = dvc_store_hash(params) or config["store_digest"]
-            mlflow.set_tag("ato.store_dvc_hash", digest)
-            from mlflow.data.dataset_source_registry import resolve_dataset_source
-            from mlflow.data.meta_dataset import MetaDataset
-
-            source = resolve_dataset_source(params.path("store").resolve().as_uri())
-            mlflow.log_input(MetaDataset(source, name="activation-store", digest=digest[:36]),
-                             context="training")
-            mlflow.log_artifact(str(out / "config.json"))
-            if params.fit.register:
-                register(params, name, out)
-        print(f"fit {name}: α = {metrics['alpha']:.4g}, train R² = {metrics['train_r2']:.4f}, "
-              f"val R² = {metrics['val_r2']:.4f} → {out}")
+    config = fitted.config
+    mlflow.log_params({k: config[k] for k in LOGGED_CONFIG})
+    log_flat_metrics(fitted.metrics)
+    # lineage: the store's DVC hash when DVC recorded it (dvc.lock names the path as params.yaml writes it)
+    digest = dvc_out_hash(params.root, str(Path(params.paths.store))) or config["store_digest"]
+    log_store_lineage(params.path("store"), digest)
+    mlflow.log_artifact(str(operator_dir / CONFIG))
+    if params.fit.register:
+        register(params, pair_name, operator_dir)
 
 
 def register(params: Params, pair_name: str, operator_dir: Path) -> str:
-    """Log the operator as a pyfunc (model from code, no pickle) and alias the new version."""
-    import mlflow
-    import safetensors
-    import torch
-
-    config = json.loads((operator_dir / "config.json").read_text())
-    name = registry_name(config["model"] if params.prepare.source == "embedded" else params.prepare.source,
-                         pair_name)
-    info = mlflow.pyfunc.log_model(
-        name="operator",
-        python_model=str(Path(__file__).resolve().parents[1] / "pyfunc_model.py"),
-        artifacts={"operator": str(operator_dir)},
-        code_paths=[str(Path(__file__).resolve().parents[1])],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"safetensors=={safetensors.__version__}",
-                          f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
-        registered_model_name=name,
-    )
-    version = info.registered_model_version
-    mlflow.MlflowClient().set_registered_model_alias(name, params.fit.alias, str(version))
-    mlflow.set_tag("ato.registered_model", f"models:/{name}@{params.fit.alias}")
+    """Register the saved operator as `ato-<model>-<pair>` with alias `fit.alias`; returns the name."""
+    config = read_json(operator_dir / CONFIG, "operator config")
+    label = config["model"] if params.prepare.source == "embedded" else params.prepare.source
+    name = registry_name(label, pair_name)
+    register_operator(operator_dir, name, params.fit.alias)
     return name

@@ -1,0 +1,143 @@
+"""Feature selection (`ato select` → evaluate): per target layer, every SAE feature's scores, the
+ranking and the kept features (`features/layer_NN.json`), the kept features' top activating contexts
+(`features/layer_NN_contexts.json`) and a summary with the first-order-vs-exact causal check
+(`reports/select/layer_NN.json`). See docs/contracts.md#features and docs/method.md#features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ._io import Record
+
+
+@dataclass
+class FeatureScores:
+    """One value per SAE feature (index = feature id); null where undefined (never active,
+    ineligible)."""
+
+    activation_rate: list[float | None]  # fraction of scored tokens where the feature is active
+    token_entropy: list[float | None]  # entropy (nats) of the token ids where it is active
+    vocab_focus: list[float | None]  # excess kurtosis of W_U · (N(d_f) − N(0))
+    redundancy: list[float | None]  # max |corr| with any other feature's activations
+    causal_effect: list[float | None]  # first-order Δ mean next-token loss when it is ablated
+    composite: list[float | None]  # Σ_m w_m z_m over the eligible features (select.weights)
+
+
+@dataclass
+class FeatureSet(Record):
+    """The scored, ranked and kept features of one layer's SAE."""
+
+    FORMAT: ClassVar[str] = "ato-features/1"
+    PRODUCER: ClassVar[str] = "select"
+
+    layer: int  # residual layer n of the SAE
+    ranked: list[int]  # every feature id: eligible by composite (desc), then the rest by activation rate
+    kept: list[int]  # the first round(select.keep_fraction · d_sae) eligible features of `ranked`
+    scores: FeatureScores  # per-feature scores
+    sae_store_digest: str | None = None  # store digest recorded in the SAE's ato_sae.json
+
+
+@dataclass
+class TokenContext:
+    """One top activating position of a feature, with ±window tokens of its sequence."""
+
+    activation: float  # the feature's activation at the marked token
+    doc_id: int  # document the sequence came from
+    position: int  # position of the marked token in its sequence
+    tokens: list[str]  # decoded tokens of the window
+    max_index: int  # index of the marked token in `tokens`
+    text: str  # the window joined, the marked token «like this»
+
+
+@dataclass
+class FeatureContext:
+    """What one kept feature responds to and promotes."""
+
+    feature: int  # feature id
+    contexts: list[TokenContext]  # strongest activations first
+    top_logit_tokens: list[str] = field(default_factory=list)  # top-10 tokens its direction promotes
+    neuronpedia_explanations: list[str] | None = None  # only with select.neuronpedia: true
+
+
+@dataclass
+class FeatureContexts(Record):
+    """The kept features' contexts of one layer, in the order of `FeatureSet.kept`."""
+
+    FORMAT: ClassVar[str] = "ato-feature-contexts/1"
+    PRODUCER: ClassVar[str] = "select"
+
+    layer: int  # residual layer n
+    features: list[FeatureContext]  # one entry per kept feature
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for entry in out["features"]:  # written only when fetched
+            if entry.get("neuronpedia_explanations") is None:
+                entry.pop("neuronpedia_explanations", None)
+        return out
+
+
+@dataclass
+class CausalCheck:
+    """The features with the largest first-order causal effect, also ablated exactly."""
+
+    features: list[int]  # feature ids (select.exact_check of them)
+    first_order: list[float | None]  # first-order Δ mean loss
+    exact: list[float | None]  # exact-ablation Δ mean loss
+    relative_error: list[float | None]  # |first_order − exact| / |exact|
+
+
+@dataclass
+class SelectSeconds:
+    """Wall time of the parts of one layer's scoring."""
+
+    scan: float  # encoding the TRAIN tokens (rates, entropy, redundancy, contexts)
+    vocab_focus: float  # logit-lens kurtosis of every decoder direction
+    causal: float  # first-order effects (+ the exact check)
+    total: float  # the whole layer
+
+
+@dataclass
+class SelectReport(Record):
+    """Summary of one layer's selection (reports/select/layer_NN.json)."""
+
+    FORMAT: ClassVar[str] = "ato-select-report/1"
+    PRODUCER: ClassVar[str] = "select"
+
+    layer: int  # residual layer n
+    n_tokens_scored: int  # TRAIN tokens encoded (special excluded, ≤ select.max_tokens)
+    d_sae: int  # features of the SAE
+    n_eligible: int  # features with activation rate ≥ select.min_activation_rate
+    n_kept: int  # len(FeatureSet.kept)
+    n_dead: int  # features never active on the scored tokens
+    clean_val_loss: float  # mean next-token loss of the unpatched model on the causal sequences
+    n_causal_sequences: int  # VAL sequences of the causal score
+    n_causal_loss_tokens: int  # next-token pairs in them
+    causal_method: str  # how causal_effect is computed
+    causal_check: CausalCheck  # first order vs exact ablation
+    causal_check_max_relative_error: float | None  # max of causal_check.relative_error
+    seconds: SelectSeconds  # timings
+    kept_mean_activation_rate: float | None  # means over the kept features (null if none is finite)
+    kept_mean_token_entropy: float | None
+    kept_mean_vocab_focus: float | None
+    kept_mean_redundancy: float | None
+    kept_mean_causal_effect: float | None
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers worth tracking (MLflow), where set."""
+        keys = (
+            "n_eligible",
+            "n_kept",
+            "n_dead",
+            "clean_val_loss",
+            "causal_check_max_relative_error",
+            "kept_mean_activation_rate",
+            "kept_mean_token_entropy",
+            "kept_mean_vocab_focus",
+            "kept_mean_redundancy",
+            "kept_mean_causal_effect",
+        )
+        out = {key: getattr(self, key) for key in keys if isinstance(getattr(self, key), (int, float))}
+        out["seconds"] = self.seconds.total
+        return out

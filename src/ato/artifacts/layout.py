@@ -1,0 +1,121 @@
+"""Where every artifact lives: the one place file names are written (dvc.yaml templates the same
+names from `params.yaml`'s `paths`, and tests/test_dvc_truth.py checks the two agree)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..params import Params
+
+
+def layer_dir_name(layer: int) -> str:
+    return f"layer_{layer:02d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Absolute paths of every stage's inputs and outputs, from `params.paths`."""
+
+    model_dir: Path  # prepare → float32 model copy + ato_model.json
+    store: Path  # collect → activation store (zarr parts + manifest.json)
+    stats: Path  # stats → <split>/<pair>.safetensors
+    sae_dir: Path  # sae → layer_NN/ (sae-lens weights + cfg + ato_sae.json)
+    features: Path  # select → layer_NN.json, layer_NN_contexts.json
+    operators: Path  # fit → <pair>/ (operator.safetensors + config.json)
+    reports: Path  # every human-facing output
+
+    @classmethod
+    def from_params(cls, params: Params) -> Layout:
+        return cls(**{name: params.path(name) for name in cls.__dataclass_fields__})
+
+    # prepare
+    @property
+    def model_info(self) -> Path:
+        return self.model_dir / "ato_model.json"
+
+    # collect
+    @property
+    def manifest(self) -> Path:
+        return self.store / "manifest.json"
+
+    # validate
+    @property
+    def validation_dir(self) -> Path:
+        return self.reports / "validation"
+
+    @property
+    def validation(self) -> Path:
+        return self.validation_dir / "validation.json"
+
+    # stats
+    def pair_stats(self, split: str, pair: str) -> Path:
+        return self.stats / split / f"{pair}.safetensors"
+
+    # tune
+    def tuning(self, pair: str) -> Path:
+        return self.reports / "tuning" / f"{pair}.json"
+
+    def tuning_curve(self, pair: str) -> Path:
+        return self.reports / "tuning" / f"{pair}_curve.csv"
+
+    def tuning_figure(self, pair: str) -> Path:
+        return self.reports / "tuning" / f"{pair}_alpha.png"
+
+    # fit
+    def operator(self, pair: str) -> Path:
+        return self.operators / pair
+
+    # sae
+    def sae(self, layer: int) -> Path:
+        return self.sae_dir / layer_dir_name(layer)
+
+    def sae_info(self, layer: int) -> Path:
+        return self.sae(layer) / "ato_sae.json"
+
+    def sae_report(self, layer: int) -> Path:
+        return self.reports / "sae" / f"{layer_dir_name(layer)}.json"
+
+    # select
+    def feature_set(self, layer: int) -> Path:
+        return self.features / f"{layer_dir_name(layer)}.json"
+
+    def feature_contexts(self, layer: int) -> Path:
+        return self.features / f"{layer_dir_name(layer)}_contexts.json"
+
+    def select_report(self, layer: int) -> Path:
+        return self.reports / "select" / f"{layer_dir_name(layer)}.json"
+
+    # evaluate
+    def metrics(self, pair: str) -> Path:
+        return self.reports / "metrics" / f"{pair}.json"
+
+    def evaluate_dir(self, pair: str) -> Path:
+        return self.reports / "evaluate" / pair
+
+    def transport(self, pair: str) -> Path:
+        return self.evaluate_dir(pair) / "transport.json"
+
+    # causal
+    def causal(self, pair: str) -> Path:
+        return self.reports / "causal" / f"{pair}.json"
+
+    def causal_sequences(self, pair: str) -> Path:
+        return self.reports / "causal" / f"{pair}_sequences.json"
+
+    # figures (evaluate, causal, report)
+    @property
+    def figures(self) -> Path:
+        return self.reports / "figures"
+
+    def pair_figure(self, pair: str, kind: str) -> Path:
+        return self.figures / f"{pair}_{kind}.png"
+
+    # report
+    @property
+    def summary(self) -> Path:
+        return self.reports / "summary.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"

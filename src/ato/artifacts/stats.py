@@ -1,0 +1,94 @@
+"""Pair statistics (`ato stats` → tune, fit, evaluate, causal): float64 sufficient statistics of one
+pair on one split, as safetensors tensors n, sum_x, sum_y, xtx, xty, yty plus a metadata record.
+See docs/contracts.md#stats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ato.math.stats import PairStats
+
+from ._io import ArtifactError, atomic_path
+
+FORMAT = "ato-pair-stats/1"
+
+
+@dataclass
+class PairStatsMeta:
+    """What a statistics file was computed from (safetensors metadata key `ato`)."""
+
+    store_digest: str  # content digest of the activation store it was computed from
+    include_bos: bool  # whether BOS/special tokens were included (stats.include_bos)
+    split: str  # train | val | test
+    pair: str  # pair name, e.g. L05_k1
+    layer_in: int  # L
+    layer_out: int  # L + k
+    format: str = FORMAT
+
+
+def write_pair_stats(path: str | Path, stats: PairStats, meta: PairStatsMeta) -> None:
+    from safetensors.torch import save_file
+
+    # One metadata key holding sorted JSON: safetensors writes a multi-key metadata map in random
+    # order, and identical runs must give identical bytes (else DVC reruns everything downstream).
+    with atomic_path(path) as tmp:
+        save_file(stats.to_tensors(), str(tmp), metadata={"ato": json.dumps(asdict(meta), sort_keys=True)})
+
+
+@contextmanager
+def publish_stats_dir(directory: str | Path) -> Iterator[Path]:
+    """Stage a whole statistics directory and publish it in one rename: every split or none.
+
+    Yields an empty temporary sibling of `directory` to write every `<split>/<pair>.safetensors` into;
+    on success it replaces `directory` (an earlier run's files included) at once. On any failure the
+    staging directory is removed and so is `directory`: an earlier run's files were computed from other
+    inputs or params (that is why stats runs again), and, like `dvc repro`, which deletes a stage's
+    outputs before running it, a failed run leaves nothing that tune or fit could take for its output.
+    """
+    directory = Path(directory)
+    try:
+        with atomic_path(directory) as staging:
+            staging.mkdir()
+            yield staging
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def read_pair_stats_meta(path: str | Path) -> PairStatsMeta:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing pair statistics; run `ato stats`")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            raw = json.loads((fh.metadata() or {}).get("ato", "{}"))
+        return PairStatsMeta(**raw)
+    except (OSError, ValueError, TypeError) as exc:  # safetensors raises these on a truncated header
+        raise ArtifactError(f"{path}: unreadable pair statistics ({exc}); rerun `ato stats`") from None
+
+
+def read_pair_stats(path: str | Path, store_digest: str | None = None) -> PairStats:
+    """One pair's statistics on one split; refuses a file computed from another store or empty."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_pair_stats_meta(path)
+    if store_digest is not None and meta.store_digest != store_digest:
+        raise ArtifactError(
+            f"{path}: computed from store {meta.store_digest[:12]}, but the current store is "
+            f"{store_digest[:12]}; rerun `ato stats`"
+        )
+    try:
+        stats = PairStats.from_tensors(load_file(str(path)))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path}: unreadable pair statistics ({exc}); rerun `ato stats`") from None
+    if stats.n <= 0:
+        raise ArtifactError(f"{path}: pair {meta.pair} has no {meta.split} tokens")
+    return stats

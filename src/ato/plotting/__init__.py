@@ -1,0 +1,48 @@
+"""Every figure of the pipeline, with one set of labels and colours for causal conditions and
+operators. Submodules per subject (`tuning`, `evaluate`, `causal`, `summary`); this module holds
+what they share. Figures are written atomically like every other output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import atomic_path
+
+# Patched conditions of the causal stage, in display order; "clean" is the unpatched reference.
+CONDITIONS = ("ato", "identity", "zero", "bias_only", "train_mean")
+CONDITION_LABELS = {
+    "clean": "clean",
+    "ato": "ATO  Wx+b",
+    "identity": "identity  x",
+    "zero": "zero",
+    "bias_only": "bias only  b",
+    "train_mean": "train mean  ȳ",
+}
+CONDITION_COLOURS = {
+    "clean": "#7f7f7f",
+    "ato": "#1f77b4",
+    "identity": "#2ca02c",
+    "zero": "#d62728",
+    "bias_only": "#9467bd",
+    "train_mean": "#ff7f0e",
+}
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use: it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Write `fig` as PNG atomically and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    pyplot().close(fig)
+    return path

@@ -1,0 +1,93 @@
+"""Load an SAE: a directory in sae-lens disk format (`cfg.json` + `sae_weights.safetensors`, what
+`ato sae` writes), or a sae-lens pretrained release checked against the local cache first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import SaeError
+
+if TYPE_CHECKING:
+    import torch
+    from sae_lens import SAE
+
+SAE_CATALOGUE_URL = "https://decoderesearch.github.io/SAELens/latest/pretrained_saes/"
+
+
+def hook_name(layer: int) -> str:
+    """TransformerLens / sae-lens hook of residual layer `layer` (see docs/conventions.md#layers)."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def load_sae(directory: Path, device: str | torch.device = "cpu") -> SAE:
+    """The SAE saved in `directory` (sae-lens `SAE.load_from_disk`), in eval mode; a missing or
+    unloadable directory is a SaeError naming it."""
+    from sae_lens import SAE
+
+    directory = Path(directory)
+    if not (directory / "cfg.json").exists():
+        raise SaeError(f"{directory}: no SAE here (no cfg.json); run `ato sae`")
+    try:
+        sae = SAE.load_from_disk(str(directory), device=str(device))
+    except Exception as exc:  # sae-lens raises many kinds on a bad directory
+        raise SaeError(f"{directory}: cannot load the SAE: {exc}") from exc
+    return sae.eval()
+
+
+def resolve_pretrained(release: str, sae_id: str) -> dict[str, Any]:
+    """Check a (release, sae_id) against sae-lens' directory — and, offline, against the local HF
+    cache — *before* touching the hub, so a doomed run fails in seconds with what to do.
+    Returns {"repo_id", "folder", "neuronpedia_id"}."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from ato.models import offline
+
+    directory = get_pretrained_saes_directory()
+    neuronpedia_id = None
+    if release in directory:
+        entry = directory[release]
+        if sae_id not in entry.saes_map:
+            some = ", ".join(list(entry.saes_map)[:5])
+            raise SaeError(
+                f"sae.sae_id_template gives {sae_id!r}, which release {release!r} does not have "
+                f"(ids look like: {some}, …)"
+            )
+        repo_id, folder = entry.repo_id, entry.saes_map[sae_id]
+        neuronpedia_id = (entry.neuronpedia_id or {}).get(sae_id)
+    elif "/" in release:
+        repo_id, folder = release, sae_id
+    else:
+        raise SaeError(
+            f"sae.release {release!r} is neither a sae-lens pretrained release nor a hub repo id "
+            f"(owner/name); see {SAE_CATALOGUE_URL}"
+        )
+    if offline():
+        _require_cached(release, sae_id, repo_id, folder)
+    return {"repo_id": repo_id, "folder": folder, "neuronpedia_id": neuronpedia_id}
+
+
+def _require_cached(release: str, sae_id: str, repo_id: str, folder: str) -> None:
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    cached = any((snap / folder).exists() for snap in cache.glob("*")) if cache.exists() else False
+    if not cached:
+        raise SaeError(
+            f"sae.source=pretrained: SAE {release}/{sae_id} (hub repo {repo_id}, folder {folder}) is not in "
+            f"the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids downloading "
+            "it. Run `HF_HUB_OFFLINE=0 ato sae` once on a machine with network access to cache it, or set "
+            "sae.source: train to train SAEs on the activation store."
+        )
+
+
+def load_pretrained(release: str, sae_id: str, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
+    """A sae-lens pretrained SAE in eval mode, and where it lives (`resolve_pretrained`)."""
+    from sae_lens import SAE
+
+    where = resolve_pretrained(release, sae_id)
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as exc:  # network, cache and format errors alike
+        raise SaeError(f"loading pretrained SAE {release}/{sae_id} failed: {exc}") from exc
+    return sae.eval(), where
