@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_tiny_params, random_text, tiny_model, tiny_tokenizer
-
+from ato import patching
+from ato.artifacts.causal import PATCHED
 from ato.errors import AtoError
 from ato.math.bootstrap import paired_bootstrap, paired_bootstrap_recovered, resample_indices
 from ato.stages import causal
+from conftest import load_tiny_params, random_text, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,16 +37,16 @@ def one_thread():
 
 
 def _save_prepared(model, tokenizer, directory: Path, name: str) -> Path:
+    from ato.artifacts import ModelInfo
     from ato.models import n_layers, weights_digest
 
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    info = {"name": name, "source": name, "model_type": model.config.model_type,
-            "architecture": type(model).__name__, "n_layers": n_layers(model),
-            "d_model": int(model.config.hidden_size), "vocab_size": int(model.config.vocab_size),
-            "dtype": "float32", "weights_digest": weights_digest(directory), "bos_token_id": 2}
-    (directory / "ato_model.json").write_text(json.dumps(info))
+    ModelInfo(name=name, source=name, model_type=model.config.model_type, architecture=type(model).__name__,
+              n_layers=n_layers(model), d_model=int(model.config.hidden_size),
+              vocab_size=int(model.config.vocab_size), dtype="float32", weights_digest=weights_digest(directory),
+              bos_token_id=2).write(directory / "ato_model.json")
     return directory
 
 
@@ -89,14 +90,13 @@ def build_causal_project(params, texts: dict[str, list[str]], layers: list[int],
                          alpha: float = 1.0, identity_operator: bool = False) -> None:
     """Store (all splits, real captured residuals, parts cut mid-sequence), train statistics and a
     ridge operator per pair, exactly in the formats the stages write."""
-    from safetensors.torch import save_file
-
+    from ato.artifacts import Layout, PairStatsMeta, write_json_atomic, write_pair_stats
     from ato.corpus import tokenize_document
     from ato.math.ridge import ridge_fit
     from ato.math.stats import PairStats
-    from ato.models import capture_residuals, load_prepared, run_captured, base_model
+    from ato.models import base_model, capture_residuals, load_prepared, run_captured
     from ato.operators import save_operator
-    from ato.store import layer_key, write_json_atomic, write_part
+    from ato.store import layer_key, write_part
 
     model, tok, info = load_prepared(params.path("model_dir"), "cpu")
     store = params.path("store")
@@ -128,11 +128,11 @@ def build_causal_project(params, texts: dict[str, list[str]], layers: list[int],
                          "documents": len(docs), "parts": parts, "part_tokens": sizes}
         if split == "train":
             train_arrays = arrays
-    d = int(info["d_model"])
+    d = info.d_model
     write_json_atomic(store / "manifest.json", {
         "format": "ato-activation-store/1",
-        "model": {"name": info["name"], "source": info["source"], "model_type": info["model_type"],
-                  "weights_digest": info["weights_digest"], "n_layers": info["n_layers"], "d_model": d},
+        "model": {"name": info.name, "source": info.source, "model_type": info.model_type,
+                  "weights_digest": info.weights_digest, "n_layers": info.n_layers, "d_model": d},
         "tokenizer": {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
                       "vocab_size": len(tok), "special_ids": list(tok.all_special_ids)},
         "layers": layers, "d_model": d, "dtype": "float32", "hook": "block output",
@@ -144,12 +144,12 @@ def build_causal_project(params, texts: dict[str, list[str]], layers: list[int],
         x = train_arrays[layer_key(pair.L)][keep]
         y = train_arrays[layer_key(pair.target)][keep]
         stats = PairStats.from_data(x, y)
-        path = params.path("stats") / "train" / f"{name}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(stats.to_tensors(), str(path))
+        meta = PairStatsMeta(store_digest="store-digest", include_bos=False, split="train", pair=name,
+                             layer_in=pair.L, layer_out=pair.target)
+        write_pair_stats(Layout.from_params(params).pair_stats("train", name), stats, meta)
         W, b = (np.eye(d), np.zeros(d)) if identity_operator else ridge_fit(stats, alpha)
         save_operator(params.path("operators") / name, W, b, {
-            "model": info["name"], "model_digest": info["weights_digest"], "layer_in": pair.L,
+            "model": info.name, "model_digest": info.weights_digest, "layer_in": pair.L,
             "layer_out": pair.target, "alpha": alpha, "method": "ridge", "d_model": d,
             "n_train_tokens": int(stats.n), "store_digest": "store-digest"})
 
@@ -194,7 +194,7 @@ def test_clean_nll_equals_transformers_labels_loss(kind):
     ids = torch.randint(4, 128, (3, 11))
     ids[:, 0] = 2
     with torch.no_grad():
-        nll = causal.token_nll(model, ids, chunk_rows=7)  # 30 rows in chunks of 7
+        nll = patching.token_nll(model, ids, chunk_rows=7)  # 30 rows in chunks of 7
         for i in range(3):
             ref = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss
             assert nll[i].mean().item() == pytest.approx(ref.item(), abs=1e-5)
@@ -215,12 +215,12 @@ def test_oracle_patch_reproduces_clean_exactly():
     patch[1, 5] = False
     rows = patch.nonzero(as_tuple=True)
     with torch.no_grad():
-        clean = causal.token_nll(model, ids, chunk_rows=8)
+        clean = patching.token_nll(model, ids, chunk_rows=8)
         with capture_residuals(model, [target], stop_early=False) as cap:
             run_captured(base_model(model), input_ids=ids)
         y_true = cap[target]
-        oracle = causal.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows], 8)
-        shifted = causal.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows] + 1.0, 8)
+        oracle = patching.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows], 8)
+        shifted = patching.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows] + 1.0, 8)
     torch.testing.assert_close(oracle, clean, rtol=0, atol=1e-6)
     assert (shifted - clean).abs().max() > 1e-3  # the hook really acts
 
@@ -233,19 +233,19 @@ def test_late_patch_only_changes_later_predictions():
     patch = torch.zeros_like(ids, dtype=torch.bool)
     patch[:, 7] = True
     with torch.no_grad():
-        clean = causal.token_nll(model, ids, chunk_rows=64)
-        full = causal.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64)  # LM head on every row
-        skip = causal.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64, clean_nll=clean)
+        clean = patching.token_nll(model, ids, chunk_rows=64)
+        full = patching.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64)  # LM head on every row
+        skip = patching.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64, clean_nll=clean)
     torch.testing.assert_close(full[:, :7], clean[:, :7], rtol=0, atol=1e-6)
     assert (full[:, 7:] - clean[:, 7:]).abs().max() > 1e-4
     torch.testing.assert_close(skip, full, rtol=0, atol=1e-6)
 
 
 def test_position_masks_never_patch_bos():
-    assert causal.position_mask("all", 6).tolist() == [False, True, True, True, True, True]
-    assert causal.position_mask([1, 4], 6).tolist() == [False, True, False, False, True, False]
-    with pytest.raises(causal.CausalError, match=r"position_sets\.x.*\[0\]"):
-        causal.position_mask([0, 2], 6, "x")
+    assert patching.position_mask("all", 6).tolist() == [False, True, True, True, True, True]
+    assert patching.position_mask([1, 4], 6).tolist() == [False, True, False, False, True, False]
+    with pytest.raises(patching.CausalError, match=r"position_sets\.x.*\[0\]"):
+        patching.position_mask([0, 2], 6, "x")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
     import mlflow
 
     project, params = trained_project
-    out = causal.main(params, pair="L01_k2")["L01_k2"]
+    out = causal.main(params, pair="L01_k2")["L01_k2"].headline_metrics()
     assert out["zero_delta_all"] > 0 and out["zero_delta_all_lo"] > 0
     assert out["zero_delta_all_lo"] <= out["zero_delta_all"] <= out["zero_delta_all_hi"]
     assert out["recovered_all"] == pytest.approx(1 - out["ato_delta_all"] / out["zero_delta_all"])
@@ -289,7 +289,7 @@ def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
     assert set(report["position_sets"]) == {"all", "few", "single_2"}
     few = report["position_sets"]["few"]
     assert few["first_patched_position"] == 1 and few["n_patched_tokens"] == 2 * 4
-    for cond in causal.PATCHED:
+    for cond in PATCHED:
         assert {"logppl_all", "logppl_after", "delta_all_mean", "delta_all_lo", "delta_all_hi",
                 "delta_after_mean"} <= set(few[cond])
     # the late single position cannot change predictions made before it
@@ -322,7 +322,7 @@ def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     params = load_tiny_params(tmp_path)
     build_causal_project(params, TEXTS, layers=[0, 1, 3], identity_operator=True)
-    out = causal.main(params, pair="L01_k2")["L01_k2"]
+    out = causal.main(params, pair="L01_k2")["L01_k2"].headline_metrics()
     for cond in ("ato", "identity"):
         for scope in ("all", "after"):
             assert abs(out[f"{cond}_delta_{scope}"]) < 1e-6
@@ -341,23 +341,23 @@ def no_forward(monkeypatch):
         raise AssertionError("a forward pass ran before the input was checked")
 
     monkeypatch.setattr(causal, "run_pair", fail)
-    monkeypatch.setattr(causal, "token_nll", fail)
+    monkeypatch.setattr(patching, "token_nll", fail)
 
 
 def test_positions_beyond_seq_len_are_refused(trained_project, no_forward):
     _, params = trained_project
     params.causal.position_sets = {"all": "all", "bad": [3, 12]}  # seq_len is 12
-    with pytest.raises(causal.CausalError, match=r"position_sets\.bad.*\[12\].*seq_len=12"):
+    with pytest.raises(patching.CausalError, match=r"position_sets\.bad.*\[12\].*seq_len=12"):
         causal.main(params, pair="L00_k1")
 
 
 def test_too_short_sequences_are_refused(trained_project, no_forward):
     _, params = trained_project
     params.causal.seq_len = 25  # the store's sequences are cut at corpus.max_length = 24
-    with pytest.raises(causal.CausalError, match=r"'test' split has only 0 sequence.*causal.seq_len=25"):
+    with pytest.raises(patching.CausalError, match=r"'test' split has only 0 sequence.*causal.seq_len=25"):
         causal.main(params, pair="L00_k1")
     params.causal.seq_len, params.causal.n_sequences = 12, 7  # 6 test documents
-    with pytest.raises(causal.CausalError, match=r"only 6 sequence.*causal.n_sequences=7"):
+    with pytest.raises(patching.CausalError, match=r"only 6 sequence.*causal.n_sequences=7"):
         causal.main(params, pair="L00_k1")
 
 
@@ -412,7 +412,7 @@ def test_zero_ablation_hurts_the_real_embedded_model(tmp_path):
     docs = [d.text for d, _ in zip(Corpus(CorpusParams()), range(14))]
     build_causal_project(params, {"train": docs[:10], "val": docs[10:12], "test": docs[12:14]}, layers=[5, 6],
                          part_tokens=4096, alpha=1e3)
-    out = causal.main(params, pair="L05_k1")["L05_k1"]
+    out = causal.main(params, pair="L05_k1")["L05_k1"].headline_metrics()
     assert out["clean_logppl_all"] < 5.0  # a working model on encyclopedic text
     assert out["zero_delta_all"] > 0.1
     assert out["zero_delta_all_lo"] > 0

@@ -3,6 +3,7 @@ param change reruns only its dependants, and adding a pair fits only that pair."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,13 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY_PARAMS, make_corpus, tiny_model, tiny_tokenizer
+from dvc_truth import covered, declared_params, load_pipeline, stage_entries, templated_params
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+TRACE = "params-trace.jsonl"  # every `ato` stage appends the params keys it read (ATO_PARAMS_TRACE)
+
+
 def dvc(project: Path, *args: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "ATO_PARAMS_TRACE": str(project / TRACE)}
     out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -70,6 +76,27 @@ def test_repro_is_incremental(dvc_project: Path):
     # their tune/fit stages are skipped and only the new pair is fitted.
     assert ran(dvc(dvc_project, "repro", "fit")) == {"stats", "tune@L02_k1", "fit@L02_k1"}
     assert (dvc_project / "models" / "operators" / "L02_k1" / "operator.safetensors").exists()
+
+    rest = ran(dvc(dvc_project, "repro"))
+    pairs = raw["pairs"]
+    assert rest == {"sae", "select", "report", *(f"{s}@{p}" for s in ("evaluate", "causal") for p in pairs)}
+    assert_params_declared(dvc_project)
+
+
+def assert_params_declared(project: Path) -> None:
+    """Every params key a stage read while dvc ran it is declared in (or templated into) its dvc.yaml entry."""
+    stages, params = load_pipeline(project)
+    entries = stage_entries(stages, params)
+    seen = set()
+    for line in (project / TRACE).read_text().splitlines():
+        record = json.loads(line)
+        name = record["stage"] + (f"@{record['pair']}" if record["pair"] else "")
+        spec, key = entries[name]
+        declared = declared_params(spec, key) | templated_params(spec)
+        undeclared = sorted(k for k in record["params"] if not covered(k, declared))
+        assert undeclared == [], f"{name} reads params dvc.yaml does not declare: {undeclared}"
+        seen.add(name)
+    assert seen == set(entries), f"stages never traced: {sorted(set(entries) - seen)}"
 
 
 def test_push_and_pull_through_the_default_local_remote(dvc_project: Path):

@@ -23,9 +23,17 @@ SPLIT_SEQUENCES = {"train": 40, "val": 12, "test": 6}
 def make_model_store(project: Path, layers=TARGETS, seqs: dict[str, int] | None = None, seed: int = 0) -> Path:
     """A small activation store holding the tiny model's real residuals of random word sequences
     (written with ato.store.write_part + a manifest, as `ato collect` would)."""
-    from ato.artifacts import write_json_atomic
+    from ato.artifacts import ValidationVerdict, write_json_atomic
     from ato.models import base_model, capture_residuals, run_captured
-    from ato.store import MANIFEST, STORE_FORMAT, layer_key, write_part
+    from ato.store import (
+        MANIFEST,
+        STORE_FORMAT,
+        ActivationStore,
+        layer_key,
+        manifest_sha256,
+        part_digests,
+        write_part,
+    )
 
     seqs = SPLIT_SEQUENCES if seqs is None else seqs
     model = tiny_model()
@@ -82,11 +90,13 @@ def make_model_store(project: Path, layers=TARGETS, seqs: dict[str, int] | None 
     }
     write_json_atomic(root / MANIFEST, manifest)
     # Stages refuse unvalidated stores; this synthetic store is consistent by construction
-    # (tests/test_validate.py covers the real check), so record it as validated.
-    write_json_atomic(
-        project / "reports" / "validation" / "validation.json",
-        {"success": True, "store_digest": manifest["content_digest"], "n_failed": 0},
-    )
+    # (tests/test_validate.py covers the real check), so record it as validated, bound to its bytes.
+    store = ActivationStore.open(root)
+    verdict = ValidationVerdict(
+        success=True, store=str(root), store_digest=store.digest, n_expectations=0, n_failed=0, results=[],
+        failures=[], manifest_sha256=manifest_sha256(root), part_sha256=part_digests(store),
+    )  # fmt: skip
+    verdict.write(project / "reports" / "validation" / "validation.json")
     return root
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["Operator", "load_operator", "load_registered_operator"]
+_LAZY = {name: "operators" for name in __all__}  # public name → the submodule that defines it
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -15,8 +16,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import operators
+    if name in _LAZY:
+        import importlib
 
-        return getattr(operators, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'ato' has no attribute {name!r}")

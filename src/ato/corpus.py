@@ -98,8 +98,12 @@ class Corpus:
             self.digest = _file_digest(self.files)
 
     def describe(self) -> dict:
-        return {"source": self.params.source, "kind": self.kind, "digest": self.digest,
-                "files": [f.name for f in self.files]}
+        return {
+            "source": self.params.source,
+            "kind": self.kind,
+            "digest": self.digest,
+            "files": [f.name for f in self.files],
+        }
 
     def __iter__(self) -> Iterator[Document]:
         if self.kind == "embedded":
@@ -162,8 +166,9 @@ SPLIT_RULE = "sha256(f'{seed}\\x00{key}')[:8] as uint64 / 2**64, cut at cumulati
 
 
 def tokenize_document(tokenizer, text: str, max_length: int | None) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=True, truncation=max_length is not None,
-                    max_length=max_length)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)[
+        "input_ids"
+    ]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids][: max_length or None]

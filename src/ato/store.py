@@ -40,8 +40,19 @@ TOKEN_ARRAYS = ("token_id", "doc_id", "position", "special")
 _READ_BLOCK = 1 << 24  # bytes per read when hashing
 
 __all__ = [
-    "MANIFEST", "STORE_FORMAT", "TOKEN_ARRAYS", "ActivationStore", "StoreError", "complete_parts",
-    "directory_digest", "layer_key", "part_digests", "part_name", "remove_temporaries", "require_validated",
+    "MANIFEST",
+    "STORE_FORMAT",
+    "TOKEN_ARRAYS",
+    "ActivationStore",
+    "StoreError",
+    "complete_parts",
+    "directory_digest",
+    "layer_key",
+    "manifest_sha256",
+    "part_digests",
+    "part_name",
+    "remove_temporaries",
+    "require_validated",
     "write_part",
 ]
 
@@ -64,8 +75,9 @@ def _array_codecs() -> dict[str, Any]:
     return {"compressors": [Crc32cCodec()]}
 
 
-def write_part(split_dir: Path, index: int, arrays: dict[str, np.ndarray], chunk_tokens: int,
-               attrs: dict[str, Any] | None = None) -> Path:
+def write_part(
+    split_dir: Path, index: int, arrays: dict[str, np.ndarray], chunk_tokens: int, attrs: dict[str, Any] | None = None
+) -> Path:
     """Write one part atomically. `arrays` maps array paths (`resid/layer_NN`, `token_id`, …) to data."""
     import zarr
 
@@ -82,12 +94,21 @@ def write_part(split_dir: Path, index: int, arrays: dict[str, np.ndarray], chunk
             group.attrs.update({"n_tokens": n, **(attrs or {})})
             for key, value in arrays.items():
                 shape = value.shape
-                arr = group.create_array(key, shape=shape, dtype=value.dtype, chunks=(chunk, *shape[1:]),
-                                         shards=(shard_rows, *shape[1:]), fill_value=0, **_array_codecs())
+                arr = group.create_array(
+                    key,
+                    shape=shape,
+                    dtype=value.dtype,
+                    chunks=(chunk, *shape[1:]),
+                    shards=(shard_rows, *shape[1:]),
+                    fill_value=0,
+                    **_array_codecs(),
+                )
                 arr[...] = value
     except OSError as exc:
-        raise StoreError(f"{final}: writing the part failed ({exc.strerror or exc}); earlier parts are "
-                         "intact — free space or fix the cause and rerun to resume") from exc
+        raise StoreError(
+            f"{final}: writing the part failed ({exc.strerror or exc}); earlier parts are "
+            "intact — free space or fix the cause and rerun to resume"
+        ) from exc
     return final
 
 
@@ -133,8 +154,7 @@ def part_digests(store: ActivationStore, workers: int | None = None) -> dict[str
     """`directory_digest` of every part the manifest lists, keyed "split/part-NNNNN.zarr" (a missing part
     is left out). Parts are hashed in parallel threads: hashlib and file reads release the GIL, so
     this runs at disk (or sha256) speed on every core."""
-    names = [f"{split}/{path.name}" for split in store.manifest.splits for path in store.parts(split)
-             if path.is_dir()]
+    names = [f"{split}/{path.name}" for split in store.manifest.splits for path in store.parts(split) if path.is_dir()]
     workers = workers or min(len(names), os.cpu_count() or 1) or 1
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ato-digest") as pool:
@@ -214,8 +234,14 @@ class ActivationStore:
         except Exception as exc:
             raise StoreError(f"{path}: cannot open part: {exc}") from exc
 
-    def iter_chunks(self, split: str, layers: list[int], chunk_tokens: int = 8192, include_special: bool = False,
-                    with_tokens: bool = False) -> Iterator[dict[Any, np.ndarray]]:
+    def iter_chunks(
+        self,
+        split: str,
+        layers: list[int],
+        chunk_tokens: int = 8192,
+        include_special: bool = False,
+        with_tokens: bool = False,
+    ) -> Iterator[dict[Any, np.ndarray]]:
         """Yield {layer: float array [m, d], …} chunk by chunk, streaming (memory ∝ chunk_tokens).
 
         Special tokens (BOS) are dropped unless `include_special`. With `with_tokens`, the chunk
@@ -261,8 +287,9 @@ def require_validated(store: ActivationStore, report: Path) -> None:
     if verdict.store_digest != store.digest:
         raise StoreError(f"{report}: validated a different store state; rerun `ato validate`")
     if not verdict.success:
-        raise StoreError(f"{store.root} failed validation ({verdict.n_failed} expectations); "
-                         f"see {report.with_suffix('.md')}")
+        raise StoreError(
+            f"{store.root} failed validation ({verdict.n_failed} expectations); see {report.with_suffix('.md')}"
+        )
     if verdict.manifest_sha256 != manifest_sha256(store.root):
         raise StoreError(f"{store.root / MANIFEST}: changed since `ato validate` checked it; rerun `ato validate`")
     _require_same_parts(store, verdict.part_sha256, report)
@@ -273,5 +300,6 @@ def _require_same_parts(store: ActivationStore, validated: dict[str, str], repor
     changed = sorted(name for name in validated.keys() | now.keys() if validated.get(name) != now.get(name))
     if changed:
         what = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-        raise StoreError(f"{store.root}: part(s) {what} changed since `ato validate` checked them "
-                         f"({report}); rerun `ato validate`")
+        raise StoreError(
+            f"{store.root}: part(s) {what} changed since `ato validate` checked them ({report}); rerun `ato validate`"
+        )

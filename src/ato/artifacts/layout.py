@@ -48,6 +48,18 @@ class Layout:
     def validation(self) -> Path:
         return self.validation_dir / "validation.json"
 
+    @property
+    def validation_report(self) -> Path:
+        return self.validation_dir / "validation.md"
+
+    @property
+    def validation_metrics(self) -> Path:
+        return self.validation_dir / "metrics.json"
+
+    def validation_table(self, table: str) -> Path:
+        """stats.csv (the layers table), parts.csv, splits.csv."""
+        return self.validation_dir / f"{table}.csv"
+
     # stats
     def pair_stats(self, split: str, pair: str) -> Path:
         return self.stats / split / f"{pair}.safetensors"

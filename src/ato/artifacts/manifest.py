@@ -118,7 +118,9 @@ def _is_instance(value: Any, annotation: Any) -> bool:
     if origin is list:
         return isinstance(value, list) and all(_is_instance(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _is_instance(v, args[1]) for k, v in value.items())
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _is_instance(v, args[1]) for k, v in value.items()
+        )
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation is float:

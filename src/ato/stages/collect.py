@@ -74,19 +74,27 @@ def plan_parts(seqs: list[TokenSequence], part_tokens: int) -> list[list[TokenSe
     return parts
 
 
-def fingerprint(collect: CollectParams, corpus: CorpusParams, model_digest: str, corpus_digest: str,
-                layers: list[int]) -> str:
+def fingerprint(
+    collect: CollectParams, corpus: CorpusParams, model_digest: str, corpus_digest: str, layers: list[int]
+) -> str:
     """What determines the store's bytes; device is left out (results must not depend on it)."""
     settings = section_dict(collect)
     settings.pop("device")
-    ident = {"model": model_digest, "corpus": corpus_digest, "corpus_params": section_dict(corpus),
-             "collect": settings, "layers": layers, "format": STORE_FORMAT}
+    ident = {
+        "model": model_digest,
+        "corpus": corpus_digest,
+        "corpus_params": section_dict(corpus),
+        "collect": settings,
+        "layers": layers,
+        "format": STORE_FORMAT,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 @torch.no_grad()
-def capture_batch(model: Any, seqs: list[TokenSequence], layers: list[int], pad_id: int,
-                  device: torch.device) -> dict[int, np.ndarray]:
+def capture_batch(
+    model: Any, seqs: list[TokenSequence], layers: list[int], pad_id: int, device: torch.device
+) -> dict[int, np.ndarray]:
     """Forward a right-padded batch; return each layer's residuals of the real tokens, row-major
     by sequence then position ([Σ len, d] float32). Padding never leaves this function."""
     lengths = [len(s.token_ids) for s in seqs]
@@ -109,8 +117,15 @@ def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
         yield order[start : start + batch_size]
 
 
-def collect_part(model: Any, seqs: list[TokenSequence], layers: list[int], pad_id: int, device: torch.device,
-                 batch_size: int, bar: tqdm) -> dict[int, np.ndarray]:
+def collect_part(
+    model: Any,
+    seqs: list[TokenSequence],
+    layers: list[int],
+    pad_id: int,
+    device: torch.device,
+    batch_size: int,
+    bar: tqdm,
+) -> dict[int, np.ndarray]:
     """Residuals of one part, in stored order. Batches are formed from length-sorted sequences
     (less padding), and rows are put back in the part's order afterwards."""
     offsets = np.cumsum([0] + [len(s.token_ids) for s in seqs])
@@ -147,8 +162,9 @@ def _part_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _write_and_record(root: Path, split: str, index: int, arrays: dict[str, np.ndarray], chunk_tokens: int,
-                      progress: dict[str, Any]) -> None:
+def _write_and_record(
+    root: Path, split: str, index: int, arrays: dict[str, np.ndarray], chunk_tokens: int, progress: dict[str, Any]
+) -> None:
     """Write one part atomically, then record its digest (a kill in between is healed on resume)."""
     digest = _part_digest(arrays)
     write_part(root / split, index, arrays, chunk_tokens, attrs={"sha256": digest, "split": split})
@@ -211,16 +227,19 @@ class _Collector:
         # One writer thread: part i is written (mostly disk I/O, GIL released) while part i+1 is
         # computed. At most two parts are in memory; parts are written and recorded in order.
         pending: Future[None] | None = None
-        with tqdm(total=todo, unit="tok", unit_scale=True, desc=f"collect {split}", dynamic_ncols=True) as bar, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="ato-write") as writer:
+        with (
+            tqdm(total=todo, unit="tok", unit_scale=True, desc=f"collect {split}", dynamic_ncols=True) as bar,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ato-write") as writer,
+        ):
             for i, part in enumerate(parts):
                 if part_name(i) in done:
                     continue
                 arrays = self._part_arrays(split, i, part, bar)
                 if pending is not None:
                     pending.result()  # re-raises the previous part's write error here
-                pending = writer.submit(_write_and_record, self.root, split, i, arrays, self.settings.chunk_tokens,
-                                        self.progress)
+                pending = writer.submit(
+                    _write_and_record, self.root, split, i, arrays, self.settings.chunk_tokens, self.progress
+                )
             if pending is not None:
                 pending.result()
         return self._split_info(split, seqs, parts, budget)
@@ -228,35 +247,73 @@ class _Collector:
     def _part_arrays(self, split: str, index: int, part: list[TokenSequence], bar: tqdm) -> dict[str, np.ndarray]:
         s = self.settings
         acts = collect_part(self.model, part, self.layers, self.pad_id, self.device, s.batch_size, bar)
-        arrays = {layer_key(layer): _to_storage(a, s.dtype, f"{split}/{part_name(index)} layer {layer}")
-                  for layer, a in acts.items()}
+        arrays = {
+            layer_key(layer): _to_storage(a, s.dtype, f"{split}/{part_name(index)} layer {layer}")
+            for layer, a in acts.items()
+        }
         arrays.update(as_arrays(part))
         return arrays
 
-    def _split_info(self, split: str, seqs: list[TokenSequence], parts: list[list[TokenSequence]],
-                    budget: int) -> SplitInfo:
+    def _split_info(
+        self, split: str, seqs: list[TokenSequence], parts: list[list[TokenSequence]], budget: int
+    ) -> SplitInfo:
         stored = as_arrays(seqs)
         names = [part_name(i) for i in range(len(parts))]
         return SplitInfo(
-            tokens=int(len(stored["token_id"])), special_tokens=int(stored["special"].sum()), sequences=len(seqs),
-            documents=int(len(np.unique(stored["doc_id"]))), parts=names,
+            tokens=int(len(stored["token_id"])),
+            special_tokens=int(stored["special"].sum()),
+            sequences=len(seqs),
+            documents=int(len(np.unique(stored["doc_id"]))),
+            parts=names,
             part_tokens=[sum(len(s.token_ids) for s in part) for part in parts],
-            part_sha256=[self.progress["part_digests"][f"{split}/{name}"] for name in names], budget=budget)
+            part_sha256=[self.progress["part_digests"][f"{split}/{name}"] for name in names],
+            budget=budget,
+        )
 
 
-def build_manifest(info: ModelInfo, tokenizer: Any, pad_id: int, layers: list[int], dtype: str, corpus: Corpus,
-                   splits: dict[str, SplitInfo], fp: str) -> StoreManifest:
+def build_manifest(
+    info: ModelInfo,
+    tokenizer: Any,
+    pad_id: int,
+    layers: list[int],
+    dtype: str,
+    corpus: Corpus,
+    splits: dict[str, SplitInfo],
+    fp: str,
+) -> StoreManifest:
     c = corpus.params
     content = hashlib.sha256("".join(d for s in SPLITS for d in splits[s].part_sha256).encode()).hexdigest()
     return StoreManifest(
-        model=ManifestModel(name=info.name, source=info.source, model_type=info.model_type,
-                            weights_digest=info.weights_digest, n_layers=info.n_layers, d_model=info.d_model),
-        tokenizer=ManifestTokenizer(bos_token_id=tokenizer.bos_token_id, pad_token_id=pad_id,
-                                    vocab_size=len(tokenizer), special_ids=sorted(tokenizer.all_special_ids)),
-        layers=layers, d_model=info.d_model, dtype=dtype, hook=HOOK,
-        corpus=ManifestCorpus(**corpus.describe(), split_rule=SPLIT_RULE, split_seed=c.split_seed,
-                              split_fractions=c.split_fractions, max_length=c.max_length, packing=c.packing),
-        splits=splits, fingerprint=fp, content_digest=content)
+        model=ManifestModel(
+            name=info.name,
+            source=info.source,
+            model_type=info.model_type,
+            weights_digest=info.weights_digest,
+            n_layers=info.n_layers,
+            d_model=info.d_model,
+        ),
+        tokenizer=ManifestTokenizer(
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=pad_id,
+            vocab_size=len(tokenizer),
+            special_ids=sorted(tokenizer.all_special_ids),
+        ),
+        layers=layers,
+        d_model=info.d_model,
+        dtype=dtype,
+        hook=HOOK,
+        corpus=ManifestCorpus(
+            **corpus.describe(),
+            split_rule=SPLIT_RULE,
+            split_seed=c.split_seed,
+            split_fractions=c.split_fractions,
+            max_length=c.max_length,
+            packing=c.packing,
+        ),
+        splits=splits,
+        fingerprint=fp,
+        content_digest=content,
+    )
 
 
 def main(params: Params) -> Path:

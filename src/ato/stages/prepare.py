@@ -36,6 +36,13 @@ def main(params: Params) -> Path:
             bos_token_id=tokenizer.bos_token_id,
         )
         info.write(tmp / layout.model_info.name)
-    log.info("prepare: %s (%d layers, d=%d) → %s in %.0fs; digest %s", info.name, info.n_layers, info.d_model,
-             layout.model_dir, time.perf_counter() - t0, info.weights_digest[:12])
+    log.info(
+        "prepare: %s (%d layers, d=%d) → %s in %.0fs; digest %s",
+        info.name,
+        info.n_layers,
+        info.d_model,
+        layout.model_dir,
+        time.perf_counter() - t0,
+        info.weights_digest[:12],
+    )
     return layout.model_dir

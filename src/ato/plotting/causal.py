@@ -1,0 +1,45 @@
+"""Figure of `ato causal` for one pair: Δ log-perplexity vs clean per condition and position set."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ato.artifacts import CausalSummary
+
+from . import CONDITION_COLOURS, CONDITION_LABELS, CONDITIONS, pyplot, save_figure
+
+
+def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, scope: str = "after") -> Path:
+    """One panel per position set: Δ log-perplexity vs clean per condition with its 95 % CI.
+
+    A symmetric-log axis keeps the small ATO Δ and the large zero-ablation Δ readable together.
+    """
+    plt = pyplot()
+    names = list(summary.position_sets)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.6, 4.4), sharey=True, squeeze=False)
+    x = np.arange(len(CONDITIONS))
+    for ax, name in zip(axes[0], names):
+        entry = summary.position_sets[name]
+        mean, lo, hi = np.array([entry.patched(c).delta(scope) for c in CONDITIONS]).T
+        err = np.vstack([np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)])
+        ax.bar(x, mean, color=[CONDITION_COLOURS[c] for c in CONDITIONS], yerr=err, capsize=4, edgecolor="black",
+               linewidth=0.5)
+        for xi, m in zip(x, mean):
+            ax.annotate(f"{m:+.3g}", (xi, m), textcoords="offset points", xytext=(0, 3 if m >= 0 else -11),
+                        ha="center", fontsize=8)
+        r_mean, r_lo, r_hi = entry.recovered.triplet(scope)
+        rec_txt = "n/a" if not math.isfinite(r_mean) else f"{r_mean:.1%} [{r_lo:.1%}, {r_hi:.1%}]"
+        ax.set_title(f"positions: {name} ({entry.n_patched_tokens} patched)\nrecovered {rec_txt}", fontsize=9)
+        ax.set_xticks(x, [CONDITION_LABELS[c] for c in CONDITIONS], rotation=35, ha="right", fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.grid(axis="y", alpha=0.3)
+    tokens = "tokens after first patch" if scope == "after" else "all tokens"
+    axes[0][0].set_ylabel(f"Δ log-perplexity vs clean (nats/token)\n{tokens}, 95% CI")
+    clean = summary.position_sets[names[0]].clean.logppl(scope)
+    fig.suptitle(f"{pair}: residual patching after block L+k (clean log-ppl {clean:.3f})", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
