@@ -140,8 +140,10 @@ def main() -> None:
         rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
         rows.append((f"peak RSS, train corpus of {tokens:,} tokens", f"{rss:,.0f} MB"))
     width = max(len(r[0]) for r in rows)
-    print(f"\nbench/collect.py  (median of {args.repeats}; {args.tokens:,} train tokens + 512 val/test; "
-          f"{torch.get_num_threads()} threads)")
+    print(
+        f"\nbench/collect.py  (median of {args.repeats}; {args.tokens:,} train tokens + 512 val/test; "
+        f"{torch.get_num_threads()} threads)"
+    )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
 

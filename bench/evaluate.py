@@ -34,7 +34,6 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_N
 from ato.math.cca import CCA, efficiency_table, rank_grid  # noqa: E402
 from ato.math.stats import PairStats  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # Naive per-rank sweep (what the reference code does: everything re-estimated for every rank)
 
@@ -50,9 +49,15 @@ def _naive_r2w(stats: PairStats, A: np.ndarray, mx: np.ndarray, my: np.ndarray, 
     b = my - W @ mx
     n = stats.n
     # Σ (y − Wx − b)(…)ᵀ from the raw sums, then whiten and trace
-    e = (stats.yty - W @ stats.xty - stats.xty.T @ W.T + W @ stats.xtx @ W.T
-         - np.outer(stats.sum_y - W @ stats.sum_x, b) - np.outer(b, stats.sum_y - W @ stats.sum_x)
-         + n * np.outer(b, b))
+    e = (
+        stats.yty
+        - W @ stats.xty
+        - stats.xty.T @ W.T
+        + W @ stats.xtx @ W.T
+        - np.outer(stats.sum_y - W @ stats.sum_x, b)
+        - np.outer(b, stats.sum_y - W @ stats.sum_x)
+        + n * np.outer(b, b)
+    )
     _, _, cyy = stats.centred()
     return 1.0 - np.trace(A @ e @ A) / np.trace(A @ cyy @ A)
 
@@ -79,16 +84,20 @@ def naive_sweep(train: PairStats, test: PairStats, W: np.ndarray, ranks: list[in
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def bench_sweep(train: PairStats, test: PairStats, W: np.ndarray, n_ranks: int, ridge: float,
-                naive_ranks: int | None) -> list[tuple[str, str]]:
+def bench_sweep(
+    train: PairStats, test: PairStats, W: np.ndarray, n_ranks: int, ridge: float, naive_ranks: int | None
+) -> list[tuple[str, str]]:
     d = min(W.shape)
     ranks = rank_grid(d, n_ranks)
     t0 = time.perf_counter()
     cca = CCA.from_stats(train, ridge=ridge)
     fast = efficiency_table(cca, W, train, test, ranks)
     t_fast = time.perf_counter() - t0
-    sub = ranks if not naive_ranks or naive_ranks >= len(ranks) else \
-        [ranks[i] for i in np.unique(np.linspace(0, len(ranks) - 1, naive_ranks).round().astype(int))]
+    sub = (
+        ranks
+        if not naive_ranks or naive_ranks >= len(ranks)
+        else [ranks[i] for i in np.unique(np.linspace(0, len(ranks) - 1, naive_ranks).round().astype(int))]
+    )
     t0 = time.perf_counter()
     slow = naive_sweep(train, test, W, sub, ridge)
     t_slow = time.perf_counter() - t0
@@ -98,8 +107,11 @@ def bench_sweep(train: PairStats, test: PairStats, W: np.ndarray, n_ranks: int, 
     return [
         ("rank sweep: d, ranks", f"{d}, {len(ranks)} ({ranks[0]}…{ranks[-1]})"),
         ("sweep, one decomposition", f"{t_fast:.3f} s"),
-        ("sweep, naive per-rank", f"{t_slow:.3f} s over {len(sub)} ranks"
-                                   + (f" (≈{t_slow_all:.1f} s for all {len(ranks)})" if len(sub) < len(ranks) else "")),
+        (
+            "sweep, naive per-rank",
+            f"{t_slow:.3f} s over {len(sub)} ranks"
+            + (f" (≈{t_slow_all:.1f} s for all {len(ranks)})" if len(sub) < len(ranks) else ""),
+        ),
         ("speed-up (naive / one decomposition)", f"{t_slow_all / t_fast:.1f}×"),
         ("max |η difference| fast vs naive", f"{diff:.2e}"),
     ]
@@ -123,6 +135,7 @@ def _child(params_path: str, pair: str) -> None:
                 return fn(*a, **k)
             finally:
                 timed[key] += time.perf_counter() - t
+
         return inner
 
     evaluate._log_mlflow = wrap(evaluate._log_mlflow, "mlflow")
@@ -137,14 +150,14 @@ def _child(params_path: str, pair: str) -> None:
 def bench_stage(params_path: Path, pair: str) -> list[tuple[str, str]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(params_path), "--pair", pair], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(params_path), "--pair", pair], env=env, capture_output=True, text=True
+    )
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"evaluate failed for {pair} (exit {proc.returncode})")
-    times = json.loads(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines()
-                            if line.startswith("__TIMES__")))
+    times = json.loads(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("__TIMES__")))
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
     return [
         ("evaluate wall (stage body)", f"{times['wall']:.2f} s"),
@@ -166,15 +179,16 @@ def build_synthetic(root: Path, d: int, n_train: int, n_test: int, rank: int, se
     import yaml
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
+    from ato.artifacts import FeatureScores, FeatureSet, Layout, PairStatsMeta, write_json_atomic, write_pair_stats
     from ato.math.ridge import ridge_fit
     from ato.operators import save_operator
     from ato.params import load_params
-    from ato.stages.stats import save_pair_stats, stats_path
-    from ato.store import STORE_FORMAT, layer_key, write_json_atomic, write_part
+    from ato.store import STORE_FORMAT, layer_key, write_part
 
     pair, L, T = "L05_k1", 5, 6
     (root / "params.yaml").write_text(yaml.safe_dump({"pairs": {pair: {"L": L, "k": 1}}}))
     params = load_params(root / "params.yaml")
+    layout = Layout.from_params(params)
     rng = np.random.default_rng(seed)
     mix = rng.normal(size=(d, d)) / np.sqrt(d) * np.logspace(0, -1.5, d)
     W_true = 0.6 * np.eye(d) + rng.normal(size=(d, rank)) @ rng.normal(size=(rank, d)) / d
@@ -196,35 +210,85 @@ def build_synthetic(root: Path, d: int, n_train: int, n_test: int, rank: int, se
             s.update(x, y)
             if split == "test":
                 pos = (np.arange(m) % 128 + 1).astype(np.int32)  # no BOS rows in the synthetic store
-                write_part(params.path("store") / split, i, {
-                    layer_key(L): x.astype(np.float32), layer_key(T): y.astype(np.float32),
-                    "token_id": np.zeros(m, np.int32), "doc_id": np.zeros(m, np.int32),
-                    "position": pos, "special": np.zeros(m, bool)}, chunk_tokens=2048)
+                write_part(
+                    params.path("store") / split,
+                    i,
+                    {
+                        layer_key(L): x.astype(np.float32),
+                        layer_key(T): y.astype(np.float32),
+                        "token_id": np.zeros(m, np.int32),
+                        "doc_id": np.zeros(m, np.int32),
+                        "position": pos,
+                        "special": np.zeros(m, bool),
+                    },
+                    chunk_tokens=2048,
+                )
                 parts.append(f"part-{i:05d}.zarr")
                 part_tokens.append(m)
         stats[split] = s
-        save_pair_stats(stats_path(params, split, pair), s, {"store_digest": digest, "include_bos": False,
-                                                             "split": split, "pair": pair, "layer_in": L, "layer_out": T})
+        meta = PairStatsMeta(store_digest=digest, include_bos=False, split=split, pair=pair, layer_in=L, layer_out=T)
+        write_pair_stats(layout.pair_stats(split, pair), s, meta)
         stats[split + "_parts"] = (parts, part_tokens)
-    splits = {split: {"tokens": int(stats[split].n), "special_tokens": 0, "sequences": 0, "documents": 0,
-                      "parts": stats[split + "_parts"][0], "part_tokens": stats[split + "_parts"][1]}
-              for split in ("train", "val", "test")}
-    write_json_atomic(params.path("store") / "manifest.json", {
-        "format": STORE_FORMAT, "model": {"name": "synthetic", "source": "synthetic", "model_type": "none",
-                                          "weights_digest": "synthetic", "n_layers": T + 1, "d_model": d},
-        "tokenizer": {}, "layers": [L, T], "d_model": d, "dtype": "float32", "hook": "synthetic",
-        "corpus": {}, "splits": splits, "fingerprint": digest, "content_digest": digest})
+    splits = {
+        split: {
+            "tokens": int(stats[split].n),
+            "special_tokens": 0,
+            "sequences": 0,
+            "documents": 0,
+            "parts": stats[split + "_parts"][0],
+            "part_tokens": stats[split + "_parts"][1],
+        }
+        for split in ("train", "val", "test")
+    }
+    write_json_atomic(
+        params.path("store") / "manifest.json",
+        {
+            "format": STORE_FORMAT,
+            "model": {
+                "name": "synthetic",
+                "source": "synthetic",
+                "model_type": "none",
+                "weights_digest": "synthetic",
+                "n_layers": T + 1,
+                "d_model": d,
+            },
+            "tokenizer": {"bos_token_id": None, "pad_token_id": None, "vocab_size": 1, "special_ids": []},
+            "layers": [L, T],
+            "d_model": d,
+            "dtype": "float32",
+            "hook": "synthetic",
+            "corpus": {},
+            "splits": splits,
+            "fingerprint": digest,
+            "content_digest": digest,
+        },
+    )
     W, b = ridge_fit(stats["train"], 1.0)
-    save_operator(params.path("operators") / pair, W, b, {
-        "model": "synthetic", "model_digest": "synthetic", "layer_in": L, "layer_out": T, "alpha": 1.0,
-        "method": "ridge", "d_model": d, "n_train_tokens": int(stats["train"].n), "store_digest": digest})
+    save_operator(
+        params.path("operators") / pair,
+        W,
+        b,
+        {
+            "model": "synthetic",
+            "model_digest": "synthetic",
+            "layer_in": L,
+            "layer_out": T,
+            "alpha": 1.0,
+            "method": "ridge",
+            "d_model": d,
+            "n_train_tokens": int(stats["train"].n),
+            "store_digest": digest,
+        },
+    )
     sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=params.sae.width, k=params.sae.k, dtype="float32", device="cpu"))
     sae.save_model(params.path("sae_dir") / f"layer_{T:02d}")
-    kept = sorted(rng.choice(params.sae.width, size=max(1, int(params.select.keep_fraction * params.sae.width)),
-                             replace=False).tolist())
-    (params.path("features")).mkdir(parents=True, exist_ok=True)
-    (params.path("features") / f"layer_{T:02d}.json").write_text(json.dumps(
-        {"layer": T, "ranked": kept, "kept": kept, "scores": {}}))
+    kept = sorted(
+        rng.choice(
+            params.sae.width, size=max(1, int(params.select.keep_fraction * params.sae.width)), replace=False
+        ).tolist()
+    )
+    no_scores = FeatureScores(*([] for _ in range(6)))
+    FeatureSet(layer=T, ranked=kept, kept=kept, scores=no_scores).write(layout.feature_set(T))
     return root / "params.yaml"
 
 
@@ -240,8 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-tokens", type=int, default=65536)
     ap.add_argument("--test-tokens", type=int, default=16384)
     ap.add_argument("--rank", type=int, default=64, help="planted low-rank part of the synthetic operator")
-    ap.add_argument("--naive-ranks", type=int, default=0,
-                    help="time the naive sweep on this many of the ranks only (0: all) and extrapolate")
+    ap.add_argument(
+        "--naive-ranks",
+        type=int,
+        default=0,
+        help="time the naive sweep on this many of the ranks only (0: all) and extrapolate",
+    )
     ap.add_argument("--skip-stage", action="store_true", help="only the rank-sweep comparison")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -249,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.child, args.pair)
         return 0
 
+    from ato.artifacts import Layout, read_pair_stats
     from ato.params import load_params
-    from ato.stages.stats import load_pair_stats
 
     tmp = None
     if args.synthetic:
@@ -269,14 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     if pair not in params.pairs:
         raise SystemExit(f"--pair {pair}: not in {params_path} ({', '.join(params.pairs)})")
 
-    rows: list[tuple[str, str]] = [("mode", "synthetic" if args.synthetic else str(params.path("store"))),
-                                   ("pair", pair)]
+    rows: list[tuple[str, str]] = [
+        ("mode", "synthetic" if args.synthetic else str(params.path("store"))),
+        ("pair", pair),
+    ]
     if not args.skip_stage:
         rows += bench_stage(params_path, pair)
     from ato.operators import load_operator
 
-    train = load_pair_stats(params, "train", pair)
-    test = load_pair_stats(params, "test", pair)
+    layout = Layout.from_params(params)
+    train = read_pair_stats(layout.pair_stats("train", pair))
+    test = read_pair_stats(layout.pair_stats("test", pair))
     W = load_operator(params.path("operators") / pair).W.double().numpy()
     rows += bench_sweep(train, test, W, params.evaluate.n_ranks, params.evaluate.cca_ridge, args.naive_ranks)
 

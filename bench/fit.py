@@ -39,8 +39,16 @@ def stream_stats(store, split, L, T, max_parts=None, chunk=8192):
     from ato.store import ActivationStore
 
     parts = store.parts(split)[:max_parts] if max_parts else store.parts(split)
-    view = ActivationStore(store.root, {**store.manifest, "splits": {
-        **store.manifest["splits"], split: {**store.split_info(split), "parts": [p.name for p in parts]}}})
+    view = ActivationStore(
+        store.root,
+        {
+            **store.manifest,
+            "splits": {
+                **store.manifest["splits"],
+                split: {**store.split_info(split), "parts": [p.name for p in parts]},
+            },
+        },
+    )
     s = PairStats.zeros(store.d_model, store.d_model)
     for c in view.iter_chunks(split, [L, T], chunk):
         s.update(c[L], c[T])
@@ -62,12 +70,19 @@ def ours(params, pair) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     t = params.tune
-    study.optimize(lambda tr: r2_from_stats(val, *path.solve(tr.suggest_float("alpha", t.alpha_min, t.alpha_max, log=True)))["r2"],
-                   n_trials=t.n_trials)
+    study.optimize(
+        lambda tr: r2_from_stats(val, *path.solve(tr.suggest_float("alpha", t.alpha_min, t.alpha_max, log=True)))["r2"],
+        n_trials=t.n_trials,
+    )
     W, b = path.solve(study.best_params["alpha"])
     total = time.perf_counter() - t0
-    return {"seconds": total, "stats_seconds": t_stats, "alpha": study.best_params["alpha"],
-            "val_r2": r2_from_stats(val, W, b)["r2"], "n_train": int(train.n)}
+    return {
+        "seconds": total,
+        "stats_seconds": t_stats,
+        "alpha": study.best_params["alpha"],
+        "val_r2": r2_from_stats(val, W, b)["r2"],
+        "n_train": int(train.n),
+    }
 
 
 def reference(params, pair, max_train: int) -> dict:
@@ -93,8 +108,13 @@ def reference(params, pair, max_train: int) -> dict:
     seconds = time.perf_counter() - t0
     best = search.best_estimator_
     val = stream_stats(store, "val", pair.L, pair.target)
-    return {"seconds": seconds, "load_seconds": load, "alpha": best.alpha, "n_train": len(X),
-            "val_r2": r2_from_stats(val, best.coef_.astype(np.float64), best.intercept_.astype(np.float64))["r2"]}
+    return {
+        "seconds": seconds,
+        "load_seconds": load,
+        "alpha": best.alpha,
+        "n_train": len(X),
+        "val_r2": r2_from_stats(val, best.coef_.astype(np.float64), best.intercept_.astype(np.float64))["r2"],
+    }
 
 
 def gram_throughput(params, pair) -> dict:
@@ -150,18 +170,29 @@ def main() -> None:
     g = gram_throughput(params, pair)
     rss = []
     for parts in (2, 8):
-        out = subprocess.run([sys.executable, __file__, "--child-rss", str(parts), "--pair", args.pair],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-rss", str(parts), "--pair", args.pair], capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise SystemExit(out.stderr[-3000:])
         rss.append(json.loads(out.stdout.strip().splitlines()[-1]))
     tune_fit = o["seconds"] - o["stats_seconds"]
     rows = [
-        ("ours: stream stats + Optuna + refit", f"{o['seconds']:.1f} s", f"α={o['alpha']:.3g}", f"val R²={o['val_r2']:.4f}"),
+        (
+            "ours: stream stats + Optuna + refit",
+            f"{o['seconds']:.1f} s",
+            f"α={o['alpha']:.3g}",
+            f"val R²={o['val_r2']:.4f}",
+        ),
         ("  of which streaming statistics (stage stats)", f"{o['stats_seconds']:.1f} s", "", ""),
         ("  of which Optuna + refit (stages tune + fit)", f"{tune_fit:.2f} s", "", ""),
         ("sklearn: load X, Y into memory", f"{r['load_seconds']:.1f} s", "", ""),
-        ("sklearn GridSearchCV(Ridge, 8 α, cv=5) + refit", f"{r['seconds']:.1f} s", f"α={r['alpha']:.3g}", f"val R²={r['val_r2']:.4f}"),
+        (
+            "sklearn GridSearchCV(Ridge, 8 α, cv=5) + refit",
+            f"{r['seconds']:.1f} s",
+            f"α={r['alpha']:.3g}",
+            f"val R²={r['val_r2']:.4f}",
+        ),
         ("speed-up, tune+fit vs GridSearchCV+refit (≥ 20×)", f"{r['seconds'] / tune_fit:.1f}×", "", ""),
         ("speed-up, end to end from the store", f"{(r['seconds'] + r['load_seconds']) / o['seconds']:.1f}×", "", ""),
         ("val R² ours − sklearn (target ≥ −0.002)", f"{o['val_r2'] - r['val_r2']:+.4f}", "", ""),
@@ -169,8 +200,12 @@ def main() -> None:
         ("plain torch float64 XᵀX, same shapes", f"{g['plain_gflops']:.1f} GFLOP/s", "", ""),
         ("  ratio (target ≥ 0.5)", f"{g['ours_gflops'] / g['plain_gflops']:.2f}", "", ""),
         (f"peak RSS stats+fit, {rss[0]['tokens']:,} tokens", f"{rss[0]['peak_rss_mb']:.0f} MB", "", ""),
-        (f"peak RSS stats+fit, {rss[1]['tokens']:,} tokens", f"{rss[1]['peak_rss_mb']:.0f} MB",
-         f"ratio {rss[1]['peak_rss_mb'] / rss[0]['peak_rss_mb']:.2f}", "(target ≤ 1.10)"),
+        (
+            f"peak RSS stats+fit, {rss[1]['tokens']:,} tokens",
+            f"{rss[1]['peak_rss_mb']:.0f} MB",
+            f"ratio {rss[1]['peak_rss_mb'] / rss[0]['peak_rss_mb']:.2f}",
+            "(target ≤ 1.10)",
+        ),
     ]
     print(f"\nbench/fit.py  pair {args.pair}, {o['n_train']:,} train tokens (sklearn on {r['n_train']:,})")
     for row in rows:

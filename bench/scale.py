@@ -28,14 +28,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-for _k, _v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-               "TQDM_DISABLE": "1"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "TQDM_DISABLE": "1",
+}.items():
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
 
-from ato.params import load_params  # noqa: E402
 from ato.accumulate import accumulate_dask, accumulate_local, dask_client  # noqa: E402
+from ato.params import load_params  # noqa: E402
 from ato.store import ActivationStore  # noqa: E402
 
 
@@ -56,10 +60,18 @@ def synthetic_store(directory: Path, d_model: int, n_parts: int, part_tokens: in
 
     max_length = 128
     docs = n_parts * part_tokens // ((4 + max_length) // 2) + 1
-    print(f"building a synthetic store (d={d_model}, ~{n_parts * part_tokens} train tokens) in {directory} …",
-          flush=True)
-    build_store(directory, layers=(0, 1, 2, 3), d_model=d_model, max_length=max_length, part_tokens=part_tokens,
-                chunk_tokens=2048, split_docs={"train": docs, "val": 2, "test": 2})
+    print(
+        f"building a synthetic store (d={d_model}, ~{n_parts * part_tokens} train tokens) in {directory} …", flush=True
+    )
+    build_store(
+        directory,
+        layers=(0, 1, 2, 3),
+        d_model=d_model,
+        max_length=max_length,
+        part_tokens=part_tokens,
+        chunk_tokens=2048,
+        split_docs={"train": docs, "val": 2, "test": 2},
+    )
     return ActivationStore.open(directory)
 
 
@@ -69,9 +81,15 @@ def flops_per_token(pairs: dict[str, tuple[int, int]], d: int) -> float:
 
 
 def row(engine: str, workers: str, tokens: int, seconds: float, fpt: float, n_layers: int, d: int) -> dict:
-    return {"engine": engine, "workers": workers, "tokens": tokens, "seconds": seconds,
-            "us_per_token": seconds / tokens * 1e6, "gflops": fpt * tokens / seconds / 1e9,
-            "gb_read": tokens * n_layers * d * 4 / 1e9}
+    return {
+        "engine": engine,
+        "workers": workers,
+        "tokens": tokens,
+        "seconds": seconds,
+        "us_per_token": seconds / tokens * 1e6,
+        "gflops": fpt * tokens / seconds / 1e9,
+        "gb_read": tokens * n_layers * d * 4 / 1e9,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
@@ -79,8 +97,10 @@ def print_table(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['engine']:<7} {r['workers']:>7} {r['tokens']:>8} {r['seconds']:>8.2f} {r['us_per_token']:>9.1f} "
-              f"{r['gflops']:>8.2f} {r['gb_read']:>8.2f}")
+        print(
+            f"{r['engine']:<7} {r['workers']:>7} {r['tokens']:>8} {r['seconds']:>8.2f} {r['us_per_token']:>9.1f} "
+            f"{r['gflops']:>8.2f} {r['gb_read']:>8.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,17 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     d = store.d_model
     n_layers = len({layer for pair in pairs.values() for layer in pair})
     fpt = flops_per_token(pairs, d)
-    print(f"store {store.root}: d={d}, train parts of {store.manifest['splits']['train']['part_tokens'][0]} tokens; "
-          f"{len(pairs)} pairs over {n_layers} layers; {fpt / 1e6:.2f} MFLOP/token; chunk_tokens={chunk}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them); "
-          f"local engine: {torch.get_num_threads()} torch threads, dask: 1 thread per worker", flush=True)
+    print(
+        f"store {store.root}: d={d}, train parts of {store.manifest['splits']['train']['part_tokens'][0]} tokens; "
+        f"{len(pairs)} pairs over {n_layers} layers; {fpt / 1e6:.2f} MFLOP/token; chunk_tokens={chunk}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them); "
+        f"local engine: {torch.get_num_threads()} torch threads, dask: 1 thread per worker",
+        flush=True,
+    )
 
     rows = []
     # Warm the page cache with the largest prefix once, so every timed run reads from memory alike.
     t0 = time.perf_counter()
     view = prefix_view(store, "train", max(sizes + [args.dask_parts]))
-    for _ in view.iter_chunks("train", sorted({layer for pair in pairs.values() for layer in pair}), chunk,
-                              include_special=True):
+    for _ in view.iter_chunks(
+        "train", sorted({layer for pair in pairs.values() for layer in pair}), chunk, include_special=True
+    ):
         pass
     print(f"warm-up read: {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -150,23 +174,30 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     if startup:
-        print("dask LocalCluster start-up (not in the rows): "
-              + ", ".join(f"{w} worker(s) {s:.1f}s" for w, s in startup.items()))
+        print(
+            "dask LocalCluster start-up (not in the rows): "
+            + ", ".join(f"{w} worker(s) {s:.1f}s" for w, s in startup.items())
+        )
     local = [r for r in rows if r["engine"] == "local"]
     if len(local) >= 2:
         spread = max(r["us_per_token"] for r in local) / min(r["us_per_token"] for r in local)
         growth = local[-1]["us_per_token"] / local[0]["us_per_token"]
         verdict = "flat" if spread < 1.25 else "NOT flat"
-        print(f"local cost per token: {local[0]['tokens']} → {local[-1]['tokens']} tokens changes it ×{growth:.2f} "
-              f"(max/min ×{spread:.2f}): {verdict} (threshold ×1.25)")
+        print(
+            f"local cost per token: {local[0]['tokens']} → {local[-1]['tokens']} tokens changes it ×{growth:.2f} "
+            f"(max/min ×{spread:.2f}): {verdict} (threshold ×1.25)"
+        )
     if tmp is not None:
         tmp.cleanup()
     return 0
 
 
 def print_row_progress(r: dict) -> None:
-    print(f"  {r['engine']} workers={r['workers']} tokens={r['tokens']}: {r['seconds']:.2f}s "
-          f"({r['us_per_token']:.1f} µs/token, {r['gflops']:.2f} GFLOP/s)", flush=True)
+    print(
+        f"  {r['engine']} workers={r['workers']} tokens={r['tokens']}: {r['seconds']:.2f}s "
+        f"({r['us_per_token']:.1f} µs/token, {r['gflops']:.2f} GFLOP/s)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

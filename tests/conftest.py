@@ -90,16 +90,16 @@ def random_text(rng: random.Random, n_words: int) -> str:
 
 def make_prepared_model(directory: Path, kind: str = "gemma3") -> Path:
     """What `ato prepare` leaves behind, for a tiny random model."""
+    from ato.artifacts import ModelInfo
     from ato.models import n_layers, weights_digest
 
     model, tok = tiny_model(kind), tiny_tokenizer()
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
-    info = {"name": f"tiny-{kind}", "source": f"tiny-{kind}", "model_type": model.config.model_type,
-            "architecture": type(model).__name__, "n_layers": n_layers(model),
-            "d_model": int(model.config.hidden_size), "vocab_size": int(model.config.vocab_size),
-            "dtype": "float32", "weights_digest": weights_digest(directory), "bos_token_id": 2}
-    (directory / "ato_model.json").write_text(json.dumps(info))
+    ModelInfo(name=f"tiny-{kind}", source=f"tiny-{kind}", model_type=model.config.model_type,
+              architecture=type(model).__name__, n_layers=n_layers(model), d_model=int(model.config.hidden_size),
+              vocab_size=int(model.config.vocab_size), dtype="float32", weights_digest=weights_digest(directory),
+              bos_token_id=2).write(directory / "ato_model.json")
     return directory
 
 

@@ -43,10 +43,18 @@ def _save_prepared(model, tokenizer, directory: Path, name: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    ModelInfo(name=name, source=name, model_type=model.config.model_type, architecture=type(model).__name__,
-              n_layers=n_layers(model), d_model=int(model.config.hidden_size),
-              vocab_size=int(model.config.vocab_size), dtype="float32", weights_digest=weights_digest(directory),
-              bos_token_id=2).write(directory / "ato_model.json")
+    ModelInfo(
+        name=name,
+        source=name,
+        model_type=model.config.model_type,
+        architecture=type(model).__name__,
+        n_layers=n_layers(model),
+        d_model=int(model.config.hidden_size),
+        vocab_size=int(model.config.vocab_size),
+        dtype="float32",
+        weights_digest=weights_digest(directory),
+        bos_token_id=2,
+    ).write(directory / "ato_model.json")
     return directory
 
 
@@ -86,8 +94,14 @@ def _texts(seed: int, n: int, lo: int, hi: int) -> list[str]:
     return [random_text(rng, rng.randint(lo, hi)) for _ in range(n)]
 
 
-def build_causal_project(params, texts: dict[str, list[str]], layers: list[int], part_tokens: int = 128,
-                         alpha: float = 1.0, identity_operator: bool = False) -> None:
+def build_causal_project(
+    params,
+    texts: dict[str, list[str]],
+    layers: list[int],
+    part_tokens: int = 128,
+    alpha: float = 1.0,
+    identity_operator: bool = False,
+) -> None:
     """Store (all splits, real captured residuals, parts cut mid-sequence), train statistics and a
     ridge operator per pair, exactly in the formats the stages write."""
     from ato.artifacts import Layout, PairStatsMeta, write_json_atomic, write_pair_stats
@@ -115,28 +129,58 @@ def build_causal_project(params, texts: dict[str, list[str]], layers: list[int],
             cols["doc_id"] += [doc_id] * len(ids)
             cols["position"] += list(range(len(ids)))
             cols["special"] += [t in set(tok.all_special_ids) for t in ids]
-        arrays = {"token_id": np.array(cols["token_id"], np.int32), "doc_id": np.array(cols["doc_id"], np.int32),
-                  "position": np.array(cols["position"], np.int32), "special": np.array(cols["special"], bool)}
+        arrays = {
+            "token_id": np.array(cols["token_id"], np.int32),
+            "doc_id": np.array(cols["doc_id"], np.int32),
+            "position": np.array(cols["position"], np.int32),
+            "special": np.array(cols["special"], bool),
+        }
         arrays |= {layer_key(n): np.concatenate(resid[n]).astype(np.float32) for n in layers}
         n = len(arrays["token_id"])
         parts, sizes = [], []
         for i, start in enumerate(range(0, n, part_tokens)):
-            write_part(store / split, i, {k: v[start:start + part_tokens] for k, v in arrays.items()}, 16)
+            write_part(store / split, i, {k: v[start : start + part_tokens] for k, v in arrays.items()}, 16)
             parts.append(f"part-{i:05d}.zarr")
             sizes.append(min(part_tokens, n - start))
-        splits[split] = {"tokens": n, "special_tokens": int(arrays["special"].sum()), "sequences": len(docs),
-                         "documents": len(docs), "parts": parts, "part_tokens": sizes}
+        splits[split] = {
+            "tokens": n,
+            "special_tokens": int(arrays["special"].sum()),
+            "sequences": len(docs),
+            "documents": len(docs),
+            "parts": parts,
+            "part_tokens": sizes,
+        }
         if split == "train":
             train_arrays = arrays
     d = info.d_model
-    write_json_atomic(store / "manifest.json", {
-        "format": "ato-activation-store/1",
-        "model": {"name": info.name, "source": info.source, "model_type": info.model_type,
-                  "weights_digest": info.weights_digest, "n_layers": info.n_layers, "d_model": d},
-        "tokenizer": {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
-                      "vocab_size": len(tok), "special_ids": list(tok.all_special_ids)},
-        "layers": layers, "d_model": d, "dtype": "float32", "hook": "block output",
-        "corpus": {}, "splits": splits, "fingerprint": "test", "content_digest": "store-digest"})
+    write_json_atomic(
+        store / "manifest.json",
+        {
+            "format": "ato-activation-store/1",
+            "model": {
+                "name": info.name,
+                "source": info.source,
+                "model_type": info.model_type,
+                "weights_digest": info.weights_digest,
+                "n_layers": info.n_layers,
+                "d_model": d,
+            },
+            "tokenizer": {
+                "bos_token_id": tok.bos_token_id,
+                "pad_token_id": tok.pad_token_id,
+                "vocab_size": len(tok),
+                "special_ids": list(tok.all_special_ids),
+            },
+            "layers": layers,
+            "d_model": d,
+            "dtype": "float32",
+            "hook": "block output",
+            "corpus": {},
+            "splits": splits,
+            "fingerprint": "test",
+            "content_digest": "store-digest",
+        },
+    )
     keep = ~train_arrays["special"]
     for name, pair in params.pairs.items():
         if pair.L not in layers or pair.target not in layers:
@@ -144,14 +188,32 @@ def build_causal_project(params, texts: dict[str, list[str]], layers: list[int],
         x = train_arrays[layer_key(pair.L)][keep]
         y = train_arrays[layer_key(pair.target)][keep]
         stats = PairStats.from_data(x, y)
-        meta = PairStatsMeta(store_digest="store-digest", include_bos=False, split="train", pair=name,
-                             layer_in=pair.L, layer_out=pair.target)
+        meta = PairStatsMeta(
+            store_digest="store-digest",
+            include_bos=False,
+            split="train",
+            pair=name,
+            layer_in=pair.L,
+            layer_out=pair.target,
+        )
         write_pair_stats(Layout.from_params(params).pair_stats("train", name), stats, meta)
         W, b = (np.eye(d), np.zeros(d)) if identity_operator else ridge_fit(stats, alpha)
-        save_operator(params.path("operators") / name, W, b, {
-            "model": info.name, "model_digest": info.weights_digest, "layer_in": pair.L,
-            "layer_out": pair.target, "alpha": alpha, "method": "ridge", "d_model": d,
-            "n_train_tokens": int(stats.n), "store_digest": "store-digest"})
+        save_operator(
+            params.path("operators") / name,
+            W,
+            b,
+            {
+                "model": info.name,
+                "model_digest": info.weights_digest,
+                "layer_in": pair.L,
+                "layer_out": pair.target,
+                "alpha": alpha,
+                "method": "ridge",
+                "d_model": d,
+                "n_train_tokens": int(stats.n),
+                "store_digest": "store-digest",
+            },
+        )
 
 
 TEXTS = {"train": _texts(0, 30, 12, 30), "val": _texts(1, 3, 12, 30), "test": _texts(2, 6, 14, 30)}
@@ -290,8 +352,14 @@ def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
     few = report["position_sets"]["few"]
     assert few["first_patched_position"] == 1 and few["n_patched_tokens"] == 2 * 4
     for cond in PATCHED:
-        assert {"logppl_all", "logppl_after", "delta_all_mean", "delta_all_lo", "delta_all_hi",
-                "delta_after_mean"} <= set(few[cond])
+        assert {
+            "logppl_all",
+            "logppl_after",
+            "delta_all_mean",
+            "delta_all_lo",
+            "delta_all_hi",
+            "delta_after_mean",
+        } <= set(few[cond])
     # the late single position cannot change predictions made before it
     single = report["position_sets"]["single_2"]
     assert single["n_tokens_after"] == 4 * (12 - 1 - 2)
@@ -304,8 +372,11 @@ def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     mlflow.set_tracking_uri(params.mlflow_uri())
-    runs = mlflow.search_runs(experiment_names=[params.paths.mlflow_experiment],
-                              filter_string="tags.`ato.pair` = 'L01_k2'", output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=[params.paths.mlflow_experiment],
+        filter_string="tags.`ato.pair` = 'L01_k2'",
+        output_format="list",
+    )
     assert runs and runs[0].data.metrics["causal_zero_delta_all"] == pytest.approx(out["zero_delta_all"])
     assert "causal_few_recovered_all_mean" in runs[0].data.metrics
 
@@ -398,8 +469,14 @@ def test_zero_ablation_hurts_the_real_embedded_model(tmp_path):
         "paths": {"model_dir": str(model_dir)},
         "pairs": {"L05_k1": {"L": 5, "k": 1}},
         "corpus": {"max_length": 48},
-        "causal": {"n_sequences": 2, "seq_len": 32, "batch_size": 2, "bootstrap_resamples": 200,
-                   "position_sets": {"all": "all", "late": [20, 28]}, "device": "cpu"},
+        "causal": {
+            "n_sequences": 2,
+            "seq_len": 32,
+            "batch_size": 2,
+            "bootstrap_resamples": 200,
+            "position_sets": {"all": "all", "late": [20, 28]},
+            "device": "cpu",
+        },
     }
     if not (model_dir / "ato_model.json").exists():
         from ato.stages import prepare
@@ -410,8 +487,13 @@ def test_zero_ablation_hurts_the_real_embedded_model(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(tmp_path / "params.yaml")
     docs = [d.text for d, _ in zip(Corpus(CorpusParams()), range(14))]
-    build_causal_project(params, {"train": docs[:10], "val": docs[10:12], "test": docs[12:14]}, layers=[5, 6],
-                         part_tokens=4096, alpha=1e3)
+    build_causal_project(
+        params,
+        {"train": docs[:10], "val": docs[10:12], "test": docs[12:14]},
+        layers=[5, 6],
+        part_tokens=4096,
+        alpha=1e3,
+    )
     out = causal.main(params, pair="L05_k1")["L05_k1"].headline_metrics()
     assert out["clean_logppl_all"] < 5.0  # a working model on encyclopedic text
     assert out["zero_delta_all"] > 0.1

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_tiny_params
 
 from ato.models import base_model, load_prepared
 from ato.stages import collect
 from ato.store import ActivationStore, StoreError, layer_key
+from conftest import load_tiny_params
 
 
 def test_store_layout_manifest_and_values_match_the_model(tiny_project):
@@ -19,12 +20,16 @@ def test_store_layout_manifest_and_values_match_the_model(tiny_project):
     root = collect.main(params)
     store = ActivationStore.open(root)
     m = store.manifest
-    assert m["layers"] == [0, 1, 2, 3] and m["d_model"] == 32 and m["dtype"] == "float32"
-    assert m["model"]["weights_digest"] and m["corpus"]["digest"] and "split_rule" in m["corpus"]
+    assert m.layers == [0, 1, 2, 3] and m.d_model == 32 and m.dtype == "float32"
+    assert m.model.weights_digest and m.corpus.digest and m.corpus.split_rule
     for split, budget in (("train", 600), ("val", 200), ("test", 200)):
-        info = m["splits"][split]
-        assert info["tokens"] == budget == sum(info["part_tokens"])
-        assert all((root / split / p).is_dir() for p in info["parts"])
+        info = m.splits[split]
+        assert info.tokens == budget == sum(info.part_tokens) == info.budget
+        assert all((root / split / p).is_dir() for p in info.parts)
+        assert len(info.part_sha256) == len(info.parts)
+    # The manifest on disk is exactly the record (sorted keys, a format key, nothing else).
+    on_disk = json.loads((root / "manifest.json").read_text())
+    assert on_disk == m.to_dict() and on_disk["format"] == "ato-activation-store/1"
     # Stored layer n equals block n's output recomputed directly, token by token.
     model, tok, _ = load_prepared(params.path("model_dir"))
     group = store.open_part("train", 0)
@@ -50,7 +55,7 @@ def test_bos_exclusion_changes_the_token_mask(tiny_project):
     with_bos = sum(len(c[0]) for c in store.iter_chunks("train", [0], 128, include_special=True))
     without = sum(len(c[0]) for c in store.iter_chunks("train", [0], 128))
     assert with_bos == 600
-    assert with_bos - without == store.manifest["splits"]["train"]["special_tokens"] > 0
+    assert with_bos - without == store.manifest.splits["train"].special_tokens > 0
 
 
 def _read_all(root):
@@ -96,12 +101,13 @@ def test_interrupted_collect_resumes_to_the_same_store(tiny_project, monkeypatch
         np.testing.assert_array_equal(again[key], ref[key], err_msg=key)
 
 
-def test_rerun_with_same_params_does_nothing_and_changed_params_rebuild(tiny_project, capsys):
+def test_rerun_with_same_params_does_nothing_and_changed_params_rebuild(tiny_project, caplog):
     params = load_tiny_params(tiny_project)
     root = collect.main(params)
     digest = json.loads((root / "manifest.json").read_text())["content_digest"]
-    collect.main(params)
-    assert "nothing to do" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="ato.stages.collect"):
+        collect.main(params)
+    assert "nothing to do" in caplog.text
     params = load_tiny_params(tiny_project, **{"collect.layers": [0, 1, 3], "corpus.max_length": 20})
     store = ActivationStore.open(collect.main(params))
     assert store.layers == [0, 1, 3] and store.digest != digest

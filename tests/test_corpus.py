@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import make_corpus, tiny_tokenizer
-
-from ato.corpus import Corpus, split_of, sequences_for_split
+from ato.corpus import Corpus, sequences_for_split, split_of
 from ato.params import CorpusParams
+from conftest import make_corpus, tiny_tokenizer
 
 
 def test_split_rule_is_seeded_order_independent_and_near_fractions():
@@ -20,8 +19,9 @@ def test_split_rule_is_seeded_order_independent_and_near_fractions():
 
 def test_splits_are_disjoint_by_document_and_meet_budgets(tmp_path):
     make_corpus(tmp_path / "c.jsonl", n_docs=200)
-    params = CorpusParams(source=str(tmp_path / "c.jsonl"), max_length=16,
-                          tokens={"train": 500, "val": 120, "test": 120})
+    params = CorpusParams(
+        source=str(tmp_path / "c.jsonl"), max_length=16, tokens={"train": 500, "val": 120, "test": 120}
+    )
     corpus, tok = Corpus(params), tiny_tokenizer()
     docs = {}
     for split in ("train", "val", "test"):
@@ -37,8 +37,9 @@ def test_splits_are_disjoint_by_document_and_meet_budgets(tmp_path):
 
 def test_packing_fills_rows_and_flags_every_documents_bos(tmp_path):
     make_corpus(tmp_path / "c.jsonl", n_docs=50)
-    params = CorpusParams(source=str(tmp_path / "c.jsonl"), max_length=32, packing=True,
-                          tokens={"train": 320, "val": 64, "test": 64})
+    params = CorpusParams(
+        source=str(tmp_path / "c.jsonl"), max_length=32, packing=True, tokens={"train": 320, "val": 64, "test": 64}
+    )
     seqs = list(sequences_for_split(Corpus(params), tiny_tokenizer(), "train"))
     assert [len(s.token_ids) for s in seqs] == [32] * 10
     n_docs = len({d for s in seqs for d in s.doc_ids})

@@ -180,19 +180,40 @@ def test_stage_table_matches_the_cli_and_dvc_yaml():
     assert named == dvc_stages, f"README stage table vs dvc.yaml stages: {sorted(named ^ dvc_stages)} differ"
 
 
-def test_layout_paths_exist():
+def layout_paths() -> list[str]:
+    """Paths named in the README's layout block: `a, b  description`; an indented line is inside
+    the last unindented directory."""
     block = re.search(r"```\n(.*?)```", section("Layout"), flags=re.S)
     assert block, "no layout block under ## Layout"
-    paths = []
+    paths, parent = [], ""
     for line in block.group(1).splitlines():
+        if not line.strip() or line.startswith(" " * 8):  # a wrapped description
+            continue
+        indented = line.startswith("  ")
         head = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
-        paths += [p.strip() for p in head.split(",") if p.strip()]
+        names = [p.strip() for p in head.split(",") if p.strip()]
+        paths += [parent + n if indented else n for n in names]
+        if not indented and names[-1].endswith("/"):
+            parent = names[-1]
+    return paths
+
+
+def test_layout_paths_exist():
+    paths = layout_paths()
     assert len(paths) >= 10
     missing = [p for p in paths if not (ROOT / p).exists()]
     assert not missing, f"README layout names paths that do not exist: {missing}"
     for p in paths:
         if p.endswith("/"):
             assert (ROOT / p).is_dir(), p
+
+
+def test_layout_lists_every_module_and_package():
+    """The layout block matches the tree: every module and package directly under src/ato is named."""
+    named = set(layout_paths())
+    tree = {f"src/ato/{p.name}" + ("/" if p.is_dir() else "") for p in (ROOT / "src" / "ato").iterdir()
+            if p.name not in {"__init__.py", "errors.py", "__pycache__"}}
+    assert tree - named == set(), f"README layout misses {sorted(tree - named)}"
 
 
 def test_params_snippets_are_valid_params():

@@ -38,10 +38,12 @@ def _split_data(rng: np.random.Generator, n_seq: int, W: np.ndarray) -> dict[str
     y = x @ W.T + rng.normal(size=(n, D)) * 0.7 + 1.0
     x[special], y[special] = 500.0, -800.0
     return {
-        layer_key(0): x.astype(np.float32), layer_key(1): y.astype(np.float32),
+        layer_key(0): x.astype(np.float32),
+        layer_key(1): y.astype(np.float32),
         "token_id": rng.integers(4, 50, size=n).astype(np.int32),
         "doc_id": np.repeat(np.arange(n_seq), SEQ).astype(np.int32),
-        "position": position, "special": special,
+        "position": position,
+        "special": special,
     }
 
 
@@ -74,19 +76,46 @@ def build_project(root: Path, include_bos: bool = False) -> dict:
             write_part(store / split, i, {k: v[sl] for k, v in arrays.items()}, chunk_tokens=16)
             names.append(f"part-{i:05d}.zarr")
             counts.append(len(arrays["token_id"][sl]))
-        splits[split] = {"tokens": n_seq * SEQ, "special_tokens": n_seq, "sequences": n_seq, "documents": n_seq,
-                         "parts": names, "part_tokens": counts}
-    write_json_atomic(store / "manifest.json", {
-        "format": STORE_FORMAT,
-        "model": {"name": "tiny", "source": "tiny", "model_type": "gemma3_text", "weights_digest": MODEL_DIGEST,
-                  "n_layers": 2, "d_model": D},
-        "tokenizer": {"bos_token_id": 2, "pad_token_id": 0, "vocab_size": 64, "special_ids": [0, 1, 2]},
-        "layers": [0, 1], "d_model": D, "dtype": "float32", "hook": "decoder_block_output",
-        "corpus": {"source": "synthetic", "kind": "synthetic", "digest": "c0", "split_rule": "doc",
-                   "split_seed": 0, "split_fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
-                   "max_length": SEQ, "packing": False},
-        "splits": splits, "fingerprint": "f0", "content_digest": STORE_DIGEST,
-    })
+        splits[split] = {
+            "tokens": n_seq * SEQ,
+            "special_tokens": n_seq,
+            "sequences": n_seq,
+            "documents": n_seq,
+            "parts": names,
+            "part_tokens": counts,
+        }
+    write_json_atomic(
+        store / "manifest.json",
+        {
+            "format": STORE_FORMAT,
+            "model": {
+                "name": "tiny",
+                "source": "tiny",
+                "model_type": "gemma3_text",
+                "weights_digest": MODEL_DIGEST,
+                "n_layers": 2,
+                "d_model": D,
+            },
+            "tokenizer": {"bos_token_id": 2, "pad_token_id": 0, "vocab_size": 64, "special_ids": [0, 1, 2]},
+            "layers": [0, 1],
+            "d_model": D,
+            "dtype": "float32",
+            "hook": "decoder_block_output",
+            "corpus": {
+                "source": "synthetic",
+                "kind": "synthetic",
+                "digest": "c0",
+                "split_rule": "doc",
+                "split_seed": 0,
+                "split_fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
+                "max_length": SEQ,
+                "packing": False,
+            },
+            "splits": splits,
+            "fingerprint": "f0",
+            "content_digest": STORE_DIGEST,
+        },
+    )
 
     stats = {}
     for split, arrays in data.items():
@@ -95,15 +124,28 @@ def build_project(root: Path, include_bos: bool = False) -> dict:
         stats[split] = PairStats.from_data(x, y)
         # stats always saved without BOS: with include_bos=True the evaluate check must refuse them
         s = PairStats.from_data(arrays[layer_key(0)][~arrays["special"]], arrays[layer_key(1)][~arrays["special"]])
-        meta = PairStatsMeta(store_digest=STORE_DIGEST, include_bos=False, split=split, pair=PAIR, layer_in=0,
-                             layer_out=1)
+        meta = PairStatsMeta(
+            store_digest=STORE_DIGEST, include_bos=False, split=split, pair=PAIR, layer_in=0, layer_out=1
+        )
         write_pair_stats(layout.pair_stats(split, PAIR), s, meta)
 
     W, b = ridge_fit(stats["train"], 1.0)
-    save_operator(params.path("operators") / PAIR, W, b, {
-        "model": "tiny", "model_digest": MODEL_DIGEST, "layer_in": 0, "layer_out": 1, "alpha": 1.0,
-        "method": "ridge", "d_model": D, "n_train_tokens": int(stats["train"].n), "store_digest": STORE_DIGEST,
-    })
+    save_operator(
+        params.path("operators") / PAIR,
+        W,
+        b,
+        {
+            "model": "tiny",
+            "model_digest": MODEL_DIGEST,
+            "layer_in": 0,
+            "layer_out": 1,
+            "alpha": 1.0,
+            "method": "ridge",
+            "d_model": D,
+            "n_train_tokens": int(stats["train"].n),
+            "store_digest": STORE_DIGEST,
+        },
+    )
 
     sae = TopKSAE(TopKSAEConfig(d_in=D, d_sae=16, k=3, dtype="float32", device="cpu"))
     sae.save_model(params.path("sae_dir") / "layer_01")
@@ -131,9 +173,26 @@ def test_evaluate_end_to_end(tmp_path: Path):
 
     reports = tmp_path / "reports"
     metrics = json.loads((reports / "metrics" / f"{PAIR}.json").read_text())
-    for key in ("r2", "r2_weighted", "r2_dim_q10", "r2_dim_q50", "r2_dim_q90", "mse", "cosine", "identity_r2",
-                "mean_r2", "ols_r2", "feature_r2_median", "n_transported", "n_synthesised", "ceiling_full",
-                "participation_ratio", "subspace_size", "eta_rrr_test_r001", "eta_svd_train_r008"):
+    for key in (
+        "r2",
+        "r2_weighted",
+        "r2_dim_q10",
+        "r2_dim_q50",
+        "r2_dim_q90",
+        "mse",
+        "cosine",
+        "identity_r2",
+        "mean_r2",
+        "ols_r2",
+        "feature_r2_median",
+        "n_transported",
+        "n_synthesised",
+        "ceiling_full",
+        "participation_ratio",
+        "subspace_size",
+        "eta_rrr_test_r001",
+        "eta_svd_train_r008",
+    ):
         assert key in metrics, key
     assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in metrics.values())
 
@@ -166,10 +225,10 @@ def test_evaluate_end_to_end(tmp_path: Path):
         if m.sum() >= 2:
             u = W_dec[f] / np.linalg.norm(W_dec[f])
             a, ah = y[m] @ u, y_hat[m] @ u
-            assert float(row["r2"]) == pytest.approx(1 - ((a - ah) ** 2).sum() / ((a - a.mean()) ** 2).sum(),
-                                                     rel=1e-6, abs=1e-9)
-        expected = ("no_verdict" if m.sum() < 3 else
-                    "transported" if float(row["r2"]) >= 0.5 else "synthesised")
+            assert float(row["r2"]) == pytest.approx(
+                1 - ((a - ah) ** 2).sum() / ((a - a.mean()) ** 2).sum(), rel=1e-6, abs=1e-9
+            )
+        expected = "no_verdict" if m.sum() < 3 else "transported" if float(row["r2"]) >= 0.5 else "synthesised"
         assert row["verdict"] == expected
     transport = json.loads((reports / "evaluate" / PAIR / "transport.json").read_text())
     assert sorted(transport["transported"] + transport["synthesised"] + transport["no_verdict"]) == sorted(KEPT)
@@ -188,8 +247,9 @@ def test_evaluate_end_to_end(tmp_path: Path):
         assert (reports / "figures" / f"{PAIR}_{fig}.png").stat().st_size > 5000
 
     mlflow.set_tracking_uri(params.mlflow_uri())
-    runs = mlflow.search_runs(experiment_names=["ato"], filter_string=f"tags.`ato.pair` = '{PAIR}'",
-                              output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["ato"], filter_string=f"tags.`ato.pair` = '{PAIR}'", output_format="list"
+    )
     assert len(runs) == 1
     assert runs[0].data.metrics["r2"] == pytest.approx(metrics["r2"])
     assert runs[0].data.tags["ato.stage.evaluate"] == "done"

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import load_tiny_params
 
 from ato import tracking
 from ato.accumulate import kfold_stats
@@ -17,6 +16,7 @@ from ato.artifacts import Layout, TuningResult, read_pair_stats
 from ato.operators import OperatorError, load_operator, save_operator
 from ato.stages import collect, fit, stats, tune, validate
 from ato.store import ActivationStore
+from conftest import load_tiny_params
 
 
 @pytest.fixture
@@ -38,13 +38,23 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     params = fitted
     store = ActivationStore.open(params.path("store"))
     op_dir = params.path("operators") / "L01_k2"
-    op = load_operator(op_dir, expect={"model_digest": store.manifest["model"]["weights_digest"],
-                                       "d_model": 32, "layer_in": 1, "layer_out": 3,
-                                       "store_digest": store.digest})
+    op = load_operator(
+        op_dir,
+        expect={
+            "model_digest": store.manifest.model.weights_digest,
+            "d_model": 32,
+            "layer_in": 1,
+            "layer_out": 3,
+            "store_digest": store.digest,
+        },
+    )
     cfg = op.config
     tuning = TuningResult.read(params.path("reports") / "tuning" / "L01_k2.json")
     assert cfg["alpha"] == tuning.alpha and cfg["method"] == "ridge"
     assert len(tuning.curve) == params.tune.curve_points and tuning.n_trials == params.tune.n_trials
+    val = read_pair_stats(Layout.from_params(params).pair_stats("val", "L01_k2"), store.digest)
+    assert tuning.n_val == int(val.n) == cfg["n_val_tokens"] > 0  # the noise is priced at the val token count
+    assert tuning.alpha_immaterial == (tuning.alpha_gain < tuning.val_r2_noise)
     # The operator equals scikit-learn's Ridge on the same (BOS-free) training tokens.
     chunks = list(store.iter_chunks("train", [1, 3], 10_000))
     X = np.concatenate([c[1] for c in chunks]).astype(np.float64)
@@ -65,6 +75,12 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert float(child.data.params["alpha"]) == pytest.approx(cfg["alpha"])
     assert {"val_r2", "train_r2", "alpha"} <= set(child.data.metrics)
+    diagnostics = {"alpha_flatness", "alpha_gain", "val_r2_noise", "alpha_immaterial", "alpha_at_edge", "tune_n_val"}
+    assert diagnostics <= set(child.data.metrics)
+    assert child.data.metrics["alpha_immaterial"] == float(tuning.alpha_immaterial)
+    assert child.data.metrics["val_r2_noise"] == pytest.approx(tuning.val_r2_noise)
+    edge_tag = child.data.tags.get("ato.tune.alpha_edge_warning")
+    assert edge_tag == tuning.alpha_edge_warning and child.data.metrics["alpha_at_edge"] == float(edge_tag is not None)
     assert child.inputs.dataset_inputs and child.inputs.dataset_inputs[0].dataset.digest
     assert len(trials) == 2 * params.tune.n_trials
     assert all(t.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in pairs.values()} for t in trials)
@@ -79,8 +95,14 @@ def test_operators_are_exact_tracked_and_registered(fitted):
         "x = np.array(json.loads(sys.stdin.read()), dtype=np.float32)\n"
         "print(json.dumps(np.asarray(m.predict(x)).tolist()))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(x.tolist()), capture_output=True,
-                         text=True, timeout=180, env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(x.tolist()),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(got, op(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-4)
@@ -92,8 +114,17 @@ def test_operators_are_exact_tracked_and_registered(fitted):
 
 def test_operator_mismatch_and_tampering_are_refused(tmp_path):
     W, b = np.eye(4, dtype=np.float32), np.zeros(4, dtype=np.float32)
-    cfg = {"model": "m", "model_digest": "abc", "layer_in": 1, "layer_out": 2, "alpha": 1.0, "method": "ridge",
-           "d_model": 4, "n_train_tokens": 10, "store_digest": "s1"}
+    cfg = {
+        "model": "m",
+        "model_digest": "abc",
+        "layer_in": 1,
+        "layer_out": 2,
+        "alpha": 1.0,
+        "method": "ridge",
+        "d_model": 4,
+        "n_train_tokens": 10,
+        "store_digest": "s1",
+    }
     d = save_operator(tmp_path / "L01_k1", W, b, cfg)
     assert torch.equal(load_operator(d).W, torch.eye(4))
     with pytest.raises(OperatorError, match="model_digest='abc'.*'xyz'"):

@@ -26,8 +26,8 @@ def test_real_model_store_equals_block_outputs(real_model_dir, tmp_path):
     params = load_params(tmp_path / "params.yaml", n_layers=18)
     store = ActivationStore.open(collect.main(params))
     assert store.d_model == 640 and store.layers == [0, 5, 17]
-    assert store.manifest["model"]["n_layers"] == 18
-    assert store.manifest["corpus"]["kind"] == "embedded"
+    assert store.manifest.model.n_layers == 18
+    assert store.manifest.corpus.kind == "embedded"
     report = validate.main(params)
     assert report.success
 

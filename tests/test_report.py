@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
+from ato.artifacts import ArtifactError, CausalSummary, EfficiencyTable, TuningResult, json_clean
+from ato.artifacts.causal import PATCHED, headline_keys
 from ato.math.cca import rank_grid
-from ato.stages.causal import headline
 
-PAIRS = {"L05_k1": (5, 1), "L04_k2": (4, 2), "L03_k3": (3, 3), "L11_k1": (11, 1), "L10_k2": (10, 2),
-         "L09_k3": (9, 3)}
-CONDITIONS = ("ato", "identity", "zero", "bias_only", "train_mean")
+PAIRS = {"L05_k1": (5, 1), "L04_k2": (4, 2), "L03_k3": (3, 3), "L11_k1": (11, 1), "L10_k2": (10, 2), "L09_k3": (9, 3)}
 D_MODEL = 640
 
 
@@ -26,16 +25,33 @@ def fake_metrics(L: int, k: int) -> dict[str, float]:
     r2 = round(0.93 - 0.09 * k - 0.006 * L, 6)
     ranks = rank_grid(D_MODEL, 24)
     m = {
-        "alpha": 10.0 ** (1 + L / 4), "val_r2": r2 + 0.004, "r2": r2, "r2_weighted": r2 + 0.02,
-        "identity_r2": r2 - 0.31, "mean_r2": -0.0012, "ols_r2": r2 - 0.017, "cosine": 0.9 - 0.05 * k,
-        "mse": 12.5 * k + L, "n_test_tokens": 14960.0, "n_train_tokens": 59800.0,
-        "n_features": 128.0, "n_transported": float(90 - 17 * k), "n_synthesised": float(30 + 15 * k),
-        "n_no_verdict": float(8 + 2 * k), "feature_r2_median": round(0.71 - 0.12 * k, 6),
-        "identity_feature_r2_median": 0.21, "ols_feature_r2_median": round(0.69 - 0.12 * k, 6),
-        "feature_pearson_median": 0.88, "feature_rms_ratio_median": 0.93,
-        "ceiling_full": round(0.95 - 0.05 * k, 6), "participation_ratio": 37.25 + 3 * k + L,
-        "subspace_size": float(40 + 25 * k + 2 * L), "eta_test": round(0.9 - 0.04 * k, 6),
-        "eta_train": round(0.93 - 0.04 * k, 6), "whitened_r2_test": 0.8, "whitened_r2_train": 0.85,
+        "alpha": 10.0 ** (1 + L / 4),
+        "val_r2": r2 + 0.004,
+        "r2": r2,
+        "r2_weighted": r2 + 0.02,
+        "identity_r2": r2 - 0.31,
+        "mean_r2": -0.0012,
+        "ols_r2": r2 - 0.017,
+        "cosine": 0.9 - 0.05 * k,
+        "mse": 12.5 * k + L,
+        "n_test_tokens": 14960.0,
+        "n_train_tokens": 59800.0,
+        "n_features": 128.0,
+        "n_transported": float(90 - 17 * k),
+        "n_synthesised": float(30 + 15 * k),
+        "n_no_verdict": float(8 + 2 * k),
+        "feature_r2_median": round(0.71 - 0.12 * k, 6),
+        "identity_feature_r2_median": 0.21,
+        "ols_feature_r2_median": round(0.69 - 0.12 * k, 6),
+        "feature_pearson_median": 0.88,
+        "feature_rms_ratio_median": 0.93,
+        "ceiling_full": round(0.95 - 0.05 * k, 6),
+        "participation_ratio": 37.25 + 3 * k + L,
+        "subspace_size": float(40 + 25 * k + 2 * L),
+        "eta_test": round(0.9 - 0.04 * k, 6),
+        "eta_train": round(0.93 - 0.04 * k, 6),
+        "whitened_r2_test": 0.8,
+        "whitened_r2_train": 0.85,
     }
     m["transported_fraction"] = m["n_transported"] / (m["n_transported"] + m["n_synthesised"])
     for r in ranks:
@@ -50,37 +66,70 @@ def fake_efficiency(L: int, k: int) -> dict[str, list[float]]:
     ceiling = full * (1 - np.exp(-ranks / tau)) / (1 - np.exp(-D_MODEL / tau))
     rrr_test = 0.97 - 0.05 * k - 0.01 * L - 0.03 * np.exp(-ranks / 50)
     svd_test = rrr_test - 1.6 * np.exp(-ranks / (12 + 4 * k))  # worse at small rank, can go below −1
-    return {"rank": ranks.astype(int).tolist(), "ceiling": ceiling.tolist(),
-            "eta_svd_train": (svd_test + 0.02).tolist(), "eta_svd_test": svd_test.tolist(),
-            "eta_rrr_train": np.ones_like(ranks).tolist(), "eta_rrr_test": rrr_test.tolist()}
+    return {
+        "rank": ranks.astype(int).tolist(),
+        "ceiling": ceiling.tolist(),
+        "eta_svd_train": (svd_test + 0.02).tolist(),
+        "eta_svd_test": svd_test.tolist(),
+        "eta_rrr_train": np.ones_like(ranks).tolist(),
+        "eta_rrr_test": rrr_test.tolist(),
+    }
 
 
 def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
     """The shape `ato causal` writes: flat headline keys + `position_sets` (NaN written as null)."""
-    base = {"ato": 0.021 * k + 0.001 * L, "identity": 0.35 * k, "zero": 2.4 + 0.2 * k, "bias_only": 1.7,
-            "train_mean": 1.1 + 0.1 * k}
+    base = {
+        "ato": 0.021 * k + 0.001 * L,
+        "identity": 0.35 * k,
+        "zero": 2.4 + 0.2 * k,
+        "bias_only": 1.7,
+        "train_mean": 1.1 + 0.1 * k,
+    }
     sets = {}
     for set_name, scale in (("all", 1.0), ("early", 0.2), ("late", 0.1), ("single_8", 0.03)):
-        entry = {"n_patched_tokens": int(2016 * scale), "first_patched_position": 1,
-                 "n_tokens_all": 2016, "n_tokens_after": int(2016 * scale) + 10}
+        entry = {
+            "n_patched_tokens": int(2016 * scale),
+            "first_patched_position": 1,
+            "n_tokens_all": 2016,
+            "n_tokens_after": int(2016 * scale) + 10,
+        }
         entry["clean"] = {"logppl_all": 3.1, "logppl_after": 3.05}
         for c, delta in base.items():
             row = {}
             for scope, f in (("all", 0.8 * scale), ("after", scale)):
                 dm = round(delta * f, 6)
-                row.update({f"logppl_{scope}": 3.1 + dm, f"delta_{scope}_mean": dm,
-                            f"delta_{scope}_lo": round(dm * 0.8, 6), f"delta_{scope}_hi": round(dm * 1.2, 6)})
+                row.update(
+                    {
+                        f"logppl_{scope}": 3.1 + dm,
+                        f"delta_{scope}_mean": dm,
+                        f"delta_{scope}_lo": round(dm * 0.8, 6),
+                        f"delta_{scope}_hi": round(dm * 1.2, 6),
+                    }
+                )
             entry[c] = row
         rec = {}
         for scope in ("all", "after"):
             m = 1 - entry["ato"][f"delta_{scope}_mean"] / entry["zero"][f"delta_{scope}_mean"]
-            rec.update({f"{scope}_mean": None if recovered_null else m, f"{scope}_lo": None if recovered_null else m - 0.01,
-                        f"{scope}_hi": None if recovered_null else min(1.0, m + 0.01)})
+            rec.update(
+                {
+                    f"{scope}_mean": None if recovered_null else m,
+                    f"{scope}_lo": None if recovered_null else m - 0.01,
+                    f"{scope}_hi": None if recovered_null else min(1.0, m + 0.01),
+                }
+            )
         entry["recovered"] = rec
         sets[set_name] = entry
-    flat = headline(sets)  # the stage's own flattening of the `all` set
-    return {**flat, "L": L, "k": k, "n_sequences": 32, "seq_len": 64, "seconds": 12.5,
-            "tokens_per_second": 4100.0, "position_sets": sets}
+    body = {
+        "L": L,
+        "k": k,
+        "n_sequences": 32,
+        "seq_len": 64,
+        "seconds": 12.5,
+        "tokens_per_second": 4100.0,
+        "position_sets": sets,
+    }
+    record = CausalSummary.from_dict({**body, **dict.fromkeys(headline_keys(), 0.0)})
+    return json_clean(record.to_dict())  # the record's own flat headline keys of the `all` set, NaN as null
 
 
 def fake_tuning(name: str, L: int, k: int) -> dict:
@@ -89,14 +138,26 @@ def fake_tuning(name: str, L: int, k: int) -> dict:
     top = 0.93 - 0.09 * k - 0.006 * L + 0.004
     curve = top - 0.02 * (np.log10(grid) - np.log10(best)) ** 2 / 4
     curve = np.where(grid > best, top - 0.12 * np.abs(np.log10(grid / best)) ** 1.5, np.maximum(curve, top - 0.03))
-    return {"pair": name, "study": f"ato-{name}-abc", "objective": "val", "alpha": best, "val_r2": top,
-            "n_trials": 40, "tune_seconds": 1.2,
-            "curve": [{"alpha": float(a), "val_r2": float(v)} for a, v in zip(grid, curve)],
-            "trials": [{"alpha": best, "val_r2": top}]}
+    return {
+        "format": TuningResult.FORMAT,
+        "pair": name,
+        "study": f"ato-{name}-abc",
+        "objective": "val",
+        "alpha": best,
+        "val_r2": top,
+        "n_trials": 40,
+        "tune_seconds": 1.2,
+        "curve": [{"alpha": float(a), "val_r2": float(v)} for a, v in zip(grid, curve)],
+        "trials": [{"alpha": best, "val_r2": top}],
+    }
 
 
-def write_fake_outputs(project: Path, pairs: dict[str, tuple[int, int]], skip: dict[str, set[str]] | None = None,
-                       recovered_null: tuple[str, ...] = ()) -> None:
+def write_fake_outputs(
+    project: Path,
+    pairs: dict[str, tuple[int, int]],
+    skip: dict[str, set[str]] | None = None,
+    recovered_null: tuple[str, ...] = (),
+) -> None:
     """Per-pair stage outputs under project/reports; `skip[pair]` ⊂ {metrics, efficiency, causal, tuning}."""
     skip = skip or {}
     reports = project / "reports"
@@ -115,7 +176,8 @@ def write_fake_outputs(project: Path, pairs: dict[str, tuple[int, int]], skip: d
         if "causal" not in left_out:
             (reports / "causal").mkdir(parents=True, exist_ok=True)
             (reports / "causal" / f"{name}.json").write_text(
-                json.dumps(fake_causal(L, k, recovered_null=name in recovered_null), indent=2))
+                json.dumps(fake_causal(L, k, recovered_null=name in recovered_null), indent=2)
+            )
         if "tuning" not in left_out:
             (reports / "tuning").mkdir(parents=True, exist_ok=True)
             (reports / "tuning" / f"{name}.json").write_text(json.dumps(fake_tuning(name, L, k)))
@@ -136,8 +198,9 @@ def reported(tmp_path_factory):
     from ato.stages import report
 
     project = make_project(tmp_path_factory.mktemp("report"), PAIRS)
-    write_fake_outputs(project, PAIRS, skip={"L04_k2": {"causal"}, "L10_k2": {"metrics", "efficiency"}},
-                       recovered_null=("L09_k3",))
+    write_fake_outputs(
+        project, PAIRS, skip={"L04_k2": {"causal"}, "L10_k2": {"metrics", "efficiency"}}, recovered_null=("L09_k3",)
+    )
     params = load_params(project / "params.yaml")
     summary_path = report.main(params)
     return project, params, summary_path
@@ -239,8 +302,14 @@ def test_logged_to_the_parent_run(reported):
     run_id = tracking.parent_run_id(params)
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(run_id, "report")}
-    assert {"report/summary.md", "report/summary_heatmaps.png", "report/summary_efficiency.png",
-            "report/summary_causal.png", "report/summary_alpha.png", "report/summary.csv"} <= logged
+    assert {
+        "report/summary.md",
+        "report/summary_heatmaps.png",
+        "report/summary_efficiency.png",
+        "report/summary_causal.png",
+        "report/summary_alpha.png",
+        "report/summary.csv",
+    } <= logged
     run = client.get_run(run_id)
     assert run.data.tags.get("ato.stage.report") == "done"
     assert run.data.metrics["report_missing_inputs"] == 3
@@ -272,19 +341,19 @@ def test_unreadable_input_names_the_file(tmp_path, monkeypatch):
     bad = project / "reports" / "causal" / "L00_k1.json"
     bad.write_text('{"ato_delta_all": 0.1,')  # truncated
     params = load_params(project / "params.yaml")
-    with pytest.raises(report.ReportError, match="L00_k1.json: not valid JSON"):
+    with pytest.raises(ArtifactError, match="L00_k1.json: unreadable or truncated JSON"):
         report.main(params)
     bad.write_text(json.dumps(fake_causal(0, 1)))
     eff = project / "reports" / "evaluate" / "L00_k1" / "efficiency.csv"
     eff.write_text("rank,ceiling\n1,0.5\n")
-    with pytest.raises(report.ReportError, match=r"efficiency.csv: missing column\(s\)"):
+    with pytest.raises(ArtifactError, match=r"efficiency.csv: missing column\(s\)"):
         report.main(params)
 
 
 def test_rank_value_picks_the_largest_swept_rank_below():
-    from ato.stages.report import rank_value
+    from ato.reporting import rank_value
 
-    eff = {"rank": np.array([1.0, 2, 4, 8]), "ceiling": np.array([0.1, 0.2, 0.4, 0.8])}
+    eff = EfficiencyTable(*([np.array([1.0, 2, 4, 8]), np.array([0.1, 0.2, 0.4, 0.8])] + [np.zeros(4)] * 4))
     assert rank_value(eff, "ceiling", 5) == (0.4, 4)
     assert rank_value(eff, "ceiling", 8) == (0.8, 8)
     assert rank_value(eff, "ceiling", 100) == (0.8, 8)
@@ -298,3 +367,38 @@ def test_report_params_are_checked(tmp_path):
         load_params(make_project(tmp_path, {"L00_k1": (0, 1)}, ranks=[0, 4]) / "params.yaml")
     with pytest.raises(ParamsError, match="report.causal_scope"):
         load_params(make_project(tmp_path, {"L00_k1": (0, 1)}, causal_scope="before") / "params.yaml")
+
+
+def test_records_round_trip_the_files_keys_and_values(tmp_path):
+    """What report reads is what evaluate and causal write: same keys, same values, no `format` key
+    in the two DVC metrics files (so `dvc metrics diff` sees numbers only)."""
+    from ato.artifacts import PairMetrics
+
+    metrics = {**fake_metrics(5, 1), "transported_fraction": float("nan")}
+    record = PairMetrics.from_dict(metrics)
+    assert record.ato.r2 == metrics["r2"] and record.identity.feature_r2_median == 0.21
+    assert record.sweep["eta_rrr_test"][640] == 0.95
+    record.write(tmp_path / "m.json")
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written == {k: v for k, v in metrics.items() if k != "transported_fraction"}  # NaN left out
+    assert math.isnan(PairMetrics.read(tmp_path / "m.json").transported_fraction)
+    with pytest.raises(ArtifactError, match="unknown key 'r2_typo'"):
+        PairMetrics.from_dict({**metrics, "r2_typo": 1.0})
+
+    causal = fake_causal(5, 1, recovered_null=True)
+    summary = CausalSummary.from_dict(causal)
+    assert summary.headline_set == "all"
+    assert summary.headline.ato.delta("after") == tuple(causal[f"ato_delta_after{s}"] for s in ("", "_lo", "_hi"))
+    summary.write(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text()) == causal
+    with pytest.raises(ArtifactError, match="missing key 'ato_delta_after'"):
+        CausalSummary.from_dict({k: v for k, v in causal.items() if k != "ato_delta_after"})
+
+
+def test_condition_names_agree():
+    from ato import plotting
+    from ato.artifacts import PositionSetSummary
+
+    assert plotting.CONDITIONS == PATCHED
+    assert set(plotting.CONDITION_LABELS) == set(plotting.CONDITION_COLOURS) == {"clean", *PATCHED}
+    assert set(PATCHED) <= set(PositionSetSummary.__dataclass_fields__)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_PARAMS, make_corpus, make_prepared_model
 
 from ato.accumulate import accumulate_dask, dask_client
 from ato.artifacts import Layout, read_pair_stats
@@ -19,7 +18,8 @@ from ato.math.stats import FIELDS
 from ato.params import load_params
 from ato.stages import collect, stats, tune
 from ato.store import ActivationStore
-from ato.stages.validate import REPORT_SUBDIR, validate_store, write_report
+from ato.validation import validate_store, write_report
+from conftest import TINY_PARAMS, make_corpus, make_prepared_model
 
 N_TRIALS = 24
 
@@ -36,7 +36,7 @@ def project(tmp_path_factory):
     collect.main(params)
     report = validate_store(params.path("store"), params.validate, chunk_tokens=256, progress=False)
     assert report.success
-    write_report(report, params.path("reports") / REPORT_SUBDIR)
+    write_report(report, Layout.from_params(params))
     return root
 
 
@@ -46,8 +46,11 @@ def _with(params, section: str, **changes):
 
 def _all_stats(params) -> dict:
     layout = Layout.from_params(params)
-    return {(split, name): read_pair_stats(layout.pair_stats(split, name))
-            for split in ("train", "val", "test") for name in params.pairs}
+    return {
+        (split, name): read_pair_stats(layout.pair_stats(split, name))
+        for split in ("train", "val", "test")
+        for name in params.pairs
+    }
 
 
 def _study_name(params, pair: str) -> str:
@@ -72,7 +75,10 @@ def test_dask_engine_equals_local_engine(project):
             np.testing.assert_allclose(y, x, rtol=1e-9, atol=1e-12 * np.abs(x).max(), err_msg=f"{key} {field}")
     # BOS excluded in both
     manifest = json.loads((params.path("store") / "manifest.json").read_text())
-    assert a[("train", "L00_k1")].n == manifest["splits"]["train"]["tokens"] - manifest["splits"]["train"]["special_tokens"]
+    assert (
+        a[("train", "L00_k1")].n
+        == manifest["splits"]["train"]["tokens"] - manifest["splits"]["train"]["special_tokens"]
+    )
 
 
 @pytest.mark.slow
@@ -80,9 +86,8 @@ def test_dask_engine_names_an_unreadable_part(project, tmp_path):
     """A read error inside a worker comes back as the StoreError naming the part, like the local engine."""
     import shutil
 
-    from store_factory import flip_byte, shard_file
-
     from ato.store import StoreError, layer_key
+    from store_factory import flip_byte, shard_file
 
     params = load_params(project / "params.yaml")
     copy = Path(shutil.copytree(params.path("store"), tmp_path / "store"))
@@ -101,8 +106,7 @@ def test_two_tune_workers_choose_as_well_as_one(project):
     stats.main(params)
     results = {}
     for workers in (1, 2):
-        p = _with(_with(params, "tune", n_workers=workers),
-                  "paths", optuna_storage=f"sqlite:///optuna_{workers}.db")
+        p = _with(_with(params, "tune", n_workers=workers), "paths", optuna_storage=f"sqlite:///optuna_{workers}.db")
         results[workers] = tune.tune_pair(p, "L01_k2")
     one, two = results[1], results[2]
     objective = tune.build_objective(params, "L01_k2")

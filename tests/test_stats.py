@@ -4,12 +4,12 @@ leave train and val statistics that tune and fit would accept, whether or not an
 from __future__ import annotations
 
 import pytest
-from conftest import load_tiny_params
 
 from ato.artifacts import ArtifactError, Layout, read_pair_stats
 from ato.params import SPLITS
 from ato.stages import collect, fit, stats, tune, validate
 from ato.store import StoreError
+from conftest import load_tiny_params
 
 
 @pytest.fixture

@@ -30,8 +30,9 @@ def free_port() -> int:
 
 def http(url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST"
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.status, resp.read()
 
@@ -84,9 +85,14 @@ def test_ui_serves_the_runs_and_stops_cleanly(logged_project):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ato.cli", "ui", "--params", str(project / "params.yaml"),
-                             "--port", str(port)], cwd=project, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ato.cli", "ui", "--params", str(project / "params.yaml"), "--port", str(port)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     descendants: list[int] = []
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -111,8 +117,9 @@ def test_ui_serves_the_runs_and_stops_cleanly(logged_project):
         r2 = {name: {m["key"]: m["value"] for m in r["data"]["metrics"]}["r2"] for name, r in by_pair.items()}
         assert r2 == pytest.approx({"L00_k1": 0.5, "L01_k2": 0.6})
         # the same search the README suggests for the UI's filter box
-        status, raw = http(f"{base}/api/2.0/mlflow/runs/search",
-                           {"experiment_ids": [exp_id], "filter": "tags.`ato.pair` = 'L01_k2'"})
+        status, raw = http(
+            f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "filter": "tags.`ato.pair` = 'L01_k2'"}
+        )
         assert [r["info"]["run_name"] for r in json.loads(raw)["runs"]] == ["L01_k2"]
         descendants = children(proc.pid)
         assert descendants, "ato ui should run the MLflow server as a child process"

@@ -142,7 +142,7 @@ def accumulate_dask(
     info = store.split_info(split)
     slices = [
         (str(path), start, min(n, start + chunk_tokens))
-        for path, n in zip(store.parts(split), info["part_tokens"], strict=True)
+        for path, n in zip(store.parts(split), info.part_tokens, strict=True)
         for start in range(0, n, chunk_tokens)
     ]
     if not slices:
@@ -202,7 +202,7 @@ def kfold_stats(
     store: ActivationStore, layer_in: int, layer_out: int, k: int, chunk_tokens: int, include_bos: bool
 ) -> list[tuple[PairStats, PairStats]]:
     """(train-minus-fold, fold) statistics of one pair for K blocks of contiguous training documents."""
-    n_docs = int(store.split_info("train")["documents"])
+    n_docs = int(store.split_info("train").documents)
     rank: dict[int, int] = {}  # documents are stored contiguously, so first appearance = stored order
     folds = [PairStats.zeros(store.d_model, store.d_model) for _ in range(k)]
     for chunk in store.iter_chunks(

@@ -48,9 +48,24 @@ SPLIT = "test"  # the only split the causal check reads: never used for fitting 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]  # x_L rows [m, d] → patch values [m, d]
 PositionSpec = list[int] | str  # a list of positions, or "all"
 
-__all__ = ["CONDITIONS", "PATCHED", "SCOPES", "SPLIT", "CausalError", "HeldOut", "PairPatch", "SetResult",
-           "check_position_sets", "condition_values", "load_sequences", "patched_token_nll", "position_mask",
-           "run_pair", "summarise_set", "token_nll"]
+__all__ = [
+    "CONDITIONS",
+    "PATCHED",
+    "SCOPES",
+    "SPLIT",
+    "CausalError",
+    "HeldOut",
+    "PairPatch",
+    "SetResult",
+    "check_position_sets",
+    "condition_values",
+    "load_sequences",
+    "patched_token_nll",
+    "position_mask",
+    "run_pair",
+    "summarise_set",
+    "token_nll",
+]
 
 
 class CausalError(AtoError):
@@ -168,8 +183,14 @@ def check_position_sets(position_sets: dict[str, Any], seq_len: int) -> dict[str
 # Forward passes
 
 
-def token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_rows: int, hidden: torch.Tensor | None = None,
-              from_col: int = 0, base: torch.Tensor | None = None) -> torch.Tensor:
+def token_nll(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    chunk_rows: int,
+    hidden: torch.Tensor | None = None,
+    from_col: int = 0,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
     """NLL [B, T-1]: column j is −log p(token j+1 | tokens ≤ j).
 
     Columns < `from_col` are copied from `base` (the clean NLL) and skip the LM head: a patch at
@@ -190,9 +211,16 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_rows: int, hidden
     return nll
 
 
-def patched_token_nll(model: nn.Module, input_ids: torch.Tensor, layer_in: int, layer_out: int,
-                      patch: torch.Tensor, value_fn: ValueFn, chunk_rows: int,
-                      clean_nll: torch.Tensor | None = None) -> torch.Tensor:
+def patched_token_nll(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    layer_in: int,
+    layer_out: int,
+    patch: torch.Tensor,
+    value_fn: ValueFn,
+    chunk_rows: int,
+    clean_nll: torch.Tensor | None = None,
+) -> torch.Tensor:
     """NLL [B, T-1] of one forward where residual `layer_out` at `patch` [B, T] (bool) is replaced
     by `value_fn(x_layer_in[patch])`, x captured from the same forward."""
     rows = patch.nonzero(as_tuple=True)
@@ -248,15 +276,24 @@ class SetResult:
     spec: PositionSpec
     mask: torch.Tensor  # [T] positions of the set
     nll_sum: dict[str, dict[str, list[float]]] = field(
-        default_factory=lambda: {c: {s: [] for s in SCOPES} for c in CONDITIONS})
+        default_factory=lambda: {c: {s: [] for s in SCOPES} for c in CONDITIONS}
+    )
     count: dict[str, list[int]] = field(default_factory=lambda: {s: [] for s in SCOPES})
     n_patched: list[int] = field(default_factory=list)
     first_patched: list[int] = field(default_factory=list)
 
 
-def run_pair(model: nn.Module, held: HeldOut, pair: PairPatch, masks: dict[str, torch.Tensor],
-             specs: dict[str, PositionSpec], batch_size: int, chunk_rows: int,
-             clean_cache: dict[int, torch.Tensor] | None = None, progress: bool = True) -> dict[str, SetResult]:
+def run_pair(
+    model: nn.Module,
+    held: HeldOut,
+    pair: PairPatch,
+    masks: dict[str, torch.Tensor],
+    specs: dict[str, PositionSpec],
+    batch_size: int,
+    chunk_rows: int,
+    clean_cache: dict[int, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, SetResult]:
     """Every batch × position set × condition forward for one pair; per-sequence NLL sums.
 
     `clean_cache` (batch start → clean NLL) lets several pairs share the clean passes.
@@ -268,8 +305,12 @@ def run_pair(model: nn.Module, held: HeldOut, pair: PairPatch, masks: dict[str, 
     results = {n: SetResult(n, specs[n], m) for n, m in masks.items()}
     starts = list(range(0, held.tokens.shape[0], batch_size))
     clean_cache = {} if clean_cache is None else clean_cache
-    bar = tqdm(total=len(starts) * (1 + len(masks) * len(PATCHED)), desc=f"causal {pair.name}", unit="fwd",
-               disable=not progress)
+    bar = tqdm(
+        total=len(starts) * (1 + len(masks) * len(PATCHED)),
+        desc=f"causal {pair.name}",
+        unit="fwd",
+        disable=not progress,
+    )
     with torch.inference_mode():
         for start in starts:
             ids = held.tokens[start : start + batch_size].to(device)
@@ -283,8 +324,17 @@ def run_pair(model: nn.Module, held: HeldOut, pair: PairPatch, masks: dict[str, 
     return results
 
 
-def _run_set(model: nn.Module, ids: torch.Tensor, special: torch.Tensor, clean: torch.Tensor, pair: PairPatch,
-             values: dict[str, ValueFn], res: SetResult, chunk_rows: int, tick: Callable[[int], Any]) -> None:
+def _run_set(
+    model: nn.Module,
+    ids: torch.Tensor,
+    special: torch.Tensor,
+    clean: torch.Tensor,
+    pair: PairPatch,
+    values: dict[str, ValueFn],
+    res: SetResult,
+    chunk_rows: int,
+    tick: Callable[[int], Any],
+) -> None:
     """One batch of one position set: every patched condition's forward, sums appended to `res`."""
     B, T = ids.shape
     patch = res.mask.to(ids.device)[None, :] & ~special
@@ -298,8 +348,9 @@ def _run_set(model: nn.Module, ids: torch.Tensor, special: torch.Tensor, clean: 
     res.count["after"] += after.sum(1).tolist()
     per_cond = {"clean": clean}
     for cond in PATCHED:
-        per_cond[cond] = patched_token_nll(model, ids, pair.layer_in, pair.layer_out, patch, values[cond],
-                                           chunk_rows, clean_nll=clean)
+        per_cond[cond] = patched_token_nll(
+            model, ids, pair.layer_in, pair.layer_out, patch, values[cond], chunk_rows, clean_nll=clean
+        )
         tick(1)
     for cond, nll in per_cond.items():
         nll64 = nll.double()
@@ -326,18 +377,23 @@ def summarise_set(res: SetResult, n_resamples: int, seed: int) -> tuple[Position
         patched[c] = PatchedScores(**row)
     recovered: dict[str, float] = {}
     for s in SCOPES:
-        m, lo, hi = paired_bootstrap_recovered(deltas["ato"][s], deltas["zero"][s], n_resamples, seed,
-                                               weights=counts[s])
+        m, lo, hi = paired_bootstrap_recovered(
+            deltas["ato"][s], deltas["zero"][s], n_resamples, seed, weights=counts[s]
+        )
         recovered |= {f"{s}_mean": m, f"{s}_lo": lo, f"{s}_hi": hi}
     summary = PositionSetSummary(
         n_patched_tokens=int(sum(res.n_patched)),
         first_patched_position=int(min(res.first_patched)) if res.first_patched else -1,
-        n_tokens_all=int(counts["all"].sum()), n_tokens_after=int(counts["after"].sum()),
+        n_tokens_all=int(counts["all"].sum()),
+        n_tokens_after=int(counts["after"].sum()),
         clean=CleanScores(**{f"logppl_{s}": weighted_mean(means["clean"][s], counts[s]) for s in SCOPES}),
-        **patched, recovered=RecoveredShare(**recovered),
+        **patched,
+        recovered=RecoveredShare(**recovered),
     )
     detail = SequenceDetail(
-        positions=res.spec, n_patched=res.n_patched, first_patched_position=res.first_patched,
+        positions=res.spec,
+        n_patched=res.n_patched,
+        first_patched_position=res.first_patched,
         n_tokens={s: [int(v) for v in res.count[s]] for s in SCOPES},
         mean_nll={c: {s: [float(v) for v in means[c][s]] for s in SCOPES} for c in CONDITIONS},
     )

@@ -134,16 +134,22 @@ class TestAccumulators:
 
     @classmethod
     def empty(cls, d: int, n_features: int) -> TestAccumulators:
-        return cls({k: ResidualAccumulator(d) for k in PREDICTORS},
-                   {k: FeatureR2Accumulator(n_features) for k in PREDICTORS})
+        return cls(
+            {k: ResidualAccumulator(d) for k in PREDICTORS}, {k: FeatureR2Accumulator(n_features) for k in PREDICTORS}
+        )
 
     @property
     def n_tokens(self) -> float:
         return self.residual["ato"].n
 
 
-def score_test_split(chunks: Iterable[tuple[np.ndarray, np.ndarray]], predictors: Predictors,
-                     features: SaeFeatures, total: int, desc: str) -> TestAccumulators:
+def score_test_split(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    predictors: Predictors,
+    features: SaeFeatures,
+    total: int,
+    desc: str,
+) -> TestAccumulators:
     """One pass over (x_L, y_T) chunks: every predictor's residual and feature-space sums."""
     from tqdm import tqdm
 
@@ -178,8 +184,14 @@ class Evaluation:
     per_dim: dict[str, np.ndarray]  # predictor → per-dimension R²
 
 
-def evaluate(acc: TestAccumulators, splits: dict[str, PairStats], predictors: Predictors, kept: list[int],
-             alpha: float, ev: EvaluateParams) -> Evaluation:
+def evaluate(
+    acc: TestAccumulators,
+    splits: dict[str, PairStats],
+    predictors: Predictors,
+    kept: list[int],
+    alpha: float,
+    ev: EvaluateParams,
+) -> Evaluation:
     """Scores of the streamed test sums plus the statistics-based ones (val R², CCA, η)."""
     train, val, test = splits["train"], splits["val"], splits["test"]
     feature_scores = {k: acc.features[k].result() for k in PREDICTORS}
@@ -194,16 +206,27 @@ def evaluate(acc: TestAccumulators, splits: dict[str, PairStats], predictors: Pr
     ceiling = cca_scores(cca, splits, predictors, ev.subspace_fraction)
     n_transported = float((verdicts == TRANSPORTED).sum())
     metrics = PairMetrics(
-        n_test_tokens=float(test.n), n_train_tokens=float(train.n), alpha=float(alpha),
-        val_r2=float(val_scores["r2"]), val_r2_weighted=float(val_scores["r2_weighted"]),
-        n_features=float(len(kept)), n_transported=n_transported,
-        n_synthesised=float((verdicts == SYNTHESISED).sum()), n_no_verdict=float((verdicts == NO_VERDICT).sum()),
+        n_test_tokens=float(test.n),
+        n_train_tokens=float(train.n),
+        alpha=float(alpha),
+        val_r2=float(val_scores["r2"]),
+        val_r2_weighted=float(val_scores["r2_weighted"]),
+        n_features=float(len(kept)),
+        n_transported=n_transported,
+        n_synthesised=float((verdicts == SYNTHESISED).sum()),
+        n_no_verdict=float((verdicts == NO_VERDICT).sum()),
         transported_fraction=float(n_transported / judged.sum()) if judged.any() else float("nan"),
         feature_pearson_median=_median(ato["pearson"][judged]),
         feature_rms_ratio_median=_median(ato["rms_ratio"][judged]),
-        **scores, **ceiling,
-        sweep={c: {int(r): float(table[c][i]) for i, r in enumerate(ranks)}
-               for c in ("eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test")},
+        ato=scores["ato"],
+        identity=scores["identity"],
+        mean=scores["mean"],
+        ols=scores["ols"],
+        **ceiling,
+        sweep={
+            c: {int(r): float(table[c][i]) for i, r in enumerate(ranks)}
+            for c in ("eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test")
+        },
     )
     per_dim = {k: acc.residual[k].r2_per_dim() for k in PREDICTORS}
     return Evaluation(metrics, table, cca.participation_ratio(), kept, verdicts, feature_scores, per_dim)
@@ -227,8 +250,9 @@ def _median(values: np.ndarray) -> float:
     return float(np.median(values)) if values.size else float("nan")
 
 
-def cca_scores(cca: CCA, splits: dict[str, PairStats], predictors: Predictors, fraction: float) -> dict[str, float]:
-    """Full-rank ceiling, participation ratio, subspace size, whitened R² and η of the ATO."""
+def cca_scores(cca: CCA, splits: dict[str, PairStats], predictors: Predictors, fraction: float) -> dict[str, Any]:
+    """Full-rank ceiling, participation ratio, subspace size, whitened R² and η of the ATO (floats,
+    under their `PairMetrics` field names)."""
     train, test = splits["train"], splits["test"]
     W, b = predictors.W, predictors.b
     out = {
@@ -249,23 +273,53 @@ def cca_scores(cca: CCA, splits: dict[str, PairStats], predictors: Predictors, f
 # Tables
 
 
-FEATURE_COLUMNS = ["feature", "kept_index", "active_tokens", "r2", "pearson", "rms_ratio", "verdict",
-                   "identity_r2", "mean_r2", "ols_r2"]
+FEATURE_COLUMNS = [
+    "feature",
+    "kept_index",
+    "active_tokens",
+    "r2",
+    "pearson",
+    "rms_ratio",
+    "verdict",
+    "identity_r2",
+    "mean_r2",
+    "ols_r2",
+]
 
 
 def feature_rows(result: Evaluation) -> list[list[Any]]:
     """One row of FEATURE_COLUMNS per kept feature (reports/evaluate/<pair>/features.csv)."""
     fr, other = result.feature_scores["ato"], result.feature_scores
-    return [[f, i, int(fr["active"][i]), fr["r2"][i], fr["pearson"][i], fr["rms_ratio"][i], result.verdicts[i],
-             other["identity"]["r2"][i], other["mean"]["r2"][i], other["ols"]["r2"][i]]
-            for i, f in enumerate(result.kept)]
+    return [
+        [
+            f,
+            i,
+            int(fr["active"][i]),
+            fr["r2"][i],
+            fr["pearson"][i],
+            fr["rms_ratio"][i],
+            result.verdicts[i],
+            other["identity"]["r2"][i],
+            other["mean"]["r2"][i],
+            other["ols"]["r2"][i],
+        ]
+        for i, f in enumerate(result.kept)
+    ]
 
 
-def transport_verdicts(result: Evaluation, pair: str, layer_in: int, layer_out: int,
-                       ev: EvaluateParams) -> TransportVerdicts:
+def transport_verdicts(
+    result: Evaluation, pair: str, layer_in: int, layer_out: int, ev: EvaluateParams
+) -> TransportVerdicts:
     def ids(verdict: str) -> list[int]:
         return [f for f, v in zip(result.kept, result.verdicts) if v == verdict]
 
-    return TransportVerdicts(pair=pair, layer_in=layer_in, layer_out=layer_out, transported_r2=ev.transported_r2,
-                             min_active_tokens=ev.min_active_tokens, transported=ids(TRANSPORTED),
-                             synthesised=ids(SYNTHESISED), no_verdict=ids(NO_VERDICT))
+    return TransportVerdicts(
+        pair=pair,
+        layer_in=layer_in,
+        layer_out=layer_out,
+        transported_r2=ev.transported_r2,
+        min_active_tokens=ev.min_active_tokens,
+        transported=ids(TRANSPORTED),
+        synthesised=ids(SYNTHESISED),
+        no_verdict=ids(NO_VERDICT),
+    )

@@ -45,6 +45,8 @@ __all__ = [
     "TOKEN_ARRAYS",
     "ActivationStore",
     "StoreError",
+    "bind_parts",
+    "changed_parts",
     "complete_parts",
     "directory_digest",
     "layer_key",
@@ -52,6 +54,7 @@ __all__ = [
     "part_digests",
     "part_name",
     "remove_temporaries",
+    "stat_signature",
     "require_validated",
     "write_part",
 ]
@@ -127,7 +130,20 @@ def complete_parts(split_dir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# Digests of the bytes on disk
+# Binding a validation verdict to the bytes on disk (docs/contracts.md#validation)
+#
+# The verdict records every part's sha256 (the authority) and, beside it, a digest of its files'
+# stat data (name, inode, size, mtime_ns, ctime_ns). Any write through the filesystem changes a
+# file's ctime, which no user call can set back, so equal stat data mean unchanged bytes and
+# `require_validated` re-hashes only the parts whose stat data differ (a moved or copied store is
+# re-hashed and accepted if its bytes are the same). Changes below the filesystem (bit rot) are
+# caught on read by every chunk's crc32c.
+
+_SETTLE_NS = 1_000_000_000  # a file changed this recently before validation is re-hashed on every check
+
+
+def _part_files(path: Path) -> list[Path]:
+    return sorted(p for p in Path(path).rglob("*") if p.is_file() and TMP_PREFIX not in str(p.relative_to(path)))
 
 
 def _file_sha256(path: Path) -> str:
@@ -142,7 +158,7 @@ def directory_digest(path: Path) -> str:
     """sha256 over relative file names and bytes under `path` (temporaries ignored)."""
     h = hashlib.sha256()
     path = Path(path)
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and TMP_PREFIX not in str(p.relative_to(path))):
+    for f in _part_files(path):
         h.update(str(f.relative_to(path)).encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(_READ_BLOCK), b""):
@@ -150,21 +166,68 @@ def directory_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def part_digests(store: ActivationStore, workers: int | None = None) -> dict[str, str]:
-    """`directory_digest` of every part the manifest lists, keyed "split/part-NNNNN.zarr" (a missing part
+def stat_signature(path: Path) -> tuple[str, int]:
+    """(sha256 of every file's relative name, inode, size, mtime_ns and ctime_ns; the newest of those
+    times) for the files under `path`."""
+    h = hashlib.sha256()
+    newest = 0
+    for f in _part_files(path):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    return h.hexdigest(), newest
+
+
+def _part_names(store: ActivationStore) -> list[str]:
+    """ "split/part-NNNNN.zarr" of every part the manifest lists and the disk holds."""
+    return [f"{split}/{path.name}" for split in store.manifest.splits for path in store.parts(split) if path.is_dir()]
+
+
+def part_digests(store: ActivationStore, names: list[str] | None = None, workers: int | None = None) -> dict[str, str]:
+    """`directory_digest` of the parts `names` (default: every part the manifest lists; a missing part
     is left out). Parts are hashed in parallel threads: hashlib and file reads release the GIL, so
     this runs at disk (or sha256) speed on every core."""
-    names = [f"{split}/{path.name}" for split in store.manifest.splits for path in store.parts(split) if path.is_dir()]
-    workers = workers or min(len(names), os.cpu_count() or 1) or 1
+    names = _part_names(store) if names is None else names
+    if not names:
+        return {}
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ato-digest") as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(len(names), os.cpu_count() or 1)) as pool:
         digests = dict(zip(names, pool.map(lambda name: directory_digest(store.root / name), names), strict=True))
-    log.debug("hashed %d parts of %s in %.1fs", len(names), store.root, time.perf_counter() - t0)
+    log.debug("sha256 of %d parts of %s in %.1fs", len(names), store.root, time.perf_counter() - t0)
     return digests
+
+
+def bind_parts(store: ActivationStore) -> tuple[dict[str, str], dict[str, str]]:
+    """What a verdict records of the parts: (sha256 of each, stat signature of each whose files were
+    unchanged while hashing and last changed before validation began, so that timestamp granularity
+    cannot hide a later write)."""
+    started = time.time_ns()
+    names = _part_names(store)
+    before = {name: stat_signature(store.root / name) for name in names}
+    digests = part_digests(store, names)
+    signatures = {
+        name: sig
+        for name, (sig, newest) in before.items()
+        if newest < started - _SETTLE_NS and stat_signature(store.root / name) == (sig, newest)
+    }
+    return digests, signatures
 
 
 def manifest_sha256(root: Path) -> str:
     return _file_sha256(Path(root) / MANIFEST)
+
+
+def changed_parts(store: ActivationStore, digests: dict[str, str], signatures: dict[str, str]) -> list[str]:
+    """Parts whose bytes differ from the recorded `digests` (or that appeared or disappeared); a part
+    whose stat signature equals the recorded one is unchanged without reading it."""
+    names = _part_names(store)
+    unsettled = [n for n in names if n not in signatures or stat_signature(store.root / n)[0] != signatures[n]]
+    now = part_digests(store, unsettled)
+    return sorted(
+        n
+        for n in set(names) | set(digests)
+        if n not in digests or n not in names or (n in now and now[n] != digests[n])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,9 +336,10 @@ class ActivationStore:
 def require_validated(store: ActivationStore, report: Path) -> None:
     """Refuse to compute on a store that `ato validate` has not passed, or whose bytes changed since.
 
-    The verdict records the sha256 of manifest.json and of every part directory as validated; they
-    are recomputed here (every core, at disk speed: a few seconds for the 5 GB default store), so a
-    part rewritten after validation — even with valid checksums — is refused by name.
+    The verdict records the sha256 of manifest.json and of every part as validated; a part rewritten
+    after validation — even through zarr, with valid checksums — is refused by name. Parts whose
+    files' stat data are unchanged are not re-read (see `changed_parts`): milliseconds in a pipeline
+    run, one parallel sha256 pass over the store after it was copied or moved.
     """
     report = Path(report)
     if not report.exists():
@@ -292,12 +356,7 @@ def require_validated(store: ActivationStore, report: Path) -> None:
         )
     if verdict.manifest_sha256 != manifest_sha256(store.root):
         raise StoreError(f"{store.root / MANIFEST}: changed since `ato validate` checked it; rerun `ato validate`")
-    _require_same_parts(store, verdict.part_sha256, report)
-
-
-def _require_same_parts(store: ActivationStore, validated: dict[str, str], report: Path) -> None:
-    now = part_digests(store)
-    changed = sorted(name for name in validated.keys() | now.keys() if validated.get(name) != now.get(name))
+    changed = changed_parts(store, verdict.part_sha256, verdict.part_stat)
     if changed:
         what = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise StoreError(

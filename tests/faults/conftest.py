@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from conftest import TINY_PARAMS, make_corpus, make_prepared_model
 
 # Small budgets and small parts: many parts (many kill / fault points), each quick to write.
@@ -39,11 +40,12 @@ def make_project(directory: Path, raw: dict | None = None) -> Path:
 
 def write_validation(params) -> dict:
     """What `ato validate` writes, without its MLflow logging (a fresh MLflow DB costs ~10 s)."""
-    from ato.stages import validate as V
+    from ato.artifacts import Layout
+    from ato.validation import validate_store, write_report
 
-    report = V.validate_store(params.path("store"), params.validate, chunk_tokens=params.stats.chunk_tokens,
-                              progress=False)
-    V.write_report(report, params.path("reports") / V.REPORT_SUBDIR)
+    layout = Layout.from_params(params)
+    report = validate_store(layout.store, params.validate, chunk_tokens=params.stats.chunk_tokens, progress=False)
+    write_report(report, layout)
     return {"success": report.success, "report": report}
 
 
@@ -96,8 +98,15 @@ def ato_command(*args: str) -> list[str]:
 
 
 def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +139,15 @@ def project(reference_project, tmp_path) -> Path:
 @pytest.fixture
 def fresh_project(reference_project, tmp_path) -> Path:
     """A private copy of the reference project with nothing collected yet."""
-    return Path(shutil.copytree(reference_project, tmp_path / "proj",
-                                ignore=lambda d, names: [n for n in names if Path(d, n) in {
-                                    reference_project / "data", reference_project / "reports",
-                                    reference_project / "mlruns"}]))
+    return Path(
+        shutil.copytree(
+            reference_project,
+            tmp_path / "proj",
+            ignore=lambda d, names: [
+                n
+                for n in names
+                if Path(d, n)
+                in {reference_project / "data", reference_project / "reports", reference_project / "mlruns"}
+            ],
+        )
+    )

@@ -27,9 +27,18 @@ def _start_together(project, stage: str) -> list[tuple[str, int, str]]:
     """Start `ato <stage> --pair P` for every pair at once; return (pair, rc, output)."""
     procs = []
     for pair in PAIRS:
-        procs.append((pair, subprocess.Popen(ato_command(stage, "--params", str(project / "params.yaml"), "--pair", pair),
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                             env=subprocess_env())))
+        procs.append(
+            (
+                pair,
+                subprocess.Popen(
+                    ato_command(stage, "--params", str(project / "params.yaml"), "--pair", pair),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=subprocess_env(),
+                ),
+            )
+        )
     out = []
     for pair, proc in procs:
         text, _ = proc.communicate(timeout=300)
@@ -69,7 +78,9 @@ def test_two_processes_log_to_one_mlflow_store(project):
     assert {r.data.tags["mlflow.parentRunId"] for r in pairs.values()} == {parents[0].info.run_id}
 
 
-SETUP = "import sys; from ato.params import load_params; from ato.tracking import setup; setup(load_params(sys.argv[1]))"
+SETUP = (
+    "import sys; from ato.params import load_params; from ato.tracking import setup; setup(load_params(sys.argv[1]))"
+)
 
 
 @pytest.mark.slow
@@ -78,8 +89,16 @@ def test_two_processes_create_a_fresh_mlflow_store_together(project):
 
     params = load_params(project / "params.yaml")
     assert not (project / "mlruns").exists()
-    procs = [subprocess.Popen([sys.executable, "-c", SETUP, str(project / "params.yaml")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=subprocess_env()) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SETUP, str(project / "params.yaml")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(),
+        )
+        for _ in range(2)
+    ]
     outs = [(p.communicate(timeout=300)[0], p.returncode) for p in procs]
     for text, rc in outs:
         assert rc == 0, text[-3000:]

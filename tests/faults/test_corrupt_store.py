@@ -5,7 +5,8 @@ Protections exercised:
 - crc32c per zarr chunk + validate's per-part streaming (a truncated or byte-flipped shard, a deleted
   array, a deleted part, NaN or all-zero rows are failed rows naming split/part/layer);
 - `store.require_validated` in `stats.main` and `sae.main` (outside DVC, they refuse a store whose
-  validation report failed: asserted via the refusal message, which a mere read error would not give);
+  validation report failed, asserted via the refusal message, which a mere read error would not give,
+  and a store whose parts changed after a passing validation: the verdict holds per-part sha256);
 - the DVC DAG: stats and sae depend on `reports/validation/validation.json`, so `dvc repro` never
   runs them before (or after a failed) validation.
 """
@@ -18,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from store_factory import flip_byte, set_values, shard_file, truncate_file
 
 from ato.cli import main as cli_main
 from ato.params import load_params
 from ato.stages import stats
 from ato.store import StoreError, layer_key
+from store_factory import flip_byte, set_values, shard_file, truncate_file
 
 from .conftest import write_validation
 
@@ -69,9 +70,15 @@ def _zero_rows(project):  # a dropped batch: finite, checksummed, silently biasi
     return "val/part-00000.zarr", "layer 2"
 
 
-FAULTS = {"truncate_shard": _truncate, "delete_array": _delete_array, "flip_layer_byte": _flip,
-          "flip_token_id_byte": _flip_token_ids, "delete_part": _delete_part, "nan_value": _nan,
-          "zero_rows": _zero_rows}
+FAULTS = {
+    "truncate_shard": _truncate,
+    "delete_array": _delete_array,
+    "flip_layer_byte": _flip,
+    "flip_token_id_byte": _flip_token_ids,
+    "delete_part": _delete_part,
+    "nan_value": _nan,
+    "zero_rows": _zero_rows,
+}
 
 
 def _no_mlflow(project: Path) -> None:
@@ -111,15 +118,15 @@ def test_stats_refuses_without_a_report_or_with_a_stale_one(project):
         stats.main(params)
 
 
-@pytest.mark.xfail(strict=True, reason="require_validated binds the report to the manifest's content_digest, "
-                   "which describes the bytes collect wrote, not the bytes now on disk: a part damaged after "
-                   "a passing validation is not noticed outside DVC")
 def test_store_damaged_after_validation_is_refused(project):
+    """The verdict records the sha256 of every part it checked; `require_validated` recomputes them,
+    so damage after a passing validation is refused by name outside DVC too."""
     params = load_params(project / "params.yaml")
     assert write_validation(params)["success"]
     _zero_rows(project)  # finite, checksum-valid damage after the report was written
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=r"val/part-00000\.zarr changed since `ato validate`"):
         stats.main(params)
+    assert not (project / "data" / "stats").exists()
 
 
 def test_dvc_runs_nothing_on_unvalidated_data():

@@ -44,8 +44,12 @@ def _start_and_kill(project: Path, seed: int, n_parts: int) -> dict:
     delay = rng.uniform(0.0, 0.15)  # … plus a random slice of the next part's forward pass / write
     log_path = project / "collect.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(ato_command("collect", "--params", str(project / "params.yaml")),
-                                stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+        proc = subprocess.Popen(
+            ato_command("collect", "--params", str(project / "params.yaml")),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+        )
         try:
             deadline = time.monotonic() + 240
             while proc.poll() is None and time.monotonic() < deadline:
@@ -67,7 +71,7 @@ def _start_and_kill(project: Path, seed: int, n_parts: int) -> dict:
 @pytest.mark.slow
 def test_sigkill_collect_at_random_points_then_rerun_equals_uninterrupted(fresh_project, reference, tmp_path):
     ref_manifest, ref_arrays = reference[0], reference[1]
-    n_parts = sum(len(s["parts"]) for s in ref_manifest["splits"].values())
+    n_parts = sum(len(s.parts) for s in ref_manifest.splits.values())
     projects = {seed: Path(shutil.copytree(fresh_project, tmp_path / f"seed{seed}")) for seed in SEEDS}
     # The three killed runs go concurrently (interpreter start-up dominates; kills are triggered by
     # part counts on disk, not by wall time, so contention does not change what is tested).
@@ -95,11 +99,14 @@ def test_sigkill_collect_at_random_points_then_rerun_equals_uninterrupted(fresh_
             keys = {k for k in ref_arrays if k.startswith(prefix)}
             assert keys, f"{part} is not a part of the reference store"
             for key in keys:
-                np.testing.assert_array_equal(np.asarray(group[key[len(prefix):]][...]), ref_arrays[key],
-                                              err_msg=f"seed {seed}: {key}")
+                np.testing.assert_array_equal(
+                    np.asarray(group[key[len(prefix) :]][...]), ref_arrays[key], err_msg=f"seed {seed}: {key}"
+                )
         stamps = {p: (p / "zarr.json").stat().st_mtime_ns for p in kept}
-        print(f"seed {seed}: killed with {len(kept)}/{n_parts} parts complete, "
-              f"{len(list(root.rglob('.tmp-*')))} temporaries on disk")
+        print(
+            f"seed {seed}: killed with {len(kept)}/{n_parts} parts complete, "
+            f"{len(list(root.rglob('.tmp-*')))} temporaries on disk"
+        )
 
         # Rerun: resumes (kept parts are not rewritten) and ends with exactly the uninterrupted store.
         collect.main(params)

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_prepared_model
 
+from ato.artifacts import ModelInfo
 from ato.operators import OperatorError, load_operator, save_operator
 from ato.params import load_params
 from ato.stages import causal, evaluate, fit, stats
 from ato.store import ActivationStore
+from conftest import make_prepared_model
 
 PAIR = "L01_k2"
 
@@ -48,15 +49,22 @@ def _data_start(path: Path) -> int:
     return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
-def _model_info(directory: Path) -> dict:
-    return json.loads((directory / "ato_model.json").read_text())
+def _model_info(directory: Path) -> ModelInfo:
+    return ModelInfo.read(directory / "ato_model.json")
 
 
 def test_matching_operator_loads_and_predicts(fitted):
     store = ActivationStore.open(fitted.path("store"))
-    op = load_operator(fitted.path("operators") / PAIR, expect={
-        "store_digest": store.digest, "model_digest": store.manifest["model"]["weights_digest"],
-        "d_model": store.d_model, "layer_in": 1, "layer_out": 3})
+    op = load_operator(
+        fitted.path("operators") / PAIR,
+        expect={
+            "store_digest": store.digest,
+            "model_digest": store.manifest.model.weights_digest,
+            "d_model": store.d_model,
+            "layer_in": 1,
+            "layer_out": 3,
+        },
+    )
     chunk = next(store.iter_chunks("val", [1, 3], 64))
     pred = op(torch.from_numpy(chunk[1]))
     assert torch.isfinite(pred).all() and pred.shape == (len(chunk[1]), 32)
@@ -64,7 +72,7 @@ def test_matching_operator_loads_and_predicts(fitted):
 
 def test_operator_of_another_model_is_refused_by_causal(fitted, tmp_path):
     other = _model_info(make_prepared_model(tmp_path / "other", kind="llama"))  # same d_model and depth
-    assert other["weights_digest"] != _model_info(fitted.path("model_dir"))["weights_digest"]
+    assert other.weights_digest != _model_info(fitted.path("model_dir")).weights_digest
     with pytest.raises(OperatorError, match=r"model_digest=.*refit"):
         causal.prepare_inputs(fitted, [PAIR], other)
     # the matching model passes the same check
@@ -124,8 +132,9 @@ def test_non_finite_weights_are_refused(fitted):
     op = load_operator(fitted.path("operators") / PAIR)
     W = op.W.clone().numpy()
     W[2, 5] = np.nan
-    save_operator(fitted.path("operators") / PAIR, W, op.b.numpy(),
-                  {k: v for k, v in op.config.items() if k != "weights_sha256"})
+    save_operator(
+        fitted.path("operators") / PAIR, W, op.b.numpy(), {k: v for k, v in op.config.items() if k != "weights_sha256"}
+    )
     with pytest.raises(OperatorError, match="non-finite"):
         load_operator(fitted.path("operators") / PAIR)
 

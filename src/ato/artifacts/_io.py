@@ -41,6 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     _remove(tmp)
+    _remove_orphans(path)
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
@@ -49,6 +50,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporaries of `path` left by processes that no longer exist (a `kill -9` mid-write)."""
+    for orphan in path.parent.glob(f"{TMP_PREFIX}{path.name}.*"):
+        pid = orphan.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(orphan)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

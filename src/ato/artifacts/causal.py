@@ -146,8 +146,12 @@ class CausalSummary(Record):
             for c in PATCHED:
                 scores = entry.patched(c)
                 mean, lo, hi = scores.delta(s)
-                flat |= {f"{c}_logppl_{s}": scores.logppl(s), f"{c}_delta_{s}": mean,
-                         f"{c}_delta_{s}_lo": lo, f"{c}_delta_{s}_hi": hi}
+                flat |= {
+                    f"{c}_logppl_{s}": scores.logppl(s),
+                    f"{c}_delta_{s}": mean,
+                    f"{c}_delta_{s}_lo": lo,
+                    f"{c}_delta_{s}_hi": hi,
+                }
             mean, lo, hi = entry.recovered.triplet(s)
             flat |= {f"recovered_{s}": mean, f"recovered_{s}_lo": lo, f"recovered_{s}_hi": hi}
         return flat

@@ -108,6 +108,12 @@ class Layout:
     def transport(self, pair: str) -> Path:
         return self.evaluate_dir(pair) / "transport.json"
 
+    def efficiency(self, pair: str) -> Path:
+        return self.evaluate_dir(pair) / "efficiency.csv"
+
+    def feature_table(self, pair: str) -> Path:
+        return self.evaluate_dir(pair) / "features.csv"
+
     # causal
     def causal(self, pair: str) -> Path:
         return self.reports / "causal" / f"{pair}.json"
@@ -122,6 +128,9 @@ class Layout:
 
     def pair_figure(self, pair: str, kind: str) -> Path:
         return self.figures / f"{pair}_{kind}.png"
+
+    def summary_figure(self, kind: str) -> Path:
+        return self.figures / f"summary_{kind}.png"
 
     # report
     @property

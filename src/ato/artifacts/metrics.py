@@ -113,8 +113,14 @@ class PairMetrics(Record):
     def missing(cls) -> Self:
         """Every value NaN: what a pair without a metrics file shows."""
         nan = math.nan
-        return cls(n_test_tokens=nan, n_train_tokens=nan, n_features=nan, n_transported=nan,
-                   n_synthesised=nan, n_no_verdict=nan)
+        return cls(
+            n_test_tokens=nan,
+            n_train_tokens=nan,
+            n_features=nan,
+            n_transported=nan,
+            n_synthesised=nan,
+            n_no_verdict=nan,
+        )
 
     def predictor(self, name: str) -> PredictorScores:
         """Scores of a predictor by its name in PREDICTOR_PREFIX."""
@@ -161,8 +167,11 @@ class PairMetrics(Record):
                 if rest not in _PREDICTOR_FIELDS:
                     raise ArtifactError(f"{where}: unknown key {key!r} for {cls.__name__}")
                 kwargs[name][rest] = number
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING]
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         absent = [name for name in required if name not in kwargs]
         if absent:
             raise ArtifactError(f"{where}: missing key {absent[0]!r} for {cls.__name__}{cls._rerun()}")

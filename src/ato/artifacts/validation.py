@@ -1,8 +1,8 @@
 """The validation verdict (`ato validate` → stats, sae): `reports/validation/validation.json`.
 
 It binds the verdict to the bytes that were checked: the sha256 of the manifest file and of every
-part directory. `ato.store.require_validated` recomputes them before a stage computes on the store,
-so a store changed after validation is refused even outside DVC (docs/contracts.md#validation).
+part directory. `ato.store.require_validated` checks them before a stage computes on the store, so a
+store changed after validation is refused even outside DVC (docs/contracts.md#validation).
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ class ValidationVerdict(Record):
     results: list[ExpectationOutcome]  # every expectation, in report order
     failures: list[ValidationFailure]  # every failing row (at most 200 per expectation)
     manifest_sha256: str | None = None  # sha256 of manifest.json's bytes as validated
-    part_sha256: dict[str, str] = field(default_factory=dict)  # "split/part-NNNNN.zarr" → ato.store.part_digest
+    part_sha256: dict[str, str] = field(default_factory=dict)  # "split/part-NNNNN.zarr" → ato.store.directory_digest
+    # "split/part-NNNNN.zarr" → ato.store.stat_signature of its files as hashed (left out for files
+    # changed just before validation): equal stat data let a check skip re-hashing that part
+    part_stat: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

@@ -95,6 +95,7 @@ class ResidualAccumulator:
             return other._copy()
         if other.n == 0:
             return self._copy()
+        assert self.shift is not None and other.shift is not None  # set by the first non-empty update
         out.shift = self.shift
         out.n = self.n + other.n
         delta = other.shift - self.shift  # other's sums about self.shift

@@ -1,7 +1,8 @@
 """Sufficient statistics of a pair (X upstream, Y downstream): n, Σx, Σy, XᵀX, XᵀY, YᵀY.
 
 Accumulated in float64 chunk by chunk and mergeable, so no stage ever holds all tokens. Everything
-the ridge fit, every R² and the CCA ceiling need follows from these.
+the ridge fit, every R² and the CCA ceiling need follows from these (docs/method.md#ridge, #r2, #cca;
+on disk: docs/contracts.md#stats).
 """
 
 from __future__ import annotations

@@ -25,11 +25,24 @@ def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, sco
         entry = summary.position_sets[name]
         mean, lo, hi = np.array([entry.patched(c).delta(scope) for c in CONDITIONS]).T
         err = np.vstack([np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)])
-        ax.bar(x, mean, color=[CONDITION_COLOURS[c] for c in CONDITIONS], yerr=err, capsize=4, edgecolor="black",
-               linewidth=0.5)
+        ax.bar(
+            x,
+            mean,
+            color=[CONDITION_COLOURS[c] for c in CONDITIONS],
+            yerr=err,
+            capsize=4,
+            edgecolor="black",
+            linewidth=0.5,
+        )
         for xi, m in zip(x, mean):
-            ax.annotate(f"{m:+.3g}", (xi, m), textcoords="offset points", xytext=(0, 3 if m >= 0 else -11),
-                        ha="center", fontsize=8)
+            ax.annotate(
+                f"{m:+.3g}",
+                (xi, m),
+                textcoords="offset points",
+                xytext=(0, 3 if m >= 0 else -11),
+                ha="center",
+                fontsize=8,
+            )
         r_mean, r_lo, r_hi = entry.recovered.triplet(scope)
         rec_txt = "n/a" if not math.isfinite(r_mean) else f"{r_mean:.1%} [{r_lo:.1%}, {r_hi:.1%}]"
         ax.set_title(f"positions: {name} ({entry.n_patched_tokens} patched)\nrecovered {rec_txt}", fontsize=9)

@@ -62,8 +62,9 @@ def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
     summaries: dict[str, CausalSummary] = {}
     for name in names:
         t0 = time.perf_counter()
-        results = run_pair(model, held, inputs[name], masks, dict(cp.position_sets), cp.batch_size,
-                           cp.loss_chunk_tokens, clean_cache)
+        results = run_pair(
+            model, held, inputs[name], masks, dict(cp.position_sets), cp.batch_size, cp.loss_chunk_tokens, clean_cache
+        )
         summaries[name] = write_outputs(params, layout, name, held, results, time.perf_counter() - t0)
     return summaries
 
@@ -84,13 +85,15 @@ def _check_model(store: ActivationStore, held: HeldOut, model: nn.Module, info: 
             f"{store.root}: the store was collected with model weights {str(store_model)[:12]}…, but "
             f"{model_dir} has {info.weights_digest[:12]}…; its token ids may not fit this model"
         )
-    vocab = int(model.config.vocab_size)  # type: ignore[union-attr]  # an HF PretrainedConfig
+    config: Any = model.config  # an HF PretrainedConfig
+    vocab = int(config.vocab_size)
     if int(held.tokens.max()) >= vocab:
         raise CausalError(f"{store.root}/{SPLIT}: token id {int(held.tokens.max())} ≥ the model's vocab {vocab}")
 
 
-def prepare_inputs(params: Params, names: list[str], info: ModelInfo,
-                   store_digest: str | None = None) -> dict[str, PairPatch]:
+def prepare_inputs(
+    params: Params, names: list[str], info: ModelInfo, store_digest: str | None = None
+) -> dict[str, PairPatch]:
     """Load and check every pair's operator and train mean before any forward pass."""
     from ato.operators import load_operator
 
@@ -100,37 +103,65 @@ def prepare_inputs(params: Params, names: list[str], info: ModelInfo,
         pair = params.pairs[name]
         if pair.target > info.n_layers - 1:
             raise CausalError(f"pairs.{name}: layer {pair.target} beyond the model's last layer {info.n_layers - 1}")
-        op = load_operator(layout.operator(name), expect={
-            "model_digest": info.weights_digest, "d_model": info.d_model, "layer_in": pair.L,
-            "layer_out": pair.target})
+        op = load_operator(
+            layout.operator(name),
+            expect={
+                "model_digest": info.weights_digest,
+                "d_model": info.d_model,
+                "layer_in": pair.L,
+                "layer_out": pair.target,
+            },
+        )
         stats = read_pair_stats(layout.pair_stats("train", name), store_digest)
         mean_y = torch.as_tensor(np.asarray(stats.mean_y, dtype=np.float32))
         if mean_y.shape != (info.d_model,) or not torch.isfinite(mean_y).all():
-            raise CausalError(f"train statistics of {name}: mean_y has shape {tuple(mean_y.shape)} or non-finite "
-                              f"values; expected finite [{info.d_model}]")
+            raise CausalError(
+                f"train statistics of {name}: mean_y has shape {tuple(mean_y.shape)} or non-finite "
+                f"values; expected finite [{info.d_model}]"
+            )
         out[name] = PairPatch(name, pair.L, pair.target, op.W.float(), op.b.float(), mean_y)
     return out
 
 
-def write_outputs(params: Params, layout: Layout, name: str, held: HeldOut, results: dict[str, SetResult],
-                  seconds: float) -> CausalSummary:
+def write_outputs(
+    params: Params, layout: Layout, name: str, held: HeldOut, results: dict[str, SetResult], seconds: float
+) -> CausalSummary:
     """Summary, per-sequence detail, figure and MLflow metrics of one pair."""
     cp, pair = params.causal, params.pairs[name]
     sets = {n: summarise_set(res, cp.bootstrap_resamples, cp.seed) for n, res in results.items()}
     # forward tokens per second: every patched pass plus the clean one (shared between pairs)
     n_forward_tokens = cp.n_sequences * cp.seq_len * (1 + len(results) * len(PATCHED))
-    summary = CausalSummary(L=pair.L, k=pair.k, n_sequences=cp.n_sequences, seq_len=cp.seq_len, seconds=seconds,
-                            tokens_per_second=n_forward_tokens / max(seconds, 1e-9),
-                            position_sets={n: s for n, (s, _) in sets.items()})
+    summary = CausalSummary(
+        L=pair.L,
+        k=pair.k,
+        n_sequences=cp.n_sequences,
+        seq_len=cp.seq_len,
+        seconds=seconds,
+        tokens_per_second=n_forward_tokens / max(seconds, 1e-9),
+        position_sets={n: s for n, (s, _) in sets.items()},
+    )
     summary.write(layout.causal(name))
-    CausalSequences(pair=name, split=SPLIT, seq_len=cp.seq_len, sequence_offsets=held.offsets, doc_ids=held.doc_ids,
-                    conditions=list(CONDITIONS), scopes=dict(SCOPE_TEXT),
-                    position_sets={n: d for n, (_, d) in sets.items()}).write(layout.causal_sequences(name))
+    CausalSequences(
+        pair=name,
+        split=SPLIT,
+        seq_len=cp.seq_len,
+        sequence_offsets=held.offsets,
+        doc_ids=held.doc_ids,
+        conditions=list(CONDITIONS),
+        scopes=dict(SCOPE_TEXT),
+        position_sets={n: d for n, (_, d) in sets.items()},
+    ).write(layout.causal_sequences(name))
     figure = plot_pair(summary, name, layout.pair_figure(name, "causal"), dpi=params.report.dpi)
     _log_mlflow(params, name, summary, [layout.causal(name), layout.causal_sequences(name), figure])
     ato, zero = summary.headline.ato, summary.headline.zero
-    log.info("causal %s: Δlog-ppl(all) ato %+.4f [%+.4f, %+.4f], zero %+.4f, recovered %.3f → %s", name,
-             *ato.delta("all"), zero.delta("all")[0], summary.headline.recovered.all_mean, layout.causal(name))
+    log.info(
+        "causal %s: Δlog-ppl(all) ato %+.4f [%+.4f, %+.4f], zero %+.4f, recovered %.3f → %s",
+        name,
+        *ato.delta("all"),
+        zero.delta("all")[0],
+        summary.headline.recovered.all_mean,
+        layout.causal(name),
+    )
     return summary
 
 

@@ -281,6 +281,7 @@ def build_manifest(
     splits: dict[str, SplitInfo],
     fp: str,
 ) -> StoreManifest:
+    """The manifest of a finished store; its content digest chains every part's sha256 in split order."""
     c = corpus.params
     content = hashlib.sha256("".join(d for s in SPLITS for d in splits[s].part_sha256).encode()).hexdigest()
     return StoreManifest(

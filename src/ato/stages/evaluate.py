@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ato.artifacts import EfficiencyTable, Layout, PairMetrics, csv_cell, read_pair_stats, write_csv_atomic
 from ato.math.stats import PairStats
 from ato.operators import load_operator
-from ato.params import Pair, Params
+from ato.params import Pair, Params, StatsParams
 from ato.plotting.evaluate import plot_dim_r2, plot_efficiency, plot_feature_r2
 from ato.scoring import (
     FEATURE_COLUMNS,
@@ -31,6 +31,7 @@ from ato.scoring import (
     Evaluation,
     Predictors,
     SaeFeatures,
+    TestAccumulators,
     evaluate,
     feature_rows,
     load_sae_features,
@@ -58,23 +59,16 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
         raise EvaluateError(f"pair {name} is not in params.pairs ({', '.join(params.pairs)})")
     layout, pair = Layout.from_params(params), params.pairs[name]
     inputs = load_inputs(layout, pair)
-    acc = score_test_split(
-        ((c[pair.L], c[pair.target]) for c in inputs.store.iter_chunks(
-            "test", [pair.L, pair.target], chunk_tokens=params.stats.chunk_tokens,
-            include_special=params.stats.include_bos)),
-        inputs.predictors, inputs.features, total=int(inputs.splits["test"].n), desc=f"evaluate {name} (test)")
-    if acc.n_tokens != inputs.splits["test"].n:
-        raise EvaluateError(
-            f"pair {name}: the test split streams {int(acc.n_tokens)} tokens (include_bos="
-            f"{params.stats.include_bos}) but the test statistics have {int(inputs.splits['test'].n)}; "
-            "rerun `ato stats`")
+    acc = stream_test_split(inputs, pair, params.stats)
     result = evaluate(acc, inputs.splits, inputs.predictors, inputs.features.kept, inputs.alpha, params.evaluate)
     paths = write_outputs(layout, params, pair, result)
     _log_mlflow(params, name, result, paths)
     m = result.metrics
-    log.info("evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); transported %d/%d features; ceiling %.4f; "
-             "η_test %.3f; subspace %d", name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported),
-             int(m.n_transported + m.n_synthesised), m.ceiling_full, m.eta_test, int(m.subspace_size))
+    log.info(
+        "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); transported %d/%d features; ceiling %.4f; η_test %.3f; "
+        "subspace %d", name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported),
+        int(m.n_transported + m.n_synthesised), m.ceiling_full, m.eta_test, int(m.subspace_size),
+    )  # fmt: skip
     return m
 
 
@@ -92,32 +86,66 @@ def load_inputs(layout: Layout, pair: Pair) -> PairInputs:
     features; the operator first, so a stale operator is named before anything else."""
     store = ActivationStore.open(layout.store)
     store.require_layers([pair.L, pair.target], f"pair {pair.name}")
-    op = load_operator(layout.operator(pair.name), expect={
-        "store_digest": store.digest, "model_digest": store.manifest.get("model", {}).get("weights_digest"),
-        "d_model": store.d_model, "layer_in": pair.L, "layer_out": pair.target,
-    })
+    op = load_operator(
+        layout.operator(pair.name),
+        expect={
+            "store_digest": store.digest,
+            "model_digest": store.manifest.model.weights_digest,
+            "d_model": store.d_model,
+            "layer_in": pair.L,
+            "layer_out": pair.target,
+        },
+    )
     splits = {s: read_pair_stats(layout.pair_stats(s, pair.name), store.digest) for s in SPLITS}
-    features = load_sae_features(layout.sae(pair.target), layout.feature_set(pair.target), pair.target,
-                                 store.d_model)
+    features = load_sae_features(layout.sae(pair.target), layout.feature_set(pair.target), pair.target, store.d_model)
     predictors = Predictors.build(op.W.double().numpy(), op.b.double().numpy(), splits["train"])
     return PairInputs(store, splits, predictors, float(op.config.get("alpha", float("nan"))), features)
+
+
+def stream_test_split(inputs: PairInputs, pair: Pair, sp: StatsParams) -> TestAccumulators:
+    """One pass over the test split (BOS/special excluded unless stats.include_bos); the token count
+    must equal the test statistics' n, or the statistics were computed with another choice."""
+    chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], sp.chunk_tokens, sp.include_bos)
+    n_test = inputs.splits["test"].n
+    acc = score_test_split(((c[pair.L], c[pair.target]) for c in chunks), inputs.predictors, inputs.features,
+                           total=int(n_test), desc=f"evaluate {pair.name} (test)")  # fmt: skip
+    if acc.n_tokens != n_test:
+        raise EvaluateError(
+            f"pair {pair.name}: the test split streams {int(acc.n_tokens)} tokens (include_bos={sp.include_bos}) "
+            f"but the test statistics have {int(n_test)}; rerun `ato stats`"
+        )
+    return acc
 
 
 def write_outputs(layout: Layout, params: Params, pair: Pair, result: Evaluation) -> list[Path]:
     """Metrics, tables, verdicts and figures of one pair; returns the paths to log."""
     name, ev, dpi = pair.name, params.evaluate, params.report.dpi
     result.metrics.write(layout.metrics(name))
-    out_dir = layout.evaluate_dir(name)
-    features_csv = write_csv_atomic(out_dir / "features.csv", FEATURE_COLUMNS,
-                                    [[csv_cell(v) for v in row] for row in feature_rows(result)])
-    efficiency_csv = EfficiencyTable.from_columns(result.table).write(out_dir / "efficiency.csv")
+    features_csv = write_csv_atomic(
+        layout.feature_table(name), FEATURE_COLUMNS, [[csv_cell(v) for v in row] for row in feature_rows(result)]
+    )
+    efficiency_csv = EfficiencyTable.from_columns(result.table).write(layout.efficiency(name))
     transport_verdicts(result, name, pair.L, pair.target, ev).write(layout.transport(name))
     fr = result.feature_scores
     figures = [
-        plot_efficiency(layout.pair_figure(name, "efficiency"), name, result.table, result.participation_ratio,
-                        ev.subspace_fraction, int(result.metrics.subspace_size), dpi),
-        plot_feature_r2(layout.pair_figure(name, "feature_r2"), name, fr["ato"]["r2"], fr["identity"]["r2"],
-                        result.verdicts, ev.transported_r2, dpi),
+        plot_efficiency(
+            layout.pair_figure(name, "efficiency"),
+            name,
+            result.table,
+            result.participation_ratio,
+            ev.subspace_fraction,
+            int(result.metrics.subspace_size),
+            dpi,
+        ),
+        plot_feature_r2(
+            layout.pair_figure(name, "feature_r2"),
+            name,
+            fr["ato"]["r2"],
+            fr["identity"]["r2"],
+            result.verdicts,
+            ev.transported_r2,
+            dpi,
+        ),
         plot_dim_r2(layout.pair_figure(name, "dim_r2"), name, result.per_dim, dpi),
     ]
     return [layout.metrics(name), features_csv, efficiency_csv, layout.transport(name), *figures]

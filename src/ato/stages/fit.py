@@ -78,8 +78,8 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
     else:
         W, b, alpha = sklearn_fit(store, pair, params.fit, params.stats.chunk_tokens, params.stats.include_bos)
     config = {
-        "model": store.manifest["model"]["name"],
-        "model_digest": store.manifest["model"]["weights_digest"],
+        "model": store.manifest.model.name,
+        "model_digest": store.manifest.model.weights_digest,
         "layer_in": pair.L,
         "layer_out": pair.target,
         "k": pair.k,
@@ -91,7 +91,7 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
         "n_val_tokens": int(val.n),
         "include_bos": params.stats.include_bos,
         "store_digest": store.digest,
-        "hook": store.manifest["hook"],
+        "hook": store.manifest.hook,
         "equation": "y_hat = x @ W.T + b",
     }
     return FitResult(W, b, config, {"alpha": alpha, **scores(W, b, {"train": train, "val": val})})

@@ -51,7 +51,7 @@ def main(params: Params) -> dict[int, SaeInfo]:
             sae, extra = trained_sae(sp, store, n, device)
         info = save_sae(sae.to("cpu").eval(), store, n, extra, layout, device)
         log.info(
-            "sae: layer %d: FVE(val) %.3f, mean L0 %.1f, dead %.1f%% → %s",
+            "layer %d: FVE(val) %.3f, mean L0 %.1f, dead %.1f%% → %s",
             n,
             info.fve_val,
             info.mean_l0,
@@ -77,7 +77,7 @@ def pretrained_sae(sp: SaeParams, sae_id: str, layer: int, d_model: int, device:
 def trained_sae(sp: SaeParams, store: ActivationStore, layer: int, device: torch.device) -> tuple[Any, dict]:
     """Train `layer`'s SAE on the TRAIN split; returns it (metadata set) and its training record fields."""
     log.info(
-        "sae: layer %d: training %s SAE, width %d, %d steps × %d tokens on %s",
+        "layer %d: training %s SAE, width %d, %d steps × %d tokens on %s",
         layer,
         sp.architecture,
         sp.width,

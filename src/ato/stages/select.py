@@ -61,7 +61,7 @@ def select_layer(
         raise FeatureScoreError(f"layer {layer}: SAE d_in={sae.cfg.d_in} but the store has d_model={store.d_model}")
     if sp.neuronpedia:  # fail before the expensive part
         fetch_neuronpedia(sae_info.neuronpedia_id, [])
-    log.info("select: layer %d: scoring %d features on ≤%d train tokens", layer, sae.cfg.d_sae, sp.max_tokens)
+    log.info("layer %d: scoring %d features on ≤%d train tokens", layer, sae.cfg.d_sae, sp.max_tokens)
     features, contexts, report = score_layer(model, tokenizer, store, sae, layer, sp)
     features.sae_store_digest = sae_info.store_digest
     if sp.neuronpedia:
@@ -72,7 +72,7 @@ def select_layer(
     contexts.write(layout.feature_contexts(layer))
     report.write(layout.select_report(layer))
     log.info(
-        "select: layer %d: %d eligible, kept %d; first-order vs exact causal max rel. error %s; %.0fs",
+        "layer %d: %d eligible, kept %d; first-order vs exact causal max rel. error %s; %.0fs",
         layer,
         report.n_eligible,
         report.n_kept,

@@ -43,7 +43,7 @@ def main(params: Params) -> None:
 def check_store(store: ActivationStore, layers: list[int]) -> None:
     """The store holds every layer the pairs need, and no split is empty."""
     store.require_layers(layers, "pairs")
-    if store.manifest["model"]["n_layers"] <= max(layers):
+    if store.manifest.model.n_layers <= max(layers):
         raise StatsError(f"pairs need layer {max(layers)}, beyond the store's model")
     for split in SPLITS:
         if store.n_tokens(split) == 0:

@@ -24,6 +24,7 @@ import numpy as np
 from ato.accumulate import kfold_stats
 from ato.artifacts import AlphaPoint, Layout, TuningResult, read_pair_stats, write_text_atomic
 from ato.math.ridge import HeldOutR2, RidgePath
+from ato.math.ridge_diagnostics import diagnose_alpha
 from ato.params import Params, TuneParams, section_dict
 from ato.plotting.tuning import plot_alpha_curve
 from ato.store import ActivationStore
@@ -33,27 +34,49 @@ log = logging.getLogger(__name__)
 
 
 def main(params: Params, pair: str | None = None) -> None:
-    import mlflow
-
     layout = Layout.from_params(params)
     for name in [pair] if pair else list(params.pairs):
         with pair_run(params, name, "tune") as run:
             result = tune_pair(params, name, run.info.run_id)
             write_outputs(layout, result)
-            mlflow.log_params(
-                {"tune_objective": result.objective, "tune_n_trials": result.n_trials, "optuna_study": result.study}
-            )
-            log_flat_metrics({"chosen_alpha": result.alpha, "val_r2_tuned": result.val_r2})
-            mlflow.log_artifact(str(layout.tuning_figure(name)))
-            mlflow.log_artifact(str(layout.tuning(name)))
+            track(layout, result)
         log.info(
-            "tune %s: α = %.4g, val R² = %.4f (%d trials, %.1fs)",
+            "tune %s: α = %.4g, val R² = %.4f (%d trials, %.1fs); curve flat to %.2g, gain %.2g vs noise %.2g%s",
             name,
             result.alpha,
             result.val_r2,
             result.n_trials,
             result.tune_seconds,
+            result.alpha_flatness,
+            result.alpha_gain,
+            result.val_r2_noise,
+            " (α immaterial)" if result.alpha_immaterial else "",
         )
+
+
+def track(layout: Layout, result: TuningResult) -> None:
+    """The pair's MLflow run: search settings, chosen α and its diagnostics, the edge warning as a tag."""
+    import mlflow
+
+    mlflow.log_params(
+        {"tune_objective": result.objective, "tune_n_trials": result.n_trials, "optuna_study": result.study}
+    )
+    log_flat_metrics(
+        {
+            "chosen_alpha": result.alpha,
+            "val_r2_tuned": result.val_r2,
+            "alpha_flatness": result.alpha_flatness,
+            "alpha_gain": result.alpha_gain,
+            "val_r2_noise": result.val_r2_noise,
+            "alpha_immaterial": int(result.alpha_immaterial),
+            "alpha_at_edge": int(result.alpha_edge_warning is not None),
+            "tune_n_val": result.n_val,
+        }
+    )
+    if result.alpha_edge_warning is not None:
+        mlflow.set_tag("ato.tune.alpha_edge_warning", result.alpha_edge_warning)
+    mlflow.log_artifact(str(layout.tuning_figure(result.pair)))
+    mlflow.log_artifact(str(layout.tuning(result.pair)))
 
 
 def write_outputs(layout: Layout, result: TuningResult) -> None:
@@ -104,31 +127,45 @@ def tune_pair(params: Params, pair_name: str, run_id: str | None = None) -> Tuni
             sampler=optuna.samplers.TPESampler(seed=t.seed),
         )
     objective = build_objective(params, pair_name)  # serves the in-process trials and the curve
+    n_val = int(sum(held.n for _, held in objective.folds))  # val split's PairStats.n, or all K folds
     t0 = time.perf_counter()
     if t.n_workers == 1:
         _run_worker(params, pair_name, name, run_id, t.n_trials, objective=objective)
     else:
         _run_workers(params, pair_name, name, run_id)
     seconds = time.perf_counter() - t0
-    return summarise(optuna.load_study(study_name=name, storage=storage), pair_name, t, objective, seconds)
+    return summarise(optuna.load_study(study_name=name, storage=storage), pair_name, t, objective, seconds, n_val)
 
 
 def summarise(
-    study: Any, pair_name: str, t: TuneParams, objective: Callable[[float], float], seconds: float
+    study: Any, pair_name: str, t: TuneParams, objective: Callable[[float], float], seconds: float, n_val: int
 ) -> TuningResult:
-    """The study's best trial, every completed trial, and the exact objective on the α grid."""
+    """The study's best trial, every completed trial, the exact objective on the α grid, and what that
+    curve says about α at `n_val` held-out tokens (docs/method.md#ridge). An edge warning is logged."""
     grid = np.geomspace(t.alpha_min, t.alpha_max, t.curve_points)
+    curve = [AlphaPoint(alpha=float(a), val_r2=objective(float(a))) for a in grid]
     trials = sorted((tr.params["alpha"], tr.value) for tr in study.trials if tr.value is not None)
+    best = float(study.best_params["alpha"])
+    diag = diagnose_alpha([c.alpha for c in curve], [c.val_r2 for c in curve], best, n_val, pair_name)
+    if diag.edge_warning is not None:  # on a curve flat within its noise the edge is itself noise: say so
+        flat = f" (α is immaterial at n_val = {n_val}: gain {diag.gain:.2g} < noise {diag.noise:.2g})"
+        log.warning("tune %s%s", diag.edge_warning, flat if diag.immaterial else "")
     return TuningResult(
         pair=pair_name,
         study=study.study_name,
         objective=t.objective,
-        alpha=float(study.best_params["alpha"]),
+        alpha=best,
         val_r2=float(study.best_value),
         n_trials=len(trials),
         tune_seconds=seconds,
-        curve=[AlphaPoint(alpha=float(a), val_r2=objective(float(a))) for a in grid],
+        curve=curve,
         trials=[AlphaPoint(alpha=a, val_r2=v) for a, v in trials],
+        n_val=diag.n_val,
+        alpha_flatness=diag.flatness,
+        alpha_gain=diag.gain,
+        val_r2_noise=diag.noise,
+        alpha_immaterial=diag.immaterial,
+        alpha_edge_warning=diag.edge_warning,
     )
 
 

@@ -11,13 +11,13 @@ verdict records the sha256 of every part it checked, which `ato.store.require_va
 from __future__ import annotations
 
 import logging
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ato.artifacts import ValidationFailure
 from ato.errors import AtoError
 from ato.params import ValidateParams
-from ato.store import ActivationStore, StoreError, manifest_sha256, part_digests
+from ato.store import ActivationStore, StoreError, bind_parts, manifest_sha256
 
 from .report import ValidationReport, failure_message, markdown, write_report
 from .suite import Check, CheckResult, build_checks, run_checks
@@ -57,11 +57,15 @@ def validate_store(
             table="store", expectation="store_opens", where=str(root), message=f"{root}: store cannot be opened: {exc}"
         )
         return ValidationReport(str(root), False, [], [failure], None)
-    t0 = time.perf_counter()
-    manifest_digest, parts = manifest_sha256(store.root), part_digests(store)  # the bytes checked below
-    log.info("validate: sha256 of %d parts in %.1fs", len(parts), time.perf_counter() - t0)
-    tables = collect_tables(store, chunk_tokens, progress=progress)
+    manifest_digest = manifest_sha256(store.root)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ato-bind") as pool:
+        binding = pool.submit(bind_parts, store)  # sha256 of every part on the other cores while the scan reads
+        tables = collect_tables(store, chunk_tokens, progress=progress)
+        parts, signatures = binding.result()
+    log.info("validate: verdict bound to the sha256 of %d parts (%d with stat signatures)", len(parts), len(signatures))
     results = run_checks(tables, build_checks(store.manifest, cfg))
     failures = [f for r in results for f in r.failures]
     success = all(r.success for r in results)
-    return ValidationReport(str(root), success, results, failures, tables, store.manifest, manifest_digest, parts)
+    return ValidationReport(
+        str(root), success, results, failures, tables, store.manifest, manifest_digest, parts, signatures
+    )

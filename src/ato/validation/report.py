@@ -40,6 +40,7 @@ class ValidationReport:
     manifest: StoreManifest | None = None
     manifest_sha256: str | None = None  # bytes of manifest.json as validated
     part_sha256: dict[str, str] = field(default_factory=dict)  # "split/part" → ato.store.directory_digest
+    part_stat: dict[str, str] = field(default_factory=dict)  # "split/part" → ato.store.stat_signature
 
     @property
     def n_failed(self) -> int:
@@ -68,6 +69,7 @@ class ValidationReport:
             failures=self.failures,
             manifest_sha256=self.manifest_sha256,
             part_sha256=self.part_sha256,
+            part_stat=self.part_stat,
         )
 
 

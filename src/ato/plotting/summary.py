@@ -1,0 +1,407 @@
+"""Figures of `ato report` that compare pairs: headline heatmaps over (L, k), η(r) and ceiling(r)
+per k, causal Δ with CIs per pair, and the α → validation R² curves."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ato.artifacts import PairMetrics
+from ato.reporting.markdown import fmt, fmt_int
+from ato.reporting.results import PairResults, headline_sets
+
+from . import CONDITION_COLOURS, CONDITION_LABELS, CONDITIONS, pyplot, save_figure
+
+# (title, kind, value): kind "r2" → shared −1..1 scale, "size" → 0..max
+HEATMAPS: tuple[tuple[str, str, Callable[[PairMetrics], float]], ...] = (
+    ("residual R² of the ATO (test)", "r2", lambda m: m.ato.r2),
+    ("feature-space R², median (test)", "r2", lambda m: m.ato.feature_r2_median),
+    ("transported fraction of judged features", "r2", lambda m: m.transported_fraction),
+    ("transport efficiency η = R²_w / ceiling (test)", "r2", lambda m: m.eta_test),
+    ("transport subspace size (rank)", "size", lambda m: m.subspace_size),
+)
+TRANSPORTED_PANEL = 2  # the heatmap whose cells also show transported / judged counts
+
+
+def _layer_colours(results: list[PairResults]) -> dict[int, Any]:
+    import matplotlib
+
+    Ls = sorted({res.pair.L for res in results})
+    cmap = matplotlib.colormaps["tab10" if len(Ls) <= 10 else "tab20"]
+    return {L: cmap(i % cmap.N) for i, L in enumerate(Ls)}
+
+
+# --------------------------------------------------------------------------------------------
+# Heatmaps
+
+
+def plot_heatmaps(path: Path, results: list[PairResults], dpi: int) -> Path:
+    """One heatmap per headline score over (k rows × L columns), only the L and k values present."""
+    from matplotlib.patches import Patch
+
+    plt = pyplot()
+    Ls = sorted({res.pair.L for res in results})
+    ks = sorted({res.pair.k for res in results})
+    by_lk = {(res.pair.L, res.pair.k): res for res in results}
+    panel_w, panel_h = 0.8 * len(Ls) + 2.0, 0.62 * len(ks) + 1.6
+    ncols = 1 if len(Ls) > 8 else 2 if len(Ls) > 3 else 3
+    nrows = math.ceil(len(HEATMAPS) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * panel_w, nrows * panel_h), squeeze=False)
+    flat = axes.ravel()
+    for index, (ax, (title, kind, value)) in enumerate(zip(flat, HEATMAPS)):
+        grid = np.full((len(ks), len(Ls)), np.nan)
+        for (L, k), res in by_lk.items():
+            grid[ks.index(k), Ls.index(L)] = value(res.m)
+        _heatmap_panel(fig, ax, grid, kind, title, Ls, ks, by_lk, with_counts=index == TRANSPORTED_PANEL)
+    for ax in flat[len(HEATMAPS) :]:
+        ax.axis("off")
+    fig.legend(
+        handles=[
+            Patch(facecolor="#e6e6e6", edgecolor="#bbbbbb", label="no such pair in params.pairs"),
+            Patch(facecolor="white", edgecolor="#888888", hatch="///", label="pair configured, output missing"),
+        ],
+        loc="lower center",
+        ncols=2,
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(f"ato: headline scores per pair (L → L+k), {len(results)} pairs", fontsize=11)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - 0.4 / fig.get_figheight()))
+    return save_figure(fig, path, dpi)
+
+
+def _heatmap_panel(
+    fig: Any,
+    ax: Any,
+    grid: np.ndarray,
+    kind: str,
+    title: str,
+    Ls: list[int],
+    ks: list[int],
+    by_lk: dict[tuple[int, int], PairResults],
+    with_counts: bool,
+) -> None:
+    import matplotlib
+
+    finite = grid[np.isfinite(grid)]
+    if kind == "r2":
+        vmin = float(max(-1.0, min(0.0, finite.min()))) if finite.size else 0.0
+        vmax, cmap, spec = 1.0, matplotlib.colormaps["viridis"], ".3f"
+    else:
+        vmin, vmax = 0.0, float(max(1.0, finite.max())) if finite.size else 1.0
+        cmap, spec = matplotlib.colormaps["cividis"], ".0f"
+    norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
+    cmap = cmap.with_extremes(bad="white")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+    for i, k in enumerate(ks):
+        for j, L in enumerate(Ls):
+            _heatmap_cell(ax, i, j, grid[i, j], by_lk.get((L, k)), spec, cmap(norm(grid[i, j])), with_counts)
+    ax.set_xticks(range(len(Ls)), [str(L) for L in Ls])
+    ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_xlabel("L (upstream layer)")
+    ax.set_ylabel("k (layers spanned)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(np.arange(len(Ls) + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(len(ks) + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", lw=1.5)
+    ax.tick_params(which="minor", length=0)
+    bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("rank" if kind == "size" else "", fontsize=8)
+
+
+def _heatmap_cell(
+    ax: Any, i: int, j: int, v: float, res: PairResults | None, spec: str, rgba: Any, with_counts: bool
+) -> None:
+    from matplotlib.patches import Rectangle
+
+    if res is None:  # not a configured pair
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#e6e6e6", edgecolor="white", lw=1))
+        return
+    if not math.isfinite(v):  # configured, but its output is missing
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="white", edgecolor="#888888", hatch="///", lw=0.5))
+        ax.text(
+            j,
+            i,
+            "missing",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="#444444",
+            bbox=dict(facecolor="white", edgecolor="none", pad=1),
+        )
+        return
+    text = format(v, spec)
+    if with_counts:
+        judged = res.m.n_transported + res.m.n_synthesised
+        if math.isfinite(judged):
+            text += f"\n{fmt_int(res.m.n_transported)}/{fmt_int(judged)}"
+    r, g, b, _ = rgba
+    light = 0.299 * r + 0.587 * g + 0.114 * b > 0.55
+    ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if light else "white")
+
+
+# --------------------------------------------------------------------------------------------
+# Efficiency and ceiling per k
+
+
+def plot_efficiency(path: Path, results: list[PairResults], subspace_fraction: float, dpi: int) -> Path:
+    """Per k: η(r) (reduced-rank map solid, SVD truncation dashed; test) above ceiling(r) (train)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    plt = pyplot()
+    ks = sorted({res.pair.k for res in results})
+    colours = _layer_colours(results)
+    fig, axes = plt.subplots(2, len(ks), figsize=(4.6 * len(ks) + 0.4, 7.6), squeeze=False, sharex=True)
+    for col, k in enumerate(ks):
+        ax_eta, ax_ceil = axes[0][col], axes[1][col]
+        group = sorted((res for res in results if res.pair.k == k), key=lambda r: r.pair.L)
+        handles, absent = _efficiency_lines(ax_eta, ax_ceil, group, colours)
+        note = f"\n(efficiency.csv missing: {', '.join(absent)})" if absent else ""
+        ax_eta.set_title(f"k = {k}: transport efficiency (test){note}", fontsize=10)
+        ax_ceil.set_title(f"k = {k}: CCA ceiling (train){note}", fontsize=10)
+        style = [
+            Line2D([], [], color="grey", ls="-", lw=1.8, label="reduced-rank map"),
+            Line2D([], [], color="grey", ls="--", lw=1.1, label="SVD truncation of the ATO"),
+        ]
+        ax_eta.legend(handles=handles + style, fontsize=7, loc="best")
+        ceil_handles = handles + [
+            Line2D([], [], color="grey", ls=":", lw=1.2, label=f"subspace size ({subspace_fraction:.0%} of ceiling(d))")
+        ]
+        ax_ceil.legend(handles=ceil_handles, fontsize=7, loc="upper left")
+        for ax in (ax_eta, ax_ceil):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.grid(alpha=0.3, which="both")
+        ax_ceil.set_xlabel("rank r")
+        if col == 0:
+            ax_eta.set_ylabel("η(r) = whitened R²(r) / ceiling(r)")
+            ax_ceil.set_ylabel(r"ceiling(r) = $\frac{1}{d}\sum_{i \leq r} \rho_i^2$")
+    fig.suptitle("Transport efficiency and CCA ceiling vs rank, one panel per k, one line per L", fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
+def _efficiency_lines(
+    ax_eta: Any, ax_ceil: Any, group: list[PairResults], colours: dict[int, Any]
+) -> tuple[list[Any], list[str]]:
+    """One line per L on both panels; returns the legend handles and the pairs without a table."""
+    from matplotlib.lines import Line2D
+
+    handles, absent, low = [], [], 0.0
+    for res in group:
+        colour, eff = colours[res.pair.L], res.efficiency
+        if eff is None:
+            absent.append(res.name)
+            continue
+        ax_eta.plot(eff.rank, eff.eta_rrr_test, "-", color=colour, marker="o", ms=3, lw=1.8)
+        ax_eta.plot(eff.rank, eff.eta_svd_test, "--", color=colour, lw=1.1, alpha=0.85)
+        ax_ceil.plot(eff.rank, eff.ceiling, "-", color=colour, marker="o", ms=3, lw=1.8)
+        size = res.m.subspace_size
+        if math.isfinite(size):
+            ax_ceil.axvline(size, color=colour, ls=":", lw=1.2)
+        finite = np.concatenate([c[np.isfinite(c)] for c in (eff.eta_rrr_test, eff.eta_svd_test)])
+        low = min(low, float(finite.min())) if finite.size else low
+        label = f"L={res.pair.L} → {res.pair.target}"
+        handles.append(Line2D([], [], color=colour, marker="o", ms=3, lw=1.8, label=label))
+    ax_eta.axhline(1.0, color="black", lw=0.7)
+    if low < -1.0:  # very negative SVD-truncation scores would flatten everything else
+        ax_eta.set_ylim(-1.05, 1.1)
+        ax_eta.text(0.98, 0.03, "axis clipped at −1", transform=ax_eta.transAxes, ha="right", fontsize=7)
+    return handles, absent
+
+
+# --------------------------------------------------------------------------------------------
+# Causal
+
+
+def plot_causal(path: Path, results: list[PairResults], scope: str, dpi: int) -> Path:
+    """Grouped bars: Δ log-ppl vs clean per pair and condition (95 % CIs); damage recovered per pair."""
+    plt = pyplot()
+    n = len(results)
+    w_bars, w_rec = min(16.0, max(7.0, 1.25 * n + 2.5)), min(7.0, max(3.5, 0.45 * n + 2))
+    fig, (ax, ax_rec) = plt.subplots(1, 2, figsize=(w_bars + w_rec, 5.2), gridspec_kw={"width_ratios": [w_bars, w_rec]})
+    _causal_bars(ax, results, scope)
+    _recovered_points(ax_rec, results, scope)
+    sets = headline_sets(results) or ["all"]
+    what = "every non-BOS position" if sets == ["all"] else "the headline positions"
+    fig.suptitle(f"Causal check on held-out test text: patching {what} (position set {', '.join(sets)})", fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
+def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
+    from matplotlib.patches import Patch
+
+    n = len(results)
+    x = np.arange(n)
+    width = 0.8 / len(CONDITIONS)
+    top = 0.0
+    for ci, cond in enumerate(CONDITIONS):
+        mean, lo, hi = np.array([res.causal_delta(cond, scope) for res in results]).T
+        ok = np.isfinite(mean)
+        err = np.vstack(
+            [
+                np.clip(mean - np.where(np.isfinite(lo), lo, mean), 0, None),
+                np.clip(np.where(np.isfinite(hi), hi, mean) - mean, 0, None),
+            ]
+        )
+        pos = x - 0.4 + width * (ci + 0.5)
+        top = max([top, *mean[ok] + err[1, ok]])
+        ax.bar(
+            pos[ok],
+            mean[ok],
+            width,
+            yerr=err[:, ok],
+            capsize=2,
+            color=CONDITION_COLOURS[cond],
+            edgecolor="black",
+            linewidth=0.4,
+            error_kw={"elinewidth": 0.8},
+        )
+    for i, res in enumerate(results):
+        if res.causal is None:
+            ax.text(i, 0, "causal\nmissing", ha="center", va="bottom", fontsize=8, color="#b22222")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_yscale("symlog", linthresh=0.01)
+    if top > 0:  # headroom so the tallest CI is not cut by the frame
+        ax.set_ylim(top=top * 1.8)
+    ax.set_xticks(x, [res.name for res in results], rotation=45 if n > 8 else 0, ha="right" if n > 8 else "center")
+    ax.set_xlabel("pair")
+    scope_label = "tokens at/after the first patch" if scope == "after" else "all predicted tokens"
+    ax.set_ylabel(f"Δ log-perplexity vs clean (nats/token, symlog)\n{scope_label}; bars: 95% CI")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(
+        handles=[
+            Patch(facecolor=CONDITION_COLOURS[c], edgecolor="black", label=CONDITION_LABELS[c]) for c in CONDITIONS
+        ],
+        fontsize=8,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.01),
+        ncols=len(CONDITIONS),
+        frameon=False,
+        title="value written into the residual after block L+k",
+        title_fontsize=8,
+    )
+
+
+def _recovered_points(ax_rec: Any, results: list[PairResults], scope: str) -> None:
+    n = len(results)
+    x = np.arange(n)
+    rec = np.array([res.recovered(scope) for res in results])
+    ok = np.isfinite(rec[:, 0])
+    lo = np.where(np.isfinite(rec[:, 1]), rec[:, 1], rec[:, 0])
+    hi = np.where(np.isfinite(rec[:, 2]), rec[:, 2], rec[:, 0])
+    ax_rec.errorbar(
+        x[ok],
+        100 * rec[ok, 0],
+        yerr=100 * np.vstack([np.clip(rec[ok, 0] - lo[ok], 0, None), np.clip(hi[ok] - rec[ok, 0], 0, None)]),
+        fmt="o",
+        color=CONDITION_COLOURS["ato"],
+        capsize=4,
+        ms=6,
+    )
+    for i in np.flatnonzero(ok) if n <= 8 else []:  # labels would collide beyond a few pairs
+        ax_rec.annotate(
+            f"{100 * rec[i, 0]:.1f}%",
+            (x[i], 100 * rec[i, 0]),
+            textcoords="offset points",
+            xytext=(7, 0),
+            va="center",
+            fontsize=7,
+        )
+    for i in np.flatnonzero(~ok):  # no causal output, or Δ(zero) = 0 makes the share undefined
+        label = "causal\nmissing" if results[i].causal is None else "undefined"
+        ax_rec.text(x[i], 50, label, ha="center", va="center", fontsize=8, color="#b22222")
+    ax_rec.axhline(100, color="black", lw=0.8, ls="--")
+    ax_rec.axhline(0, color="black", lw=0.8)
+    ax_rec.set_xticks(
+        x,
+        [res.name for res in results],
+        rotation=90 if n > 8 else 30 if n > 3 else 0,
+        ha="center" if n > 8 or n <= 3 else "right",
+    )
+    ax_rec.set_xlim(-0.6, n - 0.4)
+    ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(zero)\n95% CI")
+    ax_rec.set_title("Damage recovered by the ATO", fontsize=10)
+    ax_rec.grid(axis="y", alpha=0.3)
+
+
+# --------------------------------------------------------------------------------------------
+# Ridge penalty
+
+
+def plot_alpha(path: Path, results: list[PairResults], dpi: int) -> Path:
+    """α → validation R² per pair on a log α axis, a star at each pair's chosen α. The right panel
+    shows R² minus the chosen α's R² on a symmetric-log axis: ridge often gains only ~1e-5 over OLS,
+    invisible on the left, and this shows how flat the optimum is and what α → 0 (OLS) costs."""
+    plt = pyplot()
+    fig, (ax, ax_zoom) = plt.subplots(1, 2, figsize=(13.5, 5.2), sharex=True)
+    absent, low, gaps = _alpha_curves(ax, ax_zoom, results)
+    ax.set_xscale("log")
+    for a_ in (ax, ax_zoom):
+        a_.set_xlabel("ridge penalty α (log scale)")
+        a_.grid(alpha=0.3, which="both")
+    ax.set_ylabel("validation R² (uniform average over dimensions)")
+    ax.set_title("α → validation R² (★ = chosen α; line style = k)", fontsize=10)
+    lin = 1e-7  # below this |ΔR²| the axis is linear: differences no α search can resolve
+    ax_zoom.set_yscale("symlog", linthresh=lin)
+    ax_zoom.set_ylim(max(-1.0, min(-10 * lin, 2 * min(gaps))), max(10 * lin, 3 * max(gaps)))
+    ax_zoom.axhline(0, color="black", lw=0.8)
+    ax_zoom.set_ylabel("val R²(α) − val R² at the chosen α (symlog)")
+    ax_zoom.set_title(f"distance from the chosen α (linear for |Δ| < {lin:g})", fontsize=10)
+    if low < -1.0:
+        ax.set_ylim(-1.05, ax.get_ylim()[1])
+        ax.text(0.01, 0.02, "axis clipped at −1", transform=ax.transAxes, fontsize=7)
+    if absent:
+        ax.text(
+            0.01,
+            0.98,
+            "no tuning output: " + ", ".join(absent),
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            color="#b22222",
+        )
+    if len(absent) < len(results):
+        ax_zoom.legend(
+            *ax.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False
+        )
+    fig.suptitle("Ridge penalty per pair: the exact validation R² curve from the statistics", fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
+def _alpha_curves(ax: Any, ax_zoom: Any, results: list[PairResults]) -> tuple[list[str], float, list[float]]:
+    """Each pair's curve on both panels; returns (pairs without tuning output, lowest R², R² gaps)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(results) <= 10 else "tab20"]
+    styles = ["-", "--", "-.", ":"]
+    ks = sorted({res.pair.k for res in results})
+    absent: list[str] = []
+    low, gaps = math.inf, [0.0]
+    for i, res in enumerate(results):
+        pts = sorted((p.alpha, p.val_r2) for p in (res.tuning.curve if res.tuning else []))
+        pts = [(a, v) for a, v in pts if math.isfinite(a) and a > 0 and math.isfinite(v)]
+        if res.tuning is None or not pts:
+            absent.append(res.name)
+            continue
+        colour, style = cmap(i % cmap.N), styles[ks.index(res.pair.k) % len(styles)]
+        a, v = np.array(pts).T
+        low = min(low, float(v.min()))
+        alpha, best = res.tuning.alpha, res.tuning.val_r2
+        ax.plot(a, v, style, color=colour, lw=1.6, label=f"{res.name}: α = {fmt(alpha, '.3g')}, val R² = {fmt(best)}")
+        ref = best if math.isfinite(best) else float(v.max())
+        ax_zoom.plot(a, v - ref, style, color=colour, lw=1.6)
+        gaps += [float((v - ref).min()), float((v - ref).max())]
+        if math.isfinite(alpha) and math.isfinite(best):
+            for target, y in ((ax, best), (ax_zoom, 0.0)):
+                target.plot([alpha], [y], marker="*", ms=13, color=colour, markeredgecolor="black", zorder=4)
+    return absent, low, gaps

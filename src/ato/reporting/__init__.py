@@ -1,0 +1,17 @@
+"""The summary of `ato report`: per-pair results read through their records (`results`), the
+markdown of summary.md (`markdown`) and the CSVs for `dvc plots` (`plot_tables`); its figures are in
+`ato.plotting.summary`."""
+
+from .markdown import SummarySettings, render_summary
+from .plot_tables import write_plot_csvs
+from .results import MissingInput, PairResults, load_pair, rank_value
+
+__all__ = [
+    "MissingInput",
+    "PairResults",
+    "SummarySettings",
+    "load_pair",
+    "rank_value",
+    "render_summary",
+    "write_plot_csvs",
+]

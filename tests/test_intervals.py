@@ -1,0 +1,336 @@
+"""Causal intervals (ato.math.intervals): the method is chosen by the coverage simulation here.
+
+Per-sequence effects are skewed (lognormal, gamma) or heavy-tailed (t, 3 df), scaled by 1/√m_j
+for sequences of m_j ∈ 16..63 scored tokens; the statistic is the token-weighted ratio of sums.
+`python tests/test_intervals.py` prints the full table quoted in ato/math/intervals.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ato.math.intervals import (
+    DEFAULT_METHOD,
+    METHODS,
+    Interval,
+    can_change_scored_predictions,
+    delta_interval,
+    denominator_is_bounded,
+    planned_half_width,
+    ratio_bounds,
+    ratio_estimate,
+    ratio_interval,
+    ratio_standard_error,
+    recovered_interval,
+    required_units,
+    unscorable_positions,
+)
+from ato.math.ridge_diagnostics import (
+    alpha_edge_warning,
+    alpha_flatness,
+    alpha_gain,
+    alpha_is_immaterial,
+    r2_noise,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SEQUENCES = 32  # the sequence count the coverage below is proven at (causal.n_sequences)
+REPLICATES = 2000  # Monte-Carlo standard error of a coverage near 0.95: √(0.95·0.05/2000) ≈ 0.005
+RESAMPLES = 999
+
+# --------------------------------------------------------------------------------------------
+# The simulation
+
+
+def effects(rng: np.random.Generator, dist: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Standardised draws (mean 0, variance 1) of a named family: normal, t3, gamma:<shape>,
+    lognormal:<σ>."""
+    family, _, arg = dist.partition(":")
+    if family == "normal":
+        return rng.standard_normal(shape)
+    if family == "t3":
+        return rng.standard_t(3, shape) / math.sqrt(3.0)
+    if family == "gamma":
+        k = float(arg)
+        return (rng.gamma(k, 1.0, shape) - k) / math.sqrt(k)
+    if family == "lognormal":
+        s2 = float(arg) ** 2
+        return (rng.lognormal(0.0, math.sqrt(s2), shape) - math.exp(s2 / 2)) / math.sqrt(
+            (math.exp(s2) - 1.0) * math.exp(s2)
+        )
+    raise ValueError(dist)
+
+
+def delta_data(dist: str, n: int, reps: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """`reps` data sets of n sequences: NLL-difference sums num_j = m_j(1 + e_j·√(40/m_j)) and
+    token counts m_j; the true token-weighted Δ is 1."""
+    rng = np.random.default_rng(seed)
+    m = rng.integers(16, 64, size=(reps, n)).astype(np.float64)
+    return m * (1.0 + effects(rng, dist, (reps, n)) * np.sqrt(40.0 / m)), m
+
+
+def ratio_data(dist: str, n: int, reps: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Recovered-share data: num_j = Σ(ato − clean), den_j = Σ(reference − clean), the two
+    correlated (ρ = 0.5), the reference noisy (per-sequence CV 0.35, as the identity reference of
+    the default run); the true ratio is 0.4, so the true recovered share is 0.6."""
+    rng = np.random.default_rng(seed)
+    m = rng.integers(16, 64, size=(reps, n)).astype(np.float64)
+    scale = np.sqrt(40.0 / m)
+    e_ref = effects(rng, dist, (reps, n))
+    e_ato = 0.5 * e_ref + math.sqrt(0.75) * effects(rng, dist, (reps, n))
+    return m * (0.4 + 0.15 * e_ato * scale), m * (1.0 + 0.35 * e_ref * scale)
+
+
+def coverage(num: np.ndarray, den: np.ndarray, truth: float, method: str, n_resamples: int = RESAMPLES) -> float:
+    _, low, high = ratio_bounds(num, den, method=method, n_resamples=n_resamples, seed=3)
+    return float(np.mean((low <= truth) & (truth <= high)))
+
+
+@functools.cache
+def simulated(statistic: str, dist: str, n: int, method: str) -> float:
+    """Coverage of `method` over REPLICATES data sets of `statistic` ("delta" or "ratio")."""
+    if statistic == "delta":
+        return coverage(*delta_data(dist, n, REPLICATES), 1.0, method)
+    return coverage(*ratio_data(dist, n, REPLICATES), 0.4, method)
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage: the choice of method and of the default sequence count
+
+
+@pytest.mark.parametrize("dist", ["normal", "t3", "gamma:1", "lognormal:0.75"])
+def test_default_method_keeps_coverage_at_the_default_sequence_count(dist: str):
+    """≥ 0.93 at nominal 0.95 for skewed (skewness 2 and 3.3) and heavy-tailed effects."""
+    assert simulated("delta", dist, DEFAULT_SEQUENCES, DEFAULT_METHOD) >= 0.93
+
+
+@pytest.mark.parametrize("dist", ["t3", "lognormal:0.75"])
+def test_default_method_keeps_coverage_of_the_recovered_share(dist: str):
+    assert simulated("ratio", dist, DEFAULT_SEQUENCES, DEFAULT_METHOD) >= 0.93
+
+
+def test_percentile_bootstrap_under_covers_at_eight_sequences():
+    """Issue 11: at 8 units a nominal 95 % percentile interval covers ≈ 0.88 (normal) and ≈ 0.77
+    (skewed: lognormal σ = 1) of the time; the default method does better on both."""
+    assert 0.86 <= simulated("delta", "normal", 8, "percentile") <= 0.91
+    assert 0.74 <= simulated("delta", "lognormal:1", 8, "percentile") <= 0.80
+    assert simulated("delta", "normal", 8, DEFAULT_METHOD) >= 0.94
+    assert (
+        simulated("delta", "lognormal:1", 8, DEFAULT_METHOD)
+        >= simulated("delta", "lognormal:1", 8, "percentile") + 0.08
+    )
+
+
+def test_each_simple_method_fails_where_the_hull_does_not():
+    """Why the hull: the t-interval under-covers skewed effects, the bootstrap-t heavy tails
+    (≈ 0.92 on t3 at 32 units over seeds). Compared on the same data sets, so the differences
+    carry far less Monte-Carlo error than the coverages."""
+    n, hull = DEFAULT_SEQUENCES, DEFAULT_METHOD
+    assert simulated("delta", "lognormal:0.75", n, "t") < 0.925
+    assert simulated("delta", "lognormal:0.75", n, hull) >= simulated("delta", "lognormal:0.75", n, "t") + 0.02
+    assert simulated("delta", "t3", n, hull) >= simulated("delta", "t3", n, "studentized") + 0.015
+
+
+def test_params_default_sequence_count_is_the_one_simulated():
+    from ato.params import load_params
+
+    n = load_params(ROOT / "params.yaml").causal.n_sequences
+    assert n >= DEFAULT_SEQUENCES, f"causal.n_sequences = {n}: coverage is only shown from {DEFAULT_SEQUENCES} up"
+
+
+# The default run's k = 1 pairs at 8 sequences (`all` set, `after` scope): per-sequence mean NLL
+# change of the ATO patch vs clean, 62 scored tokens each (reports/causal/<pair>_sequences.json).
+PILOT_DELTA = {
+    "L05_k1": [-0.03279, 0.19394, 0.17153, -0.03086, -0.01725, -0.01554, -0.00303, 0.00281],
+    "L11_k1": [0.50377, 0.58879, 0.56617, 0.55278, 0.63802, 0.63413, 0.47874, 0.30398],
+}
+
+
+@pytest.mark.parametrize("pair", sorted(PILOT_DELTA))
+def test_default_sequence_count_meets_the_half_width_target(pair: str):
+    """Issue 11: the 95 % half-width of Δ(ATO) on the k = 1 pairs ≤ 0.05 nats."""
+    m = np.full(8, 62.0)
+    num = np.asarray(PILOT_DELTA[pair]) * m
+    assert required_units(num, m, 0.05) <= DEFAULT_SEQUENCES
+    assert planned_half_width(num, m, DEFAULT_SEQUENCES) <= 0.045
+    assert delta_interval(num, np.zeros(8), m, method="percentile", n_resamples=2000).half_width > 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# The statistics themselves
+
+
+def test_delta_is_the_token_weighted_mean_and_t_matches_the_textbook():
+    rng = np.random.default_rng(0)
+    m = rng.integers(10, 60, 12).astype(float)
+    clean, patched = rng.gamma(2.0, 3.0, 12) * m, rng.gamma(2.0, 3.2, 12) * m
+    iv = delta_interval(patched, clean, m, method="t")
+    q = (patched - clean).sum() / m.sum()
+    z = (patched - clean - q * m) / m.mean()
+    se = math.sqrt((z**2).sum() / (12 * 11))
+    crit = stats.t.ppf(0.975, 11)
+    assert iv.estimate == pytest.approx(q, rel=1e-12)
+    assert (iv.low, iv.high) == pytest.approx((q - crit * se, q + crit * se), rel=1e-12)
+    assert iv.half_width == pytest.approx(crit * se, rel=1e-12)
+    assert (iv.method, iv.level, iv.n_units) == ("t", 0.95, 12)
+    # equal token counts: the ratio is the mean of per-sequence means, se the textbook s/√n
+    d = rng.normal(0.3, 0.1, 9)
+    iv = delta_interval(d * 50, np.zeros(9), np.full(9, 50.0), method="t")
+    assert iv.half_width == pytest.approx(stats.t.ppf(0.975, 8) * d.std(ddof=1) / 3, rel=1e-12)
+
+
+def test_recovered_share_is_one_minus_the_ratio_and_ignores_token_counts():
+    rng = np.random.default_rng(1)
+    clean = rng.gamma(3.0, 30.0, 10)
+    ato, ref = clean + rng.gamma(2.0, 1.0, 10), clean + rng.gamma(4.0, 5.0, 10)
+    for method in METHODS:
+        r = recovered_interval(ato, ref, clean, method=method, n_resamples=500, seed=4)
+        q = ratio_interval(ato - clean, ref - clean, method=method, n_resamples=500, seed=4)
+        assert r.estimate == pytest.approx(1 - (ato - clean).sum() / (ref - clean).sum(), rel=1e-12)
+        assert (r.low, r.high) == pytest.approx((1 - q.high, 1 - q.low), rel=1e-12)
+        assert r.low <= r.estimate <= r.high
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_seeded_equivariant_and_brackets_the_estimate(method: str):
+    rng = np.random.default_rng(2)
+    num, den = rng.gamma(1.0, 5.0, 15), rng.integers(20, 60, 15).astype(float)
+    a = ratio_interval(num, den, method=method, n_resamples=800, seed=7)
+    assert a == ratio_interval(num, den, method=method, n_resamples=800, seed=7)
+    assert a.low < a.estimate < a.high and a.method == method
+    b = ratio_interval(3.0 * num, den, method=method, n_resamples=800, seed=7)
+    assert (b.low, b.high) == pytest.approx((3 * a.low, 3 * a.high), rel=1e-9)
+    assert ratio_interval(num, den, method=method, level=0.8, n_resamples=800, seed=7).half_width < a.half_width
+
+
+def test_bca_and_percentile_are_scipys_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    num, den = rng.gamma(1.0, 5.0, 10), rng.integers(20, 60, 10).astype(float)
+    ours = ratio_interval(num, den, method="bca", n_resamples=1000, seed=5)
+    ref = stats.bootstrap(
+        (num, den),
+        lambda x, y, axis=-1: x.sum(axis) / y.sum(axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=1000,
+        method="BCa",
+        rng=np.random.default_rng(5),
+    ).confidence_interval
+    assert (ours.low, ours.high) == pytest.approx((ref.low, ref.high), rel=1e-12)
+
+
+def test_batched_bounds_equal_one_at_a_time_for_the_t_interval():
+    num, den = delta_data("gamma:1", 10, 5)
+    q, low, high = ratio_bounds(num, den, method="t")
+    for i in range(5):
+        iv = ratio_interval(num[i], den[i], method="t")
+        assert (iv.estimate, iv.low, iv.high) == pytest.approx((q[i], low[i], high[i]), rel=1e-12)
+    assert ratio_estimate(num, den) == pytest.approx(num.sum(1) / den.sum(1))
+    assert ratio_standard_error(num, den).shape == (5,)
+
+
+def test_degenerate_inputs():
+    # one unit: an estimate, no interval
+    iv = delta_interval([5.0], [3.0], [4.0])
+    assert iv.estimate == 0.5 and math.isnan(iv.low) and math.isnan(iv.high) and math.isnan(iv.half_width)
+    # every sequence exactly the same per-token effect: the interval is the point
+    m = np.array([10.0, 20.0, 30.0])
+    iv = delta_interval(0.25 * m, np.zeros(3), m)
+    assert (iv.low, iv.estimate, iv.high, iv.half_width) == (0.25, 0.25, 0.25, 0.0)
+    # a reference whose damage cannot be told from zero: the recovered share is unbounded
+    iv = recovered_interval([1.0, 2.0, 1.5, 1.2], [1.0, -1.0, 2.0, -1.5], [0.0] * 4)
+    assert (iv.low, iv.high) == (-math.inf, math.inf)
+    assert not denominator_is_bounded([1.0, -1.0, 2.0, -1.5]) and denominator_is_bounded([10.0, 20.0, 30.0, 25.0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        delta_interval([1.0, 2.0], [1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown interval method"):
+        delta_interval([1.0, 2.0], [0.0, 0.0], [1.0, 1.0], method="wald")
+    with pytest.raises(ValueError, match="finite"):
+        delta_interval([1.0, np.nan], [0.0, 0.0], [1.0, 1.0])
+    assert isinstance(iv, Interval)
+
+
+def test_planning_the_number_of_sequences():
+    rng = np.random.default_rng(4)
+    m = np.full(8, 62.0)
+    num = rng.normal(0.5, 0.1, 8) * m
+    n = required_units(num, m, 0.05)
+    assert planned_half_width(num, m, n) <= 0.05 < planned_half_width(num, m, n - 1)
+    sigma = np.std(num / m, ddof=1)
+    assert planned_half_width(num, m, 40) == pytest.approx(stats.t.ppf(0.975, 39) * sigma / math.sqrt(40))
+    cautious = required_units(num, m, 0.05, pilot_confidence=0.8)
+    assert cautious > required_units(num, m, 0.05, pilot_confidence=0.5) > n - 2
+    with pytest.raises(ValueError, match="more than"):
+        required_units(num, m, 1e-9, max_units=1000)
+
+
+# --------------------------------------------------------------------------------------------
+# Position sets and α
+
+
+def test_a_position_that_changes_no_scored_prediction_is_named():
+    assert unscorable_positions([40, 48, 56, 63], 64) == [63]  # the default `late` set
+    assert not can_change_scored_predictions([40, 48, 56, 63], 64)
+    assert can_change_scored_predictions([40, 48, 56, 62], 64)
+    assert can_change_scored_predictions([1], 3) and not can_change_scored_predictions([2], 3)
+    assert unscorable_positions([0, 5], 64) == [0]  # BOS is never patched
+    assert can_change_scored_predictions("all", 64) and not can_change_scored_predictions("all", 2)
+    assert not can_change_scored_predictions([], 64)
+
+
+def test_alpha_diagnostics_on_a_flat_curve_then_a_peaked_one():
+    alphas = np.geomspace(1e-3, 1e7, 31)
+    flat = 0.785149 + 1.2e-5 * np.exp(-((np.log10(alphas) - 3.5) ** 2)) - 0.2 * (alphas / (alphas + 1e7))
+    assert alpha_flatness(alphas, flat) == pytest.approx(flat.max() - flat.min())
+    assert alpha_flatness(alphas, flat) > 0.09  # the full range runs into over-regularisation…
+    assert alpha_gain(alphas, flat) < 2e-5  # …but the best α buys nothing over the smallest
+    assert alpha_is_immaterial(alphas, flat, n_val=16_000)
+    assert r2_noise(0.785, 16_000) == pytest.approx(0.215 * math.sqrt(2 / 16_000))
+    peaked = 0.70 + 0.05 * np.exp(-((np.log10(alphas) - 2) ** 2))
+    assert not alpha_is_immaterial(alphas, peaked, n_val=16_000)
+    assert alpha_is_immaterial(alphas, [np.nan] + list(flat[1:]), n_val=16_000)  # NaN points ignored
+    assert alpha_edge_warning(alphas, 3e3) is None
+    low, high = alpha_edge_warning(alphas, 1e-3, "L05_k1"), alpha_edge_warning(alphas, 9e6)
+    assert low is not None and "L05_k1" in low and "lowest" in low
+    assert high is not None and "highest" in high and "alpha_max" in high
+
+
+# --------------------------------------------------------------------------------------------
+# The table in ato/math/intervals.py
+
+
+def coverage_table(reps: int = 4000, n_resamples: int = 1000) -> None:
+    print(
+        f"{'effects':16s} {'n':>3s} "
+        + " ".join(f"{m:>16s}" for m in ("percentile", "bca", "t", "studentized", DEFAULT_METHOD))
+    )
+    for dist in ("normal", "t3", "gamma:1", "lognormal:0.75", "lognormal:1"):
+        for n in (8, DEFAULT_SEQUENCES):
+            num, den = delta_data(dist, n, reps)
+            row = [
+                coverage(num, den, 1.0, m, n_resamples)
+                for m in ("percentile", "bca", "t", "studentized", DEFAULT_METHOD)
+            ]
+            print(f"{dist:16s} {n:3d} " + " ".join(f"{c:16.3f}" for c in row), flush=True)
+    for dist in ("normal", "t3", "gamma:1", "lognormal:0.75"):
+        for n in (8, DEFAULT_SEQUENCES):
+            num, den = ratio_data(dist, n, reps)
+            row = [
+                coverage(num, den, 0.4, m, n_resamples)
+                for m in ("percentile", "bca", "t", "studentized", DEFAULT_METHOD)
+            ]
+            print(f"R {dist:14s} {n:3d} " + " ".join(f"{c:16.3f}" for c in row), flush=True)
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    coverage_table(*(int(a) for a in sys.argv[1:3]))
+    print(f"{time.perf_counter() - t0:.0f} s")
