@@ -74,3 +74,15 @@ def test_cli_reports_params_errors_before_compute(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert main(["fit", "--params", str(tmp_path / "params.yaml")]) == 2
     assert "fit.methd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("positions", "bad"), [([40, 48, 56, 63], "63"), ([0, 5], "0"), ([64], "64")])
+def test_position_set_that_cannot_change_a_scored_prediction_is_refused(positions, bad):
+    """Patching the last position (its own prediction is not scored) or BOS changes nothing: a set
+    holding such a position would report a causal effect of exactly zero, so it is refused by name."""
+    raw = default_raw()
+    raw["causal"]["position_sets"] = {"all": "all", "late": positions}
+    with pytest.raises(ParamsError, match=rf"causal\.position_sets\.late: position\(s\) \[{bad}\]"):
+        parse_params(raw)
+    raw["causal"]["position_sets"] = {"all": "all", "late": [40, 48, 56, 62]}
+    parse_params(raw)  # 62 predicts token 63, which is scored
