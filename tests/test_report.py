@@ -149,6 +149,13 @@ def fake_tuning(name: str, L: int, k: int) -> dict:
         "tune_seconds": 1.2,
         "curve": [{"alpha": float(a), "val_r2": float(v)} for a, v in zip(grid, curve)],
         "trials": [{"alpha": best, "val_r2": top}],
+        # α diagnostics of `ato tune` (not shown by the report)
+        "n_val": 14960,
+        "alpha_flatness": float(curve.max() - curve.min()),
+        "alpha_gain": float(top - curve[0]),
+        "val_r2_noise": 0.002,
+        "alpha_immaterial": False,
+        "alpha_edge_warning": None,
     }
 
 
