@@ -19,8 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a of and in to is was for on as by with from at an that which are his her it this "
-         "city river music science history king war born known first called also one two new").split()
+WORDS = (
+    "the a of and in to is was for on as by with from at an that which are his her it this "
+    "city river music science history king war born known first called also one two new"
+).split()
 
 
 @pytest.fixture(autouse=True)
@@ -37,27 +39,67 @@ def tiny_config(kind: str):
 
     common = dict(vocab_size=128)
     if kind == "gemma3":
-        return AutoConfig.for_model("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                    sliding_window=8, max_position_embeddings=256, bos_token_id=2,
-                                    pad_token_id=0, eos_token_id=1, **common)
+        return AutoConfig.for_model(
+            "gemma3_text",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=8,
+            max_position_embeddings=256,
+            bos_token_id=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            **common,
+        )
     if kind == "gemma2":
-        return AutoConfig.for_model("gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                    sliding_window=8, max_position_embeddings=256, bos_token_id=2,
-                                    pad_token_id=0, eos_token_id=1, **common)
+        return AutoConfig.for_model(
+            "gemma2",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=8,
+            max_position_embeddings=256,
+            bos_token_id=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            **common,
+        )
     if kind == "llama":
-        return AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                    num_attention_heads=2, num_key_value_heads=1,
-                                    max_position_embeddings=256, bos_token_id=2, pad_token_id=0,
-                                    eos_token_id=1, **common)
+        return AutoConfig.for_model(
+            "llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            bos_token_id=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            **common,
+        )
     if kind == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=4, n_head=2, n_positions=256,
-                                    bos_token_id=2, eos_token_id=1, **common)
+        return AutoConfig.for_model(
+            "gpt2", n_embd=32, n_layer=4, n_head=2, n_positions=256, bos_token_id=2, eos_token_id=1, **common
+        )
     if kind == "gpt_neox":
-        return AutoConfig.for_model("gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                    num_attention_heads=2, max_position_embeddings=256, bos_token_id=2,
-                                    eos_token_id=1, **common)
+        return AutoConfig.for_model(
+            "gpt_neox",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=2,
+            eos_token_id=1,
+            **common,
+        )
     raise ValueError(kind)
 
 
@@ -80,8 +122,14 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>", padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
 
 
 def random_text(rng: random.Random, n_words: int) -> str:
@@ -96,10 +144,18 @@ def make_prepared_model(directory: Path, kind: str = "gemma3") -> Path:
     model, tok = tiny_model(kind), tiny_tokenizer()
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
-    ModelInfo(name=f"tiny-{kind}", source=f"tiny-{kind}", model_type=model.config.model_type,
-              architecture=type(model).__name__, n_layers=n_layers(model), d_model=int(model.config.hidden_size),
-              vocab_size=int(model.config.vocab_size), dtype="float32", weights_digest=weights_digest(directory),
-              bos_token_id=2).write(directory / "ato_model.json")
+    ModelInfo(
+        name=f"tiny-{kind}",
+        source=f"tiny-{kind}",
+        model_type=model.config.model_type,
+        architecture=type(model).__name__,
+        n_layers=n_layers(model),
+        d_model=int(model.config.hidden_size),
+        vocab_size=int(model.config.vocab_size),
+        dtype="float32",
+        weights_digest=weights_digest(directory),
+        bos_token_id=2,
+    ).write(directory / "ato_model.json")
     return directory
 
 
@@ -119,8 +175,14 @@ TINY_PARAMS = {
     "sae": {"width": 64, "k": 4, "steps": 20, "batch_tokens": 64, "device": "cpu"},
     "select": {"max_tokens": 512, "causal_sequences": 4, "keep_fraction": 0.25, "device": "cpu"},
     "evaluate": {"n_ranks": 8, "min_active_tokens": 2},
-    "causal": {"n_sequences": 4, "seq_len": 12, "batch_size": 2, "bootstrap_resamples": 100,
-               "position_sets": {"all": "all", "few": [1, 3], "single_2": [2]}, "device": "cpu"},
+    "causal": {
+        "n_sequences": 4,
+        "seq_len": 12,
+        "batch_size": 2,
+        "bootstrap_resamples": 100,
+        "position_sets": {"all": "all", "few": [1, 3], "single_2": [2]},
+        "device": "cpu",
+    },
 }
 
 

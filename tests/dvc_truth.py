@@ -92,8 +92,10 @@ def import_closure(module: str) -> set[Path]:
 
 
 def load_pipeline(project: Path = ROOT) -> tuple[dict[str, Any], dict[str, Any]]:
-    return (yaml.safe_load((project / "dvc.yaml").read_text())["stages"],
-            yaml.safe_load((project / "params.yaml").read_text()))
+    return (
+        yaml.safe_load((project / "dvc.yaml").read_text())["stages"],
+        yaml.safe_load((project / "params.yaml").read_text()),
+    )
 
 
 def _lookup(params: dict[str, Any], dotted: str) -> Any:

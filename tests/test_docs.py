@@ -28,12 +28,12 @@ VENV_BIN = Path(sys.executable).parent
 # run here nor listed (so a new command cannot slip by untested).
 SKIPPED_BY_DESIGN: dict[str, str] = {
     "bash scripts/repro.sh": "the whole pipeline on the real model (~tens of minutes); CI runs the pipeline "
-                             "stages on tiny data in tests/test_dvc_pipeline.py and tests/test_integration.py",
+    "stages on tiny data in tests/test_dvc_pipeline.py and tests/test_integration.py",
     "bash scripts/test.sh": "this very test suite (what CI runs through .ci/run)",
     "source scripts/env.sh": "installs the pinned environment when requirements change (pip, minutes); every "
-                             "CI run goes through it via scripts/test.sh",
+    "CI run goes through it via scripts/test.sh",
     "dvc exp run -S tune.n_trials=60 -S evaluate.transported_r2=0.6": "a full pipeline run; its -S keys are "
-                                                                      "checked against params below",
+    "checked against params below",
     "dvc exp show --only-changed": "needs experiments from a real run",
     "dvc metrics diff": "needs a real run's metrics in the workspace and HEAD",
     "dvc plots diff": "needs a real run's plots in the workspace and HEAD",
@@ -71,7 +71,7 @@ def section(title: str) -> str:
     text = readme()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else len(text)]
+    return text[start : end if end != -1 else len(text)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,8 +94,14 @@ def test_benchmarks_named_in_the_readme_exist_and_answer_help():
     missing = [b for b in named if not (ROOT / b).is_file()]
     assert not missing, f"README names benchmarks that do not exist: {missing}"
     for bench in named:
-        out = subprocess.run([sys.executable, bench, "--help"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        out = subprocess.run(
+            [sys.executable, bench, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert out.returncode == 0, f"{bench} --help failed:\n{out.stderr[-2000:]}"
         assert "usage:" in out.stdout
 
@@ -119,8 +125,13 @@ def test_dvc_exp_run_overrides_are_real_params():
     from ato.params import parse_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    sets = [a for c in shell_commands() if c.startswith("dvc exp run")
-            for flag, a in zip(shlex.split(c), shlex.split(c)[1:]) if flag == "-S"]
+    sets = [
+        a
+        for c in shell_commands()
+        if c.startswith("dvc exp run")
+        for flag, a in zip(shlex.split(c), shlex.split(c)[1:])
+        if flag == "-S"
+    ]
     assert sets, "the README's dvc exp run example sets no params"
     for assignment in sets:
         key, value = assignment.split("=", 1)
@@ -153,9 +164,19 @@ def test_ato_help_and_every_subcommand_help():
     assert out.returncode == 0, out.stderr
     for name in [*STAGES, "ui"]:
         assert name in out.stdout, f"`ato --help` does not list {name}"
-    sections = {"prepare": ["prepare."], "collect": ["corpus.", "collect."], "validate": ["validate."],
-                "stats": ["stats."], "tune": ["tune."], "fit": ["fit."], "sae": ["sae."], "select": ["select."],
-                "evaluate": ["evaluate."], "causal": ["causal."], "report": ["report."]}
+    sections = {
+        "prepare": ["prepare."],
+        "collect": ["corpus.", "collect."],
+        "validate": ["validate."],
+        "stats": ["stats."],
+        "tune": ["tune."],
+        "fit": ["fit."],
+        "sae": ["sae."],
+        "select": ["select."],
+        "evaluate": ["evaluate."],
+        "causal": ["causal."],
+        "report": ["report."],
+    }
     assert set(sections) == set(STAGES), "a stage was added or removed: update this test and the README"
     for name, (_module, _help_text, per_pair) in STAGES.items():
         text = _help([name, "--help"])
@@ -211,8 +232,11 @@ def test_layout_paths_exist():
 def test_layout_lists_every_module_and_package():
     """The layout block matches the tree: every module and package directly under src/ato is named."""
     named = set(layout_paths())
-    tree = {f"src/ato/{p.name}" + ("/" if p.is_dir() else "") for p in (ROOT / "src" / "ato").iterdir()
-            if p.name not in {"__init__.py", "errors.py", "__pycache__"}}
+    tree = {
+        f"src/ato/{p.name}" + ("/" if p.is_dir() else "")
+        for p in (ROOT / "src" / "ato").iterdir()
+        if p.name not in {"__init__.py", "errors.py", "__pycache__"}
+    }
     assert tree - named == set(), f"README layout misses {sorted(tree - named)}"
 
 
@@ -252,14 +276,27 @@ def test_python_snippets_run(tmp_path):
     params = load_params(tmp_path / "params.yaml")
     rng = np.random.default_rng(0)
     d = 640
-    op_dir = save_operator(params.path("operators") / "L05_k1", rng.normal(size=(d, d)) / d, rng.normal(size=d), {
-        "model": "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)", "model_digest": "0" * 64,
-        "layer_in": 5, "layer_out": 6, "alpha": 1.0, "method": "ridge", "d_model": d, "n_train_tokens": 1,
-        "store_digest": "0" * 16})
+    op_dir = save_operator(
+        params.path("operators") / "L05_k1",
+        rng.normal(size=(d, d)) / d,
+        rng.normal(size=d),
+        {
+            "model": "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)",
+            "model_digest": "0" * 64,
+            "layer_in": 5,
+            "layer_out": 6,
+            "alpha": 1.0,
+            "method": "ridge",
+            "d_model": d,
+            "n_train_tokens": 1,
+            "store_digest": "0" * 16,
+        },
+    )
     with tracking.pair_run(params, "L05_k1", "fit"):
         name = fit.register(params, "L05_k1", op_dir)
-    assert f'"models:/{name}@champion"' in blocks[0] and f'"{name}"' in blocks[1], \
+    assert f'"models:/{name}@champion"' in blocks[0] and f'"{name}"' in blocks[1], (
         "README registry names differ from what `ato fit` registers"
+    )
 
     prelude = "import numpy as _np, torch\nx_L = torch.randn(3, 640)\n"
     checks = [
@@ -269,9 +306,16 @@ def test_python_snippets_run(tmp_path):
     ]
     script = "".join(
         f"exec(compile({prelude + block + check!r}, 'README block {i + 1}', 'exec'), {{}})\nprint('block {i + 1} ok')\n"
-        for i, (block, check) in enumerate(zip(blocks, checks)))
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"})
+        for i, (block, check) in enumerate(zip(blocks, checks))
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "block 1 ok" in out.stdout and "block 2 ok" in out.stdout
 
@@ -297,11 +341,14 @@ def test_dockerfile_installs_with_the_readme_script():
     instrs = [i for i, _ in steps]
     assert steps[0] == ("FROM", "python:3.11-slim")
     runs = [a for i, a in steps if i == "RUN"]
-    install = [k for k, (i, a) in enumerate(steps) if i == "RUN" and re.search(r"(^|&&|\s)(\.|source|bash) scripts/env\.sh", a)]
+    install = [
+        k for k, (i, a) in enumerate(steps) if i == "RUN" and re.search(r"(^|&&|\s)(\.|source|bash) scripts/env\.sh", a)
+    ]
     assert len(install) == 1, "the image must install through scripts/env.sh, exactly once"
-    assert not any(re.search(r"\bpip3?\b.*\binstall\b|\bpython3? -m pip\b|\buv\b", a) for a in runs), \
+    assert not any(re.search(r"\bpip3?\b.*\binstall\b|\bpython3? -m pip\b|\buv\b", a) for a in runs), (
         "the Dockerfile must not install packages itself: scripts/env.sh is the one install"
-    copied_before = " ".join(a for i, a in steps[:install[0]] if i == "COPY")
+    )
+    copied_before = " ".join(a for i, a in steps[: install[0]] if i == "COPY")
     pyproject = (ROOT / "pyproject.toml").read_text()
     readme_file = re.search(r'^readme\s*=\s*"([^"]+)"', pyproject, flags=re.M)
     needed = ["requirements.txt", "requirements.lock", "pyproject.toml", "scripts/", "src/"]
@@ -333,8 +380,11 @@ def test_dockerfile_installs_with_the_readme_script():
 
 
 def test_dockerignore_keeps_local_state_out_but_not_what_is_copied():
-    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for must in (".venv", ".git", "mlruns", "data", "models", ".dvc/cache"):
         assert must in ignore, f".dockerignore should exclude {must}"
     copied = {p.rstrip("/") for i, a in dockerfile() if i == "COPY" for p in a.split()[:-1] if not p.startswith("--")}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import TINY_PARAMS, make_corpus, tiny_model, tiny_tokenizer
 from dvc_truth import covered, declared_params, load_pipeline, stage_entries, templated_params
 
@@ -24,10 +25,15 @@ TRACE = "params-trace.jsonl"  # every `ato` stage appends the params keys it rea
 
 
 def dvc(project: Path, *args: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "ATO_PARAMS_TRACE": str(project / TRACE)}
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
-                         env=env, timeout=600)
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "ATO_PARAMS_TRACE": str(project / TRACE),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 

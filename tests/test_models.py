@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
-from ato.models import (UnsupportedArchitectureError, base_model, capture_residuals, decoder_blocks,
-                        layer_block, patch_residual, run_captured)
+from ato.models import (
+    UnsupportedArchitectureError,
+    base_model,
+    capture_residuals,
+    decoder_blocks,
+    layer_block,
+    patch_residual,
+    run_captured,
+)
+from conftest import tiny_model
 
 ARCHS = ["gemma3", "gemma2", "llama", "gpt2", "gpt_neox"]
 
@@ -27,8 +34,11 @@ def test_hook_capture_equals_the_models_own_block_outputs(arch):
         torch.testing.assert_close(captured[layer], hidden[layer + 1], rtol=0, atol=0)
     # The last entry of hidden_states has the final norm applied; the captured one must not.
     assert not torch.allclose(captured[n - 1], hidden[n])
-    final_norm = getattr(base_model(model), "norm", None) or getattr(base_model(model), "ln_f", None) \
-        or getattr(base_model(model), "final_layer_norm")
+    final_norm = (
+        getattr(base_model(model), "norm", None)
+        or getattr(base_model(model), "ln_f", None)
+        or base_model(model).final_layer_norm
+    )
     torch.testing.assert_close(final_norm(captured[n - 1]), hidden[n], rtol=1e-5, atol=1e-5)
 
 

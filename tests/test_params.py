@@ -25,8 +25,21 @@ def test_default_params_parse_and_cover_every_section():
     raw = default_raw()
     from dataclasses import fields
 
-    for section in ("prepare", "corpus", "collect", "validate", "stats", "tune", "fit", "sae", "select",
-                    "evaluate", "causal", "report", "paths"):
+    for section in (
+        "prepare",
+        "corpus",
+        "collect",
+        "validate",
+        "stats",
+        "tune",
+        "fit",
+        "sae",
+        "select",
+        "evaluate",
+        "causal",
+        "report",
+        "paths",
+    ):
         declared = {f.name for f in fields(type(getattr(params, section)))}
         assert set(raw[section]) == declared, section
 
@@ -43,8 +56,10 @@ def test_default_params_parse_and_cover_every_section():
         (lambda r: r["pairs"].__setitem__("L05_k9", {"L": 5, "k": 1}), "pairs.L05_k9"),
         (lambda r: r.__setitem__("pairs", {}), "pairs"),
         (lambda r: r["corpus"]["tokens"].__setitem__("val", 0), "corpus.tokens.val"),
-        (lambda r: r["corpus"].__setitem__("split_fractions", {"train": 0.5, "val": 0.2, "test": 0.2}),
-         "corpus.split_fractions"),
+        (
+            lambda r: r["corpus"].__setitem__("split_fractions", {"train": 0.5, "val": 0.2, "test": 0.2}),
+            "corpus.split_fractions",
+        ),
         (lambda r: r["tune"].__setitem__("alpha_min", 1e9), "tune.alpha_min"),
         (lambda r: r["collect"].__setitem__("layers", [5, 6]), "collect.layers"),
         (lambda r: r["causal"]["position_sets"].__setitem__("bad", [0]), "causal.position_sets.bad"),

@@ -45,14 +45,24 @@ def test_import_contracts_hold():
 
 def test_no_print_in_the_library():
     """Messages go through logging (ruff's T20 rule covers src/; this names the offenders plainly)."""
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "src").rglob("*.py")
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if line.lstrip().startswith("print(")]
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in (ROOT / "src").rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if line.lstrip().startswith("print(")
+    ]
     assert offenders == []
 
 
-@pytest.mark.parametrize("code", ["import ato", "from ato.cli import build_parser; build_parser()",
-                                  "from ato.params import load_params; load_params('params.yaml')",
-                                  "import ato.artifacts"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import ato",
+        "from ato.cli import build_parser; build_parser()",
+        "from ato.params import load_params; load_params('params.yaml')",
+        "import ato.artifacts",
+    ],
+)
 def test_light_entry_points_do_not_import_torch(code: str):
     out = run(sys.executable, "-c", f"{code}; import sys; print('torch' in sys.modules)")
     assert out.returncode == 0, out.stderr
@@ -63,8 +73,10 @@ def test_params_error_exits_without_torch(tmp_path: Path):
     """A bad params file fails fast, naming the key, before torch is imported."""
     bad = tmp_path / "params.yaml"
     bad.write_text("stats: {chunk_tokens: -1}\npairs: {L00_k1: {L: 0, k: 1}}\n")
-    code = ("import sys; from ato.cli import main; rc = main(['stats', '--params', sys.argv[1]]); "
-            "print(rc, 'torch' in sys.modules)")
+    code = (
+        "import sys; from ato.cli import main; rc = main(['stats', '--params', sys.argv[1]]); "
+        "print(rc, 'torch' in sys.modules)"
+    )
     out = run(sys.executable, "-c", code, str(bad))
     assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
     assert "stats.chunk_tokens" in out.stderr

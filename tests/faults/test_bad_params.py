@@ -34,12 +34,14 @@ def _write(project: Path, edit) -> str:
 def _set(section: str, key: str, value):
     def edit(raw):
         raw.setdefault(section, {})[key] = value
+
     return edit
 
 
 def _pairs(value):
     def edit(raw):
         raw["pairs"] = value
+
     return edit
 
 
@@ -78,8 +80,9 @@ def test_bad_params_exit_2_naming_the_key_before_any_work(fresh_project, case, c
 def test_console_script_exit_code_is_2(fresh_project):
     """The installed `ato` entry point propagates the code (what dvc and shells see)."""
     path = _write(fresh_project, _set("collect", "part_tokenz", 64))
-    out = subprocess.run(ato_command("collect", "--params", path), capture_output=True, text=True, timeout=120,
-                         env=subprocess_env())
+    out = subprocess.run(
+        ato_command("collect", "--params", path), capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
     assert out.returncode == 2, out.stderr
     assert "collect.part_tokenz" in out.stderr and "Traceback" not in out.stderr
 
@@ -101,12 +104,15 @@ def test_unknown_pair_on_the_command_line(fresh_project, capsys):
     assert "--pair L07_k1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("edit, key", [
-    (_pairs({"L00_k1": {"L": 0, "k": 1}, "L02_k5": {"L": 2, "k": 5}}), "pairs.L02_k5"),
-    (_set("collect", "layers", [0, 1, 3, 9]), "collect.layers"),
-], ids=["pair_too_deep", "layer_too_deep"])
-def test_too_deep_for_the_model_stops_collect_before_any_forward_pass(fresh_project, edit, key, capsys,
-                                                                      monkeypatch):
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (_pairs({"L00_k1": {"L": 0, "k": 1}, "L02_k5": {"L": 2, "k": 5}}), "pairs.L02_k5"),
+        (_set("collect", "layers", [0, 1, 3, 9]), "collect.layers"),
+    ],
+    ids=["pair_too_deep", "layer_too_deep"],
+)
+def test_too_deep_for_the_model_stops_collect_before_any_forward_pass(fresh_project, edit, key, capsys, monkeypatch):
     # The 4-layer tiny model has layers 0..3; the params alone cannot know that, the model can.
     path = _write(fresh_project, edit)
     forward = {"n": 0}
@@ -129,6 +135,7 @@ def test_too_deep_for_the_model_stops_prepare_before_writing(fresh_project, caps
         raw["pairs"] = {"L01_k4": {"L": 1, "k": 4}}
         raw["prepare"] = {"source": str(fresh_project / "models" / "base")}
         raw["paths"] = {"model_dir": "models/prepared"}
+
     path = _write(fresh_project, edit)
     assert cli_main(["prepare", "--params", path]) != 0
     err = capsys.readouterr().err

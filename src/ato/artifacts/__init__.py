@@ -1,95 +1,143 @@
 """The contract between stages: one typed record per inter-stage file, and where each file lives.
 
-Stages import this package (and libraries), never each other. Read `STAGE_IO` to see every stage's
-inputs and outputs; read a record's class to see every field of a file. docs/contracts.md has
-the same table in prose.
+Stages import this package (and libraries), never each other. Every file below is written through one
+atomic writer (`atomic_path`), and read through its record: a missing, truncated or foreign file is one
+`ArtifactError` naming the file. File names live in `Layout` (layout.py); formats in docs/contracts.md.
 
-| record | file (see `Layout`) | written by | read by |
-|---|---|---|---|
-| `ModelInfo` | model_dir/ato_model.json | prepare | collect, select, causal |
-| `StoreManifest` | store/manifest.json | collect | every later stage (via `store.ActivationStore`) |
-| `ValidationVerdict` | reports/validation/validation.json | validate | stats, sae (bytes re-checked) |
-| `PairStatsFile` | stats/<split>/<pair>.safetensors | stats | tune, fit, evaluate, causal |
-| `TuningResult` | reports/tuning/<pair>.json | tune | fit, report |
-| operator dir | operators/<pair>/ (safetensors + config.json) | fit | evaluate, causal (`ato.operators`) |
-| `SaeInfo` | sae_dir/layer_NN/ato_sae.json | sae | select, evaluate |
-| `FeatureSet` | features/layer_NN.json | select | evaluate |
-| `PairMetrics` | reports/metrics/<pair>.json | evaluate | report |
-| `CausalSummary` | reports/causal/<pair>.json | causal | report |
+| stage | reads (record ← `Layout` path) | writes (record → `Layout` path) |
+|---|---|---|
+| prepare | the model source | model dir + `ModelInfo` → model_info |
+| collect | `ModelInfo`, the corpus | zarr parts + `StoreManifest` → manifest |
+| validate | `StoreManifest` + parts | `ValidationVerdict` → validation (+ tables, report, metrics) |
+| stats | `StoreManifest`, `ValidationVerdict` (bytes checked) | `PairStatsMeta` + tensors → pair_stats |
+| tune | `StoreManifest`, pair_stats(train/val) | `TuningResult` → tuning(pair), tuning_curve, tuning_figure |
+| fit | pair_stats(train/val), `TuningResult` | operator dir (`ato.operators`) → operator(pair) |
+| sae | `StoreManifest`, `ValidationVerdict` | sae-lens dir + `SaeInfo` → sae(layer), sae_info, sae_report |
+| select | `SaeInfo`/SAE, `ModelInfo`, store | `FeatureSet` → feature_set(layer); `FeatureContexts`; `SelectReport` |
+| evaluate | operator, pair_stats, SAE, `FeatureSet`, store | `PairMetrics`, `EfficiencyTable`, `TransportVerdicts` |
+| causal | operator, `ModelInfo`, pair_stats(train), store | `CausalSummary` → causal(pair); `CausalSequences` |
+| report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult` | summary.md, plots/*.csv, figures |
 """
 
-from ._io import (
-    ArtifactError,
-    Record,
-    atomic_path,
-    json_clean,
-    read_json,
-    write_json_atomic,
-    write_text_atomic,
-)
-from .causal import (
-    CausalSequences,
-    CausalSummary,
-    CleanScores,
-    PatchedScores,
-    PositionSetSummary,
-    RecoveredShare,
-    SequenceDetail,
-)
-from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._io import ArtifactError, Record, atomic_path, json_clean, read_json, write_json_atomic, write_text_atomic
 from .layout import Layout, layer_dir_name
-from .manifest import ManifestCorpus, ManifestModel, ManifestTokenizer, SplitInfo, StoreManifest
-from .metrics import EfficiencyTable, PairMetrics, PredictorScores, TransportVerdicts, csv_cell, write_csv_atomic
-from .model import ModelInfo
-from .sae import SaeInfo
-from .stats import PairStatsMeta, publish_stats_dir, read_pair_stats, read_pair_stats_meta, write_pair_stats
-from .tuning import AlphaPoint, TuningResult
-from .validation import ExpectationOutcome, ValidationFailure, ValidationVerdict
+
+# Each record is imported on first use (PEP 562), so a stage imports, and depends on (dvc.yaml),
+# only the records it uses — and `import ato.artifacts` stays light (no torch).
+_LAZY = {
+    "CausalSequences": "causal",
+    "CausalSummary": "causal",
+    "CleanScores": "causal",
+    "PatchedScores": "causal",
+    "PositionSetSummary": "causal",
+    "RecoveredShare": "causal",
+    "SequenceDetail": "causal",
+    "FeatureContext": "features",
+    "FeatureContexts": "features",
+    "FeatureScores": "features",
+    "FeatureSet": "features",
+    "SelectReport": "features",
+    "TokenContext": "features",
+    "ManifestCorpus": "manifest",
+    "ManifestModel": "manifest",
+    "ManifestTokenizer": "manifest",
+    "SplitInfo": "manifest",
+    "StoreManifest": "manifest",
+    "EfficiencyTable": "metrics",
+    "PairMetrics": "metrics",
+    "PredictorScores": "metrics",
+    "TransportVerdicts": "metrics",
+    "csv_cell": "metrics",
+    "write_csv_atomic": "metrics",
+    "ModelInfo": "model",
+    "SaeInfo": "sae",
+    "PairStatsMeta": "stats",
+    "publish_stats_dir": "stats",
+    "read_pair_stats": "stats",
+    "read_pair_stats_meta": "stats",
+    "write_pair_stats": "stats",
+    "AlphaPoint": "tuning",
+    "TuningResult": "tuning",
+    "ExpectationOutcome": "validation",
+    "ValidationFailure": "validation",
+    "ValidationVerdict": "validation",
+}
 
 __all__ = [
-    "ExpectationOutcome",
-    "ManifestCorpus",
-    "ManifestModel",
-    "ManifestTokenizer",
-    "ModelInfo",
-    "SplitInfo",
-    "StoreManifest",
-    "ValidationFailure",
-    "ValidationVerdict",
+    "AlphaPoint",
+    "ArtifactError",
     "CausalSequences",
     "CausalSummary",
     "CleanScores",
     "EfficiencyTable",
-    "PairMetrics",
-    "PatchedScores",
-    "PositionSetSummary",
-    "PredictorScores",
-    "RecoveredShare",
-    "SequenceDetail",
-    "TransportVerdicts",
-    "csv_cell",
-    "write_csv_atomic",
+    "ExpectationOutcome",
     "FeatureContext",
     "FeatureContexts",
     "FeatureScores",
     "FeatureSet",
+    "Layout",
+    "ManifestCorpus",
+    "ManifestModel",
+    "ManifestTokenizer",
+    "ModelInfo",
+    "PairMetrics",
+    "PairStatsMeta",
+    "PatchedScores",
+    "PositionSetSummary",
+    "PredictorScores",
+    "Record",
+    "RecoveredShare",
     "SaeInfo",
     "SelectReport",
+    "SequenceDetail",
+    "SplitInfo",
+    "StoreManifest",
     "TokenContext",
-    "ArtifactError",
-    "Layout",
-    "AlphaPoint",
-    "PairStatsMeta",
-    "Record",
+    "TransportVerdicts",
     "TuningResult",
+    "ValidationFailure",
+    "ValidationVerdict",
     "atomic_path",
+    "csv_cell",
     "json_clean",
     "layer_dir_name",
     "publish_stats_dir",
     "read_json",
     "read_pair_stats",
     "read_pair_stats_meta",
+    "write_csv_atomic",
     "write_json_atomic",
     "write_pair_stats",
     "write_text_atomic",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'ato.artifacts' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .causal import (
+        CausalSequences,
+        CausalSummary,
+        CleanScores,
+        PatchedScores,
+        PositionSetSummary,
+        RecoveredShare,
+        SequenceDetail,
+    )
+    from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
+    from .manifest import ManifestCorpus, ManifestModel, ManifestTokenizer, SplitInfo, StoreManifest
+    from .metrics import EfficiencyTable, PairMetrics, PredictorScores, TransportVerdicts, csv_cell, write_csv_atomic
+    from .model import ModelInfo
+    from .sae import SaeInfo
+    from .stats import PairStatsMeta, publish_stats_dir, read_pair_stats, read_pair_stats_meta, write_pair_stats
+    from .tuning import AlphaPoint, TuningResult
+    from .validation import ExpectationOutcome, ValidationFailure, ValidationVerdict

@@ -1,0 +1,1 @@
+from ato.stages import stats  # noqa
