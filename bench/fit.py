@@ -13,6 +13,7 @@ On the real activation store (data/activations; `dvc repro collect`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -39,16 +40,9 @@ def stream_stats(store, split, L, T, max_parts=None, chunk=8192):
     from ato.store import ActivationStore
 
     parts = store.parts(split)[:max_parts] if max_parts else store.parts(split)
-    view = ActivationStore(
-        store.root,
-        {
-            **store.manifest,
-            "splits": {
-                **store.manifest["splits"],
-                split: {**store.split_info(split), "parts": [p.name for p in parts]},
-            },
-        },
-    )
+    info = dataclasses.replace(store.split_info(split), parts=[p.name for p in parts])
+    manifest = dataclasses.replace(store.manifest, splits={**store.manifest.splits, split: info})
+    view = ActivationStore(store.root, manifest)
     s = PairStats.zeros(store.d_model, store.d_model)
     for c in view.iter_chunks(split, [L, T], chunk):
         s.update(c[L], c[T])

@@ -19,7 +19,7 @@ Dask rows exclude the cluster start-up, which is printed on its own (a fixed cos
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -45,11 +45,10 @@ from ato.store import ActivationStore  # noqa: E402
 
 def prefix_view(store: ActivationStore, split: str, n_parts: int) -> ActivationStore:
     """The same store with `split` cut to its first `n_parts` parts (manifest only; no data copied)."""
-    manifest = copy.deepcopy(store.manifest)
-    info = manifest["splits"][split]
-    info["parts"] = info["parts"][:n_parts]
-    info["part_tokens"] = info["part_tokens"][:n_parts]
-    info["tokens"] = int(sum(info["part_tokens"]))
+    info = store.split_info(split)
+    part_tokens = info.part_tokens[:n_parts]
+    cut = dataclasses.replace(info, parts=info.parts[:n_parts], part_tokens=part_tokens, tokens=int(sum(part_tokens)))
+    manifest = dataclasses.replace(store.manifest, splits={**store.manifest.splits, split: cut})
     return ActivationStore(store.root, manifest)
 
 
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     n_layers = len({layer for pair in pairs.values() for layer in pair})
     fpt = flops_per_token(pairs, d)
     print(
-        f"store {store.root}: d={d}, train parts of {store.manifest['splits']['train']['part_tokens'][0]} tokens; "
+        f"store {store.root}: d={d}, train parts of {store.split_info('train').part_tokens[0]} tokens; "
         f"{len(pairs)} pairs over {n_layers} layers; {fpt / 1e6:.2f} MFLOP/token; chunk_tokens={chunk}; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them); "
         f"local engine: {torch.get_num_threads()} torch threads, dask: 1 thread per worker",

@@ -46,9 +46,9 @@ def planted_pair():
 
 def test_planted_ceiling_matches_theory(planted_pair):
     d, train, _ = planted_pair
-    cca = CCA.from_stats(train, ridge=1e-6)
+    cca = CCA.from_stats(train)
     r = len(S_PLANTED)
-    assert cca.total == pytest.approx(d, rel=1e-4)  # whitened variance = d up to the tiny ridge
+    assert cca.total == pytest.approx(d, rel=1e-12)  # whitened variance = d (no ridge)
     np.testing.assert_allclose(cca.rho[:r] ** 2, RHO2, atol=0.01)
     assert cca.rho[r] < 0.06  # beyond the planted rank: sampling noise only
     theory = RHO2.sum() / d
@@ -65,7 +65,7 @@ def test_planted_ceiling_matches_theory(planted_pair):
 
 def test_planted_efficiency_train_and_test(planted_pair):
     d, train, test = planted_pair
-    cca = CCA.from_stats(train, ridge=1e-6)
+    cca = CCA.from_stats(train)
     W, b = ridge_fit(train, 0.0)
     ranks = rank_grid(d, 8)
     table = efficiency_table(cca, W, train, test, ranks)
@@ -89,7 +89,7 @@ def test_svd_truncation_is_not_optimal_under_whitening():
     noise_scale = np.logspace(-1, 1.5, d)
     y = x @ W_true.T + rng.normal(size=(n, d)) * noise_scale
     s = PairStats.from_data(x, y)
-    cca = CCA.from_stats(s, ridge=0.0)
+    cca = CCA.from_stats(s)
     W, _ = ridge_fit(s, 0.0)
     svd_curve = cca.svd_sweep(W).whitened_r2_curve(s)
     rrr_curve = cca.rrr_sweep().whitened_r2_curve(s)
@@ -117,7 +117,7 @@ def test_sweep_equals_direct_per_rank_computation():
     """The O(1)-per-rank curves equal scoring each explicitly built rank-r map, on train and test."""
     (x, y), (xt, yt) = _two_splits(11)
     train, test = PairStats.from_data(x, y), PairStats.from_data(xt, yt)
-    cca = CCA.from_stats(train, ridge=1e-6)
+    cca = CCA.from_stats(train)
     W, _ = ridge_fit(train, 10.0)
     for sweep in (cca.svd_sweep(W), cca.rrr_sweep()):
         for split in (train, test):
@@ -134,7 +134,7 @@ def test_sweep_equals_direct_per_rank_computation():
 def test_whitened_r2_matches_explicit_whitening_of_data():
     (x, y), (xt, yt) = _two_splits(5)
     train, test = PairStats.from_data(x, y), PairStats.from_data(xt, yt)
-    cca = CCA.from_stats(train, ridge=1e-6)
+    cca = CCA.from_stats(train)
     rng = np.random.default_rng(0)
     W, b = rng.normal(size=(6, 7)) * 0.1, rng.normal(size=6)
     A = cca.wy
@@ -147,9 +147,9 @@ def test_whitened_r2_matches_explicit_whitening_of_data():
     assert np.sum(((y - y.mean(0)) @ A) ** 2) / len(y) == pytest.approx(cca.total, rel=1e-9)
 
 
-def test_ceiling_is_one_over_d_sum_rho2_without_ridge():
+def test_ceiling_is_one_over_d_sum_rho2():
     (x, y), _ = _two_splits(2)
-    cca = CCA.from_stats(PairStats.from_data(x, y), ridge=0.0)
+    cca = CCA.from_stats(PairStats.from_data(x, y))
     assert cca.total == pytest.approx(6, rel=1e-9)
     assert cca.ceiling() == pytest.approx((cca.rho**2).sum() / 6, rel=1e-9)
     assert np.all(np.diff(cca.rho) <= 1e-12) and cca.rho.max() <= 1 + 1e-9
@@ -173,7 +173,7 @@ def test_ceiling_bounds_every_rank_r_map_in_sample(seed, d_in, d_out, r, alpha, 
     x = rng.normal(size=(n, d_in)) @ rng.normal(size=(d_in, d_in)) * rng.uniform(0.1, 100) + rng.normal(size=d_in)
     y = x @ rng.normal(size=(d_in, d_out)) + rng.normal(size=(n, d_out)) * rng.uniform(0.1, 10, size=d_out)
     s = PairStats.from_data(x, y)
-    cca = CCA.from_stats(s, ridge=0.0)
+    cca = CCA.from_stats(s)
     ceiling_r = cca.ceiling(r)
     tol = 1e-8
     # RRR attains the ceiling
@@ -199,12 +199,24 @@ def test_ceiling_bounds_every_rank_r_map_in_sample(seed, d_in, d_out, r, alpha, 
     assert np.all(cca.svd_sweep(W_ridge).whitened_r2_curve(s) <= cca.ceiling_curve() + tol)
 
 
-def test_default_ridge_moves_the_ceiling_negligibly():
+def test_ceiling_is_the_plain_inverse_at_full_rank_and_drops_exact_null_directions():
+    """Full-rank Σxx, Σyy: ρ are the singular values of Σyy^{-1/2} Σyx Σxx^{-1/2} (no ridge, no shrinkage).
+    An exactly duplicated x column changes nothing: its null direction is dropped, not regularised."""
     (x, y), _ = _two_splits(9)
     s = PairStats.from_data(x, y)
-    exact, ridged = CCA.from_stats(s, ridge=0.0), CCA.from_stats(s, ridge=1e-6)
-    np.testing.assert_allclose(ridged.ceiling_curve(), exact.ceiling_curve(), atol=1e-4)
-    assert ridged.ceiling() <= exact.ceiling() + 1e-12
+    cxx, cxy, cyy = (m / s.n for m in s.centred())
+
+    def inv_sqrt(c: np.ndarray) -> np.ndarray:
+        lam, vec = np.linalg.eigh(c)
+        return (vec / np.sqrt(lam)) @ vec.T
+
+    rho = np.linalg.svd(inv_sqrt(cyy) @ cxy.T @ inv_sqrt(cxx), compute_uv=False)
+    cca = CCA.from_stats(s)
+    np.testing.assert_allclose(cca.rho, rho, atol=1e-10)
+    assert cca.total == pytest.approx(y.shape[1], rel=1e-12)
+    dup = CCA.from_stats(PairStats.from_data(np.c_[x, 3 * x[:, :1]], y))
+    np.testing.assert_allclose(dup.rho[: len(rho)], rho, atol=1e-8)
+    np.testing.assert_allclose(dup.ceiling_curve(), cca.ceiling_curve(), atol=1e-8)
 
 
 def test_rank_grid_and_helpers():

@@ -202,9 +202,11 @@ class EvaluateParams:
 
     transported_r2: float = 0.5  # feature R² at or above this → transported
     min_active_tokens: int = 20  # fewer active test tokens → no verdict
-    cca_ridge: float = 1e-6  # relative diagonal ridge on the covariances
     n_ranks: int = 24
     subspace_fraction: float = 0.9
+    null_replicates: int = 8  # Wishart replicates of the subspace null and of η's linear reference (~1 s each
+    # at d = 640); the null is independent x and y at the pair's n and d (docs/statistics.md#heldout)
+    null_seed: int = 0  # seed of both simulations
 
 
 @dataclass

@@ -9,15 +9,20 @@ Per pair (L, k), with T = L + k:
   over the test tokens where that SAE's own encoder (TopK / JumpReLU, never a plain ReLU) says the
   feature is active on the TRUE y; each feature is transported, synthesised, or gets no verdict
   (too few active tokens);
-* the CCA ceiling on the train statistics, η(r) for SVD truncation and reduced-rank regression on
-  train and test over a log-spaced rank sweep (one decomposition per pair, see `ato.math.cca`),
-  the participation ratio and the transported-subspace size.
+* the CCA ceiling on the train statistics (a true in-sample bound), η(r) for SVD truncation and
+  reduced-rank regression on train and test over a log-spaced rank sweep (one decomposition per pair,
+  see `ato.math.cca`), and on test also without the train→test mean shift;
+* each headline number beside its reference (`ato.math.heldout`): η(test) beside the η an exactly
+  linear map reaches at this n, d and ρ; the participation ratio and the 90 % subspace size from
+  canonical correlations measured on TEST (directions from train), each beside the same statistic for
+  independent x and y at the same n and d (a Wishart null).
 
-Formulas: docs/method.md#r2, #features, #cca, #efficiency.
+Formulas: docs/method.md#r2, #features, #cca, #efficiency; docs/statistics.md#heldout.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from ato.artifacts import FeatureSet, PairMetrics, PredictorScores, TransportVerdicts
+from ato.artifacts import BaselineScores, FeatureSet, PairMetrics, PredictorScores, TransportVerdicts
 from ato.errors import AtoError
 from ato.math.cca import CCA, efficiency_table, rank_grid
+from ato.math.heldout import (
+    CCANull,
+    HeldOutCCA,
+    LinearReference,
+    SubspaceReport,
+    cca_null,
+    heldout_from_cca,
+    linear_reference,
+    rank_zero_r2,
+    shift_removed_table,
+    subspace_report,
+)
 from ato.math.metrics import (
     NO_VERDICT,
     SYNTHESISED,
@@ -168,6 +185,73 @@ def score_test_split(
 
 
 # --------------------------------------------------------------------------------------------
+# The CCA ceiling, η and the subspace size, each beside its reference
+
+
+@dataclass
+class Transport:
+    """What the train and test statistics say about linear transport for one pair (docs/statistics.md#heldout)."""
+
+    cca: CCA  # train canonical correlations (pseudo-inverse whitening: a true in-sample bound)
+    table: dict[str, np.ndarray]  # `efficiency_table` + `shift_removed_table` columns, one entry per swept rank
+    heldout: HeldOutCCA  # train directions, correlations measured on test
+    subspace: SubspaceReport  # held-out / in-sample PR and subspace size beside the Wishart null
+    linear: LinearReference  # η(test) beside η_expected of an exactly linear map
+
+
+@functools.lru_cache(maxsize=4)
+def shared_null(
+    n_train: int, n_test: int, d_in: int, d_out: int, fraction: float, replicates: int, seed: int
+) -> CCANull:
+    """`cca_null`, simulated once per process for each set of sizes (pairs of one store share n and d)."""
+    return cca_null(n_train, n_test, d_in, d_out, fraction, replicates, seed)
+
+
+def transport(train: PairStats, test: PairStats, W: np.ndarray, b: np.ndarray, ev: EvaluateParams) -> Transport:
+    """Ceiling, rank sweep (raw and without the mean shift), held-out subspace vs null, η vs linear reference."""
+    if ev.null_replicates < 1:
+        raise EvaluateError(f"evaluate.null_replicates: must be at least 1, got {ev.null_replicates}")
+    cca = CCA.from_stats(train)
+    ranks = rank_grid(min(cca.d_in, cca.d_out), ev.n_ranks)
+    table = efficiency_table(cca, W, train, test, ranks)
+    table.update(shift_removed_table(table, rank_zero_r2(cca, train), rank_zero_r2(cca, test)))
+    heldout = heldout_from_cca(cca, test)
+    sizes = (int(train.n), int(test.n), cca.d_in, cca.d_out)
+    null = shared_null(*sizes, ev.subspace_fraction, ev.null_replicates, ev.null_seed)
+    subspace = subspace_report(train, test, ev.subspace_fraction, null=null, heldout=heldout)
+    ceiling = float(cca.ceiling())
+    eta_test = float(cca.whitened_r2(test, W, b)) / ceiling if ceiling > 0 else float("nan")
+    linear = linear_reference(eta_test, cca.rho, *sizes, replicates=ev.null_replicates, seed=ev.null_seed)
+    return Transport(cca, table, heldout, subspace, linear)
+
+
+def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """The `PairMetrics` fields of a `Transport` (floats, under their field names)."""
+    ceiling = float(t.cca.ceiling())
+    rep, lin = t.subspace, t.linear
+    return {
+        "ceiling_full": ceiling,
+        "eta_train": float(t.cca.whitened_r2(train, W, b)) / ceiling if ceiling > 0 else float("nan"),
+        "eta_test": lin.eta_test,
+        "eta_expected": lin.eta_expected,
+        "eta_expected_std": lin.eta_simulated_std,
+        "eta_ratio": lin.ratio,
+        "heldout_subspace_size": rep.heldout_size.observed,
+        "heldout_subspace_size_null": rep.heldout_size.null,
+        "heldout_subspace_size_null_std": rep.heldout_size.null_std,
+        "heldout_subspace_size_excess": rep.heldout_size.excess,
+        "heldout_pr": rep.heldout_pr.observed,
+        "heldout_pr_null": rep.heldout_pr.null,
+        "heldout_pr_null_std": rep.heldout_pr.null_std,
+        "heldout_pr_excess": rep.heldout_pr.excess,
+        "participation_ratio": rep.insample_pr.observed,
+        "participation_ratio_null": rep.insample_pr.null,
+        "subspace_size": rep.insample_size.observed,
+        "subspace_size_null": rep.insample_size.null,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # From sums to scores
 
 
@@ -176,12 +260,15 @@ class Evaluation:
     """Everything `ato evaluate` writes for one pair."""
 
     metrics: PairMetrics
-    table: dict[str, np.ndarray]  # the full rank sweep of `ato.math.cca.efficiency_table`
-    participation_ratio: float
+    transport: Transport  # ceiling, rank sweep, held-out CCA, null and linear reference
     kept: list[int]  # feature ids
     verdicts: np.ndarray  # per kept feature: TRANSPORTED / SYNTHESISED / NO_VERDICT
     feature_scores: dict[str, dict[str, np.ndarray]]  # predictor → FeatureR2Accumulator.result()
     per_dim: dict[str, np.ndarray]  # predictor → per-dimension R²
+
+    @property
+    def table(self) -> dict[str, np.ndarray]:
+        return self.transport.table
 
 
 def evaluate(
@@ -192,25 +279,21 @@ def evaluate(
     alpha: float,
     ev: EvaluateParams,
 ) -> Evaluation:
-    """Scores of the streamed test sums plus the statistics-based ones (val R², CCA, η)."""
+    """Scores of the streamed test sums plus the statistics-based ones (val R², CCA, η, null)."""
     train, val, test = splits["train"], splits["val"], splits["test"]
     feature_scores = {k: acc.features[k].result() for k in PREDICTORS}
     ato = feature_scores["ato"]
     verdicts = feature_verdicts(ato["r2"], ato["active"], ev.transported_r2, ev.min_active_tokens)
     judged = verdicts != NO_VERDICT
-    scores = {k: predictor_scores(acc.residual[k], feature_scores[k]["r2"], judged) for k in PREDICTORS}
-    val_scores = r2_from_stats(val, predictors.W, predictors.b)
-    cca = CCA.from_stats(train, ridge=ev.cca_ridge)
-    ranks = rank_grid(min(cca.d_in, cca.d_out), ev.n_ranks)
-    table = efficiency_table(cca, predictors.W, train, test, ranks)
-    ceiling = cca_scores(cca, splits, predictors, ev.subspace_fraction)
+    scores = {k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in PREDICTORS}
+    t = transport(train, test, predictors.W, predictors.b, ev)
     n_transported = float((verdicts == TRANSPORTED).sum())
     metrics = PairMetrics(
         n_test_tokens=float(test.n),
         n_train_tokens=float(train.n),
+        n_val_tokens=float(val.n),
         alpha=float(alpha),
-        val_r2=float(val_scores["r2"]),
-        val_r2_weighted=float(val_scores["r2_weighted"]),
+        val_r2=float(r2_from_stats(val, predictors.W, predictors.b)["r2"]),
         n_features=float(len(kept)),
         n_transported=n_transported,
         n_synthesised=float((verdicts == SYNTHESISED).sum()),
@@ -218,55 +301,32 @@ def evaluate(
         transported_fraction=float(n_transported / judged.sum()) if judged.any() else float("nan"),
         feature_pearson_median=_median(ato["pearson"][judged]),
         feature_rms_ratio_median=_median(ato["rms_ratio"][judged]),
-        ato=scores["ato"],
-        identity=scores["identity"],
-        mean=scores["mean"],
-        ols=scores["ols"],
-        **ceiling,
-        sweep={
-            c: {int(r): float(table[c][i]) for i, r in enumerate(ranks)}
-            for c in ("eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test")
-        },
+        **scores,
+        **transport_metrics(t, train, predictors.W, predictors.b),
     )
     per_dim = {k: acc.residual[k].r2_per_dim() for k in PREDICTORS}
-    return Evaluation(metrics, table, cca.participation_ratio(), kept, verdicts, feature_scores, per_dim)
+    return Evaluation(metrics, t, kept, verdicts, feature_scores, per_dim)
 
 
-def predictor_scores(residual: ResidualAccumulator, feature_r2: np.ndarray, judged: np.ndarray) -> PredictorScores:
-    """Residual scores of one predictor and its feature-space R² over the judged features."""
+def predictor_scores(
+    name: str, residual: ResidualAccumulator, feature_r2: np.ndarray, judged: np.ndarray
+) -> BaselineScores:
+    """Residual scores of one predictor and its median feature-space R² over the judged features
+    (`PredictorScores` for the ATO, `BaselineScores` for the others)."""
     out = residual.result()
-    out.pop("n_tokens")
     r2 = feature_r2[judged]
     r2 = r2[np.isfinite(r2)]
+    median = float(np.median(r2)) if r2.size else float("nan")
+    if name != "ato":
+        return BaselineScores(r2=out["r2"], r2_weighted=out["r2_weighted"], feature_r2_median=median)
     return PredictorScores(
-        **{k: float(v) for k, v in out.items()},
-        feature_r2_median=float(np.median(r2)) if r2.size else float("nan"),
-        feature_r2_mean=float(np.mean(r2)) if r2.size else float("nan"),
+        r2=out["r2"], r2_weighted=out["r2_weighted"], feature_r2_median=median, mse=out["mse"], cosine=out["cosine"]
     )
 
 
 def _median(values: np.ndarray) -> float:
     values = values[np.isfinite(values)]
     return float(np.median(values)) if values.size else float("nan")
-
-
-def cca_scores(cca: CCA, splits: dict[str, PairStats], predictors: Predictors, fraction: float) -> dict[str, Any]:
-    """Full-rank ceiling, participation ratio, subspace size, whitened R² and η of the ATO (floats,
-    under their `PairMetrics` field names)."""
-    train, test = splits["train"], splits["test"]
-    W, b = predictors.W, predictors.b
-    out = {
-        "ceiling_full": float(cca.ceiling()),
-        "participation_ratio": float(cca.participation_ratio()),
-        "subspace_size": float(cca.subspace_size(fraction)),
-        "whitened_r2_train": float(cca.whitened_r2(train, W, b)),
-        "whitened_r2_test": float(cca.whitened_r2(test, W, b)),
-        "ols_whitened_r2_test": float(cca.whitened_r2(test, predictors.W_ols, predictors.b_ols)),
-    }
-    ceiling = out["ceiling_full"]
-    out["eta_train"] = out["whitened_r2_train"] / ceiling if ceiling > 0 else float("nan")
-    out["eta_test"] = out["whitened_r2_test"] / ceiling if ceiling > 0 else float("nan")
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -347,7 +347,7 @@ def require_validated(store: ActivationStore, report: Path) -> None:
     try:
         verdict = ValidationVerdict.read(report)
     except ArtifactError as exc:
-        raise StoreError(f"{exc}; rerun `ato validate`") from None
+        raise StoreError(str(exc)) from None  # the record's message already names the file and the fix
     if verdict.store_digest != store.digest:
         raise StoreError(f"{report}: validated a different store state; rerun `ato validate`")
     if not verdict.success:

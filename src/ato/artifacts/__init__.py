@@ -15,7 +15,8 @@ atomic writer (`atomic_path`), and read through its record: a missing, truncated
 | sae | `StoreManifest`, `ValidationVerdict` | sae-lens dir + `SaeInfo` → sae(layer), sae_info, sae_report |
 | select | `SaeInfo`/SAE, `ModelInfo`, store | `FeatureSet` → feature_set(layer); `FeatureContexts`; `SelectReport` |
 | evaluate | operator, pair_stats, SAE, `FeatureSet`, store | `PairMetrics`, `EfficiencyTable`, `TransportVerdicts` |
-| causal | operator, `ModelInfo`, pair_stats(train), store | `CausalSummary` → causal(pair); `CausalSequences` |
+| causal_reference | `ModelInfo`, pair_stats(train) (ȳ), store | `CausalReference` → causal_reference(layer) |
+| causal | operator, `ModelInfo`, `CausalReference`, store | `CausalSummary` → causal(pair); `CausalSequences` |
 | report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult` | summary.md, plots/*.csv, figures |
 """
 
@@ -30,12 +31,14 @@ from .layout import Layout, layer_dir_name
 # Each record is imported on first use (PEP 562), so a stage imports, and depends on (dvc.yaml),
 # only the records it uses — and `import ato.artifacts` stays light (no torch).
 _LAZY = {
+    "CausalReference": "causal",
     "CausalSequences": "causal",
     "CausalSummary": "causal",
     "CleanScores": "causal",
     "PatchedScores": "causal",
     "PositionSetSummary": "causal",
     "RecoveredShare": "causal",
+    "ReferenceSet": "causal",
     "SequenceDetail": "causal",
     "FeatureContext": "features",
     "FeatureContexts": "features",
@@ -48,6 +51,7 @@ _LAZY = {
     "ManifestTokenizer": "manifest",
     "SplitInfo": "manifest",
     "StoreManifest": "manifest",
+    "BaselineScores": "metrics",
     "EfficiencyTable": "metrics",
     "PairMetrics": "metrics",
     "PredictorScores": "metrics",
@@ -71,6 +75,8 @@ _LAZY = {
 __all__ = [
     "AlphaPoint",
     "ArtifactError",
+    "BaselineScores",
+    "CausalReference",
     "CausalSequences",
     "CausalSummary",
     "CleanScores",
@@ -92,6 +98,7 @@ __all__ = [
     "PredictorScores",
     "Record",
     "RecoveredShare",
+    "ReferenceSet",
     "SaeInfo",
     "SelectReport",
     "SequenceDetail",
@@ -125,17 +132,27 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .causal import (
+        CausalReference,
         CausalSequences,
         CausalSummary,
         CleanScores,
         PatchedScores,
         PositionSetSummary,
         RecoveredShare,
+        ReferenceSet,
         SequenceDetail,
     )
     from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
     from .manifest import ManifestCorpus, ManifestModel, ManifestTokenizer, SplitInfo, StoreManifest
-    from .metrics import EfficiencyTable, PairMetrics, PredictorScores, TransportVerdicts, csv_cell, write_csv_atomic
+    from .metrics import (
+        BaselineScores,
+        EfficiencyTable,
+        PairMetrics,
+        PredictorScores,
+        TransportVerdicts,
+        csv_cell,
+        write_csv_atomic,
+    )
     from .model import ModelInfo
     from .sae import SaeInfo
     from .stats import PairStatsMeta, publish_stats_dir, read_pair_stats, read_pair_stats_meta, write_pair_stats

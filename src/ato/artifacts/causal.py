@@ -1,14 +1,20 @@
-"""Causal check results (`ato causal` → report): log-perplexity of held-out test text when the
-residual after block L+k is overwritten (docs/method.md#causal, docs/contracts.md#causal).
+"""Causal check results (`ato causal_reference`, `ato causal` → report): log-perplexity of held-out
+test text when the residual after block L+k is overwritten (docs/method.md#causal,
+docs/statistics.md#intervals).
 
+* `CausalReference` — reports/causal/reference/layer_NN.json (`ato causal_reference`): the conditions
+  that depend only on the target layer T = L+k (clean, zero, train_mean), per sequence, computed once
+  per T and shared by every pair with that target.
 * `CausalSummary` — reports/causal/<pair>.json, a DVC metrics file: numbers per position set and
-  condition, plus flat copies of the headline set's numbers at the top level (`ato_delta_all`, …).
-  Written without a `format` key so that `dvc metrics diff` compares numbers only.
+  condition, every one with its interval, plus flat copies of the headline set's numbers at the top
+  level (`ato_delta_all`, `recovered_all`, …). Written without a `format` key so that `dvc metrics
+  diff` compares numbers only.
 * `CausalSequences` — reports/causal/<pair>_sequences.json: which sequences were used and every
   per-sequence value behind the summary.
 
 Conditions: `clean` (no patch) and the patched ones in `PATCHED`. Scopes: `all` (every predicted
-token) and `after` (predictions at or after the sequence's first patched position).
+token) and `after` (predictions at or after the sequence's first patched position). "Recovered" is
+1 − Δ(ato)/Δ(reference) against each of `REFERENCES`; the headline is `causal.headline_reference`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from ._io import ArtifactError, Record
 
 PATCHED = ("ato", "identity", "zero", "bias_only", "train_mean")  # patched conditions, display order
 CONDITIONS = ("clean", *PATCHED)
+REFERENCE_CONDITIONS = ("zero", "train_mean")  # depend only on the target layer: `ato causal_reference`
+PAIR_CONDITIONS = ("ato", "identity", "bias_only")  # depend on the pair: `ato causal`
+REFERENCES = ("train_mean", "zero", "identity")  # the damage "recovered" is measured against
 SCOPES = ("all", "after")
 Triplet = tuple[float, float, float]  # (point estimate, 95 % CI low, high)
 
@@ -43,16 +52,19 @@ class CleanScores:
 
 @dataclass
 class PatchedScores:
-    """One patched condition: its log-perplexity and Δ vs clean with a paired-bootstrap 95 % CI."""
+    """One patched condition: its log-perplexity and Δ vs clean, Δ = Σ_j (NLL sum_j − clean sum_j) /
+    Σ_j tokens_j over sequences j, with its 95 % interval over sequences (`CausalSummary.interval_method`)."""
 
     logppl_all: float  # log-perplexity over every predicted token
     logppl_after: float  # … over the predictions at/after the first patched position
     delta_all_mean: float  # Δ log-ppl vs clean, every predicted token
-    delta_all_lo: float  # 95 % CI
+    delta_all_lo: float  # 95 % interval
     delta_all_hi: float
+    delta_all_half_width: float  # (hi − lo) / 2
     delta_after_mean: float  # Δ log-ppl vs clean, predictions at/after the first patch
     delta_after_lo: float
     delta_after_hi: float
+    delta_after_half_width: float
 
     def logppl(self, scope: str) -> float:
         return float(getattr(self, f"logppl_{_check_scope(scope)}"))
@@ -61,22 +73,35 @@ class PatchedScores:
         s = _check_scope(scope)
         return getattr(self, f"delta_{s}_mean"), getattr(self, f"delta_{s}_lo"), getattr(self, f"delta_{s}_hi")
 
+    def half_width(self, scope: str) -> float:
+        return float(getattr(self, f"delta_{_check_scope(scope)}_half_width"))
+
 
 @dataclass
 class RecoveredShare:
-    """1 − Δ(ato)/Δ(zero): the share of the zero-ablation damage the operator repairs (NaN, written
-    as null, where Δ(zero) is 0), with its paired-bootstrap 95 % CI."""
+    """1 − Δ(ato)/Δ(reference): the share of a reference condition's damage the operator repairs, with
+    its 95 % interval over sequences. NaN (written as null) where the reference does no damage at all;
+    where its damage cannot be told from 0 at the interval's level the interval is unbounded: lo/hi
+    are written as null and `<scope>_bounded` is false."""
 
+    reference: str  # the reference condition (one of REFERENCES)
     all_mean: float  # every predicted token
     all_lo: float
     all_hi: float
+    all_half_width: float  # (hi − lo) / 2
+    all_bounded: bool  # false: the interval is (−∞, +∞)
     after_mean: float  # predictions at/after the first patched position
     after_lo: float
     after_hi: float
+    after_half_width: float
+    after_bounded: bool
 
     def triplet(self, scope: str) -> Triplet:
         s = _check_scope(scope)
         return getattr(self, f"{s}_mean"), getattr(self, f"{s}_lo"), getattr(self, f"{s}_hi")
+
+    def half_width(self, scope: str) -> float:
+        return float(getattr(self, f"{_check_scope(scope)}_half_width"))
 
 
 @dataclass
@@ -92,14 +117,23 @@ class PositionSetSummary:
     identity: PatchedScores  # x_L
     zero: PatchedScores  # 0 (ablation: the damage reference)
     bias_only: PatchedScores  # b
-    train_mean: PatchedScores  # ȳ_train
-    recovered: RecoveredShare
+    train_mean: PatchedScores  # ȳ_train (mean ablation)
+    recovered: RecoveredShare  # against the headline reference (causal.headline_reference; `.reference`)
+    recovered_vs_train_mean: RecoveredShare  # 1 − Δ(ato)/Δ(train_mean)
+    recovered_vs_zero: RecoveredShare  # 1 − Δ(ato)/Δ(zero)
+    recovered_vs_identity: RecoveredShare  # 1 − Δ(ato)/Δ(identity)
 
     def patched(self, condition: str) -> PatchedScores:
         if condition not in PATCHED:
             raise KeyError(f"unknown patched condition {condition!r} (one of {', '.join(PATCHED)})")
         scores: PatchedScores = getattr(self, condition)
         return scores
+
+    def recovered_vs(self, reference: str) -> RecoveredShare:
+        if reference not in REFERENCES:
+            raise KeyError(f"unknown reference {reference!r} (one of {', '.join(REFERENCES)})")
+        share: RecoveredShare = getattr(self, f"recovered_vs_{reference}")
+        return share
 
 
 def headline_keys() -> list[str]:
@@ -109,7 +143,9 @@ def headline_keys() -> list[str]:
         keys.append(f"clean_logppl_{s}")
         for c in PATCHED:
             keys += [f"{c}_logppl_{s}", f"{c}_delta_{s}", f"{c}_delta_{s}_lo", f"{c}_delta_{s}_hi"]
-        keys += [f"recovered_{s}", f"recovered_{s}_lo", f"recovered_{s}_hi"]
+            keys.append(f"{c}_delta_{s}_half_width")
+        for prefix in ("recovered", *(f"recovered_vs_{r}" for r in REFERENCES)):
+            keys += [f"{prefix}_{s}", f"{prefix}_{s}_lo", f"{prefix}_{s}_hi", f"{prefix}_{s}_half_width"]
     return keys
 
 
@@ -124,8 +160,14 @@ class CausalSummary(Record):
     k: int  # layers spanned: the residual after block L+k is overwritten
     n_sequences: int  # held-out test sequences
     seq_len: int  # tokens per sequence (BOS first)
-    seconds: float  # wall time of this pair's forward passes
-    tokens_per_second: float  # forward tokens (clean + every patched pass) per second
+    seconds: float  # wall time of this pair's forward passes (ato, identity, bias_only; the shared
+    # clean/zero/train_mean passes are in the target layer's CausalReference)
+    tokens_per_second: float  # held-out tokens × (1 + conditions run here × position sets) per second
+    headline_reference: str  # causal.headline_reference: what `recovered` is measured against
+    interval_method: str  # causal.interval: how every interval was computed (ato.math.intervals)
+    interval_level: float  # two-sided nominal coverage of every interval
+    interval_n_units: int  # resampling units behind every interval: the sequences
+    interval_resamples: int  # bootstrap resamples (causal.bootstrap_resamples; unused by `t`)
     position_sets: dict[str, PositionSetSummary]  # per position set
 
     @property
@@ -152,8 +194,16 @@ class CausalSummary(Record):
                     f"{c}_delta_{s}_lo": lo,
                     f"{c}_delta_{s}_hi": hi,
                 }
-            mean, lo, hi = entry.recovered.triplet(s)
-            flat |= {f"recovered_{s}": mean, f"recovered_{s}_lo": lo, f"recovered_{s}_hi": hi}
+                flat[f"{c}_delta_{s}_half_width"] = scores.half_width(s)
+            shares = {"recovered": entry.recovered} | {f"recovered_vs_{r}": entry.recovered_vs(r) for r in REFERENCES}
+            for prefix, share in shares.items():
+                mean, lo, hi = share.triplet(s)
+                flat |= {
+                    f"{prefix}_{s}": mean,
+                    f"{prefix}_{s}_lo": lo,
+                    f"{prefix}_{s}_hi": hi,
+                    f"{prefix}_{s}_half_width": share.half_width(s),
+                }
         return flat
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,7 +233,8 @@ class SequenceDetail:
     n_patched: list[int]  # positions overwritten in each sequence
     first_patched_position: list[int]  # first patched position of each sequence that has one
     n_tokens: dict[str, list[int]]  # scope → predicted tokens in scope
-    mean_nll: dict[str, dict[str, list[float]]]  # condition → scope → mean NLL (null: undefined)
+    nll_sum: dict[str, dict[str, list[float]]]  # condition → scope → summed NLL (what the intervals resample)
+    mean_nll: dict[str, dict[str, list[float]]]  # condition → scope → mean NLL (0 where no token is in scope)
 
 
 @dataclass
@@ -195,6 +246,7 @@ class CausalSequences(Record):
 
     pair: str  # pair name
     split: str  # always "test"
+    reference: str  # the CausalReference file whose clean/zero/train_mean sums were used
     seq_len: int  # tokens per sequence
     sequence_offsets: list[int]  # row of each sequence's first token in the split
     doc_ids: list[int]  # document of each sequence
@@ -207,3 +259,37 @@ SCOPE_TEXT = {
     "all": "every predicted token (positions 1..T-1 predicted from 0..T-2)",
     "after": "predictions made at or after the sequence's first patched position",
 }
+
+
+@dataclass
+class ReferenceSet:
+    """Per-sequence values of one position set at one target layer (lists run over the sequences)."""
+
+    positions: Any  # the set as configured: a list of positions, or "all"
+    n_patched: list[int]  # positions overwritten in each sequence
+    first_patched_position: list[int]  # first patched position of each sequence that has one
+    n_tokens: dict[str, list[int]]  # scope → predicted tokens in scope
+    nll_sum: dict[str, dict[str, list[float]]]  # clean | zero | train_mean → scope → summed NLL
+
+
+@dataclass
+class CausalReference(Record):
+    """The pair-independent conditions of one target layer T = L+k: clean, zero and train_mean (ȳ_train
+    at T), per sequence and position set. Every pair with target T reads it (`ato causal`) and checks
+    that its sequences, model, store and position sets are the ones this record was computed for."""
+
+    FORMAT: ClassVar[str] = "ato-causal-reference/1"
+    PRODUCER: ClassVar[str] = "causal_reference"
+
+    layer: int  # T: the residual after block T is overwritten
+    split: str  # always "test"
+    seq_len: int  # tokens per sequence (BOS first)
+    batch_size: int  # sequences per forward (causal.batch_size)
+    sequence_offsets: list[int]  # row of each sequence's first token in the split
+    doc_ids: list[int]  # document of each sequence
+    model_digest: str  # weights digest of the model that ran
+    store_digest: str | None  # content digest of the activation store the sequences came from
+    mean_source: str  # the pair whose train statistics' mean_y is the train_mean value (any pair with target T)
+    clean_nll: list[list[float]]  # [sequence][column j]: clean −log p(token j+1 | tokens ≤ j)
+    position_sets: dict[str, ReferenceSet]  # per position set
+    seconds: float  # wall time of this layer's forward passes

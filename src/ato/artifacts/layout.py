@@ -114,6 +114,15 @@ class Layout:
     def feature_table(self, pair: str) -> Path:
         return self.evaluate_dir(pair) / "features.csv"
 
+    # causal_reference
+    @property
+    def causal_reference_dir(self) -> Path:
+        return self.reports / "causal" / "reference"
+
+    def causal_reference(self, layer: int) -> Path:
+        """The clean/zero/train_mean record of target layer `layer`, shared by its pairs."""
+        return self.causal_reference_dir / f"{layer_dir_name(layer)}.json"
+
     # causal
     def causal(self, pair: str) -> Path:
         return self.reports / "causal" / f"{pair}.json"

@@ -1,13 +1,15 @@
 """Evaluation results (`ato evaluate` → report): one pair's scores on the held-out test split.
 
 * `PairMetrics` — reports/metrics/<pair>.json, a DVC metrics file: one flat JSON object of numbers
-  (the MLflow metric names), non-finite values left out. It is written without a `format` key so
-  that `dvc metrics diff` compares numbers only; its keys are checked on read instead.
-* `EfficiencyTable` — reports/evaluate/<pair>/efficiency.csv, the rank sweep (a `dvc plots` file).
+  (the MLflow metric names), headline numbers first, non-finite values left out. It is written
+  without a `format` key so that `dvc metrics diff` compares numbers only; its keys are checked on
+  read instead.
+* `EfficiencyTable` — reports/evaluate/<pair>/efficiency.csv, the rank sweep (a `dvc plots` file): the
+  per-rank series, which the metrics file does not repeat.
 * `TransportVerdicts` — reports/evaluate/<pair>/transport.json, which kept SAE features are
   transported, synthesised or without a verdict.
 
-Formulas: docs/method.md#r2, #features, #cca and #efficiency; file layout: docs/contracts.md#metrics.
+Formulas: docs/method.md#r2, #features, #cca and #efficiency, docs/statistics.md#heldout; file layout: docs/contracts.md#metrics.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,15 @@ from ._io import ArtifactError, Record, write_text_atomic
 
 # Prefix of each predictor's keys in the metrics file: the ATO's have none.
 PREDICTOR_PREFIX = {"ato": "", "identity": "identity_", "mean": "mean_", "ols": "ols_"}
-# The rank-sweep columns quoted per rank in the metrics file (eta_<kind>_<split>_r<rank>).
-SWEEP_COLUMNS = ("eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test")
-_SWEEP_KEY = re.compile(r"^(eta_(?:svd|rrr)_(?:train|test))_r(\d+)$")
+# The rank-sweep columns of efficiency.csv besides rank and ceiling (η(r) raw, then without the mean shift).
+SWEEP_COLUMNS = (
+    "eta_svd_train",
+    "eta_svd_test",
+    "eta_rrr_train",
+    "eta_rrr_test",
+    "eta_svd_test_shift_removed",
+    "eta_rrr_test_shift_removed",
+)
 
 
 def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -54,34 +62,72 @@ def _number(value: Any, where: str) -> float:
 
 
 @dataclass
-class PredictorScores:
-    """Test-split scores of one predictor ŷ of the residual at L+k (the ATO or a baseline)."""
+class BaselineScores:
+    """Test-split scores of a baseline predictor ŷ of the residual at L+k (identity, train mean, OLS)."""
 
     r2: float = math.nan  # R², uniform average over residual dimensions
     r2_weighted: float = math.nan  # 1 − SSE/SST over all dimensions (variance-weighted)
-    r2_dim_q10: float = math.nan  # 10 % quantile of the per-dimension R²
-    r2_dim_q50: float = math.nan  # median per-dimension R²
-    r2_dim_q90: float = math.nan  # 90 % quantile of the per-dimension R²
+    feature_r2_median: float = math.nan  # median feature-space R² over the judged features
+
+
+@dataclass
+class PredictorScores(BaselineScores):
+    """Test-split scores of the ATO: a baseline's, plus the error size and direction."""
+
     mse: float = math.nan  # mean squared error per coordinate
     cosine: float = math.nan  # mean cosine(y, ŷ) over tokens
-    feature_r2_median: float = math.nan  # median feature-space R² over the judged features
-    feature_r2_mean: float = math.nan  # mean feature-space R² over the judged features
 
 
-_PREDICTOR_FIELDS = frozenset(f.name for f in dataclasses.fields(PredictorScores))
+PREDICTOR_CLASS: dict[str, type[BaselineScores]] = {
+    "ato": PredictorScores,
+    "identity": BaselineScores,
+    "mean": BaselineScores,
+    "ols": BaselineScores,
+}
 
 
 @dataclass
 class PairMetrics(Record):
-    """One pair's evaluation (ATO and baselines identity ŷ = x, train mean ŷ = ȳ, OLS α = 0).
+    """One pair's evaluation: the ATO, its baselines (identity ŷ = x, train mean ŷ = ȳ, OLS α = 0), the
+    CCA ceiling, η beside the η of an exactly linear map, and the subspace size beside its null.
 
-    On disk the predictor scores are flat keys with the predictor's prefix (`r2`, `identity_r2`,
-    `mean_r2`, `ols_r2`, …) and the sweep is `eta_svd_test_r001`-style keys (ranks zero-padded to
-    at least three digits). A value absent from the file (non-finite when written) reads as NaN.
+    On disk (reports/metrics/<pair>.json, a DVC metrics file, also the MLflow metric names): one flat
+    JSON object of numbers, the `HEADLINE` keys first, then the rest in field order; predictor scores
+    are flat keys with the predictor's prefix (`r2`, `identity_r2`, `mean_r2`, `ols_r2`, …). No per-rank
+    series (those are `EfficiencyTable`, the dvc plot). A value absent from the file (non-finite when
+    written) reads as NaN. Definitions: docs/method.md#cca, #efficiency and docs/statistics.md#heldout.
     """
 
     FORMAT: ClassVar[str] = "ato-metrics/1"  # not written (DVC metrics file); keys checked instead
     PRODUCER: ClassVar[str] = "evaluate"
+    # the numbers `dvc metrics diff` / `dvc exp show` users compare, in this order at the top of the file
+    HEADLINE: ClassVar[tuple[str, ...]] = (
+        "r2",
+        "r2_weighted",
+        "identity_r2",
+        "mean_r2",
+        "ols_r2",
+        "feature_r2_median",
+        "n_transported",
+        "n_synthesised",
+        "ceiling_full",
+        "eta_test",
+        "eta_expected",
+        "eta_ratio",
+        "heldout_subspace_size",
+        "heldout_subspace_size_null",
+        "heldout_subspace_size_null_std",
+        "heldout_subspace_size_excess",
+        "heldout_pr",
+        "heldout_pr_null",
+        "heldout_pr_null_std",
+        "heldout_pr_excess",
+        "participation_ratio",
+        "participation_ratio_null",
+        "n_train_tokens",
+        "n_val_tokens",
+        "n_test_tokens",
+    )
 
     n_test_tokens: float  # test tokens scored (BOS/special excluded unless stats.include_bos)
     n_train_tokens: float  # train tokens behind the operator
@@ -89,25 +135,37 @@ class PairMetrics(Record):
     n_transported: float  # features with ≥ min_active_tokens and R² ≥ evaluate.transported_r2
     n_synthesised: float  # features with enough tokens but a lower (or undefined) R²
     n_no_verdict: float  # features with fewer than evaluate.min_active_tokens active tokens
+    n_val_tokens: float = math.nan  # validation tokens (the tuning objective's split)
     alpha: float = math.nan  # ridge α of the operator (its config.json)
     val_r2: float = math.nan  # R² on the validation split (the tuning objective), from statistics
-    val_r2_weighted: float = math.nan  # variance-weighted R² on the validation split
     ato: PredictorScores = field(default_factory=PredictorScores)  # the operator W x + b
-    identity: PredictorScores = field(default_factory=PredictorScores)  # ŷ = x
-    mean: PredictorScores = field(default_factory=PredictorScores)  # ŷ = ȳ_train
-    ols: PredictorScores = field(default_factory=PredictorScores)  # ridge with α = 0
+    identity: BaselineScores = field(default_factory=BaselineScores)  # ŷ = x
+    mean: BaselineScores = field(default_factory=BaselineScores)  # ŷ = ȳ_train
+    ols: BaselineScores = field(default_factory=BaselineScores)  # ridge with α = 0
     transported_fraction: float = math.nan  # n_transported / judged features
     feature_pearson_median: float = math.nan  # median Pearson r(a, â) of the ATO, judged features
     feature_rms_ratio_median: float = math.nan  # median rms(â)/rms(a) of the ATO, judged features
-    ceiling_full: float = math.nan  # CCA ceiling at full rank (train statistics)
-    participation_ratio: float = math.nan  # (Σρ)²/Σρ² of the canonical correlations
-    subspace_size: float = math.nan  # smallest r with ceiling(r) ≥ evaluate.subspace_fraction · ceiling(d)
-    whitened_r2_train: float = math.nan  # whitened R² of the ATO on train
-    whitened_r2_test: float = math.nan  # whitened R² of the ATO on test
-    ols_whitened_r2_test: float = math.nan  # whitened R² of the OLS map on test
-    eta_train: float = math.nan  # whitened_r2_train / ceiling_full
-    eta_test: float = math.nan  # whitened_r2_test / ceiling_full
-    sweep: dict[str, dict[int, float]] = field(default_factory=dict)  # SWEEP_COLUMNS → {rank: η(r)}
+    # CCA ceiling and transport efficiency (pseudo-inverse whitening: the ceiling is a true in-sample bound)
+    ceiling_full: float = math.nan  # ceiling(d) = Σρ²/d_out on the train statistics
+    eta_train: float = math.nan  # whitened R² of the ATO on train / ceiling_full (≤ 1 up to rounding)
+    eta_test: float = math.nan  # whitened R² of the ATO on test / ceiling_full: the headline η
+    eta_expected: float = math.nan  # η(test) an exactly linear map reaches at this n, d and ρ (analytic)
+    eta_expected_std: float = math.nan  # spread of η(test) under exact linearity (Wishart simulation)
+    eta_ratio: float = math.nan  # eta_test / eta_expected: ≈ 1 is indistinguishable from linear transport
+    # subspace size: canonical directions from train, correlations measured on test (train order), beside
+    # the same statistic for independent x and y at the same n and d (Wishart null: mean, sd, excess)
+    heldout_subspace_size: float = math.nan  # smallest r with Σ_{i≤r} ρ⁺² ≥ subspace_fraction · Σ ρ⁺² (test ρ)
+    heldout_subspace_size_null: float = math.nan  # its mean under the null
+    heldout_subspace_size_null_std: float = math.nan  # its standard deviation under the null
+    heldout_subspace_size_excess: float = math.nan  # observed − null mean
+    heldout_pr: float = math.nan  # participation ratio (Σρ⁺)²/Σρ⁺² of the held-out correlations
+    heldout_pr_null: float = math.nan  # its mean under the null
+    heldout_pr_null_std: float = math.nan  # its standard deviation under the null
+    heldout_pr_excess: float = math.nan  # observed − null mean
+    participation_ratio: float = math.nan  # in-sample (Σρ)²/Σρ² of the train canonical correlations
+    participation_ratio_null: float = math.nan  # its mean under the null (≈ 0.72·d at d/n = 0.01)
+    subspace_size: float = math.nan  # in-sample: smallest r with ceiling(r) ≥ subspace_fraction · ceiling(d)
+    subspace_size_null: float = math.nan  # its mean under the null
 
     @classmethod
     def missing(cls) -> Self:
@@ -122,29 +180,31 @@ class PairMetrics(Record):
             n_no_verdict=nan,
         )
 
-    def predictor(self, name: str) -> PredictorScores:
+    def predictor(self, name: str) -> BaselineScores:
         """Scores of a predictor by its name in PREDICTOR_PREFIX."""
         if name not in PREDICTOR_PREFIX:
             raise KeyError(f"unknown predictor {name!r} (one of {', '.join(PREDICTOR_PREFIX)})")
-        scores: PredictorScores = getattr(self, name)
+        scores: BaselineScores = getattr(self, name)
         return scores
 
     def flat(self) -> dict[str, float]:
-        """Every value under its file/MLflow name, NaN included."""
-        out: dict[str, float] = {}
+        """Every value under its file/MLflow name, NaN included: `HEADLINE` first, then field order."""
+        body: dict[str, float] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, PredictorScores):
+            if f.name in PREDICTOR_PREFIX:
                 prefix = PREDICTOR_PREFIX[f.name]
-                out.update({f"{prefix}{k}": float(v) for k, v in dataclasses.asdict(value).items()})
-            elif f.name == "sweep":
-                out.update(_flat_sweep(self.sweep))
+                body.update({f"{prefix}{k}": float(v) for k, v in dataclasses.asdict(value).items()})
             else:
-                out[f.name] = float(value)
-        return out
+                body[f.name] = float(value)
+        return {**{k: body[k] for k in self.HEADLINE}, **body}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.flat().items() if math.isfinite(v)}
+
+    def write(self, path: str | Path) -> None:
+        """In `flat()` order (not sorted: the headline stays on top), NaN left out."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> Self:
@@ -152,21 +212,18 @@ class PairMetrics(Record):
         if not isinstance(data, dict):
             raise ArtifactError(f"{where}: expected a JSON object for {cls.__name__}")
         data = {k: v for k, v in data.items() if not (k == "format" and v == cls.FORMAT)}
-        scalars = {f.name for f in dataclasses.fields(cls)} - set(PREDICTOR_PREFIX) - {"sweep"}
-        kwargs: dict[str, Any] = {name: {} for name in PREDICTOR_PREFIX}
-        sweep: dict[str, dict[int, float]] = {}
+        keys = _flat_keys()
+        kwargs: dict[str, Any] = {}
+        nested: dict[str, dict[str, float]] = {name: {} for name in PREDICTOR_PREFIX}
         for key, value in data.items():
+            if key not in keys:
+                raise ArtifactError(f"{where}: unknown key {key!r} for {cls.__name__}{cls._rerun()}")
+            name, sub = keys[key]
             number = _number(value, f"{where}.{key}")
-            match = _SWEEP_KEY.match(key)
-            if key in scalars:
-                kwargs[key] = number
-            elif match:
-                sweep.setdefault(match.group(1), {})[int(match.group(2))] = number
+            if sub is None:
+                kwargs[name] = number
             else:
-                name, rest = _split_predictor_key(key)
-                if rest not in _PREDICTOR_FIELDS:
-                    raise ArtifactError(f"{where}: unknown key {key!r} for {cls.__name__}")
-                kwargs[name][rest] = number
+                nested[name][sub] = number
         required = [
             f.name
             for f in dataclasses.fields(cls)
@@ -175,22 +232,19 @@ class PairMetrics(Record):
         absent = [name for name in required if name not in kwargs]
         if absent:
             raise ArtifactError(f"{where}: missing key {absent[0]!r} for {cls.__name__}{cls._rerun()}")
-        for name in PREDICTOR_PREFIX:
-            kwargs[name] = PredictorScores(**kwargs[name])
-        return cls(**kwargs, sweep=sweep)
+        return cls(**kwargs, **{name: PREDICTOR_CLASS[name](**nested[name]) for name in PREDICTOR_PREFIX})
 
 
-def _split_predictor_key(key: str) -> tuple[str, str]:
-    for name, prefix in PREDICTOR_PREFIX.items():
-        if prefix and key.startswith(prefix):
-            return name, key[len(prefix) :]
-    return "ato", key
-
-
-def _flat_sweep(sweep: dict[str, dict[int, float]]) -> dict[str, float]:
-    ranks = [r for column in sweep.values() for r in column]
-    width = max(3, len(str(max(ranks)))) if ranks else 3
-    return {f"{column}_r{r:0{width}d}": float(v) for column, values in sweep.items() for r, v in values.items()}
+def _flat_keys() -> dict[str, tuple[str, str | None]]:
+    """File key → (PairMetrics field, predictor score field or None)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for f in dataclasses.fields(PairMetrics):
+        if f.name in PREDICTOR_PREFIX:
+            for sub in dataclasses.fields(PREDICTOR_CLASS[f.name]):
+                out[PREDICTOR_PREFIX[f.name] + sub.name] = (f.name, sub.name)
+        else:
+            out[f.name] = (f.name, None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +254,8 @@ def _flat_sweep(sweep: dict[str, dict[int, float]]) -> dict[str, float]:
 @dataclass
 class EfficiencyTable:
     """The rank sweep of one pair: ceiling(r) on train, η(r) of SVD truncation and of the
-    reduced-rank regression map on train and test, one row per swept rank."""
+    reduced-rank regression map on train and test, and on test also without the train→test mean
+    shift, (R²_w(r) − R²_w(0)) / ceiling(r); one row per swept rank."""
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("rank", "ceiling", *SWEEP_COLUMNS)
 
@@ -210,10 +265,13 @@ class EfficiencyTable:
     eta_svd_test: np.ndarray  # … test
     eta_rrr_train: np.ndarray  # η(r) of the reduced-rank regression map, train
     eta_rrr_test: np.ndarray  # … test
+    eta_svd_test_shift_removed: np.ndarray  # (R²_w(r) − R²_w(0)) / ceiling(r) of the SVD truncation, test
+    eta_rrr_test_shift_removed: np.ndarray  # … of the reduced-rank regression map, test
 
     @classmethod
     def from_columns(cls, table: dict[str, np.ndarray]) -> Self:
-        """The sweep columns of `ato.math.cca.efficiency_table` (other columns are ignored)."""
+        """The sweep columns of `ato.math.cca.efficiency_table` plus `ato.math.heldout.shift_removed_table`
+        (other columns are ignored)."""
         return cls(**{c: np.asarray(table[c]) for c in cls.COLUMNS})
 
     def column(self, name: str) -> np.ndarray:

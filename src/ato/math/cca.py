@@ -4,17 +4,19 @@ docs/method.md#efficiency).
 
 Definitions (train split, centred on the train means x̄, ȳ; covariances divided by n):
 
-    Σ̂xx = Σxx + ε·(tr Σxx / d_in)·I,   Σ̂yy = Σyy + ε·(tr Σyy / d_out)·I      (relative ridge ε)
-    A = Σ̂yy^{-1/2}  (the one target whitening used everywhere),   B = Σ̂xx^{-1/2}
+    A = Σyy^{+1/2}  (pseudo-inverse square root: the one target whitening used everywhere)
+    B = D⁻¹ R^{+1/2}, D = diag(Σxx)^{1/2}, R = D⁻¹ Σxx D⁻¹   (pseudo-inverse of the equilibrated Σxx)
     C = A Σyx B = U diag(ρ) Vᵀ                                        (ρ: canonical correlations)
     T = tr(A Σyy A)                                  (total whitened target variance on train)
     ceiling(r) = Σ_{i≤r} ρ_i² / T
 
-T equals d_out when ε → 0 and Σyy has full rank (the "1/d" of docs/method.md#cca); with the ridge,
-T = Σ λ/(λ+εμ) is the exact whitened variance, so the ridge on Σyy costs the bound nothing and ceiling(d) ≤ 1. The
-ridge on Σxx (numerical stability for near-singular residual covariances) lowers ρ slightly: the
-ceiling then bounds every rank-r map in-sample up to O(ε · cond(Σxx)) (exactly with ε = 0, where
-zero-variance directions are handled by a pseudo-inverse).
+**A true bound.** Eigenvalues at the rounding level (≤ d·eps·λ_max) are dropped, all others are used
+exactly: no ridge shrinks ρ. Bᵀ Σxx B is then an orthogonal projector and B Bᵀ a generalised inverse of
+Σxx, so ceiling(r) is the exact supremum of the in-sample whitened R² of rank-r affine maps, attained
+by reduced-rank regression: η(train) ≤ 1 up to rounding (a relative ridge let it reach 1.0001).
+Equilibration (unit variance per dimension first, which leaves CCA unchanged) keeps outlier dimensions
+with 10⁴× the typical scale from costing accuracy. T equals rank(Σyy), i.e. d_out at full rank (the
+"1/d" of docs/method.md#cca). Derivation: `ato.math.heldout` and docs/statistics.md#heldout.
 
 **Whitened R² on any split.** For an affine map ŷ = W x + b and a split s:
 
@@ -53,25 +55,35 @@ def _sym(m: np.ndarray) -> np.ndarray:
     return (m + m.T) / 2
 
 
-def relative_ridge(cov: np.ndarray, ridge: float) -> float:
-    """The absolute diagonal ridge ε·mean(diag Σ) (scale-free: residual norms differ by orders)."""
-    return float(ridge * max(np.trace(cov) / cov.shape[0], 0.0))
+def _cutoff(lam: np.ndarray, rcond: float | None) -> float:
+    """Eigenvalues ≤ this are rounding noise (default rcond = d·eps)."""
+    rcond = len(lam) * np.finfo(float).eps if rcond is None else rcond
+    return float(max(lam.max(initial=0.0), 0.0) * rcond)
 
 
-def _inverse_sqrt(cov: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(Σ̂^{-1/2}, Σ̂^{1/2}, shrink) with Σ̂ = Σ + relative ridge; `shrink` = λ/(λ+δ) per eigenvalue.
+def pinv_sqrt(cov: np.ndarray, rcond: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Σ^{+1/2}, Σ^{1/2}, kept) for a symmetric PSD Σ: eigenvalues ≤ rcond·λ_max are dropped, no ridge.
 
-    Without a ridge, directions with (numerically) zero variance get a zero inverse (pseudo-inverse)."""
+    `kept` is 1 for kept eigenvalues and 0 for dropped ones (its sum is tr(Σ^{+1/2} Σ Σ^{+1/2}))."""
     lam, vec = np.linalg.eigh(_sym(cov))
     lam = np.clip(lam, 0.0, None)
-    delta = relative_ridge(cov, ridge)
-    lam_r = lam + delta
-    cutoff = max(lam.max(), 0.0) * len(lam) * np.finfo(float).eps
-    ok = lam_r > cutoff
-    inv_sqrt = np.where(ok, 1.0 / np.sqrt(np.where(ok, lam_r, 1.0)), 0.0)
-    sqrt = np.where(ok, np.sqrt(lam_r), 0.0)
-    shrink = np.where(ok, lam / np.where(ok, lam_r, 1.0), 0.0)
-    return (vec * inv_sqrt) @ vec.T, (vec * sqrt) @ vec.T, shrink
+    ok = lam > _cutoff(lam, rcond)
+    safe = np.where(ok, lam, 1.0)
+    inv_sqrt = np.where(ok, 1.0 / np.sqrt(safe), 0.0)
+    sqrt = np.where(ok, np.sqrt(safe), 0.0)
+    return (vec * inv_sqrt) @ vec.T, (vec * sqrt) @ vec.T, ok.astype(np.float64)
+
+
+def whitening(cov: np.ndarray, rcond: float | None = None) -> np.ndarray:
+    """B with Σ B Bᵀ Σ = Σ and Bᵀ Σ B an orthogonal projector of rank (Σ), computed on the correlation matrix.
+
+    B = D⁻¹ R^{+1/2} with D = diag(Σ)^{1/2} and R = D⁻¹ Σ D⁻¹ (zero-variance dimensions get a zero row).
+    Not symmetric; use it as the right-hand whitening of C = A Σyx B (as `CCA.wx` is used)."""
+    sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    live = sd > 0
+    inv_sd = np.where(live, 1.0 / np.where(live, sd, 1.0), 0.0)
+    corr = cov * np.outer(inv_sd, inv_sd)
+    return inv_sd[:, None] * pinv_sqrt(corr, rcond)[0]
 
 
 def rank_grid(d: int, n: int) -> list[int]:
@@ -149,26 +161,29 @@ class CCA:
 
     mean_x: np.ndarray  # train means: reference point and intercept anchor
     mean_y: np.ndarray
-    wy: np.ndarray  # A = Σ̂yy^{-1/2}: the target whitening (train, centred)
-    wy_inv: np.ndarray  # Σ̂yy^{1/2}
-    wx: np.ndarray  # B = Σ̂xx^{-1/2}
+    wy: np.ndarray  # A = Σyy^{+1/2}: the target whitening (train, centred; symmetric)
+    wy_inv: np.ndarray  # Σyy^{1/2}
+    wx: np.ndarray  # B = D⁻¹ R^{+1/2}: the source whitening (B Bᵀ a generalised inverse of Σxx; not symmetric)
     rho: np.ndarray  # canonical correlations, descending, length min(d_in, d_out)
     u: np.ndarray  # [d_out, m] left singular vectors of C (whitened target space)
     v: np.ndarray  # [d_in, m] right singular vectors of C (whitened source space)
-    total: float  # T = tr(A Σyy A): whitened target variance on train (= d_out as ε → 0)
-    ridge: float
+    total: float  # T = tr(A Σyy A): whitened target variance on train (= rank Σyy, d_out at full rank)
 
     @classmethod
-    def from_stats(cls, s: PairStats, ridge: float = 1e-6) -> CCA:
-        """One eigendecomposition each of Σxx and Σyy and one SVD of C: all ranks derive from these."""
+    def from_stats(cls, s: PairStats, rcond: float | None = None) -> CCA:
+        """One eigendecomposition each of Σxx and Σyy and one SVD of C: all ranks derive from these.
+
+        Pseudo-inverse whitening on both sides (eigenvalues ≤ rcond·λ_max dropped; default d·eps), so
+        ceiling(r) is a true in-sample bound (module docstring)."""
         if s.n <= 1:
             raise ValueError("CCA needs at least two rows of statistics")
         cxx, cxy, cyy = (m / s.n for m in s.centred())
-        wy, wy_inv, shrink_y = _inverse_sqrt(cyy, ridge)
-        wx, _, _ = _inverse_sqrt(cxx, ridge)
+        wy, wy_inv, _ = pinv_sqrt(cyy, rcond)
+        wx = whitening(cxx, rcond)
         C = wy @ cxy.T @ wx  # [d_out, d_in]
         U, rho, Vt = np.linalg.svd(C, full_matrices=False)
-        return cls(s.mean_x.copy(), s.mean_y.copy(), wy, wy_inv, wx, rho, U, Vt.T, float(shrink_y.sum()), float(ridge))
+        total = float(np.sum((wy @ cyy) * wy))
+        return cls(s.mean_x.copy(), s.mean_y.copy(), wy, wy_inv, wx, rho, U, Vt.T, total)
 
     @property
     def d_out(self) -> int:

@@ -8,11 +8,11 @@ inverse of Σxx (Σxx B Bᵀ Σxx = Σxx; Bᵀ Σxx B is then an orthogonal proj
 whitened R² of a rank-r affine map is exactly Σ_{i≤r} σ_i(A Σyx B)² / tr(A Σyy A) (Σyx's columns lie
 in range Σxx, so any generalised inverse gives the same value): the supremum, attained by reduced-rank
 regression. A relative ridge on Σxx shrinks every σ_i and so lets a fitted map beat the "ceiling"
-(η(train) > 1). Here Σxx gets a pseudo-inverse instead: eigenvalues at the rounding level
-(≤ rcond·λ_max) are dropped, all others are used exactly. x is first scaled to unit variance per
-dimension (equilibration, a diagonal change of basis that leaves CCA unchanged), so that outlier
-dimensions with 10⁴× the typical scale cost no accuracy: Bᵀ Σxx B is a projector to ~eps·cond(correlation
-matrix), not eps·cond(Σxx).
+(η(train) > 1). `ato.math.cca` (`CCA.from_stats`, `pinv_sqrt`, `whitening`) gives Σxx a pseudo-inverse
+instead: eigenvalues at the rounding level (≤ rcond·λ_max) are dropped, all others are used exactly.
+x is first scaled to unit variance per dimension (equilibration, a diagonal change of basis that
+leaves CCA unchanged), so that outlier dimensions with 10⁴× the typical scale cost no accuracy:
+Bᵀ Σxx B is a projector to ~eps·cond(correlation matrix), not eps·cond(Σxx).
 
 **Held-out CCA.** Directions from TRAIN (a_i = A u_i on y, b_i = B v_i on x, C = A Σyx B = U diag(ρ) Vᵀ);
 correlations MEASURED on TEST, about the test means:
@@ -78,66 +78,16 @@ from .cca import CCA, participation_ratio, subspace_size
 from .stats import PairStats
 
 # --------------------------------------------------------------------------------------------
-# A ceiling that is a true bound: pseudo-inverse whitening
-
-
-def _cutoff(lam: np.ndarray, rcond: float | None) -> float:
-    """Eigenvalues ≤ this are rounding noise (default rcond = d·eps, as `CCA` uses without a ridge)."""
-    rcond = len(lam) * np.finfo(float).eps if rcond is None else rcond
-    return float(max(lam.max(initial=0.0), 0.0) * rcond)
-
-
-def pinv_sqrt(cov: np.ndarray, rcond: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(Σ^{+1/2}, Σ^{1/2}, kept) for a symmetric PSD Σ: eigenvalues ≤ rcond·λ_max are dropped, no ridge.
-
-    Same return shape as `ato.math.cca._inverse_sqrt` (its third value, `shrink`, is 1 for kept
-    eigenvalues and 0 for dropped ones), so it can replace the relative ridge on either side."""
-    lam, vec = np.linalg.eigh((cov + cov.T) / 2)
-    lam = np.clip(lam, 0.0, None)
-    ok = lam > _cutoff(lam, rcond)
-    safe = np.where(ok, lam, 1.0)
-    inv_sqrt = np.where(ok, 1.0 / np.sqrt(safe), 0.0)
-    sqrt = np.where(ok, np.sqrt(safe), 0.0)
-    return (vec * inv_sqrt) @ vec.T, (vec * sqrt) @ vec.T, ok.astype(np.float64)
-
-
-def whitening(cov: np.ndarray, rcond: float | None = None) -> np.ndarray:
-    """B with Σ B Bᵀ Σ = Σ and Bᵀ Σ B an orthogonal projector of rank (Σ), computed on the correlation matrix.
-
-    B = D⁻¹ R^{+1/2} with D = diag(Σ)^{1/2} and R = D⁻¹ Σ D⁻¹ (zero-variance dimensions get a zero row).
-    Not symmetric; use it as the right-hand whitening of C = A Σyx B (as `CCA.wx` is used)."""
-    sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    live = sd > 0
-    inv_sd = np.where(live, 1.0 / np.where(live, sd, 1.0), 0.0)
-    corr = cov * np.outer(inv_sd, inv_sd)
-    return inv_sd[:, None] * pinv_sqrt(corr, rcond)[0]
+# A ceiling that is a true bound: pseudo-inverse whitening (implemented by `CCA.from_stats`)
 
 
 def true_bound_cca(s: PairStats, rcond: float | None = None) -> CCA:
     """A `CCA` whose ceiling(r) is the exact supremum of the in-sample whitened R² of rank-r affine maps.
 
     Σxx: pseudo-inverse of the equilibrated covariance (`whitening`); Σyy: pseudo-inverse square root
-    (`pinv_sqrt`), and T = tr(A Σyy A) exactly as the train split's whitened R² denominator. A drop-in
-    for `CCA.from_stats(s, ridge)`; `ridge` is recorded as 0."""
-    if s.n <= 1:
-        raise ValueError("CCA needs at least two rows of statistics")
-    cxx, cxy, cyy = (m / s.n for m in s.centred())
-    wy, wy_inv, _ = pinv_sqrt(cyy, rcond)
-    wx = whitening(cxx, rcond)
-    U, rho, Vt = np.linalg.svd(wy @ cxy.T @ wx, full_matrices=False)
-    total = float(np.sum((wy @ cyy) * wy))
-    return CCA(
-        mean_x=s.mean_x.copy(),
-        mean_y=s.mean_y.copy(),
-        wy=wy,
-        wy_inv=wy_inv,
-        wx=wx,
-        rho=rho,
-        u=U,
-        v=Vt.T,
-        total=total,
-        ridge=0.0,
-    )
+    (`pinv_sqrt`), and T = tr(A Σyy A) exactly as the train split's whitened R² denominator. The same
+    as `CCA.from_stats(s, rcond)`, which has used this whitening since issue 11."""
+    return CCA.from_stats(s, rcond)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +129,11 @@ class HeldOutCCA:
 
 def heldout_cca(train: PairStats, test: PairStats, rcond: float | None = None) -> HeldOutCCA:
     """Train canonical directions (true-bound whitening), correlations measured on the test split."""
-    cca = true_bound_cca(train, rcond)
+    return heldout_from_cca(true_bound_cca(train, rcond), test)
+
+
+def heldout_from_cca(cca: CCA, test: PairStats) -> HeldOutCCA:
+    """The same from an already computed train `CCA` (no second decomposition)."""
     x_dirs, y_dirs = cca.wx @ cca.v, cca.wy @ cca.u
     return HeldOutCCA(cca.rho.copy(), direction_correlations(test, x_dirs, y_dirs), x_dirs, y_dirs)
 
@@ -326,11 +280,13 @@ def subspace_report(
     seed: int = 0,
     rcond: float | None = None,
     null: CCANull | None = None,
+    heldout: HeldOutCCA | None = None,
 ) -> SubspaceReport:
     """Held-out and in-sample PR and subspace size of a pair, each beside the null at its n and d.
 
-    `null` may be passed to share one simulation between pairs of the same sizes (it must match them)."""
-    h = heldout_cca(train, test, rcond)
+    `null` may be passed to share one simulation between pairs of the same sizes (it must match them);
+    `heldout` to reuse the pair's `heldout_cca(train, test)`."""
+    h = heldout_cca(train, test, rcond) if heldout is None else heldout
     d_in, d_out = train.xtx.shape[0], train.yty.shape[0]
     if null is None:
         null = cca_null(int(train.n), int(test.n), d_in, d_out, fraction, replicates, seed, rcond)

@@ -1,8 +1,11 @@
 """Stage `causal`: does the transport operator carry what the model needs?
 
-Overwrites the residual after block L+k of held-out test sequences with each condition's value
-(the ATO's W x_L + b, identity, zero, bias only, train mean) and measures the change in
-log-perplexity with paired-bootstrap CIs (`ato.patching`, docs/method.md#causal).
+Overwrites the residual after block L+k of held-out test sequences with the pair's conditions (the
+ATO's W x_L + b, identity x_L, bias only b) and takes clean, zero and train-mean from the target
+layer's `CausalReference` (`ato causal_reference`, computed once per target layer). Reports Δ
+log-perplexity vs clean for every condition and the share of each reference's damage the ATO recovers
+(mean ablation is the headline, `causal.headline_reference`), each with its interval over sequences
+(`causal.interval`; `ato.patching`, docs/method.md#causal, docs/statistics.md#intervals).
 
 Outputs: `CausalSummary` (reports/causal/<pair>.json), `CausalSequences`
 (reports/causal/<pair>_sequences.json), the figure <pair>_causal.png, and MLflow metrics
@@ -16,23 +19,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from ato.artifacts import CausalSequences, CausalSummary, Layout, ModelInfo, read_pair_stats
-from ato.artifacts.causal import CONDITIONS, PATCHED, SCOPE_TEXT
+from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo
+from ato.artifacts.causal import CONDITIONS, PAIR_CONDITIONS, SCOPE_TEXT
 from ato.params import CausalParams, Params
 from ato.patching import (
+    LEVEL,
     SPLIT,
     CausalError,
     HeldOut,
     PairPatch,
     SetResult,
+    check_model,
     check_position_sets,
+    check_reference,
     flat_numbers,
     load_sequences,
-    run_pair,
+    merge_reference,
+    pair_conditions,
+    run_conditions,
     summarise_set,
 )
 from ato.plotting.causal import plot_pair
@@ -40,7 +46,7 @@ from ato.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CausalError", "main", "prepare_inputs"]
+__all__ = ["CausalError", "main", "prepare_inputs", "read_references"]
 
 
 def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
@@ -55,17 +61,23 @@ def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
     store = ActivationStore.open(layout.store)
     held = load_sequences(store, cp.n_sequences, cp.seq_len)
     model, _tok, info = load_prepared(layout.model_dir, device=str(resolve_device(cp.device)))
-    _check_model(store, held, model, info, layout.model_dir)
-    inputs = prepare_inputs(params, names, info, store.digest)
+    check_model(store, held, model, info, layout.model_dir)
+    inputs = prepare_inputs(params, names, info)
+    refs = read_references(layout, cp, held, {inputs[n].layer_out for n in names}, info, store.digest)
 
-    clean_cache: dict[int, torch.Tensor] = {}
     summaries: dict[str, CausalSummary] = {}
+    device = next(model.parameters()).device
     for name in names:
         t0 = time.perf_counter()
-        results = run_pair(
-            model, held, inputs[name], masks, dict(cp.position_sets), cp.batch_size, cp.loss_chunk_tokens, clean_cache
+        target = inputs[name].layer_out
+        ref_path, ref = refs[target]
+        conditions = pair_conditions(inputs[name], device)
+        clean = torch.tensor(ref.clean_nll, dtype=torch.float32)
+        sums, _ = run_conditions(
+            model, held, target, conditions, masks, dict(cp.position_sets), cp.batch_size, cp.loss_chunk_tokens, clean
         )
-        summaries[name] = write_outputs(params, layout, name, held, results, time.perf_counter() - t0)
+        results = merge_reference(sums, ref, ref_path)
+        summaries[name] = write_outputs(params, layout, name, held, results, ref_path, time.perf_counter() - t0)
     return summaries
 
 
@@ -77,24 +89,8 @@ def _check_request(cp: CausalParams, names: list[str], configured: list[str]) ->
         raise CausalError("causal.n_sequences/batch_size/loss_chunk_tokens must be ≥ 1 and causal.seq_len ≥ 2")
 
 
-def _check_model(store: ActivationStore, held: HeldOut, model: nn.Module, info: ModelInfo, model_dir: Path) -> None:
-    """The store's token ids must come from this model's tokenizer and fit its vocabulary."""
-    store_model = store.manifest.model.weights_digest
-    if store_model is not None and store_model != info.weights_digest:
-        raise CausalError(
-            f"{store.root}: the store was collected with model weights {str(store_model)[:12]}…, but "
-            f"{model_dir} has {info.weights_digest[:12]}…; its token ids may not fit this model"
-        )
-    config: Any = model.config  # an HF PretrainedConfig
-    vocab = int(config.vocab_size)
-    if int(held.tokens.max()) >= vocab:
-        raise CausalError(f"{store.root}/{SPLIT}: token id {int(held.tokens.max())} ≥ the model's vocab {vocab}")
-
-
-def prepare_inputs(
-    params: Params, names: list[str], info: ModelInfo, store_digest: str | None = None
-) -> dict[str, PairPatch]:
-    """Load and check every pair's operator and train mean before any forward pass."""
+def prepare_inputs(params: Params, names: list[str], info: ModelInfo) -> dict[str, PairPatch]:
+    """Load and check every pair's operator before any forward pass."""
     from ato.operators import load_operator
 
     layout = Layout.from_params(params)
@@ -112,38 +108,62 @@ def prepare_inputs(
                 "layer_out": pair.target,
             },
         )
-        stats = read_pair_stats(layout.pair_stats("train", name), store_digest)
-        mean_y = torch.as_tensor(np.asarray(stats.mean_y, dtype=np.float32))
-        if mean_y.shape != (info.d_model,) or not torch.isfinite(mean_y).all():
-            raise CausalError(
-                f"train statistics of {name}: mean_y has shape {tuple(mean_y.shape)} or non-finite "
-                f"values; expected finite [{info.d_model}]"
-            )
-        out[name] = PairPatch(name, pair.L, pair.target, op.W.float(), op.b.float(), mean_y)
+        out[name] = PairPatch(name, pair.L, pair.target, op.W.float(), op.b.float())
+    return out
+
+
+def read_references(
+    layout: Layout, cp: CausalParams, held: HeldOut, layers: set[int], info: ModelInfo, store_digest: str | None
+) -> dict[int, tuple[Path, CausalReference]]:
+    """The `CausalReference` of every target layer, checked against these sequences, model and store."""
+    out: dict[int, tuple[Path, CausalReference]] = {}
+    for layer in sorted(layers):
+        path = layout.causal_reference(layer)
+        ref = CausalReference.read(path)
+        check_reference(
+            ref,
+            path,
+            held,
+            layer=layer,
+            model_digest=info.weights_digest,
+            store_digest=store_digest,
+            specs=dict(cp.position_sets),
+        )
+        out[layer] = (path, ref)
     return out
 
 
 def write_outputs(
-    params: Params, layout: Layout, name: str, held: HeldOut, results: dict[str, SetResult], seconds: float
+    params: Params,
+    layout: Layout,
+    name: str,
+    held: HeldOut,
+    results: dict[str, SetResult],
+    reference: Path,
+    seconds: float,
 ) -> CausalSummary:
     """Summary, per-sequence detail, figure and MLflow metrics of one pair."""
     cp, pair = params.causal, params.pairs[name]
-    sets = {n: summarise_set(res, cp.bootstrap_resamples, cp.seed) for n, res in results.items()}
-    # forward tokens per second: every patched pass plus the clean one (shared between pairs)
-    n_forward_tokens = cp.n_sequences * cp.seq_len * (1 + len(results) * len(PATCHED))
+    sets = {n: summarise_set(res, cp) for n, res in results.items()}
     summary = CausalSummary(
         L=pair.L,
         k=pair.k,
         n_sequences=cp.n_sequences,
         seq_len=cp.seq_len,
         seconds=seconds,
-        tokens_per_second=n_forward_tokens / max(seconds, 1e-9),
+        tokens_per_second=cp.n_sequences * cp.seq_len * (1 + len(results) * len(PAIR_CONDITIONS)) / max(seconds, 1e-9),
+        headline_reference=cp.headline_reference,
+        interval_method=cp.interval,
+        interval_level=LEVEL,
+        interval_n_units=cp.n_sequences,
+        interval_resamples=cp.bootstrap_resamples,
         position_sets={n: s for n, (s, _) in sets.items()},
     )
     summary.write(layout.causal(name))
     CausalSequences(
         pair=name,
         split=SPLIT,
+        reference=str(reference.relative_to(layout.reports)),
         seq_len=cp.seq_len,
         sequence_offsets=held.offsets,
         doc_ids=held.doc_ids,
@@ -153,13 +173,16 @@ def write_outputs(
     ).write(layout.causal_sequences(name))
     figure = plot_pair(summary, name, layout.pair_figure(name, "causal"), dpi=params.report.dpi)
     _log_mlflow(params, name, summary, [layout.causal(name), layout.causal_sequences(name), figure])
-    ato, zero = summary.headline.ato, summary.headline.zero
+    head = summary.headline
     log.info(
-        "causal %s: Δlog-ppl(all) ato %+.4f [%+.4f, %+.4f], zero %+.4f, recovered %.3f → %s",
+        "causal %s: Δlog-ppl(all) ato %+.4f ± %.4f, %s %+.4f; recovered vs %s %.3f → %s",
         name,
-        *ato.delta("all"),
-        zero.delta("all")[0],
-        summary.headline.recovered.all_mean,
+        head.ato.delta_all_mean,
+        head.ato.delta_all_half_width,
+        cp.headline_reference,
+        head.patched(cp.headline_reference).delta_all_mean,
+        cp.headline_reference,
+        head.recovered.all_mean,
         layout.causal(name),
     )
     return summary
