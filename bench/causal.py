@@ -1,18 +1,25 @@
-"""Benchmark of stage `causal` on the real prepared model (models/base).
+"""Benchmark of the causal check on the real prepared model (models/base), before and after issue 11's
+sharing of work, in the same run.
 
-1. Patched vs clean forward on the same batches in the same run (target: patched ≤ 1.15× clean),
-   median of several interleaved repeats, both for the full loss pass (body + chunked LM head) and
-   for the body alone (where the hook cost is least diluted by the 262k-vocab head).
-2. Tokens/s of the whole stage (`ato.stages.causal.main`) on a throw-away project built from the
-   embedded corpus: test-split token store, ridge operator + train statistics from a few documents.
+1. Cost per sequence and per condition, on the same first `--before-sequences` held-out sequences:
+   - before: the old per-pair design, every condition of one pair (clean, ato, identity, zero,
+     bias_only, train_mean) as full forwards in one run (`patching.run_pair(share_prefix=False)`);
+   - after: clean, zero and train_mean once per target layer (`causal_reference`), and the pair's ato,
+     identity and bias_only replaying only the blocks after L+k from one traced clean forward
+     (`causal`). The per-sequence NLL sums of both designs are checked to be identical.
+2. The whole new stages on a throw-away project: `ato causal_reference` for one target layer and
+   `ato causal` for its three pairs (L = T−1, T−2, T−3) at `--sequences` sequences, each pair's
+   stage timed like its own DVC process (model load included, interpreter start not), and the
+   projected total for the default six pairs (two target layers).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/causal.py [--model-dir models/base] [--repeats 5]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/causal.py [--model-dir models/base] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -31,96 +38,20 @@ def _docs(n: int) -> list[str]:
     return [d.text for d, _ in zip(Corpus(CorpusParams()), range(n))]
 
 
-def _batches(tok, docs: list[str], seq_len: int, batch_size: int, n_batches: int) -> list[torch.Tensor]:
-    from ato.corpus import tokenize_document
-
-    seqs = [ids for ids in (tokenize_document(tok, t, seq_len) for t in docs) if len(ids) == seq_len]
-    need = batch_size * n_batches
-    if len(seqs) < need:
-        raise SystemExit(f"only {len(seqs)} corpus documents reach {seq_len} tokens; need {need}")
-    ids = torch.tensor(seqs[:need])
-    return list(ids.split(batch_size))
+def _machine() -> str:
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min), "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def bench_overhead(model, batches, L: int, target: int, chunk: int, repeats: int) -> dict[str, float]:
-    from ato import patching
-    from ato.models import final_hidden
-
-    d = model.config.hidden_size
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(d, d, generator=g) / d**0.5
-    b = torch.randn(d, generator=g)
-    value = patching.condition_values(W, b, b)["ato"]
-    res: dict[str, list[float]] = {"clean_full": [], "patched_full": [], "clean_body": [], "patched_body": []}
-    with torch.inference_mode():
-        # warm-up (allocator, kernels)
-        patch = torch.ones_like(batches[0], dtype=torch.bool)
-        patch[:, 0] = False
-        patching.patched_token_nll(model, batches[0], L, target, patch, value, chunk)
-        for _ in range(repeats):  # interleaved so drift in machine load hits both alike
-            for ids in batches:
-                patch = torch.ones_like(ids, dtype=torch.bool)
-                patch[:, 0] = False
-                res["clean_full"] += _timed(lambda ids=ids: patching.token_nll(model, ids, chunk), 1)
-                res["patched_full"] += _timed(
-                    lambda ids=ids, patch=patch: patching.patched_token_nll(model, ids, L, target, patch, value, chunk),
-                    1,
-                )
-                res["clean_body"] += _timed(lambda ids=ids: final_hidden(model, ids), 1)
-                res["patched_body"] += _timed(
-                    lambda ids=ids, patch=patch: _patched_body(model, ids, L, target, patch, value), 1
-                )
-    return {**{k: statistics.median(v) for k, v in res.items()}, **{f"{k}_min": min(v) for k, v in res.items()}}
-
-
-def _patched_body(model, ids, L, target, patch, value):
-    from ato.models import capture_residuals, final_hidden, patch_residual
-
-    rows = patch.nonzero(as_tuple=True)
-    with capture_residuals(model, [L], stop_early=False) as cap:
-        with patch_residual(model, target, lambda h: h.index_put(rows, value(cap[L][rows]))):
-            return final_hidden(model, ids)
-
-
-def build_project(
-    root: Path,
-    model,
-    tok,
-    info,
-    model_dir: Path,
-    L: int,
-    k: int,
-    docs: list[str],
-    n_sequences: int,
-    seq_len: int,
-    batch_size: int,
-) -> Path:
-    """A minimal project the stage can run on: test-split tokens, train stats and a ridge operator."""
-    import yaml
-
-    from ato.artifacts import Layout, PairStatsMeta, write_json_atomic, write_pair_stats
-    from ato.corpus import tokenize_document
-    from ato.math.ridge import ridge_fit
-    from ato.math.stats import PairStats
-    from ato.models import base_model, capture_residuals, run_captured
-    from ato.operators import save_operator
-    from ato.params import load_params, pair_name
+def _store(root: Path, tok, info, test: list[list[int]], layers: list[int]) -> None:
+    """Test-split token arrays and a manifest: all the causal stages read from the store."""
+    from ato.artifacts import write_json_atomic
     from ato.store import write_part
 
-    name = pair_name(L, k)
-    test = [
-        ids for ids in (tokenize_document(tok, t, seq_len) for t in docs[: 4 * n_sequences]) if len(ids) == seq_len
-    ][:n_sequences]
-    train = docs[4 * n_sequences : 4 * n_sequences + 24]
+    seq_len = len(test[0])
     arrays = {
         "token_id": np.concatenate(test).astype(np.int32),
         "doc_id": np.repeat(np.arange(len(test)), seq_len).astype(np.int32),
@@ -130,168 +61,194 @@ def build_project(
     store = root / "data" / "activations"
     write_part(store / "test", 0, arrays, 1024)
     n = len(arrays["token_id"])
+    model = {k: getattr(info, k) for k in ("name", "source", "model_type", "weights_digest", "n_layers", "d_model")}
+    split = {"tokens": n, "special_tokens": int(arrays["special"].sum()), "sequences": len(test)}
     write_json_atomic(
         store / "manifest.json",
         {
             "format": "ato-activation-store/1",
-            "model": {
-                "name": info.name,
-                "source": info.source,
-                "model_type": info.model_type,
-                "weights_digest": info.weights_digest,
-                "n_layers": info.n_layers,
-                "d_model": info.d_model,
-            },
+            "model": model,
             "tokenizer": {
                 "bos_token_id": tok.bos_token_id,
                 "pad_token_id": tok.pad_token_id,
                 "vocab_size": len(tok),
                 "special_ids": sorted(tok.all_special_ids),
             },
-            "layers": [L, L + k],
+            "layers": layers,
             "d_model": info.d_model,
             "dtype": "float32",
             "hook": "bench",
             "corpus": {},
             "fingerprint": "bench",
             "content_digest": "bench",
-            "splits": {
-                "test": {
-                    "tokens": n,
-                    "special_tokens": int(arrays["special"].sum()),
-                    "sequences": len(test),
-                    "documents": len(test),
-                    "parts": ["part-00000.zarr"],
-                    "part_tokens": [n],
-                }
-            },
+            "splits": {"test": {**split, "documents": len(test), "parts": ["part-00000.zarr"], "part_tokens": [n]}},
         },
     )
-    stats = PairStats.zeros(info.d_model, info.d_model)
+
+
+def build_project(root: Path, model, tok, info, model_dir: Path, target: int, docs: list[str], args) -> Path:
+    """Test-split tokens, train statistics and a ridge operator for the pairs (T−1, 1), (T−2, 2), (T−3, 3)."""
+    import yaml
+
+    from ato.artifacts import Layout, PairStatsMeta, write_pair_stats
+    from ato.corpus import tokenize_document
+    from ato.math.ridge import ridge_fit
+    from ato.math.stats import PairStats
+    from ato.models import base_model, capture_residuals, run_captured
+    from ato.operators import save_operator
+    from ato.params import load_params, pair_name
+
+    n = args.sequences
+    tokenized = (tokenize_document(tok, t, args.seq_len) for t in docs[: 4 * n])
+    test = [ids for ids in tokenized if len(ids) == args.seq_len][:n]
+    if len(test) < n:
+        raise SystemExit(f"only {len(test)} corpus documents reach {args.seq_len} tokens; need {n}")
+    pairs = {pair_name(target - k, k): (target - k, k) for k in (1, 2, 3)}
+    layers = sorted({target - k for k in (1, 2, 3)} | {target})
+    _store(root, tok, info, test, layers)
+    stats = {name: PairStats.zeros(info.d_model, info.d_model) for name in pairs}
     with torch.inference_mode():
-        for text in train:
-            ids = tokenize_document(tok, text, 128)
-            with capture_residuals(model, [L, L + k]) as cap:
-                run_captured(base_model(model), input_ids=torch.tensor([ids]))
-            stats.update(cap[L][0, 1:], cap[L + k][0, 1:])  # BOS excluded, as in the stats stage
-    (root / "params.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "paths": {"model_dir": str(model_dir)},
-                "pairs": {name: {"L": L, "k": k}},
-                "causal": {"n_sequences": n_sequences, "seq_len": seq_len, "batch_size": batch_size, "device": "cpu"},
-            }
-        )
-    )
+        for text in docs[4 * n : 4 * n + 24]:
+            with capture_residuals(model, layers) as cap:
+                run_captured(base_model(model), input_ids=torch.tensor([tokenize_document(tok, text, 128)]))
+            for name, (L, k) in pairs.items():
+                stats[name].update(cap[L][0, 1:], cap[L + k][0, 1:])  # BOS excluded, as in the stats stage
+    causal = {"n_sequences": n, "seq_len": args.seq_len, "batch_size": args.batch_size, "device": "cpu"}
+    raw = {
+        "paths": {"model_dir": str(model_dir)},
+        "pairs": {name: {"L": L, "k": k} for name, (L, k) in pairs.items()},
+        "causal": causal,
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
     layout = Layout.from_params(load_params(root / "params.yaml"))
-    meta = PairStatsMeta(store_digest="bench", include_bos=False, split="train", pair=name, layer_in=L, layer_out=L + k)
-    write_pair_stats(layout.pair_stats("train", name), stats, meta)
-    W, b = ridge_fit(stats, alpha=1e3)
-    save_operator(
-        layout.operator(name),
-        W,
-        b,
-        {
-            "model": info.name,
-            "model_digest": info.weights_digest,
-            "layer_in": L,
-            "layer_out": L + k,
-            "alpha": 1e3,
-            "method": "ridge",
-            "d_model": info.d_model,
-            "n_train_tokens": int(stats.n),
-            "store_digest": "bench",
-        },
-    )
+    for name, (L, k) in pairs.items():
+        meta = PairStatsMeta("bench", False, "train", name, L, L + k)
+        write_pair_stats(layout.pair_stats("train", name), stats[name], meta)
+        W, b = ridge_fit(stats[name], alpha=1e3)
+        config = {"model": info.name, "model_digest": info.weights_digest, "layer_in": L, "layer_out": L + k}
+        config |= {"alpha": 1e3, "method": "ridge", "d_model": info.d_model, "n_train_tokens": int(stats[name].n)}
+        save_operator(layout.operator(name), W, b, {**config, "store_digest": "bench"})
     return root / "params.yaml"
+
+
+def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, float]]:
+    """Seconds per sequence of each condition, before and after, on the first `n_before` sequences."""
+    from ato import patching
+    from ato.artifacts import Layout, read_pair_stats
+    from ato.stages import causal
+    from ato.store import ActivationStore
+
+    cp, layout = params.causal, Layout.from_params(params)
+    held = patching.load_sequences(ActivationStore.open(layout.store), n_before, cp.seq_len)
+    name = next(iter(params.pairs))
+    pair = causal.prepare_inputs(params, [name], info)[name]
+    mean_y = torch.as_tensor(np.asarray(read_pair_stats(layout.pair_stats("train", name)).mean_y, np.float32))
+    masks = patching.check_position_sets(cp.position_sets, cp.seq_len)
+    specs = dict(cp.position_sets)
+    kw = {"batch_size": cp.batch_size, "chunk_rows": cp.loss_chunk_tokens, "progress": False}
+    before: dict[str, float] = {}
+    old = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, timings=before, **kw)
+    ref_t: dict[str, float] = {}
+    ref, clean = patching.run_conditions(
+        model, held, pair.layer_out, patching.reference_conditions(mean_y), masks, specs, timings=ref_t, **kw
+    )
+    pair_t: dict[str, float] = {}
+    new, _ = patching.run_conditions(
+        model, held, pair.layer_out, patching.pair_conditions(pair), masks, specs, clean_nll=clean, timings=pair_t, **kw
+    )
+    for set_name, res in old.items():
+        for cond in res.nll_sum:
+            other = ref[set_name] if cond in ("clean", "zero", "train_mean") else new[set_name]
+            assert res.nll_sum[cond] == other.nll_sum[cond], f"{set_name}/{cond}: the designs differ"
+    scale = 1.0 / n_before
+    return {
+        "before": {k: v * scale for k, v in before.items()},
+        "after_reference": {k: v * scale for k, v in ref_t.items()},
+        "after_pair": {k: v * scale for k, v in pair_t.items()},
+    }
+
+
+def print_conditions(t: dict[str, dict[str, float]], n_before: int, pairs_per_target: int) -> dict[str, float]:
+    from ato.artifacts.causal import CONDITIONS
+
+    print(f"\ncost per sequence and condition (seconds; first {n_before} sequences, every position set)")
+    print(f"{'condition':12s} {'before':>9s} {'after':>9s}  where (after)")
+    for cond in CONDITIONS:
+        where = "after_reference" if cond in ("clean", "zero", "train_mean") else "after_pair"
+        note = "once per target layer" if where == "after_reference" else "per pair, prefix shared"
+        if cond == "clean":
+            note = "traced forward + LM head once; each pair re-traces (below)"
+        print(f"{cond:12s} {t['before'].get(cond, 0):9.3f} {t[where].get(cond, 0):9.3f}  {note}")
+    print(f"{'(pair trace)':12s} {'':9s} {t['after_pair']['clean']:9.3f}  traced clean body forward + replay check")
+    before_pair = sum(t["before"].values())
+    after_pair = sum(t["after_pair"].values()) + sum(t["after_reference"].values()) / pairs_per_target
+    print(
+        f"per pair and sequence: before {before_pair:.3f} s, after {after_pair:.3f} s "
+        f"(reference shared by {pairs_per_target} pairs) → {before_pair / after_pair:.2f}× less"
+    )
+    return {"before_s_per_pair_seq": before_pair, "after_s_per_pair_seq": after_pair}
+
+
+def whole_stages(params_path: Path, clean_s_per_seq: float) -> dict[str, float]:
+    """`ato causal_reference` then `ato causal --pair` for each pair, timed; projected six-pair total."""
+    from ato.artifacts import CausalReference, Layout
+    from ato.params import load_params
+    from ato.stages import causal, causal_reference
+
+    params = load_params(params_path)
+    t0 = time.perf_counter()
+    causal_reference.main(params)
+    ref_wall = time.perf_counter() - t0
+    layer = next(iter(params.pairs.values())).target
+    ref_layer = CausalReference.read(Layout.from_params(params).causal_reference(layer)).seconds
+    walls, loops = {}, {}
+    for name in params.pairs:
+        t0 = time.perf_counter()
+        loops[name] = causal.main(params, pair=name)[name].seconds
+        walls[name] = time.perf_counter() - t0
+    n = params.causal.n_sequences
+    second_target = ref_layer - clean_s_per_seq * n  # a second target layer reuses the clean loss
+    projected = ref_wall + second_target + 6 * statistics.mean(walls.values())
+    print(f"\nwhole stages, {n} sequences × {params.causal.seq_len} tokens, target layer {layer}:")
+    print(f"  causal_reference (1 target layer): wall {ref_wall:.1f} s (forward loop {ref_layer:.1f} s)")
+    for name in walls:
+        print(f"  causal --pair {name}: wall {walls[name]:.1f} s (forward loop {loops[name]:.1f} s)")
+    print(
+        f"  projected default (6 pairs, 2 target layers): {projected:.0f} s = {projected / 60:.1f} min "
+        "(an upper bound: pairs with a later target replay fewer blocks; plus ~5 s interpreter start per process)"
+    )
+    return {"reference_wall_s": ref_wall, "pair_wall_s": statistics.mean(walls.values()), "projected_s": projected}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=str(ROOT / "models" / "base"))
-    ap.add_argument("--L", type=int, default=5)
-    ap.add_argument("--k", type=int, default=1)
-    ap.add_argument("--batches", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--target", type=int, default=6, help="target layer T = L+k (pairs T−1, T−2, T−3)")
+    ap.add_argument("--sequences", type=int, default=32, help="causal.n_sequences for the whole-stage run")
+    ap.add_argument("--before-sequences", type=int, default=8, help="sequences for the per-condition comparison")
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=256, help="causal.loss_chunk_tokens")
-    ap.add_argument("--stage-sequences", type=int, default=16, help="sequences for the whole-stage run (0: skip)")
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--skip-stages", action="store_true", help="only the per-condition comparison")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from ato.artifacts.causal import PATCHED
     from ato.models import load_prepared
-    from ato.params import load_params, pair_name
-    from ato.stages import causal
+    from ato.params import load_params
 
     model_dir = Path(args.model_dir)
     model, tok, info = load_prepared(model_dir, "cpu")
-    docs = _docs(400)
-    batches = _batches(tok, docs, args.seq_len, args.batch_size, args.batches)
-    L, target = args.L, args.L + args.k
-    t = bench_overhead(model, batches, L, target, args.chunk, args.repeats)
-    tokens = args.batch_size * args.seq_len
-    rows = [
-        ("full loss pass (body + LM head)", t["clean_full"], t["patched_full"]),
-        ("body only (no LM head)", t["clean_body"], t["patched_body"]),
-    ]
-    print(
-        f"\ncausal bench: {info.name}, threads={torch.get_num_threads()}, batch {args.batch_size}×"
-        f"{args.seq_len} tokens, pair L={L}→{target}, all non-BOS positions patched, "
-        f"median of {args.repeats}×{args.batches} timings"
-    )
-    print(f"{'pass':34s} {'clean s':>9s} {'patched s':>10s} {'ratio':>7s} {'clean tok/s':>12s} {'patched tok/s':>14s}")
-    for label, c, p in rows:
-        print(f"{label:34s} {c:9.3f} {p:10.3f} {p / c:7.3f} {tokens / c:12.0f} {tokens / p:14.0f}")
-    print(
-        f"(fastest single timing, robust to a shared machine: full {t['patched_full_min'] / t['clean_full_min']:.3f}×, "
-        f"body {t['patched_body_min'] / t['clean_body_min']:.3f}×)"
-    )
-    result = {
-        "overhead_full": t["patched_full"] / t["clean_full"],
-        "overhead_body": t["patched_body"] / t["clean_body"],
-        **{f"{k}_s": v for k, v in t.items()},
-    }
-
-    if args.stage_sequences:
-        with tempfile.TemporaryDirectory() as tmp:
-            params_path = build_project(
-                Path(tmp),
-                model,
-                tok,
-                info,
-                model_dir,
-                args.L,
-                args.k,
-                docs,
-                args.stage_sequences,
-                args.seq_len,
-                args.batch_size,
-            )
-            params = load_params(params_path)
-            t0 = time.perf_counter()
-            out = causal.main(params)
-            wall = time.perf_counter() - t0
-            report = json.loads((Path(tmp) / "reports" / "causal" / f"{pair_name(args.L, args.k)}.json").read_text())
-        n_sets = len(params.causal.position_sets)
-        fwd_tokens = args.stage_sequences * args.seq_len * (1 + n_sets * len(PATCHED))
-        print(
-            f"\nwhole stage (main, 1 pair, {args.stage_sequences} seq × {args.seq_len} tok, {n_sets} position "
-            f"sets × {len(PATCHED)} conditions + clean, incl. model load, bootstrap, plot, MLflow):"
-        )
-        print(
-            f"  wall {wall:.1f} s; compute loop {report['seconds']:.1f} s; "
-            f"{fwd_tokens / wall:.0f} forward tokens/s (whole stage), {report['tokens_per_second']:.0f} (loop); "
-            f"{args.stage_sequences * args.seq_len / wall:.1f} held-out tokens/s"
-        )
-        flat = out[pair_name(args.L, args.k)].headline_metrics()
-        shown = ("clean_logppl_all", "ato_delta_all", "zero_delta_all", "recovered_all")
-        print(f"  headline: {json.dumps({k: round(flat[k], 4) for k in shown})}")
-        result |= {"stage_wall_s": wall, "stage_forward_tokens_per_s": fwd_tokens / wall}
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    print(f"causal bench: {info.name}; {_machine()}")
+    result: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        params_path = build_project(Path(tmp), model, tok, info, model_dir, args.target, _docs(400), args)
+        times = per_condition(model, info, load_params(params_path), args.before_sequences)
+        result |= print_conditions(times, args.before_sequences, pairs_per_target=3)
+        if not args.skip_stages:
+            result |= whole_stages(params_path, times["after_reference"]["clean"])
+    print(f"machine after: {_machine()}")
+    print(json.dumps({k: round(v, 3) for k, v in result.items()}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 Prints a table with
 * wall time and peak RSS of the evaluate stage for one pair (run in a child process, so the peak
   belongs to evaluate alone), on the project's store or on a synthetic project built in a temp dir;
+* the cost of the references of issue 11 per pair: held-out CCA, the Wishart null and η's linear
+  reference at `evaluate.null_replicates`;
 * the η(r) sweep (SVD truncation and RRR, train and test) computed the pipeline's way — one CCA,
   one SVD of W, one set of moments per split, every rank from cumulative sums — against the naive
   way the reference code works: for every rank re-estimate the covariances and whitening, redo the
@@ -38,10 +40,13 @@ from ato.math.stats import PairStats  # noqa: E402
 # Naive per-rank sweep (what the reference code does: everything re-estimated for every rank)
 
 
-def _inv_sqrt(cov: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+def _inv_sqrt(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric pseudo-inverse square root and square root (eigenvalues ≤ d·eps·λ_max dropped)."""
     lam, vec = np.linalg.eigh((cov + cov.T) / 2)
-    lam = np.clip(lam, 0, None) + ridge * np.trace(cov) / len(cov)
-    return (vec / np.sqrt(lam)) @ vec.T, (vec * np.sqrt(lam)) @ vec.T
+    lam = np.clip(lam, 0, None)
+    ok = lam > lam.max() * len(lam) * np.finfo(float).eps
+    safe = np.where(ok, lam, 1.0)
+    return (vec * np.where(ok, 1 / np.sqrt(safe), 0.0)) @ vec.T, (vec * np.where(ok, np.sqrt(safe), 0.0)) @ vec.T
 
 
 def _naive_r2w(stats: PairStats, A: np.ndarray, mx: np.ndarray, my: np.ndarray, W: np.ndarray) -> float:
@@ -62,16 +67,14 @@ def _naive_r2w(stats: PairStats, A: np.ndarray, mx: np.ndarray, my: np.ndarray, 
     return 1.0 - np.trace(A @ e @ A) / np.trace(A @ cyy @ A)
 
 
-def naive_sweep(train: PairStats, test: PairStats, W: np.ndarray, ranks: list[int], ridge: float) -> dict:
+def naive_sweep(train: PairStats, test: PairStats, W: np.ndarray, ranks: list[int]) -> dict:
     out = {k: [] for k in ("ceiling", "eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test")}
     for r in ranks:
         cxx, cxy, cyy = (m / train.n for m in train.centred())  # re-estimated for every rank
-        A, A_inv = _inv_sqrt(cyy, ridge)
-        B, _ = _inv_sqrt(cxx, ridge)
+        A, A_inv = _inv_sqrt(cyy)
+        B, _ = _inv_sqrt(cxx)
         U, rho, Vt = np.linalg.svd(A @ cxy.T @ B)
-        lam = np.linalg.eigvalsh((cyy + cyy.T) / 2)
-        lam = np.clip(lam, 0, None)
-        total = float((lam / (lam + ridge * lam.sum() / len(lam))).sum())
+        total = float(np.trace(A @ cyy @ A))
         ceiling = float((rho[:r] ** 2).sum() / total)
         Uw, s, Vwt = np.linalg.svd(W)
         W_svd = (Uw[:, :r] * s[:r]) @ Vwt[:r]
@@ -85,12 +88,12 @@ def naive_sweep(train: PairStats, test: PairStats, W: np.ndarray, ranks: list[in
 
 
 def bench_sweep(
-    train: PairStats, test: PairStats, W: np.ndarray, n_ranks: int, ridge: float, naive_ranks: int | None
+    train: PairStats, test: PairStats, W: np.ndarray, n_ranks: int, naive_ranks: int | None
 ) -> list[tuple[str, str]]:
     d = min(W.shape)
     ranks = rank_grid(d, n_ranks)
     t0 = time.perf_counter()
-    cca = CCA.from_stats(train, ridge=ridge)
+    cca = CCA.from_stats(train)
     fast = efficiency_table(cca, W, train, test, ranks)
     t_fast = time.perf_counter() - t0
     sub = (
@@ -99,7 +102,7 @@ def bench_sweep(
         else [ranks[i] for i in np.unique(np.linspace(0, len(ranks) - 1, naive_ranks).round().astype(int))]
     )
     t0 = time.perf_counter()
-    slow = naive_sweep(train, test, W, sub, ridge)
+    slow = naive_sweep(train, test, W, sub)
     t_slow = time.perf_counter() - t0
     idx = [ranks.index(r) for r in sub]
     diff = max(float(np.nanmax(np.abs(fast[k][idx] - slow[k]))) for k in slow)
@@ -117,16 +120,42 @@ def bench_sweep(
     ]
 
 
+def bench_references(train: PairStats, test: PairStats, replicates: int) -> list[tuple[str, str]]:
+    """Cost of what issue 11 added per pair: held-out CCA, the Wishart null, η's linear reference."""
+    from threadpoolctl import threadpool_limits
+
+    from ato.math.heldout import cca_null, heldout_from_cca, linear_reference
+
+    cca = CCA.from_stats(train)
+    sizes = (int(train.n), int(test.n), cca.d_in, cca.d_out)
+    t0 = time.perf_counter()
+    heldout_from_cca(cca, test)
+    t_heldout = time.perf_counter() - t0
+    with threadpool_limits(limits=1, user_api="blas"):  # as the stage runs them (ato.scoring.transport)
+        t0 = time.perf_counter()
+        cca_null(*sizes, 0.9, replicates, 0)
+        t_null = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        linear_reference(1.0, cca.rho, *sizes, replicates=replicates, seed=0)
+        t_linear = time.perf_counter() - t0
+    return [
+        ("held-out CCA (train directions on test)", f"{t_heldout:.3f} s"),
+        (f"Wishart null, {replicates} replicates, 1 thread", f"{t_null:.2f} s ({t_null / replicates:.2f} s each)"),
+        (f"linear ref., {replicates} replicates, 1 thread", f"{t_linear:.2f} s ({t_linear / replicates:.2f} s each)"),
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # The stage for one pair, in a child process (clean peak RSS)
 
 
 def _child(params_path: str, pair: str) -> None:
     """Runs in the child: the stage body for one pair, timing MLflow logging and figures apart."""
+    from ato import scoring
     from ato.params import load_params
     from ato.stages import evaluate
 
-    timed = {"mlflow": 0.0, "figures": 0.0}
+    timed = {"mlflow": 0.0, "figures": 0.0, "references": 0.0}
 
     def wrap(fn, key):
         def inner(*a, **k):
@@ -139,6 +168,7 @@ def _child(params_path: str, pair: str) -> None:
         return inner
 
     evaluate._log_mlflow = wrap(evaluate._log_mlflow, "mlflow")
+    scoring.transport = wrap(scoring.transport, "references")
     for name in ("plot_efficiency", "plot_feature_r2", "plot_dim_r2"):
         setattr(evaluate, name, wrap(getattr(evaluate, name), "figures"))
     params = load_params(params_path)
@@ -159,11 +189,13 @@ def bench_stage(params_path: Path, pair: str) -> list[tuple[str, str]]:
         raise SystemExit(f"evaluate failed for {pair} (exit {proc.returncode})")
     times = json.loads(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("__TIMES__")))
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    timed_parts = ("mlflow", "figures", "references")
     return [
         ("evaluate wall (stage body)", f"{times['wall']:.2f} s"),
         ("  of which MLflow logging", f"{times['mlflow']:.2f} s"),
         ("  of which figures", f"{times['figures']:.2f} s"),
-        ("  data pass + scores (rest)", f"{times['wall'] - times['mlflow'] - times['figures']:.2f} s"),
+        ("  of which ceiling, sweep, held-out CCA, null, linear ref.", f"{times['references']:.2f} s"),
+        ("  data pass + scores (rest)", f"{times['wall'] - sum(times[k] for k in timed_parts):.2f} s"),
         ("evaluate wall (process, incl. imports)", f"{total:.2f} s"),
         ("evaluate peak RSS (process)", f"{peak_mb:.0f} MiB"),
     ]
@@ -349,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     train = read_pair_stats(layout.pair_stats("train", pair))
     test = read_pair_stats(layout.pair_stats("test", pair))
     W = load_operator(params.path("operators") / pair).W.double().numpy()
-    rows += bench_sweep(train, test, W, params.evaluate.n_ranks, params.evaluate.cca_ridge, args.naive_ranks)
+    rows += bench_sweep(train, test, W, params.evaluate.n_ranks, args.naive_ranks)
+    rows += bench_references(train, test, params.evaluate.null_replicates)
 
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")

@@ -1,5 +1,6 @@
-"""Stage `causal`: chunked loss equals transformers' own, patching is exact where it must be, the
-conditions behave as the method says, and bad input is refused before any forward pass."""
+"""Stages `causal_reference` and `causal`: chunked loss equals transformers' own, patching is exact
+where it must be (the shared prefix and the shared reference included), the conditions behave as the
+method says, every number has its interval, and bad input is refused before any forward pass."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import pytest
 import torch
 
 from ato import patching
-from ato.artifacts.causal import PATCHED
+from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, json_clean
+from ato.artifacts.causal import CONDITIONS, PATCHED, REFERENCES, SCOPES
 from ato.errors import AtoError
-from ato.math.bootstrap import paired_bootstrap, paired_bootstrap_recovered, resample_indices
-from ato.stages import causal
+from ato.stages import causal, causal_reference
 from conftest import load_tiny_params, random_text, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,9 @@ def built_project(tmp_path_factory):
     model, tok = _trained_tiny()
     _save_prepared(model, tok, root / "models" / "base", "tiny-trained")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    build_causal_project(load_tiny_params(root), TEXTS, layers=[0, 1, 3])
+    params = load_tiny_params(root)
+    build_causal_project(params, TEXTS, layers=[0, 1, 3])
+    causal_reference.main(params)  # targets 1 (L00_k1) and 3 (L01_k2)
     return root
 
 
@@ -308,58 +311,174 @@ def test_position_masks_never_patch_bos():
     assert patching.position_mask([1, 4], 6).tolist() == [False, True, False, False, True, False]
     with pytest.raises(patching.CausalError, match=r"position_sets\.x.*\[0\]"):
         patching.position_mask([0, 2], 6, "x")
+    with pytest.raises(patching.CausalError, match=r"position_sets\.x.*\[5\].*cannot change"):
+        patching.position_mask([2, 5], 6, "x")  # the last position changes no scored prediction
 
 
 # --------------------------------------------------------------------------------------------
-# Bootstrap
+# The shared prefix: replaying blocks T+1.. equals the model's own patched forward
 
 
-def test_paired_bootstrap_is_seeded_and_weighted():
-    rng = np.random.default_rng(0)
-    deltas = rng.normal(0.5, 0.2, 40)
-    weights = rng.integers(1, 10, 40)
-    a = paired_bootstrap(deltas, 500, seed=3, weights=weights)
-    assert a == paired_bootstrap(deltas, 500, seed=3, weights=weights)
-    assert a[0] == pytest.approx(np.sum(deltas * weights) / weights.sum())
-    assert a[1] < a[0] < a[2] and a[2] - a[1] < 0.3
-    assert (resample_indices(5, 3, 1) == resample_indices(5, 3, 1)).all()
+def _ids(n: int = 3, t: int = 12, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(4, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+    ids[:, 0] = 2
+    return ids
 
 
-def test_recovered_fraction_ci():
-    zero = np.array([2.0, 2.2, 1.8, 2.1, 1.9])
-    ato = 0.25 * zero  # recovers exactly 75 % on every resample
-    m, lo, hi = paired_bootstrap_recovered(ato, zero, 200, seed=0)
-    assert m == pytest.approx(0.75) and lo == pytest.approx(0.75) and hi == pytest.approx(0.75)
-    m, lo, hi = paired_bootstrap_recovered(np.array([0.1, 0.5, 0.3]), np.array([1.0, 2.0, 1.5]), 500, seed=0)
-    assert m == pytest.approx(1 - 0.3 / 1.5) and lo <= m <= hi
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2", "llama", "gpt2"])
+def test_replayed_suffix_equals_the_full_forward_bit_for_bit(kind):
+    """Unpatched, the replay reproduces the body's final hidden states; patched, it equals the forward
+    with the patching hook (what `patched_token_nll` runs), bit for bit."""
+    model = tiny_model(kind)
+    ids = _ids()
+    patch = torch.zeros_like(ids, dtype=torch.bool)
+    patch[:, 4:] = True
+    rows = patch.nonzero(as_tuple=True)
+    with torch.inference_mode():
+        for layer in (0, 1, 3):  # the last block: only the final norm is replayed
+            trace = patching.trace_body(model, ids, [layer], replay_from=layer + 1)
+            assert len(trace.tail) == 1  # the final norm
+            assert torch.equal(trace.replay(model, layer, trace.residuals[layer]), trace.final)
+            y = trace.residuals[layer]
+            patched = y.index_put(rows, torch.zeros_like(y[rows]))
+            with patching.patch_residual(model, layer, lambda h: h.index_put(rows, torch.zeros_like(h[rows]))):
+                full = patching.final_hidden(model, ids)
+            assert torch.equal(trace.replay(model, layer, patched), full)
+            assert not torch.equal(full, trace.final)
+
+
+def _sums(results):
+    return {n: (r.nll_sum, r.count, r.n_patched, r.first_patched) for n, r in results.items()}
+
+
+def _pair_inputs(d: int, L: int = 0, target: int = 2):
+    g = torch.Generator().manual_seed(1)
+    W, b = torch.randn(d, d, generator=g) / d**0.5, torch.randn(d, generator=g)
+    return patching.PairPatch("L00_k2", L, target, W, b), torch.randn(d, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gpt2"])
+def test_shared_prefix_gives_the_same_sums_as_full_forwards(kind):
+    model = tiny_model(kind)
+    held = patching.HeldOut(_ids(5), torch.zeros(5, 12, dtype=torch.bool), list(range(5)), list(range(5)))
+    held.special[1, 3] = True  # a special token is never patched
+    specs = {"all": "all", "few": [1, 3], "late": [9]}
+    masks = patching.check_position_sets(specs, 12)
+    pair, mean_y = _pair_inputs(int(model.config.hidden_size))
+    kw = dict(batch_size=2, chunk_rows=7, progress=False)
+    shared = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
+    full = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
+    assert _sums(shared) == _sums(full)
+    assert set(shared["all"].nll_sum) == set(CONDITIONS)
+
+
+def test_a_replay_that_differs_falls_back_to_full_forwards(monkeypatch, caplog):
+    model = tiny_model("gemma3")
+    held = patching.HeldOut(_ids(4), torch.zeros(4, 12, dtype=torch.bool), list(range(4)), list(range(4)))
+    specs = {"all": "all", "few": [2, 5]}
+    masks = patching.check_position_sets(specs, 12)
+    pair, mean_y = _pair_inputs(int(model.config.hidden_size))
+    kw = dict(batch_size=2, chunk_rows=64, progress=False)
+    expected = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
+    real = patching.BodyTrace.replay
+    monkeypatch.setattr(patching.BodyTrace, "replay", lambda self, *a: real(self, *a) + 1e-3)
+    got = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
+    assert _sums(got) == _sums(expected)
+    assert "full forwards" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------
-# The stage end to end on tiny projects
+# The stages end to end on tiny projects
 
 
-def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
+def test_reference_records_one_file_per_target_layer(trained_project):
+    project, params = trained_project
+    layout = Layout.from_params(params)
+    assert sorted(p.name for p in layout.causal_reference_dir.iterdir()) == ["layer_01.json", "layer_03.json"]
+    ref = CausalReference.read(layout.causal_reference(3))
+    assert (ref.layer, ref.split, ref.seq_len, ref.mean_source) == (3, "test", 12, "L01_k2")
+    assert len(ref.sequence_offsets) == 4 == len(ref.clean_nll) and len(ref.clean_nll[0]) == 11
+    assert set(ref.position_sets) == {"all", "few", "single_2"}
+    assert set(ref.position_sets["all"].nll_sum) == {"clean", "zero", "train_mean"}
+    # the clean loss does not depend on the target layer
+    assert CausalReference.read(layout.causal_reference(1)).clean_nll == ref.clean_nll
+
+
+def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_project):
+    """causal_reference (clean, zero, train_mean once per target) + causal (ato, identity, bias_only)
+    give the same per-sequence sums as every condition computed in one per-pair run, full forwards."""
+    from ato.artifacts import read_pair_stats
+    from ato.models import load_prepared
+
+    project, params = trained_project
+    causal.main(params, pair="L01_k2")
+    layout = Layout.from_params(params)
+    detail = CausalSequences.read(layout.causal_sequences("L01_k2"))
+    assert detail.reference == "causal/reference/layer_03.json"
+
+    cp = params.causal
+    from ato.store import ActivationStore
+
+    held = patching.load_sequences(ActivationStore.open(layout.store), cp.n_sequences, cp.seq_len)
+    model, _, info = load_prepared(layout.model_dir, "cpu")
+    pair = causal.prepare_inputs(params, ["L01_k2"], info)["L01_k2"]
+    mean_y = torch.as_tensor(np.asarray(read_pair_stats(layout.pair_stats("train", "L01_k2")).mean_y, np.float32))
+    masks = patching.check_position_sets(cp.position_sets, cp.seq_len)
+    with torch.inference_mode():
+        alone = patching.run_pair(
+            model,
+            held,
+            pair,
+            mean_y,
+            masks,
+            dict(cp.position_sets),
+            cp.batch_size,
+            cp.loss_chunk_tokens,
+            progress=False,
+        )
+    for name, res in alone.items():
+        got = detail.position_sets[name]
+        for cond in CONDITIONS:
+            assert got.nll_sum[cond] == res.nll_sum[cond], (name, cond)  # exact, not approximate
+        assert got.n_tokens == res.count and got.n_patched == res.n_patched
+
+
+def test_stage_outputs_references_and_intervals(trained_project):
     import mlflow
 
     project, params = trained_project
-    out = causal.main(params, pair="L01_k2")["L01_k2"].headline_metrics()
-    assert out["zero_delta_all"] > 0 and out["zero_delta_all_lo"] > 0
-    assert out["zero_delta_all_lo"] <= out["zero_delta_all"] <= out["zero_delta_all_hi"]
-    assert out["recovered_all"] == pytest.approx(1 - out["ato_delta_all"] / out["zero_delta_all"])
+    summary = causal.main(params, pair="L01_k2")["L01_k2"]
+    out = summary.headline_metrics()
+    assert (summary.interval_method, summary.interval_n_units, summary.interval_level) == ("studentized_hull", 4, 0.95)
+    assert summary.headline_reference == "train_mean" == summary.headline.recovered.reference
+    assert out["zero_delta_all"] > 0 and out["zero_delta_all_lo"] > 0  # zero ablation hurts
+    assert out["train_mean_delta_all"] > 0  # mean ablation less so (a tiny near-unigram model)
+    for cond in PATCHED:
+        for s in SCOPES:
+            lo, mid, hi = out[f"{cond}_delta_{s}_lo"], out[f"{cond}_delta_{s}"], out[f"{cond}_delta_{s}_hi"]
+            assert lo <= mid <= hi and out[f"{cond}_delta_{s}_half_width"] == pytest.approx((hi - lo) / 2)
+    for ref in REFERENCES:
+        for s in SCOPES:
+            share = out[f"recovered_vs_{ref}_{s}"]
+            assert share == pytest.approx(1 - out[f"ato_delta_{s}"] / out[f"{ref}_delta_{s}"], rel=1e-9)
+            assert out[f"recovered_vs_{ref}_{s}_lo"] <= share <= out[f"recovered_vs_{ref}_{s}_hi"]
+            bounded = getattr(summary.headline.recovered_vs(ref), f"{s}_bounded")
+            assert bounded == np.isfinite(out[f"recovered_vs_{ref}_{s}_half_width"])
+    assert out["recovered_all"] == out["recovered_vs_train_mean_all"]
+    assert out["recovered_all_hi"] == out["recovered_vs_train_mean_all_hi"]
 
     report = json.loads((project / "reports" / "causal" / "L01_k2.json").read_text())
+    assert "format" not in report and report["interval_method"] == "studentized_hull"
+    again = CausalSummary.read(project / "reports" / "causal" / "L01_k2.json")
+    assert json.dumps(json_clean(again.to_dict()), sort_keys=True) == json.dumps(json_clean(report), sort_keys=True)
     assert set(report["position_sets"]) == {"all", "few", "single_2"}
     few = report["position_sets"]["few"]
     assert few["first_patched_position"] == 1 and few["n_patched_tokens"] == 2 * 4
+    assert few["recovered_vs_zero"]["reference"] == "zero"
     for cond in PATCHED:
-        assert {
-            "logppl_all",
-            "logppl_after",
-            "delta_all_mean",
-            "delta_all_lo",
-            "delta_all_hi",
-            "delta_after_mean",
-        } <= set(few[cond])
+        assert {"logppl_all", "logppl_after", "delta_all_mean", "delta_all_lo", "delta_all_half_width"} <= set(
+            few[cond]
+        )
     # the late single position cannot change predictions made before it
     single = report["position_sets"]["single_2"]
     assert single["n_tokens_after"] == 4 * (12 - 1 - 2)
@@ -367,7 +486,7 @@ def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
 
     seqs = json.loads((project / "reports" / "causal" / "L01_k2_sequences.json").read_text())
     assert seqs["split"] == "test" and len(seqs["doc_ids"]) == 4 == len(set(seqs["doc_ids"]))
-    assert len(seqs["position_sets"]["all"]["mean_nll"]["zero"]["all"]) == 4
+    assert len(seqs["position_sets"]["all"]["nll_sum"]["zero"]["all"]) == 4
     png = project / "reports" / "figures" / "L01_k2_causal.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -377,13 +496,23 @@ def test_stage_zero_ablation_hurts_and_outputs_are_written(trained_project):
         filter_string="tags.`ato.pair` = 'L01_k2'",
         output_format="list",
     )
-    assert runs and runs[0].data.metrics["causal_zero_delta_all"] == pytest.approx(out["zero_delta_all"])
-    assert "causal_few_recovered_all_mean" in runs[0].data.metrics
+    metrics = runs[0].data.metrics
+    assert runs and metrics["causal_zero_delta_all"] == pytest.approx(out["zero_delta_all"])
+    assert metrics["causal_recovered_vs_zero_all"] == pytest.approx(out["recovered_vs_zero_all"])
+    assert "causal_few_recovered_vs_zero_all_half_width" in metrics and "causal_ato_delta_all_half_width" in metrics
+
+
+def test_headline_reference_and_interval_method_are_params(trained_project):
+    _, params = trained_project
+    params.causal.headline_reference, params.causal.interval = "zero", "t"
+    summary = causal.main(params, pair="L00_k1")["L00_k1"]
+    assert summary.interval_method == "t" and summary.headline.recovered.reference == "zero"
+    assert summary.headline.recovered == summary.headline.recovered_vs_zero
 
 
 def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     """Blocks 2 and 3 are identities, so y_3 = x_1: the identity operator (and the identity
-    condition) patch in the true residual and change nothing; zero ablation still hurts."""
+    condition) patch in the true residual and change nothing; the ablations still hurt."""
     import yaml
 
     from conftest import TINY_PARAMS
@@ -393,13 +522,17 @@ def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     params = load_tiny_params(tmp_path)
     build_causal_project(params, TEXTS, layers=[0, 1, 3], identity_operator=True)
-    out = causal.main(params, pair="L01_k2")["L01_k2"].headline_metrics()
+    causal_reference.main(params)
+    summary = causal.main(params, pair="L01_k2")["L01_k2"]
+    out = summary.headline_metrics()
     for cond in ("ato", "identity"):
-        for scope in ("all", "after"):
+        for scope in SCOPES:
             assert abs(out[f"{cond}_delta_{scope}"]) < 1e-6
             assert abs(out[f"{cond}_delta_{scope}_hi"] - out[f"{cond}_delta_{scope}_lo"]) < 1e-6
-    assert out["zero_delta_all"] > 0
+    assert out["zero_delta_all"] > 0 and out["train_mean_delta_all"] > 0
     assert out["recovered_all"] == pytest.approx(1.0, abs=1e-5)
+    assert out["recovered_vs_zero_all"] == pytest.approx(1.0, abs=1e-5)
+    assert np.isnan(out["recovered_vs_identity_all"])  # identity does no damage: no share to recover
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,15 +544,17 @@ def no_forward(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a forward pass ran before the input was checked")
 
-    monkeypatch.setattr(causal, "run_pair", fail)
+    monkeypatch.setattr(causal, "run_conditions", fail)
+    monkeypatch.setattr(causal_reference, "run_conditions", fail)
     monkeypatch.setattr(patching, "token_nll", fail)
 
 
 def test_positions_beyond_seq_len_are_refused(trained_project, no_forward):
     _, params = trained_project
     params.causal.position_sets = {"all": "all", "bad": [3, 12]}  # seq_len is 12
-    with pytest.raises(patching.CausalError, match=r"position_sets\.bad.*\[12\].*seq_len=12"):
-        causal.main(params, pair="L00_k1")
+    for stage in (causal_reference.main, functools.partial(causal.main, pair="L00_k1")):
+        with pytest.raises(patching.CausalError, match=r"position_sets\.bad.*\[12\].*seq_len=12"):
+            stage(params)
 
 
 def test_too_short_sequences_are_refused(trained_project, no_forward):
@@ -429,7 +564,7 @@ def test_too_short_sequences_are_refused(trained_project, no_forward):
         causal.main(params, pair="L00_k1")
     params.causal.seq_len, params.causal.n_sequences = 12, 7  # 6 test documents
     with pytest.raises(patching.CausalError, match=r"only 6 sequence.*causal.n_sequences=7"):
-        causal.main(params, pair="L00_k1")
+        causal_reference.main(params)
 
 
 @pytest.mark.parametrize("key,value", [("model_digest", "0" * 64), ("layer_out", 2), ("d_model", 16)])
@@ -449,6 +584,46 @@ def test_missing_train_statistics_are_refused(trained_project, no_forward):
     _, params = trained_project
     (params.path("stats") / "train" / "L01_k2.safetensors").unlink()
     with pytest.raises(AtoError, match="L01_k2"):
+        causal_reference.main(params)
+
+
+def test_a_missing_reference_is_refused_naming_the_stage(trained_project, no_forward):
+    _, params = trained_project
+    path = Layout.from_params(params).causal_reference(3)
+    path.unlink()
+    with pytest.raises(AtoError, match=rf"{path}.*missing.*causal_reference"):
+        causal.main(params, pair="L01_k2")
+
+
+def test_a_reference_for_other_sequences_is_refused_naming_the_file(trained_project, no_forward):
+    """A reference computed on other held-out sequences cannot be shared: refused, naming the file."""
+    _, params = trained_project
+    params.causal.n_sequences = 3  # the reference was computed on 4
+    path = Layout.from_params(params).causal_reference(3)
+    with pytest.raises(patching.CausalError, match=rf"{path}: computed for other held-out sequences.*causal_reference"):
+        causal.main(params, pair="L01_k2")
+
+
+@pytest.mark.parametrize(
+    "field,value,what",
+    [
+        ("doc_ids", [9, 9, 9, 9], "held-out documents"),
+        ("model_digest", "f" * 64, "model weights digest"),
+        ("store_digest", "other", "store digest"),
+        ("batch_size", 3, "causal.batch_size"),
+        ("position_sets", None, "causal.position_sets"),
+    ],
+)
+def test_a_foreign_reference_is_refused_naming_the_file(trained_project, no_forward, field, value, what):
+    _, params = trained_project
+    path = Layout.from_params(params).causal_reference(3)
+    raw = json.loads(path.read_text())
+    if field == "position_sets":
+        raw["position_sets"]["few"]["positions"] = [1, 4]
+    else:
+        raw[field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(patching.CausalError, match=rf"{path}: computed for other {what}"):
         causal.main(params, pair="L01_k2")
 
 
@@ -457,8 +632,8 @@ def test_missing_train_statistics_are_refused(trained_project, no_forward):
 
 
 @pytest.mark.integration
-def test_zero_ablation_hurts_the_real_embedded_model(tmp_path):
-    """Δ log-ppl of zero-ablating the residual after block 6 is positive on Gemma-3-270M."""
+def test_ablations_hurt_the_real_embedded_model(tmp_path):
+    """Δ log-ppl of zero- and mean-ablating the residual after block 6 is positive on Gemma-3-270M."""
     import yaml
 
     from ato.corpus import Corpus
@@ -494,9 +669,10 @@ def test_zero_ablation_hurts_the_real_embedded_model(tmp_path):
         part_tokens=4096,
         alpha=1e3,
     )
+    causal_reference.main(params)
     out = causal.main(params, pair="L05_k1")["L05_k1"].headline_metrics()
     assert out["clean_logppl_all"] < 5.0  # a working model on encyclopedic text
-    assert out["zero_delta_all"] > 0.1
+    assert out["zero_delta_all"] > 0.1 and out["train_mean_delta_all"] > 0.1
     assert out["zero_delta_all_lo"] > 0
     report = json.loads((tmp_path / "reports" / "causal" / "L05_k1.json").read_text())
     assert report["position_sets"]["late"]["zero"]["delta_after_mean"] > 0

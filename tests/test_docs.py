@@ -174,6 +174,7 @@ def test_ato_help_and_every_subcommand_help():
         "sae": ["sae."],
         "select": ["select."],
         "evaluate": ["evaluate."],
+        "causal_reference": ["causal."],
         "causal": ["causal."],
         "report": ["report."],
     }

@@ -15,6 +15,7 @@ from ato.math.heldout import (
     canonical_covariance,
     cca_null,
     cumulative_subspace_size,
+    draw_scatter,
     expected_linear_eta,
     heldout_cca,
     linear_reference,
@@ -244,6 +245,22 @@ def test_wishart_null_matches_brute_force_simulation():
     # fewer rows than dimensions: explicit rows (df < dim), same sufficient statistics shape
     small = simulated_split(rng, 10, scale, d_in)
     assert small.n == 10 and np.linalg.matrix_rank(small.centred()[0]) <= 9
+
+
+@pytest.mark.parametrize("df", [3, 40])
+def test_wishart_draws_have_the_wishart_moments(df):
+    """Bartlett (df ≥ dim) and explicit rows (df < dim): E[W] = df·Σ, Var(W_ij) = df·(Σ_ij² + Σ_ii·Σ_jj)."""
+    dim, reps = 5, 20000
+    rng = np.random.default_rng(12)
+    m = rng.normal(size=(dim, dim))
+    scale = m @ m.T + np.eye(dim)
+    chol = np.linalg.cholesky(scale)
+    draws = np.array([draw_scatter(rng, df, chol, dim) for _ in range(reps)])
+    var = df * (scale**2 + np.outer(np.diag(scale), np.diag(scale)))
+    np.testing.assert_allclose(draws.mean(0), df * scale, atol=4 * np.sqrt(var.max() / reps))
+    np.testing.assert_allclose(draws.var(0), var, rtol=0.1)
+    plain = np.array([draw_scatter(rng, df, None, dim) for _ in range(reps)])  # None: the identity
+    np.testing.assert_allclose(plain.mean(0), df * np.eye(dim), atol=4 * np.sqrt(2 * df / reps))
 
 
 def test_insample_null_pr_is_the_quoted_floor():

@@ -199,6 +199,16 @@ def test_recovered_share_is_one_minus_the_ratio_and_ignores_token_counts():
         assert r.low <= r.estimate <= r.high
 
 
+@pytest.mark.parametrize("method", [DEFAULT_METHOD, "t", "studentized"])
+def test_exactly_proportional_damage_recovers_a_share_without_spread(method: str):
+    """Every sequence keeps exactly a quarter of the reference's damage: the share is 0.75 and the
+    interval is that point (paired resampling over sequences leaves the ratio unchanged)."""
+    damage = np.array([2.0, 2.2, 1.8, 2.1, 1.9]) * 60
+    clean = np.zeros(5)
+    iv = recovered_interval(0.25 * damage, damage, clean, method=method, n_resamples=200, seed=0)
+    assert (iv.estimate, iv.low, iv.high, iv.half_width) == (0.75, 0.75, 0.75, 0.0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_is_seeded_equivariant_and_brackets_the_estimate(method: str):
     rng = np.random.default_rng(2)

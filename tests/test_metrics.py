@@ -1,4 +1,4 @@
-"""Residual- and feature-space metrics (streaming = one-shot, known answers) and bootstrap CIs."""
+"""Residual- and feature-space metrics (streaming = one-shot, known answers)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import r2_score
 
-from ato.math.bootstrap import paired_bootstrap, paired_bootstrap_recovered
 from ato.math.metrics import (
     NO_VERDICT,
     SYNTHESISED,
@@ -142,29 +141,3 @@ def test_feature_verdicts():
     active = np.array([50, 20, 100, 19, 30, 40])
     v = feature_verdicts(r2, active, threshold=0.5, min_active=20)
     assert v.tolist() == [TRANSPORTED, TRANSPORTED, SYNTHESISED, NO_VERDICT, SYNTHESISED, SYNTHESISED]
-
-
-def test_paired_bootstrap_covers_mean_and_is_seeded():
-    rng = np.random.default_rng(0)
-    deltas = rng.normal(0.3, 1.0, size=64)
-    mean, lo, hi = paired_bootstrap(deltas, 2000, seed=1)
-    assert mean == pytest.approx(deltas.mean())
-    assert lo < mean < hi
-    # ≈ the normal-theory 95 % interval
-    se = deltas.std(ddof=1) / np.sqrt(len(deltas))
-    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
-    assert paired_bootstrap(deltas, 2000, seed=1) == (mean, lo, hi)
-    assert paired_bootstrap(deltas, 2000, seed=2) != (mean, lo, hi)
-
-
-def test_paired_bootstrap_recovered_damage_share():
-    rng = np.random.default_rng(1)
-    ablate = rng.uniform(1.0, 3.0, size=40)  # Δ of zero ablation vs clean, per sequence
-    patch = 0.25 * ablate  # ATO leaves a quarter of the damage everywhere → recovered = 0.75 exactly
-    value, lo, hi = paired_bootstrap_recovered(patch, ablate, 500, seed=0)
-    assert value == pytest.approx(0.75)
-    assert lo == pytest.approx(0.75) and hi == pytest.approx(0.75)  # paired resampling: no spread
-    noisy = patch + rng.normal(0, 0.2, size=40)
-    value, lo, hi = paired_bootstrap_recovered(noisy, ablate, 500, seed=0)
-    assert lo < value < hi
-    assert paired_bootstrap_recovered(noisy, ablate, 500, seed=0) == (value, lo, hi)

@@ -58,9 +58,16 @@ STAGES: dict[str, tuple[str, str, bool]] = {
         "reports/metrics (params: evaluate.*, stats.include_bos, report.dpi)",
         True,
     ),
+    "causal_reference": (
+        "causal_reference",
+        "clean, zero- and mean-ablation log-perplexity once per target layer → reports/causal/reference "
+        "(params: causal.*, pairs)",
+        False,
+    ),
     "causal": (
         "causal",
-        "log-perplexity under patching of block L+k, bootstrap CIs → reports/causal (params: causal.*, report.dpi)",
+        "log-perplexity under the pair's patches of block L+k vs its target's reference, intervals over "
+        "sequences → reports/causal (params: causal.*, report.dpi)",
         True,
     ),
     "report": (

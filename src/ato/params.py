@@ -35,7 +35,7 @@ class Paths:
     """Where every stage reads and writes; relative paths are relative to the project root."""
 
     model_dir: str = "models/base"  # float32 safetensors copy of the model + tokenizer
-    store: str = "data/activations"  # activation store root (DESIGN §5)
+    store: str = "data/activations"  # activation store root (docs/contracts.md#store)
     stats: str = "data/stats"  # sufficient statistics per split and pair
     sae_dir: str = "models/sae"  # one sae-lens directory per target layer
     features: str = "data/features"  # ranked SAE feature ids per layer
@@ -441,6 +441,7 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         "causal.batch_size": params.causal.batch_size,
         "causal.bootstrap_resamples": params.causal.bootstrap_resamples,
         "evaluate.n_ranks": params.evaluate.n_ranks,
+        "evaluate.null_replicates": params.evaluate.null_replicates,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -43,7 +43,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +364,9 @@ def trace_body(model: nn.Module, input_ids: torch.Tensor, layers: list[int], rep
         return lambda *_: finished.append(("child", module))
 
     handles = [b.register_forward_hook(on_block(j)) for j, b in enumerate(blocks)]
-    handles += [blocks[j].register_forward_pre_hook(on_call(j), with_kwargs=True) for j in range(replay_from, len(blocks))]
+    handles += [
+        blocks[j].register_forward_pre_hook(on_call(j), with_kwargs=True) for j in range(replay_from, len(blocks))
+    ]
     handles += [m.register_forward_hook(on_child(m)) for m in body.children() if m is not blocks]
     with _hooks(handles):
         final = final_hidden(model, input_ids)
@@ -461,7 +463,7 @@ def run_conditions(
     layer_out: int,
     conditions: list[Condition],
     masks: dict[str, torch.Tensor],
-    specs: dict[str, PositionSpec],
+    specs: Mapping[str, PositionSpec],
     batch_size: int,
     chunk_rows: int,
     clean_nll: torch.Tensor | None = None,
@@ -564,10 +566,10 @@ def _run_set(
                     hidden = final_hidden(model, ids)
             per_cond[cond.name] = token_nll(model, ids, chunk_rows, hidden=hidden, from_col=from_col, base=batch.clean)
         tick(1)
-    for cond, nll in per_cond.items():
+    for name, nll in per_cond.items():
         nll64 = nll.double()
-        res.nll_sum[cond]["all"] += nll64.sum(1).tolist()
-        res.nll_sum[cond]["after"] += (nll64 * after).sum(1).tolist()
+        res.nll_sum[name]["all"] += nll64.sum(1).tolist()
+        res.nll_sum[name]["after"] += (nll64 * after).sum(1).tolist()
 
 
 class _Clock:
@@ -597,7 +599,7 @@ def run_pair(
     pair: PairPatch,
     mean_y: torch.Tensor,
     masks: dict[str, torch.Tensor],
-    specs: dict[str, PositionSpec],
+    specs: Mapping[str, PositionSpec],
     batch_size: int,
     chunk_rows: int,
     share_prefix: bool = False,
@@ -610,7 +612,18 @@ def run_pair(
     conditions = pair_conditions(pair, device) + reference_conditions(mean_y, device)
     conditions.sort(key=lambda c: PATCHED.index(c.name))
     results, _ = run_conditions(
-        model, held, pair.layer_out, conditions, masks, specs, batch_size, chunk_rows, None, share_prefix, progress, timings
+        model,
+        held,
+        pair.layer_out,
+        conditions,
+        masks,
+        specs,
+        batch_size,
+        chunk_rows,
+        None,
+        share_prefix,
+        progress,
+        timings,
     )
     return results
 
@@ -665,19 +678,22 @@ def check_reference(
     layer: int,
     model_digest: str,
     store_digest: str | None,
-    specs: dict[str, PositionSpec],
+    specs: Mapping[str, PositionSpec],
+    batch_size: int,
 ) -> None:
-    """The reference record was computed for these sequences, this model, store and position sets."""
+    """The reference record was computed for these sequences, this model, store, position sets and
+    batches (the batch size fixes which sequences share a forward, hence the last bits of its loss)."""
     n, seq_len = held.tokens.shape
     checks = [
         ("target layer", ref.layer, layer),
         ("split", ref.split, SPLIT),
         ("causal.seq_len", ref.seq_len, int(seq_len)),
+        ("causal.batch_size", ref.batch_size, batch_size),
         ("held-out sequences (offsets in the test split)", ref.sequence_offsets, held.offsets),
         ("held-out documents", ref.doc_ids, held.doc_ids),
         ("model weights digest", ref.model_digest, model_digest),
         ("store digest", ref.store_digest, store_digest),
-        ("causal.position_sets", {k: v.positions for k, v in ref.position_sets.items()}, specs),
+        ("causal.position_sets", {k: v.positions for k, v in ref.position_sets.items()}, dict(specs)),
     ]
     for what, found, expected in checks:
         if found != expected:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ato.artifacts import BaselineScores, FeatureSet, PairMetrics, PredictorScores, TransportVerdicts
 from ato.errors import AtoError
@@ -216,16 +217,19 @@ def transport(train: PairStats, test: PairStats, W: np.ndarray, b: np.ndarray, e
     table = efficiency_table(cca, W, train, test, ranks)
     table.update(shift_removed_table(table, rank_zero_r2(cca, train), rank_zero_r2(cca, test)))
     heldout = heldout_from_cca(cca, test)
-    sizes = (int(train.n), int(test.n), cca.d_in, cca.d_out)
-    null = shared_null(*sizes, ev.subspace_fraction, ev.null_replicates, ev.null_seed)
-    subspace = subspace_report(train, test, ev.subspace_fraction, null=null, heldout=heldout)
     ceiling = float(cca.ceiling())
     eta_test = float(cca.whitened_r2(test, W, b)) / ceiling if ceiling > 0 else float("nan")
-    linear = linear_reference(eta_test, cca.rho, *sizes, replicates=ev.null_replicates, seed=ev.null_seed)
+    sizes = (int(train.n), int(test.n), cca.d_in, cca.d_out)
+    # Many medium-sized (d_in + d_out)³ draws and decompositions: on the shared 2-core machine the
+    # 8-replicate null at d = 640 took 4.6 s on one BLAS thread and 59 s on two fighting over a busy core.
+    with threadpool_limits(limits=1, user_api="blas"):
+        null = shared_null(*sizes, ev.subspace_fraction, ev.null_replicates, ev.null_seed)
+        linear = linear_reference(eta_test, cca.rho, *sizes, replicates=ev.null_replicates, seed=ev.null_seed)
+    subspace = subspace_report(train, test, ev.subspace_fraction, null=null, heldout=heldout)
     return Transport(cca, table, heldout, subspace, linear)
 
 
-def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarray) -> dict[str, float]:
+def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """The `PairMetrics` fields of a `Transport` (floats, under their field names)."""
     ceiling = float(t.cca.ceiling())
     rep, lin = t.subspace, t.linear
@@ -285,7 +289,9 @@ def evaluate(
     ato = feature_scores["ato"]
     verdicts = feature_verdicts(ato["r2"], ato["active"], ev.transported_r2, ev.min_active_tokens)
     judged = verdicts != NO_VERDICT
-    scores = {k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in PREDICTORS}
+    scores: dict[str, Any] = {
+        k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in PREDICTORS
+    }
     t = transport(train, test, predictors.W, predictors.b, ev)
     n_transported = float((verdicts == TRANSPORTED).sum())
     metrics = PairMetrics(

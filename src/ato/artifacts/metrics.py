@@ -9,7 +9,8 @@
 * `TransportVerdicts` — reports/evaluate/<pair>/transport.json, which kept SAE features are
   transported, synthesised or without a verdict.
 
-Formulas: docs/method.md#r2, #features, #cca and #efficiency, docs/statistics.md#heldout; file layout: docs/contracts.md#metrics.
+Formulas: docs/method.md#r2, #features, #cca and #efficiency, docs/statistics.md#heldout;
+file layout: docs/contracts.md#metrics.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ class PairMetrics(Record):
         absent = [name for name in required if name not in kwargs]
         if absent:
             raise ArtifactError(f"{where}: missing key {absent[0]!r} for {cls.__name__}{cls._rerun()}")
-        return cls(**kwargs, **{name: PREDICTOR_CLASS[name](**nested[name]) for name in PREDICTOR_PREFIX})
+        kwargs.update({name: PREDICTOR_CLASS[name](**nested[name]) for name in PREDICTOR_PREFIX})
+        return cls(**kwargs)
 
 
 def _flat_keys() -> dict[str, tuple[str, str | None]]:

@@ -71,7 +71,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sstats
 from scipy.optimize import brentq
 
 from .cca import CCA, participation_ratio, subspace_size
@@ -158,23 +157,34 @@ def stats_from_scatter(n: int, scatter: np.ndarray, mean: np.ndarray, d_in: int)
     return PairStats(float(n), n * mean[x], n * mean[y], raw[x, x], raw[x, y], raw[y, y])
 
 
-def draw_scatter(rng: np.random.Generator, df: int, scale: np.ndarray) -> np.ndarray:
-    """A draw of Wishart(df, scale): the scatter of df independent N(0, scale) rows.
+def draw_scatter(rng: np.random.Generator, df: int, chol: np.ndarray | None, dim: int) -> np.ndarray:
+    """A draw of Wishart(df, L Lᵀ) of size dim, given the Cholesky factor L (None: the identity): the
+    scatter of df independent N(0, L Lᵀ) rows.
 
-    Bartlett decomposition (scipy) when df ≥ dim, in O(dim³); explicit rows otherwise (then df < dim,
-    so that costs less)."""
-    dim = scale.shape[0]
+    Bartlett decomposition when df ≥ dim, in O(dim³): W = (L A)(L A)ᵀ with A lower triangular,
+    A_ii = √χ²(df − i) (i = 0, 1, …), A_ij ~ N(0, 1) below the diagonal; explicit rows otherwise
+    (then df < dim, so that costs less)."""
     if df >= dim:
-        return np.asarray(sstats.wishart(df=df, scale=scale).rvs(random_state=rng), dtype=np.float64)
-    g = rng.standard_normal((df, dim)) @ np.linalg.cholesky(scale).T
+        a = np.tril(rng.standard_normal((dim, dim)), -1)
+        a[np.diag_indices(dim)] = np.sqrt(rng.chisquare(df - np.arange(dim)))
+        la = a if chol is None else chol @ a
+        return la @ la.T
+    g = rng.standard_normal((df, dim))
+    g = g if chol is None else g @ chol.T
     return g.T @ g
 
 
 def simulated_split(rng: np.random.Generator, n: int, scale: np.ndarray, d_in: int) -> PairStats:
     """Sufficient statistics of n independent N(0, scale) rows, drawn in O(d³): the sample mean
     ~ N(0, scale/n) and, independently, the centred scatter ~ Wishart(n − 1, scale)."""
-    mean = np.linalg.cholesky(scale) @ rng.standard_normal(scale.shape[0]) / math.sqrt(n)
-    return stats_from_scatter(n, draw_scatter(rng, n - 1, scale), mean, d_in)
+    return _simulated_split(rng, n, np.linalg.cholesky(scale), d_in, scale.shape[0])
+
+
+def _simulated_split(rng: np.random.Generator, n: int, chol: np.ndarray | None, d_in: int, dim: int) -> PairStats:
+    """`simulated_split` given the Cholesky factor of the scale (None: the identity of size dim)."""
+    z = rng.standard_normal(dim) / math.sqrt(n)
+    mean = z if chol is None else chol @ z
+    return stats_from_scatter(n, draw_scatter(rng, n - 1, chol, dim), mean, d_in)
 
 
 def brute_force_split(rng: np.random.Generator, n: int, scale: np.ndarray, d_in: int) -> PairStats:
@@ -217,10 +227,11 @@ def cca_null(
     if replicates < 1:
         raise ValueError("the null needs at least one replicate")
     rng = np.random.default_rng(seed)
-    scale = np.eye(d_in + d_out)
+    dim = d_in + d_out
     rows = []
     for _ in range(replicates):
-        h = heldout_cca(simulated_split(rng, n_train, scale, d_in), simulated_split(rng, n_test, scale, d_in), rcond)
+        train, test = (_simulated_split(rng, n, None, d_in, dim) for n in (n_train, n_test))
+        h = heldout_cca(train, test, rcond)
         rows.append(
             (
                 h.participation_ratio(),
@@ -386,10 +397,10 @@ def simulate_linear_eta(
     η is invariant to invertible linear maps of x and y for OLS, so the canonical form is general.
     OLS is the full-rank reduced-rank-regression map of the true-bound CCA."""
     rng = np.random.default_rng(seed)
-    scale = canonical_covariance(rho, d_in, d_out)
+    chol = np.linalg.cholesky(canonical_covariance(rho, d_in, d_out))
     out = np.empty(replicates)
     for i in range(replicates):
-        train, test = simulated_split(rng, n_train, scale, d_in), simulated_split(rng, n_test, scale, d_in)
+        train, test = (_simulated_split(rng, n, chol, d_in, d_in + d_out) for n in (n_train, n_test))
         cca = true_bound_cca(train, rcond)
         out[i] = cca.rrr_sweep().efficiency(test, [min(d_in, d_out)])[0]
     return out

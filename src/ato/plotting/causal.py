@@ -1,4 +1,5 @@
-"""Figure of `ato causal` for one pair: Δ log-perplexity vs clean per condition and position set."""
+"""Figure of `ato causal` for one pair: Δ log-perplexity vs clean per condition and position set, and the
+recovered share against each reference (mean ablation, zero ablation, identity)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ato.artifacts import CausalSummary
+from ato.artifacts import CausalSummary, PositionSetSummary
+from ato.artifacts.causal import REFERENCES
 
 from . import CONDITION_COLOURS, CONDITION_LABELS, CONDITIONS, pyplot, save_figure
 
 
 def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, scope: str = "after") -> Path:
-    """One panel per position set: Δ log-perplexity vs clean per condition with its 95 % CI.
+    """One panel per position set: Δ log-perplexity vs clean per condition with its 95 % interval, and
+    in the title the share of each reference's damage the ATO recovers (the headline reference first).
 
     A symmetric-log axis keeps the small ATO Δ and the large zero-ablation Δ readable together.
     """
     plt = pyplot()
     names = list(summary.position_sets)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.6, 4.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.6, 5.0), sharey=True, squeeze=False)
     x = np.arange(len(CONDITIONS))
     for ax, name in zip(axes[0], names):
         entry = summary.position_sets[name]
@@ -43,16 +46,36 @@ def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, sco
                 ha="center",
                 fontsize=8,
             )
-        r_mean, r_lo, r_hi = entry.recovered.triplet(scope)
-        rec_txt = "n/a" if not math.isfinite(r_mean) else f"{r_mean:.1%} [{r_lo:.1%}, {r_hi:.1%}]"
-        ax.set_title(f"positions: {name} ({entry.n_patched_tokens} patched)\nrecovered {rec_txt}", fontsize=9)
+        rec_txt = "\n".join(_recovered_lines(entry, summary.headline_reference, scope))
+        ax.set_title(f"positions: {name} ({entry.n_patched_tokens} patched)\n{rec_txt}", fontsize=8)
         ax.set_xticks(x, [CONDITION_LABELS[c] for c in CONDITIONS], rotation=35, ha="right", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_yscale("symlog", linthresh=0.01)
         ax.grid(axis="y", alpha=0.3)
     tokens = "tokens after first patch" if scope == "after" else "all tokens"
-    axes[0][0].set_ylabel(f"Δ log-perplexity vs clean (nats/token)\n{tokens}, 95% CI")
+    axes[0][0].set_ylabel(f"Δ log-perplexity vs clean (nats/token)\n{tokens}, 95% interval ({summary.interval_method})")
     clean = summary.position_sets[names[0]].clean.logppl(scope)
-    fig.suptitle(f"{pair}: residual patching after block L+k (clean log-ppl {clean:.3f})", fontsize=10)
+    fig.suptitle(
+        f"{pair}: residual patching after block L+k (clean log-ppl {clean:.3f}, {summary.interval_n_units} sequences)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save_figure(fig, path, dpi)
+
+
+REFERENCE_LABELS = {"train_mean": "mean abl.", "zero": "zero abl.", "identity": "identity"}
+
+
+def _recovered_lines(entry: PositionSetSummary, headline: str, scope: str) -> list[str]:
+    """ "recovered vs <reference> m [lo, hi]" per reference, the headline first."""
+    lines = []
+    for ref in sorted(REFERENCES, key=lambda r: r != headline):
+        mean, lo, hi = entry.recovered_vs(ref).triplet(scope)
+        if not math.isfinite(mean):
+            text = "n/a"
+        elif not (math.isfinite(lo) and math.isfinite(hi)):
+            text = f"{mean:.1%} [unbounded]"
+        else:
+            text = f"{mean:.1%} [{lo:.1%}, {hi:.1%}]"
+        lines.append(f"recovered vs {REFERENCE_LABELS[ref]}: {text}")
+    return lines

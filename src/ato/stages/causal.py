@@ -128,6 +128,7 @@ def read_references(
             model_digest=info.weights_digest,
             store_digest=store_digest,
             specs=dict(cp.position_sets),
+            batch_size=cp.batch_size,
         )
         out[layer] = (path, ref)
     return out

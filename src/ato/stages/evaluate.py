@@ -1,15 +1,18 @@
 """Stage `evaluate`: how well each operator transports the residual, on the held-out TEST split.
 
 Residual-space scores of the ATO and its baselines, feature-space scores along the target layer's
-SAE features (transported / synthesised), the CCA ceiling, η(r) and the subspace size: see
-`ato.scoring` and docs/method.md#r2, #features, #cca, #efficiency.
+SAE features (transported / synthesised), the CCA ceiling, η(r), and each headline number beside its
+reference: η(test) beside an exactly linear map's, the held-out subspace size and participation ratio
+beside a null at the same n and d. See `ato.scoring`, docs/method.md#r2, #features, #cca, #efficiency
+and docs/statistics.md#heldout.
 
 BOS / special tokens are excluded unless `stats.include_bos` (the same choice as the statistics,
 which is checked: the streamed test token count must equal the test statistics' n).
 
-Outputs: `PairMetrics` (reports/metrics/<pair>.json), `EfficiencyTable` and `TransportVerdicts`
-(reports/evaluate/<pair>/), features.csv beside them, figures <pair>_{efficiency, feature_r2,
-dim_r2}.png; all logged to the pair's MLflow run.
+Outputs: `PairMetrics` (reports/metrics/<pair>.json: headline numbers, no per-rank series),
+`EfficiencyTable` (the per-rank series) and `TransportVerdicts` (reports/evaluate/<pair>/), features.csv
+beside them, figures <pair>_{efficiency, feature_r2, dim_r2}.png; all logged to the pair's MLflow run
+(the metrics file's numbers as metrics, the sweep as step-indexed metrics, step = rank).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from ato.store import ActivationStore
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-SWEEP_LOGGED = ("ceiling", "eta_svd_train", "eta_svd_test", "eta_rrr_train", "eta_rrr_test")
+SWEEP_LOGGED = EfficiencyTable.COLUMNS[1:]  # ceiling and every η(r) column, logged per rank
 
 __all__ = ["EvaluateError", "evaluate_pair", "main"]
 
@@ -65,9 +68,11 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     _log_mlflow(params, name, result, paths)
     m = result.metrics
     log.info(
-        "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); transported %d/%d features; ceiling %.4f; η_test %.3f; "
-        "subspace %d", name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported),
-        int(m.n_transported + m.n_synthesised), m.ceiling_full, m.eta_test, int(m.subspace_size),
+        "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); transported %d/%d features; ceiling %.4f; "
+        "η_test %.4f vs linear %.4f (ratio %.4f); held-out subspace %d (null %.0f ± %.0f), PR %.1f (null %.1f)",
+        name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported), int(m.n_transported + m.n_synthesised),
+        m.ceiling_full, m.eta_test, m.eta_expected, m.eta_ratio, int(m.heldout_subspace_size),
+        m.heldout_subspace_size_null, m.heldout_subspace_size_null_std, m.heldout_pr, m.heldout_pr_null,
     )  # fmt: skip
     return m
 
@@ -126,15 +131,16 @@ def write_outputs(layout: Layout, params: Params, pair: Pair, result: Evaluation
     )
     efficiency_csv = EfficiencyTable.from_columns(result.table).write(layout.efficiency(name))
     transport_verdicts(result, name, pair.L, pair.target, ev).write(layout.transport(name))
-    fr = result.feature_scores
+    fr, t = result.feature_scores, result.transport
     figures = [
         plot_efficiency(
             layout.pair_figure(name, "efficiency"),
             name,
-            result.table,
-            result.participation_ratio,
-            ev.subspace_fraction,
-            int(result.metrics.subspace_size),
+            t.table,
+            t.heldout,
+            t.subspace,
+            t.linear,
+            result.metrics.n_test_tokens,
             dpi,
         ),
         plot_feature_r2(

@@ -1,1 +1,0 @@
-from ato.stages import stats  # noqa
