@@ -12,8 +12,18 @@ import numpy as np
 import pytest
 import yaml
 
-from ato.artifacts import ArtifactError, CausalSummary, EfficiencyTable, TuningResult, json_clean
-from ato.artifacts.causal import PATCHED, headline_keys
+from ato.artifacts import (
+    ArtifactError,
+    CausalSummary,
+    CleanScores,
+    EfficiencyTable,
+    PatchedScores,
+    PositionSetSummary,
+    RecoveredShare,
+    TuningResult,
+    json_clean,
+)
+from ato.artifacts.causal import PATCHED, REFERENCES
 from ato.math.cca import rank_grid
 
 PAIRS = {"L05_k1": (5, 1), "L04_k2": (4, 2), "L03_k3": (3, 3), "L11_k1": (11, 1), "L10_k2": (10, 2), "L09_k3": (9, 3)}
@@ -21,9 +31,9 @@ D_MODEL = 640
 
 
 def fake_metrics(L: int, k: int) -> dict[str, float]:
-    """Plausible evaluate metrics: R² falls with k and with depth, baselines below the ATO."""
+    """Plausible evaluate metrics: R² falls with k and with depth, baselines below the ATO; η beside its
+    exactly-linear reference, held-out subspace size and PR beside their nulls."""
     r2 = round(0.93 - 0.09 * k - 0.006 * L, 6)
-    ranks = rank_grid(D_MODEL, 24)
     m = {
         "alpha": 10.0 ** (1 + L / 4),
         "val_r2": r2 + 0.004,
@@ -36,6 +46,7 @@ def fake_metrics(L: int, k: int) -> dict[str, float]:
         "mse": 12.5 * k + L,
         "n_test_tokens": 14960.0,
         "n_train_tokens": 59800.0,
+        "n_val_tokens": 14950.0,
         "n_features": 128.0,
         "n_transported": float(90 - 17 * k),
         "n_synthesised": float(30 + 15 * k),
@@ -46,16 +57,25 @@ def fake_metrics(L: int, k: int) -> dict[str, float]:
         "feature_pearson_median": 0.88,
         "feature_rms_ratio_median": 0.93,
         "ceiling_full": round(0.95 - 0.05 * k, 6),
-        "participation_ratio": 37.25 + 3 * k + L,
-        "subspace_size": float(40 + 25 * k + 2 * L),
-        "eta_test": round(0.9 - 0.04 * k, 6),
-        "eta_train": round(0.93 - 0.04 * k, 6),
-        "whitened_r2_test": 0.8,
-        "whitened_r2_train": 0.85,
+        "eta_test": round(0.97 - 0.01 * k, 6),
+        "eta_train": round(0.999 - 0.001 * k, 6),
+        "eta_expected": round(0.978 - 0.008 * k, 6),
+        "eta_expected_std": round(0.0021 + 0.0003 * k, 6),
+        "heldout_subspace_size": float(120 + 25 * k + 2 * L),
+        "heldout_subspace_size_null": 171.25 + k,
+        "heldout_subspace_size_null_std": 3.5,
+        "heldout_pr": 37.25 + 3 * k + L,
+        "heldout_pr_null": 203.75,
+        "heldout_pr_null_std": 2.25,
+        "participation_ratio": 473.5 + 10 * k + L,
+        "participation_ratio_null": 460.25,
+        "subspace_size": float(400 + 25 * k + 2 * L),
+        "subspace_size_null": 421.5,
     }
+    m["eta_ratio"] = m["eta_test"] / m["eta_expected"]
+    m["heldout_subspace_size_excess"] = m["heldout_subspace_size"] - m["heldout_subspace_size_null"]
+    m["heldout_pr_excess"] = m["heldout_pr"] - m["heldout_pr_null"]
     m["transported_fraction"] = m["n_transported"] / (m["n_transported"] + m["n_synthesised"])
-    for r in ranks:
-        m[f"eta_rrr_test_r{r:03d}"] = 0.95
     return m
 
 
@@ -73,11 +93,46 @@ def fake_efficiency(L: int, k: int) -> dict[str, list[float]]:
         "eta_svd_test": svd_test.tolist(),
         "eta_rrr_train": np.ones_like(ranks).tolist(),
         "eta_rrr_test": rrr_test.tolist(),
+        "eta_svd_test_shift_removed": (svd_test + 0.05).tolist(),
+        "eta_rrr_test_shift_removed": (rrr_test + 0.04 * np.exp(-ranks / 20)).tolist(),
     }
 
 
+def _patched(delta: float, scale: float) -> PatchedScores:
+    """A condition's scores: Δ over `all` is 0.8 × the `after` one; intervals ±20 % of Δ."""
+    values = {}
+    for scope, f in (("all", 0.8 * scale), ("after", scale)):
+        dm = round(delta * f, 6)
+        lo, hi = round(dm * 0.8, 6), round(dm * 1.2, 6)
+        values |= {
+            f"logppl_{scope}": 3.1 + dm,
+            f"delta_{scope}_mean": dm,
+            f"delta_{scope}_lo": lo,
+            f"delta_{scope}_hi": hi,
+            f"delta_{scope}_half_width": (hi - lo) / 2,
+        }
+    return PatchedScores(**values)
+
+
+def _share(reference: str, ato: PatchedScores, ref: PatchedScores, undefined: bool) -> RecoveredShare:
+    """1 − Δ(ato)/Δ(ref) with a ±1 % interval (cut at 100 %); NaN and unbounded when `undefined`."""
+    values: dict = {"reference": reference}
+    for scope in ("all", "after"):
+        m = math.nan if undefined else 1 - ato.delta(scope)[0] / ref.delta(scope)[0]
+        lo, hi = m - 0.01, min(1.0, m + 0.01)
+        values |= {
+            f"{scope}_mean": m,
+            f"{scope}_lo": lo,
+            f"{scope}_hi": hi,
+            f"{scope}_half_width": (hi - lo) / 2,
+            f"{scope}_bounded": not undefined,
+        }
+    return RecoveredShare(**values)
+
+
 def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
-    """The shape `ato causal` writes: flat headline keys + `position_sets` (NaN written as null)."""
+    """What `ato causal` writes, made by the record itself (flat headline keys + `position_sets`, NaN as
+    null); `recovered_null`: every recovered share undefined (references without damage)."""
     base = {
         "ato": 0.021 * k + 0.001 * L,
         "identity": 0.35 * k,
@@ -87,49 +142,33 @@ def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
     }
     sets = {}
     for set_name, scale in (("all", 1.0), ("early", 0.2), ("late", 0.1), ("single_8", 0.03)):
-        entry = {
-            "n_patched_tokens": int(2016 * scale),
-            "first_patched_position": 1,
-            "n_tokens_all": 2016,
-            "n_tokens_after": int(2016 * scale) + 10,
-        }
-        entry["clean"] = {"logppl_all": 3.1, "logppl_after": 3.05}
-        for c, delta in base.items():
-            row = {}
-            for scope, f in (("all", 0.8 * scale), ("after", scale)):
-                dm = round(delta * f, 6)
-                row.update(
-                    {
-                        f"logppl_{scope}": 3.1 + dm,
-                        f"delta_{scope}_mean": dm,
-                        f"delta_{scope}_lo": round(dm * 0.8, 6),
-                        f"delta_{scope}_hi": round(dm * 1.2, 6),
-                    }
-                )
-            entry[c] = row
-        rec = {}
-        for scope in ("all", "after"):
-            m = 1 - entry["ato"][f"delta_{scope}_mean"] / entry["zero"][f"delta_{scope}_mean"]
-            rec.update(
-                {
-                    f"{scope}_mean": None if recovered_null else m,
-                    f"{scope}_lo": None if recovered_null else m - 0.01,
-                    f"{scope}_hi": None if recovered_null else min(1.0, m + 0.01),
-                }
-            )
-        entry["recovered"] = rec
-        sets[set_name] = entry
-    body = {
-        "L": L,
-        "k": k,
-        "n_sequences": 32,
-        "seq_len": 64,
-        "seconds": 12.5,
-        "tokens_per_second": 4100.0,
-        "position_sets": sets,
-    }
-    record = CausalSummary.from_dict({**body, **dict.fromkeys(headline_keys(), 0.0)})
-    return json_clean(record.to_dict())  # the record's own flat headline keys of the `all` set, NaN as null
+        patched = {c: _patched(delta, scale) for c, delta in base.items()}
+        shares = {r: _share(r, patched["ato"], patched[r], recovered_null) for r in REFERENCES}
+        sets[set_name] = PositionSetSummary(
+            n_patched_tokens=int(2016 * scale),
+            first_patched_position=1,
+            n_tokens_all=2016,
+            n_tokens_after=int(2016 * scale) + 10,
+            clean=CleanScores(logppl_all=3.1, logppl_after=3.05),
+            **patched,
+            recovered=shares["train_mean"],
+            **{f"recovered_vs_{r}": share for r, share in shares.items()},
+        )
+    record = CausalSummary(
+        L=L,
+        k=k,
+        n_sequences=32,
+        seq_len=64,
+        seconds=12.5,
+        tokens_per_second=4100.0,
+        headline_reference="train_mean",
+        interval_method="studentized_hull",
+        interval_level=0.95,
+        interval_n_units=32,
+        interval_resamples=2000,
+        position_sets=sets,
+    )
+    return json_clean(record.to_dict())
 
 
 def fake_tuning(name: str, L: int, k: int) -> dict:
@@ -149,13 +188,13 @@ def fake_tuning(name: str, L: int, k: int) -> dict:
         "tune_seconds": 1.2,
         "curve": [{"alpha": float(a), "val_r2": float(v)} for a, v in zip(grid, curve)],
         "trials": [{"alpha": best, "val_r2": top}],
-        # α diagnostics of `ato tune` (not shown by the report)
+        # α diagnostics of `ato tune`: immaterial for the shallow pairs, at the range's edge for L = 11
         "n_val": 14960,
         "alpha_flatness": float(curve.max() - curve.min()),
-        "alpha_gain": float(top - curve[0]),
+        "alpha_gain": 1.5e-5 if L <= 5 else float(top - curve[0]),
         "val_r2_noise": 0.002,
-        "alpha_immaterial": False,
-        "alpha_edge_warning": None,
+        "alpha_immaterial": L <= 5,
+        "alpha_edge_warning": "best α within one grid step of alpha_max = 1e+07" if L == 11 else None,
     }
 
 
@@ -243,20 +282,60 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
         assert f"| {int(m['n_transported'])} | {int(m['n_synthesised'])} |" in text
         assert f"{m['transported_fraction']:.3f}" in text
         assert f"{m['ceiling_full']:.4f}" in text
-        assert f"| {int(m['subspace_size'])} | {m['participation_ratio']:.1f} |" in text
+        # η beside the η of an exactly linear map (± its spread) and the ratio
+        eta_row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {m['ceiling_full']:.4f} |"))
+        assert f"| {m['eta_test']:.4f} | {m['eta_expected']:.4f} ± {m['eta_expected_std']:.4f} |" in eta_row
+        assert f"| {m['eta_ratio']:.4f} |" in eta_row
+        # held-out subspace size and PR beside their null (mean ± sd) and excess; in-sample PR beside its null
+        size = int(m["heldout_subspace_size"])
+        null, null_sd = m["heldout_subspace_size_null"], m["heldout_subspace_size_null_std"]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {size} |"))
+        assert f"| {size} | {null:.1f} ± {null_sd:.1f} | {m['heldout_subspace_size_excess']:+.1f} |" in row
+        pr = f"| {m['heldout_pr']:.1f} | {m['heldout_pr_null']:.1f} ± {m['heldout_pr_null_std']:.1f} |"
+        assert pr + f" {m['heldout_pr_excess']:+.1f} |" in row
+        assert f"| {m['participation_ratio']:.1f} | {m['participation_ratio_null']:.1f} |" in row
         eff = fake_efficiency(L, k)
         for r in (1, 10):  # both in the default sweep of d = 640
             i = eff["rank"].index(r)
             assert f"{eff['eta_rrr_test'][i]:.4f}" in text and f"{eff['ceiling'][i]:.4f}" in text
+            assert f"{eff['eta_rrr_test_shift_removed'][i]:.4f}" in text
     # r = 100 is not swept: the header names the rank used (81, the largest swept rank ≤ 100)
-    assert "η_RRR(r=81)" in text and "ceiling(r=81)" in text
+    assert "η_RRR(r=81)" in text and "ceiling(r=81)" in text and "η_RRR(r=81) shift removed" in text
+    # α: immaterial, or the edge warning, at n_val
+    alpha_section = text.split("## Ridge penalty α", 1)[1].split("\n## ", 1)[0]
+    alpha_rows = {line.split(" | ")[0][2:]: line for line in alpha_section.splitlines() if line.startswith("| L")}
+    assert "α immaterial at n_val = 14960" in alpha_rows["L05_k1"]
+    assert "edge: best α within one grid step of alpha_max" in alpha_rows["L11_k1"]
+    assert "α matters at n_val = 14960" in alpha_rows["L09_k3"]
     causal = fake_causal(5, 1)
     assert params.report.causal_scope == "after"
-    d, lo, hi = (causal[f"ato_delta_after{s}"] for s in ("", "_lo", "_hi"))
-    assert f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" in text
-    rec = causal["recovered_after"]
-    assert f"{rec:.1%}" in text
+    d, lo, hi, hw = (causal[f"ato_delta_after{s}"] for s in ("", "_lo", "_hi", "_half_width"))
+    assert f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] ±{hw:.4f}" in text  # every Δ with its interval and half-width
+    tm = causal["train_mean_delta_after_half_width"]
+    assert f"±{tm:.4f}" in text
+    # recovered vs mean ablation is the headline, zero ablation and identity beside it
+    assert "recovered vs mean ablation ȳ_train (headline) | recovered vs zero ablation | recovered vs identity" in text
+    row = next(line for line in text.splitlines() if line.startswith("| L05_k1 | ") and "%" in line)
+    for ref in ("train_mean", "zero", "identity"):
+        m_, lo_, hi_, hw_ = (causal[f"recovered_vs_{ref}_after{s}"] for s in ("", "_lo", "_hi", "_half_width"))
+        assert f"{m_:.1%} [{lo_:.1%}, {hi_:.1%}] ±{hw_:.1%}" in row, ref
+    assert causal["recovered_after"] == causal["recovered_vs_train_mean_after"]
+    assert "interval `studentized_hull` over n = 32 sequences (2000 resamples)" in text
+    assert "(interval unbounded)" not in text  # L09_k3's undefined shares read as dashes
+    # a "How to read" paragraph in every results section
+    for section in (
+        "Residual-space R²",
+        "Ridge penalty",
+        "Feature space",
+        "transport efficiency η",
+        "Subspace size",
+        "Causal check",
+    ):
+        body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+        assert "**How to read.**" in body, section
+    assert "cannot tell the operator from exactly linear transport" in text
     assert "single_8" in text and "early" in text  # per position set table
+    assert "| L05_k1 | single_8 | 60 |" in text
 
 
 def test_missing_inputs_are_reported(reported):
@@ -287,9 +366,31 @@ def test_plot_csvs(reported):
     assert math.isclose(float(by["L05_k1"]["r2"]), fake_metrics(5, 1)["r2"])
     assert by["L10_k2"]["r2"] == "" and by["L04_k2"]["causal_ato_delta"] == ""
     assert math.isclose(float(by["L11_k1"]["causal_ato_delta"]), fake_causal(11, 1)["ato_delta_after"])
+    causal, m = fake_causal(11, 1), fake_metrics(11, 1)
+    for column, key in (
+        ("causal_ato_delta_half_width", "ato_delta_after_half_width"),
+        ("causal_train_mean_delta_hi", "train_mean_delta_after_hi"),
+        ("causal_recovered", "recovered_vs_train_mean_after"),
+        ("causal_recovered_vs_zero", "recovered_vs_zero_after"),
+        ("causal_recovered_vs_identity_lo", "recovered_vs_identity_after_lo"),
+    ):
+        assert math.isclose(float(by["L11_k1"][column]), causal[key]), column
+    for key in ("eta_expected", "eta_ratio", "heldout_subspace_size_null", "heldout_pr_excess", "n_val_tokens"):
+        assert math.isclose(float(by["L11_k1"][key]), m[key]), key
+    assert by["L05_k1"]["alpha_immaterial"] == "1.0" and by["L11_k1"]["alpha_immaterial"] == "0.0"
+    assert by["L09_k3"]["causal_recovered"] == ""  # undefined share
     with open(plots / "efficiency_k2.csv") as fh:
         eff = list(csv.DictReader(fh))
-    assert list(eff[0]) == ["rank", "log10_rank", "eta_rrr_test_L04", "ceiling_L04", "eta_rrr_test_L10", "ceiling_L10"]
+    assert list(eff[0]) == [
+        "rank",
+        "log10_rank",
+        "eta_rrr_test_L04",
+        "eta_rrr_test_shift_removed_L04",
+        "ceiling_L04",
+        "eta_rrr_test_L10",
+        "eta_rrr_test_shift_removed_L10",
+        "ceiling_L10",
+    ]
     assert [int(r["rank"]) for r in eff] == rank_grid(D_MODEL, 24)
     assert all(r["eta_rrr_test_L10"] == "" for r in eff)  # L10_k2's efficiency.csv is missing
     assert math.isclose(float(eff[0]["ceiling_L04"]), fake_efficiency(4, 2)["ceiling"][0])
@@ -320,6 +421,14 @@ def test_logged_to_the_parent_run(reported):
     run = client.get_run(run_id)
     assert run.data.tags.get("ato.stage.report") == "done"
     assert run.data.metrics["report_missing_inputs"] == 3
+    # every pair's headline numbers beside their references and nulls
+    logged_metrics, m, causal = run.data.metrics, fake_metrics(5, 1), fake_causal(5, 1)
+    for key in ("r2", "identity_r2", "eta_expected", "eta_expected_std", "eta_ratio", "heldout_subspace_size_null"):
+        assert math.isclose(logged_metrics[f"L05_k1/{key}"], m[key]), key
+    for key in ("recovered_vs_train_mean_after", "recovered_vs_zero_after_lo", "ato_delta_after_half_width"):
+        assert math.isclose(logged_metrics[f"L05_k1/causal_{key}"], causal[key]), key
+    assert logged_metrics["L05_k1/alpha_immaterial"] == 1.0 and logged_metrics["L05_k1/causal_n_sequences"] == 32
+    assert "L10_k2/r2" not in logged_metrics and "L04_k2/causal_ato_delta_after" not in logged_metrics
 
 
 def test_nothing_there_yet(tmp_path, monkeypatch):
@@ -360,7 +469,7 @@ def test_unreadable_input_names_the_file(tmp_path, monkeypatch):
 def test_rank_value_picks_the_largest_swept_rank_below():
     from ato.reporting import rank_value
 
-    eff = EfficiencyTable(*([np.array([1.0, 2, 4, 8]), np.array([0.1, 0.2, 0.4, 0.8])] + [np.zeros(4)] * 4))
+    eff = EfficiencyTable(*([np.array([1.0, 2, 4, 8]), np.array([0.1, 0.2, 0.4, 0.8])] + [np.zeros(4)] * 6))
     assert rank_value(eff, "ceiling", 5) == (0.4, 4)
     assert rank_value(eff, "ceiling", 8) == (0.8, 8)
     assert rank_value(eff, "ceiling", 100) == (0.8, 8)
@@ -384,7 +493,7 @@ def test_records_round_trip_the_files_keys_and_values(tmp_path):
     metrics = {**fake_metrics(5, 1), "transported_fraction": float("nan")}
     record = PairMetrics.from_dict(metrics)
     assert record.ato.r2 == metrics["r2"] and record.identity.feature_r2_median == 0.21
-    assert record.sweep["eta_rrr_test"][640] == 0.95
+    assert record.eta_expected == metrics["eta_expected"] and record.heldout_pr_null == metrics["heldout_pr_null"]
     record.write(tmp_path / "m.json")
     written = json.loads((tmp_path / "m.json").read_text())
     assert written == {k: v for k, v in metrics.items() if k != "transported_fraction"}  # NaN left out

@@ -217,7 +217,7 @@ class CausalParams:
     seq_len: int = 64
     batch_size: int = 8
     position_sets: dict[str, list[int] | Literal["all"]] = field(
-        default_factory=lambda: {"all": "all", "early": [1, 2, 3, 4], "late": [40, 48, 56, 62], "single_48": [48]}
+        default_factory=lambda: {"all": "all", "late": [40, 48, 56, 62], "single_48": [48]}
     )
     bootstrap_resamples: int = 2000
     interval: Literal["studentized_hull", "studentized", "t", "bca", "percentile"] = "studentized_hull"  # over

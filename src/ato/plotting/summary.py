@@ -1,5 +1,6 @@
-"""Figures of `ato report` that compare pairs: headline heatmaps over (L, k), η(r) and ceiling(r)
-per k, causal Δ with CIs per pair, and the α → validation R² curves."""
+"""Figures of `ato report` that compare pairs: headline heatmaps over (L, k) (η beside its linear
+reference, held-out subspace size beside its null), η(r) and ceiling(r) per k, causal Δ and recovered
+share against each reference with intervals per pair, and the α → validation R² curves."""
 
 from __future__ import annotations
 
@@ -16,15 +17,32 @@ from ato.reporting.results import PairResults, headline_sets
 
 from . import CONDITION_COLOURS, CONDITION_LABELS, CONDITIONS, pyplot, save_figure
 
-# (title, kind, value): kind "r2" → shared −1..1 scale, "size" → 0..max
-HEATMAPS: tuple[tuple[str, str, Callable[[PairMetrics], float]], ...] = (
-    ("residual R² of the ATO (test)", "r2", lambda m: m.ato.r2),
-    ("feature-space R², median (test)", "r2", lambda m: m.ato.feature_r2_median),
-    ("transported fraction of judged features", "r2", lambda m: m.transported_fraction),
-    ("transport efficiency η = R²_w / ceiling (test)", "r2", lambda m: m.eta_test),
-    ("transport subspace size (rank)", "size", lambda m: m.subspace_size),
+
+def _transported_note(m: PairMetrics) -> str:
+    judged = m.n_transported + m.n_synthesised
+    return f"{fmt_int(m.n_transported)}/{fmt_int(judged)}" if math.isfinite(judged) else ""
+
+
+def _eta_note(m: PairMetrics) -> str:
+    return f"ratio {fmt(m.eta_ratio, '.3f')}" if math.isfinite(m.eta_ratio) else ""
+
+
+def _size_note(m: PairMetrics) -> str:
+    if not math.isfinite(m.heldout_subspace_size_null):
+        return ""
+    sd = f"±{m.heldout_subspace_size_null_std:.0f}" if math.isfinite(m.heldout_subspace_size_null_std) else ""
+    return f"null {m.heldout_subspace_size_null:.0f}{sd}"
+
+
+Note = Callable[[PairMetrics], str] | None
+# (title, kind, value, note under the value): kind "r2" → shared −1..1 scale, "size" → 0..max
+HEATMAPS: tuple[tuple[str, str, Callable[[PairMetrics], float], Note], ...] = (
+    ("residual R² of the ATO (test)", "r2", lambda m: m.ato.r2, None),
+    ("feature-space R², median (test)", "r2", lambda m: m.ato.feature_r2_median, None),
+    ("transported fraction (transported/judged)", "r2", lambda m: m.transported_fraction, _transported_note),
+    ("η(test) = R²_w / ceiling; ratio to an exactly linear map's η", "r2", lambda m: m.eta_test, _eta_note),
+    ("held-out subspace size (rank); null mean ± sd", "size", lambda m: m.heldout_subspace_size, _size_note),
 )
-TRANSPORTED_PANEL = 2  # the heatmap whose cells also show transported / judged counts
 
 
 def _layer_colours(results: list[PairResults]) -> dict[int, Any]:
@@ -52,11 +70,11 @@ def plot_heatmaps(path: Path, results: list[PairResults], dpi: int) -> Path:
     nrows = math.ceil(len(HEATMAPS) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * panel_w, nrows * panel_h), squeeze=False)
     flat = axes.ravel()
-    for index, (ax, (title, kind, value)) in enumerate(zip(flat, HEATMAPS)):
+    for ax, (title, kind, value, note) in zip(flat, HEATMAPS):
         grid = np.full((len(ks), len(Ls)), np.nan)
         for (L, k), res in by_lk.items():
             grid[ks.index(k), Ls.index(L)] = value(res.m)
-        _heatmap_panel(fig, ax, grid, kind, title, Ls, ks, by_lk, with_counts=index == TRANSPORTED_PANEL)
+        _heatmap_panel(fig, ax, grid, kind, title, Ls, ks, by_lk, note)
     for ax in flat[len(HEATMAPS) :]:
         ax.axis("off")
     fig.legend(
@@ -83,7 +101,7 @@ def _heatmap_panel(
     Ls: list[int],
     ks: list[int],
     by_lk: dict[tuple[int, int], PairResults],
-    with_counts: bool,
+    note: Note,
 ) -> None:
     import matplotlib
 
@@ -99,7 +117,7 @@ def _heatmap_panel(
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
     for i, k in enumerate(ks):
         for j, L in enumerate(Ls):
-            _heatmap_cell(ax, i, j, grid[i, j], by_lk.get((L, k)), spec, cmap(norm(grid[i, j])), with_counts)
+            _heatmap_cell(ax, i, j, grid[i, j], by_lk.get((L, k)), spec, cmap(norm(grid[i, j])), note)
     ax.set_xticks(range(len(Ls)), [str(L) for L in Ls])
     ax.set_yticks(range(len(ks)), [str(k) for k in ks])
     ax.set_xlabel("L (upstream layer)")
@@ -114,9 +132,7 @@ def _heatmap_panel(
     bar.set_label("rank" if kind == "size" else "", fontsize=8)
 
 
-def _heatmap_cell(
-    ax: Any, i: int, j: int, v: float, res: PairResults | None, spec: str, rgba: Any, with_counts: bool
-) -> None:
+def _heatmap_cell(ax: Any, i: int, j: int, v: float, res: PairResults | None, spec: str, rgba: Any, note: Note) -> None:
     from matplotlib.patches import Rectangle
 
     if res is None:  # not a configured pair
@@ -136,10 +152,9 @@ def _heatmap_cell(
         )
         return
     text = format(v, spec)
-    if with_counts:
-        judged = res.m.n_transported + res.m.n_synthesised
-        if math.isfinite(judged):
-            text += f"\n{fmt_int(res.m.n_transported)}/{fmt_int(judged)}"
+    extra = note(res.m) if note is not None else ""
+    if extra:
+        text += f"\n{extra}"
     r, g, b, _ = rgba
     light = 0.299 * r + 0.587 * g + 0.114 * b > 0.55
     ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if light else "white")
@@ -150,7 +165,8 @@ def _heatmap_cell(
 
 
 def plot_efficiency(path: Path, results: list[PairResults], subspace_fraction: float, dpi: int) -> Path:
-    """Per k: η(r) (reduced-rank map solid, SVD truncation dashed; test) above ceiling(r) (train)."""
+    """Per k: η(r) (reduced-rank map solid, the same without the mean shift dotted, SVD truncation dashed;
+    test) above ceiling(r) (train) with the held-out subspace size (dotted) beside its null (dash-dot)."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
@@ -167,11 +183,13 @@ def plot_efficiency(path: Path, results: list[PairResults], subspace_fraction: f
         ax_ceil.set_title(f"k = {k}: CCA ceiling (train){note}", fontsize=10)
         style = [
             Line2D([], [], color="grey", ls="-", lw=1.8, label="reduced-rank map"),
+            Line2D([], [], color="grey", ls=":", lw=1.2, label="reduced-rank map, mean shift removed"),
             Line2D([], [], color="grey", ls="--", lw=1.1, label="SVD truncation of the ATO"),
         ]
         ax_eta.legend(handles=handles + style, fontsize=7, loc="best")
         ceil_handles = handles + [
-            Line2D([], [], color="grey", ls=":", lw=1.2, label=f"subspace size ({subspace_fraction:.0%} of ceiling(d))")
+            Line2D([], [], color="grey", ls=":", lw=1.2, label=f"held-out subspace size ({subspace_fraction:.0%})"),
+            Line2D([], [], color="grey", ls="-.", lw=0.9, alpha=0.6, label="its null (independent x, y)"),
         ]
         ax_ceil.legend(handles=ceil_handles, fontsize=7, loc="upper left")
         for ax in (ax_eta, ax_ceil):
@@ -200,12 +218,17 @@ def _efficiency_lines(
             absent.append(res.name)
             continue
         ax_eta.plot(eff.rank, eff.eta_rrr_test, "-", color=colour, marker="o", ms=3, lw=1.8)
+        ax_eta.plot(eff.rank, eff.eta_rrr_test_shift_removed, ":", color=colour, lw=1.2)
         ax_eta.plot(eff.rank, eff.eta_svd_test, "--", color=colour, lw=1.1, alpha=0.85)
         ax_ceil.plot(eff.rank, eff.ceiling, "-", color=colour, marker="o", ms=3, lw=1.8)
-        size = res.m.subspace_size
-        if math.isfinite(size):
-            ax_ceil.axvline(size, color=colour, ls=":", lw=1.2)
-        finite = np.concatenate([c[np.isfinite(c)] for c in (eff.eta_rrr_test, eff.eta_svd_test)])
+        for size, ls, kw in (
+            (res.m.heldout_subspace_size, ":", {"lw": 1.2}),
+            (res.m.heldout_subspace_size_null, "-.", {"lw": 0.9, "alpha": 0.6}),
+        ):
+            if math.isfinite(size) and size > 0:
+                ax_ceil.axvline(size, color=colour, ls=ls, **kw)
+        curves = (eff.eta_rrr_test, eff.eta_rrr_test_shift_removed, eff.eta_svd_test)
+        finite = np.concatenate([c[np.isfinite(c)] for c in curves])
         low = min(low, float(finite.min())) if finite.size else low
         label = f"L={res.pair.L} → {res.pair.target}"
         handles.append(Line2D([], [], color=colour, marker="o", ms=3, lw=1.8, label=label))
@@ -221,7 +244,8 @@ def _efficiency_lines(
 
 
 def plot_causal(path: Path, results: list[PairResults], scope: str, dpi: int) -> Path:
-    """Grouped bars: Δ log-ppl vs clean per pair and condition (95 % CIs); damage recovered per pair."""
+    """Grouped bars: Δ log-ppl vs clean per pair and condition (95 % intervals); damage recovered per pair
+    against mean ablation (the headline reference), zero ablation and identity, with intervals."""
     plt = pyplot()
     n = len(results)
     w_bars, w_rec = min(16.0, max(7.0, 1.25 * n + 2.5)), min(7.0, max(3.5, 0.45 * n + 2))
@@ -291,34 +315,41 @@ def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
     )
 
 
+# recovered-share panel: reference → (colour, legend label); the headline reference is drawn first, large
+REFERENCE_STYLE = {
+    "train_mean": (CONDITION_COLOURS["train_mean"], "vs mean ablation ȳ_train"),
+    "zero": (CONDITION_COLOURS["zero"], "vs zero ablation"),
+    "identity": (CONDITION_COLOURS["identity"], "vs identity x_L"),
+}
+
+
 def _recovered_points(ax_rec: Any, results: list[PairResults], scope: str) -> None:
+    """Recovered share per pair vs each reference, 95 % intervals: the headline reference (mean ablation
+    by default) large and labelled, zero ablation and identity small beside it."""
     n = len(results)
     x = np.arange(n)
-    rec = np.array([res.recovered(scope) for res in results])
-    ok = np.isfinite(rec[:, 0])
-    lo = np.where(np.isfinite(rec[:, 1]), rec[:, 1], rec[:, 0])
-    hi = np.where(np.isfinite(rec[:, 2]), rec[:, 2], rec[:, 0])
-    ax_rec.errorbar(
-        x[ok],
-        100 * rec[ok, 0],
-        yerr=100 * np.vstack([np.clip(rec[ok, 0] - lo[ok], 0, None), np.clip(hi[ok] - rec[ok, 0], 0, None)]),
-        fmt="o",
-        color=CONDITION_COLOURS["ato"],
-        capsize=4,
-        ms=6,
-    )
-    for i in np.flatnonzero(ok) if n <= 8 else []:  # labels would collide beyond a few pairs
-        ax_rec.annotate(
-            f"{100 * rec[i, 0]:.1f}%",
-            (x[i], 100 * rec[i, 0]),
-            textcoords="offset points",
-            xytext=(7, 0),
-            va="center",
-            fontsize=7,
+    heads = {res.headline_reference for res in results if res.headline_reference is not None}
+    head = heads.pop() if len(heads) == 1 else "train_mean"
+    refs = [head, *(r for r in REFERENCE_STYLE if r != head)]
+    for j, ref in enumerate(refs):
+        rec = np.array([res.recovered(scope, ref) for res in results])
+        ok = np.isfinite(rec[:, 0])
+        lo = np.where(np.isfinite(rec[:, 1]), rec[:, 1], rec[:, 0])
+        hi = np.where(np.isfinite(rec[:, 2]), rec[:, 2], rec[:, 0])
+        colour, label = REFERENCE_STYLE[ref]
+        ax_rec.errorbar(
+            x[ok] + (0.0 if j == 0 else 0.16 * (2 * j - 3)),
+            100 * rec[ok, 0],
+            yerr=100 * np.vstack([np.clip(rec[ok, 0] - lo[ok], 0, None), np.clip(hi[ok] - rec[ok, 0], 0, None)]),
+            fmt="o" if j == 0 else "s",
+            color=colour,
+            capsize=4 if j == 0 else 2,
+            ms=7 if j == 0 else 4,
+            alpha=1.0 if j == 0 else 0.7,
+            label=label + (" (headline)" if j == 0 else ""),
         )
-    for i in np.flatnonzero(~ok):  # no causal output, or Δ(zero) = 0 makes the share undefined
-        label = "causal\nmissing" if results[i].causal is None else "undefined"
-        ax_rec.text(x[i], 50, label, ha="center", va="center", fontsize=8, color="#b22222")
+        if j == 0:
+            _recovered_labels(ax_rec, x, rec, ok, results)
     ax_rec.axhline(100, color="black", lw=0.8, ls="--")
     ax_rec.axhline(0, color="black", lw=0.8)
     ax_rec.set_xticks(
@@ -328,9 +359,26 @@ def _recovered_points(ax_rec: Any, results: list[PairResults], scope: str) -> No
         ha="center" if n > 8 or n <= 3 else "right",
     )
     ax_rec.set_xlim(-0.6, n - 0.4)
-    ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(zero)\n95% CI")
+    ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(reference)\n95% interval")
     ax_rec.set_title("Damage recovered by the ATO", fontsize=10)
+    ax_rec.legend(fontsize=7, loc="lower left")
     ax_rec.grid(axis="y", alpha=0.3)
+
+
+def _recovered_labels(ax_rec: Any, x: np.ndarray, rec: np.ndarray, ok: np.ndarray, results: list[PairResults]) -> None:
+    """Values of the headline share beside its points; why a share is missing where it is."""
+    for i in np.flatnonzero(ok) if len(x) <= 8 else []:  # labels would collide beyond a few pairs
+        ax_rec.annotate(
+            f"{100 * rec[i, 0]:.1f}%",
+            (x[i], 100 * rec[i, 0]),
+            textcoords="offset points",
+            xytext=(7, 0),
+            va="center",
+            fontsize=7,
+        )
+    for i in np.flatnonzero(~ok):  # no causal output, or a reference without damage makes the share undefined
+        label = "causal\nmissing" if results[i].causal is None else "undefined"
+        ax_rec.text(x[i], 50, label, ha="center", va="center", fontsize=8, color="#b22222")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +445,11 @@ def _alpha_curves(ax: Any, ax_zoom: Any, results: list[PairResults]) -> tuple[li
         a, v = np.array(pts).T
         low = min(low, float(v.min()))
         alpha, best = res.tuning.alpha, res.tuning.val_r2
-        ax.plot(a, v, style, color=colour, lw=1.6, label=f"{res.name}: α = {fmt(alpha, '.3g')}, val R² = {fmt(best)}")
+        verdict = (
+            " (edge!)" if res.tuning.alpha_edge_warning else " (immaterial)" if res.tuning.alpha_immaterial else ""
+        )
+        label = f"{res.name}: α = {fmt(alpha, '.3g')}{verdict}, val R² = {fmt(best)}"
+        ax.plot(a, v, style, color=colour, lw=1.6, label=label)
         ref = best if math.isfinite(best) else float(v.max())
         ax_zoom.plot(a, v - ref, style, color=colour, lw=1.6)
         gaps += [float((v - ref).min()), float((v - ref).max())]

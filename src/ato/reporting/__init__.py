@@ -4,12 +4,13 @@ markdown of summary.md (`markdown`) and the CSVs for `dvc plots` (`plot_tables`)
 
 from .markdown import SummarySettings, render_summary
 from .plot_tables import write_plot_csvs
-from .results import MissingInput, PairResults, load_pair, rank_value
+from .results import MissingInput, PairResults, headline_metrics, load_pair, rank_value
 
 __all__ = [
     "MissingInput",
     "PairResults",
     "SummarySettings",
+    "headline_metrics",
     "load_pair",
     "rank_value",
     "render_summary",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ato.artifacts import Layout
+from ato.artifacts.causal import REFERENCES, RecoveredShare
 from ato.params import EvaluateParams, Params, ReportParams
 from ato.plotting import CONDITION_LABELS, CONDITIONS
 
@@ -16,9 +17,9 @@ from .results import PairResults, headline_sets, rank_value
 DASH = "—"
 PAIR_FIGURES = ("efficiency", "feature_r2", "dim_r2", "causal")  # per-pair figures of evaluate and causal
 CAPTIONS = {
-    "heatmaps": "Headline scores over (L, k)",
-    "efficiency": "Transport efficiency η(r) and CCA ceiling(r) per k",
-    "causal": "Causal check: Δ log-perplexity and damage recovered",
+    "heatmaps": "Headline scores over (L, k), η and held-out subspace size beside their references",
+    "efficiency": "Transport efficiency η(r) and CCA ceiling(r) per k, held-out subspace size beside its null",
+    "causal": "Causal check: Δ log-perplexity and damage recovered vs mean ablation, with 95 % intervals",
     "alpha": "Ridge penalty α → validation R²",
 }
 
@@ -63,6 +64,31 @@ def fmt_ci(m: float, lo: float, hi: float, spec: str = "+.4f") -> str:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return format(m, spec)
     return f"{format(m, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
+
+
+def fmt_ci_hw(m: float, lo: float, hi: float, half_width: float, spec: str = "+.4f") -> str:
+    """Δ [lo, hi] ± half-width."""
+    text = fmt_ci(m, lo, hi, spec)
+    hw = _as_float(half_width)
+    return text + f" ±{hw:.4f}" if text != DASH and math.isfinite(hw) else text
+
+
+def fmt_pm(mean: Any, sd: Any, spec: str = ".4f") -> str:
+    """mean ± sd (the sd left out where unknown)."""
+    text, sd = fmt(mean, spec), _as_float(sd)
+    return text + f" ± {format(sd, spec)}" if text != DASH and math.isfinite(sd) else text
+
+
+def fmt_share(share: RecoveredShare | None, scope: str) -> str:
+    """A recovered share: 81.2% [78.0%, 84.4%] ±3.2%, or its point with “interval unbounded”."""
+    if share is None:
+        return DASH
+    mean, lo, hi = share.triplet(scope)
+    if not math.isfinite(mean):
+        return DASH
+    if not getattr(share, f"{scope}_bounded"):
+        return f"{mean:.1%} (interval unbounded)"
+    return fmt_ci(mean, lo, hi, ".1%") + (f" ±{share.half_width(scope):.1%}" if math.isfinite(lo) else "")
 
 
 def _as_float(v: Any) -> float:
@@ -114,23 +140,34 @@ def render_summary(s: SummarySettings, results: list[PairResults], figures: dict
         _header(s, results),
         _missing(s, results),
         _residual(results),
+        _alpha(results),
         _features(s, results),
-        _ceiling(s, results),
+        _efficiency(s, results),
+        _subspace(s, results),
         _causal(s, results),
         _figures(s, results, figures),
     )
     return "\n".join(line for section in sections for line in section)
 
 
+def _how_to_read(*sentences: str) -> list[str]:
+    return ["**How to read.** " + " ".join(sentences), ""]
+
+
 def _header(s: SummarySettings, results: list[PairResults]) -> list[str]:
-    n_test = {v for v in (res.m.n_test_tokens for res in results) if math.isfinite(v)}
+    def sizes(attr: str) -> str:
+        values = sorted({v for v in (getattr(res.m, attr) for res in results) if math.isfinite(v)})
+        return ", ".join(fmt_int(v) for v in values) or DASH
+
     return [
         "# ato — summary of the transport operators",
         "",
         f"Model: {s.model}. Pairs: {len(results)} ({', '.join(r.name for r in results)}). "
         "Every score is on the held-out **test** split unless marked otherwise; BOS/special tokens are "
-        f"{'included' if s.include_bos else 'excluded'} (`stats.include_bos`). "
-        + (f"Test tokens per pair: {', '.join(fmt_int(v) for v in sorted(n_test))}." if n_test else ""),
+        f"{'included' if s.include_bos else 'excluded'} (`stats.include_bos`). Tokens per pair: "
+        f"train {sizes('n_train_tokens')}, validation {sizes('n_val_tokens')}, test {sizes('n_test_tokens')}. "
+        "Every headline number stands beside its reference or null; each section ends with how to read it "
+        "(docs/statistics.md).",
         "",
     ]
 
@@ -192,6 +229,13 @@ def _residual(results: list[PairResults]) -> list[str]:
             rows,
         ),
         "",
+        *_how_to_read(
+            "R² ATO well above identity and train mean says the layers change the residual in a way a linear map "
+            "of x_L predicts; R² ATO ≈ OLS says the ridge penalty plays no part. 1 − R² is an upper bound on "
+            "what is *not* linear in x_L, not a measure of non-linear computation: it also holds what the "
+            "blocks read from other positions (attention) and what no function of x_L predicts. A low R² "
+            "alone is therefore no evidence of non-linear computation.",
+        ),
     ]
 
 
@@ -241,55 +285,237 @@ def _features(s: SummarySettings, results: list[PairResults]) -> list[str]:
             rows,
         ),
         "",
+        *_how_to_read(
+            "Compare each median with the identity's: the share of features the ATO transports beyond copying "
+            "x_L is what the layers add linearly. A *synthesised* feature is one the linear map does not "
+            "reconstruct at this threshold, which makes it a candidate for non-linear computation (or for "
+            "information from other positions), not evidence of it.",
+        ),
     ]
 
 
-def _ceiling(s: SummarySettings, results: list[PairResults]) -> list[str]:
+def _alpha(results: list[PairResults]) -> list[str]:
+    rows, n_val = [], set()
+    for res in results:
+        t = res.tuning
+        if t is None:
+            rows.append([res.name, *[DASH] * 7])
+            continue
+        n_val.add(t.n_val)
+        if t.alpha_edge_warning:
+            verdict = f"edge: {t.alpha_edge_warning}"
+        elif t.alpha_immaterial:
+            verdict = f"α immaterial at n_val = {t.n_val}"
+        else:
+            verdict = f"α matters at n_val = {t.n_val} (gain > noise)"
+        rows.append(
+            [
+                res.name,
+                fmt(t.alpha, ".3g"),
+                t.objective,
+                fmt(t.val_r2),
+                fmt(t.alpha_flatness, ".2e"),
+                fmt(t.alpha_gain, ".2e"),
+                fmt(t.val_r2_noise, ".2e"),
+                verdict,
+            ]
+        )
+    return [
+        "## Ridge penalty α",
+        "",
+        "The α → validation R² curve of `ato tune`: flatness = max − min of the curve over the searched range; "
+        "gain = best R² − R² at the smallest α searched (≈ OLS); noise = standard error of the best validation "
+        "R² at n_val tokens, (1 − R²)·√(2/n_val). α is *immaterial* when the gain is below the noise; an edge "
+        "warning means the best α lies within one grid step of the searched range's end."
+        + (f" n_val: {', '.join(str(n) for n in sorted(n_val))}." if n_val else ""),
+        "",
+        md_table(["pair", "chosen α", "objective", "val R²", "flatness", "gain", "noise", "verdict"], rows),
+        "",
+        *_how_to_read(
+            "When α is immaterial, the chosen value is noise and the operator is in effect OLS (which is what "
+            "η's linear reference assumes); differences between pairs' α mean nothing. An edge warning means "
+            "the searched range should be widened before the α is quoted. α says nothing about non-linear "
+            "computation either way.",
+        ),
+    ]
+
+
+def _efficiency(s: SummarySettings, results: list[PairResults]) -> list[str]:
+    rows = []
+    for res in results:
+        m = res.m
+        z = (m.eta_test - m.eta_expected) / m.eta_expected_std if m.eta_expected_std > 0 else math.nan
+        rows.append(
+            [
+                res.name,
+                fmt(m.ceiling_full),
+                fmt(m.eta_test),
+                fmt_pm(m.eta_expected, m.eta_expected_std),
+                fmt(m.eta_ratio),
+                fmt(z, "+.1f"),
+                fmt(m.eta_train),
+            ]
+        )
     ceil_headers = _rank_headers(results, s.report.ranks, "ceiling")
     eta_headers = _rank_headers(results, s.report.ranks, "eta_rrr_test")
+    shift_headers = _rank_headers(results, s.report.ranks, "eta_rrr_test_shift_removed")
+    rank_rows = [
+        [
+            res.name,
+            *[_rank_cell(res, "ceiling", r, label) for r, label in ceil_headers],
+            *[_rank_cell(res, "eta_rrr_test", r, label) for r, label in eta_headers],
+            *[_rank_cell(res, "eta_rrr_test_shift_removed", r, label) for r, label in shift_headers],
+        ]
+        for res in results
+    ]
+    return [
+        "## CCA ceiling and transport efficiency η, beside the η of an exactly linear map",
+        "",
+        "ceiling(r) = (1/d) Σ ρ_i² over the r largest canonical correlations (train, pseudo-inverse whitening: "
+        "a true in-sample bound) is the most whitened variance any rank-r affine map of x_L explains. "
+        "η = whitened R² / ceiling(d) of the ATO. The ceiling is in sample and η(test) out of sample, so even "
+        "an exactly linear map loses η: η expected is that map's η(test) at this n, d and ρ (analytic; ± its "
+        "spread by simulation), ratio = η(test)/η expected, z = (η(test) − η expected)/sd.",
+        "",
+        md_table(
+            ["pair", "ceiling(d)", "η ATO (test)", "η expected (linear)", "ratio", "z", "η ATO (train)"],
+            rows,
+        ),
+        "",
+        "Per rank (`report.ranks` → the largest swept rank ≤ r): ceiling(r); η_RRR(r) of the reduced-rank "
+        "regression map on test, raw and with the train→test mean shift removed, "
+        "(R²_w(r) − R²_w(0)) / ceiling(r) (the raw value is dominated by the shift at small r).",
+        "",
+        md_table(
+            [
+                "pair",
+                *[f"ceiling({label})" for _, label in ceil_headers],
+                *[f"η_RRR({label})" for _, label in eta_headers],
+                *[f"η_RRR({label}) shift removed" for _, label in shift_headers],
+            ],
+            rank_rows,
+        ),
+        "",
+        *_how_to_read(
+            "A ratio within about 2 sd of 1 (|z| ≲ 2) means the data cannot tell the operator from exactly "
+            "linear transport at this sample size, however far η is from 1. A ratio clearly below 1 (z ≪ −2) "
+            "means the fitted map falls short of what a linear map reaches here. Non-linear computation, if "
+            "any, sits in 1 − ceiling(d), the whitened variance no linear map of x_L reaches, and that share "
+            "also holds what comes from other positions.",
+        ),
+    ]
+
+
+def _subspace(s: SummarySettings, results: list[PairResults]) -> list[str]:
     rows = []
     for res in results:
         m = res.m
         rows.append(
             [
                 res.name,
-                fmt(m.ceiling_full),
-                *[_rank_cell(res, "ceiling", r, label) for r, label in ceil_headers],
-                fmt(m.eta_test),
-                fmt(m.eta_train),
-                *[_rank_cell(res, "eta_rrr_test", r, label) for r, label in eta_headers],
-                fmt_int(m.subspace_size),
+                fmt_int(m.heldout_subspace_size),
+                fmt_pm(m.heldout_subspace_size_null, m.heldout_subspace_size_null_std, ".1f"),
+                fmt(m.heldout_subspace_size_excess, "+.1f"),
+                fmt(m.heldout_pr, ".1f"),
+                fmt_pm(m.heldout_pr_null, m.heldout_pr_null_std, ".1f"),
+                fmt(m.heldout_pr_excess, "+.1f"),
                 fmt(m.participation_ratio, ".1f"),
+                fmt(m.participation_ratio_null, ".1f"),
+                fmt_int(m.subspace_size),
+                fmt(m.subspace_size_null, ".1f"),
             ]
         )
     return [
-        "## CCA ceiling, transport efficiency and subspace size",
+        "## Subspace size against its null",
         "",
-        "ceiling(r) = (1/d) Σ ρ_i² over the r largest canonical correlations bounds the whitened R² of any "
-        "rank-r affine map (train statistics). η = whitened R² / ceiling: for the ATO itself at full rank, "
-        "and for the reduced-rank-regression map at rank r (η_RRR, test). Subspace size = smallest r with "
-        f"ceiling(r) ≥ {s.evaluate.subspace_fraction:.0%} of ceiling(d) (`evaluate.subspace_fraction`); PR = "
-        "participation ratio (Σρ)²/Σρ² of the canonical correlations. Ranks: `report.ranks` → the "
-        "largest swept rank ≤ r.",
+        "Canonical directions from train, canonical correlations ρ measured on test (held out). Subspace "
+        f"size = smallest r whose Σ_{{i≤r}} ρ⁺² reaches {s.evaluate.subspace_fraction:.0%} of the total "
+        "(`evaluate.subspace_fraction`); PR = participation ratio (Σρ⁺)²/Σρ⁺². Null = the same statistic for "
+        "independent x and y at the same n and d (Wishart simulation: mean ± sd); excess = observed − null "
+        "mean. In sample (train ρ) for comparison only: its null alone is ≈ 0.72·d at d/n = 0.01.",
         "",
         md_table(
             [
                 "pair",
-                "ceiling(d)",
-                *[f"ceiling({label})" for _, label in ceil_headers],
-                "η ATO (test)",
-                "η ATO (train)",
-                *[f"η_RRR({label})" for _, label in eta_headers],
-                "subspace size",
-                "PR",
+                "held-out size",
+                "null",
+                "excess",
+                "held-out PR",
+                "null",
+                "excess",
+                "in-sample PR",
+                "null",
+                "in-sample size",
+                "null",
             ],
             rows,
         ),
         "",
+        *_how_to_read(
+            "An excess within a few null sd of 0 means no more shared structure than independent x and y show at "
+            "this n and d. Once the excess is clearly positive, read the held-out size itself beside its null: "
+            "it counts the directions that carry transport, which is a statement about linear structure, not "
+            "about non-linear computation. Tokens of one sequence are correlated, so the true null is somewhat "
+            "higher than the one shown. The in-sample PR and size mostly measure the noise floor.",
+        ),
     ]
 
 
+REFERENCE_LABELS = {"train_mean": "mean ablation ȳ_train", "zero": "zero ablation", "identity": "identity x_L"}
+
+
+def _causal_references(results: list[PairResults]) -> list[str]:
+    """The headline reference first, then the others of REFERENCES."""
+    heads = {res.headline_reference for res in results if res.headline_reference is not None}
+    head = heads.pop() if len(heads) == 1 else "train_mean"
+    return [head, *(r for r in REFERENCES if r != head)]
+
+
 def _causal(s: SummarySettings, results: list[PairResults]) -> list[str]:
+    scope = s.report.causal_scope
+    refs = _causal_references(results)
+    delta_rows = [
+        [
+            res.name,
+            fmt(res.clean_logppl(scope)),
+            *[fmt_ci_hw(*res.causal_delta(c, scope), res.causal_half_width(c, scope)) for c in CONDITIONS],
+        ]
+        for res in results
+    ]
+    share_rows = [[res.name, *[fmt_share(res.recovered_share(r), scope) for r in refs]] for res in results]
+    out = [
+        "## Causal check (held-out test text)",
+        "",
+        *_causal_intro(s, results, refs[0]),
+        md_table(
+            ["pair", "clean log-ppl", *[f"Δ {CONDITION_LABELS[c].split('  ')[0]}" for c in CONDITIONS]],
+            delta_rows,
+        ),
+        "",
+        md_table(
+            [
+                "pair",
+                *[
+                    f"recovered vs {REFERENCE_LABELS[r]}" + (" (headline)" if i == 0 else "")
+                    for i, r in enumerate(refs)
+                ],
+            ],
+            share_rows,
+        ),
+        "",
+        *_how_to_read(
+            "Δ(ATO) with an interval above 0 is damage the linear map of x_L does not repair: computation it "
+            "does not carry, non-linear or read from other positions. A recovered share vs mean ablation whose "
+            "interval reaches 100 % means no lost computation is detectable with these sequences; the "
+            "half-width is the smallest effect they resolve. A share vs identity whose interval includes 0 means "
+            "the ATO repairs no more than copying x_L. Shares vs zero ablation flatter every patch (zeroing the "
+            "residual is worse than a uniform guess) and are shown for comparison only.",
+        ),
+    ]
+    return out + _causal_per_set(results, scope, refs[0])
+
+
+def _causal_intro(s: SummarySettings, results: list[PairResults], head: str) -> list[str]:
     scope = s.report.causal_scope
     scope_text = (
         "the predictions at or after the first patched position, the only ones a patch can change"
@@ -297,54 +523,47 @@ def _causal(s: SummarySettings, results: list[PairResults]) -> list[str]:
         else "every prediction of the sequence"
     )
     headline_text = ", ".join(f"`{n}`" for n in headline_sets(results)) or "`all`"
-    seqs = {(res.causal.n_sequences, res.causal.seq_len) for res in results if res.causal is not None}
-    seq_text = ", ".join(f"{n} sequences × {t} tokens" for n, t in sorted(seqs, key=str)) or "no causal output yet"
+    runs = {
+        (c.n_sequences, c.seq_len, c.interval_method, c.interval_level, c.interval_n_units, c.interval_resamples)
+        for c in (res.causal for res in results)
+        if c is not None
+    }
+    data_text = "; ".join(
+        f"{n} sequences × {t} tokens, {level:.0%} interval `{method}` over n = {units} sequences"
+        + (f" ({resamples} resamples)" if method != "t" else "")
+        for n, t, method, level, units, resamples in sorted(runs, key=str)
+    )
+    return [
+        "The residual after block L+k is overwritten with each condition's value at the patched positions; "
+        f"Δ = log-perplexity − clean log-perplexity (nats/token) over {scope_text} "
+        f"(`report.causal_scope: {scope}`), shown as Δ [95 % interval] ± half-width. Recovered vs a reference "
+        "= 1 − Δ(ATO)/Δ(reference), the share of that reference's damage the ATO repairs; headline reference: "
+        f"{REFERENCE_LABELS[head]} (`causal.headline_reference`). A share is “unbounded” when the reference's "
+        f"damage cannot be told from 0. Headline position set: {headline_text} (`all` = every non-BOS position). "
+        f"Data: {data_text or 'no causal output yet'}.",
+        "",
+    ]
+
+
+def _causal_per_set(results: list[PairResults], scope: str, head: str) -> list[str]:
     rows = [
-        [
-            res.name,
-            fmt(res.clean_logppl(scope)),
-            *[fmt_ci(*res.causal_delta(c, scope)) for c in CONDITIONS],
-            fmt_ci(*res.recovered(scope), spec=".1%"),
-        ]
-        for res in results
-    ]
-    out = [
-        "## Causal check (held-out test text)",
-        "",
-        "The residual after block L+k is overwritten with each condition's value at the patched "
-        f"positions; Δ = log-perplexity − clean log-perplexity (nats/token) over {scope_text} "
-        f"(`report.causal_scope: {scope}`), with a paired-bootstrap 95 % CI over sequences. "
-        "Recovered = 1 − Δ(ATO)/Δ(zero), the share of the zero-ablation damage the ATO repairs "
-        "(— where Δ(zero) is 0 and the share is undefined). "
-        f"Headline position set: {headline_text} (`all` = every non-BOS position). Data: {seq_text}.",
-        "",
-        md_table(
-            ["pair", "clean log-ppl", *[f"Δ {CONDITION_LABELS[c].split('  ')[0]}" for c in CONDITIONS], "recovered"],
-            rows,
-        ),
-        "",
-    ]
-    per_set = [
         [
             res.name,
             set_name,
             fmt_int(entry.n_patched_tokens),
-            fmt_ci(*entry.ato.delta(scope)),
-            fmt_ci(*entry.zero.delta(scope)),
-            fmt_ci(*entry.recovered.triplet(scope), spec=".1%"),
+            fmt_ci_hw(*entry.ato.delta(scope), entry.ato.half_width(scope)),
+            fmt_ci_hw(*entry.train_mean.delta(scope), entry.train_mean.half_width(scope)),
+            fmt_ci_hw(*entry.zero.delta(scope), entry.zero.half_width(scope)),
+            fmt_share(entry.recovered_vs(head), scope),
         ]
         for res in results
         if res.causal is not None
         for set_name, entry in res.causal.position_sets.items()
     ]
-    if per_set:
-        out += [
-            "Per position set (`causal.position_sets`):",
-            "",
-            md_table(["pair", "position set", "patched tokens", "Δ ATO", "Δ zero", "recovered"], per_set, n_left=2),
-            "",
-        ]
-    return out
+    if not rows:
+        return []
+    header = ["pair", "position set", "patched tokens", "Δ ATO", "Δ train mean", "Δ zero", f"recovered vs {head}"]
+    return ["Per position set (`causal.position_sets`):", "", md_table(header, rows, n_left=2), ""]
 
 
 def _figures(s: SummarySettings, results: list[PairResults], figures: dict[str, Path]) -> list[str]:

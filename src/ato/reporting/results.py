@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ato.artifacts import CausalSummary, EfficiencyTable, Layout, PairMetrics, PositionSetSummary, TuningResult
-from ato.artifacts.causal import Triplet
+from ato.artifacts.causal import PATCHED, REFERENCES, RecoveredShare, Triplet
 from ato.params import Pair
 
 NAN_TRIPLET: Triplet = (math.nan, math.nan, math.nan)
@@ -53,13 +53,54 @@ class PairResults:
         h = self.headline
         return NAN_TRIPLET if h is None else h.patched(condition).delta(scope)
 
-    def recovered(self, scope: str) -> Triplet:
+    def causal_half_width(self, condition: str, scope: str) -> float:
+        """95 % half-width of Δ(condition) on the headline position set."""
         h = self.headline
-        return NAN_TRIPLET if h is None else h.recovered.triplet(scope)
+        return math.nan if h is None else h.patched(condition).half_width(scope)
+
+    def recovered(self, scope: str, reference: str | None = None) -> Triplet:
+        """(share, lo, hi) of 1 − Δ(ato)/Δ(reference) on the headline set; the run's headline reference
+        (`causal.headline_reference`) when `reference` is None. lo/hi are NaN where the interval is unbounded."""
+        share = self.recovered_share(reference)
+        return NAN_TRIPLET if share is None else share.triplet(scope)
+
+    def recovered_share(self, reference: str | None = None) -> RecoveredShare | None:
+        h = self.headline
+        if h is None:
+            return None
+        return h.recovered if reference is None else h.recovered_vs(reference)
+
+    @property
+    def headline_reference(self) -> str | None:
+        return None if self.causal is None else self.causal.headline_reference
 
     def clean_logppl(self, scope: str) -> float:
         h = self.headline
         return math.nan if h is None else h.clean.logppl(scope)
+
+
+# PairMetrics values logged to the report's parent run besides its HEADLINE keys
+EXTRA_METRICS = ("alpha", "val_r2", "eta_train", "eta_expected_std", "subspace_size", "subspace_size_null")
+TUNING_METRICS = ("alpha_flatness", "alpha_gain", "val_r2_noise", "alpha_immaterial")
+
+
+def headline_metrics(res: PairResults, scope: str) -> dict[str, float]:
+    """One pair's headline numbers beside their references and nulls, for the parent MLflow run: the
+    metrics file's HEADLINE keys (+ EXTRA_METRICS), the α diagnostics, and the causal headline set's Δ of
+    every condition and recovered share against every reference (each with lo, hi, half-width) in `scope`.
+    Missing inputs give NaN (not logged)."""
+    flat = res.m.flat()
+    out = {key: flat[key] for key in (*PairMetrics.HEADLINE, *EXTRA_METRICS)}
+    for key in TUNING_METRICS:
+        out[key] = float(getattr(res.tuning, key)) if res.tuning is not None else math.nan
+    if res.causal is not None and res.causal.position_sets:
+        causal = res.causal.headline_metrics()
+        wanted = [f"clean_logppl_{scope}"]
+        for prefix in (*(f"{c}_delta" for c in PATCHED), "recovered", *(f"recovered_vs_{r}" for r in REFERENCES)):
+            wanted += [f"{prefix}_{scope}{s}" for s in ("", "_lo", "_hi", "_half_width")]
+        out |= {f"causal_{key}": causal[key] for key in wanted}
+        out["causal_n_sequences"] = float(res.causal.interval_n_units)
+    return out
 
 
 def load_pair(layout: Layout, name: str, pair: Pair) -> PairResults:

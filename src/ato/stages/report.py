@@ -8,9 +8,11 @@ but unreadable input is an error naming the file.
 
 Writes summary.md, figures/summary_{heatmaps, efficiency, causal, alpha}.png and
 plots/{summary, efficiency_k<k>, alpha}.csv under `paths.reports`, and logs them to the pipeline's
-parent MLflow run (`report/`). Params: `report.dpi`, `report.ranks` (ranks at which the tables quote
-η(r) and ceiling(r): the largest swept rank ≤ r), `report.causal_scope` (`after`: predictions at or
-after the first patched position, the only ones a patch can change; `all`: every prediction).
+parent MLflow run (`report/`) together with every pair's headline numbers beside their references and
+nulls as metrics `<pair>/<name>` (`ato.reporting.headline_metrics`). Params: `report.dpi`,
+`report.ranks` (ranks at which the tables quote η(r) and ceiling(r): the largest swept rank ≤ r),
+`report.causal_scope` (`after`: predictions at or after the first patched position, the only ones a
+patch can change; `all`: every prediction).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from ato.artifacts import Layout, write_text_atomic
 from ato.params import Params
 from ato.plotting.summary import plot_alpha, plot_causal, plot_efficiency, plot_heatmaps
-from ato.reporting import PairResults, SummarySettings, load_pair, render_summary, write_plot_csvs
+from ato.reporting import PairResults, SummarySettings, headline_metrics, load_pair, render_summary, write_plot_csvs
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,9 @@ def main(params: Params) -> Path:
     csvs = write_plot_csvs(layout.plots, results, rp.causal_scope)
     write_text_atomic(layout.summary, render_summary(SummarySettings.from_params(params), results, figures) + "\n")
     n_missing = sum(len(res.missing) for res in results)
-    _log_mlflow(params, [layout.summary, *figures.values(), *csvs], n_missing)
+    _log_mlflow(
+        params, [layout.summary, *figures.values(), *csvs], _parent_metrics(results, rp.causal_scope, n_missing)
+    )
     log.info(
         "report: %s (%d pairs, %d missing input file(s)); figures in %s",
         layout.summary,
@@ -55,12 +59,20 @@ def write_figures(layout: Layout, params: Params, results: list[PairResults]) ->
     }
 
 
-def _log_mlflow(params: Params, artifacts: list[Path], n_missing: int) -> None:
+def _parent_metrics(results: list[PairResults], scope: str, n_missing: int) -> dict[str, float]:
+    """`<pair>/<metric>` for every pair's headline numbers, references and nulls, and the missing-input count."""
+    out: dict[str, float] = {"report_missing_inputs": n_missing}
+    for res in results:
+        out |= {f"{res.name}/{key}": value for key, value in headline_metrics(res, scope).items()}
+    return out
+
+
+def _log_mlflow(params: Params, artifacts: list[Path], metrics: dict[str, float]) -> None:
     import mlflow
 
     from ato.tracking import log_flat_metrics, pipeline_run
 
     with pipeline_run(params, "report"):
-        log_flat_metrics({"report_missing_inputs": n_missing})
+        log_flat_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="report")
