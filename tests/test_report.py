@@ -327,7 +327,7 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
         "Residual-space R²",
         "Ridge penalty",
         "Feature space",
-        "transport efficiency η",
+        "CCA ceiling and transport efficiency η",
         "Subspace size",
         "Causal check",
     ):

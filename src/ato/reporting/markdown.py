@@ -562,7 +562,8 @@ def _causal_per_set(results: list[PairResults], scope: str, head: str) -> list[s
     ]
     if not rows:
         return []
-    header = ["pair", "position set", "patched tokens", "Δ ATO", "Δ train mean", "Δ zero", f"recovered vs {head}"]
+    header = ["pair", "position set", "patched tokens", "Δ ATO", "Δ train mean", "Δ zero"]
+    header.append(f"recovered vs {REFERENCE_LABELS[head]}")
     return ["Per position set (`causal.position_sets`):", "", md_table(header, rows, n_left=2), ""]
 
 
