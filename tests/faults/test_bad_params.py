@@ -4,7 +4,7 @@ Protections exercised:
 - `params.load_params` / `_build` / `_coerce` / `check_params`: unknown keys, wrong types, impossible
   values and an empty pair list are `ParamsError`s, and `cli.main` turns them into exit code 2 before
   it even imports the stage;
-- `params.check_depth`, called by `prepare` and `collect` right after the model is known: a pair or
+- `params.check_depth`, called by `collect` right after the model is known: a pair or
   layer beyond the model's depth stops the stage before any forward pass and before anything is written.
 """
 
@@ -130,15 +130,21 @@ def test_too_deep_for_the_model_stops_collect_before_any_forward_pass(fresh_proj
     assert not (fresh_project / "data").exists(), "collect wrote before the depth check"
 
 
-def test_too_deep_for_the_model_stops_prepare_before_writing(fresh_project, capsys):
+def test_pairs_do_not_concern_prepare_but_stop_collect_before_writing(fresh_project, capsys):
+    """prepare's output (the model copy) does not depend on `pairs`, so it neither reads nor checks them
+    (dvc.yaml does not rerun it when pairs change); collect, the first stage whose output does, refuses
+    a pair too deep for the model before any forward pass and before writing anything."""
+
     def edit(raw):
         raw["pairs"] = {"L01_k4": {"L": 1, "k": 4}}
         raw["prepare"] = {"source": str(fresh_project / "models" / "base")}
         raw["paths"] = {"model_dir": "models/prepared"}
 
     path = _write(fresh_project, edit)
-    assert cli_main(["prepare", "--params", path]) != 0
+    assert cli_main(["prepare", "--params", path]) == 0
+    assert (fresh_project / "models" / "prepared" / "ato_model.json").exists()
+    assert cli_main(["collect", "--params", path]) == 2
     err = capsys.readouterr().err
     assert "pairs.L01_k4" in err and "last layer 3" in err, err
-    assert not (fresh_project / "models" / "prepared").exists()
+    assert not (fresh_project / "data").exists()
     assert not list((fresh_project / "models").glob(".tmp-*"))

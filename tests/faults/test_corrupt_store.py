@@ -24,6 +24,7 @@ from ato.cli import main as cli_main
 from ato.params import load_params
 from ato.stages import stats
 from ato.store import StoreError, layer_key
+from dvc_truth import expand
 from store_factory import flip_byte, set_values, shard_file, truncate_file
 
 from .conftest import write_validation
@@ -132,9 +133,10 @@ def test_store_damaged_after_validation_is_refused(project):
 def test_dvc_runs_nothing_on_unvalidated_data():
     """dvc.yaml: every stage that reads the store for fitting depends on the validation report."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     report = "reports/validation/validation.json"
-    validate_outs = [next(iter(o)) if isinstance(o, dict) else o for o in dvc["validate"]["outs"]]
+    validate_outs = [expand(next(iter(o)) if isinstance(o, dict) else o, params) for o in dvc["validate"]["outs"]]
     assert report in validate_outs
     for stage in ("stats", "sae"):
-        deps = dvc[stage]["deps"]
+        deps = [expand(d, params) for d in dvc[stage]["deps"]]
         assert report in deps, f"dvc stage {stage} does not wait for validation"

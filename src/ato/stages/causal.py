@@ -54,8 +54,8 @@ def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
     from ato.models import load_prepared, resolve_device
 
     cp, layout = params.causal, Layout.from_params(params)
-    names = list(params.pairs) if pair is None else [pair]
-    _check_request(cp, names, list(params.pairs))
+    names = list(params.pairs) if pair is None else [pair]  # one pair: read only its entry (dvc.yaml)
+    _check_request(cp, names, names if pair is not None and pair in params.pairs else list(params.pairs))
     # Everything that can be wrong is checked before the first forward pass.
     masks = check_position_sets(cp.position_sets, cp.seq_len)
     store = ActivationStore.open(layout.store)

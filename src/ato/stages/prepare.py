@@ -10,7 +10,7 @@ import torch
 
 from ato.artifacts import Layout, ModelInfo, atomic_path
 from ato.models import EMBEDDED_MODEL_NAME, load_source, n_layers, save_local_copy, weights_digest
-from ato.params import Params, check_depth
+from ato.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,6 @@ def main(params: Params) -> Path:
     t0 = time.perf_counter()
     log.info("prepare: loading %r …", p.source)
     model, tokenizer = load_source(p.source, p.gguf_file, p.revision, getattr(torch, p.dtype))
-    check_depth(params, n_layers(model))
     with atomic_path(layout.model_dir) as tmp:  # the directory appears complete or not at all
         save_local_copy(model, tokenizer, tmp)
         info = ModelInfo(
