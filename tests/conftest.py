@@ -136,17 +136,17 @@ def random_text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def make_prepared_model(directory: Path, kind: str = "gemma3") -> Path:
-    """What `ato prepare` leaves behind, for a tiny random model."""
+def save_prepared(model, tokenizer, directory: Path, name: str) -> Path:
+    """What `ato prepare` leaves behind (weights, tokenizer, ato_model.json) for a given model."""
     from ato.artifacts import ModelInfo
     from ato.models import n_layers, weights_digest
 
-    model, tok = tiny_model(kind), tiny_tokenizer()
+    directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    tok.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     ModelInfo(
-        name=f"tiny-{kind}",
-        source=f"tiny-{kind}",
+        name=name,
+        source=name,
         model_type=model.config.model_type,
         architecture=type(model).__name__,
         n_layers=n_layers(model),
@@ -157,6 +157,11 @@ def make_prepared_model(directory: Path, kind: str = "gemma3") -> Path:
         bos_token_id=2,
     ).write(directory / "ato_model.json")
     return directory
+
+
+def make_prepared_model(directory: Path, kind: str = "gemma3") -> Path:
+    """What `ato prepare` leaves behind, for a tiny random model."""
+    return save_prepared(tiny_model(kind), tiny_tokenizer(), directory, f"tiny-{kind}")
 
 
 def make_corpus(path: Path, n_docs: int = 150, seed: int = 0) -> Path:

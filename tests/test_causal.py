@@ -18,7 +18,7 @@ from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layou
 from ato.artifacts.causal import CONDITIONS, PATCHED, REFERENCES, SCOPES
 from ato.errors import AtoError
 from ato.stages import causal, causal_reference
-from conftest import load_tiny_params, random_text, tiny_model, tiny_tokenizer
+from conftest import load_tiny_params, random_text, save_prepared, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,28 +35,6 @@ def one_thread():
 
 # --------------------------------------------------------------------------------------------
 # Helpers: a small but real project (store with captured residuals, stats, operators)
-
-
-def _save_prepared(model, tokenizer, directory: Path, name: str) -> Path:
-    from ato.artifacts import ModelInfo
-    from ato.models import n_layers, weights_digest
-
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    ModelInfo(
-        name=name,
-        source=name,
-        model_type=model.config.model_type,
-        architecture=type(model).__name__,
-        n_layers=n_layers(model),
-        d_model=int(model.config.hidden_size),
-        vocab_size=int(model.config.vocab_size),
-        dtype="float32",
-        weights_digest=weights_digest(directory),
-        bos_token_id=2,
-    ).write(directory / "ato_model.json")
-    return directory
 
 
 @functools.cache
@@ -229,7 +207,7 @@ def built_project(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("causal_project")
     model, tok = _trained_tiny()
-    _save_prepared(model, tok, root / "models" / "base", "tiny-trained")
+    save_prepared(model, tok, root / "models" / "base", "tiny-trained")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     params = load_tiny_params(root)
     build_causal_project(params, TEXTS, layers=[0, 1, 3])
@@ -518,7 +496,7 @@ def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     from conftest import TINY_PARAMS
 
     model, tok = _trained_tiny(identity_blocks=(2, 3))
-    _save_prepared(model, tok, tmp_path / "models" / "base", "tiny-identity")
+    save_prepared(model, tok, tmp_path / "models" / "base", "tiny-identity")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     params = load_tiny_params(tmp_path)
     build_causal_project(params, TEXTS, layers=[0, 1, 3], identity_operator=True)
