@@ -38,25 +38,9 @@ def tiny_config(kind: str):
     from transformers import AutoConfig
 
     common = dict(vocab_size=128)
-    if kind == "gemma3":
+    if kind in ("gemma3", "gemma2"):  # the same tiny shape; only the model type differs
         return AutoConfig.for_model(
-            "gemma3_text",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            sliding_window=8,
-            max_position_embeddings=256,
-            bos_token_id=2,
-            pad_token_id=0,
-            eos_token_id=1,
-            **common,
-        )
-    if kind == "gemma2":
-        return AutoConfig.for_model(
-            "gemma2",
+            "gemma3_text" if kind == "gemma3" else "gemma2",
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=4,
