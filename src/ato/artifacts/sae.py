@@ -5,7 +5,7 @@ docs/contracts.md#sae."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ._io import Record
@@ -47,6 +47,8 @@ class SaeInfo(Record):
     n_val_tokens: int  # VAL tokens (special excluded) the quality numbers are over
     hook: str  # TransformerLens hook name, blocks.n.hook_resid_post
     source: str  # train | pretrained (sae.source)
+    reliable: bool = False  # every quality gate (sae.gates) passed; feature-level numbers using it are trustworthy
+    gate_failures: list[str] = field(default_factory=list)  # one line per missed gate, e.g. "dead_fraction 0.31 > 0.05"
     # --- source: train
     train_seconds: float | None = None  # wall time of the training loop
     train_tokens: int | None = None  # steps × batch_tokens
