@@ -1,11 +1,17 @@
 """The operator artifact (docs/contracts.md#operator): `<dir>/operator.safetensors` (W [d_out, d_in],
 b [d_out]) + `config.json`. ŷ = x Wᵀ + b in the original, unstandardised coordinates. Never pickled.
 
+Variants (`operator_variant`, `ato.math.variants`): reduced-rank, SVD-truncated, Procrustes and
+identity maps of a fitted operator, each an `Operator` of its own, saved beside it as
+`<dir>/variants/<name>/` (the same two files) by `ato fit` (`fit.variants`).
+
 Public API::
 
     from ato import load_operator
     op = load_operator("models/operators/L06_k1", expect={"model_digest": ..., "d_model": 640})
     y_hat = op(x)            # x: [..., d_in] tensor on any device
+    op64 = load_operator("models/operators/L06_k1", variant="rank64")
+    op = load_operator("models:/ato-gemma-3-270m-L06_k1@rank64")   # from the MLflow registry
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from .errors import AtoError
 
 WEIGHTS = "operator.safetensors"
 CONFIG = "config.json"
+VARIANTS = "variants"  # <operator dir>/variants/<name>/: the operator's variants, same two files
+REGISTRY_SCHEME = "models:/"
 CONFIG_KEYS = (
     "model",
     "model_digest",

@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,9 @@ from ato.artifacts import (
 )
 from ato.artifacts.manifest import STORE_FORMAT
 from ato.corpus import SPLIT_RULE, Corpus, TokenSequence, as_arrays, sequences_for_split
-from ato.models import base_model, capture_residuals, load_prepared, run_captured
+from ato.models import load_prepared
 from ato.params import SPLITS, CollectParams, CorpusParams, Params, check_depth, section_dict
+from ato.residuals import collect_part, pad_id_of
 from ato.store import (
     MANIFEST,
     ActivationStore,
@@ -89,59 +89,6 @@ def fingerprint(
         "format": STORE_FORMAT,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-@torch.no_grad()
-def capture_batch(
-    model: Any, seqs: list[TokenSequence], layers: list[int], pad_id: int, device: torch.device
-) -> dict[int, np.ndarray]:
-    """Forward a right-padded batch; return each layer's residuals of the real tokens, row-major
-    by sequence then position ([Σ len, d] float32). Padding never leaves this function."""
-    lengths = [len(s.token_ids) for s in seqs]
-    width = max(lengths)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : lengths[i]] = torch.tensor(s.token_ids)
-        mask[i, : lengths[i]] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    keep = mask.bool()
-    body = base_model(model)
-    with capture_residuals(model, layers) as captured:
-        run_captured(body, input_ids=ids, attention_mask=mask, use_cache=False)
-        return {layer: captured[layer][keep].float().cpu().numpy() for layer in layers}
-
-
-def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
-def collect_part(
-    model: Any,
-    seqs: list[TokenSequence],
-    layers: list[int],
-    pad_id: int,
-    device: torch.device,
-    batch_size: int,
-    bar: tqdm,
-) -> dict[int, np.ndarray]:
-    """Residuals of one part, in stored order. Batches are formed from length-sorted sequences
-    (less padding), and rows are put back in the part's order afterwards."""
-    offsets = np.cumsum([0] + [len(s.token_ids) for s in seqs])
-    d = model.config.hidden_size
-    out = {layer: np.empty((offsets[-1], d), dtype=np.float32) for layer in layers}
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids))
-    for idx in _batches(order, batch_size):
-        acts = capture_batch(model, [seqs[i] for i in idx], layers, pad_id, device)
-        row = 0
-        for i in idx:
-            n = len(seqs[i].token_ids)
-            for layer in layers:
-                out[layer][offsets[i] : offsets[i] + n] = acts[layer][row : row + n]
-            row += n
-        bar.update(row)
-    return out
 
 
 def _to_storage(acts: np.ndarray, dtype: str, where: str) -> np.ndarray:
@@ -329,7 +276,7 @@ def main(params: Params) -> Path:
     if progress is None:
         log.info("collect: %s is complete and matches the params; nothing to do", root)
         return root
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     collector = _Collector(model, next(model.parameters()).device, pad_id, layers, p, root, progress)
     t0 = time.perf_counter()
     splits: dict[str, SplitInfo] = {}

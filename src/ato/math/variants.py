@@ -1,0 +1,95 @@
+"""Operator variants: other affine maps x_L → y_{L+k} built from a fitted operator and its pair's
+TRAIN statistics, so they can be compared with it as operators in their own right (docs/method.md#variants).
+
+Names (`parse_variant`):
+
+    rank<r>      reduced-rank regression at rank r: the rank-r map that maximises the whitened in-sample R²
+                 (it attains the CCA ceiling(r); `ato.math.cca.CCA.rrr_sweep`)
+    svd<r>       the fitted map's SVD truncated to rank r, intercept refitted at the train means
+                 (`ato.math.cca.CCA.svd_sweep`: the maps evaluate's η_svd(r) scores)
+    procrustes   similarity Procrustes: ŷ = s Q (x − x̄) + ȳ with Q orthogonal and s ≥ 0 the least-squares
+                 scale (a rotation of the centred residual plus a global gain: the residual norm grows
+                 across layers, a pure rotation would miss that)
+    identity     ŷ = x (pure carry-over; the identity baseline of evaluate and the causal check)
+
+Every map is returned as (W [d_out, d_in], b [d_out]) in original coordinates, ŷ = W x + b. The
+rank of `rank<r>` / `svd<r>` is capped at min(d_in, d_out) (the cap is reported, not an error, so a
+list of variants works on small test models too). Pure numpy: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cca import CCA
+from .stats import PairStats
+
+KINDS = ("rank", "svd", "procrustes", "identity")
+_RANKED = re.compile(r"^(rank|svd)([1-9][0-9]*)$")
+VARIANT_METHOD = {"rank": "rrr", "svd": "svd_truncated", "procrustes": "procrustes", "identity": "identity"}
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A parsed variant name: `rank64` → kind "rank", rank 64."""
+
+    name: str
+    kind: str  # one of KINDS
+    rank: int | None = None  # requested rank (rank / svd only)
+
+
+def parse_variant(name: str) -> VariantSpec:
+    """`rank<r>`, `svd<r>` (r ≥ 1), `procrustes` or `identity`; anything else is a ValueError naming the forms."""
+    m = _RANKED.match(name)
+    if m:
+        return VariantSpec(name, m.group(1), int(m.group(2)))
+    if name in ("procrustes", "identity"):
+        return VariantSpec(name, name)
+    raise ValueError(f"unknown operator variant {name!r}; expected rank<r>, svd<r> (r ≥ 1), procrustes or identity")
+
+
+@dataclass
+class VariantMap:
+    """One variant's map and what it is."""
+
+    spec: VariantSpec
+    W: np.ndarray  # [d_out, d_in] float64
+    b: np.ndarray  # [d_out]
+    rank: int | None  # the rank actually used (≤ min(d_in, d_out)); None for full-rank kinds
+    scale: float | None = None  # the Procrustes gain s
+
+
+def variant_map(spec: VariantSpec, train: PairStats, W: np.ndarray, cca: CCA | None = None) -> VariantMap:
+    """The variant `spec` of the fitted map W on the pair's train statistics (`cca`: reuse one
+    `CCA.from_stats(train)` across several ranked variants)."""
+    d_in, d_out = train.sum_x.shape[0], train.sum_y.shape[0]
+    if spec.kind == "identity":
+        if d_in != d_out:
+            raise ValueError(f"identity variant needs d_in == d_out, got {d_in} and {d_out}")
+        return VariantMap(spec, np.eye(d_out), np.zeros(d_out), None)
+    if spec.kind == "procrustes":
+        Wp, bp, s = procrustes_map(train)
+        return VariantMap(spec, Wp, bp, None, s)
+    if spec.rank is None:
+        raise ValueError(f"variant {spec.name}: a {spec.kind} variant needs a rank")
+    cca = cca or CCA.from_stats(train)
+    sweep = cca.rrr_sweep() if spec.kind == "rank" else cca.svd_sweep(W)
+    rank = min(spec.rank, sweep.max_rank)
+    Wr, br = sweep.map(rank)
+    return VariantMap(spec, Wr, br, rank)
+
+
+def procrustes_map(s: PairStats) -> tuple[np.ndarray, np.ndarray, float]:
+    """(W = s·Q, b = ȳ − W x̄, s) minimising Σ‖(y − ȳ) − s Q (x − x̄)‖² over orthogonal Q [d_out, d_in]
+    (semi-orthogonal when d_in ≠ d_out) and s ≥ 0: Q = U Vᵀ from the SVD U S Vᵀ of the centred
+    cross-scatter Σ (y − ȳ)(x − x̄)ᵀ, s = tr S / tr Σ (x − x̄)(x − x̄)ᵀ."""
+    xtx, xty, _ = s.centred()
+    U, sv, Vt = np.linalg.svd(xty.T, full_matrices=False)  # [d_out, d_in] = U diag(sv) Vᵀ
+    Q = U @ Vt
+    trace_x = float(np.trace(xtx))
+    scale = float(sv.sum() / trace_x) if trace_x > 0 else 0.0
+    W = scale * Q
+    return W, s.mean_y - W @ s.mean_x, scale
