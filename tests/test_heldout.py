@@ -3,6 +3,8 @@ shift (ato.math.heldout), against planted populations, brute-force simulation an
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -387,3 +389,45 @@ def test_shift_removed_efficiency():
         atol=1e-12,
     )
     assert np.isnan(shift_removed_efficiency(np.array([0.1]), 0.0, np.array([0.0])))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Effective n: Kish design effects over documents
+
+
+def _clustered(rng: np.random.Generator, n_groups: int, m: int, d: int, rho: float) -> np.ndarray:
+    """Rows with a per-group component of share `rho` of the variance (intra-class correlation rho)."""
+    shared = np.repeat(rng.standard_normal((n_groups, d)), m, axis=0)
+    return math.sqrt(rho) * shared + math.sqrt(1 - rho) * rng.standard_normal((n_groups * m, d))
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3])
+def test_design_effects_match_the_intra_class_correlation(rho: float):
+    """Equal clusters of m: the mean of a variable with intra-class correlation ρ has deff 1 + (m − 1)ρ;
+    a product of two independent such variables has deff 1 + (m − 1)ρ². Chunk boundaries that cut
+    a group do not change the result."""
+    from ato.math.heldout import DesignEffectAccumulator
+
+    rng = np.random.default_rng(5)
+    n_groups, m, d = 400, 16, 4
+    x, noise = _clustered(rng, n_groups, m, d, rho), _clustered(rng, n_groups, m, d, rho)
+    W = np.eye(d) * 0.5
+    y = x @ W.T + noise  # the operator's error is `noise`: its squared norm has ICC ≈ ρ² (a quadratic)
+    groups = np.repeat(np.arange(n_groups), m)
+    acc = DesignEffectAccumulator(W, np.zeros(d), np.eye(d), np.eye(d), x.mean(0), y.mean(0))
+    for lo in range(0, len(x), 1000):  # 1000 is not a multiple of 16: groups straddle chunks
+        acc.add(x[lo : lo + 1000], y[lo : lo + 1000], groups[lo : lo + 1000])
+    de = acc.result()
+    assert de.n_groups == n_groups
+    # products and squares of Gaussians with ICC ρ have ICC ρ²: deff ≈ 1 + (m − 1)ρ² (2.35 at ρ = 0.3)
+    expected = 1 + (m - 1) * rho**2
+    for name, raw in zip(("score", "r2", "null"), de.raw):
+        assert raw == pytest.approx(expected, rel=0.15), name
+    assert min(de.score, de.r2, de.null) >= 1.0
+
+
+def test_effective_n_is_at_least_two():
+    from ato.math.heldout import effective_n
+
+    assert effective_n(1000, 4.0) == 250
+    assert effective_n(3, 100.0) == 2

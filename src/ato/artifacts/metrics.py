@@ -111,6 +111,7 @@ class PairMetrics(Record):
         "feature_r2_median",
         "n_transported",
         "n_synthesised",
+        "sae_reliable",
         "ceiling_full",
         "eta_test",
         "eta_expected",
@@ -146,6 +147,8 @@ class PairMetrics(Record):
     transported_fraction: float = math.nan  # n_transported / judged features
     feature_pearson_median: float = math.nan  # median Pearson r(a, â) of the ATO, judged features
     feature_rms_ratio_median: float = math.nan  # median rms(â)/rms(a) of the ATO, judged features
+    sae_reliable: float = math.nan  # 1: layer L+k's SAE passed its quality gates (SaeInfo.reliable); 0: it
+    # missed them (or has no gate result), so every feature-level number here is unreliable
     # CCA ceiling and transport efficiency (pseudo-inverse whitening: the ceiling is a true in-sample bound)
     ceiling_full: float = math.nan  # ceiling(d) = Σρ²/d_out on the train statistics
     eta_train: float = math.nan  # whitened R² of the ATO on train / ceiling_full (≤ 1 up to rounding)
@@ -153,6 +156,13 @@ class PairMetrics(Record):
     eta_expected: float = math.nan  # η(test) an exactly linear map reaches at this n, d and ρ (analytic)
     eta_expected_std: float = math.nan  # spread of η(test) under exact linearity (Wishart simulation)
     eta_ratio: float = math.nan  # eta_test / eta_expected: ≈ 1 is indistinguishable from linear transport
+    eta_expected_iid: float = math.nan  # eta_expected at the token counts, as if tokens were independent
+    # effective n: tokens of a document are dependent; the Wishart references (η's linear reference, the
+    # subspace null) are drawn at n / deff (Kish design effects over test documents, docs/statistics.md)
+    design_effect_score: float = math.nan  # deff of x̃ε̃ᵀ, the fit's noise: η's reference draws train at n / this
+    design_effect_r2: float = math.nan  # deff of the linearised test R²: η's reference draws test at n / this
+    design_effect_null: float = math.nan  # deff of a whitened cross-covariance entry (the null uses n / this)
+    n_test_documents: float = math.nan  # documents (clusters) the design effects are estimated over
     # subspace size: canonical directions from train, correlations measured on test (train order), beside
     # the same statistic for independent x and y at the same n and d (Wishart null: mean, sd, excess)
     heldout_subspace_size: float = math.nan  # smallest r with Σ_{i≤r} ρ⁺² ≥ subspace_fraction · Σ ρ⁺² (test ρ)
@@ -338,3 +348,9 @@ class TransportVerdicts(Record):
     transported: list[int]  # feature ids with R² ≥ transported_r2 over enough active tokens
     synthesised: list[int]  # feature ids with enough active tokens and a lower R²
     no_verdict: list[int]  # feature ids with too few active tokens
+    sae_reliable: bool = False  # layer L+k's SAE passed its quality gates (SaeInfo.reliable)
+    sae_gate_failures: list[str] = field(default_factory=list)  # SaeInfo.gate_failures (or why there is none)
+    features: list[int] = field(default_factory=list)  # the kept feature ids, in FeatureSet.kept order
+    r2: list[float | None] = field(default_factory=list)  # feature R² of the ATO per entry of `features`
+    identity_r2: list[float | None] = field(default_factory=list)  # … of the identity map ŷ = x
+    active_tokens: list[int] = field(default_factory=list)  # test tokens where the feature is active

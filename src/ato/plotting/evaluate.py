@@ -12,7 +12,7 @@ import numpy as np
 from ato.math.heldout import HeldOutCCA, LinearReference, SubspaceReport
 from ato.math.metrics import NO_VERDICT, SYNTHESISED, TRANSPORTED
 
-from . import pyplot, save_figure
+from . import mark_unreliable, pyplot, save_figure
 
 VERDICT_COLOURS = {TRANSPORTED: "tab:green", SYNTHESISED: "tab:red", NO_VERDICT: "tab:grey"}
 CLIP = -1.0  # R² below this is drawn at the clip
@@ -83,7 +83,7 @@ def _panel_eta(ax: Any, name: str, table: dict[str, np.ndarray], linear: LinearR
         color="tab:green",
         ls="--",
         lw=1.2,
-        label=f"exactly linear map at this n, d: η = {linear.eta_expected:.4f} ± {spread:.4f}",
+        label=f"exactly linear map at this effective n, d: η = {linear.eta_expected:.4f} ± {spread:.4f}",
     )
     ax.plot(
         [ranks[-1]],
@@ -182,9 +182,17 @@ def _panel_subspace(ax: Any, name: str, heldout: HeldOutCCA, rep: SubspaceReport
 
 
 def plot_feature_r2(
-    path: Path, name: str, r2: np.ndarray, identity_r2: np.ndarray, verdicts: np.ndarray, threshold: float, dpi: int
+    path: Path,
+    name: str,
+    r2: np.ndarray,
+    identity_r2: np.ndarray,
+    verdicts: np.ndarray,
+    threshold: float,
+    dpi: int,
+    unreliable: str | None = None,
 ) -> Path:
-    """Left: stacked histogram of the ATO's feature R² per verdict; right: ATO vs identity per feature."""
+    """Left: stacked histogram of the ATO's feature R² per verdict; right: ATO vs identity per feature.
+    `unreliable`: the banner text when the SAE missed its quality gates (`unreliable_sae_text`)."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     lo = CLIP
@@ -224,7 +232,8 @@ def plot_feature_r2(
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    mark_unreliable(fig, unreliable)
+    fig.tight_layout(rect=(0, 0, 1, 0.92) if unreliable else (0, 0, 1, 1))
     return save_figure(fig, path, dpi)
 
 

@@ -12,6 +12,7 @@ from ato.artifacts.causal import REFERENCES, RecoveredShare
 from ato.params import EvaluateParams, Params, ReportParams
 from ato.plotting import CONDITION_LABELS, CONDITIONS
 
+from .feature_cards import LayerCards, cards_markdown
 from .results import PairResults, headline_sets, rank_value
 
 DASH = "—"
@@ -135,13 +136,20 @@ def _rel(path: Path, base: Path) -> str:
 # Sections
 
 
-def render_summary(s: SummarySettings, results: list[PairResults], figures: dict[str, Path]) -> str:
+def render_summary(
+    s: SummarySettings, results: list[PairResults], figures: dict[str, Path], cards: list[LayerCards] | None = None
+) -> str:
+    """The whole summary; `cards` (per target layer: SAE gates and feature cards) mark every feature-level
+    number of an SAE that missed its quality gates and add the compact feature cards."""
+    cards = cards or []
     sections = (
         _header(s, results),
+        _sae_warning(results, cards),
         _missing(s, results),
         _residual(results),
         _alpha(results),
-        _features(s, results),
+        _features(s, results, cards),
+        cards_markdown(cards) if cards else [],
         _efficiency(s, results),
         _subspace(s, results),
         _causal(s, results),
@@ -239,14 +247,48 @@ def _residual(results: list[PairResults]) -> list[str]:
     ]
 
 
-def _features(s: SummarySettings, results: list[PairResults]) -> list[str]:
-    ev = s.evaluate
+def _unreliable(res: PairResults, cards: list[LayerCards]) -> bool:
+    """The pair's feature-level numbers rest on an SAE that missed its gates (per evaluate's metrics, or
+    the SAE's own report when evaluate has not run)."""
+    if math.isfinite(res.m.sae_reliable):
+        return res.m.sae_reliable < 1
+    return any(lc.layer == res.pair.target and not lc.reliable for lc in cards)
+
+
+def _gate_cell(res: PairResults, cards: list[LayerCards]) -> str:
+    if not math.isfinite(res.m.sae_reliable):
+        return DASH
+    return "**UNRELIABLE**" if _unreliable(res, cards) else "pass"
+
+
+def _sae_warning(results: list[PairResults], cards: list[LayerCards]) -> list[str]:
+    """A banner per target layer whose SAE missed its quality gates, naming the pairs it affects."""
+    by_layer = {lc.layer: lc for lc in cards}
+    layers = sorted({res.pair.target for res in results} | set(by_layer))
+    out = []
+    for layer in layers:
+        lc = by_layer.get(layer)
+        pairs = [res.name for res in results if res.pair.target == layer and _unreliable(res, cards)]
+        if pairs or (lc is not None and not lc.reliable):
+            why = "; ".join(lc.failures) if lc is not None and lc.failures else "see reports/sae"
+            out += [
+                f"> **UNRELIABLE SAE at layer {layer}: {why}.** Its feature-level numbers (feature R², "
+                f"transported / synthesised counts, feature cards) for "
+                f"{', '.join(pairs or (lc.pairs if lc else []))} rest on an SAE that missed its quality gates.",
+                "",
+            ]
+    return out
+
+
+def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerCards] | None = None) -> list[str]:
+    ev, cards = s.evaluate, cards or []
     rows = []
     for res in results:
         m = res.m
         rows.append(
             [
                 res.name,
+                _gate_cell(res, cards),
                 fmt_int(m.n_features),
                 fmt_int(m.n_transported),
                 fmt_int(m.n_synthesised),
@@ -266,11 +308,14 @@ def _features(s: SummarySettings, results: list[PairResults]) -> list[str]:
         f"{ev.transported_r2} over at least {ev.min_active_tokens} tokens where the SAE says it is "
         "active on the true residual (`evaluate.transported_r2`, `evaluate.min_active_tokens`), "
         "*synthesised* when it has enough tokens but a lower R², and gets no verdict otherwise. "
-        "Medians are over the judged features.",
+        "Medians are over the judged features. SAE gates: whether layer L+k's SAE passed its quality gates "
+        "(reports/sae); an UNRELIABLE row's feature numbers rest on an SAE that missed them.",
         "",
+        *_sae_warning(results, cards),
         md_table(
             [
                 "pair",
+                "SAE gates",
                 "features",
                 "transported",
                 "synthesised",
@@ -353,6 +398,8 @@ def _efficiency(s: SummarySettings, results: list[PairResults]) -> list[str]:
                 fmt_pm(m.eta_expected, m.eta_expected_std),
                 fmt(m.eta_ratio),
                 fmt(z, "+.1f"),
+                f"{fmt(m.design_effect_score, '.2f')} / {fmt(m.design_effect_r2, '.2f')}",
+                fmt(m.eta_expected_iid),
                 fmt(m.eta_train),
             ]
         )
@@ -375,10 +422,15 @@ def _efficiency(s: SummarySettings, results: list[PairResults]) -> list[str]:
         "a true in-sample bound) is the most whitened variance any rank-r affine map of x_L explains. "
         "η = whitened R² / ceiling(d) of the ATO. The ceiling is in sample and η(test) out of sample, so even "
         "an exactly linear map loses η: η expected is that map's η(test) at this n, d and ρ (analytic; ± its "
-        "spread by simulation), ratio = η(test)/η expected, z = (η(test) − η expected)/sd.",
+        "spread by simulation), ratio = η(test)/η expected, z = (η(test) − η expected)/sd. Tokens of one "
+        "document are not independent: the reference is drawn at the effective sample size n / deff, with "
+        "Kish design effects over the test documents (train: deff of the fit's noise x̃ε̃ᵀ; test: deff of the "
+        "linearised test R²; docs/statistics.md#effective-n). The column \"iid\" shows what the reference "
+        "would claim if every token were independent: a smaller spread and a higher expectation.",
         "",
         md_table(
-            ["pair", "ceiling(d)", "η ATO (test)", "η expected (linear)", "ratio", "z", "η ATO (train)"],
+            ["pair", "ceiling(d)", "η ATO (test)", "η expected (linear)", "ratio", "z", "deff train / test",
+             "η expected if iid", "η ATO (train)"],  # fmt: skip
             rows,
         ),
         "",
@@ -419,6 +471,7 @@ def _subspace(s: SummarySettings, results: list[PairResults]) -> list[str]:
                 fmt(m.heldout_pr, ".1f"),
                 fmt_pm(m.heldout_pr_null, m.heldout_pr_null_std, ".1f"),
                 fmt(m.heldout_pr_excess, "+.1f"),
+                fmt(m.design_effect_null, ".2f"),
                 fmt(m.participation_ratio, ".1f"),
                 fmt(m.participation_ratio_null, ".1f"),
                 fmt_int(m.subspace_size),
@@ -431,8 +484,9 @@ def _subspace(s: SummarySettings, results: list[PairResults]) -> list[str]:
         "Canonical directions from train, canonical correlations ρ measured on test (held out). Subspace "
         f"size = smallest r whose Σ_{{i≤r}} ρ⁺² reaches {s.evaluate.subspace_fraction:.0%} of the total "
         "(`evaluate.subspace_fraction`); PR = participation ratio (Σρ⁺)²/Σρ⁺². Null = the same statistic for "
-        "independent x and y at the same n and d (Wishart simulation: mean ± sd); excess = observed − null "
-        "mean. In sample (train ρ) for comparison only: its null alone is ≈ 0.72·d at d/n = 0.01.",
+        "independent x and y at the same d and effective n (Wishart simulation: mean ± sd; n / deff, the Kish "
+        "design effect of the whitened cross-covariance over test documents, column deff); excess = observed − "
+        "null mean. In sample (train ρ) for comparison only: its null alone is ≈ 0.72·d at d/n = 0.01.",
         "",
         md_table(
             [
@@ -443,6 +497,7 @@ def _subspace(s: SummarySettings, results: list[PairResults]) -> list[str]:
                 "held-out PR",
                 "null",
                 "excess",
+                "deff",
                 "in-sample PR",
                 "null",
                 "in-sample size",

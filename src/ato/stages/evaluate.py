@@ -23,10 +23,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ato.artifacts import EfficiencyTable, Layout, PairMetrics, csv_cell, read_pair_stats, write_csv_atomic
+from ato.artifacts import (
+    EfficiencyTable,
+    Layout,
+    PairMetrics,
+    SaeInfo,
+    csv_cell,
+    json_clean,
+    read_pair_stats,
+    write_csv_atomic,
+)
 from ato.math.stats import PairStats
 from ato.operators import load_operator
 from ato.params import Pair, Params, StatsParams
+from ato.plotting import unreliable_sae_text
 from ato.plotting.evaluate import plot_dim_r2, plot_efficiency, plot_feature_r2
 from ato.scoring import (
     FEATURE_COLUMNS,
@@ -63,9 +73,16 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     layout, pair = Layout.from_params(params), params.pairs[name]
     inputs = load_inputs(layout, pair)
     acc = stream_test_split(inputs, pair, params.stats)
-    result = evaluate(acc, inputs.splits, inputs.predictors, inputs.features.kept, inputs.alpha, params.evaluate)
-    paths = write_outputs(layout, params, pair, result)
-    _log_mlflow(params, name, result, paths)
+    chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], params.stats.chunk_tokens,
+                                      params.stats.include_bos, with_tokens=True)  # fmt: skip
+    documents = ((c[pair.L], c[pair.target], c["doc_id"]) for c in chunks)
+    result = evaluate(
+        acc, inputs.splits, inputs.predictors, inputs.features.kept, inputs.alpha, params.evaluate, documents
+    )
+    gate = sae_gate(layout, pair.target)
+    result.metrics.sae_reliable = float(gate.reliable)
+    paths = write_outputs(layout, params, pair, result, gate)
+    _log_mlflow(params, name, result, paths, gate)
     m = result.metrics
     log.info(
         "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); transported %d/%d features; ceiling %.4f; "
@@ -122,16 +139,44 @@ def stream_test_split(inputs: PairInputs, pair: Pair, sp: StatsParams) -> TestAc
     return acc
 
 
-def write_outputs(layout: Layout, params: Params, pair: Pair, result: Evaluation) -> list[Path]:
+@dataclass
+class SaeGate:
+    """Whether layer L+k's SAE passed its quality gates: its feature-level numbers are marked otherwise."""
+
+    reliable: bool
+    failures: list[str]
+
+    @property
+    def banner(self) -> str | None:
+        return None if self.reliable else unreliable_sae_text(self.failures)
+
+
+def sae_gate(layout: Layout, layer: int) -> SaeGate:
+    """SaeInfo.reliable / gate_failures of layer `layer`'s SAE; no SaeInfo counts as unreliable."""
+    path = layout.sae_info(layer)
+    if not path.exists():
+        return SaeGate(False, [f"no SAE quality report ({path.name} missing)"])
+    info = SaeInfo.read(path)
+    return SaeGate(bool(info.reliable), list(info.gate_failures))
+
+
+def write_outputs(
+    layout: Layout, params: Params, pair: Pair, result: Evaluation, gate: SaeGate | None = None
+) -> list[Path]:
     """Metrics, tables, verdicts and figures of one pair; returns the paths to log."""
     name, ev, dpi = pair.name, params.evaluate, params.report.dpi
+    gate = gate or SaeGate(False, ["no gate result"])
     result.metrics.write(layout.metrics(name))
     features_csv = write_csv_atomic(
         layout.feature_table(name), FEATURE_COLUMNS, [[csv_cell(v) for v in row] for row in feature_rows(result)]
     )
     efficiency_csv = EfficiencyTable.from_columns(result.table).write(layout.efficiency(name))
-    transport_verdicts(result, name, pair.L, pair.target, ev).write(layout.transport(name))
     fr, t = result.feature_scores, result.transport
+    verdicts = transport_verdicts(result, name, pair.L, pair.target, ev)
+    verdicts.sae_reliable, verdicts.sae_gate_failures = gate.reliable, gate.failures
+    verdicts.features, verdicts.active_tokens = list(result.kept), [int(a) for a in fr["ato"]["active"]]
+    verdicts.r2, verdicts.identity_r2 = json_clean(fr["ato"]["r2"]), json_clean(fr["identity"]["r2"])
+    verdicts.write(layout.transport(name))
     figures = [
         plot_efficiency(
             layout.pair_figure(name, "efficiency"),
@@ -151,19 +196,21 @@ def write_outputs(layout: Layout, params: Params, pair: Pair, result: Evaluation
             result.verdicts,
             ev.transported_r2,
             dpi,
+            unreliable=gate.banner,
         ),
         plot_dim_r2(layout.pair_figure(name, "dim_r2"), name, result.per_dim, dpi),
     ]
     return [layout.metrics(name), features_csv, efficiency_csv, layout.transport(name), *figures]
 
 
-def _log_mlflow(params: Params, name: str, result: Evaluation, artifacts: list[Path]) -> None:
+def _log_mlflow(params: Params, name: str, result: Evaluation, artifacts: list[Path], gate: SaeGate) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, pair_run
+    from ato.tracking import log_flat_metrics, pair_run, sae_reliability_tags
 
     table = result.table
     with pair_run(params, name, "evaluate"):
+        mlflow.set_tags(sae_reliability_tags(gate.reliable, gate.failures))
         log_flat_metrics(result.metrics.flat())
         for i, r in enumerate(table["rank"]):  # the sweep as step-indexed curves (step = rank)
             log_flat_metrics({f"sweep_{c}": float(table[c][i]) for c in SWEEP_LOGGED}, step=int(r))
