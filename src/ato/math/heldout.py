@@ -533,7 +533,9 @@ class DesignEffectAccumulator:
     across chunks) into `DesignEffects`. x, y are raw residuals; B (x side, `CCA.wx`) and A (y side,
     `CCA.wy`) whiten them about the given means; the operator predicts ŷ = x Wᵀ + b."""
 
-    def __init__(self, W: np.ndarray, b: np.ndarray, A: np.ndarray, B: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray):
+    def __init__(
+        self, W: np.ndarray, b: np.ndarray, A: np.ndarray, B: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray
+    ):
         self.W, self.b, self.A, self.B, self.mean_x, self.mean_y = W, b, A, B, mean_x, mean_y
         d_x, d_y = B.shape[1], A.shape[1]
         self.sums = {"score": _ClusteredSum((d_x, d_y)), "null": _ClusteredSum((d_x, d_y))}
