@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ato import patching
+from ato import patching, splicing
 from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, json_clean
 from ato.artifacts.causal import CONDITIONS, PATCHED, REFERENCES, SCOPES
 from ato.errors import AtoError
@@ -319,7 +319,7 @@ def test_replayed_suffix_equals_the_full_forward_bit_for_bit(kind):
             assert torch.equal(trace.replay(model, layer, trace.residuals[layer]), trace.final)
             y = trace.residuals[layer]
             patched = y.index_put(rows, torch.zeros_like(y[rows]))
-            with patching.patch_residual(model, layer, lambda h: h.index_put(rows, torch.zeros_like(h[rows]))):
+            with splicing.spliced(model, layer, torch.zeros_like, rows):
                 full = patching.final_hidden(model, ids)
             assert torch.equal(trace.replay(model, layer, patched), full)
             assert not torch.equal(full, trace.final)

@@ -104,12 +104,47 @@ def test_operators_are_exact_tracked_and_registered(fitted):
         env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "type hint" not in out.stderr  # predict is typed: MLflow has nothing to warn about
     got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(got, op(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-4)
     from ato import load_registered_operator
 
     reg = load_registered_operator(name, tracking_uri=params.mlflow_uri())
     torch.testing.assert_close(reg.W, op.W)
+    info = mlflow.models.get_model_info(f"models:/{name}@champion")
+    assert info.saved_input_example_info is not None
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"] == {"dtype": "float32", "shape": [-1, 32]}
+    check_variants(params, name, op_dir, op)
+
+
+def check_variants(params, name, op_dir, op):
+    """fit.variants: saved beside the operator, scored exactly on every split, registered as aliases
+    of the pair's model with their metrics, loadable by alias."""
+    import mlflow
+
+    from ato.math.cca import truncate_svd
+
+    assert params.fit.variants == ["rank64", "svd64", "procrustes", "identity"]  # the default
+    assert sorted(p.name for p in (op_dir / "variants").iterdir()) == sorted(params.fit.variants)
+    metrics = op.config["metrics"]
+    assert {"train_r2", "val_r2", "test_r2", "test_r2_weighted", "identity_test_r2"} <= set(metrics)
+    variants = {v: load_operator(op_dir, variant=v) for v in params.fit.variants}
+    assert variants["rank64"].config["rank"] == 32 and variants["rank64"].config["rank_requested"] == 64  # capped at d
+    assert variants["identity"].config["metrics"]["test_r2"] == pytest.approx(metrics["identity_test_r2"], abs=1e-6)
+    torch.testing.assert_close(variants["identity"].W, torch.eye(32))
+    np.testing.assert_allclose(variants["svd64"].W.numpy(), truncate_svd(op.W.double().numpy(), 64), atol=1e-5)
+    # in-sample, full-rank reduced-rank regression is OLS: at least as good as the ridge fit on train
+    assert variants["rank64"].config["metrics"]["train_r2_weighted"] >= metrics["train_r2_weighted"] - 1e-9
+    client = mlflow.MlflowClient()
+    for v, vop in variants.items():
+        assert vop.config["parent_weights_sha256"] == op.config["weights_sha256"]
+        version = client.get_model_version_by_alias(name, v)
+        assert float(version.tags["metric.test_r2"]) == pytest.approx(vop.config["metrics"]["test_r2"], rel=1e-5)
+        reg = load_operator(f"models:/{name}@{v}")
+        torch.testing.assert_close(reg.W, vop.W, rtol=0, atol=0)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert float(champion.tags["metric.test_r2"]) == pytest.approx(metrics["test_r2"], rel=1e-5)
+    assert len({client.get_model_version_by_alias(name, a).version for a in ["champion", *variants]}) == 5
 
 
 def test_operator_mismatch_and_tampering_are_refused(tmp_path):

@@ -3,6 +3,7 @@ determinism, and the offline failure of `source: pretrained`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -193,12 +194,21 @@ def test_train_save_reload_identical_and_topk_exact(tmp_path):
         assert torch.equal(loaded.decode(acts), sae.decode(acts))
 
 
+STAGE_OVERRIDES = {
+    "sae.steps": 40,
+    "sae.lr": 0.01,
+    "sae.tokens": 500,  # within the synthetic store's TRAIN split: no streaming (tests/test_sae_data.py streams)
+    "sae.eval_sequences": 4,
+    "sae.eval_seq_len": 8,
+}
+
+
 def test_stage_trains_saves_reports(tiny_project):
     from sae_lens import SAE
 
     from ato.stages import sae as stage
 
-    params = load_tiny_params(tiny_project, **{"sae.steps": 40, "sae.lr": 0.01})
+    params = load_tiny_params(tiny_project, **STAGE_OVERRIDES)
     make_model_store(tiny_project)
     t0 = time.perf_counter()
     results = stage.main(params)
@@ -213,14 +223,65 @@ def test_stage_trains_saves_reports(tiny_project):
         assert info["layer"] == n and info["d_in"] == 32 and info["d_sae"] == 64
         assert info["architecture"] == "topk" and info["store_digest"] == "synthetic-content-0"
         assert 0 < info["fve_val"] <= 1 and info["mean_l0"] <= 4 and 0 <= info["dead_fraction"] <= 1
+        assert 0 <= info["dense_fraction"] <= 1 and info["dense_threshold"] == 0.1
+        assert info["data_tokens"] == 500 and info["data_tokens_from_model"] == 0
+        # downstream check: the clean CE is the same for both layers (one clean pass), ablations hurt
+        assert info["n_eval_sequences"] == 4 and info["n_eval_tokens"] == 4 * 7  # BOS predictions not scored
+        assert info["ce_zero"] > info["ce_clean"] and info["kl_sae"] >= 0 and info["kl_zero"] > 0
+        assert info["gates"] == {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "zero"}
+        assert info["reliable"] == (not info["gate_failures"])
         assert json.loads((params.path("reports") / "sae" / f"layer_{n:02d}.json").read_text()) == info
         sae = SAE.load_from_disk(str(d))
         assert sae.cfg.metadata.hook_name == f"blocks.{n}.hook_resid_post"
         first[n] = (d / "sae_weights.safetensors").read_bytes()
+    assert results[TARGETS[0]].ce_clean == results[TARGETS[1]].ce_clean
     # deterministic: rerunning gives the same bytes
     stage.main(params)
     for n in TARGETS:
         assert (params.path("sae_dir") / f"layer_{n:02d}" / "sae_weights.safetensors").read_bytes() == first[n]
+
+
+def test_failing_gate_marks_the_sae_unreliable(tiny_project):
+    """A gate the SAE cannot meet → reliable false, the shortfall named, in the record and in MLflow."""
+    import mlflow
+
+    from ato.stages import sae as stage
+
+    params = load_tiny_params(tiny_project, **STAGE_OVERRIDES, **{"sae.steps": 10})
+    params.sae.gates.min_fve = 0.9999
+    params.sae.gates.max_dead = 1.0
+    params.sae.gates.min_ce_recovered = -1e9
+    make_model_store(tiny_project)
+    results = stage.main(params)
+    for n, info in results.items():
+        assert not info.reliable
+        assert len(info.gate_failures) == 1 and info.gate_failures[0].startswith(f"fve_val {info.fve_val:.3f} < 0.9999")
+        assert "short by" in info.gate_failures[0]
+    mlflow.set_tracking_uri(params.mlflow_uri())
+    run = mlflow.search_runs(experiment_names=[params.paths.mlflow_experiment], output_format="list")[0]
+    for n in TARGETS:
+        assert run.data.tags[f"sae_reliable.layer_{n:02d}"] == "false"
+        assert run.data.tags[f"sae_gate_failures.layer_{n:02d}"].startswith("fve_val")
+        assert run.data.metrics[f"sae_layer_{n:02d}_reliable"] == 0.0
+    # and passing every gate → reliable, no failures
+    params.sae.gates.min_fve = 0.0
+    assert all(info.reliable and not info.gate_failures for info in stage.main(params).values())
+
+
+def test_gate_failures_name_the_shortfall():
+    from ato.params import SaeGates
+    from ato.sae.quality import gate_failures
+
+    gates = SaeGates()
+    assert gate_failures(gates, 0.85, 0.01, 0.95) == []
+    out = gate_failures(gates, 0.572, 0.387, 0.70)
+    assert out == [
+        "fve_val 0.572 < 0.8 (short by 0.228)",
+        "dead_fraction 0.387 > 0.05 (over by 0.337)",
+        "ce_recovered_zero 0.700 < 0.9 (short by 0.200)",
+    ]
+    assert gate_failures(gates, 0.9, 0.0, None) == ["ce_recovered_zero not measured (sae.eval_sequences: 0)"]
+    assert gate_failures(gates, float("nan"), 0.0, 0.95)[0].startswith("fve_val nan")
 
 
 def test_pretrained_offline_fails_fast(tiny_project, monkeypatch, tmp_path):
@@ -264,7 +325,7 @@ def test_load_sae_names_the_directory(tmp_path):
 
 
 def test_sae_info_keys_per_source(tmp_path):
-    """The record writes the keys `ato sae` always wrote (DVC metrics), plus `format`, per source."""
+    """The record writes the common and quality keys, plus the keys of its source only."""
     from ato.artifacts import ArtifactError, SaeInfo
     from ato.artifacts.sae import PRETRAINED_ONLY, TRAIN_ONLY
 
@@ -280,30 +341,19 @@ def test_sae_info_keys_per_source(tmp_path):
         n_val_tokens=100,
         hook="blocks.6.hook_resid_post",
     )
-    trained = SaeInfo(
-        **common,
-        source="train",
-        train_seconds=1.0,
-        train_tokens=2,
-        train_fve_last_batch=0.8,
-        train_l0_last_batch=32.0,
-        dead_window_steps=100,
-        input_scale=0.007,
-        width=2560,
-        k=32,
-        l1_coefficient=5.0,
-        steps=400,
-        batch_tokens=512,
-        lr=4e-4,
-        seed=0,
-    )
+    train_values = {key: 1 for key in TRAIN_ONLY}
+    trained = SaeInfo(**common, source="train", **train_values, ce_recovered_zero=0.95, reliable=True)
     keys = set(trained.to_dict())
-    assert keys == {*common, "source", *TRAIN_ONLY, "format"} and not keys & set(PRETRAINED_ONLY)
+    shared = {f.name for f in dataclasses.fields(SaeInfo)} - set(TRAIN_ONLY) - set(PRETRAINED_ONLY)
+    assert keys == {*shared, *TRAIN_ONLY, "format"} and not keys & set(PRETRAINED_ONLY)
+    assert {"reliable", "gate_failures", "ce_recovered_zero", "dense_fraction", "kl_sae"} <= keys
     trained.write(tmp_path / "t.json")
     assert SaeInfo.read(tmp_path / "t.json") == trained
-    assert set(trained.metrics()) == {"fve_val", "mean_l0", "dead_fraction", "train_seconds", "input_scale"}
+    metrics = trained.metrics()
+    assert metrics["reliable"] == 1.0 and metrics["ce_recovered_zero"] == 0.95 and "kl_sae" not in metrics
     pre = SaeInfo(**common, source="pretrained", release="r", sae_id="s", repo_id="o/n", folder="f")
-    assert set(pre.to_dict()) == {*common, "source", *PRETRAINED_ONLY, "format"}
+    assert set(pre.to_dict()) == {*shared, *PRETRAINED_ONLY, "format"}
+    assert pre.metrics()["reliable"] == 0.0  # no gate result counts as unreliable
     pre.write(tmp_path / "p.json")
     assert SaeInfo.read(tmp_path / "p.json") == pre
     raw = json.loads((tmp_path / "t.json").read_text())

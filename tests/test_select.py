@@ -1,5 +1,5 @@
-"""Stage `select`: the feature scores on hand-made cases, the causal effect (first order vs exact
-ablation), and the stage's outputs on a tiny model."""
+"""Stage `select`: the criteria and their signs on hand-made cases, the exact single-feature ablation
+(fast path vs a plain full forward), and the stage's outputs on a tiny model."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 from ato.math.features import (
     FeatureActivationStats,
     composite_score,
+    exact_candidates,
     excess_kurtosis,
-    rank_features,
-    redundancy_from_correlation,
+    n_keep,
+    select_ranking,
 )
 from conftest import load_tiny_params, tiny_model
 
@@ -48,20 +49,30 @@ def test_entropy_counts_only_active_positions():
     assert acc.top_contexts(2) == []
 
 
-def test_redundancy_excludes_self():
-    rng = np.random.default_rng(0)
-    a = np.abs(rng.normal(size=(500, 1))) * (rng.random((500, 1)) < 0.3)
-    lone = np.abs(rng.normal(size=(500, 1))) * (rng.random((500, 1)) < 0.3)
-    acts = torch.as_tensor(np.concatenate([a, a, lone, np.zeros((500, 1))], axis=1), dtype=torch.float32)
-    acc = FeatureActivationStats(4, top_k=0)
-    for i in range(0, 500, 128):  # chunked accumulation
-        acc.update(acts[i : i + 128], np.zeros(len(acts[i : i + 128]), dtype=np.int64))
-    red = acc.redundancy()
-    assert red[0] == pytest.approx(1.0, abs=1e-9) and red[1] == pytest.approx(1.0, abs=1e-9)
-    assert red[2] < 0.5
-    assert red[3] == 0.0  # a dead feature correlates with nothing
-    # a single lone feature is never compared with itself
-    assert redundancy_from_correlation(torch.ones(1, 1, dtype=torch.float64))[0] == 0.0
+def test_decoder_redundancy_excludes_self_and_dead_rows():
+    from ato.math.features import decoder_redundancy
+
+    e = torch.eye(4, dtype=torch.float64)
+    rows = torch.stack([e[0], -3.0 * e[0], e[1], (e[1] + e[2]) / 2**0.5, e[3], torch.zeros(4)])
+    live = np.array([True, True, True, True, False, True])
+    red = decoder_redundancy(rows, live, chunk=4)  # chunking crosses the diagonal blocks
+    assert red[0] == pytest.approx(1.0) and red[1] == pytest.approx(1.0)  # anti-parallel copies, any scale
+    assert red[2] == pytest.approx(2**-0.5) and red[3] == pytest.approx(2**-0.5)
+    assert red[4] == pytest.approx(0.0)  # its only twin would be itself; dead rows are never compared
+    assert math.isnan(red[5])  # a zero row has no direction
+    assert decoder_redundancy(rows[:1], np.array([True]))[0] == 0.0  # alone: never compared with itself
+
+
+def test_rate_band_score_rewards_the_sparse_regime():
+    from ato.math.features import rate_band_score
+
+    target = 32 / 2560  # k / width
+    rates = np.array([0.0, 0.1 * target, target, 10 * target, 0.15, 0.01 * target])
+    score = rate_band_score(rates, target, (0.1, 10.0))
+    assert math.isnan(score[0])
+    np.testing.assert_allclose(score[1:4], 0.0, atol=1e-12)  # inside the band (edges included)
+    assert score[4] == pytest.approx(-math.log10(0.15 / (10 * target)))  # dense: a decade-ish outside
+    assert score[5] == pytest.approx(-1.0)  # ten times below the lower edge
 
 
 def test_vocab_focus_kurtosis():
@@ -75,15 +86,41 @@ def test_vocab_focus_kurtosis():
     torch.testing.assert_close(excess_kurtosis(peaked * 7.0 + 3.0), excess_kurtosis(peaked))
 
 
-def test_composite_and_ranking():
-    metrics = {"activation_rate": np.array([0.1, 0.2, 0.3, 0.0]), "redundancy": np.array([0.9, 0.1, 0.5, 0.0])}
-    eligible = np.array([True, True, True, False])
-    comp = composite_score(metrics, {"activation_rate": 1.0, "redundancy": -1.0}, eligible)
-    assert math.isnan(comp[3])
-    assert rank_features(comp, eligible, metrics["activation_rate"])[:3] == [1, 2, 0]
-    assert rank_features(comp, eligible, metrics["activation_rate"])[3] == 3
-    with pytest.raises(KeyError):
-        composite_score(metrics, {"nope": 1.0}, eligible)
+def test_composite_signs_are_fixed():
+    """Low entropy and low redundancy win, whatever the weights; weights are importances ≥ 0."""
+    metrics = {
+        "rate_band": np.array([0.0, 0.0, -1.0, 0.0, 0.0]),
+        "token_entropy": np.array([0.5, 4.0, 0.5, 0.5, np.nan]),
+        "redundancy": np.array([0.1, 0.1, 0.1, 0.9, 0.1]),
+    }
+    eligible = np.array([True, True, True, True, False])
+    comp = composite_score(metrics, {"rate_band": 1.0, "token_entropy": 1.0, "redundancy": 1.0}, eligible)
+    assert math.isnan(comp[4])
+    assert comp[0] == max(comp[:4])  # in band, coherent, not redundant
+    assert comp[1] < comp[0] and comp[2] < comp[0] and comp[3] < comp[0]  # each loses on one criterion
+    with pytest.raises(ValueError, match="≥ 0"):
+        composite_score(metrics, {"token_entropy": -1.0}, eligible)
+    with pytest.raises(KeyError, match="activation_rate"):
+        composite_score(metrics, {"activation_rate": 1.0}, eligible)
+
+
+def test_ranking_puts_measured_candidates_first_and_uses_the_causal_effect():
+    pre = np.array([3.0, 2.0, 1.0, 0.5, np.nan])
+    eligible = np.array([True, True, True, True, False])
+    rate = np.array([0.01, 0.01, 0.01, 0.01, 0.5])
+    cands = exact_candidates(pre, eligible, budget=3)
+    assert cands == [0, 1, 2]
+    causal = np.full(5, np.nan)
+    causal[cands] = [0.0, 0.0, 5.0]  # feature 2 matters most to the loss
+    r = select_ranking(pre, causal, cands, 1.0, eligible, rate)
+    assert r.ranked[0] == 2 and set(r.ranked[:3]) == {0, 1, 2} and r.ranked[3:] == [3, 4]
+    assert math.isnan(r.composite[4]) and r.composite[3] == 0.5  # outside the candidates: pre-score
+    off = select_ranking(pre, causal, cands, 0.0, eligible, rate)  # weight 0: the pre-score order
+    assert off.ranked == [0, 1, 2, 3, 4]
+    # a candidate that never fired in the causal sequences (NaN) is neither rewarded nor punished
+    causal[1] = np.nan
+    assert select_ranking(pre, causal, cands, 1.0, eligible, rate).composite[1] == pytest.approx(2.0)
+    assert n_keep(0.5, 5, 4) == 2 and n_keep(0.01, 5, 4) == 1
 
 
 def _sequences(n: int = 4, seed: int = 0):
@@ -96,67 +133,56 @@ def _sequences(n: int = 4, seed: int = 0):
     return out
 
 
-def test_causal_effect_zero_direction_and_first_order_vs_exact():
-    from ato.sae.effects import exact_effects, first_order_effects
+def _naive_ablation(model, sae, layer, seqs, features):
+    """Reference: a full forward of every sequence, clean and with a_f·d_f removed, all positions
+    scored; returns (Δ summed loss per feature, active non-special positions per feature)."""
+    from ato.models import capture_residuals, chunked_nll, final_hidden, patch_residual
+    from ato.sae.effects import decoder_directions
 
-    model = tiny_model().requires_grad_(False)
-    sae = random_topk_sae(scale=0.05)  # small contributions: the regime of real SAE features
+    directions = decoder_directions(sae)
+    delta, n_active = np.zeros(len(features)), np.zeros(len(features), dtype=int)
+    for ids, special in seqs:
+        t, keep = torch.as_tensor(ids)[None], torch.as_tensor(~special)[None]
+
+        def nll() -> float:
+            return float(chunked_nll(model, final_hidden(model, t)[0, :-1], t[0, 1:], 5).double().sum())
+
+        with torch.no_grad():
+            with capture_residuals(model, [layer], stop_early=False) as cap:
+                clean = nll()
+            acts = sae.encode(cap[layer][0])
+            for j, f in enumerate(features):
+                n_active[j] += int(((acts[:, f] > 0) & keep[0]).sum())
+
+                def remove(h, f=f):
+                    return h - (sae.encode(h)[..., f] * keep)[..., None] * directions[f]
+
+                with patch_residual(model, layer, remove):
+                    delta[j] += nll() - clean
+    return delta, n_active
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gpt2"])
+def test_exact_effects_match_a_full_forward_ablation(kind):
+    """The fast path (blocks ≤ n skipped, unaffected sequences and positions not rerun, rows batched)
+    gives the exact ablation of a plain full forward, per feature."""
+    from ato.sae.effects import exact_effects
+
+    model = tiny_model(kind).requires_grad_(False)
+    sae = random_topk_sae(k=3, scale=0.5)
     with torch.no_grad():
         sae.W_dec[3] = 0.0
-    seqs = _sequences()
-    approx, clean_loss, n_tok = first_order_effects(model, sae, 1, seqs, batch_size=2, progress=False)
-    assert n_tok == sum(len(s[0]) - 1 for s in seqs) and math.isfinite(clean_loss)
-    strongest = [int(f) for f in np.argsort(-np.abs(approx))[:3]]
-    feats = [3, *strongest]
-    exact = exact_effects(model, sae, 1, seqs, feats, batch_size=3)
-    assert approx[3] == 0.0 and exact[0] == 0.0  # zero decoder direction → no effect, both ways
-    a, e = approx[strongest], exact[1:]
-    assert np.all(np.abs(e) > 1e-6)
-    np.testing.assert_allclose(a, e, rtol=0.1)  # first order agrees with exact ablation
-
-
-def test_loss_equals_chunked_cross_entropy_sum():
-    """The loss of the causal score (ato.models.chunked_nll) equals the per-chunk
-    cross_entropy(reduction="sum") total it replaced, with Gemma's softcapping, in value and gradient."""
-    from ato.models import base_model, patch_residual
-    from ato.sae import effects
-
-    model = tiny_model().requires_grad_(False)
-    model.config.final_logit_softcapping = 3.0  # make the cap bite on the tiny model's logits
-    ids, attn, _ = effects.pad_sequences(_sequences(3), torch.device("cpu"))
-
-    def old_loss(h_in: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = base_model(model)(input_ids=ids, attention_mask=attn).last_hidden_state
-        valid = attn[:, 1:].bool() & attn[:, :-1].bool()
-        h, targets = hidden[:, :-1][valid], ids[:, 1:][valid]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for i in range(0, len(h), 5):
-            logits = model.get_output_embeddings()(h[i : i + 5]).float()
-            logits = torch.tanh(logits / 3.0) * 3.0
-            total = total + torch.nn.functional.cross_entropy(logits, targets[i : i + 5], reduction="sum")
-        return total
-
-    old_total = old_loss()
-    grads = []
-    for fn in (old_loss, lambda: effects.sum_next_token_loss(model, ids, attn)[0]):
-        held = {}
-
-        def grab(h, held=held):
-            held["h"] = h.detach().requires_grad_(True)
-            return held["h"]
-
-        with torch.enable_grad(), patch_residual(model, 1, grab):
-            fn().backward()
-        grads.append(held["h"].grad)
-    effects_chunk = effects.LOSS_CHUNK_TOKENS
-    try:
-        effects.LOSS_CHUNK_TOKENS = 5
-        new_total, n = effects.sum_next_token_loss(model, ids, attn)
-    finally:
-        effects.LOSS_CHUNK_TOKENS = effects_chunk
-    assert n == sum(len(s[0]) - 1 for s in _sequences(3))
-    torch.testing.assert_close(new_total, old_total, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    seqs = _sequences(5)
+    feats = [3, 0, 2, 6, 10]
+    fast = exact_effects(model, sae, 1, seqs, feats, batch_rows=3, progress=False)
+    ref, n_active = _naive_ablation(model, sae, 1, seqs, feats)
+    assert fast.n_loss_tokens == sum(len(s[0]) - 1 for s in seqs) and math.isfinite(fast.clean_loss)
+    assert abs(fast.delta_loss[0]) < 1e-5  # zero decoder row: nothing changes (float32 rounding only)
+    assert np.abs(ref[1:]).min() > 1e-4  # the others have effects to compare
+    np.testing.assert_allclose(fast.delta_loss, ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(fast.n_active, n_active)
+    assert (n_active[1:] > 0).all()
+    np.testing.assert_allclose(fast.per_activation, fast.delta_loss / fast.n_active)
 
 
 def test_feature_records_round_trip(tmp_path):

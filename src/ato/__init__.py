@@ -7,12 +7,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Operator", "load_operator", "load_registered_operator"]
-_LAZY = {name: "operators" for name in __all__}  # public name → the submodule that defines it
+__all__ = [
+    "Operator",
+    "export_operator",
+    "import_operator",
+    "load_operator",
+    "load_registered_operator",
+    "operator_variant",
+    "score_file",
+    "score_text",
+    "splice",
+]
+_LAZY = {  # public name → the submodule that defines it
+    "Operator": "operators",
+    "load_operator": "operators",
+    "load_registered_operator": "operators",
+    "operator_variant": "operators",
+    "splice": "splicing",  # not `ato.splice`: importing a submodule of that name would shadow the function
+    "score_text": "scoring",
+    "score_file": "scoring",
+    "export_operator": "export",
+    "import_operator": "export",
+}
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .operators import Operator, load_operator, load_registered_operator
+    from .export import export_operator, import_operator
+    from .operators import Operator, load_operator, load_registered_operator, operator_variant
+    from .scoring import score_file, score_text
+    from .splicing import splice
 
 
 def __getattr__(name: str) -> Any:

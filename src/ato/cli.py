@@ -70,12 +70,62 @@ STAGES: dict[str, tuple[str, str, bool]] = {
         "sequences → reports/causal (params: causal.*, report.dpi)",
         True,
     ),
+    "languages": (
+        "languages",
+        "the operators on French/Spanish text, per-language maps, transfer matrix, subspace overlaps, causal Δ → "
+        "reports/languages (params: languages.*, causal.interval, stats.include_bos)",
+        False,
+    ),
+    "atlas": (
+        "atlas",
+        "every stored layer pair (L, L+k ≤ L+k_max) from one joint Gram pass: five operators, η, subspace, "
+        "mean Jacobian vs ridge, causal Δ on a few pairs → reports/atlas (params: atlas.*, stats.include_bos)",
+        False,
+    ),
     "report": (
         "report",
         "summary.md, comparison figures, plot CSVs over all pairs → reports/ (params: report.*)",
         False,
     ),
 }
+
+
+# Using operators downstream: name → (module, function(args) → exit code, help). No params file needed
+# (except `export --all`).
+TOOLS: dict[str, tuple[str, str, str]] = {
+    "score": (
+        "scoring",
+        "score_command",
+        "score an operator on your own documents: residual R² and Δ log-perplexity of the spliced model, "
+        "beside the identity map, with intervals over documents (streamed)",
+    ),
+    "export": ("export", "export_command", "export operators as hub-style folders (weights, config, model card)"),
+    "import": ("export", "import_command", "check an exported folder's digest and install it as an operator"),
+}
+
+
+def _add_tools(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("score", help=TOOLS["score"][2], description=TOOLS["score"][2])
+    s.add_argument("--operator", required=True, help="operator directory or registry URI models:/<name>@<alias>")
+    s.add_argument("--variant", default=None, help="a variant of the operator directory (rank64, procrustes, …)")
+    s.add_argument("--text", required=True, help=".txt (documents separated by blank lines) or .jsonl (--text-field)")
+    s.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    s.add_argument("--model", default="models/base", help="prepared model directory or HF model (default: models/base)")
+    s.add_argument("--mode", default="replace", choices=["replace", "add-delta"], help="splice mode (default: replace)")
+    s.add_argument("--max-length", type=int, default=256, help="tokens per window (default: 256)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    s.add_argument("--json", default=None, help="also write the scores as JSON to this file")
+    e = sub.add_parser("export", help=TOOLS["export"][2], description=TOOLS["export"][2])
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--operator", help="operator directory or registry URI models:/<name>@<alias>")
+    what.add_argument("--all", action="store_true", help="every pair of --params and each of its variants")
+    e.add_argument("--variant", default=None, help="with --operator: one of its variants")
+    e.add_argument("--out", required=True, help="folder to write (with --all: one sub-folder per operator)")
+    e.add_argument("--params", default="params.yaml", help="params file for --all (default: params.yaml)")
+    i = sub.add_parser("import", help=TOOLS["import"][2], description=TOOLS["import"][2])
+    i.add_argument("folder", help="a folder written by `ato export`")
+    i.add_argument("--to", required=True, help="operator directory to create, e.g. models/operators/L05_k1")
+    i.add_argument("--digest", default=None, help="the export digest you expect (sha256:…), e.g. as published")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help=ui_help, description=ui_help)
     ui.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    _add_tools(sub)
     return parser
 
 
@@ -115,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     from .params import TRACE_ENV, ParamsError, load_params, traced
 
     args = build_parser().parse_args(argv)
+    if args.command in TOOLS:
+        configure_logging()
+        tool, function, _help = TOOLS[args.command]
+        try:
+            return getattr(importlib.import_module(f".{tool}", __package__), function)(args)
+        except ParamsError as exc:
+            return fail(args.command, "params error: ", exc, 2)
+        except AtoError as exc:
+            return fail(args.command, "error: ", exc, 1)
     try:
         params = load_params(args.params)
         if getattr(args, "pair", None) and args.pair not in params.pairs:

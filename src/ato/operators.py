@@ -69,31 +69,61 @@ class Operator:
         W = self.W.double().numpy()
         return (np.asarray(x, dtype=np.float64) @ W.T + self.b.double().numpy()).astype(np.float32)
 
+    @property
+    def layer_in(self) -> int:
+        return int(self.config["layer_in"])
+
+    @property
+    def layer_out(self) -> int:
+        return int(self.config["layer_out"])
+
+    @property
+    def variant(self) -> str | None:
+        """The variant name (`rank64`, …) or None for the fitted operator itself."""
+        return self.config.get("variant")
+
+    def save(self, directory: str | Path) -> Path:
+        return save_operator(directory, self.W.detach().cpu(), self.b.detach().cpu(), self.config)
+
 
 def save_operator(
-    directory: str | Path, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, config: dict[str, Any]
+    directory: str | Path,
+    W: np.ndarray | torch.Tensor,
+    b: np.ndarray | torch.Tensor,
+    config: dict[str, Any],
+    variants: dict[str, Operator] | None = None,
 ) -> Path:
-    """Write the artifact atomically: both files into a temporary directory, then one rename, so a
-    reader sees the old operator or the new one, never weights of one with the config of the other."""
+    """Write the artifact atomically: both files (and every variant's, under `variants/<name>/`) into
+    a temporary directory, then one rename, so a reader sees the old operator or the new one, never
+    weights of one with the config of the other."""
+    directory = Path(directory)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        _write_files(tmp, W, b, config)
+        parent = {"parent_weights_sha256": _sha256(tmp / WEIGHTS)}
+        for name, op in (variants or {}).items():
+            (tmp / VARIANTS / name).mkdir(parents=True)
+            _write_files(tmp / VARIANTS / name, op.W.detach().cpu(), op.b.detach().cpu(), {**op.config, **parent})
+    return directory
+
+
+def _write_files(directory: Path, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, config: dict) -> None:
     from safetensors.torch import save_file
 
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise OperatorError(f"operator config lacks {missing}")
-    directory = Path(directory)
     W_t = torch.as_tensor(np.asarray(W, dtype=np.float32)).contiguous()
     b_t = torch.as_tensor(np.asarray(b, dtype=np.float32)).contiguous()
     if W_t.ndim != 2 or b_t.shape != (W_t.shape[0],):
         raise OperatorError(f"W must be [d_out, d_in] and b [d_out]; got {tuple(W_t.shape)}, {tuple(b_t.shape)}")
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        save_file(
-            {"W": W_t, "b": b_t},
-            str(tmp / WEIGHTS),
-            metadata={"ato": json.dumps({"layer_in": config["layer_in"], "layer_out": config["layer_out"]})},
-        )
-        write_json_atomic(tmp / CONFIG, {**config, "weights_sha256": _sha256(tmp / WEIGHTS)})
-    return directory
+    save_file(
+        {"W": W_t, "b": b_t},
+        str(directory / WEIGHTS),
+        metadata={"ato": json.dumps({"layer_in": config["layer_in"], "layer_out": config["layer_out"]})},
+    )
+    clean = {k: v for k, v in config.items() if k != "weights_sha256"}
+    write_json_atomic(directory / CONFIG, {**clean, "weights_sha256": _sha256(directory / WEIGHTS)})
 
 
 def _sha256(path: Path) -> str:
@@ -101,14 +131,41 @@ def _sha256(path: Path) -> str:
 
 
 def load_operator(
-    directory: str | Path, expect: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+    directory: str | Path,
+    expect: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    variant: str | None = None,
 ) -> Operator:
-    """Load and check an operator. `expect` holds config values that must match (model digest,
-    d_model, layers, store digest …); any mismatch is refused with a message naming the key."""
+    """Load and check an operator: a directory, or a registry URI `models:/<name>@<alias>` (or
+    `models:/<name>/<version>`). `variant` picks `<dir>/variants/<variant>/`. `expect` holds config
+    values that must match (model digest, d_model, layers, store digest …); any mismatch is refused
+    with a message naming the key."""
+    if str(directory).startswith(REGISTRY_SCHEME):
+        directory = download_registered(str(directory))
+    directory = Path(directory)
+    if variant is not None:
+        directory = variant_dir(directory, variant)
+    config, W, b = _read_checked(directory)
+    check_config(config, expect or {}, str(directory))
+    return Operator(W, b, config).to(device)
+
+
+def variant_dir(directory: Path, variant: str) -> Path:
+    """`<directory>/variants/<variant>`, or an OperatorError naming the variants that exist."""
+    path = Path(directory) / VARIANTS / variant
+    if not (path / CONFIG).exists():
+        found = sorted(p.name for p in (Path(directory) / VARIANTS).glob("*") if (p / CONFIG).exists())
+        raise OperatorError(
+            f"{directory}: no variant {variant!r} (has: {', '.join(found) or 'none'}); "
+            "add it to fit.variants and rerun `ato fit`"
+        )
+    return path
+
+
+def _read_checked(directory: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
 
-    directory = Path(directory)
     config_path, weights_path = directory / CONFIG, directory / WEIGHTS
     for path in (config_path, weights_path):
         if not path.exists():
@@ -142,8 +199,7 @@ def load_operator(
         )
     if not (torch.isfinite(W).all() and torch.isfinite(b).all()):
         raise OperatorError(f"{weights_path}: non-finite values in W or b")
-    check_config(config, expect or {}, str(directory))
-    return Operator(W, b, config).to(device)
+    return config, W, b
 
 
 def check_config(config: dict[str, Any], expect: dict[str, Any], where: str) -> None:
@@ -159,14 +215,58 @@ def check_config(config: dict[str, Any], expect: dict[str, Any], where: str) -> 
             )
 
 
-def load_registered_operator(name: str, alias: str = "champion", tracking_uri: str | None = None) -> Operator:
-    """Download a registered operator's artifact from the MLflow registry and load it."""
+def download_registered(uri: str, tracking_uri: str | None = None) -> Path:
+    """The local directory of a registered operator (`models:/<name>@<alias>`), downloaded from MLflow."""
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")
-    candidates = [p.parent for p in Path(local).rglob(WEIGHTS)]
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    except mlflow.exceptions.MlflowException as exc:
+        raise OperatorError(f"{uri}: not found in the registry at {mlflow.get_tracking_uri()}: {exc}") from None
+    # The shallowest copy of the weights: the registered operator itself, not one of its variants.
+    candidates = sorted((p.parent for p in local.rglob(WEIGHTS)), key=lambda p: (len(p.parts), str(p)))
     if not candidates:
-        raise OperatorError(f"models:/{name}@{alias}: no {WEIGHTS} in the registered model")
-    return load_operator(candidates[0])
+        raise OperatorError(f"{uri}: no {WEIGHTS} in the registered model")
+    return candidates[0]
+
+
+def load_registered_operator(name: str, alias: str = "champion", tracking_uri: str | None = None) -> Operator:
+    """Download a registered operator's artifact from the MLflow registry and load it
+    (`alias`: `champion`, or a variant's alias such as `rank64`)."""
+    return load_operator(download_registered(f"{REGISTRY_SCHEME}{name}@{alias}", tracking_uri))
+
+
+# --------------------------------------------------------------------------------------------
+# Variants
+
+
+def operator_variant(op: Operator, train: Any, name: str, cca: Any = None) -> Operator:
+    """The variant `name` (`rank<r>`, `svd<r>`, `procrustes`, `identity`; `ato.math.variants`) of the
+    fitted operator `op`, built from its pair's TRAIN statistics (`ato.math.stats.PairStats`, e.g.
+    `ato.artifacts.read_pair_stats(".../train/<pair>.safetensors")`). Its config is the parent's with
+    the variant's name, method and rank, and the parent's weights digest."""
+    from .math.variants import VARIANT_METHOD, parse_variant, variant_map
+
+    try:
+        spec = parse_variant(name)
+        vm = variant_map(spec, train, op.W.double().cpu().numpy(), cca)
+    except ValueError as exc:
+        where = f"{op.config.get('layer_in')}→{op.config.get('layer_out')}"
+        raise OperatorError(f"variant {name!r} of the operator {where}: {exc}") from None
+    parent = {k: v for k, v in op.config.items() if k not in ("weights_sha256", "metrics", "variant")}
+    config = {
+        **parent,
+        "variant": name,
+        "method": VARIANT_METHOD[spec.kind],
+        "alpha": float(op.config.get("alpha", 0.0)) if spec.kind == "svd" else 0.0,
+        "rank": vm.rank,
+        "rank_requested": spec.rank,
+        "procrustes_scale": vm.scale,
+        "parent_method": op.config.get("method"),
+        "parent_weights_sha256": op.config.get("weights_sha256"),
+    }
+    W = torch.as_tensor(vm.W, dtype=torch.float32)
+    b = torch.as_tensor(vm.b, dtype=torch.float32)
+    return Operator(W, b, config)

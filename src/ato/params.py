@@ -40,6 +40,7 @@ class Paths:
     sae_dir: str = "models/sae"  # one sae-lens directory per target layer
     features: str = "data/features"  # ranked SAE feature ids per layer
     operators: str = "models/operators"  # one directory per (L, k)
+    atlas: str = "data/atlas"  # atlas → the ridge map of every atlas pair (maps.safetensors)
     reports: str = "reports"
     mlflow_uri: str = "sqlite:///mlruns/mlflow.db"
     mlflow_artifacts: str = "mlruns/artifacts"
@@ -152,11 +153,25 @@ class FitParams:
     l1_ratio: float = 0.5
     register: bool = True  # register in the MLflow model registry with alias `champion`
     alias: str = "champion"
+    # operator variants saved beside the operator (<dir>/variants/<name>/) and registered as aliases
+    # `@<name>`: rank<r> (reduced-rank regression), svd<r> (SVD-truncated), procrustes, identity
+    variants: list[str] = field(default_factory=lambda: ["rank64", "svd64", "procrustes", "identity"])
+
+
+@dataclass
+class SaeGates:
+    """Quality an SAE must reach on VAL tokens for feature-level numbers built on it to count as
+    reliable (docs/method.md#features); a miss marks them unreliable, it does not stop the run."""
+
+    min_fve: float = 0.80  # fraction of variance explained
+    max_dead: float = 0.05  # fraction of latents never active on the VAL tokens
+    min_ce_recovered: float = 0.90  # CE-loss recovered with the reconstruction spliced in
+    ce_reference: Literal["zero", "mean"] = "zero"  # ablation the CE-loss recovered is measured against
 
 
 @dataclass
 class SaeParams:
-    """Stage `sae`: pretrained (sae-lens release) or trained on the store."""
+    """Stage `sae`: pretrained (sae-lens release) or trained on TRAIN-split residuals."""
 
     source: Literal["train", "pretrained"] = "train"
     release: str = "gemma-scope-2b-pt-res-canonical"
@@ -165,31 +180,41 @@ class SaeParams:
     width: int = 2560
     k: int = 32  # active latents for TopK
     l1_coefficient: float = 5.0  # sparsity penalty for JumpReLU
+    tokens: int = 65536  # distinct TRAIN tokens per target layer: the store's first, the rest streamed from the model
+    forward_batch_size: int = 16  # sequences per forward pass when streaming SAE tokens
     steps: int = 400
     batch_tokens: int = 512
     lr: float = 4e-4
     seed: int = 0
+    eval_sequences: int = 16  # VAL sequences for CE-loss recovered / KL (0: skip the downstream check)
+    eval_seq_len: int = 64  # tokens per such sequence
+    dense_threshold: float = 0.1  # a latent active on more than this fraction of VAL tokens counts as dense
+    gates: SaeGates = field(default_factory=SaeGates)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
+class SelectWeights:
+    """Importance (≥ 0) of each selection criterion; its sign is fixed (README "Feature selection")."""
+
+    rate_band: float = 1.0  # activation: rate inside select.rate_band around mean L0 / d_sae (+)
+    token_entropy: float = 1.0  # coherence: entropy of the tokens it fires on (lower is better)
+    vocab_focus: float = 0.5  # logit-lens kurtosis of the decoder direction (+)
+    redundancy: float = 1.0  # max |cos| with another live decoder row (lower is better)
+    causal_effect: float = 1.0  # exact Δ loss per ablated activation, for the exact_budget candidates (+)
+
+
+@dataclass
 class SelectParams:
-    """Stage `select`: feature quality scores and the kept fraction."""
+    """Stage `select`: feature selection criteria, the exact-ablation budget and the kept fraction."""
 
     keep_fraction: float = 0.05
-    weights: dict[str, float] = field(
-        default_factory=lambda: {
-            "activation_rate": 1.0,
-            "token_entropy": 1.0,
-            "vocab_focus": 0.5,
-            "redundancy": -1.0,
-            "causal_effect": 1.0,
-        }
-    )
-    min_activation_rate: float = 1e-4
+    weights: SelectWeights = field(default_factory=SelectWeights)
+    rate_band: list[float] = field(default_factory=lambda: [0.1, 10.0])  # [lo, hi] × mean L0 / d_sae
+    min_activation_rate: float = 1e-4  # below: not scored (ranked last)
     max_tokens: int = 16384  # tokens scored per layer
-    causal_sequences: int = 8  # held-out sequences for the causal-effect score
-    exact_check: int = 1  # features whose first-order causal effect is also measured by exact ablation
+    causal_sequences: int = 8  # held-out VAL sequences of the exact ablations
+    exact_budget: int = 64  # best candidates by the other criteria whose exact ablation Δ enters the score
     top_contexts: int = 5
     context_window: int = 8
     neuronpedia: bool = False  # fetch explanations online (never in the default run)
@@ -231,6 +256,57 @@ class CausalParams:
 
 
 @dataclass
+class LanguagesParams:
+    """Stage `languages`: the English-fitted operators on other languages' text; per-language maps compared."""
+
+    sources: dict[str, str] = field(
+        default_factory=lambda: {"fr-fr": "embedded", "es-es": "embedded"}
+    )  # language → text: `embedded` (the embedded package's summaries_<language>.json) or a .txt/.jsonl path;
+    # the reference language is the store's (corpus.language); every corpus.* setting but source applies
+    fit_tokens: int = 12288  # per language: tokens of its TRAIN documents the per-language maps are fitted on
+    test_tokens: int = 4096  # per language: tokens of its TEST documents every map is scored on
+    alpha_scaling: Literal["per_token", "absolute"] = "per_token"  # per_token: the operator's α · n / n_operator
+    overlap_rank: int = 32  # r: top singular directions of each map's update (W − I)S compared across languages
+    shared_threshold: float = 0.9  # principal cos² at or above which a direction counts as shared
+    causal_sequences: int = 16  # test sequences per language patched with the operators (intervals over them)
+    causal_seq_len: int = 64  # tokens per causal sequence
+    batch_size: int = 8  # sequences per forward pass
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class AtlasParams:
+    """Stage `atlas`: every stored layer pair (L, L + k ≤ L + k_max) from one joint Gram, five operators
+    side by side, the model's mean Jacobian, and a causal Δ on a few pairs (docs/method.md#atlas)."""
+
+    k_max: int = 4  # pairs (L, L + k) for every stored layer L and 1 ≤ k ≤ k_max (L + k a stored layer)
+    tokens: dict[str, int] = field(
+        default_factory=lambda: {"train": 32768, "test": 8192}
+    )  # first tokens of each split in the joint float64 pass (BOS excluded like stats); 0: the whole split
+    chunk_tokens: int = 2048  # rows per streamed chunk (memory ≈ chunk × layers × d_model × 8 bytes)
+    alpha: float | None = None  # one ridge α for every pair; null: each pair's GCV choice on the grid below
+    alpha_min: float = 1e-3  # GCV grid (log-spaced)
+    alpha_max: float = 1e7
+    alpha_points: int = 41
+    subspace_fraction: float = 0.9  # held-out subspace size: smallest r with this share of Σρ⁺²
+    null_replicates: int = 8  # Wishart replicates of the subspace null (independent x, y at the atlas's n, d)
+    eta_replicates: int = 0  # Wishart replicates of η's linear reference per pair (0: the analytic value only)
+    seed: int = 0  # null, η reference, Jacobian sign draws, causal intervals
+    jacobian_layers: list[int] | Literal["all"] = "all"  # input layers L whose pairs get the mean Jacobian
+    jacobian_sequences: int = 2  # TRAIN sequences the Jacobian is averaged over (BOS excluded)
+    jacobian_seq_len: int = 64  # tokens per Jacobian sequence
+    jacobian_directions: int = 8  # r input directions probed: top right singular subspace of L's ridge maps
+    # (≥ d_model: the whole matrix); every Jacobian number is restricted to it
+    jacobian_chunk: int = 32  # tangents per vmapped jvp call (memory vs speed)
+    causal_pairs: list[str] = field(default_factory=lambda: ["L05_k1"])  # atlas pairs patched with every
+    # operator (Δ log-perplexity on TEST sequences, intervals over sequences); [] for none
+    causal_sequences: int = 8  # test sequences per causal pair
+    causal_seq_len: int = 64
+    causal_batch_size: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the joint Gram, the Jacobian and the causal passes
+
+
+@dataclass
 class ReportParams:
     """Stage `report` (and the resolution of every stage's PNG figures)."""
 
@@ -256,6 +332,8 @@ class Params:
     select: SelectParams = field(default_factory=SelectParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     causal: CausalParams = field(default_factory=CausalParams)
+    atlas: AtlasParams = field(default_factory=AtlasParams)
+    languages: LanguagesParams = field(default_factory=LanguagesParams)
     report: ReportParams = field(default_factory=ReportParams)
     root: Path = Path(".")  # directory relative paths resolve against (the params file's)
 
@@ -437,12 +515,20 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         "sae.width": params.sae.width,
         "sae.steps": params.sae.steps,
         "sae.batch_tokens": params.sae.batch_tokens,
+        "sae.tokens": params.sae.tokens,
+        "sae.forward_batch_size": params.sae.forward_batch_size,
+        "sae.eval_seq_len": params.sae.eval_seq_len,
         "causal.n_sequences": params.causal.n_sequences,
         "causal.seq_len": params.causal.seq_len,
         "causal.batch_size": params.causal.batch_size,
         "causal.bootstrap_resamples": params.causal.bootstrap_resamples,
         "evaluate.n_ranks": params.evaluate.n_ranks,
         "evaluate.null_replicates": params.evaluate.null_replicates,
+        "languages.fit_tokens": params.languages.fit_tokens,
+        "languages.test_tokens": params.languages.test_tokens,
+        "languages.overlap_rank": params.languages.overlap_rank,
+        "languages.causal_sequences": params.languages.causal_sequences,
+        "languages.batch_size": params.languages.batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -457,8 +543,14 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
     }.items():
         if value <= 0:
             raise ParamsError(f"{key}: must be positive, got {value}")
-    if params.select.exact_check < 0:
-        raise ParamsError("select.exact_check: must be >= 0")
+    if params.select.exact_budget < 0:
+        raise ParamsError("select.exact_budget: must be >= 0")
+    band = params.select.rate_band
+    if len(band) != 2 or not 0 < band[0] <= band[1]:
+        raise ParamsError(f"select.rate_band: needs [lo, hi] with 0 < lo <= hi, got {band}")
+    bad = {k: v for k, v in dataclasses.asdict(params.select.weights).items() if not v >= 0}
+    if bad:
+        raise ParamsError(f"select.weights: importances must be >= 0 (the sign of each criterion is fixed), got {bad}")
     if params.sae.architecture == "topk" and not 0 < params.sae.k <= params.sae.width:
         raise ParamsError(f"sae.k: must be in 1..sae.width ({params.sae.width}), got {params.sae.k}")
     if params.report.dpi <= 0 or not params.report.ranks or any(r < 1 for r in params.report.ranks):
@@ -474,6 +566,8 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         if missing:
             raise ParamsError(f"collect.layers: pairs need layer(s) {missing}, which are not collected")
     _check_position_sets(params.causal)
+    _check_atlas(params.atlas)
+    _check_languages(params)
     if n_layers is not None:
         check_depth(params, n_layers)
 
@@ -494,6 +588,50 @@ def _check_position_sets(causal: CausalParams) -> None:
                 f"(patchable positions are 1..{causal.seq_len - 2} for seq_len {causal.seq_len}: 0 is BOS, "
                 f"and the last position's own prediction is not scored)"
             )
+
+
+def _check_languages(params: Params) -> None:
+    lp = params.languages
+    if not lp.sources:
+        raise ParamsError("languages.sources: empty; name at least one language to compare (e.g. fr-fr: embedded)")
+    if params.corpus.language in lp.sources:
+        raise ParamsError(f"languages.sources: {params.corpus.language} is the reference (corpus.language)")
+    if not 0 < lp.shared_threshold <= 1:
+        raise ParamsError(f"languages.shared_threshold: must be in (0, 1], got {lp.shared_threshold}")
+    if lp.causal_seq_len < 2:
+        raise ParamsError(f"languages.causal_seq_len: must be at least 2, got {lp.causal_seq_len}")
+
+
+def _check_atlas(a: AtlasParams) -> None:
+    positive = {
+        "atlas.k_max": a.k_max,
+        "atlas.chunk_tokens": a.chunk_tokens,
+        "atlas.alpha_points": a.alpha_points,
+        "atlas.null_replicates": a.null_replicates,
+        "atlas.jacobian_sequences": a.jacobian_sequences,
+        "atlas.jacobian_directions": a.jacobian_directions,
+        "atlas.jacobian_chunk": a.jacobian_chunk,
+        "atlas.causal_sequences": a.causal_sequences,
+        "atlas.causal_batch_size": a.causal_batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ParamsError(f"{key}: must be positive, got {value}")
+    if set(a.tokens) != {"train", "test"} or any(v < 0 for v in a.tokens.values()):
+        raise ParamsError(f"atlas.tokens: needs train and test token counts >= 0 (0: the whole split), got {a.tokens}")
+    if a.alpha is not None and a.alpha <= 0:
+        raise ParamsError(f"atlas.alpha: must be positive or null (GCV), got {a.alpha}")
+    if not 0 < a.alpha_min < a.alpha_max:
+        raise ParamsError("atlas.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
+    if not 0 < a.subspace_fraction <= 1:
+        raise ParamsError(f"atlas.subspace_fraction: must be in (0, 1], got {a.subspace_fraction}")
+    if a.eta_replicates < 0:
+        raise ParamsError("atlas.eta_replicates: must be >= 0")
+    if a.jacobian_seq_len < 2 or a.causal_seq_len < 3:
+        raise ParamsError("atlas.jacobian_seq_len / causal_seq_len: need at least 2 / 3 tokens (BOS + tokens)")
+    bad = [name for name in a.causal_pairs if not _PAIR_NAME.match(name)]
+    if bad:
+        raise ParamsError(f"atlas.causal_pairs: {bad} are not pair names like L05_k1")
 
 
 def check_depth(params: Params, n_layers: int) -> None:

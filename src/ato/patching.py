@@ -11,9 +11,11 @@ a chosen set of positions, with the condition's value:
     bias_only   b                    (the operator with its input removed)
     train_mean  ȳ_train              (mean ablation: the train-split mean of y, BOS excluded like every fit)
 
-BOS (position 0) and other special tokens are never patched. The loss is the next-token NLL from the
-final hidden states through the chunked LM head (`ato.models.chunked_nll`, with the model's final
-logit softcapping), so the 262k-vocab logits never exist all at once. Two token scopes: `all` (every
+Every patched residual is `ato.splicing.patch_rows`, the implementation behind the public `ato.splice`
+(one implementation: replayed from a traced forward below, or hooked into a full forward by
+`ato.splicing.spliced`). BOS (position 0) and other special tokens are never patched. The loss is the
+next-token NLL from the final hidden states through the chunked LM head (`ato.models.chunked_nll`, with
+the model's final logit softcapping), so the 262k-vocab logits never exist all at once. Two token scopes: `all` (every
 predicted token) and `after` (predictions at or after the first patched position — the only ones a
 patch can change in a causal model; earlier rows are taken from the clean pass, which is exact, and
 skip the LM head, which dominates the cost).
@@ -66,8 +68,9 @@ from ato.artifacts import (
 from ato.artifacts.causal import CONDITIONS, PAIR_CONDITIONS, PATCHED, REFERENCE_CONDITIONS, REFERENCES, SCOPES
 from ato.errors import AtoError
 from ato.math.intervals import Interval, delta_interval, recovered_interval, unscorable_positions
-from ato.models import base_model, capture_residuals, chunked_nll, decoder_blocks, final_hidden, patch_residual
+from ato.models import base_model, chunked_nll, decoder_blocks, final_hidden
 from ato.params import CausalParams
+from ato.splicing import patch_rows, spliced
 from ato.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -284,18 +287,10 @@ def patched_token_nll(
     """NLL [B, T-1] of one full forward where residual `layer_out` at `patch` [B, T] (bool) is
     replaced by `value_fn(x_layer_in[patch])`, x captured from the same forward (the reference
     implementation that `run_conditions` shares the prefix of)."""
-    rows = patch.nonzero(as_tuple=True)
     if layer_out <= layer_in:
         raise ValueError(f"layer_out {layer_out} must come after layer_in {layer_in}")
-
-    with capture_residuals(model, [layer_in], stop_early=False) as captured:
-
-        def replace(hidden: torch.Tensor) -> torch.Tensor:
-            values = value_fn(captured[layer_in][rows])
-            return hidden.index_put(rows, values.to(hidden.dtype))
-
-        with patch_residual(model, layer_out, replace):
-            hidden = final_hidden(model, input_ids)
+    with spliced(model, layer_out, value_fn, patch.nonzero(as_tuple=True), layer_in):
+        hidden = final_hidden(model, input_ids)
     from_col = _first_patched_col(patch) if clean_nll is not None else 0
     return token_nll(model, input_ids, chunk_rows, hidden=hidden, from_col=from_col, base=clean_nll)
 
@@ -557,12 +552,11 @@ def _run_set(
     per_cond = {"clean": batch.clean}
     for cond in conditions:
         with clock(cond.name):
-            source = y if cond.layer_in is None else trace.residuals[cond.layer_in]
-            patched = y.index_put(rows, cond.value(source[rows]).to(y.dtype))
             if batch.replay_exact:
-                hidden = trace.replay(model, layer_out, patched)
-            else:
-                with patch_residual(model, layer_out, lambda h, p=patched: h.index_put(rows, p[rows])):
+                x = None if cond.layer_in is None else trace.residuals[cond.layer_in]
+                hidden = trace.replay(model, layer_out, patch_rows(y, x, rows, cond.value))
+            else:  # the same patch by hooks in a full forward (`ato.splicing`, what `ato.splice` runs)
+                with spliced(model, layer_out, cond.value, rows, cond.layer_in):
                     hidden = final_hidden(model, ids)
             per_cond[cond.name] = token_nll(model, ids, chunk_rows, hidden=hidden, from_col=from_col, base=batch.clean)
         tick(1)

@@ -1,27 +1,34 @@
 """MLflow "model from code" for a registered operator: no pickle is written or read.
 
 `mlflow.pyfunc.load_model("models:/<name>@champion").predict(x)` maps upstream residuals
-[n, d_model] to predicted downstream residuals with the operator's safetensors weights.
+[n, d_model] (float32) to predicted downstream residuals with the operator's safetensors weights.
+`predict` is typed (numpy in, numpy out), and `ato.tracking.register_operator` logs the model with a
+tensor signature [-1, d_model] float32 and an input example.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 import numpy as np
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
 class OperatorModel(PythonModel):
-    def load_context(self, context):
+    def load_context(self, context: PythonModelContext) -> None:
         from pathlib import Path
 
         from ato.operators import WEIGHTS, load_operator
 
         root = Path(context.artifacts["operator"])
-        directory = root if (root / WEIGHTS).exists() else next(p.parent for p in root.rglob(WEIGHTS))
-        self.operator = load_operator(directory)
+        # the shallowest copy of the weights: the operator itself, never one of its variants
+        found = sorted((p.parent for p in root.rglob(WEIGHTS)), key=lambda p: (len(p.parts), str(p)))
+        self.operator = load_operator(root if (root / WEIGHTS).exists() else found[0])
 
-    def predict(self, context, model_input, params=None):
+    def predict(
+        self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         x = np.asarray(getattr(model_input, "values", model_input), dtype=np.float32)
         return self.operator.predict_numpy(x)
 

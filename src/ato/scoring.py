@@ -640,9 +640,10 @@ def _score_window(
     y_hat = torch.nn.functional.linear(cap[L][rows], W, b).double().cpu().numpy()
     acc["op"].update(y, y_hat)
     acc["identity"].update(y, x)
-    sums = {
+    sums = {  # the same keys for every window (UnitSums adds them up per unit)
         "predictions": float(clean.numel()),
         "rows": float(len(y)),
+        "yy": 0.0,  # Σ‖y − shift‖², filled in by the caller once the shift is known
         "nll_clean": float(clean.double().sum()),
         "sse_op": float(((y - y_hat) ** 2).sum()),
         "sse_identity": float(((y - x) ** 2).sum()),

@@ -149,6 +149,23 @@ def pipeline_run(params: Params, stage: str) -> Iterator[Any]:
 
 
 @contextmanager
+def child_run(params: Params, kind: str) -> Iterator[Any]:
+    """Reopen (or create) the one child run of a whole-pipeline analysis under the parent run, tagged
+    `ato.kind = kind` and named after it (e.g. `languages`: one run per pipeline run)."""
+    import mlflow
+
+    parent = parent_run_id(params)
+    exp_id = setup(params)
+    found = _find_run(exp_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.`ato.kind` = '{kind}'")
+    if found is None:
+        tags = {**_base_tags(params), "ato.kind": kind, "mlflow.parentRunId": parent}
+        found = mlflow.MlflowClient().create_run(exp_id, run_name=kind, tags=tags).info.run_id
+    with mlflow.start_run(run_id=found) as run:
+        mlflow.set_tag(f"ato.stage.{kind}", "done")
+        yield run
+
+
+@contextmanager
 def pair_run(params: Params, pair_name: str, stage: str) -> Iterator[Any]:
     """Reopen (or create) the child run of one (L, k) pair under the parent run."""
     import mlflow
@@ -172,6 +189,15 @@ def pair_run(params: Params, pair_name: str, stage: str) -> Iterator[Any]:
     with mlflow.start_run(run_id=found) as run:
         mlflow.set_tag(f"ato.stage.{stage}", "done")
         yield run
+
+
+def sae_reliability_tags(reliable: bool | None, failures: list[str], layer: int | None = None) -> dict[str, str]:
+    """Tags that mark feature-level numbers resting on an SAE that missed its quality gates:
+    `sae_reliable` = true | false and `sae_gate_failures` (`; `-joined, "none" when reliable), with a
+    `.layer_NN` suffix when a run covers several layers. Unknown reliability counts as false."""
+    suffix = f".layer_{layer:02d}" if layer is not None else ""
+    text = "; ".join(failures) or ("none" if reliable else "no gate result")
+    return {f"sae_reliable{suffix}": "true" if reliable else "false", f"sae_gate_failures{suffix}": text[:4000]}
 
 
 def log_flat_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
@@ -229,20 +255,35 @@ def registry_name(model_label: str, pair_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ato-{slug}-{pair_name}")
 
 
-def register_operator(operator_dir: Path, name: str, alias: str) -> str:
+def register_operator(
+    operator_dir: Path,
+    name: str,
+    alias: str,
+    *,
+    artifact_name: str = "operator",
+    metrics: dict[str, float] | None = None,
+) -> str:
     """Log the operator directory as a pyfunc model in the active run (MLflow "model from code":
-    `pyfunc_model.py`, no pickle), register it as `name`, point `alias` at the new version and tag the
-    run with it. Returns the model URI `models:/<name>@<alias>`."""
+    `pyfunc_model.py`, no pickle; a float32 [-1, d_model] tensor signature and an input example),
+    register it as `name`, point `alias` at the new version and tag the run with it. `metrics` go on
+    the logged model and, as `metric.<key>` tags, on the model version. Returns `models:/<name>@<alias>`."""
+    import json
+
     import mlflow
     import numpy as np
     import safetensors
     import torch
+    from mlflow.models import infer_signature
 
     package = Path(__file__).resolve().parent
+    d = int(json.loads((Path(operator_dir) / "config.json").read_text())["d_model"])
+    example = np.zeros((2, d), dtype=np.float32)
     info = mlflow.pyfunc.log_model(
-        name="operator",
+        name=artifact_name,
         python_model=str(package / "pyfunc_model.py"),
         artifacts={"operator": str(operator_dir)},
+        input_example=example,
+        signature=infer_signature(example, example),
         code_paths=[str(package)],
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",
@@ -252,9 +293,15 @@ def register_operator(operator_dir: Path, name: str, alias: str) -> str:
         ],
         registered_model_name=name,
     )
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(info.registered_model_version))
+    client, version = mlflow.MlflowClient(), str(info.registered_model_version)
+    client.set_registered_model_alias(name, alias, version)
+    if metrics:
+        finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+        mlflow.log_metrics(finite, model_id=info.model_id)
+        for key, value in finite.items():
+            client.set_model_version_tag(name, version, f"metric.{key}", f"{value:.6g}")
     uri = f"models:/{name}@{alias}"
-    mlflow.set_tag("ato.registered_model", uri)
+    mlflow.set_tag("ato.registered_model" if artifact_name == "operator" else f"ato.registered_model.{alias}", uri)
     return uri
 
 

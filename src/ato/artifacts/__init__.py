@@ -17,6 +17,8 @@ atomic writer (`atomic_path`), and read through its record: a missing, truncated
 | evaluate | operator, pair_stats, SAE, `FeatureSet`, store | `PairMetrics`, `EfficiencyTable`, `TransportVerdicts` |
 | causal_reference | `ModelInfo`, pair_stats(train) (ȳ), store | `CausalReference` → causal_reference(layer) |
 | causal | operator, `ModelInfo`, `CausalReference`, store | `CausalSummary` → causal(pair); `CausalSequences` |
+| languages | operators, store, SAE, `FeatureSet`, `SaeInfo`, other text | `LanguageReport` → languages |
+| atlas | `StoreManifest`, `ValidationVerdict`, store, model | `AtlasResult` → atlas_result; atlas_maps; tables |
 | report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult` | summary.md, plots/*.csv, figures |
 """
 
@@ -31,6 +33,14 @@ from .layout import Layout, layer_dir_name
 # Each record is imported on first use (PEP 562), so a stage imports, and depends on (dvc.yaml),
 # only the records it uses — and `import ato.artifacts` stays light (no torch).
 _LAZY = {
+    "AtlasBudget": "atlas",
+    "AtlasMapsMeta": "atlas",
+    "AtlasPair": "atlas",
+    "AtlasResult": "atlas",
+    "LocalGlobal": "atlas",
+    "OperatorScore": "atlas",
+    "read_atlas_maps": "atlas",
+    "write_atlas_maps": "atlas",
     "CausalReference": "causal",
     "CausalSequences": "causal",
     "CausalSummary": "causal",
@@ -46,6 +56,11 @@ _LAZY = {
     "FeatureSet": "features",
     "SelectReport": "features",
     "TokenContext": "features",
+    "IntervalScore": "languages",
+    "LanguageReport": "languages",
+    "LanguageScores": "languages",
+    "LanguageSource": "languages",
+    "PairTransfer": "languages",
     "ManifestCorpus": "manifest",
     "ManifestModel": "manifest",
     "ManifestTokenizer": "manifest",
@@ -75,6 +90,10 @@ _LAZY = {
 __all__ = [
     "AlphaPoint",
     "ArtifactError",
+    "AtlasBudget",
+    "AtlasMapsMeta",
+    "AtlasPair",
+    "AtlasResult",
     "BaselineScores",
     "CausalReference",
     "CausalSequences",
@@ -86,13 +105,20 @@ __all__ = [
     "FeatureContexts",
     "FeatureScores",
     "FeatureSet",
+    "IntervalScore",
+    "LanguageReport",
+    "LanguageScores",
+    "LanguageSource",
     "Layout",
+    "LocalGlobal",
     "ManifestCorpus",
     "ManifestModel",
     "ManifestTokenizer",
     "ModelInfo",
+    "OperatorScore",
     "PairMetrics",
     "PairStatsMeta",
+    "PairTransfer",
     "PatchedScores",
     "PositionSetSummary",
     "PredictorScores",
@@ -114,9 +140,11 @@ __all__ = [
     "json_clean",
     "layer_dir_name",
     "publish_stats_dir",
+    "read_atlas_maps",
     "read_json",
     "read_pair_stats",
     "read_pair_stats_meta",
+    "write_atlas_maps",
     "write_csv_atomic",
     "write_json_atomic",
     "write_pair_stats",
@@ -131,6 +159,16 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from .atlas import (
+        AtlasBudget,
+        AtlasMapsMeta,
+        AtlasPair,
+        AtlasResult,
+        LocalGlobal,
+        OperatorScore,
+        read_atlas_maps,
+        write_atlas_maps,
+    )
     from .causal import (
         CausalReference,
         CausalSequences,
@@ -143,6 +181,7 @@ if TYPE_CHECKING:
         SequenceDetail,
     )
     from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
+    from .languages import IntervalScore, LanguageReport, LanguageScores, LanguageSource, PairTransfer
     from .manifest import ManifestCorpus, ManifestModel, ManifestTokenizer, SplitInfo, StoreManifest
     from .metrics import (
         BaselineScores,

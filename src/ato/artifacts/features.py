@@ -1,7 +1,7 @@
 """Feature selection (`ato select` → evaluate): per target layer, every SAE feature's scores, the
 ranking and the kept features (`features/layer_NN.json`), the kept features' top activating contexts
-(`features/layer_NN_contexts.json`) and a summary with the first-order-vs-exact causal check
-(`reports/select/layer_NN.json`). See docs/contracts.md#features and docs/method.md#features."""
+(`features/layer_NN_contexts.json`) and a summary with the exact ablations of the candidates
+(`reports/select/layer_NN.json`). See docs/contracts.md#features and README "Feature selection"."""
 
 from __future__ import annotations
 
@@ -14,25 +14,26 @@ from ._io import Record
 @dataclass
 class FeatureScores:
     """One value per SAE feature (index = feature id); null where undefined (never active,
-    ineligible)."""
+    ineligible, not measured)."""
 
     activation_rate: list[float | None]  # fraction of scored tokens where the feature is active
-    token_entropy: list[float | None]  # entropy (nats) of the token ids where it is active
+    token_entropy: list[float | None]  # entropy (nats) of the token ids where it is active (lower: coherent)
     vocab_focus: list[float | None]  # excess kurtosis of W_U · (N(d_f) − N(0))
-    redundancy: list[float | None]  # max |corr| with any other feature's activations
-    causal_effect: list[float | None]  # first-order Δ mean next-token loss when it is ablated
-    composite: list[float | None]  # Σ_m w_m z_m over the eligible features (select.weights)
+    redundancy: list[float | None]  # max |cos| of its decoder row with another live feature's row
+    causal_effect: list[float | None]  # exact Δ next-token loss per ablated activation (exact_budget candidates)
+    composite: list[float | None]  # final score (candidates) or pre-score (other eligible); README "Feature selection"
+    rate_band: list[float | None] = field(default_factory=list)  # 0 inside select.rate_band, −decades outside
 
 
 @dataclass
 class FeatureSet(Record):
     """The scored, ranked and kept features of one layer's SAE."""
 
-    FORMAT: ClassVar[str] = "ato-features/1"
+    FORMAT: ClassVar[str] = "ato-features/2"
     PRODUCER: ClassVar[str] = "select"
 
     layer: int  # residual layer n of the SAE
-    ranked: list[int]  # every feature id: eligible by composite (desc), then the rest by activation rate
+    ranked: list[int]  # every feature id: exact-ablation candidates by composite, other eligible, the rest
     kept: list[int]  # the first round(select.keep_fraction · d_sae) eligible features of `ranked`
     scores: FeatureScores  # per-feature scores
     sae_store_digest: str | None = None  # store digest recorded in the SAE's ato_sae.json
@@ -79,22 +80,21 @@ class FeatureContexts(Record):
 
 
 @dataclass
-class CausalCheck:
-    """The features with the largest first-order causal effect, also ablated exactly."""
+class ExactAblation:
+    """The candidates ablated exactly, in candidate order (best pre-score first)."""
 
-    features: list[int]  # feature ids (select.exact_check of them)
-    first_order: list[float | None]  # first-order Δ mean loss
-    exact: list[float | None]  # exact-ablation Δ mean loss
-    relative_error: list[float | None]  # |first_order − exact| / |exact|
+    features: list[int]  # feature ids (select.exact_budget of them at most)
+    n_active: list[int]  # activations ablated in the causal sequences (0: no measurement)
+    delta_loss: list[float | None]  # Δ summed next-token loss over the causal sequences (nats)
 
 
 @dataclass
 class SelectSeconds:
     """Wall time of the parts of one layer's scoring."""
 
-    scan: float  # encoding the TRAIN tokens (rates, entropy, redundancy, contexts)
-    vocab_focus: float  # logit-lens kurtosis of every decoder direction
-    causal: float  # first-order effects (+ the exact check)
+    scan: float  # encoding the TRAIN tokens (rates, entropy, contexts)
+    vocab_focus: float  # logit-lens kurtosis of the eligible decoder directions
+    causal: float  # exact ablations of the candidates (clean passes included)
     total: float  # the whole layer
 
 
@@ -102,7 +102,7 @@ class SelectSeconds:
 class SelectReport(Record):
     """Summary of one layer's selection (reports/select/layer_NN.json)."""
 
-    FORMAT: ClassVar[str] = "ato-select-report/1"
+    FORMAT: ClassVar[str] = "ato-select-report/2"
     PRODUCER: ClassVar[str] = "select"
 
     layer: int  # residual layer n
@@ -111,14 +111,20 @@ class SelectReport(Record):
     n_eligible: int  # features with activation rate ≥ select.min_activation_rate
     n_kept: int  # len(FeatureSet.kept)
     n_dead: int  # features never active on the scored tokens
-    clean_val_loss: float  # mean next-token loss of the unpatched model on the causal sequences
-    n_causal_sequences: int  # VAL sequences of the causal score
+    target_rate: float  # the sparse regime r₀ = mean L0 / d_sae on the scored tokens (k/width for TopK)
+    rate_band: list[float]  # [lo, hi] activation rates scoring 0 on rate_band (select.rate_band × r₀)
+    n_in_band: int  # eligible features with a rate inside the band
+    clean_val_loss: float | None  # mean next-token loss of the unpatched model on the causal sequences
+    n_causal_sequences: int  # VAL sequences of the exact ablations
     n_causal_loss_tokens: int  # next-token pairs in them
     causal_method: str  # how causal_effect is computed
-    causal_check: CausalCheck  # first order vs exact ablation
-    causal_check_max_relative_error: float | None  # max of causal_check.relative_error
+    exact: ExactAblation  # the candidates' exact ablations
+    n_kept_without_exact: int  # kept features outside the candidates (no causal measurement)
+    sae_reliable: bool  # SaeInfo.reliable: the SAE passed its quality gates
+    sae_gate_failures: list[str]  # SaeInfo.gate_failures
     seconds: SelectSeconds  # timings
-    kept_mean_activation_rate: float | None  # means over the kept features (null if none is finite)
+    kept_median_activation_rate: float | None  # medians/means over the kept features (null if none is finite)
+    kept_in_band_fraction: float | None  # share of kept features with a rate inside the band
     kept_mean_token_entropy: float | None
     kept_mean_vocab_focus: float | None
     kept_mean_redundancy: float | None
@@ -130,14 +136,18 @@ class SelectReport(Record):
             "n_eligible",
             "n_kept",
             "n_dead",
+            "target_rate",
+            "n_in_band",
             "clean_val_loss",
-            "causal_check_max_relative_error",
-            "kept_mean_activation_rate",
+            "n_kept_without_exact",
+            "kept_median_activation_rate",
+            "kept_in_band_fraction",
             "kept_mean_token_entropy",
             "kept_mean_vocab_focus",
             "kept_mean_redundancy",
             "kept_mean_causal_effect",
         )
         out = {key: getattr(self, key) for key in keys if isinstance(getattr(self, key), (int, float))}
+        out["sae_reliable"] = float(self.sae_reliable)
         out["seconds"] = self.seconds.total
         return out

@@ -23,6 +23,7 @@ class Layout:
     sae_dir: Path  # sae → layer_NN/ (sae-lens weights + cfg + ato_sae.json)
     features: Path  # select → layer_NN.json, layer_NN_contexts.json
     operators: Path  # fit → <pair>/ (operator.safetensors + config.json)
+    atlas: Path  # atlas → maps.safetensors
     reports: Path  # every human-facing output
 
     @classmethod
@@ -130,6 +131,64 @@ class Layout:
     def causal_sequences(self, pair: str) -> Path:
         return self.reports / "causal" / f"{pair}_sequences.json"
 
+    # languages
+    @property
+    def languages_dir(self) -> Path:
+        return self.reports / "languages"
+
+    @property
+    def languages(self) -> Path:
+        """`LanguageReport`: the operators across languages, every number beside its reference."""
+        return self.languages_dir / "transfer.json"
+
+    @property
+    def languages_metrics(self) -> Path:
+        return self.languages_dir / "metrics.json"
+
+    @property
+    def languages_scores(self) -> Path:
+        return self.languages_dir / "scores.csv"
+
+    def languages_figure(self, kind: str) -> Path:
+        return self.figures / f"languages_{kind}.png"
+
+    # atlas
+    @property
+    def atlas_dir(self) -> Path:
+        return self.reports / "atlas"
+
+    @property
+    def atlas_result(self) -> Path:
+        """`AtlasResult`: every atlas pair's scores, references, Jacobian comparison and budget."""
+        return self.atlas_dir / "atlas.json"
+
+    @property
+    def atlas_metrics(self) -> Path:
+        """DVC metrics: the atlas summarised per k (numbers only)."""
+        return self.atlas_dir / "metrics.json"
+
+    @property
+    def atlas_table(self) -> Path:
+        """One CSV row per atlas pair."""
+        return self.atlas_dir / "pairs.csv"
+
+    @property
+    def atlas_report(self) -> Path:
+        """atlas.md: the tables the README's "What the atlas shows" points to."""
+        return self.atlas_dir / "atlas.md"
+
+    @property
+    def atlas_figures(self) -> Path:
+        return self.atlas_dir / "figures"
+
+    def atlas_figure(self, kind: str) -> Path:
+        return self.atlas_figures / f"{kind}.png"
+
+    @property
+    def atlas_maps(self) -> Path:
+        """The ridge map (W, b) of every atlas pair, float32 safetensors (`ato.artifacts.atlas`)."""
+        return self.atlas / "maps.safetensors"
+
     # figures (evaluate, causal, report)
     @property
     def figures(self) -> Path:
@@ -145,6 +204,11 @@ class Layout:
     @property
     def summary(self) -> Path:
         return self.reports / "summary.md"
+
+    @property
+    def feature_cards(self) -> Path:
+        """Self-contained HTML page: one card per kept feature of every target layer."""
+        return self.reports / "features.html"
 
     @property
     def plots(self) -> Path:

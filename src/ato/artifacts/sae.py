@@ -14,8 +14,9 @@ from ._io import Record
 TRAIN_ONLY = (
     "train_seconds",
     "train_tokens",
-    "train_fve_last_batch",
-    "train_l0_last_batch",
+    "train_tokens_per_s",
+    "train_l0",
+    "train_dead_fraction",
     "dead_window_steps",
     "input_scale",
     "width",
@@ -25,6 +26,12 @@ TRAIN_ONLY = (
     "batch_tokens",
     "lr",
     "seed",
+    "tokens",
+    "data_tokens",
+    "data_tokens_from_store",
+    "data_tokens_from_model",
+    "data_forward_seconds",
+    "data_forward_tokens_per_s",
 )
 PRETRAINED_ONLY = ("release", "sae_id", "repo_id", "folder", "neuronpedia_id")
 
@@ -48,12 +55,31 @@ class SaeInfo(Record):
     hook: str  # TransformerLens hook name, blocks.n.hook_resid_post
     source: str  # train | pretrained (sae.source)
     reliable: bool = False  # every quality gate (sae.gates) passed; feature-level numbers using it are trustworthy
-    gate_failures: list[str] = field(default_factory=list)  # one line per missed gate, e.g. "dead_fraction 0.31 > 0.05"
+    gate_failures: list[str] = field(default_factory=list)  # one line per missed gate, with the shortfall
+    gates: dict[str, Any] = field(default_factory=dict)  # the thresholds applied (sae.gates)
+    dense_fraction: float | None = None  # fraction of latents active on more than `dense_threshold` of VAL tokens
+    dense_threshold: float | None = None  # sae.dense_threshold
+    # --- downstream, on `n_eval_sequences` VAL sequences (BOS kept clean and not scored)
+    ce_clean: float | None = None  # next-token cross-entropy of the clean model, nats per scored token
+    ce_sae: float | None = None  # … with the SAE reconstruction spliced in at this layer
+    ce_zero: float | None = None  # … with this layer's residual zeroed (zero ablation)
+    ce_mean: float | None = None  # … with it replaced by its TRAIN mean (mean ablation)
+    kl_sae: float | None = None  # mean KL(clean ‖ SAE-spliced) per scored token, nats
+    kl_zero: float | None = None  # mean KL(clean ‖ zero-ablated)
+    kl_mean: float | None = None  # mean KL(clean ‖ mean-ablated)
+    ce_recovered_zero: float | None = None  # (ce_zero − ce_sae) / (ce_zero − ce_clean)
+    ce_recovered_mean: float | None = None  # (ce_mean − ce_sae) / (ce_mean − ce_clean)
+    ce_recovered_zero_se: float | None = None  # jackknife standard error over sequences
+    ce_recovered_mean_se: float | None = None  # jackknife standard error over sequences
+    n_eval_sequences: int | None = None  # VAL sequences of the downstream check (sae.eval_sequences)
+    n_eval_tokens: int | None = None  # predictions scored in it
+    stage_seconds: float | None = None  # wall time of the whole `sae` stage (all layers) when this record was written
     # --- source: train
     train_seconds: float | None = None  # wall time of the training loop
-    train_tokens: int | None = None  # steps × batch_tokens
-    train_fve_last_batch: float | None = None  # FVE on the last logged training batch (scaled inputs)
-    train_l0_last_batch: float | None = None  # mean L0 on that batch
+    train_tokens: int | None = None  # steps × batch_tokens (token-steps, with repeats over epochs)
+    train_tokens_per_s: float | None = None  # train_tokens / train_seconds
+    train_l0: float | None = None  # mean L0 over training (sae-lens' feature sparsity window)
+    train_dead_fraction: float | None = None  # latents dead at the end of training (no firing for dead_window_steps)
     dead_window_steps: int | None = None  # steps without firing after which a latent counts as dead
     input_scale: float | None = None  # s = √d / mean‖x‖ used in training, folded back into the saved SAE
     width: int | None = None  # sae.width
@@ -63,6 +89,12 @@ class SaeInfo(Record):
     batch_tokens: int | None = None  # sae.batch_tokens
     lr: float | None = None  # sae.lr
     seed: int | None = None  # sae.seed
+    tokens: int | None = None  # sae.tokens: distinct TRAIN tokens asked for
+    data_tokens: int | None = None  # distinct TRAIN tokens trained on (store + streamed)
+    data_tokens_from_store: int | None = None  # of which read from the activation store's TRAIN split
+    data_tokens_from_model: int | None = None  # of which streamed from the model (further TRAIN documents)
+    data_forward_seconds: float | None = None  # wall time of the streaming forward passes (all target layers at once)
+    data_forward_tokens_per_s: float | None = None  # streamed tokens per second of it
     # --- source: pretrained
     release: str | None = None  # sae-lens release (or hub repo id)
     sae_id: str | None = None  # id inside the release
@@ -77,5 +109,22 @@ class SaeInfo(Record):
 
     def metrics(self) -> dict[str, float]:
         """The numbers worth tracking (MLflow), where set and numeric."""
-        keys = ("fve_val", "mean_l0", "dead_fraction", "train_seconds", "input_scale")
-        return {key: getattr(self, key) for key in keys if isinstance(getattr(self, key), (int, float))}
+        keys = (
+            "fve_val",
+            "mean_l0",
+            "dead_fraction",
+            "dense_fraction",
+            "ce_clean",
+            "ce_sae",
+            "ce_recovered_zero",
+            "ce_recovered_mean",
+            "kl_sae",
+            "stage_seconds",
+            "train_seconds",
+            "train_tokens_per_s",
+            "input_scale",
+            "data_tokens",
+            "data_forward_tokens_per_s",
+        )
+        out = {key: float(getattr(self, key)) for key in keys if isinstance(getattr(self, key), (int, float))}
+        return {**out, "reliable": float(self.reliable)}

@@ -1,27 +1,31 @@
-"""Feature-quality scores for SAE features (stage `select`): pure numpy/torch, no I/O.
+"""Feature-selection criteria for SAE features (stage `select`): pure numpy/torch, no I/O.
 
 Every score is computed from the SAE's *real* encoder output (JumpReLU threshold / TopK), passed
 in by the caller as a dense activation matrix A [tokens, d_sae]; a feature is *active* at a token
-when its activation is > 0.
+when its activation is > 0. Each criterion has a fixed orientation (`ORIENTATION`: +1 = higher is
+better); `select.weights` are non-negative importances, so no weight can flip a criterion's sign.
 
-Scores (one value per feature):
+- rate_band (+) — activation: 0 when the feature's activation rate lies inside the band
+  [lo·r₀, hi·r₀] around the SAE's sparse regime r₀ = mean L0 / d_sae (= k/width for TopK), minus
+  the distance in decades outside it (`rate_band_score`). Rewards sparse features, penalises
+  dense directions and near-dead ones alike.
+- token_entropy (−) — coherence: Shannon entropy (nats) of the token ids at the positions where the
+  feature is active (NaN if never active). Low entropy = the feature fires on a coherent set of
+  tokens.
+- vocab_focus (+) — excess kurtosis of the logit vector the decoder direction writes through the
+  unembedding (`excess_kurtosis`): invariant to the scale and shift of the logits, high when the
+  direction promotes a handful of tokens.
+- redundancy (−) — max |cos| of the feature's decoder row with any other live feature's row
+  (`decoder_redundancy`): a near-duplicate direction scores close to 1.
+- causal_effect (+) — exact change of the next-token loss per ablated activation (`ato.sae.effects`),
+  measured only for the `select.exact_budget` best candidates by the other criteria.
 
-- activation_rate — fraction of scored tokens where the feature is active.
-- token_entropy — Shannon entropy (nats) of the token ids at the positions where the feature is
-  active; only active positions count (NaN for a feature that is never active). Low entropy means
-  a token-identity feature.
-- vocab_focus — excess kurtosis of the logit vector the feature's decoder direction writes
-  through the unembedding (see `excess_kurtosis`). Kurtosis is invariant to the scale and shift of
-  the logits, so it needs no softmax temperature, is unaffected by the per-token division of the
-  final RMS/LayerNorm, and a direction that promotes a handful of tokens scores high.
-- redundancy — max |Pearson correlation| of the feature's activations with any *other* feature's
-  activations over the scored tokens (never with itself); 0 for a feature with zero variance.
-- causal_effect — increase of the mean next-token loss when the feature's contribution a_f·d_f is
-  removed at every position where it is active (see `first_order_ablation_effect`).
-
-The composite score is Σ_m w_m · z_m, with z_m the metric z-scored over the *eligible* features
-(those whose activation rate reaches the minimum); ineligible features get no composite score and
-rank last.
+Scoring (`select_ranking`): z-score each criterion over the eligible features (activation rate ≥
+`select.min_activation_rate`), pre-score = Σ_m w_m·o_m·z_m over the criteria without the causal
+effect; the best `exact_budget` eligible features by pre-score are ablated exactly, and their score
+adds w_causal·z(causal effect) (z over the candidates; a candidate that never fires in the causal
+sequences adds 0). Ranking: candidates by that score, then the other eligible features by
+pre-score, then the ineligible ones by activation rate.
 """
 
 from __future__ import annotations
@@ -31,31 +35,30 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-METRICS = ("activation_rate", "token_entropy", "vocab_focus", "redundancy", "causal_effect")
+# orientation of each criterion: +1 higher is better, −1 lower is better
+ORIENTATION = {"rate_band": 1.0, "token_entropy": -1.0, "vocab_focus": 1.0, "redundancy": -1.0, "causal_effect": 1.0}
+METRICS = tuple(ORIENTATION)
+CAUSAL = "causal_effect"
 
 
 @dataclass
 class FeatureActivationStats:
-    """Streaming sums over chunks of activations: counts, moments, Gram, token pairs, top-k.
+    """Streaming sums over chunks of activations: active counts, (feature, token) pairs, top-k.
 
-    Memory is O(d_sae²) for the Gram (float64) plus O(active pairs) for the token histogram, so
-    the number of scored tokens only costs time.
+    Memory is O(active pairs) for the token histogram plus O(d_sae · top_k), so the number of scored
+    tokens only costs time.
     """
 
     d_sae: int
     top_k: int = 5
     n: int = 0
     n_active: np.ndarray = field(init=False)
-    sum_a: torch.Tensor = field(init=False)
-    gram: torch.Tensor = field(init=False)
     _pair_keys: list[np.ndarray] = field(init=False, default_factory=list)
     top_values: torch.Tensor = field(init=False)
     top_index: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.n_active = np.zeros(self.d_sae, dtype=np.int64)
-        self.sum_a = torch.zeros(self.d_sae, dtype=torch.float64)
-        self.gram = torch.zeros(self.d_sae, self.d_sae, dtype=torch.float64)
         self.top_values = torch.full((self.d_sae, max(self.top_k, 0)), -torch.inf)
         self.top_index = torch.full((self.d_sae, max(self.top_k, 0)), -1, dtype=torch.int64)
 
@@ -71,9 +74,6 @@ class FeatureActivationStats:
         active = acts > 0
         self.n += m
         self.n_active += active.sum(0).numpy()
-        self.sum_a += acts.sum(0, dtype=torch.float64)
-        # float32 products per chunk, float64 accumulation across chunks
-        self.gram += (acts.T @ acts).double()
         rows, feats = torch.nonzero(active, as_tuple=True)
         tok = np.asarray(token_ids, dtype=np.int64)[rows.numpy()]
         self._pair_keys.append(feats.numpy().astype(np.int64) * (1 << 32) + tok)
@@ -92,12 +92,6 @@ class FeatureActivationStats:
     def token_entropy(self) -> np.ndarray:
         keys = np.concatenate(self._pair_keys) if self._pair_keys else np.zeros(0, np.int64)
         return token_entropy_from_pairs(keys >> 32, keys & ((1 << 32) - 1), self.d_sae)
-
-    def correlation(self) -> torch.Tensor:
-        return correlation_from_moments(self.n, self.sum_a, self.gram)
-
-    def redundancy(self) -> np.ndarray:
-        return redundancy_from_correlation(self.correlation())
 
     def top_contexts(self, feature: int) -> list[tuple[float, int]]:
         """(activation, global row index) of the feature's strongest activations, best first."""
@@ -127,29 +121,6 @@ def token_entropy_from_pairs(features: np.ndarray, tokens: np.ndarray, d_sae: in
     return out
 
 
-def correlation_from_moments(n: int, sum_a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation matrix from n, Σa and Σaaᵀ (float64). Zero-variance features get
-    correlation 0 with everything (including the diagonal)."""
-    n = max(int(n), 1)
-    mean = sum_a / n
-    cov = gram / n - torch.outer(mean, mean)
-    var = cov.diagonal().clamp(min=0)
-    tiny = 1e-12 * float(var.max()) if var.numel() and float(var.max()) > 0 else 0.0
-    alive = var > tiny
-    inv_sd = torch.where(alive, 1.0 / var.clamp(min=1e-300).sqrt(), torch.zeros_like(var))
-    corr = cov * inv_sd[:, None] * inv_sd[None, :]
-    return corr.clamp(-1.0, 1.0)
-
-
-def redundancy_from_correlation(corr: torch.Tensor) -> np.ndarray:
-    """max_{j≠i} |corr_ij| per feature; a feature is never compared with itself."""
-    c = corr.abs().clone()
-    c.fill_diagonal_(-1.0)
-    if c.shape[0] < 2:
-        return np.zeros(c.shape[0])
-    return c.max(dim=1).values.clamp(min=0).numpy().astype(np.float64)
-
-
 def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
     """Excess kurtosis along the last dimension: E[(x-μ)⁴]/σ⁴ − 3 (0 for a constant row).
 
@@ -163,16 +134,36 @@ def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
     return torch.where(m2 > 0, m4 / safe / safe - 3.0, torch.zeros_like(m2)).double()
 
 
-def first_order_ablation_effect(acts: torch.Tensor, grads: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Σ over tokens of the first-order change in summed loss when feature f's contribution is
-    removed: ΔL_f ≈ −Σ_t a_{t,f} (g_t · d_f), with g_t = ∂L/∂h_t.
+def rate_band_score(rate: np.ndarray, target: float, band: tuple[float, float]) -> np.ndarray:
+    """0 inside [band[0]·target, band[1]·target], −(decades outside) beyond it; NaN for rate 0.
 
-    acts [T, F] (zero where the feature is inactive or not ablated), grads [T, d], directions
-    [F, d] (the decoder contribution of one unit of activation). Divide by the number of loss
-    tokens to get the change of the mean loss.
-    """
-    proj = grads.double() @ directions.double().T  # [T, F]
-    return -(acts.double() * proj).sum(0)
+    E.g. with target 0.0125 and band (0.1, 10): rate 0.0125 → 0, 0.5 → −log10(0.5/0.125) = −0.60."""
+    rate = np.asarray(rate, dtype=np.float64)
+    lo, hi = band[0] * target, band[1] * target
+    out = np.full(rate.shape, np.nan)
+    live = rate > 0
+    out[live] = -np.abs(np.log10(rate[live] / np.clip(rate[live], lo, hi)))
+    return out
+
+
+@torch.no_grad()
+def decoder_redundancy(directions: torch.Tensor, live: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """max_{j≠f, j live} |cos(d_f, d_j)| for every row f of `directions` [d_sae, d_in]; a feature is
+    never compared with itself or with dead rows (dead latents' rows are untrained noise). 0 when
+    there is no other live row; NaN for a zero row."""
+    d = directions.double()
+    norms = d.norm(dim=1)
+    u = d / norms.clamp(min=1e-300)[:, None]
+    live_t = torch.as_tensor(np.asarray(live, dtype=bool), device=d.device)
+    idx = torch.nonzero(live_t).flatten()
+    out = torch.zeros(len(d), dtype=torch.float64, device=d.device)
+    for start in range(0, len(d), chunk):
+        cos = (u[start : start + chunk] @ u[idx].T).abs()  # [chunk, n_live]
+        rows = torch.arange(start, min(start + chunk, len(d)), device=d.device)
+        cos[idx[None, :] == rows[:, None]] = -1.0  # never with itself
+        out[start : start + chunk] = cos.max(dim=1).values.clamp(min=0) if len(idx) else 0.0
+    out[norms == 0] = torch.nan
+    return out.cpu().numpy()
 
 
 def zscore(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -188,27 +179,72 @@ def zscore(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def composite_score(metrics: dict[str, np.ndarray], weights: dict[str, float], eligible: np.ndarray) -> np.ndarray:
-    """Σ_m w_m z_m over eligible features; NaN for ineligible ones."""
-    unknown = sorted(set(weights) - set(metrics))
-    if unknown:
-        raise KeyError(f"weights for unknown metric(s) {unknown}; known: {sorted(metrics)}")
-    n = len(eligible)
-    total = np.zeros(n)
+def check_weights(weights: dict[str, float]) -> None:
+    """Weights are importances: known criteria, finite, ≥ 0 (the sign is `ORIENTATION`'s)."""
     for name, w in weights.items():
-        total += float(w) * zscore(metrics[name], eligible)
+        if name not in ORIENTATION:
+            raise KeyError(f"weight for unknown criterion {name!r}; known: {', '.join(METRICS)}")
+        if not (np.isfinite(w) and w >= 0):
+            raise ValueError(f"weight {name}={w}: must be a finite number ≥ 0 (the criterion's sign is fixed)")
+
+
+def composite_score(metrics: dict[str, np.ndarray], weights: dict[str, float], eligible: np.ndarray) -> np.ndarray:
+    """Σ_m w_m·o_m·z_m over the criteria in `weights` (z over the eligible features; o = ORIENTATION);
+    NaN for ineligible features."""
+    check_weights(weights)
+    total = np.zeros(len(eligible))
+    for name, w in weights.items():
+        if w:
+            total += float(w) * ORIENTATION[name] * zscore(metrics[name], eligible)
     total[~eligible] = np.nan
     return total
 
 
-def rank_features(composite: np.ndarray, eligible: np.ndarray, activation_rate: np.ndarray) -> list[int]:
-    """Eligible features by composite (desc, ties → lower id), then the rest by activation rate."""
-    ids = np.arange(len(composite))
-    el = ids[eligible]
-    el = el[np.lexsort((el, -composite[el]))]
-    rest = ids[~eligible]
-    rest = rest[np.lexsort((rest, -np.asarray(activation_rate)[rest]))]
-    return [int(i) for i in np.concatenate([el, rest])]
+def _order(score: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`ids` by `score` descending, ties → lower id."""
+    return ids[np.lexsort((ids, -score[ids]))]
+
+
+@dataclass
+class Ranking:
+    """The outcome of `select_ranking`."""
+
+    composite: np.ndarray  # [d_sae] final score of candidates, pre-score of other eligible, NaN else
+    ranked: list[int]  # every feature: candidates, other eligible, ineligible
+    candidates: list[int] = field(default_factory=list)  # features whose causal effect was measured
+
+
+def exact_candidates(pre: np.ndarray, eligible: np.ndarray, budget: int) -> list[int]:
+    """The best `budget` eligible features by pre-score (ties → lower id)."""
+    order = _order(np.nan_to_num(pre, nan=-np.inf), np.flatnonzero(eligible))
+    return [int(f) for f in order[: max(0, budget)]]
+
+
+def select_ranking(
+    pre: np.ndarray,
+    causal: np.ndarray,
+    candidates: list[int],
+    causal_weight: float,
+    eligible: np.ndarray,
+    activation_rate: np.ndarray,
+) -> Ranking:
+    """Final scores and ranking (module docstring): candidates' pre-score + w·z(causal over the
+    candidates), ranked first; the other eligible features by pre-score; the rest by activation rate."""
+    n = len(eligible)
+    cand = np.zeros(n, dtype=bool)
+    cand[candidates] = True
+    composite = np.where(eligible, pre, np.nan)
+    composite[cand] += causal_weight * ORIENTATION[CAUSAL] * zscore(causal, cand)[cand]
+    ids = np.arange(n)
+    rest = ids[eligible & ~cand]
+    dead = ids[~eligible]
+    rate = np.asarray(activation_rate, dtype=np.float64)
+    order = [
+        _order(composite, ids[cand]),
+        _order(composite, rest),
+        dead[np.lexsort((dead, -rate[dead]))],
+    ]
+    return Ranking(composite, [int(i) for i in np.concatenate(order)], [int(f) for f in candidates])
 
 
 def n_keep(keep_fraction: float, d_sae: int, n_eligible: int) -> int:

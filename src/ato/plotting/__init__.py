@@ -39,6 +39,31 @@ def pyplot() -> Any:
     return plt
 
 
+UNRELIABLE_COLOUR = "#b00020"
+
+
+def unreliable_sae_text(failures: list[str]) -> str:
+    """The words every feature-level figure shows when its SAE missed its quality gates."""
+    return "UNRELIABLE SAE: " + ("; ".join(failures) or "no gate result")
+
+
+def mark_unreliable(fig: Any, text: str | None) -> None:
+    """A red banner across the top of `fig` (nothing when `text` is None); call before tight_layout
+    with room left at the top (`rect` top ≤ 0.93)."""
+    if text:
+        fig.text(
+            0.5,
+            0.995,
+            text,
+            ha="center",
+            va="top",
+            fontsize=9,
+            color="white",
+            wrap=True,
+            bbox=dict(facecolor=UNRELIABLE_COLOUR, edgecolor="none", pad=4),
+        )
+
+
 def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
     """Write `fig` as PNG atomically and close it."""
     path = Path(path)

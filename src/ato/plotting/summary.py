@@ -15,7 +15,16 @@ from ato.artifacts import PairMetrics
 from ato.reporting.markdown import fmt, fmt_int
 from ato.reporting.results import PairResults, headline_sets
 
-from . import CONDITION_COLOURS, CONDITION_LABELS, CONDITIONS, pyplot, save_figure
+from . import (
+    CONDITION_COLOURS,
+    CONDITION_LABELS,
+    CONDITIONS,
+    UNRELIABLE_COLOUR,
+    mark_unreliable,
+    pyplot,
+    save_figure,
+    unreliable_sae_text,
+)
 
 
 def _transported_note(m: PairMetrics) -> str:
@@ -43,6 +52,8 @@ HEATMAPS: tuple[tuple[str, str, Callable[[PairMetrics], float], Note], ...] = (
     ("η(test) = R²_w / ceiling; ratio to an exactly linear map's η", "r2", lambda m: m.eta_test, _eta_note),
     ("held-out subspace size (rank); null mean ± sd", "size", lambda m: m.heldout_subspace_size, _size_note),
 )
+# panels whose numbers rest on the target layer's SAE (marked when it missed its quality gates)
+FEATURE_PANELS = frozenset({HEATMAPS[1][0], HEATMAPS[2][0]})
 
 
 def _layer_colours(results: list[PairResults]) -> dict[int, Any]:
@@ -57,14 +68,42 @@ def _layer_colours(results: list[PairResults]) -> dict[int, Any]:
 # Heatmaps
 
 
-def plot_heatmaps(path: Path, results: list[PairResults], dpi: int) -> Path:
-    """One heatmap per headline score over (k rows × L columns), only the L and k values present."""
+def unreliable_pairs(results: list[PairResults], sae_failures: dict[int, list[str]]) -> dict[str, str]:
+    """pair → the SAE gate failures behind its feature-level numbers, for every pair whose target
+    layer's SAE missed its gates (per evaluate's metrics or `sae_failures`: layer → failures)."""
+    out = {}
+    for res in results:
+        flag = res.m.sae_reliable
+        if res.pair.target in sae_failures or (math.isfinite(flag) and flag < 1):
+            out[res.name] = "; ".join(sae_failures.get(res.pair.target, [])) or "see reports/sae"
+    return out
+
+
+def _mark_feature_cells(ax: Any, Ls: list[int], ks: list[int], results: list[PairResults], bad: dict[str, str]) -> None:
+    """A red frame and an UNRELIABLE label on the cells whose feature numbers rest on a failed SAE."""
+    from matplotlib.patches import Rectangle
+
+    for res in results:
+        if res.name in bad:
+            j, i = Ls.index(res.pair.L), ks.index(res.pair.k)
+            ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, edgecolor=UNRELIABLE_COLOUR, lw=2.5))
+            ax.text(j, i + 0.36, "UNRELIABLE SAE", ha="center", va="center", fontsize=6, color=UNRELIABLE_COLOUR,
+                    bbox=dict(facecolor="white", edgecolor="none", pad=0.5))  # fmt: skip
+
+
+def plot_heatmaps(
+    path: Path, results: list[PairResults], dpi: int, sae_failures: dict[int, list[str]] | None = None
+) -> Path:
+    """One heatmap per headline score over (k rows × L columns), only the L and k values present. The
+    feature-level panels mark pairs whose target layer's SAE missed its quality gates (`sae_failures`:
+    layer → failures of the unreliable SAEs), with a banner naming the failures."""
     from matplotlib.patches import Patch
 
     plt = pyplot()
     Ls = sorted({res.pair.L for res in results})
     ks = sorted({res.pair.k for res in results})
     by_lk = {(res.pair.L, res.pair.k): res for res in results}
+    bad = unreliable_pairs(results, sae_failures or {})
     panel_w, panel_h = 0.8 * len(Ls) + 2.0, 0.62 * len(ks) + 1.6
     ncols = 1 if len(Ls) > 8 else 2 if len(Ls) > 3 else 3
     nrows = math.ceil(len(HEATMAPS) / ncols)
@@ -75,6 +114,8 @@ def plot_heatmaps(path: Path, results: list[PairResults], dpi: int) -> Path:
         for (L, k), res in by_lk.items():
             grid[ks.index(k), Ls.index(L)] = value(res.m)
         _heatmap_panel(fig, ax, grid, kind, title, Ls, ks, by_lk, note)
+        if title in FEATURE_PANELS:
+            _mark_feature_cells(ax, Ls, ks, results, bad)
     for ax in flat[len(HEATMAPS) :]:
         ax.axis("off")
     fig.legend(
@@ -87,8 +128,14 @@ def plot_heatmaps(path: Path, results: list[PairResults], dpi: int) -> Path:
         fontsize=9,
         frameon=False,
     )
-    fig.suptitle(f"ato: headline scores per pair (L → L+k), {len(results)} pairs", fontsize=11)
-    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - 0.4 / fig.get_figheight()))
+    banner = (0.45 if bad else 0.0) / fig.get_figheight()  # room for the UNRELIABLE banner
+    fig.suptitle(f"ato: headline scores per pair (L → L+k), {len(results)} pairs", fontsize=11, y=0.98 - banner)
+    if bad:  # feature panels of these pairs rest on an SAE that missed its gates: say so on the figure
+        by_layer = {res.pair.target: bad[res.name] for res in results if res.name in bad}
+        texts = [f"layer {n}: {why}" for n, why in sorted(by_layer.items())]
+        mark_unreliable(fig, unreliable_sae_text(["; ".join(texts)]) + " (feature panels)")
+    top = 0.4 / fig.get_figheight() + banner
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - top))
     return save_figure(fig, path, dpi)
 
 

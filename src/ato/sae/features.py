@@ -1,21 +1,22 @@
-"""Score every feature of one layer's SAE, rank, keep the best (`ato select`; see docs/method.md#features).
+"""Score every feature of one layer's SAE, rank, keep the best (`ato select`; README "Feature selection").
 
 All scores use the SAE's real encoder (`sae.encode`: JumpReLU threshold / TopK), never a plain
-ReLU, on TRAIN-split tokens (BOS/special excluded, at most `select.max_tokens`). Definitions in
-`ato.math.features`; the model-dependent parts live here and in `ato.sae.effects`:
+ReLU, on TRAIN-split tokens (BOS/special excluded, at most `select.max_tokens`). Definitions and the
+scoring rule in `ato.math.features`; the model-dependent parts live here and in `ato.sae.effects`:
 
 - vocab_focus: excess kurtosis of W_U · (N(d_f) − N(0)) with N the model's own final norm module
   (Gemma: x/rms(x)·(1+w); LayerNorm: centring, gain and bias — N(0) removes the bias). Applying N
   to the direction itself is the logit lens of a residual equal to d_f; kurtosis is invariant to
   the scalar 1/rms(·) the norm would apply to a real residual, so the choice of that scalar does
-  not matter. The LM head's bias (if any) is ignored: it does not depend on the feature.
-- causal_effect: first-order change in mean next-token loss on `select.causal_sequences` VAL
-  sequences when a_f·d_f is removed (`ato.sae.effects`); for the `select.exact_check` features with
-  the largest estimated |effect| the exact ablation is also run and both are reported.
+  not matter. The LM head's bias (if any) is ignored: it does not depend on the feature. Computed
+  for the eligible features only (the others are never ranked on it).
+- causal_effect: exact Δ next-token loss per ablated activation on `select.causal_sequences` VAL
+  sequences, for the `select.exact_budget` best candidates by the other criteria (`ato.sae.effects`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,32 +35,29 @@ from ato.artifacts import (
     TokenContext,
     json_clean,
 )
-from ato.artifacts.features import CausalCheck, SelectSeconds
+from ato.artifacts.features import ExactAblation, SelectSeconds
 from ato.math.features import (
-    METRICS,
+    CAUSAL,
     FeatureActivationStats,
+    Ranking,
     composite_score,
+    decoder_redundancy,
+    exact_candidates,
     excess_kurtosis,
     n_keep,
-    rank_features,
+    rate_band_score,
+    select_ranking,
 )
 from ato.params import SelectParams
 from ato.store import ActivationStore
 
-from .effects import Sequence, decoder_directions, exact_effects, first_order_effects
+from .effects import ExactEffects, Sequence, decoder_directions, exact_effects
 from .errors import FeatureScoreError
 
 ENCODE_BATCH = 4096
 SEQUENCE_READ_TOKENS = 2048
 TOP_LOGIT_TOKENS = 10
-CAUSAL_METHOD = "first_order_gradient_x_contribution"
-
-
-def check_weights(weights: dict[str, float]) -> None:
-    """select.weights may only name known metrics."""
-    unknown = sorted(set(weights) - set(METRICS))
-    if unknown:
-        raise FeatureScoreError(f"select.weights.{unknown[0]}: unknown metric; known: {', '.join(METRICS)}")
+CAUSAL_METHOD = "exact_single_feature_ablation_per_activation"
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,11 +90,17 @@ def direction_logits(model: nn.Module, directions: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def vocab_focus(model: nn.Module, directions: torch.Tensor, chunk: int = 128) -> np.ndarray:
-    out = []
-    for i in range(0, len(directions), chunk):
-        out.append(excess_kurtosis(direction_logits(model, directions[i : i + chunk]).float()).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+def vocab_focus(
+    model: nn.Module, directions: torch.Tensor, rows: np.ndarray | None = None, chunk: int = 128
+) -> np.ndarray:
+    """Excess kurtosis of each direction's logit-lens vector; only `rows` (a bool mask) are computed,
+    the rest are NaN."""
+    out = np.full(len(directions), np.nan)
+    ids = np.flatnonzero(rows) if rows is not None else np.arange(len(directions))
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        out[part] = excess_kurtosis(direction_logits(model, directions[part]).float()).cpu().numpy()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,39 +193,6 @@ def context_windows(
 # One layer
 
 
-@dataclass
-class CausalScores:
-    """First-order effects of every feature and the exact check of the strongest."""
-
-    effects: np.ndarray  # [d_sae] Δ mean loss, NaN for ineligible features
-    clean_loss: float  # mean next-token loss of the unpatched model
-    n_loss_tokens: int  # next-token pairs the means are over
-    n_sequences: int  # VAL sequences used
-    check_ids: list[int]  # features also ablated exactly
-    exact: np.ndarray  # their exact Δ mean loss
-
-
-def causal_scores(
-    model: nn.Module,
-    sae: Any,
-    store: ActivationStore,
-    layer: int,
-    sp: SelectParams,
-    eligible: np.ndarray,
-    progress: bool = True,
-) -> CausalScores:
-    """First-order causal effects on VAL sequences, plus the exact ablation of the strongest few."""
-    sequences = read_sequences(store, "val", sp.causal_sequences)
-    if not sequences:
-        raise FeatureScoreError(f"{store.root}: the VAL split has no sequences for the causal score")
-    effects, clean_loss, n_loss = first_order_effects(model, sae, layer, sequences, progress=progress)
-    effects = np.where(eligible, effects, np.nan)
-    order = np.argsort(-np.nan_to_num(np.abs(effects), nan=-1.0), kind="stable")
-    check_ids = [int(f) for f in order[: min(max(0, sp.exact_check), int(eligible.sum()))]]
-    exact = exact_effects(model, sae, layer, sequences, check_ids) if check_ids else np.zeros(0)
-    return CausalScores(effects, clean_loss, n_loss, len(sequences), check_ids, exact)
-
-
 def eligible_features(rate: np.ndarray, min_activation_rate: float) -> np.ndarray:
     """Features active often enough to be scored (any activity when the minimum is ≤ 0)."""
     return rate > 0 if min_activation_rate <= 0 else rate >= min_activation_rate
@@ -230,6 +201,60 @@ def eligible_features(rate: np.ndarray, min_activation_rate: float) -> np.ndarra
 def floats(x: np.ndarray) -> list[float | None]:
     """JSON-ready float64 values, non-finite → None."""
     return json_clean(np.asarray(x, dtype=np.float64))
+
+
+@dataclass
+class LayerScores:
+    """Everything measured on one layer's features."""
+
+    rate: np.ndarray  # [d_sae] activation rate
+    target: float  # mean L0 / d_sae
+    band: tuple[float, float]  # absolute rate band
+    eligible: np.ndarray  # [d_sae] bool
+    metrics: dict[str, np.ndarray]  # criterion → [d_sae]
+    ranking: Ranking
+    effects: ExactEffects | None  # None when there were no candidates
+    n_sequences: int
+
+
+def causal_effects(
+    model: nn.Module, sae: Any, store: ActivationStore, layer: int, sp: SelectParams, candidates: list[int]
+) -> tuple[ExactEffects, int]:
+    """Exact ablation of the candidates on the first `select.causal_sequences` VAL sequences."""
+    sequences = read_sequences(store, "val", sp.causal_sequences)
+    if not sequences:
+        raise FeatureScoreError(f"{store.root}: the VAL split has no sequences for the causal score")
+    return exact_effects(model, sae, layer, sequences, candidates), len(sequences)
+
+
+def measure_layer(
+    model: nn.Module, sae: Any, store: ActivationStore, layer: int, sp: SelectParams, acc: FeatureActivationStats
+) -> tuple[LayerScores, list[float]]:
+    """Criteria, candidates, exact ablations and ranking of one layer; the lap times after each part."""
+    device = next(model.parameters()).device
+    rate = acc.activation_rate()
+    target = float(rate.mean())  # mean L0 / d_sae
+    band = (sp.rate_band[0] * target, sp.rate_band[1] * target)
+    eligible = eligible_features(rate, sp.min_activation_rate)
+    directions = decoder_directions(sae)
+    laps = [time.perf_counter()]
+    metrics = {
+        "rate_band": rate_band_score(rate, target, (sp.rate_band[0], sp.rate_band[1])),
+        "token_entropy": acc.token_entropy(),
+        "vocab_focus": vocab_focus(model, directions.to(device), eligible),
+        "redundancy": decoder_redundancy(directions, rate > 0),
+        CAUSAL: np.full(len(rate), np.nan),
+    }
+    laps.append(time.perf_counter())
+    weights = dataclasses.asdict(sp.weights)
+    pre = composite_score(metrics, {k: w for k, w in weights.items() if k != CAUSAL}, eligible)
+    candidates = exact_candidates(pre, eligible, sp.exact_budget)
+    effects, n_seq = causal_effects(model, sae, store, layer, sp, candidates) if candidates else (None, 0)
+    if effects is not None:
+        metrics[CAUSAL][candidates] = effects.per_activation
+    ranking = select_ranking(pre, metrics[CAUSAL], candidates, weights[CAUSAL], eligible, rate)
+    laps.append(time.perf_counter())
+    return LayerScores(rate, target, band, eligible, metrics, ranking, effects, n_seq), laps
 
 
 def score_layer(
@@ -242,32 +267,25 @@ def score_layer(
     progress: bool = True,
 ) -> tuple[FeatureSet, FeatureContexts, SelectReport]:
     """Score, rank and keep one layer's features: the features file, the kept features' contexts,
-    and the summary report."""
+    and the summary report (its SAE-reliability fields are the caller's to fill)."""
     device = next(model.parameters()).device
-    laps = [time.perf_counter()]
+    start = time.perf_counter()
     acc, rows = scan_features(sae, store, layer, sp.max_tokens, sp.top_contexts, device, progress)
-    rate = acc.activation_rate()
-    eligible = eligible_features(rate, sp.min_activation_rate)
-    laps.append(time.perf_counter())
-    directions = decoder_directions(sae)
-    focus = vocab_focus(model, directions.to(device))
-    laps.append(time.perf_counter())
-    causal = causal_scores(model, sae, store, layer, sp, eligible, progress)
-    laps.append(time.perf_counter())
-    metrics = {
-        "activation_rate": rate,
-        "token_entropy": acc.token_entropy(),
-        "vocab_focus": focus,
-        "redundancy": acc.redundancy(),
-        "causal_effect": causal.effects,
-    }
-    composite = composite_score(metrics, sp.weights, eligible)
-    ranked = rank_features(composite, eligible, rate)
-    kept = ranked[: n_keep(sp.keep_fraction, sae.cfg.d_sae, int(eligible.sum()))] if eligible.any() else []
-    scores = FeatureScores(**{k: floats(v) for k, v in metrics.items()}, composite=floats(composite))
-    features = FeatureSet(layer=layer, ranked=ranked, kept=kept, scores=scores)
-    contexts = kept_contexts(model, tokenizer, acc, rows, directions, kept, sp.context_window)
-    report = select_report(layer, acc.n, sae.cfg.d_sae, eligible, rate, metrics, kept, causal, laps)
+    ls, laps = measure_layer(model, sae, store, layer, sp, acc)
+    n_eligible = int(ls.eligible.sum())
+    kept = ls.ranking.ranked[: n_keep(sp.keep_fraction, sae.cfg.d_sae, n_eligible)] if n_eligible else []
+    scores = FeatureScores(
+        **{k: floats(v) for k, v in ls.metrics.items() if k != "rate_band"},
+        activation_rate=floats(ls.rate),
+        composite=floats(ls.ranking.composite),
+        rate_band=floats(ls.metrics["rate_band"]),
+    )
+    features = FeatureSet(layer=layer, ranked=ls.ranking.ranked, kept=kept, scores=scores)
+    contexts = kept_contexts(model, tokenizer, acc, rows, decoder_directions(sae), kept, sp.context_window)
+    seconds = SelectSeconds(
+        scan=laps[0] - start, vocab_focus=laps[1] - laps[0], causal=laps[2] - laps[1], total=time.perf_counter() - start
+    )
+    report = select_report(layer, acc.n, sae.cfg.d_sae, ls, kept, seconds)
     return features, FeatureContexts(layer=layer, features=contexts), report
 
 
@@ -295,44 +313,45 @@ def kept_contexts(
     return contexts
 
 
+def _kept_stat(values: np.ndarray, kept: np.ndarray, stat: Callable[[np.ndarray], Any]) -> float | None:
+    v = values[kept] if len(kept) else np.zeros(0)
+    v = v[np.isfinite(v)]
+    return float(stat(v)) if len(v) else None
+
+
 def select_report(
-    layer: int,
-    n_scored: int,
-    d_sae: int,
-    eligible: np.ndarray,
-    rate: np.ndarray,
-    metrics: dict[str, np.ndarray],
-    kept: list[int],
-    causal: CausalScores,
-    laps: list[float],
+    layer: int, n_scored: int, d_sae: int, ls: LayerScores, kept: list[int], seconds: SelectSeconds
 ) -> SelectReport:
-    """The summary of one layer: counts, the first-order-vs-exact check, timings, kept means."""
-    ids, exact = causal.check_ids, causal.exact
-    first = causal.effects[ids] if ids else np.zeros(0)
-    rel_err = np.abs(first - exact) / np.maximum(np.abs(exact), 1e-12) if ids else np.zeros(0)
-    kept_arr = np.asarray(kept, dtype=np.int64)
-    kept_means = {
-        f"kept_mean_{k}": float(np.nanmean(v[kept_arr])) if len(kept_arr) and np.isfinite(v[kept_arr]).any() else None
-        for k, v in metrics.items()
-    }
+    """The summary of one layer: counts, the rate band, the exact ablations, timings, kept statistics."""
+    k = np.asarray(kept, dtype=np.int64)
+    in_band = (ls.rate >= ls.band[0]) & (ls.rate <= ls.band[1])
+    eff = ls.effects
+    cands = ls.ranking.candidates
     return SelectReport(
         layer=layer,
         n_tokens_scored=n_scored,
         d_sae=d_sae,
-        n_eligible=int(eligible.sum()),
+        n_eligible=int(ls.eligible.sum()),
         n_kept=len(kept),
-        n_dead=int((rate == 0).sum()),
-        clean_val_loss=causal.clean_loss,
-        n_causal_sequences=causal.n_sequences,
-        n_causal_loss_tokens=causal.n_loss_tokens,
+        n_dead=int((ls.rate == 0).sum()),
+        target_rate=ls.target,
+        rate_band=[ls.band[0], ls.band[1]],
+        n_in_band=int((in_band & ls.eligible).sum()),
+        clean_val_loss=eff.clean_loss if eff is not None else None,
+        n_causal_sequences=ls.n_sequences,
+        n_causal_loss_tokens=eff.n_loss_tokens if eff is not None else 0,
         causal_method=CAUSAL_METHOD,
-        causal_check=CausalCheck(ids, floats(first) if ids else [], floats(exact), floats(rel_err)),
-        causal_check_max_relative_error=float(rel_err.max()) if len(rel_err) else None,
-        seconds=SelectSeconds(
-            scan=laps[1] - laps[0],
-            vocab_focus=laps[2] - laps[1],
-            causal=laps[3] - laps[2],
-            total=time.perf_counter() - laps[0],
+        exact=ExactAblation(
+            cands, [int(n) for n in eff.n_active] if eff else [], floats(eff.delta_loss) if eff else []
         ),
-        **kept_means,
+        n_kept_without_exact=len(set(kept) - set(cands)),
+        sae_reliable=False,
+        sae_gate_failures=[],
+        seconds=seconds,
+        kept_median_activation_rate=_kept_stat(ls.rate, k, np.median),
+        kept_in_band_fraction=_kept_stat(in_band.astype(float), k, np.mean),
+        kept_mean_token_entropy=_kept_stat(ls.metrics["token_entropy"], k, np.mean),
+        kept_mean_vocab_focus=_kept_stat(ls.metrics["vocab_focus"], k, np.mean),
+        kept_mean_redundancy=_kept_stat(ls.metrics["redundancy"], k, np.mean),
+        kept_mean_causal_effect=_kept_stat(ls.metrics[CAUSAL], k, np.mean),
     )

@@ -1,8 +1,17 @@
 """Load an SAE: a directory in sae-lens disk format (`cfg.json` + `sae_weights.safetensors`, what
-`ato sae` writes), or a sae-lens pretrained release checked against the local cache first."""
+`ato sae` writes), or a sae-lens pretrained release checked against the local cache first.
+
+Pretrained releases load through sae-lens' own converters (`SAE.from_pretrained`): Gemma Scope
+(Gemma-2, `params.npz`) and Gemma Scope 2 (Gemma-3, `params.safetensors` + optional `config.json`)
+alike. Offline, sae-lens' Gemma Scope 2 converter would still probe the hub for the tensor shapes
+(HTTP range requests on the safetensors header); `_local_shapes` answers that probe from the cached
+file instead, so a cached SAE loads with HF_HUB_OFFLINE=1.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +96,35 @@ def load_pretrained(release: str, sae_id: str, device: str = "cpu") -> tuple[SAE
 
     where = resolve_pretrained(release, sae_id)
     try:
-        sae = SAE.from_pretrained(release, sae_id, device=device)
+        with _local_shapes():
+            sae = SAE.from_pretrained(release, sae_id, device=device)
     except Exception as exc:  # network, cache and format errors alike
         raise SaeError(f"loading pretrained SAE {release}/{sae_id} failed: {exc}") from exc
     return sae.eval(), where
+
+
+@contextmanager
+def _local_shapes() -> Iterator[None]:
+    """While offline, sae-lens' safetensors shape probe reads the cached file's header."""
+    import sae_lens.loading.pretrained_sae_loaders as loaders
+
+    from ato.models import offline
+
+    if not offline():
+        yield
+        return
+
+    def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+        from huggingface_hub import hf_hub_download
+        from safetensors import safe_open
+
+        path = hf_hub_download(repo_id, filename)  # from the cache (offline)
+        with safe_open(path, framework="pt") as f:
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+
+    original = loaders.get_safetensors_tensor_shapes
+    loaders.get_safetensors_tensor_shapes = shapes
+    try:
+        yield
+    finally:
+        loaders.get_safetensors_tensor_shapes = original

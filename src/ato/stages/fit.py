@@ -1,21 +1,30 @@
 """Stage `fit`: refit each pair at its tuned α on the training statistics, save the operator
-artifact (safetensors + config.json, docs/contracts.md#operator), track it in the pair's MLflow run
-and register it."""
+artifact (safetensors + config.json, docs/contracts.md#operator) with its variants (`fit.variants`:
+reduced-rank, SVD-truncated, Procrustes, identity; `<dir>/variants/<name>/`), track it in the pair's
+MLflow run and register it (`@champion`) and each variant (`@<variant>`) as versions of the pair's
+registered model, every one with its train/val/test R² from the pair statistics."""
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ato.artifacts import Layout, TuningResult, read_json, read_pair_stats
+from ato.math.cca import CCA
 from ato.math.ridge import RidgePath, r2_from_stats
 from ato.math.stats import PairStats
-from ato.operators import CONFIG, save_operator
-from ato.params import FitParams, Pair, Params
+from ato.operators import CONFIG, WEIGHTS, Operator, operator_variant, save_operator, variant_dir
+from ato.params import FitParams, Pair, Params, ParamsError
 from ato.store import ActivationStore
 from ato.tracking import dvc_out_hash, log_flat_metrics, log_store_lineage, pair_run, register_operator, registry_name
 
@@ -44,20 +53,47 @@ class FitResult:
     W: np.ndarray  # [d_out, d_in]
     b: np.ndarray  # [d_out]
     config: dict[str, Any]  # the operator's config.json (ato.operators.CONFIG_KEYS and more)
-    metrics: dict[str, float] = field(default_factory=dict)  # alpha, train/val R² (uniform, weighted)
+    metrics: dict[str, float] = field(default_factory=dict)  # alpha, train/val/test R² (uniform, weighted)
+    variants: dict[str, Operator] = field(default_factory=dict)  # fit.variants, each with config["metrics"]
+
+
+VARIANT_NAME = re.compile(r"^(rank|svd)[1-9][0-9]*$|^procrustes$|^identity$")
 
 
 def main(params: Params, pair: str | None = None) -> None:
     layout = Layout.from_params(params)
+    check_variants(params.fit)
     for name in [pair] if pair else list(params.pairs):
         fitted = fit_pair(params, name)
-        out = save_operator(layout.operator(name), fitted.W, fitted.b, fitted.config)
+        out = save_operator(layout.operator(name), fitted.W, fitted.b, fitted.config, variants=fitted.variants)
         with pair_run(params, name, "fit"):
             track(params, name, out, fitted)
         m = fitted.metrics
         log.info(
-            "fit %s: α = %.4g, train R² = %.4f, val R² = %.4f → %s", name, m["alpha"], m["train_r2"], m["val_r2"], out
+            "fit %s: α = %.4g, train R² = %.4f, val R² = %.4f, test R² = %.4f (identity %s) → %s",
+            name,
+            m["alpha"],
+            m["train_r2"],
+            m["val_r2"],
+            m["test_r2"],
+            _fmt(fitted.variants["identity"].config["metrics"]["test_r2"]) if "identity" in fitted.variants else "—",
+            out,
         )
+        for v, op in fitted.variants.items():
+            log.info("  variant %s: test R² = %.4f", v, op.config["metrics"]["test_r2"])
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def check_variants(f: FitParams) -> None:
+    """`fit.variants`: known, distinct names (before anything is fitted)."""
+    bad = [v for v in f.variants if not VARIANT_NAME.match(v)]
+    if bad:
+        raise ParamsError(f"fit.variants: {bad[0]!r} is not rank<r>, svd<r> (r ≥ 1), procrustes or identity")
+    if len(set(f.variants)) != len(f.variants):
+        raise ParamsError(f"fit.variants: names repeat in {f.variants}")
 
 
 def fit_pair(params: Params, pair_name: str) -> FitResult:
@@ -66,8 +102,8 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
     layout = Layout.from_params(params)
     store = ActivationStore.open(layout.store)
     store.require_layers([pair.L, pair.target], f"pair {pair_name}")
-    train = read_pair_stats(layout.pair_stats("train", pair_name), store.digest)
-    val = read_pair_stats(layout.pair_stats("val", pair_name), store.digest)
+    splits = {split: read_pair_stats(layout.pair_stats(split, pair_name), store.digest) for split in SCORED}
+    train, val = splits["train"], splits["val"]
     method = params.fit.method
     if method == "ridge":
         alpha = TuningResult.read(layout.tuning(pair_name)).alpha
@@ -77,7 +113,7 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
         W, b = RidgePath.from_stats(train).solve(0.0)
     else:
         W, b, alpha = sklearn_fit(store, pair, params.fit, params.stats.chunk_tokens, params.stats.include_bos)
-    config = {
+    config: dict[str, Any] = {
         "model": store.manifest.model.name,
         "model_digest": store.manifest.model.weights_digest,
         "layer_in": pair.L,
@@ -87,14 +123,39 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
         "method": method,
         "standardize": params.tune.standardize if method == "ridge" else False,
         "d_model": store.d_model,
+        "n_layers": store.manifest.model.n_layers,
         "n_train_tokens": int(train.n),
         "n_val_tokens": int(val.n),
         "include_bos": params.stats.include_bos,
         "store_digest": store.digest,
         "hook": store.manifest.hook,
         "equation": "y_hat = x @ W.T + b",
+        "variants": list(params.fit.variants),
     }
-    return FitResult(W, b, config, {"alpha": alpha, **scores(W, b, {"train": train, "val": val})})
+    metrics = {"alpha": alpha, **scores(W, b, splits)}
+    identity = scores(np.eye(store.d_model), np.zeros(store.d_model), {"test": splits["test"]})  # the baseline
+    metrics |= {f"identity_{k}": v for k, v in identity.items()}
+    config["metrics"] = {k: v for k, v in metrics.items() if k != "alpha"}
+    fitted = FitResult(W, b, config, metrics)
+    fitted.variants = make_variants(fitted, splits, params.fit.variants)
+    return fitted
+
+
+SCORED = ("train", "val", "test")  # splits every operator and variant is scored on (exactly, from the statistics)
+
+
+def make_variants(fitted: FitResult, splits: dict[str, PairStats], names: list[str]) -> dict[str, Operator]:
+    """Each variant of the fitted map (`ato.operators.operator_variant`), scored on every split as saved (float32)."""
+    if not names:
+        return {}
+    parent = Operator(torch.as_tensor(fitted.W), torch.as_tensor(fitted.b), fitted.config)
+    cca = CCA.from_stats(splits["train"]) if any(n.startswith(("rank", "svd")) for n in names) else None
+    out: dict[str, Operator] = {}
+    for name in names:
+        op = operator_variant(parent, splits["train"], name, cca)
+        op.config["metrics"] = scores(op.W.double().numpy(), op.b.double().numpy(), splits)
+        out[name] = op
+    return out
 
 
 def scores(W: np.ndarray, b: np.ndarray, splits: dict[str, PairStats]) -> dict[str, float]:
@@ -135,18 +196,40 @@ def track(params: Params, pair_name: str, operator_dir: Path, fitted: FitResult)
     config = fitted.config
     mlflow.log_params({k: config[k] for k in LOGGED_CONFIG})
     log_flat_metrics(fitted.metrics)
+    for v, op in fitted.variants.items():
+        log_flat_metrics({f"variant_{v}_{k}": x for k, x in op.config["metrics"].items()})
     # lineage: the store's DVC hash when DVC recorded it (dvc.lock names the path as params.yaml writes it)
     digest = dvc_out_hash(params.root, str(Path(params.paths.store))) or config["store_digest"]
     log_store_lineage(params.path("store"), digest)
     mlflow.log_artifact(str(operator_dir / CONFIG))
     if params.fit.register:
         register(params, pair_name, operator_dir)
+        for v in fitted.variants:
+            register(params, pair_name, operator_dir, variant=v)
 
 
-def register(params: Params, pair_name: str, operator_dir: Path) -> str:
-    """Register the saved operator as `ato-<model>-<pair>` with alias `fit.alias`; returns the name."""
-    config = read_json(operator_dir / CONFIG, "operator config")
+def register(params: Params, pair_name: str, operator_dir: Path, variant: str | None = None) -> str:
+    """Register the saved operator as `ato-<model>-<pair>` with alias `fit.alias`, or one of its
+    variants as a version of the same model with alias `<variant>`; returns the name. Only the two
+    files of that operator are logged (not the variants beside it)."""
+    source = operator_dir if variant is None else variant_dir(operator_dir, variant)
+    config = read_json(source / CONFIG, "operator config")
     label = config["model"] if params.prepare.source == "embedded" else params.prepare.source
     name = registry_name(label, pair_name)
-    register_operator(operator_dir, name, params.fit.alias)
+    metrics = config.get("metrics") or {}
+    with _only_operator_files(source) as staged:
+        if variant is None:
+            register_operator(staged, name, params.fit.alias, metrics=metrics)
+        else:
+            register_operator(staged, name, variant, artifact_name=f"operator-{variant}", metrics=metrics)
     return name
+
+
+@contextmanager
+def _only_operator_files(directory: Path) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ato-register-") as tmp:
+        staged = Path(tmp) / directory.name
+        staged.mkdir()
+        for f in (WEIGHTS, CONFIG):
+            shutil.copy2(directory / f, staged / f)
+        yield staged

@@ -6,7 +6,12 @@ not an error (a pair's evaluate or causal stage may not have run yet): its cells
 figures mark it, and summary.md lists every missing file and the command that makes it. A present
 but unreadable input is an error naming the file.
 
-Writes summary.md, figures/summary_{heatmaps, efficiency, causal, alpha}.png and
+Feature cards (`ato.reporting.feature_cards`: select's kept features and contexts, evaluate's verdicts,
+the SAE's quality gates from reports/sae) go into summary.md and reports/features.html; every
+feature-level number of an SAE that missed its gates is marked UNRELIABLE (summary, heatmaps, MLflow
+tags `sae_reliable`, `sae_gate_failures`).
+
+Writes summary.md, features.html, figures/summary_{heatmaps, efficiency, causal, alpha}.png and
 plots/{summary, efficiency_k<k>, alpha}.csv under `paths.reports`, and logs them to the pipeline's
 parent MLflow run (`report/`) together with every pair's headline numbers beside their references and
 nulls as metrics `<pair>/<name>` (`ato.reporting.headline_metrics`). Params: `report.dpi`,
@@ -24,6 +29,7 @@ from ato.artifacts import Layout, write_text_atomic
 from ato.params import Params
 from ato.plotting.summary import plot_alpha, plot_causal, plot_efficiency, plot_heatmaps
 from ato.reporting import PairResults, SummarySettings, headline_metrics, load_pair, render_summary, write_plot_csvs
+from ato.reporting.feature_cards import LayerCards, cards_html, load_cards
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +38,18 @@ def main(params: Params) -> Path:
     """Write summary.md, the summary figures and the plot CSVs; log them to the parent MLflow run."""
     layout, rp = Layout.from_params(params), params.report
     results = [load_pair(layout, name, pair) for name, pair in params.pairs.items()]
-    figures = write_figures(layout, params, results)
+    cards = load_cards(layout, params.pairs)
+    figures = write_figures(layout, params, results, cards)
     csvs = write_plot_csvs(layout.plots, results, rp.causal_scope)
-    write_text_atomic(layout.summary, render_summary(SummarySettings.from_params(params), results, figures) + "\n")
+    settings = SummarySettings.from_params(params)
+    write_text_atomic(layout.summary, render_summary(settings, results, figures, cards) + "\n")
+    write_text_atomic(layout.feature_cards, cards_html(cards, settings.model))
     n_missing = sum(len(res.missing) for res in results)
     _log_mlflow(
-        params, [layout.summary, *figures.values(), *csvs], _parent_metrics(results, rp.causal_scope, n_missing)
+        params,
+        [layout.summary, layout.feature_cards, *figures.values(), *csvs],
+        _parent_metrics(results, rp.causal_scope, n_missing),
+        cards,
     )
     log.info(
         "report: %s (%d pairs, %d missing input file(s)); figures in %s",
@@ -49,10 +61,13 @@ def main(params: Params) -> Path:
     return layout.summary
 
 
-def write_figures(layout: Layout, params: Params, results: list[PairResults]) -> dict[str, Path]:
+def write_figures(
+    layout: Layout, params: Params, results: list[PairResults], cards: list[LayerCards] | None = None
+) -> dict[str, Path]:
     dpi, figure = params.report.dpi, layout.summary_figure
+    failures = {lc.layer: lc.failures or ["no gate result"] for lc in cards or [] if not lc.reliable}
     return {
-        "heatmaps": plot_heatmaps(figure("heatmaps"), results, dpi),
+        "heatmaps": plot_heatmaps(figure("heatmaps"), results, dpi, failures),
         "efficiency": plot_efficiency(figure("efficiency"), results, params.evaluate.subspace_fraction, dpi),
         "causal": plot_causal(figure("causal"), results, params.report.causal_scope, dpi),
         "alpha": plot_alpha(figure("alpha"), results, dpi),
@@ -67,12 +82,17 @@ def _parent_metrics(results: list[PairResults], scope: str, n_missing: int) -> d
     return out
 
 
-def _log_mlflow(params: Params, artifacts: list[Path], metrics: dict[str, float]) -> None:
+def _log_mlflow(params: Params, artifacts: list[Path], metrics: dict[str, float], cards: list[LayerCards]) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, pipeline_run
+    from ato.tracking import log_flat_metrics, pipeline_run, sae_reliability_tags
 
     with pipeline_run(params, "report"):
+        bad = [lc for lc in cards if not lc.reliable]
+        failures = [f"layer {lc.layer}: {f}" for lc in bad for f in lc.failures or ["no gate result"]]
+        mlflow.set_tags(sae_reliability_tags(all(lc.reliable for lc in cards), failures))
+        for lc in cards:
+            mlflow.set_tags(sae_reliability_tags(lc.reliable, lc.failures, layer=lc.layer))
         log_flat_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="report")

@@ -1,12 +1,15 @@
 """Stage `select`: score every SAE feature of every target layer, rank, keep the best.
 
-The scores (activation rate, token entropy, vocabulary focus, redundancy, causal effect) and their
-composite are computed by `ato.sae.features.score_layer`; see docs/method.md#features.
+The criteria (activation-rate band, token entropy, vocabulary focus, decoder redundancy, exact causal
+effect of the best candidates) and the score are computed by `ato.sae.features.score_layer`; see
+README "Feature selection". The SAE's quality gates (SaeInfo.reliable / gate_failures) are copied
+into the report and the MLflow tags: features of an SAE that missed its gates are marked, never
+silently used.
 
 Outputs per layer n (records in `ato.artifacts.features`): `<paths.features>/layer_NN.json`
 (`FeatureSet`: ranked, kept, scores), `<paths.features>/layer_NN_contexts.json` (`FeatureContexts`:
 top activating token windows of the kept features), `<paths.reports>/select/layer_NN.json`
-(`SelectReport`: summary + first-order-vs-exact causal check). See docs/contracts.md#features.
+(`SelectReport`: summary, exact ablations, SAE reliability). See docs/contracts.md#features.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ato.artifacts import Layout, SaeInfo, SelectReport
 from ato.models import load_prepared, resolve_device
 from ato.params import Params, SelectParams, section_dict
 from ato.sae import FeatureScoreError, load_sae
-from ato.sae.features import check_weights, score_layer
+from ato.sae.features import score_layer
 from ato.sae.neuronpedia import fetch_neuronpedia
 from ato.store import ActivationStore
 
@@ -29,7 +32,6 @@ log = logging.getLogger(__name__)
 
 def main(params: Params) -> dict[int, SelectReport]:
     sp, layout, layers = params.select, Layout.from_params(params), params.target_layers()
-    check_weights(sp.weights)
     store = ActivationStore.open(layout.store)
     store.require_layers(layers, what="stage select")
     device = resolve_device(sp.device)
@@ -64,6 +66,13 @@ def select_layer(
     log.info("layer %d: scoring %d features on ≤%d train tokens", layer, sae.cfg.d_sae, sp.max_tokens)
     features, contexts, report = score_layer(model, tokenizer, store, sae, layer, sp)
     features.sae_store_digest = sae_info.store_digest
+    report.sae_reliable, report.sae_gate_failures = sae_info.reliable, list(sae_info.gate_failures)
+    if not sae_info.reliable:
+        log.warning(
+            "layer %d: the SAE missed its quality gates (%s); its feature-level numbers are marked unreliable",
+            layer,
+            "; ".join(sae_info.gate_failures) or "no gate result",
+        )
     if sp.neuronpedia:
         explained = fetch_neuronpedia(sae_info.neuronpedia_id, features.kept)
         for entry in contexts.features:
@@ -72,11 +81,16 @@ def select_layer(
     contexts.write(layout.feature_contexts(layer))
     report.write(layout.select_report(layer))
     log.info(
-        "layer %d: %d eligible, kept %d; first-order vs exact causal max rel. error %s; %.0fs",
+        "layer %d: %d eligible, %d in the rate band [%.2g, %.2g]; kept %d (median rate %s vs mean L0/d_sae %.3g); "
+        "%d exact ablations; %.0fs",
         layer,
         report.n_eligible,
+        report.n_in_band,
+        *report.rate_band,
         report.n_kept,
-        report.causal_check_max_relative_error,
+        report.kept_median_activation_rate,
+        report.target_rate,
+        len(report.exact.features),
         report.seconds.total,
     )
     return report
@@ -85,12 +99,14 @@ def select_layer(
 def _track(params: Params, layout: Layout, reports: dict[int, SelectReport]) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, pipeline_run
+    from ato.tracking import log_flat_metrics, pipeline_run, sae_reliability_tags
 
     with pipeline_run(params, "select"):
         flat = {f"select.{k}": v for k, v in section_dict(params.select).items() if k != "weights"}
-        flat.update({f"select.weights.{k}": v for k, v in params.select.weights.items()})
+        flat.update({f"select.weights.{k}": v for k, v in section_dict(params.select.weights).items()})
         mlflow.log_params(flat)
+        for n, report in reports.items():
+            mlflow.set_tags(sae_reliability_tags(report.sae_reliable, report.sae_gate_failures, layer=n))
         log_flat_metrics(
             {f"select_layer_{n:02d}_{k}": v for n, report in reports.items() for k, v in report.metrics().items()}
         )

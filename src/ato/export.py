@@ -1,0 +1,360 @@
+"""Export an operator as a self-describing folder in the layout model hubs use, and import it back.
+
+An exported folder (`export_operator`; `ato export`) is publishable as it is, e.g. as a Hugging Face
+model repository:
+
+    operator.safetensors   the weights, byte for byte as fitted (W [d_out, d_in], b [d_out])
+    config.json            the operator's config (model, weights digest, layers, α, method, data digest,
+                           metrics …), unchanged: the folder is itself an operator directory
+    README.md              the model card: YAML front matter (library, tags, base model, a `model-index`
+                           with the metrics, the `ato` block with the export digest) and what the
+                           operator is, its layers, data, metrics beside the identity map's, figures,
+                           intended use, limitations and how to load and splice it
+    spectrum.png           singular values of W beside the identity's (`ato.plotting.operator`)
+    <pair>_*.png           the pair's pipeline figures, where `--all` finds them
+
+The export digest is sha256 over the weights' bytes and the canonical config (`operator_digest`); it
+is written into the card. `import_operator` (`ato import`) recomputes it and refuses a folder whose
+weights or config no longer match the card (or the digest the user expects), then copies the operator
+atomically into an operator directory. The card itself may be edited freely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .artifacts import atomic_path, write_text_atomic
+from .operators import CONFIG, REGISTRY_SCHEME, VARIANTS, WEIGHTS, OperatorError, download_registered, load_operator
+
+log = logging.getLogger(__name__)
+
+CARD = "README.md"
+SPECTRUM = "spectrum.png"
+EXPORT_FORMAT = "ato-operator-export/1"
+_FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
+
+__all__ = ["export_all", "export_operator", "import_operator", "operator_digest", "read_card"]
+
+
+def operator_digest(directory: str | Path) -> str:
+    """`sha256:<hex>` over the weights file's bytes and config.json's canonical JSON (sorted keys)."""
+    directory = Path(directory)
+    h = hashlib.sha256(f"{EXPORT_FORMAT}\n".encode())
+    h.update(hashlib.sha256((directory / WEIGHTS).read_bytes()).digest())
+    config = json.loads((directory / CONFIG).read_text())
+    h.update(json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def _source_dir(source: str | Path, variant: str | None) -> Path:
+    directory = download_registered(str(source)) if str(source).startswith(REGISTRY_SCHEME) else Path(source)
+    if variant is not None:
+        from .operators import variant_dir
+
+        directory = variant_dir(directory, variant)
+    return directory
+
+
+def export_operator(
+    source: str | Path,
+    out: str | Path,
+    *,
+    variant: str | None = None,
+    name: str | None = None,
+    figures: list[Path] | None = None,
+    extra_metrics: dict[str, float] | None = None,
+) -> Path:
+    """Export the operator at `source` (a directory or `models:/<name>@<alias>`; `variant` picks one
+    of its variants) to the folder `out`, written atomically. `name`: the repository name in the card
+    (default: the folder's name); `figures`: more PNGs to ship and show; `extra_metrics`: evaluate's
+    or causal's headline numbers to list beside the fit's."""
+    from .plotting.operator import plot_spectrum
+
+    directory = _source_dir(source, variant)
+    op = load_operator(directory)  # refuses tampered weights / config before anything is written
+    out = Path(out)
+    name = name or out.name
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for f in (WEIGHTS, CONFIG):
+            shutil.copy2(directory / f, tmp / f)
+        plot_spectrum(op.W.double().numpy(), f"{name}: singular values of W", tmp / SPECTRUM)
+        shipped = [SPECTRUM]
+        for fig in figures or []:
+            if Path(fig).is_file():
+                shutil.copy2(fig, tmp / Path(fig).name)
+                shipped.append(Path(fig).name)
+        card = model_card(op.config, name, operator_digest(tmp), shipped, extra_metrics or {})
+        write_text_atomic(tmp / CARD, card)
+    log.info("exported %s → %s", directory, out)
+    return out
+
+
+def read_card(folder: str | Path) -> dict[str, Any]:
+    """The YAML front matter of an exported folder's README.md."""
+    import yaml
+
+    path = Path(folder) / CARD
+    if not path.is_file():
+        raise OperatorError(f"{path}: missing; {folder} is not an exported operator (run `ato export`)")
+    m = _FRONT.match(path.read_text(encoding="utf-8"))
+    if not m:
+        raise OperatorError(f"{path}: no YAML front matter (--- … ---) at the top")
+    try:
+        front = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError as exc:
+        raise OperatorError(f"{path}: unreadable front matter: {exc}") from None
+    if not isinstance(front, dict) or not isinstance(front.get("ato"), dict):
+        raise OperatorError(f"{path}: the front matter has no `ato:` block; not exported by `ato export`")
+    return front
+
+
+def import_operator(folder: str | Path, dest: str | Path, expect_digest: str | None = None) -> Path:
+    """Check an exported folder (the card's digest, and `expect_digest` if given, against the files)
+    and copy the operator into the operator directory `dest` (atomically; card and figures included)."""
+    folder = Path(folder)
+    card = read_card(folder)["ato"]
+    for f in (WEIGHTS, CONFIG):
+        if not (folder / f).is_file():
+            raise OperatorError(f"{folder / f}: missing; the export is incomplete")
+    digest = operator_digest(folder)
+    recorded = card.get("digest")
+    if digest != recorded:
+        raise OperatorError(
+            f"{folder}: digest {digest} of {WEIGHTS} + {CONFIG} differs from {recorded} in {CARD}; "
+            "the weights or the config were changed after export"
+        )
+    if expect_digest is not None and digest != _with_scheme(expect_digest):
+        raise OperatorError(f"{folder}: digest {digest}, but {_with_scheme(expect_digest)} was expected")
+    load_operator(folder)  # the weights match config.json's sha256 and are well formed
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(".*"))
+    log.info("imported %s (%s) → %s", folder, digest, dest)
+    return dest
+
+
+def _with_scheme(digest: str) -> str:
+    return digest if digest.startswith("sha256:") else f"sha256:{digest}"
+
+
+def export_all(params: Any, out: str | Path) -> list[Path]:
+    """Every fitted pair of `params` and each of its variants: `<out>/<registry name>[-<variant>]/`,
+    with the pair's pipeline figures and its evaluate / causal headline numbers where they exist."""
+    from .artifacts import Layout
+    from .tracking import registry_name
+
+    layout, out = Layout.from_params(params), Path(out)
+    done: list[Path] = []
+    for pair in params.pairs:
+        directory = layout.operator(pair)
+        if not (directory / CONFIG).is_file():
+            log.warning("%s: no operator (run `ato fit --pair %s`); not exported", directory, pair)
+            continue
+        config = json.loads((directory / CONFIG).read_text())
+        base = registry_name(config["model"] if params.prepare.source == "embedded" else params.prepare.source, pair)
+        figures = [layout.pair_figure(pair, kind) for kind in ("efficiency", "causal")]
+        extra = _pipeline_metrics(layout, pair)
+        done.append(export_operator(directory, out / base, figures=figures, extra_metrics=extra))
+        for variant in sorted(p.name for p in (directory / VARIANTS).glob("*") if (p / CONFIG).is_file()):
+            name = f"{base}-{variant}"
+            done.append(export_operator(directory, out / name, variant=variant, name=name, figures=figures))
+    return done
+
+
+def _pipeline_metrics(layout: Any, pair: str) -> dict[str, float]:
+    """Evaluate's and causal's headline numbers for the card, where the files exist and read."""
+    from .artifacts import ArtifactError, CausalSummary, read_json
+
+    out: dict[str, float] = {}
+    try:
+        m = read_json(layout.metrics(pair), "evaluate metrics")
+        keys = ("r2", "r2_weighted", "identity_r2", "ols_r2", "ceiling_full", "eta_test", "cosine")
+        out |= {f"evaluate {k}": float(m[k]) for k in keys if isinstance(m.get(k), (int, float))}
+    except ArtifactError:
+        pass
+    try:
+        head = CausalSummary.read(layout.causal(pair)).headline_metrics()
+        wanted = ("ato_delta_all", "identity_delta_all", "train_mean_delta_all", "recovered_all")
+        out |= {f"causal {k}": float(head[k]) for k in wanted if isinstance(head.get(k), (int, float))}
+    except (ArtifactError, KeyError, AttributeError):
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The model card
+
+
+def model_card(config: dict[str, Any], name: str, digest: str, figures: list[str], extra: dict[str, float]) -> str:
+    """README.md: hub-style YAML front matter, then the card."""
+    import yaml
+
+    front = _front_matter(config, name, digest)
+    body = _card_body(config, name, digest, figures, extra)
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
+
+def _base_model(config: dict[str, Any]) -> str | None:
+    """The model's hub id when its name starts with one (`google/gemma-3-270m (…)` → google/gemma-3-270m)."""
+    first = str(config.get("model", "")).split(" ")[0]
+    return first if re.fullmatch(r"[\w.-]+/[\w.-]+", first) else None
+
+
+def _metric_rows(config: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(key, label, value) of the fit's exact scores from the pair statistics."""
+    m = config.get("metrics") or {}
+    labels = {
+        "test_r2": "test R² (uniform over dimensions)",
+        "test_r2_weighted": "test R² (variance-weighted)",
+        "val_r2": "validation R²",
+        "train_r2": "train R²",
+    }
+    return [(k, label, float(m[k])) for k, label in labels.items() if isinstance(m.get(k), (int, float))]
+
+
+def _front_matter(config: dict[str, Any], name: str, digest: str) -> dict[str, Any]:
+    L, T = config["layer_in"], config["layer_out"]
+    front: dict[str, Any] = {
+        "library_name": "ato",
+        "tags": ["ato", "activation-transport-operator", "interpretability", "residual-stream", "linear-map"],
+    }
+    if _base_model(config):
+        front["base_model"] = _base_model(config)
+    metrics = [{"type": "r2", "name": label, "value": round(v, 6)} for _k, label, v in _metric_rows(config)]
+    if metrics:
+        front["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "activation-transport", "name": f"residual layer {L} → {T}"},
+                        "dataset": {
+                            "type": "ato-activation-store",
+                            "name": f"activations of {config.get('model')}",
+                            "revision": str(config.get("store_digest")),
+                        },
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ]
+    front["ato"] = {
+        "format": EXPORT_FORMAT,
+        "digest": digest,
+        "weights_sha256": config.get("weights_sha256"),
+        "layer_in": L,
+        "layer_out": T,
+        "d_model": config.get("d_model"),
+        "variant": config.get("variant"),
+        "model_digest": config.get("model_digest"),
+        "store_digest": config.get("store_digest"),
+    }
+    return front
+
+
+def _card_body(config: dict[str, Any], name: str, digest: str, figures: list[str], extra: dict[str, float]) -> str:
+    L, T, d = config["layer_in"], config["layer_out"], config.get("d_model")
+    variant = config.get("variant")
+    what = (
+        f"the **{variant}** variant (method `{config.get('method')}`, rank {config.get('rank')}) of the fitted operator"
+        if variant
+        else f"a `{config.get('method')}` fit (α = {config.get('alpha')})"
+    )
+    metrics = config.get("metrics") or {}
+    bos = "included" if config.get("include_bos") else "excluded"
+    rows = [f"| {label} | {v:.4f} |" for _k, label, v in _metric_rows(config)]
+    rows += [f"| {k} | {v:.4f} |" for k, v in extra.items()]
+    lines = [
+        f"# {name}",
+        "",
+        f"An **activation transport operator** for `{config.get('model')}`: the affine map ŷ = W x + b from the "
+        f"residual stream after decoder block {L} (x) to the residual after block {T} (y) of the same token, "
+        f"d_model = {d}; {what}. Made with `ato` (activation transport operators).",
+        "",
+        "## Model and data",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | `{config.get('model')}` |",
+        f"| model weights digest | `{config.get('model_digest')}` |",
+        f"| layers | {L} → {T} (k = {T - L}); layer n = output of decoder block n (`blocks.n.hook_resid_post`) |",
+        f"| training tokens | {config.get('n_train_tokens')} (BOS {bos}) |",
+        f"| activation-store (data) digest | `{config.get('store_digest')}` |",
+        f"| weights sha256 | `{config.get('weights_sha256')}` |",
+        f"| export digest | `{digest}` |",
+        "",
+        "## Metrics",
+        "",
+        "Exact R² from the pair's sufficient statistics (held-out test split unless named otherwise), "
+        "each beside the identity map ŷ = x where known:",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *rows,
+    ]
+    if "identity_test_r2" in metrics:
+        lines.append(f"| identity map, test R² | {float(metrics['identity_test_r2']):.4f} |")
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "Research on how much of what a transformer's residual stream holds at a later layer is *carried* "
+        "linearly from an earlier one: predict y from x, compare variants (reduced rank, Procrustes, "
+        "identity), or splice the map into the model and measure the change in log-perplexity. It is not a "
+        "component for production models, and says nothing about behaviour outside the text distribution "
+        "it was fitted on.",
+        "",
+        "## Limitations",
+        "",
+        "Fitted on one model's activations on one corpus; only valid for that exact model (the weights "
+        "digest above), those layers and the residual convention stated. A linear map explains what it "
+        "explains on average; token-level errors can be large where blocks compute rather than carry.",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "import ato",
+        'op = ato.load_operator(".")                 # this folder; checks the weights sha256',
+        "y_hat = op(x_L)                             # x_L: [..., d_model] residual after block " + str(L),
+        f"with ato.splice(model, op):                 # the model above: layer {T} ← op(layer {L})",
+        "    out = model(**inputs)",
+        "```",
+        "",
+        f"`ato import <this folder> --to models/operators/{name}` checks the export digest and installs it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands (arguments: `ato.cli`)
+
+
+def export_command(args: Any) -> int:
+    import sys
+
+    if args.all:
+        from .params import load_params
+
+        folders = export_all(load_params(args.params), args.out)
+    else:
+        folders = [export_operator(args.operator, args.out, variant=args.variant)]
+    for folder in folders:
+        sys.stdout.write(f"{folder}  {read_card(folder)['ato']['digest']}\n")
+    return 0
+
+
+def import_command(args: Any) -> int:
+    import sys
+
+    dest = import_operator(args.folder, args.to, args.digest)
+    sys.stdout.write(f"{dest}  {read_card(dest)['ato']['digest']}\n")
+    return 0

@@ -1,0 +1,57 @@
+"""Orthogonal Procrustes maps between two residual layers, from sufficient statistics (`PairStats`).
+
+The "secretly linear" measure of Razzhigaev et al. asks how well an orthogonal map (a rotation or
+reflection, plus one isotropic scale) carries layer L onto layer T. With rows x, y:
+
+* **plain**: ŷ = s R x, R orthogonal; R = V Uᵀ from the SVD Σ x yᵀ = U Σ Vᵀ (uncentred), and the
+  least-squares scale s = tr Σ / Σ‖x‖². No intercept.
+* **centred**: ŷ = s R (x − x̄) + ȳ, the same on the centred scatter XcᵀYc.
+
+Residual norms grow with depth, so an orthogonal map without the scale s would score the norm
+growth, not the geometry; s makes both maps similarity transforms (the best scaled rotation).
+`linearity_score` is the paper's number: centre and normalise both sides to unit Frobenius norm,
+then 1 − min_R ‖Ã R − B̃‖²_F = 2‖ÃᵀB̃‖_* − 1 (‖·‖_*: nuclear norm), in sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .stats import PairStats
+
+
+def _rotation(m: np.ndarray) -> tuple[np.ndarray, float]:
+    """(R [d_out, d_in] orthogonal with R = argmax tr(R M) for M = Σ x yᵀ [d_in, d_out], ‖M‖_*)."""
+    u, sigma, vt = np.linalg.svd(np.asarray(m, dtype=np.float64), full_matrices=False)
+    return vt.T @ u.T, float(sigma.sum())
+
+
+def procrustes_plain(s: PairStats) -> tuple[np.ndarray, np.ndarray, float]:
+    """(W = s R, b = 0, s) of the scaled orthogonal map ŷ = s R x fitted on uncentred rows."""
+    if s.xtx.shape != s.yty.shape:
+        raise ValueError("orthogonal Procrustes needs d_in == d_out")
+    R, nuclear = _rotation(s.xty)
+    norm = float(np.trace(s.xtx))
+    scale = nuclear / norm if norm > 0 else 0.0
+    return scale * R, np.zeros(R.shape[0]), scale
+
+
+def procrustes_centred(s: PairStats) -> tuple[np.ndarray, np.ndarray, float]:
+    """(W = s R, b = ȳ − W x̄, s) of the scaled orthogonal map fitted on centred rows."""
+    if s.xtx.shape != s.yty.shape:
+        raise ValueError("orthogonal Procrustes needs d_in == d_out")
+    cxx, cxy, _ = s.centred()
+    R, nuclear = _rotation(cxy)
+    norm = float(np.trace(cxx))
+    scale = nuclear / norm if norm > 0 else 0.0
+    W = scale * R
+    return W, s.mean_y - W @ s.mean_x, scale
+
+
+def linearity_score(s: PairStats) -> float:
+    """Razzhigaev et al.'s linearity score, 2‖ÃᵀB̃‖_* − 1 on centred, unit-Frobenius-norm rows (in sample)."""
+    cxx, cxy, cyy = s.centred()
+    norm = float(np.sqrt(np.trace(cxx) * np.trace(cyy)))
+    if norm <= 0:
+        return float("nan")
+    return 2.0 * float(np.linalg.svd(cxy, compute_uv=False).sum()) / norm - 1.0

@@ -1,0 +1,100 @@
+"""Comparing affine transport maps fitted on different data (e.g. languages): the transfer matrix,
+principal angles between top singular subspaces, and the subspace several maps share. Pure numpy.
+
+**Transfer matrix.** For maps (W_i, b_i) and test statistics s_j, R²[i, j] is map i scored exactly on
+the rows of s_j (`ato.math.ridge.r2_from_stats`, about s_j's own mean): the diagonal is each map on
+its own data, an off-diagonal entry one map carried over.
+
+**Which subspace.** A k-layer map is close to the identity (the residual is carried), so the singular
+vectors of W itself are nearly arbitrary (all σ ≈ 1). What the blocks add linearly is the *update*
+W − I, and what matters of it is its effect on the inputs the model actually sees: the singular
+subspaces of M = (W − I) S with S = Σxx^{1/2} the (pooled) input covariance's square root. The top-r
+left singular vectors of M span the output directions the update writes most variance into ("write"
+subspace); its top-r right singular vectors, in the whitened input coordinates S⁻¹(x − x̄), the input
+directions it reads most ("read" subspace). One S for every map compares the maps, not the
+languages' input statistics.
+
+**Overlap.** For r-dimensional subspaces with orthonormal bases A, B, the cosines of the principal
+angles are the singular values of AᵀB; the overlap is their mean square, ‖AᵀB‖²_F / r ∈ [0, 1]:
+1 for the same subspace, r/d in expectation for independent uniformly random subspaces
+(`random_overlap`), 0 for orthogonal ones.
+
+**Shared subspace.** For bases A_1..A_m, the average projector P̄ = (1/m) Σ A_ℓ A_ℓᵀ has eigenvalues in
+[0, 1]; a unit vector v lies in every subspace iff vᵀP̄v = 1. `shared_dimension` counts eigenvalues
+≥ `threshold` (each such direction has mean cos² ≥ threshold with the m subspaces).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .ridge import r2_from_stats
+from .stats import PairStats
+
+Map = tuple[np.ndarray, np.ndarray]  # (W [d_out, d_in], b [d_out])
+
+
+def transfer_matrix(maps: Sequence[Map], tests: Sequence[PairStats]) -> dict[str, np.ndarray]:
+    """{"r2": [m, t], "r2_weighted": [m, t]}: map i on test statistics j (uniform and variance-weighted R²)."""
+    r2 = np.full((len(maps), len(tests)), np.nan)
+    r2w = np.full_like(r2, np.nan)
+    for i, (W, b) in enumerate(maps):
+        for j, s in enumerate(tests):
+            out = r2_from_stats(s, W, b)
+            r2[i, j], r2w[i, j] = float(out["r2"]), float(out["r2_weighted"])
+    return {"r2": r2, "r2_weighted": r2w}
+
+
+def input_metric(s: PairStats) -> np.ndarray:
+    """S = Σxx^{1/2}: the symmetric square root of the centred input covariance of `s` (divided by n)."""
+    cxx = s.centred()[0] / s.n
+    lam, Q = np.linalg.eigh((cxx + cxx.T) / 2)
+    return (Q * np.sqrt(np.clip(lam, 0.0, None))) @ Q.T
+
+
+def update_subspaces(W: np.ndarray, S: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(write, read): orthonormal [d, r] bases of the top-r left and right singular vectors of
+    M = (W − I) S — the output directions the linear update writes most variance into, and the
+    (whitened) input directions it reads most, under the input metric S."""
+    W = np.asarray(W, dtype=np.float64)
+    if W.shape[0] != W.shape[1] or S.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"update subspaces need a square W and a matching S; got {W.shape} and {S.shape}")
+    r = min(int(r), W.shape[0])
+    U, _, Vt = np.linalg.svd((W - np.eye(W.shape[0])) @ S)
+    return U[:, :r], Vt[:r].T
+
+
+def principal_cosines(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Cosines of the principal angles between span(A) and span(B) (orthonormal columns), descending."""
+    return np.clip(np.linalg.svd(A.T @ B, compute_uv=False), 0.0, 1.0)
+
+
+def overlap(A: np.ndarray, B: np.ndarray) -> float:
+    """Mean squared principal cosine ‖AᵀB‖²_F / r of two r-dimensional subspaces (orthonormal bases)."""
+    if A.shape != B.shape:
+        raise ValueError(f"overlap needs bases of one shape; got {A.shape} and {B.shape}")
+    return float(np.sum((A.T @ B) ** 2) / A.shape[1])
+
+
+def random_overlap(r: int, d: int) -> float:
+    """E[overlap] of two independent uniformly random r-dimensional subspaces of R^d: r/d."""
+    return float(min(r, d) / d)
+
+
+def shared_dimension(bases: Sequence[np.ndarray], threshold: float) -> int:
+    """Number of eigenvalues ≥ threshold of the average projector (1/m) Σ A Aᵀ: directions that lie,
+    in mean cos², at least `threshold` inside every one of the m subspaces."""
+    if not bases:
+        return 0
+    P = sum(A @ A.T for A in bases) / len(bases)
+    return int(np.sum(np.linalg.eigvalsh((P + P.T) / 2) >= threshold))
+
+
+def pooled(stats: Sequence[PairStats]) -> PairStats:
+    """The statistics of all rows together (disjoint data sets merged)."""
+    out = stats[0]
+    for s in stats[1:]:
+        out = out.merge(s)
+    return out

@@ -1,0 +1,340 @@
+"""Feature cards of `ato report`: one card per kept feature of every target layer — its top activating
+contexts with the active token highlighted, its activation rate beside the SAE's sparse regime (mean
+L0 / d_sae), the verdict (transported / synthesised / no verdict) of every pair that targets the layer,
+and the feature R² of the ATO beside the identity map's. Rendered twice: a compact markdown section
+of summary.md and a self-contained HTML page (reports/features.html: inline CSS, no external assets,
+every token HTML-escaped). An SAE that missed its quality gates puts an UNRELIABLE banner on its
+layer's cards; missing inputs are listed, not fatal.
+
+Inputs (records): `FeatureSet` and `FeatureContexts` of select, `SaeInfo` (reports/sae) of sae,
+`TransportVerdicts` of evaluate.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ato.artifacts import FeatureContexts, FeatureSet, Layout, SaeInfo, TokenContext, TransportVerdicts
+from ato.params import Pair
+
+SUMMARY_CARDS = 16  # cards per layer in summary.md (the HTML page has them all)
+SUMMARY_WINDOW = 6  # tokens each side of the active token in summary.md
+VERDICT_LABELS = {"transported": "transported", "synthesised": "synthesised", "no_verdict": "no verdict"}
+
+
+@dataclass
+class PairVerdict:
+    """One pair's judgement of one feature."""
+
+    verdict: str  # transported | synthesised | no_verdict
+    r2: float  # feature R² of the ATO (NaN: undefined)
+    identity_r2: float  # feature R² of ŷ = x
+    active_tokens: int  # test tokens where the feature is active
+
+
+@dataclass
+class FeatureCard:
+    feature: int
+    rank: int  # 1-based position in FeatureSet.kept
+    activation_rate: float
+    contexts: list[TokenContext]
+    top_logit_tokens: list[str]
+    verdicts: dict[str, PairVerdict | None]  # pair → verdict; None when the pair has no evaluate output
+
+
+@dataclass
+class LayerCards:
+    """The cards of one target layer and what qualifies them."""
+
+    layer: int
+    pairs: list[str]  # pairs whose target is this layer
+    reliable: bool  # the SAE passed its quality gates (False when unknown)
+    failures: list[str]  # SaeInfo.gate_failures, or why there is no gate result
+    target_rate: float  # mean L0 / d_sae on the scored tokens (NaN without scores)
+    cards: list[FeatureCard] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # input files that do not exist yet
+
+    @property
+    def banner(self) -> str | None:
+        return None if self.reliable else "UNRELIABLE SAE: " + ("; ".join(self.failures) or "no gate result")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _float(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _gate(layout: Layout, layer: int) -> tuple[bool, list[str], list[str]]:
+    path = layout.sae_report(layer)
+    if not path.exists():
+        return False, [f"no SAE quality report ({path.name} missing)"], [str(path)]
+    info = SaeInfo.read(path)
+    return bool(info.reliable), list(info.gate_failures), []
+
+
+def _pair_verdicts(layout: Layout, names: list[str]) -> tuple[dict[str, dict[int, PairVerdict]], list[str]]:
+    out, missing = {}, []
+    for name in names:
+        path = layout.transport(name)
+        if not path.exists():
+            missing.append(str(path))
+            continue
+        tv = TransportVerdicts.read(path)
+        label = {f: "transported" for f in tv.transported} | {f: "synthesised" for f in tv.synthesised}
+        label |= {f: "no_verdict" for f in tv.no_verdict}
+        out[name] = {
+            f: PairVerdict(label.get(f, "no_verdict"), _float(r2), _float(ir2), int(n))
+            for f, r2, ir2, n in zip(tv.features, tv.r2, tv.identity_r2, tv.active_tokens)
+        }
+        for f, v in label.items():  # a record without per-feature numbers still gives the verdict
+            out[name].setdefault(f, PairVerdict(v, math.nan, math.nan, -1))
+    return out, missing
+
+
+def load_layer(layout: Layout, layer: int, pairs: list[str]) -> LayerCards:
+    """The cards of one target layer; a missing input leaves its part empty and is listed."""
+    reliable, failures, missing = _gate(layout, layer)
+    verdicts, missing_pairs = _pair_verdicts(layout, pairs)
+    lc = LayerCards(layer, pairs, reliable, failures, math.nan, missing=missing + missing_pairs)
+    fs_path, ctx_path = layout.feature_set(layer), layout.feature_contexts(layer)
+    for path in (fs_path, ctx_path):
+        if not path.exists():
+            lc.missing.append(str(path))
+    if not (fs_path.exists() and ctx_path.exists()):
+        return lc
+    fs, ctx = FeatureSet.read(fs_path), FeatureContexts.read(ctx_path)
+    rates = [_float(r) for r in fs.scores.activation_rate]
+    finite = [r for r in rates if math.isfinite(r)]
+    lc.target_rate = sum(finite) / len(rates) if rates and finite else math.nan
+    by_feature = {entry.feature: entry for entry in ctx.features}
+    for rank, f in enumerate(fs.kept, start=1):
+        entry = by_feature.get(f)
+        lc.cards.append(
+            FeatureCard(
+                feature=f,
+                rank=rank,
+                activation_rate=rates[f] if 0 <= f < len(rates) else math.nan,
+                contexts=entry.contexts if entry else [],
+                top_logit_tokens=entry.top_logit_tokens if entry else [],
+                verdicts={p: verdicts[p].get(f) if p in verdicts else None for p in pairs},
+            )
+        )
+    return lc
+
+
+def load_cards(layout: Layout, pairs: dict[str, Pair]) -> list[LayerCards]:
+    """Cards of every target layer (ascending), each with the pairs that target it."""
+    targets = sorted({p.target for p in pairs.values()})
+    return [load_layer(layout, t, [n for n, p in pairs.items() if p.target == t]) for t in targets]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared formatting
+
+
+def _pct(v: float) -> str:
+    return f"{v:.2%}" if math.isfinite(v) else "—"
+
+
+def _num(v: float, spec: str = ".3f") -> str:
+    return format(v, spec) if math.isfinite(v) else "—"
+
+
+def _rate_text(card: FeatureCard, target: float) -> str:
+    ratio = card.activation_rate / target if math.isfinite(target) and target > 0 else math.nan
+    return f"{_pct(card.activation_rate)} ({_num(ratio, '.2g')}× mean L0/d_sae)"
+
+
+def _visible(token: str) -> str:
+    """Whitespace a reader can see: newlines as ↵, tabs as →."""
+    return token.replace("\n", "↵").replace("\t", "→")
+
+
+def _window(ctx: TokenContext, width: int | None = None) -> tuple[list[str], str, list[str]]:
+    """(tokens before, the active token, tokens after), at most `width` each side."""
+    i = ctx.max_index
+    lo = 0 if width is None else max(0, i - width)
+    hi = len(ctx.tokens) if width is None else min(len(ctx.tokens), i + width + 1)
+    return ctx.tokens[lo:i], ctx.tokens[i] if 0 <= i < len(ctx.tokens) else "", ctx.tokens[i + 1 : hi]
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown (summary.md)
+
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|#"})
+
+
+def _md_text(tokens: list[str]) -> str:
+    return _visible("".join(tokens)).translate(_MD_SPECIAL)
+
+
+def _md_context(ctx: TokenContext) -> str:
+    before, token, after = _window(ctx, SUMMARY_WINDOW)
+    core = _md_text([token]).strip() or "␣"
+    return f"{_md_text(before)}**{core}**{_md_text(after)}".replace("\n", " ")
+
+
+def _md_verdict(v: PairVerdict | None) -> str:
+    if v is None:
+        return "—"
+    return f"{VERDICT_LABELS.get(v.verdict, v.verdict)} (R² {_num(v.r2)} vs id {_num(v.identity_r2)})"
+
+
+def cards_markdown(layers: list[LayerCards], page: str = "features.html") -> list[str]:
+    """The compact cards section of summary.md: per layer, the first SUMMARY_CARDS kept features with
+    their strongest context; the HTML page has every card."""
+    out = [
+        "## Feature cards (kept SAE features of each target layer)",
+        "",
+        f"Per kept feature: activation rate beside the SAE's sparse regime (mean L0/d_sae), the verdict of "
+        f"every pair that targets the layer with the feature R² of the ATO vs the identity map ŷ = x (test), and "
+        f"its strongest activating context (train) with the active token in **bold**. First {SUMMARY_CARDS} "
+        f"per layer in selection order; every card, with all its contexts: [{page}]({page}).",
+        "",
+    ]
+    for lc in layers:
+        out += [f"### Layer {lc.layer} ({len(lc.cards)} kept features; mean L0/d_sae = {_pct(lc.target_rate)})", ""]
+        if lc.banner:
+            out += [
+                f"> **{lc.banner}.** Every feature-level number of this layer (these cards, the transported and "
+                f"synthesised counts of {', '.join(lc.pairs)}) rests on an SAE that missed its quality gates.",
+                "",
+            ]
+        if lc.missing:
+            out += [f"Missing input(s): {', '.join(f'`{Path(m).name}`' for m in lc.missing)}.", ""]
+        if not lc.cards:
+            continue
+        header = ["feature", "rate", *lc.pairs, "strongest context"]
+        out += ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] + [":--"] * (len(header) - 2)) + "|"]
+        for card in lc.cards[:SUMMARY_CARDS]:
+            cells = [
+                str(card.feature),
+                _rate_text(card, lc.target_rate),
+                *[_md_verdict(card.verdicts.get(p)) for p in lc.pairs],
+                _md_context(card.contexts[0]) if card.contexts else "—",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# HTML (reports/features.html)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#f5f5f7;color:#1d1d1f}
+header,section.layer{max-width:1100px;margin:0 auto;padding:12px 20px}
+h1{font-size:1.4em}h2{font-size:1.2em;border-bottom:2px solid #ccc;padding-bottom:4px}
+.banner{padding:10px 14px;border-radius:6px;margin:10px 0;font-weight:600}
+.banner.unreliable{background:#b00020;color:#fff}.banner.missing{background:#fff3cd;color:#5c4400}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:12px}
+.card{background:#fff;border:1px solid #ddd;border-radius:8px;padding:10px 12px}
+.card.unreliable{border:2px solid #b00020}
+.card h3{margin:0 0 4px 0;font-size:1.05em}.meta{color:#555;font-size:.9em;margin:2px 0 6px}
+table.verdicts{border-collapse:collapse;font-size:.88em;margin:4px 0 8px}
+table.verdicts td,table.verdicts th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}
+table.verdicts td:first-child,table.verdicts th:first-child{text-align:left}
+.verdict-transported{color:#1a7f37;font-weight:600}.verdict-synthesised{color:#b35900;font-weight:600}
+.verdict-no_verdict{color:#777}
+ol.contexts{margin:0;padding-left:1.4em;font-size:.9em}
+ol.contexts li{margin:3px 0}
+.ctx{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
+.act{color:#666;font-size:.85em;margin-right:6px}
+mark.active-token{background:#ffd54f;border-radius:3px;padding:0 1px;font-weight:700}
+.promotes{font-size:.85em;color:#444;margin-top:6px}
+.promotes code{background:#eef;border-radius:3px;padding:0 3px;margin-right:3px}
+nav a{margin-right:12px}
+"""
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _html_context(ctx: TokenContext) -> str:
+    before, token, after = _window(ctx)
+    return (
+        f'<li><span class="act">{ctx.activation:.3g}</span><span class="ctx">{_e(_visible("".join(before)))}'
+        f'<mark class="active-token">{_e(_visible(token))}</mark>{_e(_visible("".join(after)))}</span></li>'
+    )
+
+
+def _html_verdicts(card: FeatureCard, pairs: list[str]) -> str:
+    rows = []
+    for p in pairs:
+        v = card.verdicts.get(p)
+        if v is None:
+            rows.append(f"<tr><td>{_e(p)}</td><td>—</td><td>—</td><td>—</td><td>—</td></tr>")
+            continue
+        label = _e(VERDICT_LABELS.get(v.verdict, v.verdict))
+        rows.append(
+            f'<tr><td>{_e(p)}</td><td class="verdict verdict-{_e(v.verdict)}">{label}</td><td>{_num(v.r2)}</td>'
+            f"<td>{_num(v.identity_r2)}</td><td>{v.active_tokens if v.active_tokens >= 0 else '—'}</td></tr>"
+        )
+    head = "<tr><th>pair</th><th>verdict</th><th>R² ATO</th><th>R² identity</th><th>active test tokens</th></tr>"
+    return f'<table class="verdicts">{head}{"".join(rows)}</table>'
+
+
+def _html_card(card: FeatureCard, lc: LayerCards) -> str:
+    cls = "card" if lc.reliable else "card unreliable"
+    promotes = "".join(f"<code>{_e(_visible(t))}</code>" for t in card.top_logit_tokens)
+    contexts = "".join(_html_context(c) for c in card.contexts) or "<li>no context recorded</li>"
+    return (
+        f'<article class="{cls}" id="L{lc.layer:02d}-f{card.feature}" data-layer="{lc.layer}" '
+        f'data-feature="{card.feature}">'
+        f"<h3>feature {card.feature} <small>(#{card.rank} of layer {lc.layer})</small></h3>"
+        f'<p class="meta">activation rate {_e(_rate_text(card, lc.target_rate))}</p>'
+        f"{_html_verdicts(card, lc.pairs)}"
+        f'<ol class="contexts">{contexts}</ol>'
+        + (f'<p class="promotes">promotes: {promotes}</p>' if promotes else "")
+        + "</article>"
+    )
+
+
+def _html_layer(lc: LayerCards) -> str:
+    parts = [
+        f'<section class="layer" id="layer-{lc.layer:02d}">',
+        f"<h2>Layer {lc.layer}: {len(lc.cards)} kept features (mean L0/d_sae = {_pct(lc.target_rate)}; pairs "
+        f"{_e(', '.join(lc.pairs))})</h2>",
+    ]
+    if lc.banner:
+        parts.append(
+            f'<div class="banner unreliable" role="alert">{_e(lc.banner)} — every number on these cards rests '
+            "on an SAE that missed its quality gates.</div>"
+        )
+    if lc.missing:
+        names = ", ".join(_e(Path(m).name) for m in lc.missing)
+        parts.append(f'<div class="banner missing">Missing input(s): {names}</div>')
+    parts.append('<div class="cards">' + "".join(_html_card(c, lc) for c in lc.cards) + "</div></section>")
+    return "\n".join(parts)
+
+
+def cards_html(layers: list[LayerCards], model: str) -> str:
+    """The whole page: no external assets, every token HTML-escaped."""
+    nav = " ".join(f'<a href="#layer-{lc.layer:02d}">layer {lc.layer}</a>' for lc in layers)
+    intro = (
+        "One card per kept SAE feature: its strongest activating contexts on train text (the active token "
+        "highlighted, activation on the left), its activation rate beside the SAE's sparse regime "
+        "(mean L0/d_sae), and for every pair (L → L+k) that targets the layer the verdict on test text — "
+        "<em>transported</em> when the operator reconstructs the feature (R² ≥ evaluate.transported_r2), "
+        "<em>synthesised</em> when it does not — with the feature R² of the ATO beside the identity map ŷ = x."
+    )
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            "<title>ato — feature cards</title>",
+            f"<style>{CSS}</style></head><body>",
+            f"<header><h1>ato — feature cards</h1><p>Model: {_e(model)}.</p><p>{intro}</p><nav>{nav}</nav></header>",
+            *(_html_layer(lc) for lc in layers),
+            "</body></html>",
+            "",
+        ]
+    )

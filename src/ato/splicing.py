@@ -1,0 +1,231 @@
+"""Splice an operator into a live HF causal LM: the residual after decoder block L+k is overwritten, at
+chosen positions, from the same forward's residual after block L.
+
+    import ato
+    op = ato.load_operator("models/operators/L05_k1")
+    with ato.splice(model, op, positions="all", mode="replace"):
+        logits = model(**tokenizer("My own sentence.", return_tensors="pt")).logits
+
+Modes, with x = residual after block L and h = the model's own residual after block T = L+k, at every
+patched position:
+
+    replace      h ← op(x)              the operator stands in for blocks L+1..T (what `ato causal` measures)
+    add-delta    h ← h + (op(x) − x)    the operator's predicted update is added to the model's own residual;
+                                        the identity operator leaves the model unchanged, and where blocks
+                                        L+1..T are the identity it equals replace
+
+Positions index the sequence axis of each forward's input: "all" (default) is every position but 0 (a
+BOS-led sequence's BOS, never patched — as in the causal check), "every" includes 0, a list of ints
+names positions, a bool tensor [T] or [batch, T] is the mask itself. With a KV cache each generation
+step is a forward of its own (the new token is position 0 of it): pass "every" or a mask to patch it.
+
+The model is checked against the operator's config before any hook is installed (`check_model`):
+hidden size = d_model, the layers exist (and the layer count, where the config records it), and the
+weights digest, where the model was loaded from a prepared directory (`ato prepare` writes
+ato_model.json) or `model_digest=` is given. A mismatch is a `SpliceError` naming both values. The
+hooks are removed on exit, also on an exception: the model is left exactly as it was.
+
+One implementation: `patch_rows` is the spliced residual and `spliced` installs it with forward
+hooks. `ato.patching` (the `causal` and `causal_reference` stages) computes every patched condition
+with `patch_rows`, by hooks through `spliced` or by replaying the blocks after T from a traced forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import AtoError
+from .models import _block_output, _replace_block_output, decoder_blocks
+
+if TYPE_CHECKING:
+    from .operators import Operator
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["replace", "add-delta"]
+MODES: tuple[str, ...] = ("replace", "add-delta")
+Positions = str | Sequence[int] | torch.Tensor
+ValueFn = Callable[[torch.Tensor], torch.Tensor]  # residual rows [m, d] → patch values [m, d]
+Rows = tuple[torch.Tensor, ...]  # (batch index, position index) of the patched rows
+
+__all__ = ["MODES", "SpliceError", "SpliceState", "check_model", "patch_rows", "position_mask", "splice", "spliced"]
+
+
+class SpliceError(AtoError):
+    """A splice that cannot be right: the model does not match the operator, or bad positions/mode."""
+
+
+def patch_rows(
+    h: torch.Tensor, x: torch.Tensor | None, rows: Rows, value: ValueFn, mode: str = "replace"
+) -> torch.Tensor:
+    """The spliced residual: `h` [B, T, d] with its `rows` set from `value` of the source rows (`x`,
+    or `h` itself when the value does not depend on an earlier layer). A new tensor; `h` is untouched."""
+    source = h if x is None else x
+    if mode == "replace":
+        return h.index_put(rows, value(source[rows]).to(h.dtype))
+    if mode == "add-delta":
+        xs = source[rows]
+        return h.index_put(rows, (h[rows] + (value(xs) - xs)).to(h.dtype))
+    raise SpliceError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+
+
+def position_mask(positions: Positions, batch: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool [batch, length]: the positions a splice patches (module docstring)."""
+    if isinstance(positions, torch.Tensor):
+        mask = positions.to(device=device, dtype=torch.bool)
+        if mask.shape == (length,):
+            return mask.expand(batch, length)
+        if mask.shape != (batch, length):
+            raise SpliceError(f"positions mask of shape {tuple(mask.shape)} for an input of shape {(batch, length)}")
+        return mask
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    if isinstance(positions, str):
+        if positions not in ("all", "every"):
+            raise SpliceError(f"positions={positions!r}: expected 'all', 'every', a list of ints or a bool mask")
+        mask[:, 1 if positions == "all" else 0 :] = True
+        return mask
+    chosen = [int(p) for p in positions]
+    bad = [p for p in chosen if not -length <= p < length]
+    if bad:
+        raise SpliceError(f"positions {bad} outside an input of {length} tokens")
+    mask[:, chosen] = True
+    return mask
+
+
+@dataclass
+class SpliceState:
+    """What a splice did so far: forwards it patched and rows it overwrote (read it inside or after the block)."""
+
+    layer_in: int | None
+    layer_out: int
+    mode: str
+    forwards: int = 0
+    n_patched: int = 0  # residual rows overwritten, over all forwards
+
+
+@contextmanager
+def spliced(
+    model: nn.Module,
+    layer_out: int,
+    value: ValueFn,
+    positions: Positions | Rows | Callable[[int, int], torch.Tensor] = "all",
+    layer_in: int | None = None,
+    mode: str = "replace",
+) -> Iterator[SpliceState]:
+    """Forward hooks that patch block `layer_out`'s output with `patch_rows` (no model check: `splice`
+    does that). `positions` may also be a function (batch, length) → mask, or precomputed `rows` as a
+    tuple of index tensors (what the causal stage passes). Hooks are removed on exit, whatever happens."""
+    if mode not in MODES:
+        raise SpliceError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    if layer_in is not None and layer_in >= layer_out:
+        raise SpliceError(f"layer_out {layer_out} must come after layer_in {layer_in}")
+    blocks = decoder_blocks(model)
+    state = SpliceState(layer_in, layer_out, mode)
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        captured[:] = [_block_output(output)]
+
+    def patch(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        h = _block_output(output)
+        if layer_in is not None and not captured:
+            raise SpliceError(f"block {layer_in} did not run before block {layer_out} in this forward")
+        x = captured.pop() if layer_in is not None else None
+        rows = _rows(positions, h)
+        state.forwards += 1
+        state.n_patched += int(rows[0].numel())
+        return _replace_block_output(output, patch_rows(h, x, rows, value, mode))
+
+    handles = [] if layer_in is None else [blocks[layer_in].register_forward_hook(capture)]
+    try:
+        handles.append(blocks[layer_out].register_forward_hook(patch))
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _rows(positions: Any, h: torch.Tensor) -> Rows:
+    if isinstance(positions, tuple) and all(isinstance(t, torch.Tensor) for t in positions):
+        return positions  # precomputed rows
+    batch, length = h.shape[:2]
+    mask = positions(batch, length) if callable(positions) else position_mask(positions, batch, length, h.device)
+    return mask.nonzero(as_tuple=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The public splice
+
+
+@contextmanager
+def splice(
+    model: nn.Module,
+    op: Operator | str | Path,
+    positions: Positions = "all",
+    mode: Mode = "replace",
+    *,
+    model_digest: str | None = "auto",
+    variant: str | None = None,
+) -> Iterator[SpliceState]:
+    """Patch `model` with operator `op` (an `Operator`, an operator directory or a registry URI
+    `models:/<name>@<alias>`; `variant` picks one of a directory's variants) at the operator's own
+    layers for the forwards inside the block (module docstring). `model_digest`: "auto" checks the
+    weights digest where the model came from a prepared directory, a digest string checks that one,
+    None skips the digest check (hidden size and layers are always checked)."""
+    from .operators import Operator, load_operator
+
+    if not isinstance(op, Operator):
+        op = load_operator(op, variant=variant)
+    elif variant is not None:
+        raise SpliceError("variant= selects a variant of an operator directory; pass that variant's Operator instead")
+    check_model(model, op.config, model_digest)
+    param = next(model.parameters())
+    W, b = op.W.to(param.device, param.dtype), op.b.to(param.device, param.dtype)
+    with spliced(model, op.layer_out, lambda x: nn.functional.linear(x, W, b), positions, op.layer_in, mode) as state:
+        yield state
+
+
+def check_model(model: nn.Module, config: dict[str, Any], model_digest: str | None = "auto") -> None:
+    """The model fits the operator's config: hidden size, layers, and (where known) weights digest."""
+    where = f"operator {config.get('model', '?')} L{config.get('layer_in')}→{config.get('layer_out')}"
+    model_config: Any = model.config  # an HF PretrainedConfig
+    hidden = int(model_config.hidden_size)
+    if int(config.get("d_model", -1)) != hidden:
+        raise SpliceError(f"{where}: fitted at d_model={config.get('d_model')}, the model's hidden size is {hidden}")
+    n = len(decoder_blocks(model))
+    layer_in, layer_out = int(config["layer_in"]), int(config["layer_out"])
+    if not 0 <= layer_in < layer_out < n:
+        raise SpliceError(f"{where}: layers {layer_in}→{layer_out} do not exist in a model of {n} layers (0..{n - 1})")
+    if config.get("n_layers") is not None and int(config["n_layers"]) != n:
+        raise SpliceError(f"{where}: fitted on a model of {config['n_layers']} layers, this one has {n}")
+    digest = model_weights_digest(model) if model_digest == "auto" else model_digest
+    expected = config.get("model_digest")
+    if digest is not None and expected is not None and digest != expected:
+        raise SpliceError(
+            f"{where}: fitted on model weights {str(expected)[:12]}…, but this model's are {digest[:12]}… "
+            "(a different model or checkpoint); load the model the operator was fitted on"
+        )
+    if digest is None and expected is not None and model_digest == "auto":
+        log.info("%s: weights digest not checked (not a prepared model directory); hidden size and layers match", where)
+
+
+def model_weights_digest(model: nn.Module) -> str | None:
+    """The weights digest `ato prepare` recorded for the directory the model was loaded from, if any."""
+    from .artifacts import ArtifactError, ModelInfo
+
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+    info = Path(str(source)) / "ato_model.json" if source else None
+    if info is None or not info.is_file():
+        return None
+    try:
+        return ModelInfo.read(info).weights_digest
+    except ArtifactError as exc:
+        raise SpliceError(f"{info}: unreadable ({exc}); pass model_digest= explicitly or None") from None
