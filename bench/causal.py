@@ -7,7 +7,12 @@ sharing of work, in the same run.
    - after: clean, zero and train_mean once per target layer (`causal_reference`), and the pair's ato,
      identity and bias_only replaying only the blocks after L+k from one traced clean forward
      (`causal`). The per-sequence NLL sums of both designs are checked to be identical.
-2. The whole new stages on a throw-away project: `ato causal_reference` for one target layer and
+2. Issue 14: the public splice (`ato.splice`, the one implementation the stages now use) against the
+   internal hook it replaced (capture + patch hooks, as `patching.patched_token_nll` had them), on the
+   same batch and operator: wall time of the patched body forward, interleaved repeats, medians, with
+   an A/A comparison of the old hook against itself as the noise floor; the NLLs are checked equal.
+   `--only-splice` runs just this part.
+3. The whole new stages on a throw-away project: `ato causal_reference` for one target layer and
    `ato causal` for its three pairs (L = T−1, T−2, T−3) at `--sequences` sequences, each pair's
    stage timed like its own DVC process (model load included, interpreter start not), and the
    projected total for the default six pairs (two target layers).
@@ -189,6 +194,105 @@ def print_conditions(t: dict[str, dict[str, float]], n_before: int, pairs_per_ta
     return {"before_s_per_pair_seq": before_pair, "after_s_per_pair_seq": after_pair}
 
 
+def _old_internal_hook(model, ids, layer_in, layer_out, patch, value_fn):
+    """The causal stage's hook path before issue 14 (HEAD's `patched_token_nll`, minus the LM head)."""
+    from ato.models import capture_residuals, final_hidden, patch_residual
+
+    rows = patch.nonzero(as_tuple=True)
+    with capture_residuals(model, [layer_in], stop_early=False) as captured:
+
+        def replace(hidden):
+            return hidden.index_put(rows, value_fn(captured[layer_in][rows]).to(hidden.dtype))
+
+        with patch_residual(model, layer_out, replace):
+            return final_hidden(model, ids)
+
+
+def _splice_operator(args, info):
+    from ato.operators import Operator, load_operator
+
+    path = Path(args.operator)
+    if (path / "config.json").exists():
+        op = load_operator(path, expect={"model_digest": info.weights_digest})
+        return op, f"{path} (layers {op.layer_in}→{op.layer_out})"
+    g = torch.Generator().manual_seed(0)
+    d = info.d_model
+    config = {"layer_in": 5, "layer_out": 6, "d_model": d, "model_digest": info.weights_digest, "model": info.name}
+    W = torch.eye(d) + torch.randn(d, d, generator=g) / d
+    return Operator(W, torch.zeros(d), config), "a random operator at layers 5→6 (no fitted operator found)"
+
+
+def splice_overhead(model, tok, info, docs: list[str], args) -> dict[str, float]:
+    """Median seconds of the patched body forward: old internal hook vs public `ato.splice` (interleaved)."""
+    import ato
+    from ato import patching
+    from ato.corpus import tokenize_document
+
+    op, where = _splice_operator(args, info)
+    rows = [ids for ids in (tokenize_document(tok, t, args.seq_len) for t in docs) if len(ids) == args.seq_len]
+    ids = torch.tensor(rows[: args.batch_size])
+    patch = torch.ones_like(ids, dtype=torch.bool)
+    patch[:, 0] = False
+    W, b = op.W.float(), op.b.float()
+
+    def value(x):
+        return torch.nn.functional.linear(x, W, b)
+
+    def old():
+        return _old_internal_hook(model, ids, op.layer_in, op.layer_out, patch, value)
+
+    def new():
+        with ato.splice(model, op, positions=patch):  # model check (digest from ato_model.json) included
+            return patching.final_hidden(model, ids)
+
+    runs: dict[str, list[float]] = {"old": [], "old_again": [], "public": []}
+    with torch.inference_mode():
+        assert torch.equal(old(), new()), "the public splice computes another forward than the old hook"
+        nll_old = patching.patched_token_nll(model, ids, op.layer_in, op.layer_out, patch, value, 512)
+        with ato.splice(model, op, positions=patch):
+            assert torch.equal(patching.token_nll(model, ids, 512), nll_old)
+        for _ in range(args.splice_repeats):  # interleaved, so drift in the machine's load hits all three
+            for name, fn in (("old", old), ("public", new), ("old_again", old)):
+                t0 = time.perf_counter()
+                fn()
+                runs[name].append(time.perf_counter() - t0)
+        entry = _entry_cost(model, op, patch, ids)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    overhead = 100 * (med["public"] / med["old"] - 1)
+    noise = 100 * (med["old_again"] / med["old"] - 1)
+    print(f"\npublic splice vs the internal hook it replaced: {ids.shape[0]} × {ids.shape[1]} tokens, {where}")
+    print(f"  medians of {args.splice_repeats} interleaved repeats of the patched body forward (s):")
+    for k in ("old", "old_again", "public"):
+        lo, hi = min(runs[k]), max(runs[k])
+        print(f"    {k:10s} {med[k]:.4f}  (range {lo:.4f}–{hi:.4f})")
+    print(f"  public splice overhead {overhead:+.2f} % (budget ≤ 2 %); A/A noise of the old hook {noise:+.2f} %")
+    print(
+        f"  fixed cost of the public splice (model check, hooks in and out, per forward: mask → rows): "
+        f"{1e3 * entry:.3f} ms = {100 * entry / med['old']:.4f} % of one forward"
+    )
+    print("  NLL and final hidden states: identical (checked above)")
+    return {
+        "splice_old_s": med["old"],
+        "splice_public_s": med["public"],
+        "splice_overhead_pct": overhead,
+        "splice_aa_noise_pct": noise,
+        "splice_fixed_cost_ms": 1e3 * entry,
+    }
+
+
+def _entry_cost(model, op, patch, ids, n: int = 200) -> float:
+    """Seconds the public splice adds beyond the forward itself: entering and leaving the context (model
+    check with the digest read, hooks) plus the per-forward mask → rows step, measured without a forward."""
+    import ato
+    from ato.splicing import position_mask
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with ato.splice(model, op, positions=patch):
+            position_mask(patch, *ids.shape).nonzero(as_tuple=True)
+    return (time.perf_counter() - t0) / n
+
+
 def whole_stages(params_path: Path, clean_s_per_seq: float) -> dict[str, float]:
     """`ato causal_reference` then `ato causal --pair` for each pair, timed; projected six-pair total."""
     from ato.artifacts import CausalReference, Layout
@@ -230,6 +334,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--skip-stages", action="store_true", help="only the per-condition comparison")
+    ap.add_argument("--only-splice", action="store_true", help="only the public splice vs internal hook comparison")
+    ap.add_argument("--splice-repeats", type=int, default=15, help="interleaved repeats for the splice comparison")
+    ap.add_argument(
+        "--operator",
+        default=str(ROOT / "models" / "operators" / "L05_k1"),
+        help="operator for the splice comparison (default: models/operators/L05_k1; random if absent)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,8 +352,14 @@ def main() -> None:
     model, tok, info = load_prepared(model_dir, "cpu")
     print(f"causal bench: {info.name}; {_machine()}")
     result: dict[str, float] = {}
+    docs = _docs(400)
+    result |= splice_overhead(model, tok, info, docs, args)
+    if args.only_splice:
+        print(f"machine after: {_machine()}")
+        print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        params_path = build_project(Path(tmp), model, tok, info, model_dir, args.target, _docs(400), args)
+        params_path = build_project(Path(tmp), model, tok, info, model_dir, args.target, docs, args)
         times = per_condition(model, info, load_params(params_path), args.before_sequences)
         result |= print_conditions(times, args.before_sequences, pairs_per_target=3)
         if not args.skip_stages:

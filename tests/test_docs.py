@@ -44,6 +44,12 @@ SKIPPED_BY_DESIGN: dict[str, str] = {
     "docker run --name ato-run ato": "needs the built image (see above)",
     "docker cp ato-run:/ato/reports ./reports-docker": "needs the container of the run above",
 }
+# README shell commands that test_python_snippets_run runs, in a tiny project, in this order.
+RUN_IN_SNIPPET_TEST = (
+    "ato score --operator models/operators/L05_k1 --text my_docs.txt",
+    "ato export --operator models/operators/L05_k1 --out hub/ato-gemma-3-270m-L05_k1",
+    "ato import hub/ato-gemma-3-270m-L05_k1 --to models/operators/L05_k1_imported",
+)
 # Benchmarks take minutes on the real store; here each is checked to exist and to answer --help.
 BENCH = re.compile(r"^\.venv/bin/python (bench/[\w-]+\.py)$")
 
@@ -83,7 +89,9 @@ def test_every_readme_command_is_run_or_skipped_by_design():
     assert commands, "no bash blocks found in README.md"
     stale = [c for c in SKIPPED_BY_DESIGN if c not in commands]
     assert not stale, f"SKIPPED_BY_DESIGN lists commands the README no longer has: {stale}"
-    unhandled = [c for c in commands if c not in SKIPPED_BY_DESIGN and not BENCH.match(c)]
+    assert all(c in commands for c in RUN_IN_SNIPPET_TEST), "RUN_IN_SNIPPET_TEST lists commands the README lacks"
+    unhandled = [c for c in commands if c not in SKIPPED_BY_DESIGN and c not in RUN_IN_SNIPPET_TEST]
+    unhandled = [c for c in unhandled if not BENCH.match(c)]
     assert not unhandled, f"README commands neither run by tests/test_docs.py nor skipped by design: {unhandled}"
     assert all(reason.strip() for reason in SKIPPED_BY_DESIGN.values())
 
@@ -260,65 +268,98 @@ def test_params_snippets_are_valid_params():
 # Python blocks, run for real against a tiny registered operator
 
 
-@pytest.mark.slow
-def test_python_snippets_run(tmp_path):
-    """Both python blocks, verbatim, in a project holding `models/operators/L05_k1` (d_model 640, as
-    the README assumes) that `fit.register` put in the registry under the README's model name."""
+def _downstream_project(tmp_path: Path) -> str:
+    """A project as the README's downstream section assumes it: `models/base` (a tiny random Gemma-3 with
+    d_model 640 and 8 layers, prepared), `models/operators/L05_k1` with a `rank64` variant, both
+    registered under the README's model name by `fit.register`; returns that name."""
     import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ato import tracking
-    from ato.operators import save_operator
+    from ato.artifacts import ModelInfo
+    from ato.math.stats import PairStats
+    from ato.operators import Operator, operator_variant, save_operator
     from ato.params import load_params
     from ato.stages import fit
+    from conftest import save_prepared, tiny_config, tiny_tokenizer
 
-    blocks = code_blocks("python")
-    assert len(blocks) == 2, "README python blocks changed: update this test"
+    tiny = {k: getattr(tiny_config("gemma3"), k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
+    config = AutoConfig.for_model("gemma3_text", hidden_size=640, intermediate_size=64, num_hidden_layers=8, **tiny)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    base = save_prepared(model, tiny_tokenizer(), tmp_path / "models" / "base", "tiny-640")
+    digest = ModelInfo.read(base / "ato_model.json").weights_digest
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pairs": {"L05_k1": {"L": 5, "k": 1}}}))
     params = load_params(tmp_path / "params.yaml")
     rng = np.random.default_rng(0)
     d = 640
+    W, b = np.eye(d) + rng.normal(size=(d, d)) / (4 * d), rng.normal(size=d) / 10
+    cfg = {
+        "model": "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)",
+        "model_digest": digest,
+        "layer_in": 5,
+        "layer_out": 6,
+        "alpha": 1.0,
+        "method": "ridge",
+        "d_model": d,
+        "n_train_tokens": 1,
+        "store_digest": "0" * 16,
+    }
+    x = rng.normal(size=(800, d))
+    stats = PairStats.from_data(x, x @ W.T + b + rng.normal(size=(800, d)) / 10)
+    op = Operator(torch.as_tensor(W, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), cfg)
     op_dir = save_operator(
-        params.path("operators") / "L05_k1",
-        rng.normal(size=(d, d)) / d,
-        rng.normal(size=d),
-        {
-            "model": "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)",
-            "model_digest": "0" * 64,
-            "layer_in": 5,
-            "layer_out": 6,
-            "alpha": 1.0,
-            "method": "ridge",
-            "d_model": d,
-            "n_train_tokens": 1,
-            "store_digest": "0" * 16,
-        },
+        params.path("operators") / "L05_k1", W, b, cfg, variants={"rank64": operator_variant(op, stats, "rank64")}
     )
     with tracking.pair_run(params, "L05_k1", "fit"):
         name = fit.register(params, "L05_k1", op_dir)
-    assert f'"models:/{name}@champion"' in blocks[0] and f'"{name}"' in blocks[1], (
+        fit.register(params, "L05_k1", op_dir, variant="rank64")
+    return name
+
+
+@pytest.mark.slow
+def test_python_snippets_run(tmp_path):
+    """The downstream section, verbatim: its python blocks (registry alias → spliced forward on a
+    sentence in ≤ 10 lines, the pyfunc model, the torch operator and a variant) and its `ato score`,
+    `ato export` and `ato import` commands, in a tiny offline project with the README's names."""
+    blocks = code_blocks("python")
+    assert len(blocks) == 3, "README python blocks changed: update this test"
+    assert len(blocks[0].strip().splitlines()) <= 10, "alias → spliced forward must stay within 10 lines"
+    name = _downstream_project(tmp_path)
+    assert f'"models:/{name}@champion"' in blocks[0] + blocks[1] and f'"{name}"' in blocks[2], (
         "README registry names differ from what `ato fit` registers"
     )
-
     prelude = "import numpy as _np, torch\nx_L = torch.randn(3, 640)\n"
     checks = [
+        "assert spliced.shape == clean.shape and not torch.equal(spliced, clean)\n"
+        "assert torch.equal(model(**inputs).logits, clean)  # the hooks are gone\n",
         "assert y_hat.shape == (4, 640), y_hat.shape\n",
         "assert tuple(y_hat.shape) == (3, 640)\n"
-        "assert torch.allclose(op(x_L), y_hat, atol=1e-4)  # the registry copy equals the directory's\n",
+        "assert torch.allclose(op(x_L), y_hat, atol=1e-4)  # the registry copy equals the directory's\n"
+        "assert op64.variant == 'rank64' and torch.linalg.matrix_rank(op64.W) == 64\n",
     ]
     script = "".join(
         f"exec(compile({prelude + block + check!r}, 'README block {i + 1}', 'exec'), {{}})\nprint('block {i + 1} ok')\n"
         for i, (block, check) in enumerate(zip(blocks, checks))
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"},
-    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    run = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 300, "env": env}
+    out = subprocess.run([sys.executable, "-c", script], **run)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "block 1 ok" in out.stdout and "block 2 ok" in out.stdout
+    assert all(f"block {i} ok" in out.stdout for i in (1, 2, 3))
+
+    (tmp_path / "my_docs.txt").write_text("the river and the city\n\nthe king was born in the city of music\n")
+    results = []
+    for command in RUN_IN_SNIPPET_TEST:
+        argv = [str(VENV_BIN / "ato"), *shlex.split(command)[1:]]
+        results.append(subprocess.run(argv, **run))
+        assert results[-1].returncode == 0, f"{command}:\n{results[-1].stderr[-3000:]}"
+    assert "residual R² (weighted)" in results[0].stdout and "Δ log-ppl vs clean" in results[0].stdout
+    exported = tmp_path / "hub" / "ato-gemma-3-270m-L05_k1"
+    assert {p.name for p in exported.iterdir()} >= {"README.md", "config.json", "operator.safetensors"}
+    assert results[1].stdout.split()[-1] == results[2].stdout.split()[-1]  # the digest survived the round trip
+    assert (tmp_path / "models" / "operators" / "L05_k1_imported" / "operator.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------------------

@@ -139,7 +139,8 @@ def test_export_is_a_self_describing_folder_and_imports_back(tmp_path):
     torch.testing.assert_close(load_operator(dest).W, load_operator(source).W, rtol=0, atol=0)
     # the variant exports as an operator of its own
     variant = export_operator(source, tmp_path / "hub" / "v", variant="identity")
-    assert read_card(variant)["ato"]["variant"] == "identity" and "**identity** variant" in (variant / "README.md").read_text()
+    assert read_card(variant)["ato"]["variant"] == "identity"
+    assert "**identity** variant" in (variant / "README.md").read_text()
     # editing the card's prose is fine; the digest covers weights and config
     (out / "README.md").write_text((out / "README.md").read_text() + "\nEdited by a publisher.\n")
     import_operator(out, tmp_path / "again")
@@ -201,7 +202,8 @@ def tiny_setup(tmp_path_factory):
     W, b = ridge_fit(stats, 1.0)
     config = _config(32, model_digest=ModelInfo.read(model_dir / "ato_model.json").weights_digest, k=1)
     fitted = Operator(torch.as_tensor(W, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), config)
-    op_dir = save_operator(root / "op", W, b, config, variants={"identity": operator_variant(fitted, stats, "identity")})
+    ident = operator_variant(fitted, stats, "identity")
+    op_dir = save_operator(root / "op", W, b, config, variants={"identity": ident})
     docs = [random_text(rng, rng.randint(3, 40)) for _ in range(9)]
     text = root / "mine.txt"
     docs.append("word")  # out of vocabulary: BOS + <unk>, one prediction and no spliced position (special)

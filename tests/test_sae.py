@@ -102,27 +102,34 @@ def make_model_store(project: Path, layers=TARGETS, seqs: dict[str, int] | None 
 
 
 def test_sparse_topk_loss_matches_sae_lens():
+    """The sparse training step (`SparseTopKTrainingSAE`) == sae-lens' dense `TopKTrainingSAE` step:
+    loss, each loss term, reconstruction, activations and every gradient."""
+    from sae_lens import TopKTrainingSAE
     from sae_lens.saes.sae import TrainStepInput
 
-    from ato.sae.training import build_training_sae, topk_training_loss
+    from ato.sae.training import SparseTopKTrainingSAE, build_training_sae
 
     sae = build_training_sae(SaeParams(width=64, k=4), 16)
+    assert isinstance(sae, SparseTopKTrainingSAE)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.1)
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
     x = torch.randn(32, 16) * 3
     for dead in (None, torch.rand(64) < 0.3, torch.rand(64) < 0.05):
-        ref = sae.training_forward_pass(
-            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
-        )
+        step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+        ref = TopKTrainingSAE.training_forward_pass(sae, step)  # sae-lens' own (dense) pass
         ref.loss.backward()
         g_ref = {n: p.grad.clone() for n, p in sae.named_parameters()}
         sae.zero_grad()
-        loss, out, _ = topk_training_loss(sae, x, dead)
-        loss.backward()
-        torch.testing.assert_close(loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.detach(), ref.sae_out.detach(), rtol=1e-5, atol=1e-5)
+        out = sae.training_forward_pass(step)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-5)
+        assert set(out.losses) == set(ref.losses)
+        for name in ref.losses:
+            torch.testing.assert_close(out.losses[name].detach(), ref.losses[name].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.sae_out.detach(), ref.sae_out.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.feature_acts, ref.feature_acts.detach(), rtol=1e-5, atol=1e-5)
         for name, p in sae.named_parameters():
             torch.testing.assert_close(p.grad, g_ref[name], rtol=1e-4, atol=1e-5)
         sae.zero_grad()
@@ -225,9 +232,9 @@ def test_stage_trains_saves_reports(tiny_project):
         assert 0 < info["fve_val"] <= 1 and info["mean_l0"] <= 4 and 0 <= info["dead_fraction"] <= 1
         assert 0 <= info["dense_fraction"] <= 1 and info["dense_threshold"] == 0.1
         assert info["data_tokens"] == 500 and info["data_tokens_from_model"] == 0
-        # downstream check: the clean CE is the same for both layers (one clean pass), ablations hurt
-        assert info["n_eval_sequences"] == 4 and info["n_eval_tokens"] == 4 * 7  # BOS predictions not scored
-        assert info["ce_zero"] > info["ce_clean"] and info["kl_sae"] >= 0 and info["kl_zero"] > 0
+        # downstream check (random model: ablations need not hurt, but they move the distribution)
+        assert info["n_eval_sequences"] == 4 and info["n_eval_tokens"] == 4 * 6  # 7 predictions, BOS's not scored
+        assert info["kl_sae"] >= 0 and info["kl_zero"] > 0 and info["kl_mean"] > 0
         assert info["gates"] == {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "zero"}
         assert info["reliable"] == (not info["gate_failures"])
         assert json.loads((params.path("reports") / "sae" / f"layer_{n:02d}.json").read_text()) == info

@@ -112,77 +112,88 @@ def test_ranking_puts_measured_candidates_first_and_uses_the_causal_effect():
     assert cands == [0, 1, 2]
     causal = np.full(5, np.nan)
     causal[cands] = [0.0, 0.0, 5.0]  # feature 2 matters most to the loss
-    r = select_ranking(pre, causal, cands, 1.0, eligible, rate)
+    r = select_ranking(pre, causal, cands, 1.0, [eligible], rate)
     assert r.ranked[0] == 2 and set(r.ranked[:3]) == {0, 1, 2} and r.ranked[3:] == [3, 4]
     assert math.isnan(r.composite[4]) and r.composite[3] == 0.5  # outside the candidates: pre-score
-    off = select_ranking(pre, causal, cands, 0.0, eligible, rate)  # weight 0: the pre-score order
+    off = select_ranking(pre, causal, cands, 0.0, [eligible], rate)  # weight 0: the pre-score order
     assert off.ranked == [0, 1, 2, 3, 4]
     # a candidate that never fired in the causal sequences (NaN) is neither rewarded nor punished
     causal[1] = np.nan
-    assert select_ranking(pre, causal, cands, 1.0, eligible, rate).composite[1] == pytest.approx(2.0)
+    assert select_ranking(pre, causal, cands, 1.0, [eligible], rate).composite[1] == pytest.approx(2.0)
     assert n_keep(0.5, 5, 4) == 2 and n_keep(0.01, 5, 4) == 1
 
 
-def _sequences(n: int = 4, seed: int = 0):
+def _pool(model, layer: int, n: int = 5, seed: int = 0):
+    """Random sequences with the model's own layer residual (what the store holds)."""
+    from ato.models import capture_residuals, final_hidden
+    from ato.sae.effects import PoolSequence
+
     rng = np.random.default_rng(seed)
-    out = []
+    pool = []
     for _ in range(n):
-        length = int(rng.integers(8, 14))
-        ids = np.concatenate([[2], rng.integers(4, 44, length - 1)])
-        out.append((ids, ids == 2))
-    return out
+        ids = np.concatenate([[2], rng.integers(4, 44, int(rng.integers(8, 14)) - 1)])
+        with torch.no_grad(), capture_residuals(model, [layer], stop_early=False) as cap:
+            final_hidden(model, torch.as_tensor(ids)[None])
+        pool.append(PoolSequence(ids, ids == 2, cap[layer][0].numpy()))
+    return pool
 
 
-def _naive_ablation(model, sae, layer, seqs, features):
-    """Reference: a full forward of every sequence, clean and with a_f·d_f removed, all positions
-    scored; returns (Δ summed loss per feature, active non-special positions per feature)."""
-    from ato.models import capture_residuals, chunked_nll, final_hidden, patch_residual
+def _naive_ablation(model, sae, layer, pool, feature, per_feature, horizon):
+    """Reference: full forwards of the whole model, clean and with a_f·d_f removed (patched at block n),
+    on the first `per_feature` sequences where f fires before the last token, cut after the
+    `horizon` predictions from its first activation; returns (Δ summed loss, activations ablated)."""
+    from ato.models import chunked_nll, final_hidden, patch_residual
     from ato.sae.effects import decoder_directions
 
-    directions = decoder_directions(sae)
-    delta, n_active = np.zeros(len(features)), np.zeros(len(features), dtype=int)
-    for ids, special in seqs:
-        t, keep = torch.as_tensor(ids)[None], torch.as_tensor(~special)[None]
+    d = decoder_directions(sae)[feature]
+    delta, n_active, used = 0.0, 0, 0
+    for seq in pool:
+        active = (sae.encode(torch.as_tensor(seq.h))[:, feature] > 0).numpy() & ~seq.special
+        if used == per_feature or not active[:-1].any():
+            continue
+        used += 1
+        p0 = int(np.flatnonzero(active[:-1])[0])
+        cut = len(seq.ids) if horizon is None else min(len(seq.ids), p0 + horizon + 1)
+        t, keep = torch.as_tensor(seq.ids[:cut])[None], torch.as_tensor(~seq.special[:cut])[None]
 
         def nll() -> float:
-            return float(chunked_nll(model, final_hidden(model, t)[0, :-1], t[0, 1:], 5).double().sum())
+            hidden = final_hidden(model, t)[0]
+            return float(chunked_nll(model, hidden[p0 : cut - 1], t[0, p0 + 1 : cut], 5).double().sum())
+
+        def remove(h):
+            return h - (sae.encode(h)[..., feature] * keep)[..., None] * d
 
         with torch.no_grad():
-            with capture_residuals(model, [layer], stop_early=False) as cap:
-                clean = nll()
-            acts = sae.encode(cap[layer][0])
-            for j, f in enumerate(features):
-                n_active[j] += int(((acts[:, f] > 0) & keep[0]).sum())
-
-                def remove(h, f=f):
-                    return h - (sae.encode(h)[..., f] * keep)[..., None] * directions[f]
-
-                with patch_residual(model, layer, remove):
-                    delta[j] += nll() - clean
+            clean = nll()
+            with patch_residual(model, layer, remove):
+                delta += nll() - clean
+        n_active += int(active[:cut].sum())
     return delta, n_active
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "gpt2"])
-def test_exact_effects_match_a_full_forward_ablation(kind):
-    """The fast path (blocks ≤ n skipped, unaffected sequences and positions not rerun, rows batched)
-    gives the exact ablation of a plain full forward, per feature."""
+@pytest.mark.parametrize(("kind", "per_feature", "horizon"), [("gemma3", 2, None), ("gemma3", 1, 3), ("gpt2", 2, 4)])
+def test_exact_effects_match_a_full_forward_ablation(kind, per_feature, horizon):
+    """The fast path (runs start at block n + 1 from the stored residual, sequences cut after the last
+    scored prediction, runs batched across features) gives the exact ablation of plain full forwards."""
     from ato.sae.effects import exact_effects
 
     model = tiny_model(kind).requires_grad_(False)
     sae = random_topk_sae(k=3, scale=0.5)
     with torch.no_grad():
         sae.W_dec[3] = 0.0
-    seqs = _sequences(5)
+    pool = _pool(model, 1)
     feats = [3, 0, 2, 6, 10]
-    fast = exact_effects(model, sae, 1, seqs, feats, batch_rows=3, progress=False)
-    ref, n_active = _naive_ablation(model, sae, 1, seqs, feats)
-    assert fast.n_loss_tokens == sum(len(s[0]) - 1 for s in seqs) and math.isfinite(fast.clean_loss)
+    fast = exact_effects(model, sae, 1, pool, feats, per_feature, horizon, batch_rows=3, progress=False)
+    ref = [_naive_ablation(model, sae, 1, pool, f, per_feature, horizon) for f in feats]
+    delta, n_active = np.array([r[0] for r in ref]), np.array([r[1] for r in ref])
     assert abs(fast.delta_loss[0]) < 1e-5  # zero decoder row: nothing changes (float32 rounding only)
-    assert np.abs(ref[1:]).min() > 1e-4  # the others have effects to compare
-    np.testing.assert_allclose(fast.delta_loss, ref, rtol=1e-4, atol=1e-6)
+    assert np.abs(delta[1:]).min() > 1e-4 and (n_active[1:] > 0).all()  # the others have effects to compare
+    np.testing.assert_allclose(fast.delta_loss, delta, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(fast.n_active, n_active)
-    assert (n_active[1:] > 0).all()
-    np.testing.assert_allclose(fast.per_activation, fast.delta_loss / fast.n_active)
+    assert (fast.n_sequences[1:] <= per_feature).all() and math.isfinite(fast.clean_loss)
+    if horizon is not None:
+        assert (fast.n_predictions <= horizon * fast.n_sequences).all()
+    np.testing.assert_allclose(fast.per_activation[1:], fast.delta_loss[1:] / fast.n_active[1:])
 
 
 def test_feature_records_round_trip(tmp_path):

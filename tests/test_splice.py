@@ -183,7 +183,8 @@ def test_a_mismatched_model_is_refused_before_any_hook(tmp_path):
     digest = ModelInfo.read(directory / "ato_model.json").weights_digest
     loaded = AutoModelForCausalLM.from_pretrained(directory)
     wrong = Operator(torch.eye(32), torch.zeros(32), _config(32, model_digest="0" * 64))
-    with pytest.raises(SpliceError, match=r"fitted on model weights 000000000000…, but this model's are " + digest[:12]):
+    message = r"fitted on model weights 000000000000…, but this model's are " + digest[:12]
+    with pytest.raises(SpliceError, match=message):
         with ato.splice(loaded, wrong):
             pass
     with pytest.raises(SpliceError, match="fitted on model weights"):

@@ -213,8 +213,10 @@ class SelectParams:
     rate_band: list[float] = field(default_factory=lambda: [0.1, 10.0])  # [lo, hi] × mean L0 / d_sae
     min_activation_rate: float = 1e-4  # below: not scored (ranked last)
     max_tokens: int = 16384  # tokens scored per layer
-    causal_sequences: int = 8  # held-out VAL sequences of the exact ablations
-    exact_budget: int = 64  # best candidates by the other criteria whose exact ablation Δ enters the score
+    causal_sequences: int = 32  # pool of held-out VAL sequences for the exact ablations
+    exact_budget: int = 128  # best candidates by the other criteria whose exact ablation Δ enters the score
+    exact_sequences: int = 1  # pool sequences each candidate is ablated in (the first ones where it fires)
+    causal_horizon: int | None = 16  # predictions scored after the first ablated activation (null: to the end)
     top_contexts: int = 5
     context_window: int = 8
     neuronpedia: bool = False  # fetch explanations online (never in the default run)
@@ -543,8 +545,10 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
     }.items():
         if value <= 0:
             raise ParamsError(f"{key}: must be positive, got {value}")
-    if params.select.exact_budget < 0:
-        raise ParamsError("select.exact_budget: must be >= 0")
+    if params.select.exact_budget < 0 or params.select.exact_sequences < 1:
+        raise ParamsError("select.exact_budget / exact_sequences: need exact_budget >= 0 and exact_sequences >= 1")
+    if params.select.causal_horizon is not None and params.select.causal_horizon < 1:
+        raise ParamsError("select.causal_horizon: must be >= 1 or null (to the end of the sequence)")
     band = params.select.rate_band
     if len(band) != 2 or not 0 < band[0] <= band[1]:
         raise ParamsError(f"select.rate_band: needs [lo, hi] with 0 < lo <= hi, got {band}")

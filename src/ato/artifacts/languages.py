@@ -23,7 +23,7 @@ from ._io import Record
 class LanguageSource:
     """Where one language's text came from and how much of it was used."""
 
-    source: str  # store (the reference language: the activation store's splits) | embedded | a file or directory
+    source: str  # `store` (the reference language: the activation store's splits), `embedded`, or a file/dir
     n_fit_tokens: int  # fit tokens behind its maps (TRAIN documents; BOS/special excluded unless stats.include_bos)
     n_test_tokens: int  # test tokens every map is scored on (TEST documents; same exclusion)
     fit_documents: int  # documents the fit tokens come from
@@ -102,7 +102,7 @@ class LanguageReport(Record):
     languages: list[str]  # reference first: the row/column order of every matrix
     sources: dict[str, LanguageSource]  # language → its text
     pairs: dict[str, PairTransfer]  # pair name → its results
-    alpha_scaling: str  # per_token (α·n/n_operator: the operator's penalty per token) | absolute
+    alpha_scaling: str  # per_token (α·n/n_operator: the operator's penalty per token) or absolute
     overlap_rank: int  # r of the compared update subspaces
     shared_threshold: float  # cos² at or above which a direction counts as shared
     causal_seq_len: int  # tokens per causal sequence (BOS first, never patched)

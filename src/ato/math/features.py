@@ -20,12 +20,15 @@ better); `select.weights` are non-negative importances, so no weight can flip a 
 - causal_effect (+) — exact change of the next-token loss per ablated activation (`ato.sae.effects`),
   measured only for the `select.exact_budget` best candidates by the other criteria.
 
-Scoring (`select_ranking`): z-score each criterion over the eligible features (activation rate ≥
-`select.min_activation_rate`), pre-score = Σ_m w_m·o_m·z_m over the criteria without the causal
-effect; the best `exact_budget` eligible features by pre-score are ablated exactly, and their score
-adds w_causal·z(causal effect) (z over the candidates; a candidate that never fires in the causal
-sequences adds 0). Ranking: candidates by that score, then the other eligible features by
-pre-score, then the ineligible ones by activation rate.
+Scoring is a funnel (`composite_score`, `exact_candidates`, `select_ranking`), each criterion
+z-scored over the features it is measured on:
+1. eligible features (activation rate ≥ `select.min_activation_rate`): cheap score = Σ w·o·z over
+   rate_band, token_entropy and redundancy;
+2. shortlist (the best 4 × exact_budget by the cheap score): + w·z(vocab_focus) = pre-score;
+3. candidates (the best `exact_budget` of the shortlist by pre-score): exact ablation, + w·z(causal
+   effect) (a candidate that never fires in the causal pool adds 0) = final score.
+Ranking: candidates by final score, then the rest of the shortlist and of the eligible features by
+pre-score, then the ineligible ones by activation rate. Kept: the first round(keep_fraction·d_sae).
 """
 
 from __future__ import annotations
@@ -225,25 +228,25 @@ def select_ranking(
     causal: np.ndarray,
     candidates: list[int],
     causal_weight: float,
-    eligible: np.ndarray,
+    tiers: list[np.ndarray],
     activation_rate: np.ndarray,
 ) -> Ranking:
-    """Final scores and ranking (module docstring): candidates' pre-score + w·z(causal over the
-    candidates), ranked first; the other eligible features by pre-score; the rest by activation rate."""
-    n = len(eligible)
+    """Final scores and ranking (module docstring): the candidates' pre-score + w·z(causal over the
+    candidates), ranked first; then each tier (bool masks, e.g. shortlist, eligible) by pre-score;
+    the rest (ineligible) by activation rate. Composite is NaN outside the last tier."""
+    n = len(activation_rate)
     cand = np.zeros(n, dtype=bool)
     cand[candidates] = True
-    composite = np.where(eligible, pre, np.nan)
-    composite[cand] += causal_weight * ORIENTATION[CAUSAL] * zscore(causal, cand)[cand]
-    ids = np.arange(n)
-    rest = ids[eligible & ~cand]
-    dead = ids[~eligible]
+    composite = np.where(tiers[-1], pre, np.nan) if tiers else np.full(n, np.nan)
+    composite[cand] = pre[cand] + causal_weight * ORIENTATION[CAUSAL] * zscore(causal, cand)[cand]
+    ids, done = np.arange(n), cand.copy()
+    order = [_order(composite, ids[cand])]
+    for tier in tiers:
+        order.append(_order(composite, ids[tier & ~done]))
+        done |= tier
     rate = np.asarray(activation_rate, dtype=np.float64)
-    order = [
-        _order(composite, ids[cand]),
-        _order(composite, rest),
-        dead[np.lexsort((dead, -rate[dead]))],
-    ]
+    rest = ids[~done]
+    order.append(rest[np.lexsort((rest, -rate[rest]))])
     return Ranking(composite, [int(i) for i in np.concatenate(order)], [int(f) for f in candidates])
 
 

@@ -1,20 +1,21 @@
 """Exact causal effect of single SAE features on the model's next-token loss (README "Feature
 selection"; `ato select`).
 
-Ablating feature f subtracts a_f·d_f from the layer-n residual at every non-special position where
-the SAE's encoder says f is active (d_f = decode(e_f) − decode(0)) and reruns the model. The effect
-is the change of the summed next-token loss, reported per ablated activation (nats per activation)
-and per loss token. It is computed EXACTLY, not to first order (a gradient × contribution estimate
-was off by 50 % and had the wrong sign at one default layer), but only for the best candidates by
-the other criteria (`select.exact_budget`). Three things make it affordable without changing the
+Ablating feature f in a held-out sequence subtracts a_f·d_f from the layer-n residual at every
+non-special position where the SAE's encoder says f is active (d_f = decode(e_f) − decode(0)) and
+reruns the model from there. Its effect is the change of the summed next-token loss over the
+predictions from f's first activation on, at most `horizon` of them, divided by the number of
+activations ablated: nats per ablated activation. The ablation itself is exact — no first-order
+(gradient × contribution) estimate, which was off by 50 % and had the wrong sign at one default
+layer. Only the `select.exact_budget` best candidates by the other criteria are ablated, each in the
+first `per_feature` pool sequences where it fires. What keeps it affordable, without changing the
 result:
 
-- one clean forward pass per batch of sequences gives the layer-n residual and the clean per-position
-  loss; an ablated run starts at block n + 1 from the edited residual (blocks 0..n are skipped:
-  their output does not depend on the ablation);
-- a sequence where f never fires is unchanged and is not rerun;
-- with causal attention, positions before f's first activation are unchanged, so only the
-  predictions from that position on go through the 262k-row LM head.
+- the layer-n residual of each pool sequence comes from the activation store (same model: the stage
+  checks the weights digest), so every run starts at block n + 1 (blocks 0..n are skipped), the
+  clean reference included — clean and ablated runs take the same code path;
+- a sequence is cut after the last prediction scored (causal attention: later tokens cannot change
+  earlier predictions), and the 262k-row LM head runs only on the predictions scored.
 """
 
 from __future__ import annotations
@@ -31,10 +32,16 @@ from torch import nn
 from .errors import FeatureScoreError
 
 LOSS_CHUNK_TOKENS = 256  # LM-head rows per chunk: bounds the logits' memory (vocab 262k)
-CLEAN_BATCH = 8  # sequences per clean forward pass
-ABLATION_BATCH = 8  # (feature, sequence) rows per ablated forward pass
+ABLATION_BATCH = 8  # runs (rows) per forward pass
 
-Sequence = tuple[np.ndarray, np.ndarray]  # (token ids, special flags) of one stored sequence
+
+@dataclass
+class PoolSequence:
+    """One held-out sequence with its stored layer-n residual."""
+
+    ids: np.ndarray  # [T] token ids, BOS included
+    special: np.ndarray  # [T] bool: never ablated
+    h: np.ndarray  # [T, d] float32 residual after block n
 
 
 @torch.no_grad()
@@ -43,30 +50,6 @@ def decoder_directions(sae: Any) -> torch.Tensor:
     (decode(e_f) − decode(0), so any decoder-norm rescaling of the architecture is included)."""
     eye = torch.eye(sae.cfg.d_sae, device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     return sae.decode(eye) - sae.decode(torch.zeros_like(eye[:1]))
-
-
-def pad_sequences(seqs: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask, and the mask of positions that may be ablated."""
-    T = max(len(s[0]) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    attn = torch.zeros(len(seqs), T, dtype=torch.long)
-    ablate = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, (tok, special) in enumerate(seqs):
-        ids[b, : len(tok)] = torch.as_tensor(tok, dtype=torch.long)
-        attn[b, : len(tok)] = 1
-        ablate[b, : len(tok)] = ~torch.as_tensor(special, dtype=torch.bool)
-    return ids.to(device), attn.to(device), ablate.to(device)
-
-
-def position_nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, rows: list[tuple[int, int, int]]) -> list:
-    """Next-token NLL of row b at positions start..stop-1 (predicting tokens start+1..stop), for each
-    (b, start, stop) in `rows`: one float64 array per row; the LM head runs on those positions only."""
-    from ato.models import chunked_nll
-
-    h = torch.cat([hidden[b, a:z] for b, a, z in rows]) if rows else hidden.new_zeros(0, hidden.shape[-1])
-    t = torch.cat([ids[b, a + 1 : z + 1] for b, a, z in rows]) if rows else ids.new_zeros(0)
-    nll = chunked_nll(model, h, t, LOSS_CHUNK_TOKENS).double().cpu().numpy()
-    return list(np.split(nll, np.cumsum([z - a for _, a, z in rows])[:-1])) if rows else []
 
 
 class _Skip(nn.Module):
@@ -82,15 +65,33 @@ class _Skip(nn.Module):
         return (out,) if self.holder["tuple"] else out
 
 
+def _returns_tuple(model: nn.Module, layer: int) -> bool:
+    """Whether block `layer` returns a tuple (older transformers, GPT-2) or the hidden state itself."""
+    from ato.models import base_model, layer_block
+
+    seen: dict[str, bool] = {}
+
+    def note(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        seen["tuple"] = isinstance(output, tuple)
+
+    handle = layer_block(model, layer).register_forward_hook(note)
+    try:
+        ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+        base_model(model)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        handle.remove()
+    return seen.get("tuple", False)
+
+
 @contextmanager
-def start_after(model: nn.Module, layer: int, as_tuple: bool) -> Iterator[dict[str, Any]]:
+def start_after(model: nn.Module, layer: int) -> Iterator[dict[str, Any]]:
     """Within the context, blocks 0..`layer` are skipped and block `layer` outputs `holder["h"]`
     (set it before each forward): the model runs from block `layer` + 1 on a given residual."""
     from ato.models import decoder_blocks
 
+    holder: dict[str, Any] = {"h": None, "tuple": _returns_tuple(model, layer)}
     blocks = decoder_blocks(model)
     saved = [blocks[i] for i in range(layer + 1)]
-    holder: dict[str, Any] = {"h": None, "tuple": as_tuple}
     try:
         for i in range(layer + 1):
             blocks[i] = _Skip(holder, last=i == layer)
@@ -101,68 +102,87 @@ def start_after(model: nn.Module, layer: int, as_tuple: bool) -> Iterator[dict[s
 
 
 @dataclass
-class CleanSequence:
-    """One sequence's clean pass: what the ablated runs start from and compare with."""
+class Run:
+    """One forward from block n + 1: sequence `seq` cut to `cut` tokens, feature `feature` (index
+    into the features list; None for the clean reference) ablated, predictions start..cut-2 scored."""
 
-    ids: torch.Tensor  # [T] token ids
-    h: torch.Tensor  # [T, d] layer-n residual
-    nll: np.ndarray  # [T-1] clean next-token NLL, position t predicts token t+1
-    acts: torch.Tensor  # [T, F] activations of the requested features, 0 at special positions
+    seq: int
+    feature: int | None
+    start: int
+    cut: int
 
 
 @dataclass
 class ExactEffects:
-    """Exact single-feature ablation on the causal sequences."""
+    """Exact single-feature ablations, one entry per requested feature."""
 
-    delta_loss: np.ndarray  # [F] Δ summed next-token loss (nats)
-    n_active: np.ndarray  # [F] ablated activations (non-special positions where f fires)
-    clean_loss: float  # mean clean next-token loss
-    n_loss_tokens: int  # next-token pairs in the sequences
+    delta_loss: np.ndarray  # [F] Δ summed next-token loss over the scored predictions (nats)
+    n_active: np.ndarray  # [F] activations ablated
+    n_predictions: np.ndarray  # [F] predictions scored
+    n_sequences: np.ndarray  # [F] sequences it was ablated in
+    clean_loss: float  # mean clean next-token loss over every prediction scored
+    n_loss_tokens: int  # clean predictions scored
 
     @property
     def per_activation(self) -> np.ndarray:
-        """Δ loss per ablated activation (NaN where the feature never fires in the sequences)."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.n_active > 0, self.delta_loss / np.maximum(self.n_active, 1), np.nan)
+        """Δ loss per ablated activation (NaN where the feature never fires in the pool)."""
+        return np.where(self.n_active > 0, self.delta_loss / np.maximum(self.n_active, 1), np.nan)
 
-    @property
-    def per_token(self) -> np.ndarray:
-        """Δ mean next-token loss over the sequences."""
-        return self.delta_loss / max(self.n_loss_tokens, 1)
+
+def plan_runs(
+    active: list[np.ndarray], per_feature: int, horizon: int | None
+) -> tuple[list[Run], dict[int, tuple[int, int]]]:
+    """Ablated runs (per feature, its first `per_feature` pool sequences with an activation that has a
+    next token) and, per sequence used, the span (start, cut) its clean reference must cover.
+    `active[s]` is the [T, F] bool activity of sequence s."""
+    runs: list[Run] = []
+    for j in range(active[0].shape[1] if active else 0):
+        used = 0
+        for s, act in enumerate(active):
+            where = np.flatnonzero(act[:-1, j])  # an activation at the last token predicts nothing
+            if used == per_feature:
+                break
+            if len(where):
+                p0, T = int(where[0]), len(act)
+                runs.append(Run(s, j, p0, T if horizon is None else min(T, p0 + horizon + 1)))
+                used += 1
+    spans: dict[int, tuple[int, int]] = {}
+    for r in runs:
+        a, z = spans.get(r.seq, (r.start, r.cut))
+        spans[r.seq] = (min(a, r.start), max(z, r.cut))
+    return runs, spans
 
 
 @torch.no_grad()
-def clean_pass(
-    model: nn.Module, sae: Any, layer: int, sequences: list[Sequence], features: list[int]
-) -> tuple[list[CleanSequence], bool]:
-    """Clean forward passes: per sequence the layer-n residual, clean NLL and the features'
-    activations; and whether block n returns a tuple (the skipped blocks must do the same)."""
-    from ato.models import capture_residuals, final_hidden, layer_block
+def run_batch(
+    model: nn.Module,
+    holder: dict[str, Any],
+    pool: list[PoolSequence],
+    acts: list[torch.Tensor],
+    directions: torch.Tensor,
+    batch: list[Run],
+) -> list[np.ndarray]:
+    """Forward one batch of runs from block n + 1; per run the NLL of predictions start..cut-2."""
+    from ato.models import chunked_nll, final_hidden
 
-    device = next(model.parameters()).device
-    out: list[CleanSequence] = []
-    seen: dict[str, bool] = {}
-
-    def note_structure(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        seen["tuple"] = isinstance(output, tuple)
-
-    handle = layer_block(model, layer).register_forward_hook(note_structure)
-    try:
-        for i in range(0, len(sequences), CLEAN_BATCH):
-            batch = sequences[i : i + CLEAN_BATCH]
-            ids, attn, ablate = pad_sequences(batch, device)
-            with capture_residuals(model, [layer], stop_early=False) as cap:
-                hidden = final_hidden(model, ids, attn)
-            lengths = [len(s[0]) for s in batch]
-            nlls = position_nll(model, hidden, ids, [(b, 0, n - 1) for b, n in enumerate(lengths)])
-            h = cap[layer]
-            acts = sae.encode(h.reshape(-1, h.shape[-1]))[:, features].reshape(*h.shape[:2], len(features))
-            acts = acts * ablate[..., None]
-            for b, n in enumerate(lengths):
-                out.append(CleanSequence(ids[b, :n], h[b, :n], nlls[b], acts[b, :n]))
-    finally:
-        handle.remove()
-    return out, seen.get("tuple", False)
+    device = directions.device
+    T = max(r.cut for r in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    h = torch.zeros(len(batch), T, directions.shape[1], dtype=directions.dtype, device=device)
+    for b, r in enumerate(batch):
+        seq = pool[r.seq]
+        ids[b, : r.cut] = torch.as_tensor(seq.ids[: r.cut], dtype=torch.long)
+        attn[b, : r.cut] = 1
+        h[b, : r.cut] = torch.as_tensor(seq.h[: r.cut]).to(device, directions.dtype)
+        if r.feature is not None:
+            h[b, : r.cut] -= acts[r.seq][: r.cut, r.feature, None] * directions[r.feature]
+    holder["h"] = h
+    hidden = final_hidden(model, ids, attn)
+    rows = torch.cat([hidden[b, r.start : r.cut - 1] for b, r in enumerate(batch)])
+    targets = torch.cat([ids[b, r.start + 1 : r.cut] for b, r in enumerate(batch)])
+    nll = chunked_nll(model, rows, targets, LOSS_CHUNK_TOKENS).double().cpu().numpy()
+    return np.split(nll, np.cumsum([r.cut - 1 - r.start for r in batch])[:-1])
 
 
 @torch.no_grad()
@@ -170,51 +190,51 @@ def exact_effects(
     model: nn.Module,
     sae: Any,
     layer: int,
-    sequences: list[Sequence],
+    pool: list[PoolSequence],
     features: list[int],
+    per_feature: int = 1,
+    horizon: int | None = None,
     batch_rows: int = ABLATION_BATCH,
     progress: bool = True,
 ) -> ExactEffects:
-    """Exact Δ next-token loss when each feature's a_f·d_f is removed wherever it fires (module doc)."""
+    """Exact Δ next-token loss of removing each feature's a_f·d_f wherever it fires (module doc)."""
     from tqdm import tqdm
 
-    from ato.models import final_hidden
-
-    clean, as_tuple = clean_pass(model, sae, layer, sequences, features)
-    n_loss = sum(len(c.nll) for c in clean)
-    if n_loss == 0:
-        raise FeatureScoreError(f"layer {layer}: the held-out sequences have no next-token pairs")
-    directions = decoder_directions(sae)[features].to(clean[0].h.device, clean[0].h.dtype) if features else None
-    # (feature index, sequence index, first active position) of every run that can change the loss
-    rows = [
-        (j, s, int(torch.nonzero(c.acts[:, j] > 0)[0, 0]))
-        for j in range(len(features))
-        for s, c in enumerate(clean)
-        if bool((c.acts[:, j] > 0).any())
-    ]
-    rows.sort(key=lambda r: len(clean[r[1]].ids))  # similar lengths share a batch: little padding
-    delta = np.zeros(len(features))
-    n_active = np.array([sum(int((c.acts[:, j] > 0).sum()) for c in clean) for j in range(len(features))])
-    bar = tqdm(total=len(rows), desc=f"select layer {layer}: exact ablation", disable=not progress, mininterval=1.0)
-    with start_after(model, layer, as_tuple) as holder:
-        for i in range(0, len(rows), batch_rows):
-            batch = rows[i : i + batch_rows]
-            seqs = [clean[s] for _, s, _ in batch]
-            T = max(len(c.ids) for c in seqs)
-            ids = torch.zeros(len(batch), T, dtype=torch.long, device=seqs[0].ids.device)
-            attn = torch.zeros_like(ids)
-            h = seqs[0].h.new_zeros(len(batch), T, seqs[0].h.shape[-1])
-            for r, ((j, _, _), c) in enumerate(zip(batch, seqs)):
-                n = len(c.ids)
-                ids[r, :n], attn[r, :n] = c.ids, 1
-                assert directions is not None
-                h[r, :n] = c.h - c.acts[:, j, None] * directions[j]
-            holder["h"] = h
-            hidden = final_hidden(model, ids, attn)
-            spans = [(r, p0, len(c.ids) - 1) for r, ((_, _, p0), c) in enumerate(zip(batch, seqs))]
-            for (j, s, p0), nll in zip(batch, position_nll(model, hidden, ids, spans)):
-                delta[j] += float(nll.sum() - clean[s].nll[p0:].sum())
+    device = next(model.parameters()).device
+    directions = decoder_directions(sae)[features].to(device, torch.float32)
+    acts = []
+    for seq in pool:
+        a = sae.encode(torch.as_tensor(seq.h).to(device, sae.W_dec.dtype))[:, features].float()
+        acts.append(a * torch.as_tensor(~seq.special, device=device)[:, None])
+    active = [(a > 0).cpu().numpy() for a in acts]
+    runs, spans = plan_runs(active, per_feature, horizon)
+    clean = [Run(s, None, a, z) for s, (a, z) in sorted(spans.items())]
+    everything = sorted(clean + runs, key=lambda r: r.cut)  # similar lengths share a batch: little padding
+    nll: dict[int, np.ndarray] = {}
+    bar = tqdm(total=len(everything), desc=f"select layer {layer}: exact ablation", disable=not progress)
+    with start_after(model, layer) as holder:
+        for i in range(0, len(everything), batch_rows):
+            batch = everything[i : i + batch_rows]
+            for r, out in zip(batch, run_batch(model, holder, pool, acts, directions, batch)):
+                nll[id(r)] = out
             bar.update(len(batch))
     bar.close()
-    clean_loss = float(sum(c.nll.sum() for c in clean) / n_loss)
-    return ExactEffects(delta, n_active, clean_loss, n_loss)
+    F = len(features)
+    delta, n_active, n_pred, n_seq = np.zeros(F), np.zeros(F, int), np.zeros(F, int), np.zeros(F, int)
+    ref = {r.seq: (r.start, nll[id(r)]) for r in clean}
+    for r in runs:
+        assert r.feature is not None
+        start, base = ref[r.seq]
+        j = r.feature
+        delta[j] += float(nll[id(r)].sum() - base[r.start - start : r.cut - 1 - start].sum())
+        n_active[j] += int(active[r.seq][: r.cut, j].sum())
+        n_pred[j] += r.cut - 1 - r.start
+        n_seq[j] += 1
+    n_clean = sum(len(nll[id(r)]) for r in clean)
+    clean_loss = float(sum(nll[id(r)].sum() for r in clean) / n_clean) if n_clean else float("nan")
+    return ExactEffects(delta, n_active, n_pred, n_seq, clean_loss, n_clean)
+
+
+def check_pool(pool: list[PoolSequence], layer: int) -> None:
+    if not pool:
+        raise FeatureScoreError(f"layer {layer}: no held-out sequences for the causal effect")

@@ -47,16 +47,18 @@ from ato.math.features import (
     n_keep,
     rate_band_score,
     select_ranking,
+    zscore,
 )
 from ato.params import SelectParams
 from ato.store import ActivationStore
 
-from .effects import ExactEffects, Sequence, decoder_directions, exact_effects
+from .effects import ExactEffects, PoolSequence, decoder_directions, exact_effects
 from .errors import FeatureScoreError
 
 ENCODE_BATCH = 4096
 SEQUENCE_READ_TOKENS = 2048
 TOP_LOGIT_TOKENS = 10
+SHORTLIST_FACTOR = 4  # vocabulary focus is computed for the best 4 × max(exact_budget, kept) by the cheap criteria
 CAUSAL_METHOD = "exact_single_feature_ablation_per_activation"
 
 
@@ -107,27 +109,27 @@ def vocab_focus(
 # Store-side scores
 
 
-def read_sequences(store: ActivationStore, split: str, n: int) -> list[Sequence]:
-    """The first `n` sequences of a split as (token ids, special flags), BOS included. Sequences are
-    stored contiguously; a new one starts where position == 0."""
-    toks, specs, poss = [], [], []
+def read_pool(store: ActivationStore, split: str, n: int, layer: int) -> list[PoolSequence]:
+    """The first `n` sequences of a split with their stored layer-`layer` residuals, BOS included.
+    Sequences are stored contiguously; a new one starts where position == 0."""
+    parts: dict[str, list[np.ndarray]] = {"token_id": [], "special": [], "position": [], "h": []}
     n_starts = 0
-    chunks = store.iter_chunks(split, [], SEQUENCE_READ_TOKENS, include_special=True, with_tokens=True)
-    for chunk in chunks:  # token arrays only, no residuals
-        toks.append(chunk["token_id"])
-        specs.append(chunk["special"])
-        poss.append(chunk["position"])
+    for chunk in store.iter_chunks(split, [layer], SEQUENCE_READ_TOKENS, include_special=True, with_tokens=True):
+        for key in ("token_id", "special", "position"):
+            parts[key].append(chunk[key])
+        parts["h"].append(chunk[layer])
         n_starts += int((chunk["position"] == 0).sum())
         if n_starts > n:  # the n-th sequence is complete
             break
-    if not toks:
+    if not parts["token_id"]:
         return []
-    tok, spec, pos = np.concatenate(toks), np.concatenate(specs), np.concatenate(poss)
+    tok, spec, pos, h = (np.concatenate(parts[k]) for k in ("token_id", "special", "position", "h"))
     starts = [int(s) for s in np.flatnonzero(pos == 0)]
     if not starts or starts[0] != 0:
         starts = [0, *starts]
     bounds = [*starts, len(tok)]
-    return [(tok[a:b], spec[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a][:n]
+    pool = [PoolSequence(tok[a:b], spec[a:b], h[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return pool[:n]
 
 
 def scan_features(
@@ -220,39 +222,53 @@ class LayerScores:
 def causal_effects(
     model: nn.Module, sae: Any, store: ActivationStore, layer: int, sp: SelectParams, candidates: list[int]
 ) -> tuple[ExactEffects, int]:
-    """Exact ablation of the candidates on the first `select.causal_sequences` VAL sequences."""
-    sequences = read_sequences(store, "val", sp.causal_sequences)
-    if not sequences:
-        raise FeatureScoreError(f"{store.root}: the VAL split has no sequences for the causal score")
-    return exact_effects(model, sae, layer, sequences, candidates), len(sequences)
+    """Exact ablation of the candidates in the pool of the first `select.causal_sequences` VAL sequences."""
+    pool = read_pool(store, "val", sp.causal_sequences, layer)
+    if not pool:
+        raise FeatureScoreError(f"{store.root}: the VAL split has no sequences for the causal effect")
+    effects = exact_effects(model, sae, layer, pool, candidates, sp.exact_sequences, sp.causal_horizon)
+    return effects, len(pool)
+
+
+def top_ids(score: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """bool mask of the best `n` entries of `mask` by `score` (ties → lower id)."""
+    out = np.zeros(len(mask), dtype=bool)
+    out[exact_candidates(score, mask, n)] = True
+    return out
 
 
 def measure_layer(
     model: nn.Module, sae: Any, store: ActivationStore, layer: int, sp: SelectParams, acc: FeatureActivationStats
 ) -> tuple[LayerScores, list[float]]:
-    """Criteria, candidates, exact ablations and ranking of one layer; the lap times after each part."""
+    """Criteria, candidates, exact ablations and ranking of one layer (a funnel: the cheap criteria
+    over every eligible feature, vocabulary focus over the shortlist, exact ablation over the
+    candidates); the lap times after the vocabulary focus and the causal part."""
     device = next(model.parameters()).device
     rate = acc.activation_rate()
     target = float(rate.mean())  # mean L0 / d_sae
     band = (sp.rate_band[0] * target, sp.rate_band[1] * target)
     eligible = eligible_features(rate, sp.min_activation_rate)
     directions = decoder_directions(sae)
+    w = dataclasses.asdict(sp.weights)
     laps = [time.perf_counter()]
     metrics = {
         "rate_band": rate_band_score(rate, target, (sp.rate_band[0], sp.rate_band[1])),
         "token_entropy": acc.token_entropy(),
-        "vocab_focus": vocab_focus(model, directions.to(device), eligible),
+        "vocab_focus": np.full(len(rate), np.nan),
         "redundancy": decoder_redundancy(directions, rate > 0),
         CAUSAL: np.full(len(rate), np.nan),
     }
+    cheap = composite_score(metrics, {k: w[k] for k in ("rate_band", "token_entropy", "redundancy")}, eligible)
+    n_short = SHORTLIST_FACTOR * max(sp.exact_budget, n_keep(sp.keep_fraction, len(rate), len(rate)))
+    shortlist = top_ids(cheap, eligible, n_short)
+    metrics["vocab_focus"] = vocab_focus(model, directions.to(device), shortlist)
     laps.append(time.perf_counter())
-    weights = dataclasses.asdict(sp.weights)
-    pre = composite_score(metrics, {k: w for k, w in weights.items() if k != CAUSAL}, eligible)
-    candidates = exact_candidates(pre, eligible, sp.exact_budget)
+    pre = cheap + w["vocab_focus"] * zscore(metrics["vocab_focus"], shortlist)
+    candidates = exact_candidates(pre, shortlist, sp.exact_budget)
     effects, n_seq = causal_effects(model, sae, store, layer, sp, candidates) if candidates else (None, 0)
     if effects is not None:
         metrics[CAUSAL][candidates] = effects.per_activation
-    ranking = select_ranking(pre, metrics[CAUSAL], candidates, weights[CAUSAL], eligible, rate)
+    ranking = select_ranking(pre, metrics[CAUSAL], candidates, w[CAUSAL], [shortlist, eligible], rate)
     laps.append(time.perf_counter())
     return LayerScores(rate, target, band, eligible, metrics, ranking, effects, n_seq), laps
 

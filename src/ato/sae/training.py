@@ -26,7 +26,6 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -242,7 +241,11 @@ def _quiet_progress(desc: str, progress: bool) -> Iterator[None]:
     import sae_lens.training.sae_trainer as trainer_module
 
     original = trainer_module.tqdm
-    trainer_module.tqdm = partial(original, desc=desc, disable=not progress, mininterval=2.0)  # type: ignore[assignment]
+
+    def bar(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **{**kwargs, "desc": desc, "disable": not progress, "mininterval": 2.0})
+
+    trainer_module.tqdm = bar  # type: ignore[assignment]
     try:
         yield
     finally:
