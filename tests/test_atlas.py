@@ -27,7 +27,7 @@ from ato.math.procrustes import linearity_score, procrustes_centred, procrustes_
 from ato.math.ridge import ridge_fit
 from ato.math.stats import FIELDS, PairStats
 from ato.store import ActivationStore
-from conftest import load_tiny_params
+from conftest import TINY_PARAMS, load_tiny_params
 from store_factory import build_store
 
 
@@ -145,12 +145,13 @@ def test_procrustes_maps_match_scipy_and_the_linearity_score(linear_pair):
     assert _rel(W, scale * R.T) < 1e-9 and not b.any()
     assert scale == pytest.approx(np.trace(R.T @ x.T @ y) / (x**2).sum(), rel=1e-9)  # least-squares scale
     xc, yc = x - x.mean(0), y - y.mean(0)
-    Wc, bc, sc = procrustes_centred(s)
+    Wc, bc, sc, linearity = procrustes_centred(s)
     Rc, _ = scipy.linalg.orthogonal_procrustes(xc, yc)
     assert _rel(Wc, sc * Rc.T) < 1e-9 and _rel(bc, y.mean(0) - Wc @ x.mean(0)) < 1e-9
     a, bn = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
     Rn, _ = scipy.linalg.orthogonal_procrustes(a, bn)
     assert linearity_score(s) == pytest.approx(1 - np.linalg.norm(a @ Rn - bn) ** 2, rel=1e-9)
+    assert linearity == pytest.approx(linearity_score(s), rel=1e-12)
 
 
 def test_jacobian_map_replaces_the_ridge_action_on_the_probed_subspace(linear_pair):
@@ -174,20 +175,7 @@ def test_jacobian_map_replaces_the_ridge_action_on_the_probed_subspace(linear_pa
 # The stage on a tiny model
 
 
-ATLAS_TINY = {
-    "atlas.k_max": 2,
-    "atlas.tokens": {"train": 0, "test": 0},
-    "atlas.chunk_tokens": 128,
-    "atlas.null_replicates": 2,
-    "atlas.jacobian_sequences": 2,
-    "atlas.jacobian_seq_len": 12,
-    "atlas.jacobian_directions": 4,
-    "atlas.causal_pairs": ["L00_k1"],
-    "atlas.causal_sequences": 4,
-    "atlas.causal_seq_len": 12,
-    "atlas.causal_batch_size": 2,
-    "atlas.device": "cpu",
-}
+ATLAS_TINY = {f"atlas.{key}": value for key, value in TINY_PARAMS["atlas"].items()}  # k ≤ 2 of 4 layers
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +184,7 @@ def atlas_run(tmp_path_factory):
     import yaml
 
     from ato.stages import atlas, collect, validate
-    from conftest import TINY_PARAMS, make_corpus, make_prepared_model
+    from conftest import make_corpus, make_prepared_model
 
     root = tmp_path_factory.mktemp("atlas")
     make_prepared_model(root / "models" / "base")

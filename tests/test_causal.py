@@ -627,6 +627,7 @@ def test_ablations_hurt_the_real_embedded_model(tmp_path):
             "seq_len": 32,
             "batch_size": 2,
             "bootstrap_resamples": 200,
+            "interval": "t",  # 2 sequences: the bootstrap-t has nothing to resample (its bound ran to −2e14)
             "position_sets": {"all": "all", "late": [20, 28]},
             "device": "cpu",
         },

@@ -184,6 +184,7 @@ def test_ato_help_and_every_subcommand_help():
         "evaluate": ["evaluate."],
         "causal_reference": ["causal."],
         "causal": ["causal."],
+        "atlas": ["atlas."],
         "report": ["report."],
     }
     assert set(sections) == set(STAGES), "a stage was added or removed: update this test and the README"
@@ -284,7 +285,8 @@ def _downstream_project(tmp_path: Path) -> str:
     from ato.stages import fit
     from conftest import save_prepared, tiny_config, tiny_tokenizer
 
-    tiny = {k: getattr(tiny_config("gemma3"), k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
+    keep = ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window", "bos_token_id")
+    tiny = {k: getattr(tiny_config("gemma3"), k) for k in keep}
     config = AutoConfig.for_model("gemma3_text", hidden_size=640, intermediate_size=64, num_hidden_layers=8, **tiny)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -93,6 +93,7 @@ def test_repro_is_incremental(dvc_project: Path):
         "sae",
         "select",
         "causal_reference",
+        "atlas",
         "report",
         *(f"{s}@{p}" for s in ("evaluate", "causal") for p in pairs),
     }

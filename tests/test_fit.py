@@ -116,6 +116,26 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     spec = info.signature.inputs.to_dict()[0]["tensor-spec"]
     assert spec["dtype"] == "float32" and list(spec["shape"]) == [-1, 32]
     check_variants(params, name, op_dir, op)
+    check_export_all(params, op)
+
+
+def check_export_all(params, op):
+    """`ato export --all`: every pair and variant as a hub-style folder; one imports back unchanged."""
+    from ato.cli import main as cli
+    from ato.export import read_card
+
+    out = params.root / "hub"
+    assert cli(["export", "--all", "--params", str(params.root / "params.yaml"), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    expected = [f"ato-tiny-gemma3-{pair}{suffix}" for pair in ("L00_k1", "L01_k2") for suffix in ("", "-identity")]
+    assert len(names) == 2 * (1 + len(params.fit.variants)) and set(expected) <= set(names)
+    card = read_card(out / "ato-tiny-gemma3-L01_k2")
+    values = {m["name"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
+    assert values["test R² (uniform over dimensions)"] == pytest.approx(op.config["metrics"]["test_r2"], abs=1e-6)
+    dest = params.root / "imported"
+    folder = str(out / "ato-tiny-gemma3-L01_k2")
+    assert cli(["import", folder, "--to", str(dest), "--digest", card["ato"]["digest"]]) == 0
+    torch.testing.assert_close(load_operator(dest).W, op.W, rtol=0, atol=0)
 
 
 def check_variants(params, name, op_dir, op):

@@ -126,6 +126,7 @@ LANG_PARAMS = {
     "overlap_rank": 4,
     "causal_sequences": 4,
     "causal_seq_len": 10,
+    "causal_own": True,
     "batch_size": 4,
     "device": "cpu",
 }
@@ -269,6 +270,7 @@ def test_every_number_stands_beside_its_reference(report):
             )
             assert s.delta_operator.lo <= s.delta_operator.mean <= s.delta_operator.hi
             assert s.delta_mean.lo <= s.delta_mean.mean <= s.delta_mean.hi
+            assert s.delta_own.lo <= s.delta_own.mean <= s.delta_own.hi  # languages.causal_own is on here
             assert np.isfinite(s.feature_r2_operator) or s.n_judged_features == 0
         m = np.asarray(pair.overlap_write)
         assert m.shape == (3, 3) and np.all((m >= 0) & (m <= 1 + 1e-9))

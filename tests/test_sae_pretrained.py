@@ -82,41 +82,15 @@ def _jumprelu(w: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
 def test_gemma_scope_2_loads_offline_from_the_cache(offline_cache):
     from ato.sae import load_pretrained
 
-    w = save_gemma_scope_2(offline_cache, [3])[3]
-    sae, where = load_pretrained("gemma-scope-2-270m-pt-res", "layer_3_width_16k_l0_medium")
+    w = save_gemma_scope_2(offline_cache, [5])[5]  # Gemma Scope 2 covers layers 5, 9, 12, 15 of the 270M
+    sae, where = load_pretrained("gemma-scope-2-270m-pt-res", "layer_5_width_16k_l0_medium")
     assert where["repo_id"] == "google/gemma-scope-2-270m-pt"
     assert type(sae).__name__ == "JumpReLUSAE" and sae.cfg.d_in == D_IN and sae.cfg.d_sae == D_SAE
-    assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    assert sae.cfg.metadata.hook_name == "blocks.5.hook_resid_post"
     x = torch.randn(20, D_IN)
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), _jumprelu(w, x))
         torch.testing.assert_close(sae.decode(sae.encode(x)), _jumprelu(w, x) @ torch.from_numpy(w["w_dec"]) + torch.from_numpy(w["b_dec"]))
-
-
-def test_gemma_scope_2_stage_reports_quality_and_gates(tiny_project, offline_cache):
-    from ato.stages import sae as stage
-
-    save_gemma_scope_2(offline_cache, TARGETS)
-    make_model_store(tiny_project)
-    params = load_tiny_params(
-        tiny_project,
-        **{
-            "sae.source": "pretrained",
-            "sae.release": "gemma-scope-2-270m-pt-res",
-            "sae.sae_id_template": "layer_{n}_width_16k_l0_medium",
-            "sae.eval_sequences": 4,
-            "sae.eval_seq_len": 8,
-        },
-    )
-    results = stage.main(params)
-    for n in TARGETS:
-        info = results[n]
-        assert info.source == "pretrained" and info.architecture == "jumprelu" and info.d_sae == D_SAE
-        assert info.sae_id == f"layer_{n}_width_16k_l0_medium" and info.train_seconds is None
-        assert info.ce_recovered_zero is not None and info.kl_sae is not None and info.dense_fraction is not None
-        # random weights reconstruct nothing: the FVE gate fails, with its shortfall
-        assert not info.reliable and any(f.startswith("fve_val") for f in info.gate_failures)
-        assert (params.path("sae_dir") / f"layer_{n:02d}" / "cfg.json").exists()
 
 
 def test_gemma_scope_for_gemma_2_loads_offline(offline_cache, monkeypatch):
@@ -135,3 +109,34 @@ def test_gemma_scope_for_gemma_2_loads_offline(offline_cache, monkeypatch):
     x = torch.randn(20, D_IN)
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), _jumprelu(w, x))
+
+
+def test_pretrained_stage_reports_quality_and_gates(tiny_project, offline_cache, monkeypatch):
+    """The stage loads Gemma Scope SAEs for the target layers and gives them the same report and gates."""
+    import sae_lens.saes.sae as sae_module
+
+    from ato.stages import sae as stage
+
+    release = "gemma-scope-2b-pt-res-canonical"
+    save_gemma_scope(offline_cache, release, TARGETS)
+    monkeypatch.setattr(sae_module, "get_config_overrides", lambda *_: {"d_in": D_IN, "d_sae": D_SAE})
+    make_model_store(tiny_project)
+    params = load_tiny_params(
+        tiny_project, **{"sae.source": "pretrained", "sae.eval_sequences": 4, "sae.eval_seq_len": 8}
+    )
+    results = stage.main(params)
+    for n in TARGETS:
+        info = results[n]
+        assert info.source == "pretrained" and info.architecture == "jumprelu" and info.d_sae == D_SAE
+        assert info.sae_id == f"layer_{n}/width_16k/canonical" and info.train_seconds is None
+        assert info.ce_recovered_zero is not None and info.kl_sae is not None and info.dense_fraction is not None
+        # random weights reconstruct nothing: the FVE gate fails, with its shortfall
+        assert not info.reliable and any(f.startswith("fve_val") for f in info.gate_failures)
+        assert (params.path("sae_dir") / f"layer_{n:02d}" / "cfg.json").exists()
+
+
+def test_a_layer_the_release_lacks_names_the_layers_it_has():
+    from ato.sae import SaeError, resolve_pretrained
+
+    with pytest.raises(SaeError, match=r"layers 5, 9, 12, 15"):
+        resolve_pretrained("gemma-scope-2-270m-pt-res", "layer_6_width_16k_l0_medium")

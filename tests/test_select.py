@@ -141,12 +141,12 @@ def _pool(model, layer: int, n: int = 5, seed: int = 0):
 def _naive_ablation(model, sae, layer, pool, feature, per_feature, horizon):
     """Reference: full forwards of the whole model, clean and with a_f·d_f removed (patched at block n),
     on the first `per_feature` sequences where f fires before the last token, cut after the
-    `horizon` predictions from its first activation; returns (Δ summed loss, activations ablated)."""
-    from ato.models import chunked_nll, final_hidden, patch_residual
+    `horizon` predictions from its first activation; returns (Σ KL, Δ summed loss, activations)."""
+    from ato.models import final_hidden, patch_residual
     from ato.sae.effects import decoder_directions
 
     d = decoder_directions(sae)[feature]
-    delta, n_active, used = 0.0, 0, 0
+    kl, delta, n_active, used = 0.0, 0.0, 0, 0
     for seq in pool:
         active = (sae.encode(torch.as_tensor(seq.h))[:, feature] > 0).numpy() & ~seq.special
         if used == per_feature or not active[:-1].any():
@@ -156,19 +156,23 @@ def _naive_ablation(model, sae, layer, pool, feature, per_feature, horizon):
         cut = len(seq.ids) if horizon is None else min(len(seq.ids), p0 + horizon + 1)
         t, keep = torch.as_tensor(seq.ids[:cut])[None], torch.as_tensor(~seq.special[:cut])[None]
 
-        def nll() -> float:
-            hidden = final_hidden(model, t)[0]
-            return float(chunked_nll(model, hidden[p0 : cut - 1], t[0, p0 + 1 : cut], 5).double().sum())
+        def log_probs():
+            logits = model.get_output_embeddings()(final_hidden(model, t)[0, p0 : cut - 1]).double()
+            cap = model.config.final_logit_softcapping if hasattr(model.config, "final_logit_softcapping") else None
+            return torch.log_softmax(torch.tanh(logits / cap) * cap if cap else logits, -1)
 
         def remove(h):
             return h - (sae.encode(h)[..., feature] * keep)[..., None] * d
 
         with torch.no_grad():
-            clean = nll()
+            clean = log_probs()
             with patch_residual(model, layer, remove):
-                delta += nll() - clean
+                ablated = log_probs()
+        target = t[0, p0 + 1 : cut, None]
+        delta += float(clean.gather(1, target).sum() - ablated.gather(1, target).sum())
+        kl += float((clean.exp() * (clean - ablated)).sum())
         n_active += int(active[:cut].sum())
-    return delta, n_active
+    return kl, delta, n_active
 
 
 @pytest.mark.parametrize(("kind", "per_feature", "horizon"), [("gemma3", 2, None), ("gemma3", 1, 3), ("gpt2", 2, 4)])
@@ -178,22 +182,23 @@ def test_exact_effects_match_a_full_forward_ablation(kind, per_feature, horizon)
     from ato.sae.effects import exact_effects
 
     model = tiny_model(kind).requires_grad_(False)
-    sae = random_topk_sae(k=3, scale=0.5)
+    sae = random_topk_sae(k=3, scale=3.0)  # large directions: effects well above float32 rounding
     with torch.no_grad():
         sae.W_dec[3] = 0.0
     pool = _pool(model, 1)
     feats = [3, 0, 2, 6, 10]
     fast = exact_effects(model, sae, 1, pool, feats, per_feature, horizon, batch_rows=3, progress=False)
-    ref = [_naive_ablation(model, sae, 1, pool, f, per_feature, horizon) for f in feats]
-    delta, n_active = np.array([r[0] for r in ref]), np.array([r[1] for r in ref])
-    assert abs(fast.delta_loss[0]) < 1e-5  # zero decoder row: nothing changes (float32 rounding only)
-    assert np.abs(delta[1:]).min() > 1e-4 and (n_active[1:] > 0).all()  # the others have effects to compare
-    np.testing.assert_allclose(fast.delta_loss, delta, rtol=1e-4, atol=1e-6)
+    ref = np.array([_naive_ablation(model, sae, 1, pool, f, per_feature, horizon) for f in feats])
+    kl, delta, n_active = ref[:, 0], ref[:, 1], ref[:, 2].astype(int)
+    assert abs(fast.delta_loss[0]) < 1e-5 and fast.kl[0] < 1e-6  # zero decoder row: nothing changes
+    assert kl[1:].min() > 1e-4 and (n_active[1:] > 0).all(), kl  # the others have effects to compare
+    np.testing.assert_allclose(fast.kl, kl, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(fast.delta_loss, delta, rtol=1e-3, atol=1e-5)
     np.testing.assert_array_equal(fast.n_active, n_active)
     assert (fast.n_sequences[1:] <= per_feature).all() and math.isfinite(fast.clean_loss)
     if horizon is not None:
         assert (fast.n_predictions <= horizon * fast.n_sequences).all()
-    np.testing.assert_allclose(fast.per_activation[1:], fast.delta_loss[1:] / fast.n_active[1:])
+    np.testing.assert_allclose(fast.per_activation(fast.kl)[1:], fast.kl[1:] / fast.n_active[1:])
 
 
 def test_feature_records_round_trip(tmp_path):

@@ -71,6 +71,7 @@ __all__ = [
     "check_plan",
     "plan",
     "probe_atlas",
+    "readme_table",
     "table",
 ]
 
@@ -437,12 +438,37 @@ def atlas_markdown(result: AtlasResult) -> str:
         f"{result.model}; {len(result.pairs)} pairs (every stored L, k ≤ {b.k_max}). {b.label()}.",
         "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + ".",
         "",
+        "## Means over L (the README's table)",
+        "",
+        *readme_table(result),
+        "",
         *_summary_section(result),
         *_pairs_section(result),
         *_jacobian_section(result),
         *_causal_section(result),
     ]
     return "\n".join(lines) + "\n"
+
+
+def readme_table(result: AtlasResult) -> list[str]:
+    """The README's "What the atlas shows" table: per k, means over L (noise: the mean sign noise and
+    token-sampling error of E[J], combined in quadrature)."""
+    out = [
+        "| k | R² identity | Procrustes | Procrustes, centred | ridge | reduced rank | E[J] | η / η_linear "
+        "| held-out size − null | ‖(W − E[J])V‖/‖WV‖ (noise) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in sorted({p.k for p in result.pairs}):
+        ps = [p for p in result.pairs if p.k == k]
+        ops = " | ".join(_f(_mean([p.operators[op].r2 for p in ps])) for op in OPERATORS)
+        locs = [p.local for p in ps if p.local is not None]
+        noise = _mean([math.hypot(g.estimate_noise, g.sampling_error) for g in locs])
+        diff = f"{_f(_mean([g.rel_diff for g in locs]))} ({_f(noise)})" if locs else "—"
+        out.append(
+            f"| {k} | {ops} | {_f(_mean([p.eta_ratio for p in ps]))} | "
+            f"{_f(_mean([p.heldout_subspace_size_excess for p in ps]), '.0f')} | {diff} |"
+        )
+    return out
 
 
 def _summary_section(result: AtlasResult) -> list[str]:
@@ -470,9 +496,12 @@ def _summary_section(result: AtlasResult) -> list[str]:
         "**How to read.** Residual R² on the test tokens (uniform average over the residual's dimensions). "
         "The identity is the carried-over residual; R²(ridge) − R²(identity) is what a fitted linear map adds to "
         "mere carrying. η / η_linear ≈ 1 means the ridge map reaches what an exactly linear relation would at this "
-        "n and d; < 1 is evidence of transport no linear map captures. The held-out subspace size is compared with "
-        "independent x and y at the same n and d: an excess ≤ 0 says the canonical directions beyond the null are "
-        "not measurable at this sample size.",
+        "n and d; < 1 is evidence of transport no linear map captures. Held-out subspace size: the canonical "
+        "directions (from train) holding the subspace fraction of Σρ⁺² measured on test, beside the same statistic "
+        "for independent x and y at the same n and d (Wishart null). Under the null the test correlations are noise "
+        "spread over about half the directions, so its size is large; a size far below it says transport "
+        "concentrates in fewer, measurable directions, one near it says no more shared structure than noise. The "
+        "null takes tokens as independent (within a sequence they are not), so it is somewhat optimistic.",
         "",
     ]
     return out
@@ -506,7 +535,7 @@ def _jacobian_section(result: AtlasResult) -> list[str]:
         f"## The mean Jacobian beside the ridge map (on the top-{r} right singular subspace V of L's ridge maps)",
         "",
         "| pair | ‖WV‖²/‖W‖² | ‖(W−E[J])V‖/‖WV‖ | … /‖(W−I)V‖ | total response | alignment (random) | "
-        "update alignment | token variation | noise | R²_w J_t x_t | R²_w Σ_s J_ts x_s | R²_w Wx+b |",
+        "update alignment | token variation | noise (signs, tokens) | R²_w J_t x_t | R²_w Σ_s J_ts x_s | R²_w Wx+b |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in probed:
@@ -515,7 +544,8 @@ def _jacobian_section(result: AtlasResult) -> list[str]:
         out.append(
             f"| {p.pair} | {_f(g.w_captured)} | {_f(g.rel_diff)} | {_f(g.rel_diff_update)} | {_f(g.rel_diff_total)} | "
             f"{_f(g.alignment)} ({_f(g.alignment_null)}) | {_f(g.alignment_update)} | {_f(g.token_variation)} | "
-            f"{_f(g.estimate_noise)} | {_f(g.linearisation_r2)} | {_f(g.total_linearisation_r2)} | "
+            f"{_f(g.estimate_noise)}, {_f(g.sampling_error)} | {_f(g.linearisation_r2)} | "
+            f"{_f(g.total_linearisation_r2)} | "
             f"{_f(g.ridge_r2_probe)} |"
         )
     out += [

@@ -353,11 +353,13 @@ def causal_sums(
     means: dict[int, np.ndarray],
     batch_size: int,
     chunk_rows: int,
+    own: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per pair: per-sequence NLL sums of clean and of every `CAUSAL_CONDITIONS` patch (residual L+k at
-    every position but BOS), over the predictions at/after the first patched position, and their
-    token counts ("count"). One traced forward per target layer and batch serves its pairs
-    (`ato.patching.run_conditions`); the clean loss is computed once."""
+    every position but BOS; "own" only with `own`), over the predictions at/after the first patched
+    position, and their token counts ("count"). One traced forward per target layer and batch serves
+    its pairs (`ato.patching.run_conditions`); the clean loss is computed once."""
+    preds = ("operator", "own") if own else ("operator",)
     device = next(model.parameters()).device
     seq_len = int(held.tokens.shape[1])
     masks, specs = {"all": position_mask("all", seq_len)}, {"all": "all"}
@@ -369,19 +371,18 @@ def causal_sums(
         conditions += [
             Condition(f"{name}/{pred}", pairs[name][0], _linear(*maps[name][pred], device))
             for name in names
-            for pred in ("operator", "own")
+            for pred in preds
         ]
         results, clean = run_conditions(
-            model, held, T, conditions, masks, specs, batch_size, chunk_rows, clean_nll=clean, progress=False
+            model, held, T, conditions, masks, specs, batch_size, chunk_rows, clean_nll=clean
         )
         res = results["all"]
         for name in names:
             out[name] = {
                 "clean": _after(res.nll_sum["clean"]),
-                "operator": _after(res.nll_sum[f"{name}/operator"]),
-                "own": _after(res.nll_sum[f"{name}/own"]),
                 "mean": _after(res.nll_sum["mean"]),
                 "count": _after(res.count),
+                **{pred: _after(res.nll_sum[f"{name}/{pred}"]) for pred in preds},
             }
     return out
 

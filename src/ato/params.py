@@ -270,8 +270,9 @@ class LanguagesParams:
     alpha_scaling: Literal["per_token", "absolute"] = "per_token"  # per_token: the operator's α · n / n_operator
     overlap_rank: int = 32  # r: top singular directions of each map's update (W − I)S compared across languages
     shared_threshold: float = 0.9  # principal cos² at or above which a direction counts as shared
-    causal_sequences: int = 16  # test sequences per language patched with the operators (intervals over them)
-    causal_seq_len: int = 64  # tokens per causal sequence
+    causal_sequences: int = 24  # test sequences per language patched with the operators (intervals over them)
+    causal_seq_len: int = 32  # tokens per causal sequence (the LM head over every prediction dominates the cost)
+    causal_own: bool = False  # also patch with each language's own map (one more LM-head pass per pair and language)
     batch_size: int = 8  # sequences per forward pass
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -296,14 +297,14 @@ class AtlasParams:
     seed: int = 0  # null, η reference, Jacobian sign draws, causal intervals
     jacobian_layers: list[int] | Literal["all"] = "all"  # input layers L whose pairs get the mean Jacobian
     jacobian_sequences: int = 2  # TRAIN sequences the Jacobian is averaged over (BOS excluded)
-    jacobian_seq_len: int = 64  # tokens per Jacobian sequence
+    jacobian_seq_len: int = 48  # tokens per Jacobian sequence
     jacobian_directions: int = 8  # r input directions probed: top right singular subspace of L's ridge maps
     # (≥ d_model: the whole matrix); every Jacobian number is restricted to it
-    jacobian_chunk: int = 32  # tangents per vmapped jvp call (memory vs speed)
+    jacobian_chunk: int = 64  # tangents per vmapped jvp call (memory vs speed)
     causal_pairs: list[str] = field(default_factory=lambda: ["L05_k1"])  # atlas pairs patched with every
     # operator (Δ log-perplexity on TEST sequences, intervals over sequences); [] for none
-    causal_sequences: int = 8  # test sequences per causal pair
-    causal_seq_len: int = 64
+    causal_sequences: int = 16  # test sequences per causal pair
+    causal_seq_len: int = 32
     causal_batch_size: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the joint Gram, the Jacobian and the causal passes
 

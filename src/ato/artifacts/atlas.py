@@ -33,8 +33,8 @@ class OperatorScore:
     r2: float = math.nan  # R², uniform average over residual dimensions (test)
     r2_weighted: float = math.nan  # 1 − SSE/SST over all dimensions (test)
     causal_delta: float = math.nan  # Δ log-perplexity (nats/token) when layer L+k is patched with it; nan: not run
-    causal_low: float = math.nan  # 95 % interval over sequences (atlas.causal_* budget)
-    causal_high: float = math.nan
+    causal_low: float = math.nan  # lower end of its 95 % interval over sequences (atlas.causal_* budget)
+    causal_high: float = math.nan  # upper end
 
 
 @dataclass
@@ -52,6 +52,7 @@ class LocalGlobal:
     alignment_null: float  # its value for random subspaces, ⌈r/2⌉ / d
     token_variation: float  # Σ_v Var_t(J_t v) / ‖E[J] V‖²_F: how much J moves from token to token
     estimate_noise: float  # relative standard error of E[J] V from the two sign draws
+    sampling_error: float  # √(token_variation / n): relative error of the token mean (independent tokens)
     linearisation_r2: float  # R²_w of ŷ_t = J_t x_t + c on the probe tokens (per-token linearisation)
     total_linearisation_r2: float  # R²_w of ŷ_t = Σ_s J_ts x_s + c on the probe tokens
     ridge_r2_probe: float  # R²_w of W x + b on the same probe tokens (the global map's reference)

@@ -20,7 +20,7 @@ class FeatureScores:
     token_entropy: list[float | None]  # entropy (nats) of the token ids where it is active (lower: coherent)
     vocab_focus: list[float | None]  # excess kurtosis of W_U · (N(d_f) − N(0))
     redundancy: list[float | None]  # max |cos| of its decoder row with another live feature's row
-    causal_effect: list[float | None]  # exact Δ next-token loss per ablated activation (exact_budget candidates)
+    causal_effect: list[float | None]  # exact KL(clean ‖ ablated) per ablated activation (exact_budget candidates)
     composite: list[float | None]  # final score (candidates) or pre-score (other eligible); README "Feature selection"
     rate_band: list[float | None] = field(default_factory=list)  # 0 inside select.rate_band, −decades outside
 
@@ -81,11 +81,14 @@ class FeatureContexts(Record):
 
 @dataclass
 class ExactAblation:
-    """The candidates ablated exactly, in candidate order (best pre-score first)."""
+    """The candidates ablated exactly (select.exact_budget at most), best pre-score first."""
 
-    features: list[int]  # feature ids (select.exact_budget of them at most)
-    n_active: list[int]  # activations ablated in the causal sequences (0: no measurement)
-    delta_loss: list[float | None]  # Δ summed next-token loss over the causal sequences (nats)
+    features: list[int]  # feature ids
+    n_active: list[int]  # activations ablated in the causal pool (0: never fires there, no measurement)
+    n_predictions: list[int]  # next-token predictions scored (≤ causal_horizon per sequence)
+    n_sequences: list[int]  # pool sequences it was ablated in (≤ select.exact_sequences)
+    kl: list[float | None]  # Σ KL(clean ‖ ablated) over the scored predictions (nats); / n_active = causal_effect
+    delta_loss: list[float | None]  # Δ summed next-token loss over the same predictions (nats)
 
 
 @dataclass
@@ -115,8 +118,8 @@ class SelectReport(Record):
     rate_band: list[float]  # [lo, hi] activation rates scoring 0 on rate_band (select.rate_band × r₀)
     n_in_band: int  # eligible features with a rate inside the band
     clean_val_loss: float | None  # mean next-token loss of the unpatched model on the causal sequences
-    n_causal_sequences: int  # VAL sequences of the exact ablations
-    n_causal_loss_tokens: int  # next-token pairs in them
+    n_causal_sequences: int  # VAL sequences in the pool of the exact ablations
+    n_causal_loss_tokens: int  # clean predictions scored (the mean of clean_val_loss is over them)
     causal_method: str  # how causal_effect is computed
     exact: ExactAblation  # the candidates' exact ablations
     n_kept_without_exact: int  # kept features outside the candidates (no causal measurement)

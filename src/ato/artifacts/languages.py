@@ -66,7 +66,7 @@ class LanguageScores:
     transported_fraction_own: float  # … (own map)
     n_judged_features: int  # kept features active on ≥ evaluate.min_active_tokens of these test tokens
     delta_operator: IntervalScore  # Δ log-ppl vs clean, residual L+k patched by the English operator
-    delta_own: IntervalScore  # … by the own map
+    delta_own: IntervalScore  # … by the own map (NaN unless languages.causal_own)
     delta_mean: IntervalScore  # … by this language's ȳ (mean ablation: the damage reference)
     recovered: IntervalScore  # 1 − Δ(operator)/Δ(mean): share of the mean-ablation damage repaired
     recovered_bounded: bool  # false: mean ablation's damage is not distinguishable from 0 (interval ±∞)

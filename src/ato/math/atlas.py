@@ -36,7 +36,7 @@ import numpy as np
 from .cca import CCA, pinv_sqrt, whitening
 from .heldout import CCANull, LinearReference, VersusNull, heldout_from_cca, linear_reference
 from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_variation
-from .procrustes import linearity_score, procrustes_centred, procrustes_plain
+from .procrustes import procrustes_centred, procrustes_plain
 from .ridge import RidgePath, r2_from_stats
 from .stats import PairStats
 
@@ -191,7 +191,7 @@ def fit_pair(
     size = held.subspace_size(null.fraction)
     d_in, d_out = train.xtx.shape[0], train.yty.shape[0]
     W_p, b_p, s_p = procrustes_plain(train)
-    W_c, b_c, s_c = procrustes_centred(train)
+    W_c, b_c, s_c, linearity = procrustes_centred(train)
     maps = {
         "identity": (np.eye(d_out, d_in), np.zeros(d_out)),
         "procrustes": (W_p, b_p),
@@ -213,7 +213,7 @@ def fit_pair(
         scores={name: score(test, *m) for name, m in maps.items()},
         procrustes_scale=s_p,
         procrustes_centred_scale=s_c,
-        linearity=linearity_score(train),
+        linearity=linearity,
         ceiling=ceiling,
         linear=linear,
         heldout_size=VersusNull.of(size, null.heldout_size),
@@ -262,7 +262,8 @@ def local_vs_global(
     rel_diff ‖(W − E[J])V‖/‖WV‖ and rel_diff_update ‖(W − E[J])V‖/‖(W − I)V‖ (against the computed
     part only: both maps carry the identity), the same for the total response, alignment of the top
     ⌈r/2⌉ left singular subspaces of WV and E[J]V (and of their updates) with its random-subspace value
-    q/d, the share of ‖W‖² on V, the token-to-token variation of J and the estimate's noise, the
+    q/d, the share of ‖W‖² on V, the token-to-token variation ν of J, the estimate's sign noise and its
+    token-sampling error √(ν/n) (tokens taken as independent: a lower bound within sequences), the
     variance-weighted R² on the probe tokens of the per-token linearisations beside W x + b, and the
     singular values of WV, E[J]V and E[J_total]V."""
     JV = probe.mean.numpy()
@@ -276,6 +277,7 @@ def local_vs_global(
     ridge_err = y - x @ W.T - b
     sst = float(((y - y.mean(0)) ** 2).sum())
     lin = linearisation_r2(probe)
+    variation = token_variation(probe)
     return {
         "directions": float(r),
         "w_captured": float(norm_wv**2 / np.linalg.norm(W) ** 2),
@@ -285,8 +287,9 @@ def local_vs_global(
         "alignment": alignment(WV, JV, q),
         "alignment_update": alignment(WV - I_V, JV - I_V, q),
         "alignment_null": q / W.shape[0],
-        "token_variation": token_variation(probe),
+        "token_variation": variation,
         "estimate_noise": estimate_noise(probe),
+        "sampling_error": float(np.sqrt(max(variation, 0.0) / probe.n_tokens)),
         "linearisation_r2": lin["same"],
         "total_linearisation_r2": lin["total"],
         "ridge_r2_probe": 1 - float((ridge_err**2).sum()) / sst if sst > 0 else float("nan"),

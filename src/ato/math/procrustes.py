@@ -36,22 +36,26 @@ def procrustes_plain(s: PairStats) -> tuple[np.ndarray, np.ndarray, float]:
     return scale * R, np.zeros(R.shape[0]), scale
 
 
-def procrustes_centred(s: PairStats) -> tuple[np.ndarray, np.ndarray, float]:
-    """(W = s R, b = ȳ − W x̄, s) of the scaled orthogonal map fitted on centred rows."""
+def procrustes_centred(s: PairStats) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(W = s R, b = ȳ − W x̄, s, linearity score) of the scaled orthogonal map fitted on centred rows;
+    the linearity score (`linearity_score`) comes from the same SVD."""
     if s.xtx.shape != s.yty.shape:
         raise ValueError("orthogonal Procrustes needs d_in == d_out")
-    cxx, cxy, _ = s.centred()
+    cxx, cxy, cyy = s.centred()
     R, nuclear = _rotation(cxy)
     norm = float(np.trace(cxx))
     scale = nuclear / norm if norm > 0 else 0.0
     W = scale * R
-    return W, s.mean_y - W @ s.mean_x, scale
+    return W, s.mean_y - W @ s.mean_x, scale, _linearity(nuclear, norm, float(np.trace(cyy)))
+
+
+def _linearity(nuclear: float, tr_xx: float, tr_yy: float) -> float:
+    norm = float(np.sqrt(tr_xx * tr_yy))
+    return 2.0 * nuclear / norm - 1.0 if norm > 0 else float("nan")
 
 
 def linearity_score(s: PairStats) -> float:
     """Razzhigaev et al.'s linearity score, 2‖ÃᵀB̃‖_* − 1 on centred, unit-Frobenius-norm rows (in sample)."""
     cxx, cxy, cyy = s.centred()
-    norm = float(np.sqrt(np.trace(cxx) * np.trace(cyy)))
-    if norm <= 0:
-        return float("nan")
-    return 2.0 * float(np.linalg.svd(cxy, compute_uv=False).sum()) / norm - 1.0
+    nuclear = float(np.linalg.svd(cxy, compute_uv=False).sum())
+    return _linearity(nuclear, float(np.trace(cxx)), float(np.trace(cyy)))

@@ -5,14 +5,15 @@ principal angles between top singular subspaces, and the subspace several maps s
 the rows of s_j (`ato.math.ridge.r2_from_stats`, about s_j's own mean): the diagonal is each map on
 its own data, an off-diagonal entry one map carried over.
 
-**Which subspace.** A k-layer map is close to the identity (the residual is carried), so the singular
-vectors of W itself are nearly arbitrary (all σ ≈ 1). What the blocks add linearly is the *update*
-W − I, and what matters of it is its effect on the inputs the model actually sees: the singular
-subspaces of M = (W − I) S with S = Σxx^{1/2} the (pooled) input covariance's square root. The top-r
-left singular vectors of M span the output directions the update writes most variance into ("write"
-subspace); its top-r right singular vectors, in the whitened input coordinates S⁻¹(x − x̄), the input
-directions it reads most ("read" subspace). One S for every map compares the maps, not the
-languages' input statistics.
+**Which subspace.** Part of any k-layer map is the carried residual (the identity), which every
+language shares trivially; what the blocks add linearly is the *update* W − I. In raw coordinates its
+singular vectors follow the scale of the residual dimensions (a few carry 10³–10⁴× the variance of the
+rest), not what the map does to the inputs the model actually sees; so the compared subspaces are
+the singular subspaces of M = (W − I) S, with S = Σxx^{1/2} the (pooled) input covariance's square
+root. The top-r left singular vectors of M span the output directions the update writes most
+variance into ("write" subspace); its top-r right singular vectors, in the whitened input
+coordinates S⁻¹(x − x̄), the input directions it reads most ("read" subspace). One S for every map
+compares the maps, not the languages' input statistics.
 
 **Overlap.** For r-dimensional subspaces with orthonormal bases A, B, the cosines of the principal
 angles are the singular values of AᵀB; the overlap is their mean square, ‖AᵀB‖²_F / r ∈ [0, 1]:

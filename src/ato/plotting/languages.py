@@ -51,19 +51,19 @@ def _matrix_panel(ax: Any, matrix: np.ndarray, labels: list[str], title: str, vm
                 fontsize=8,
                 color="white" if value < (vmin + vmax) / 2 else "black",
             )
-    ax.add_patch(_diagonal_frame(len(labels)))
+    _frame_diagonal(ax, len(labels))
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_title(title, fontsize=9)
     return image
 
 
-def _diagonal_frame(n: int) -> Any:
-    from matplotlib.patches import Polygon
+def _frame_diagonal(ax: Any, n: int) -> None:
+    """Outline the diagonal cells: each row's own-language (or same-language) reference."""
+    from matplotlib.patches import Rectangle
 
-    # outline of the diagonal cells: the own-language (or same-language) reference of each row
-    points = [(i - 0.5, i - 0.5) for i in range(n + 1)]
-    return Polygon(points, closed=False, fill=False, edgecolor="white", linewidth=0.6, linestyle=":")
+    for i in range(n):
+        ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.5))
 
 
 def plot_transfer(path: Path, report: LanguageReport, dpi: int) -> Path:
@@ -72,21 +72,22 @@ def plot_transfer(path: Path, report: LanguageReport, dpi: int) -> Path:
     weighted R²."""
     plt = pyplot()
     names, langs = list(report.pairs), report.languages
-    fig, axes = plt.subplots(2, len(names), figsize=(2.9 * len(names) + 1.0, 6.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.1 * len(names) + 1.2, 6.6), squeeze=False, layout="constrained")
+    kinds = (("transfer_r2", "R²"), ("transfer_r2_weighted", "R² weighted"))
+    values = np.array([v for p in report.pairs.values() for key, _ in kinds for row in getattr(p, key) for v in row])
+    finite = values[np.isfinite(values)]
+    lo = float(finite.min()) if finite.size else 0.0  # one colour scale for every panel: one colour bar
+    hi = max(lo + 1e-6, float(finite.max()) if finite.size else 1.0)
     for col, name in enumerate(names):
         pair = report.pairs[name]
-        for row, (key, label) in enumerate((("transfer_r2", "R²"), ("transfer_r2_weighted", "R² weighted"))):
+        for row, (key, label) in enumerate(kinds):
             m = np.asarray(getattr(pair, key), dtype=np.float64)
-            finite = m[np.isfinite(m)]
-            lo = float(finite.min()) if finite.size else 0.0
-            image = _matrix_panel(
-                axes[row][col], m, langs, f"{name}: {label}", lo, max(lo + 1e-6, float(finite.max(initial=1.0)))
-            )
+            image = _matrix_panel(axes[row][col], m, langs, f"{name}: {label}", lo, hi)
         axes[1][col].set_xlabel("scored on (test)", fontsize=8)
     for row in range(2):
         axes[row][0].set_ylabel("map fitted on", fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6)
-    fig.suptitle(f"Language-transfer matrix of the per-language ridge maps ({budget(report)})", fontsize=9)
+    fig.suptitle(f"Language-transfer matrix of the per-language ridge maps\n{budget(report)}", fontsize=9)
     return save_figure(fig, path, dpi)
 
 
@@ -96,7 +97,7 @@ def plot_overlap(path: Path, report: LanguageReport, dpi: int) -> Path:
     reference for the off-diagonal (random subspaces: r/d)."""
     plt = pyplot()
     names, langs = list(report.pairs), report.languages
-    fig, axes = plt.subplots(2, len(names), figsize=(2.9 * len(names) + 1.0, 6.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.1 * len(names) + 1.2, 6.6), squeeze=False, layout="constrained")
     for col, name in enumerate(names):
         pair = report.pairs[name]
         for row, (key, label) in enumerate((("overlap_write", "write"), ("overlap_read", "read"))):
@@ -106,7 +107,7 @@ def plot_overlap(path: Path, report: LanguageReport, dpi: int) -> Path:
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6)
     fig.suptitle(
         f"Overlap of the top-{report.overlap_rank} update subspaces of half-maps; diagonal: split halves\n"
-        f"({budget(report)})",
+        f"{budget(report)}",
         fontsize=9,
     )
     return save_figure(fig, path, dpi)
@@ -118,7 +119,7 @@ def plot_scores(path: Path, report: LanguageReport, dpi: int) -> Path:
     beside mean ablation, with intervals (bottom, symmetric-log axis)."""
     plt = pyplot()
     names, langs = list(report.pairs), report.languages
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names) + 0.6, 6.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names) + 0.6, 7.0), squeeze=False, layout="constrained")
     x = np.arange(len(langs))
     preds = list(PREDICTOR_LABELS)
     width = 0.8 / len(preds)
@@ -136,21 +137,26 @@ def plot_scores(path: Path, report: LanguageReport, dpi: int) -> Path:
             )
         ax.set_xticks(x, langs, fontsize=8)
         ax.set_title(f"{name}: residual R² (test)", fontsize=9)
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
         ax.grid(axis="y", alpha=0.3)
         _delta_panel(axes[1][col], scores, langs, report.interval_method)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].set_ylabel("residual R² (test)", fontsize=8)
     axes[1][0].set_ylabel(f"Δ log-ppl vs clean (nats/token), {report.interval_level:.0%} interval", fontsize=8)
-    fig.suptitle(f"English-fitted operators on other languages ({budget(report)})", fontsize=9)
-    fig.tight_layout()
+    legend: dict[str, Any] = {}  # label → handle, the two rows' entries once each
+    for row in axes:
+        for handle, label in zip(*row[0].get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=len(legend), fontsize=7)
+    fig.suptitle(f"English-fitted operators on other languages\n{budget(report)}", fontsize=9)
     return save_figure(fig, path, dpi)
 
 
 def _delta_panel(ax: Any, scores: dict[str, Any], langs: list[str], method: str) -> None:
     x = np.arange(len(langs))
     kinds = (
-        ("delta_operator", "operator", "English operator"),
-        ("delta_own", "own", "own map"),
-        ("delta_mean", None, "mean ablation"),
+        ("delta_operator", "operator", PREDICTOR_LABELS["operator"]),
+        ("delta_own", "own", PREDICTOR_LABELS["own"]),
+        ("delta_mean", None, "mean ablation  ȳ"),
     )
     width = 0.8 / len(kinds)
     for i, (key, pred, label) in enumerate(kinds):
@@ -164,4 +170,3 @@ def _delta_panel(ax: Any, scores: dict[str, Any], langs: list[str], method: str)
     ax.set_xticks(x, langs, fontsize=8)
     ax.set_title(f"causal Δ ({method})", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")

@@ -1,21 +1,21 @@
-"""Exact causal effect of single SAE features on the model's next-token loss (README "Feature
+"""Exact causal effect of single SAE features on the model's next-token predictions (README "Feature
 selection"; `ato select`).
 
 Ablating feature f in a held-out sequence subtracts a_f·d_f from the layer-n residual at every
 non-special position where the SAE's encoder says f is active (d_f = decode(e_f) − decode(0)) and
-reruns the model from there. Its effect is the change of the summed next-token loss over the
-predictions from f's first activation on, at most `horizon` of them, divided by the number of
-activations ablated: nats per ablated activation. The ablation itself is exact — no first-order
-(gradient × contribution) estimate, which was off by 50 % and had the wrong sign at one default
-layer. Only the `select.exact_budget` best candidates by the other criteria are ablated, each in the
-first `per_feature` pool sequences where it fires. What keeps it affordable, without changing the
-result:
+reruns the model from there. Over the predictions from f's first activation on (at most `horizon` of
+them) it records the KL divergence of the ablated from the clean next-token distribution and the
+change of the next-token loss, both summed and then divided by the number of activations ablated.
+The ablation is exact: no first-order (gradient × contribution) estimate, which was off by 50 % and
+had the wrong sign at one default layer. Only the `select.exact_budget` best candidates by the other
+criteria are ablated, each in the first `per_feature` pool sequences where it fires. What keeps it
+affordable, without changing the result:
 
 - the layer-n residual of each pool sequence comes from the activation store (same model: the stage
   checks the weights digest), so every run starts at block n + 1 (blocks 0..n are skipped), the
-  clean reference included — clean and ablated runs take the same code path;
+  clean reference included: clean and ablated rows take the same code path, in the same batch;
 - a sequence is cut after the last prediction scored (causal attention: later tokens cannot change
-  earlier predictions), and the 262k-row LM head runs only on the predictions scored.
+  earlier predictions), and the 262k-row LM head runs once per scored prediction.
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import FeatureScoreError
-
-LOSS_CHUNK_TOKENS = 256  # LM-head rows per chunk: bounds the logits' memory (vocab 262k)
-ABLATION_BATCH = 8  # runs (rows) per forward pass
+KL_CHUNK_TOKENS = 64  # predictions per LM-head chunk: bounds the logits' memory (vocab 262k)
+ABLATION_BATCH = 8  # rows per forward pass: the clean run and up to 7 ablations of one sequence
 
 
 @dataclass
@@ -103,11 +101,11 @@ def start_after(model: nn.Module, layer: int) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class Run:
-    """One forward from block n + 1: sequence `seq` cut to `cut` tokens, feature `feature` (index
-    into the features list; None for the clean reference) ablated, predictions start..cut-2 scored."""
+    """Feature `feature` (index into the features list) ablated in pool sequence `seq`; predictions
+    start..cut-2 scored (the sequence is cut after `cut` tokens)."""
 
     seq: int
-    feature: int | None
+    feature: int
     start: int
     cut: int
 
@@ -116,6 +114,7 @@ class Run:
 class ExactEffects:
     """Exact single-feature ablations, one entry per requested feature."""
 
+    kl: np.ndarray  # [F] Σ over the scored predictions of KL(clean ‖ ablated) next-token distribution (nats)
     delta_loss: np.ndarray  # [F] Δ summed next-token loss over the scored predictions (nats)
     n_active: np.ndarray  # [F] activations ablated
     n_predictions: np.ndarray  # [F] predictions scored
@@ -123,10 +122,9 @@ class ExactEffects:
     clean_loss: float  # mean clean next-token loss over every prediction scored
     n_loss_tokens: int  # clean predictions scored
 
-    @property
-    def per_activation(self) -> np.ndarray:
-        """Δ loss per ablated activation (NaN where the feature never fires in the pool)."""
-        return np.where(self.n_active > 0, self.delta_loss / np.maximum(self.n_active, 1), np.nan)
+    def per_activation(self, total: np.ndarray) -> np.ndarray:
+        """`total` (kl or delta_loss) per ablated activation; NaN where the feature never fired."""
+        return np.where(self.n_active > 0, total / np.maximum(self.n_active, 1), np.nan)
 
 
 def plan_runs(
@@ -153,36 +151,62 @@ def plan_runs(
     return runs, spans
 
 
+@dataclass
+class RunScores:
+    """Per-prediction scores of one run."""
+
+    nll: np.ndarray  # ablated next-token NLL, predictions start..cut-2
+    clean_nll: np.ndarray  # clean NLL of the same predictions
+    kl: np.ndarray  # KL(clean ‖ ablated) of the same predictions
+
+
+def _log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    from ato.models import chunk_logits, lm_head_and_softcap
+
+    head, cap = lm_head_and_softcap(model)
+    return torch.log_softmax(chunk_logits(head, cap, hidden), dim=-1)
+
+
 @torch.no_grad()
-def run_batch(
+def run_sequence(
     model: nn.Module,
     holder: dict[str, Any],
-    pool: list[PoolSequence],
-    acts: list[torch.Tensor],
+    seq: PoolSequence,
+    span: tuple[int, int],
+    acts: torch.Tensor,
     directions: torch.Tensor,
-    batch: list[Run],
-) -> list[np.ndarray]:
-    """Forward one batch of runs from block n + 1; per run the NLL of predictions start..cut-2."""
-    from ato.models import chunked_nll, final_hidden
+    runs: list[Run],
+) -> tuple[np.ndarray, list[RunScores]]:
+    """One forward from block n + 1 of the clean sequence (row 0) and of each run's ablation (one row
+    each), cut to `span`'s end; the LM head runs once per scored prediction, chunk by chunk. Returns
+    the clean NLL of predictions span[0]..cut-2 and each run's scores."""
+    from ato.models import final_hidden
 
-    device = directions.device
-    T = max(r.cut for r in batch)
-    ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
-    h = torch.zeros(len(batch), T, directions.shape[1], dtype=directions.dtype, device=device)
-    for b, r in enumerate(batch):
-        seq = pool[r.seq]
-        ids[b, : r.cut] = torch.as_tensor(seq.ids[: r.cut], dtype=torch.long)
-        attn[b, : r.cut] = 1
-        h[b, : r.cut] = torch.as_tensor(seq.h[: r.cut]).to(device, directions.dtype)
-        if r.feature is not None:
-            h[b, : r.cut] -= acts[r.seq][: r.cut, r.feature, None] * directions[r.feature]
+    a, z = span
+    ids = torch.as_tensor(seq.ids[:z], dtype=torch.long, device=directions.device)[None].repeat(len(runs) + 1, 1)
+    h = torch.as_tensor(seq.h[:z]).to(directions.device, directions.dtype)[None].repeat(len(runs) + 1, 1, 1)
+    for b, r in enumerate(runs, start=1):
+        h[b] -= acts[:z, r.feature, None] * directions[r.feature]
     holder["h"] = h
-    hidden = final_hidden(model, ids, attn)
-    rows = torch.cat([hidden[b, r.start : r.cut - 1] for b, r in enumerate(batch)])
-    targets = torch.cat([ids[b, r.start + 1 : r.cut] for b, r in enumerate(batch)])
-    nll = chunked_nll(model, rows, targets, LOSS_CHUNK_TOKENS).double().cpu().numpy()
-    return np.split(nll, np.cumsum([r.cut - 1 - r.start for r in batch])[:-1])
+    hidden = final_hidden(model, ids, torch.ones_like(ids))
+    targets = ids[0, 1:]
+    clean = np.zeros(z - 1 - a)
+    scores = [RunScores(*(np.zeros(r.cut - 1 - r.start) for _ in range(3))) for r in runs]
+    for c0 in range(a, z - 1, KL_CHUNK_TOKENS):
+        c1 = min(z - 1, c0 + KL_CHUNK_TOKENS)
+        lp_clean = _log_probs(model, hidden[0, c0:c1])
+        t = targets[c0:c1]
+        clean[c0 - a : c1 - a] = -lp_clean.gather(1, t[:, None])[:, 0].double().cpu().numpy()
+        for b, (r, sc) in enumerate(zip(runs, scores), start=1):
+            o0, o1 = max(c0, r.start), min(c1, r.cut - 1)
+            if o0 >= o1:
+                continue
+            lp = _log_probs(model, hidden[b, o0:o1])
+            ref = lp_clean[o0 - c0 : o1 - c0]
+            sc.nll[o0 - r.start : o1 - r.start] = -lp.gather(1, t[o0 - c0 : o1 - c0, None])[:, 0].double().cpu().numpy()
+            sc.kl[o0 - r.start : o1 - r.start] = (ref.exp() * (ref - lp)).sum(-1).clamp(min=0).double().cpu().numpy()
+            sc.clean_nll[o0 - r.start : o1 - r.start] = clean[o0 - a : o1 - a]
+    return clean, scores
 
 
 @torch.no_grad()
@@ -197,44 +221,36 @@ def exact_effects(
     batch_rows: int = ABLATION_BATCH,
     progress: bool = True,
 ) -> ExactEffects:
-    """Exact Δ next-token loss of removing each feature's a_f·d_f wherever it fires (module doc)."""
+    """Exact effect of removing each feature's a_f·d_f wherever it fires (module doc): KL and Δ loss."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     directions = decoder_directions(sae)[features].to(device, torch.float32)
     acts = []
     for seq in pool:
-        a = sae.encode(torch.as_tensor(seq.h).to(device, sae.W_dec.dtype))[:, features].float()
-        acts.append(a * torch.as_tensor(~seq.special, device=device)[:, None])
-    active = [(a > 0).cpu().numpy() for a in acts]
+        x = sae.encode(torch.as_tensor(seq.h).to(device, sae.W_dec.dtype))[:, features].float()
+        acts.append(x * torch.as_tensor(~seq.special, device=device)[:, None])
+    active = [(x > 0).cpu().numpy() for x in acts]
     runs, spans = plan_runs(active, per_feature, horizon)
-    clean = [Run(s, None, a, z) for s, (a, z) in sorted(spans.items())]
-    everything = sorted(clean + runs, key=lambda r: r.cut)  # similar lengths share a batch: little padding
-    nll: dict[int, np.ndarray] = {}
-    bar = tqdm(total=len(everything), desc=f"select layer {layer}: exact ablation", disable=not progress)
-    with start_after(model, layer) as holder:
-        for i in range(0, len(everything), batch_rows):
-            batch = everything[i : i + batch_rows]
-            for r, out in zip(batch, run_batch(model, holder, pool, acts, directions, batch)):
-                nll[id(r)] = out
-            bar.update(len(batch))
-    bar.close()
     F = len(features)
-    delta, n_active, n_pred, n_seq = np.zeros(F), np.zeros(F, int), np.zeros(F, int), np.zeros(F, int)
-    ref = {r.seq: (r.start, nll[id(r)]) for r in clean}
-    for r in runs:
-        assert r.feature is not None
-        start, base = ref[r.seq]
-        j = r.feature
-        delta[j] += float(nll[id(r)].sum() - base[r.start - start : r.cut - 1 - start].sum())
-        n_active[j] += int(active[r.seq][: r.cut, j].sum())
-        n_pred[j] += r.cut - 1 - r.start
-        n_seq[j] += 1
-    n_clean = sum(len(nll[id(r)]) for r in clean)
-    clean_loss = float(sum(nll[id(r)].sum() for r in clean) / n_clean) if n_clean else float("nan")
-    return ExactEffects(delta, n_active, n_pred, n_seq, clean_loss, n_clean)
-
-
-def check_pool(pool: list[PoolSequence], layer: int) -> None:
-    if not pool:
-        raise FeatureScoreError(f"layer {layer}: no held-out sequences for the causal effect")
+    kl, delta = np.zeros(F), np.zeros(F)
+    n_active, n_pred, n_seq = np.zeros(F, int), np.zeros(F, int), np.zeros(F, int)
+    clean_sum, n_clean = 0.0, 0
+    bar = tqdm(total=len(runs), desc=f"select layer {layer}: exact ablation", disable=not progress)
+    with start_after(model, layer) as holder:
+        for s, span in sorted(spans.items()):
+            mine = [r for r in runs if r.seq == s]
+            for i in range(0, len(mine), batch_rows - 1):  # row 0 of every batch is the clean run
+                batch = mine[i : i + batch_rows - 1]
+                clean, scores = run_sequence(model, holder, pool[s], span, acts[s], directions, batch)
+                for r, sc in zip(batch, scores):
+                    kl[r.feature] += sc.kl.sum()
+                    delta[r.feature] += sc.nll.sum() - sc.clean_nll.sum()
+                    n_active[r.feature] += int(active[s][: r.cut, r.feature].sum())
+                    n_pred[r.feature] += len(sc.nll)
+                    n_seq[r.feature] += 1
+                bar.update(len(batch))
+            clean_sum, n_clean = clean_sum + float(clean.sum()), n_clean + len(clean)
+    bar.close()
+    clean_loss = clean_sum / n_clean if n_clean else float("nan")
+    return ExactEffects(kl, delta, n_active, n_pred, n_seq, clean_loss, n_clean)

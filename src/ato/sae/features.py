@@ -59,7 +59,7 @@ ENCODE_BATCH = 4096
 SEQUENCE_READ_TOKENS = 2048
 TOP_LOGIT_TOKENS = 10
 SHORTLIST_FACTOR = 4  # vocabulary focus is computed for the best 4 × max(exact_budget, kept) by the cheap criteria
-CAUSAL_METHOD = "exact_single_feature_ablation_per_activation"
+CAUSAL_METHOD = "exact_single_feature_ablation_kl_per_activation"
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def measure_layer(
     candidates = exact_candidates(pre, shortlist, sp.exact_budget)
     effects, n_seq = causal_effects(model, sae, store, layer, sp, candidates) if candidates else (None, 0)
     if effects is not None:
-        metrics[CAUSAL][candidates] = effects.per_activation
+        metrics[CAUSAL][candidates] = effects.per_activation(effects.kl)
     ranking = select_ranking(pre, metrics[CAUSAL], candidates, w[CAUSAL], [shortlist, eligible], rate)
     laps.append(time.perf_counter())
     return LayerScores(rate, target, band, eligible, metrics, ranking, effects, n_seq), laps
@@ -329,6 +329,19 @@ def kept_contexts(
     return contexts
 
 
+def exact_ablation(candidates: list[int], eff: ExactEffects | None) -> ExactAblation:
+    if eff is None:
+        return ExactAblation(candidates, [], [], [], [], [])
+    return ExactAblation(
+        features=candidates,
+        n_active=[int(v) for v in eff.n_active],
+        n_predictions=[int(v) for v in eff.n_predictions],
+        n_sequences=[int(v) for v in eff.n_sequences],
+        kl=floats(eff.kl),
+        delta_loss=floats(eff.delta_loss),
+    )
+
+
 def _kept_stat(values: np.ndarray, kept: np.ndarray, stat: Callable[[np.ndarray], Any]) -> float | None:
     v = values[kept] if len(kept) else np.zeros(0)
     v = v[np.isfinite(v)]
@@ -357,9 +370,7 @@ def select_report(
         n_causal_sequences=ls.n_sequences,
         n_causal_loss_tokens=eff.n_loss_tokens if eff is not None else 0,
         causal_method=CAUSAL_METHOD,
-        exact=ExactAblation(
-            cands, [int(n) for n in eff.n_active] if eff else [], floats(eff.delta_loss) if eff else []
-        ),
+        exact=exact_ablation(cands, eff),
         n_kept_without_exact=len(set(kept) - set(cands)),
         sae_reliable=False,
         sae_gate_failures=[],

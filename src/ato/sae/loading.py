@@ -10,6 +10,7 @@ file instead, so a cached SAE loads with HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,10 +58,9 @@ def resolve_pretrained(release: str, sae_id: str) -> dict[str, Any]:
     if release in directory:
         entry = directory[release]
         if sae_id not in entry.saes_map:
-            some = ", ".join(list(entry.saes_map)[:5])
             raise SaeError(
-                f"sae.sae_id_template gives {sae_id!r}, which release {release!r} does not have "
-                f"(ids look like: {some}, …)"
+                f"sae.sae_id_template gives {sae_id!r}, which release {release!r} does not have; "
+                f"{_available(entry.saes_map, sae_id)}"
             )
         repo_id, folder = entry.repo_id, entry.saes_map[sae_id]
         neuronpedia_id = (entry.neuronpedia_id or {}).get(sae_id)
@@ -74,6 +74,16 @@ def resolve_pretrained(release: str, sae_id: str) -> dict[str, Any]:
     if offline():
         _require_cached(release, sae_id, repo_id, folder)
     return {"repo_id": repo_id, "folder": folder, "neuronpedia_id": neuronpedia_id}
+
+
+def _available(ids: dict[str, Any], sae_id: str) -> str:
+    """Which layers the release has for the same id pattern (e.g. Gemma Scope 2 for Gemma-3-270M
+    covers layers 5, 9, 12 and 15 only), else a few of its ids."""
+    pattern = re.sub(r"layer_\d+", "layer_{n}", sae_id, count=1)
+    layers = [n for n in range(200) if pattern != sae_id and pattern.format(n=n) in ids]
+    if layers:
+        return f"it has {pattern!r} for layers {', '.join(map(str, layers))} (choose pairs whose L + k is one of them)"
+    return f"ids look like: {', '.join(list(ids)[:5])}, …"
 
 
 def _require_cached(release: str, sae_id: str, repo_id: str, folder: str) -> None:

@@ -236,6 +236,7 @@ def language_causal(
         means,
         params.languages.batch_size,
         cp.loss_chunk_tokens,
+        params.languages.causal_own,
     )
 
 
@@ -252,8 +253,12 @@ def causal_scores(sums: dict[str, np.ndarray], params: Params) -> dict[str, Any]
     kw: dict[str, Any] = {"level": LEVEL, "method": cp.interval, "n_resamples": cp.bootstrap_resamples, "seed": cp.seed}
     clean, count = sums["clean"], sums["count"]
     rec = recovered_interval(sums["operator"], sums["mean"], clean, **kw)
+    missing = IntervalScore(math.nan, math.nan, math.nan, math.nan)  # the own map unpatched (languages.causal_own)
     return {
-        **{f"delta_{c}": _interval(delta_interval(sums[c], clean, count, **kw)) for c in ("operator", "own", "mean")},
+        **{
+            f"delta_{c}": _interval(delta_interval(sums[c], clean, count, **kw)) if c in sums else missing
+            for c in ("operator", "own", "mean")
+        },
         "recovered": _interval(rec),
         "recovered_bounded": math.isfinite(rec.low) and math.isfinite(rec.high),
     }
