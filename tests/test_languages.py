@@ -301,3 +301,26 @@ def test_causal_delta_matches_a_full_forward_patch(project: Path, report):
         patched = patched_token_nll(model, ids, 0, 1, patch, lambda x: op(x), 64)
     delta = float((patched - clean)[:, 1:].sum() / clean[:, 1:].numel())  # scope "after": from position 1
     assert report.pairs["L00_k1"].scores["en-us"].delta_operator.mean == pytest.approx(delta, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "sources, message",
+    [
+        ({"fr-fr": "missing.jsonl"}, "languages.sources.fr-fr"),
+        ({"xx-yy": "embedded"}, "languages.sources.xx-yy.*no embedded corpus for language 'xx-yy'"),
+    ],
+)
+def test_a_bad_language_source_is_named_before_any_forward_pass(project: Path, sources, message, monkeypatch):
+    from ato import crosslingual
+    from ato.crosslingual import LanguagesError
+    from ato.params import load_params
+    from ato.stages import languages
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["languages"]["sources"] = sources
+    (project / "bad.yaml").write_text(yaml.safe_dump(raw))
+    calls = {"n": 0}
+    monkeypatch.setattr(crosslingual, "iter_batches", lambda *a, **k: calls.update(n=calls["n"] + 1) or iter(()))
+    with pytest.raises(LanguagesError, match=message):
+        languages.main(load_params(project / "bad.yaml"))
+    assert calls["n"] == 0

@@ -117,7 +117,9 @@ def test_sparse_topk_loss_matches_sae_lens():
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
     x = torch.randn(32, 16) * 3
     for dead in (None, torch.rand(64) < 0.3, torch.rand(64) < 0.05):
-        step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+        step = TrainStepInput(
+            sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+        )
         ref = TopKTrainingSAE.training_forward_pass(sae, step)  # sae-lens' own (dense) pass
         ref.loss.backward()
         g_ref = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -260,7 +262,7 @@ def test_failing_gate_marks_the_sae_unreliable(tiny_project):
     params.sae.gates.min_ce_recovered = -1e9
     make_model_store(tiny_project)
     results = stage.main(params)
-    for n, info in results.items():
+    for info in results.values():
         assert not info.reliable
         assert len(info.gate_failures) == 1 and info.gate_failures[0].startswith(f"fve_val {info.fve_val:.3f} < 0.9999")
         assert "short by" in info.gate_failures[0]

@@ -90,7 +90,9 @@ def test_gemma_scope_2_loads_offline_from_the_cache(offline_cache):
     x = torch.randn(20, D_IN)
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), _jumprelu(w, x))
-        torch.testing.assert_close(sae.decode(sae.encode(x)), _jumprelu(w, x) @ torch.from_numpy(w["w_dec"]) + torch.from_numpy(w["b_dec"]))
+        torch.testing.assert_close(
+            sae.decode(sae.encode(x)), _jumprelu(w, x) @ torch.from_numpy(w["w_dec"]) + torch.from_numpy(w["b_dec"])
+        )
 
 
 def test_gemma_scope_for_gemma_2_loads_offline(offline_cache, monkeypatch):

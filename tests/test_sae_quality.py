@@ -71,7 +71,9 @@ def test_identity_zero_and_mean_saes_give_their_known_answers():
     assert zero.ce_sae == pytest.approx(zero.ce_zero) and zero.kl_sae == pytest.approx(zero.kl_zero)
     assert zero.ce_recovered_zero == pytest.approx(0.0, abs=1e-9)
     as_mean = out[3]
-    assert as_mean.ce_recovered_mean == pytest.approx(0.0, abs=1e-9) and as_mean.kl_sae == pytest.approx(as_mean.kl_mean)
+    assert as_mean.ce_recovered_mean == pytest.approx(0.0, abs=1e-9) and as_mean.kl_sae == pytest.approx(
+        as_mean.kl_mean
+    )
 
 
 def test_splice_leaves_bos_and_earlier_layers_alone():

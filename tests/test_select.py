@@ -138,36 +138,41 @@ def _pool(model, layer: int, n: int = 5, seed: int = 0):
     return pool
 
 
+def _log_probs(model, t: torch.Tensor, p0: int, cut: int) -> torch.Tensor:
+    """float64 next-token log-probabilities of predictions p0..cut-2, softcapped like the model."""
+    from ato.models import final_hidden
+
+    logits = model.get_output_embeddings()(final_hidden(model, t)[0, p0 : cut - 1]).double()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.log_softmax(torch.tanh(logits / cap) * cap if cap else logits, -1)
+
+
 def _naive_ablation(model, sae, layer, pool, feature, per_feature, horizon):
     """Reference: full forwards of the whole model, clean and with a_f·d_f removed (patched at block n),
-    on the first `per_feature` sequences where f fires before the last token, cut after the
+    on the `per_feature` sequences where f first fires earliest (before the last token), cut after the
     `horizon` predictions from its first activation; returns (Σ KL, Δ summed loss, activations)."""
-    from ato.models import final_hidden, patch_residual
+    from ato.models import patch_residual
     from ato.sae.effects import decoder_directions
 
     d = decoder_directions(sae)[feature]
-    kl, delta, n_active, used = 0.0, 0.0, 0, 0
-    for seq in pool:
+    firsts = []
+    for s, seq in enumerate(pool):
         active = (sae.encode(torch.as_tensor(seq.h))[:, feature] > 0).numpy() & ~seq.special
-        if used == per_feature or not active[:-1].any():
-            continue
-        used += 1
-        p0 = int(np.flatnonzero(active[:-1])[0])
+        if active[:-1].any():
+            firsts.append((int(np.flatnonzero(active[:-1])[0]), s, active))
+    kl, delta, n_active = 0.0, 0.0, 0
+    for p0, s, active in sorted(firsts, key=lambda x: x[:2])[:per_feature]:
+        seq = pool[s]
         cut = len(seq.ids) if horizon is None else min(len(seq.ids), p0 + horizon + 1)
         t, keep = torch.as_tensor(seq.ids[:cut])[None], torch.as_tensor(~seq.special[:cut])[None]
 
-        def log_probs():
-            logits = model.get_output_embeddings()(final_hidden(model, t)[0, p0 : cut - 1]).double()
-            cap = model.config.final_logit_softcapping if hasattr(model.config, "final_logit_softcapping") else None
-            return torch.log_softmax(torch.tanh(logits / cap) * cap if cap else logits, -1)
-
-        def remove(h):
+        def remove(h, keep=keep):
             return h - (sae.encode(h)[..., feature] * keep)[..., None] * d
 
         with torch.no_grad():
-            clean = log_probs()
+            clean = _log_probs(model, t, p0, cut)
             with patch_residual(model, layer, remove):
-                ablated = log_probs()
+                ablated = _log_probs(model, t, p0, cut)
         target = t[0, p0 + 1 : cut, None]
         delta += float(clean.gather(1, target).sum() - ablated.gather(1, target).sum())
         kl += float((clean.exp() * (clean - ablated)).sum())

@@ -111,9 +111,7 @@ def further_sequences(corpus: Corpus, tokenizer: Any, skip_tokens: int) -> Itera
 
 
 @torch.no_grad()
-def forward_batch(
-    model: Any, seqs: list[TokenSequence], layers: list[int], pad_id: int
-) -> dict[int, torch.Tensor]:
+def forward_batch(model: Any, seqs: list[TokenSequence], layers: list[int], pad_id: int) -> dict[int, torch.Tensor]:
     """Residuals of the non-special tokens of a right-padded batch, row-major by sequence; the
     forward stops after the deepest of `layers`."""
     device = next(model.parameters()).device

@@ -8,8 +8,10 @@ them) it records the KL divergence of the ablated from the clean next-token dist
 change of the next-token loss, both summed and then divided by the number of activations ablated.
 The ablation is exact: no first-order (gradient × contribution) estimate, which was off by 50 % and
 had the wrong sign at one default layer. Only the `select.exact_budget` best candidates by the other
-criteria are ablated, each in the first `per_feature` pool sequences where it fires. What keeps it
-affordable, without changing the result:
+criteria are ablated, each in the `per_feature` pool sequences where it first fires earliest (the
+prefix before the activation is recomputed by every run, so early activations are the cheapest to
+measure; every candidate is measured the same way). What keeps it affordable, without changing the
+result:
 
 - the layer-n residual of each pool sequence comes from the activation store (same model: the stage
   checks the weights digest), so every run starts at block n + 1 (blocks 0..n are skipped), the
@@ -130,20 +132,20 @@ class ExactEffects:
 def plan_runs(
     active: list[np.ndarray], per_feature: int, horizon: int | None
 ) -> tuple[list[Run], dict[int, tuple[int, int]]]:
-    """Ablated runs (per feature, its first `per_feature` pool sequences with an activation that has a
-    next token) and, per sequence used, the span (start, cut) its clean reference must cover.
-    `active[s]` is the [T, F] bool activity of sequence s."""
+    """Ablated runs and, per sequence used, the span (start, cut) its clean reference covers.
+    `active[s]` is the [T, F] bool activity of pool sequence s. Each feature is ablated in the
+    `per_feature` sequences where it first fires earliest (ties → earlier sequence): every run
+    recomputes the prefix before that activation, so an early one is the cheapest to measure."""
     runs: list[Run] = []
     for j in range(active[0].shape[1] if active else 0):
-        used = 0
+        firsts = []
         for s, act in enumerate(active):
             where = np.flatnonzero(act[:-1, j])  # an activation at the last token predicts nothing
-            if used == per_feature:
-                break
             if len(where):
-                p0, T = int(where[0]), len(act)
-                runs.append(Run(s, j, p0, T if horizon is None else min(T, p0 + horizon + 1)))
-                used += 1
+                firsts.append((int(where[0]), s))
+        for p0, s in sorted(firsts)[:per_feature]:
+            T = len(active[s])
+            runs.append(Run(s, j, p0, T if horizon is None else min(T, p0 + horizon + 1)))
     spans: dict[int, tuple[int, int]] = {}
     for r in runs:
         a, z = spans.get(r.seq, (r.start, r.cut))
@@ -238,10 +240,11 @@ def exact_effects(
     clean_sum, n_clean = 0.0, 0
     bar = tqdm(total=len(runs), desc=f"select layer {layer}: exact ablation", disable=not progress)
     with start_after(model, layer) as holder:
-        for s, span in sorted(spans.items()):
-            mine = [r for r in runs if r.seq == s]
+        for s in sorted(spans):
+            mine = sorted((r for r in runs if r.seq == s), key=lambda r: r.cut)
             for i in range(0, len(mine), batch_rows - 1):  # row 0 of every batch is the clean run
                 batch = mine[i : i + batch_rows - 1]
+                span = (min(r.start for r in batch), max(r.cut for r in batch))
                 clean, scores = run_sequence(model, holder, pool[s], span, acts[s], directions, batch)
                 for r, sc in zip(batch, scores):
                     kl[r.feature] += sc.kl.sum()

@@ -130,7 +130,7 @@ def _local_shapes() -> Iterator[None]:
 
         path = hf_hub_download(repo_id, filename)  # from the cache (offline)
         with safe_open(path, framework="pt") as f:
-            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
 
     original = loaders.get_safetensors_tensor_shapes
     loaders.get_safetensors_tensor_shapes = shapes

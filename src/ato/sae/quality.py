@@ -16,8 +16,9 @@ shared splice helper (`ato.splice`) later.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,9 @@ class SpliceQuality:
     n_scored_tokens: int
 
 
-def val_sequences(store: ActivationStore, n: int, seq_len: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+def val_sequences(
+    store: ActivationStore, n: int, seq_len: int, split: str = "val"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` sequences of `split` with at least `seq_len` tokens, cut to `seq_len`:
     (token ids int64 [n, T], special bool [n, T]). Too few is a SaeError naming the counts."""
     ids, pos, spec = [], [], []
@@ -134,6 +137,10 @@ def val_sequences(store: ActivationStore, n: int, seq_len: int, split: str = "va
         )
     rows = np.asarray(chosen)[:, None] + np.arange(seq_len)[None, :]
     return torch.as_tensor(token_id[rows].astype(np.int64)), torch.as_tensor(special[rows])
+
+
+def _reconstruct(sae: Any, h: torch.Tensor) -> torch.Tensor:
+    return sae.decode(sae.encode(h))
 
 
 def _spliced_hidden(model: Any, ids: torch.Tensor, layer: int, keep: torch.Tensor, value: Any) -> torch.Tensor:
@@ -192,11 +199,10 @@ def splice_quality(
         clean = final_hidden(model, b_ids)
         spliced = {}
         for layer, sae in saes.items():
-            mean = means[layer].to(device)
-            values = {
-                "sae": lambda h, s=sae: s.decode(s.encode(h)),
-                "zero": lambda h: torch.zeros_like(h),
-                "mean": lambda h, m=mean: m.expand_as(h),
+            values: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+                "sae": partial(_reconstruct, sae),
+                "zero": torch.zeros_like,
+                "mean": means[layer].to(device).expand_as,
             }
             for name, value in values.items():
                 spliced[f"{layer}/{name}"] = _spliced_hidden(model, b_ids, layer, keep, value)
@@ -263,5 +269,7 @@ def gate_failures(gates: SaeGates, fve: float, dead: float, recovered: float | N
     if recovered is None or not math.isfinite(recovered):
         out.append(f"{name} not measured (sae.eval_sequences: 0)")
     elif recovered < gates.min_ce_recovered:
-        out.append(f"{name} {recovered:.3f} < {gates.min_ce_recovered} (short by {gates.min_ce_recovered - recovered:.3f})")
+        out.append(
+            f"{name} {recovered:.3f} < {gates.min_ce_recovered} (short by {gates.min_ce_recovered - recovered:.3f})"
+        )
     return out

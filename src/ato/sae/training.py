@@ -245,10 +245,8 @@ def _quiet_progress(desc: str, progress: bool) -> Iterator[None]:
     def bar(*args: Any, **kwargs: Any) -> Any:
         return original(*args, **{**kwargs, "desc": desc, "disable": not progress, "mininterval": 2.0})
 
-    trainer_module.tqdm = bar  # type: ignore[assignment]
+    trainer_module.tqdm = bar
     try:
         yield
     finally:
         trainer_module.tqdm = original
-
-

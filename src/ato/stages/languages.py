@@ -40,7 +40,7 @@ from ato.artifacts import (
     write_json_atomic,
 )
 from ato.artifacts.languages import SCORE_COLUMNS, score_rows
-from ato.corpus import Corpus, TokenSequence
+from ato.corpus import Corpus, CorpusError, TokenSequence
 from ato.crosslingual import (
     FeatureScorer,
     HalfStats,
@@ -181,7 +181,10 @@ def language_texts(params: Params, tokenizer: Any) -> dict[str, Text]:
         )
     }
     for lang, source in lp.sources.items():
-        corpus = Corpus(language_corpus(reference, lang, source, lp.fit_tokens, lp.test_tokens), params.root)
+        try:
+            corpus = Corpus(language_corpus(reference, lang, source, lp.fit_tokens, lp.test_tokens), params.root)
+        except CorpusError as exc:  # it names corpus.*; the user wrote languages.sources
+            raise LanguagesError(f"languages.sources.{lang} = {source!r}: {exc}") from None
         texts[lang] = Text(
             source,
             split_sequences(corpus, tokenizer, "train", lang),

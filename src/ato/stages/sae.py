@@ -46,48 +46,67 @@ TRAIN_PARAMS = ("width", "k", "l1_coefficient", "steps", "batch_tokens", "lr", "
 def main(params: Params) -> dict[int, SaeInfo]:
     t0 = time.perf_counter()
     sp, layout, layers = params.sae, Layout.from_params(params), params.target_layers()
-    ids = {n: sp.sae_id_template.format(n=n) for n in layers}
     if sp.source == "pretrained":  # fail fast for every layer before any work
         for n in layers:
-            resolve_pretrained(sp.release, ids[n])
+            resolve_pretrained(sp.release, sp.sae_id_template.format(n=n))
     store = ActivationStore.open(layout.store)
     require_validated(store, layout.validation)
     store.require_layers(layers, what="stage sae")
     model, tokenizer = _model(params, store)
     device = next(model.parameters()).device
-    saes: dict[int, Any] = {}
-    extras: dict[int, dict[str, Any]] = {}
     if sp.source == "pretrained":
-        means = {n: torch.from_numpy(a).double().mean(0).float() for n, a in store_tokens(store, layers, MEAN_TOKENS).items()}
-        for n in layers:
-            saes[n], extras[n] = pretrained_sae(sp, ids[n], n, store.d_model, device)
+        saes, extras, means = _pretrained(sp, store, layers, device)
     else:
-        corpus = Corpus(params.corpus, params.root)
-        data = gather(store, layers, sp.tokens, model, tokenizer, corpus, sp.forward_batch_size)
-        means = {n: data.tokens[n].double().mean(0).float() for n in layers}
-        for n in layers:
-            saes[n], extras[n] = trained_sae(sp, data, n, store, device)
-        del data
+        saes, extras, means = _trained(params, store, layers, model, tokenizer, device)
     downstream = _downstream(sp, store, model, saes, means)
     results = {}
     for n in layers:
-        info = save_sae(saes[n], store, n, extras[n], downstream.get(n), sp, layout, device, t0)
-        log.info(
-            "layer %d: FVE(val) %.3f, mean L0 %.1f, dead %.1f%%, dense %.1f%%, CE recovered %s → %s%s",
-            n,
-            info.fve_val,
-            info.mean_l0,
-            100 * info.dead_fraction,
-            100 * (info.dense_fraction or 0.0),
-            f"{info.ce_recovered_zero:.3f} (zero) / {info.ce_recovered_mean:.3f} (mean)"
-            if info.ce_recovered_zero is not None and info.ce_recovered_mean is not None
-            else "not measured",
-            layout.sae(n),
-            "" if info.reliable else f"; UNRELIABLE: {'; '.join(info.gate_failures)}",
-        )
-        results[n] = info
+        results[n] = save_sae(saes[n], store, n, extras[n], downstream.get(n), sp, layout, device, t0)
+        _log_quality(results[n], layout)
     _track(params, layout, results)
     return results
+
+
+Built = tuple[dict[int, Any], dict[int, dict[str, Any]], dict[int, torch.Tensor]]  # SAEs, record fields, TRAIN means
+
+
+def _pretrained(sp: SaeParams, store: ActivationStore, layers: list[int], device: torch.device) -> Built:
+    saes, extras = {}, {}
+    for n in layers:
+        saes[n], extras[n] = pretrained_sae(sp, sp.sae_id_template.format(n=n), n, store.d_model, device)
+    train = store_tokens(store, layers, MEAN_TOKENS)
+    return saes, extras, {n: torch.from_numpy(a).double().mean(0).float() for n, a in train.items()}
+
+
+def _trained(
+    params: Params, store: ActivationStore, layers: list[int], model: Any, tokenizer: Any, device: torch.device
+) -> Built:
+    sp = params.sae
+    corpus = Corpus(params.corpus, params.root)
+    data = gather(store, layers, sp.tokens, model, tokenizer, corpus, sp.forward_batch_size)
+    saes, extras = {}, {}
+    for n in layers:
+        saes[n], extras[n] = trained_sae(sp, data, n, store, device)
+    return saes, extras, {n: data.tokens[n].double().mean(0).float() for n in layers}
+
+
+def _log_quality(info: SaeInfo, layout: Layout) -> None:
+    recovered = (
+        f"{info.ce_recovered_zero:.3f} (zero) / {info.ce_recovered_mean:.3f} (mean)"
+        if info.ce_recovered_zero is not None and info.ce_recovered_mean is not None
+        else "not measured"
+    )
+    log.info(
+        "layer %d: FVE(val) %.3f, mean L0 %.1f, dead %.1f%%, dense %.1f%%, CE recovered %s → %s%s",
+        info.layer,
+        info.fve_val,
+        info.mean_l0,
+        100 * info.dead_fraction,
+        100 * (info.dense_fraction or 0.0),
+        recovered,
+        layout.sae(info.layer),
+        "" if info.reliable else f"; UNRELIABLE: {'; '.join(info.gate_failures)}",
+    )
 
 
 def _model(params: Params, store: ActivationStore) -> tuple[Any, Any]:
@@ -219,7 +238,9 @@ def _track(params: Params, layout: Layout, results: dict[int, SaeInfo]) -> None:
     with pipeline_run(params, "sae"):
         flat = section_dict(params.sae)
         gates = flat.pop("gates")
-        mlflow.log_params({**{f"sae.{k}": v for k, v in flat.items()}, **{f"sae.gates.{k}": v for k, v in gates.items()}})
+        mlflow.log_params(
+            {**{f"sae.{k}": v for k, v in flat.items()}, **{f"sae.gates.{k}": v for k, v in gates.items()}}
+        )
         metrics = {f"sae_layer_{n:02d}_{k}": v for n, info in results.items() for k, v in info.metrics().items()}
         log_flat_metrics(metrics)
         for n, info in results.items():
