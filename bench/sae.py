@@ -14,6 +14,7 @@ Needs the prepared model (`ato prepare`) and params.yaml's corpus (TRAIN documen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -80,7 +81,7 @@ def _training(sp, d: int, steps: int, dense: bool) -> float:
     from ato.sae.data import shuffled_batches
 
     data = torch.randn(16384, d) * 3 + 1
-    sp = type(sp)(**{**sp.__dict__, "steps": steps})
+    sp = dataclasses.replace(sp, steps=steps)
     real = training.build_training_sae
     if dense:  # sae-lens' own class: the dense decoder product in the training step
 

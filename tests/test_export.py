@@ -290,3 +290,16 @@ def test_scoring_streams_in_bounded_memory(tiny_setup, tmp_path):
     assert capped.r2_weighted["estimate"] == pytest.approx(full.r2_weighted["estimate"], abs=1e-9)
     assert capped.delta_logppl["estimate"] == pytest.approx(full.delta_logppl["estimate"], abs=1e-9)
     assert "document (merged in runs of" in capped.interval["unit"]
+
+
+def test_the_downstream_commands_answer_help(capsys):
+    from ato.cli import TOOLS, build_parser
+
+    for name, flags in {"score": ["--operator", "--text", "--variant", "--mode"], "export": ["--all", "--out"]}.items():
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([name, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert all(f in text for f in flags) and TOOLS[name][2][:30] in " ".join(text.split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "--out", "x"])  # --operator or --all is required
