@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ato.accumulate import accumulate_banded, accumulate_local  # noqa: E402
-from ato.atlas import fit_atlas, load_model, plan  # noqa: E402
+from ato.atlas import fit_atlas, load_model, plan, torch_threads  # noqa: E402
 from ato.math.cca import CCA  # noqa: E402
 from ato.math.jacobian import probe  # noqa: E402
 from ato.math.ridge import RidgePath  # noqa: E402
@@ -116,12 +116,14 @@ def bench_jacobian(store: ActivationStore, model_dir: Path, layer: int, k: int, 
     f = block_stack(model, trace.calls, layer, targets)
     x = trace.residuals[layer]
     n = int(mask.sum())
-    _, t_fwd = timed(lambda: [f(x) for _ in range(3)])
+    with torch_threads(args.threads), torch.no_grad():
+        _, t_fwd = timed(lambda: [f(x) for _ in range(3)])
     print(f"\nJacobian: layer {layer} → {targets}, {n} tokens; forward of the {len(targets)} blocks: {t_fwd / 3:.2f} s")
     print(f"{'r':>4} {'tangents':>8} {'seconds':>8} {'ms/token/direction':>18} {'× forward':>9} {'RSS GB':>7}")
     for r in args.directions:
         V = torch.linalg.qr(torch.randn(x.shape[-1], r))[0]
-        _, t = timed(probe, f, x, V, mask, torch.Generator().manual_seed(0), args.jvp_chunk)
+        with torch_threads(args.threads):
+            _, t = timed(probe, f, x, V, mask, torch.Generator().manual_seed(0), args.jvp_chunk)
         per = 1e3 * t / (n * r)
         print(f"{r:>4} {3 * r + 3:>8} {t:>8.1f} {per:>18.2f} {t / (t_fwd / 3):>9.1f} {peak_rss_gb():>7.2f}")
 
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--directions", default="4,16", help="probed directions r")
     parser.add_argument("--sequences", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the Jacobian (atlas.threads)")
     parser.add_argument("--skip-jacobian", action="store_true")
     args = parser.parse_args()
     args.directions = [int(r) for r in args.directions.split(",")]

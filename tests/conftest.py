@@ -161,7 +161,16 @@ TINY_PARAMS = {
     "corpus": {"source": "corpus.jsonl", "max_length": 24, "tokens": {"train": 600, "val": 200, "test": 200}},
     "collect": {"batch_size": 4, "part_tokens": 256, "chunk_tokens": 64, "device": "cpu"},
     "tune": {"n_trials": 8, "curve_points": 8},
-    "sae": {"width": 64, "k": 4, "steps": 20, "batch_tokens": 64, "device": "cpu"},
+    "sae": {
+        "width": 64,
+        "k": 4,
+        "steps": 20,
+        "batch_tokens": 64,
+        "tokens": 500,  # within the tiny stores' TRAIN split: no streaming unless a test asks for it
+        "eval_sequences": 4,
+        "eval_seq_len": 8,
+        "device": "cpu",
+    },
     "select": {"max_tokens": 512, "causal_sequences": 4, "keep_fraction": 0.25, "device": "cpu"},
     "evaluate": {"n_ranks": 8, "min_active_tokens": 2},
     "atlas": {

@@ -216,6 +216,7 @@ def test_transfer_diagonal_equals_each_own_fit_recomputed_from_raw_rows(project:
     from ato.corpus import Corpus, sequences_for_split
     from ato.crosslingual import language_alpha, language_corpus
     from ato.models import load_prepared
+    from ato.operators import load_operator
     from ato.params import CorpusParams, load_params
     from ato.residuals import capture_batch
     from ato.store import ActivationStore
@@ -241,6 +242,7 @@ def test_transfer_diagonal_equals_each_own_fit_recomputed_from_raw_rows(project:
             ys.append(acts[T][keep])
         return np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
 
+    W_op = load_operator(params.path("operators") / "L01_k2").W.double().numpy()
     lp = params.languages
     fr = Corpus(language_corpus(CorpusParams(**dataclasses.asdict(params.corpus)), "fr-fr", "fr.jsonl",
                                 lp.fit_tokens, lp.test_tokens), project)  # fmt: skip
@@ -257,13 +259,19 @@ def test_transfer_diagonal_equals_each_own_fit_recomputed_from_raw_rows(project:
         assert pair.transfer_r2[i][i] == pytest.approx(r2, abs=1e-5)
         assert pair.scores[lang].r2_own == pytest.approx(pair.transfer_r2[i][i], abs=1e-9)
         assert report.sources[lang].n_fit_tokens == len(x) and report.sources[lang].n_test_tokens == len(xt)
+        # the English W with this language's intercept (its fit rows' means), scored on its test rows
+        b_own = y.mean(0) - W_op @ x.mean(0)
+        y_rc = xt @ W_op.T + b_own
+        r2_rc = np.mean(1 - ((yt - y_rc) ** 2).sum(0) / ((yt - yt.mean(0)) ** 2).sum(0))
+        assert pair.scores[lang].r2_recentred == pytest.approx(r2_rc, abs=1e-5)
 
 
 def test_every_number_stands_beside_its_reference(report):
     for pair in report.pairs.values():
         for lang in report.languages:
             s = pair.scores[lang]
-            for value in (s.r2_operator, s.r2_own, s.r2_pooled, s.r2_identity, s.eta_operator, s.eta_expected):
+            scores = (s.r2_operator, s.r2_recentred, s.r2_own, s.r2_pooled, s.r2_identity, s.eta_operator)
+            for value in (*scores, s.eta_recentred, s.eta_own, s.eta_expected, s.ceiling):
                 assert np.isfinite(value)
             assert s.r2_own == pytest.approx(
                 pair.transfer_r2[report.languages.index(lang)][report.languages.index(lang)]

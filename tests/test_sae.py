@@ -203,13 +203,7 @@ def test_train_save_reload_identical_and_topk_exact(tmp_path):
         assert torch.equal(loaded.decode(acts), sae.decode(acts))
 
 
-STAGE_OVERRIDES = {
-    "sae.steps": 40,
-    "sae.lr": 0.01,
-    "sae.tokens": 500,  # within the synthetic store's TRAIN split: no streaming (tests/test_sae_data.py streams)
-    "sae.eval_sequences": 4,
-    "sae.eval_seq_len": 8,
-}
+STAGE_OVERRIDES = {"sae.steps": 40, "sae.lr": 0.01}  # conftest: 500 TRAIN tokens (no streaming), 4 × 8 VAL tokens
 
 
 def test_stage_trains_saves_reports(tiny_project):
@@ -256,10 +250,8 @@ def test_failing_gate_marks_the_sae_unreliable(tiny_project):
 
     from ato.stages import sae as stage
 
-    params = load_tiny_params(tiny_project, **STAGE_OVERRIDES, **{"sae.steps": 10})
-    params.sae.gates.min_fve = 0.9999
-    params.sae.gates.max_dead = 1.0
-    params.sae.gates.min_ce_recovered = -1e9
+    gates = {"min_fve": 0.9999, "max_dead": 1.0, "min_ce_recovered": -1e9}
+    params = load_tiny_params(tiny_project, **{**STAGE_OVERRIDES, "sae.steps": 10, "sae.gates": gates})
     make_model_store(tiny_project)
     results = stage.main(params)
     for info in results.values():
@@ -273,7 +265,7 @@ def test_failing_gate_marks_the_sae_unreliable(tiny_project):
         assert run.data.tags[f"sae_gate_failures.layer_{n:02d}"].startswith("fve_val")
         assert run.data.metrics[f"sae_layer_{n:02d}_reliable"] == 0.0
     # and passing every gate → reliable, no failures
-    params.sae.gates.min_fve = 0.0
+    params = load_tiny_params(tiny_project, **{"sae.gates": {**gates, "min_fve": 0.0}})
     assert all(info.reliable and not info.gate_failures for info in stage.main(params).values())
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ato.math.features import (
+    METRICS,
     FeatureActivationStats,
     composite_score,
     exact_candidates,
@@ -47,6 +48,25 @@ def test_entropy_counts_only_active_positions():
     np.testing.assert_allclose(acc.activation_rate(), [0.5, 0.25, 0.0])
     assert acc.top_contexts(1) == [(2.0, 0), (2.0, 4)] or acc.top_contexts(1) == [(2.0, 4), (2.0, 0)]
     assert acc.top_contexts(2) == []
+
+
+def test_token_entropy_ratio_does_not_reward_rarity():
+    """A feature firing at random positions scores ≈ 1 whether it fires 10 or 1000 times (its raw
+    entropy differs by a factor ~2); one firing on a single token scores 0."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    tokens = rng.integers(0, 300, n)
+    acts = torch.zeros(n, 4)
+    acts[rng.choice(n, 10, replace=False), 0] = 1.0  # rare, random positions
+    acts[rng.choice(n, 1000, replace=False), 1] = 1.0  # frequent, random positions
+    acts[np.flatnonzero(tokens == 7), 2] = 1.0  # one token
+    acc = FeatureActivationStats(4, top_k=0)
+    for i in range(0, n, 1000):
+        acc.update(acts[i : i + 1000], tokens[i : i + 1000])
+    raw, ratio = acc.token_entropy(), acc.token_entropy_ratio()
+    assert raw[1] > 2 * raw[0]  # the raw entropy would rank the rare feature as far more coherent
+    assert ratio[0] == pytest.approx(1.0, abs=0.1) and ratio[1] == pytest.approx(1.0, abs=0.05)
+    assert ratio[2] == 0.0 and math.isnan(ratio[3])
 
 
 def test_decoder_redundancy_excludes_self_and_dead_rows():
@@ -229,6 +249,10 @@ def test_feature_records_round_trip(tmp_path):
 
 
 def test_select_stage_outputs(tiny_project):
+    """Every feature scored and ranked; the kept ones are exact-ablation candidates in final-score
+    order, with contexts; the report carries the SAE's gate result and the rate band."""
+    import mlflow
+
     from ato.stages import sae as sae_stage
     from ato.stages import select as stage
     from test_sae import TARGETS, make_model_store
@@ -238,7 +262,7 @@ def test_select_stage_outputs(tiny_project):
         **{
             "sae.steps": 30,
             "sae.lr": 0.01,
-            "select.exact_check": 2,
+            "select.exact_budget": 24,
             "select.top_contexts": 3,
             "select.context_window": 2,
         },
@@ -249,21 +273,17 @@ def test_select_stage_outputs(tiny_project):
     for n in TARGETS:
         out = json.loads((params.path("features") / f"layer_{n:02d}.json").read_text())
         d_sae = params.sae.width
-        assert out["layer"] == n and sorted(out["ranked"]) == list(range(d_sae))
-        assert set(out["scores"]) == {
-            "activation_rate",
-            "token_entropy",
-            "vocab_focus",
-            "redundancy",
-            "causal_effect",
-            "composite",
-        }
+        assert out["format"] == "ato-features/2" and out["layer"] == n and sorted(out["ranked"]) == list(range(d_sae))
+        assert set(out["scores"]) == {*METRICS, "activation_rate", "composite", "token_entropy_ratio"}
         assert all(len(v) == d_sae for v in out["scores"].values())
-        kept = out["kept"]
+        kept, rep = out["kept"], reports[n]
         assert kept == out["ranked"][: len(kept)] and len(kept) == round(0.25 * d_sae)
-        comp = out["scores"]["composite"]
-        assert all(comp[f] is not None for f in kept)
+        assert set(kept) <= set(rep.exact.features) and len(rep.exact.features) == 24 and rep.n_kept_without_exact == 0
+        comp, ce = out["scores"]["composite"], out["scores"]["causal_effect"]
         assert [comp[f] for f in kept] == sorted((comp[f] for f in kept), reverse=True)
+        assert all(ce[f] is None or ce[f] >= 0 for f in range(d_sae))  # KL per activation
+        assert sum(ce[f] is not None for f in rep.exact.features) == sum(a > 0 for a in rep.exact.n_active) > 0
+        assert all(ce[f] is None for f in set(range(d_sae)) - set(rep.exact.features))  # only candidates measured
         ctx = json.loads((params.path("features") / f"layer_{n:02d}_contexts.json").read_text())
         assert [c["feature"] for c in ctx["features"]] == kept
         for entry in ctx["features"]:
@@ -272,9 +292,16 @@ def test_select_stage_outputs(tiny_project):
             assert acts == sorted(acts, reverse=True) and acts[0] > 0
             for c in entry["contexts"]:
                 assert len(c["tokens"]) <= 5 and "«" in c["text"] and c["position"] >= 1
-        rep = reports[n]
-        assert rep.n_tokens_scored <= params.select.max_tokens and len(rep.causal_check.exact) == 2
-        assert json.loads((params.path("reports") / "select" / f"layer_{n:02d}.json").read_text())["layer"] == n
+        assert rep.n_tokens_scored <= params.select.max_tokens
+        assert rep.target_rate == pytest.approx(params.sae.k / d_sae, rel=0.05)  # mean L0 / d_sae of a TopK SAE
+        assert rep.rate_band == pytest.approx([0.1 * rep.target_rate, 10 * rep.target_rate])
+        saved = json.loads((params.path("reports") / "select" / f"layer_{n:02d}.json").read_text())
+        assert saved["layer"] == n and saved["sae_reliable"] is rep.sae_reliable
+    # the gate result reaches the MLflow tags of the select run, one per layer
+    mlflow.set_tracking_uri(params.mlflow_uri())
+    run = mlflow.search_runs(experiment_names=[params.paths.mlflow_experiment], output_format="list")[0]
+    for n in TARGETS:
+        assert run.data.tags[f"sae_reliable.layer_{n:02d}"] == str(reports[n].sae_reliable).lower()
 
 
 def test_neuronpedia_fails_clearly_offline(monkeypatch):

@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ __all__ = [
     "probe_atlas",
     "readme_table",
     "table",
+    "torch_threads",
 ]
 
 
@@ -146,6 +148,20 @@ def fit_atlas(
 
 # --------------------------------------------------------------------------------------------
 # 3. The mean Jacobian
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n (0: unchanged) inside the block. The Jacobian's vmapped jvps and
+    the causal replays are many small ops; with two threads on a busy 2-core CPU they spin-wait (measured
+    2–5× slower than one thread, `atlas.threads`)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_model(model_dir: Path, device: torch.device) -> Any:

@@ -177,14 +177,14 @@ class SaeParams:
     release: str = "gemma-scope-2b-pt-res-canonical"
     sae_id_template: str = "layer_{n}/width_16k/canonical"
     architecture: Literal["jumprelu", "topk"] = "topk"
-    width: int = 2560
-    k: int = 32  # active latents for TopK
+    width: int = 1024  # latents
+    k: int = 64  # active latents for TopK
     l1_coefficient: float = 5.0  # sparsity penalty for JumpReLU
-    tokens: int = 65536  # distinct TRAIN tokens per target layer: the store's first, the rest streamed from the model
+    tokens: int = 131072  # distinct TRAIN tokens per target layer: the store's first, the rest streamed from the model
     forward_batch_size: int = 16  # sequences per forward pass when streaming SAE tokens
-    steps: int = 400
-    batch_tokens: int = 512
-    lr: float = 4e-4
+    steps: int = 800  # training steps (lr warm-up over the first 5 %, decay to 0 over the last 20 %)
+    batch_tokens: int = 1024  # tokens per step
+    lr: float = 1e-3
     seed: int = 0
     eval_sequences: int = 16  # VAL sequences for CE-loss recovered / KL (0: skip the downstream check)
     eval_seq_len: int = 64  # tokens per such sequence
@@ -198,25 +198,25 @@ class SelectWeights:
     """Importance (≥ 0) of each selection criterion; its sign is fixed (README "Feature selection")."""
 
     rate_band: float = 1.0  # activation: rate inside select.rate_band around mean L0 / d_sae (+)
-    token_entropy: float = 1.0  # coherence: entropy of the tokens it fires on (lower is better)
+    token_entropy: float = 1.0  # coherence: entropy of its tokens / that of as many random tokens (lower is better)
     vocab_focus: float = 0.5  # logit-lens kurtosis of the decoder direction (+)
     redundancy: float = 1.0  # max |cos| with another live decoder row (lower is better)
-    causal_effect: float = 1.0  # exact Δ loss per ablated activation, for the exact_budget candidates (+)
+    causal_effect: float = 1.0  # exact KL(clean ‖ ablated) per ablated activation, exact_budget candidates (+)
 
 
 @dataclass
 class SelectParams:
     """Stage `select`: feature selection criteria, the exact-ablation budget and the kept fraction."""
 
-    keep_fraction: float = 0.05
+    keep_fraction: float = 0.025  # kept: round(keep_fraction · d_sae), ranked first among the exact_budget candidates
     weights: SelectWeights = field(default_factory=SelectWeights)
     rate_band: list[float] = field(default_factory=lambda: [0.1, 10.0])  # [lo, hi] × mean L0 / d_sae
     min_activation_rate: float = 1e-4  # below: not scored (ranked last)
     max_tokens: int = 16384  # tokens scored per layer
     causal_sequences: int = 32  # pool of held-out VAL sequences for the exact ablations
     exact_budget: int = 128  # best candidates by the other criteria whose exact ablation Δ enters the score
-    exact_sequences: int = 1  # pool sequences each candidate is ablated in (the first ones where it fires)
-    causal_horizon: int | None = 16  # predictions scored after the first ablated activation (null: to the end)
+    exact_sequences: int = 1  # pool sequences each candidate is ablated in (those where it first fires earliest)
+    causal_horizon: int | None = 8  # predictions scored after the first ablated activation (null: to the end)
     top_contexts: int = 5
     context_window: int = 8
     neuronpedia: bool = False  # fetch explanations online (never in the default run)
@@ -270,7 +270,7 @@ class LanguagesParams:
     alpha_scaling: Literal["per_token", "absolute"] = "per_token"  # per_token: the operator's α · n / n_operator
     overlap_rank: int = 32  # r: top singular directions of each map's update (W − I)S compared across languages
     shared_threshold: float = 0.9  # principal cos² at or above which a direction counts as shared
-    causal_sequences: int = 24  # test sequences per language patched with the operators (intervals over them)
+    causal_sequences: int = 16  # test sequences per language patched with the operators (intervals over them)
     causal_seq_len: int = 32  # tokens per causal sequence (the LM head over every prediction dominates the cost)
     causal_own: bool = False  # also patch with each language's own map (one more LM-head pass per pair and language)
     batch_size: int = 8  # sequences per forward pass
@@ -307,6 +307,8 @@ class AtlasParams:
     causal_seq_len: int = 32
     causal_batch_size: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the joint Gram, the Jacobian and the causal passes
+    threads: int = 1  # torch intra-op threads of the Jacobian and causal passes on CPU (0: torch's default); one
+    # was 2–5× faster than two on the shared 2-core machine (their many small ops spin-wait for a busy core)
 
 
 @dataclass
@@ -630,8 +632,8 @@ def _check_atlas(a: AtlasParams) -> None:
         raise ParamsError("atlas.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
     if not 0 < a.subspace_fraction <= 1:
         raise ParamsError(f"atlas.subspace_fraction: must be in (0, 1], got {a.subspace_fraction}")
-    if a.eta_replicates < 0:
-        raise ParamsError("atlas.eta_replicates: must be >= 0")
+    if a.eta_replicates < 0 or a.threads < 0:
+        raise ParamsError("atlas.eta_replicates / atlas.threads: must be >= 0")
     if a.jacobian_seq_len < 2 or a.causal_seq_len < 3:
         raise ParamsError("atlas.jacobian_seq_len / causal_seq_len: need at least 2 / 3 tokens (BOS + tokens)")
     bad = [name for name in a.causal_pairs if not _PAIR_NAME.match(name)]

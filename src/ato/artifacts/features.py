@@ -18,11 +18,12 @@ class FeatureScores:
 
     activation_rate: list[float | None]  # fraction of scored tokens where the feature is active
     token_entropy: list[float | None]  # entropy (nats) of the token ids where it is active (lower: coherent)
-    vocab_focus: list[float | None]  # excess kurtosis of W_U · (N(d_f) − N(0))
+    vocab_focus: list[float | None]  # excess kurtosis of W_U · (N(d_f) − N(0)) (shortlisted features only)
     redundancy: list[float | None]  # max |cos| of its decoder row with another live feature's row
     causal_effect: list[float | None]  # exact KL(clean ‖ ablated) per ablated activation (exact_budget candidates)
     composite: list[float | None]  # final score (candidates) or pre-score (other eligible); README "Feature selection"
     rate_band: list[float | None] = field(default_factory=list)  # 0 inside select.rate_band, −decades outside
+    token_entropy_ratio: list[float | None] = field(default_factory=list)  # token_entropy / that of random tokens
 
 
 @dataclass
@@ -96,7 +97,7 @@ class SelectSeconds:
     """Wall time of the parts of one layer's scoring."""
 
     scan: float  # encoding the TRAIN tokens (rates, entropy, contexts)
-    vocab_focus: float  # logit-lens kurtosis of the eligible decoder directions
+    vocab_focus: float  # logit-lens kurtosis of the shortlisted decoder directions (+ decoder redundancy)
     causal: float  # exact ablations of the candidates (clean passes included)
     total: float  # the whole layer
 
@@ -129,6 +130,7 @@ class SelectReport(Record):
     kept_median_activation_rate: float | None  # medians/means over the kept features (null if none is finite)
     kept_in_band_fraction: float | None  # share of kept features with a rate inside the band
     kept_mean_token_entropy: float | None
+    kept_mean_token_entropy_ratio: float | None
     kept_mean_vocab_focus: float | None
     kept_mean_redundancy: float | None
     kept_mean_causal_effect: float | None
@@ -146,6 +148,7 @@ class SelectReport(Record):
             "kept_median_activation_rate",
             "kept_in_band_fraction",
             "kept_mean_token_entropy",
+            "kept_mean_token_entropy_ratio",
             "kept_mean_vocab_focus",
             "kept_mean_redundancy",
             "kept_mean_causal_effect",

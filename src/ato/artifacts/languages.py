@@ -48,15 +48,18 @@ class LanguageScores:
 
     alpha: float  # ridge α of this language's own map (languages.alpha_scaling of the operator's α)
     r2_operator: float  # R² (uniform over dimensions) of the English operator
+    r2_recentred: float  # … of the English W with this language's intercept ȳ − W x̄ (its fit rows): W alone
     r2_own: float  # … of the map fitted on this language's fit tokens (same n for every language)
     r2_pooled: float  # … of one map fitted on every language's fit tokens together
     r2_identity: float  # … of ŷ = x (pure carry-over)
     r2w_operator: float  # variance-weighted R² of the English operator
+    r2w_recentred: float  # … of the English W with this language's intercept
     r2w_own: float  # … of the own map
     r2w_pooled: float  # … of the pooled map
     r2w_identity: float  # … of the identity
     ceiling: float  # CCA ceiling Σρ²/d on this language's fit statistics
     eta_operator: float  # whitened R² of the English operator on test / ceiling
+    eta_recentred: float  # … of the English W with this language's intercept
     eta_own: float  # … of the own map
     eta_expected: float  # η(test) an exactly linear map fitted on this language's n reaches (analytic)
     feature_r2_operator: float  # median feature-space R² of the English operator over the judged features
@@ -114,10 +117,12 @@ class LanguageReport(Record):
 
     METRICS: ClassVar[tuple[str, ...]] = (
         "r2_operator",
+        "r2_recentred",
         "r2_own",
         "r2_pooled",
         "r2_identity",
         "eta_operator",
+        "eta_recentred",
         "eta_own",
         "eta_expected",
         "feature_r2_operator",
@@ -141,10 +146,12 @@ SCORE_COLUMNS = (
     "pair",
     "language",
     "r2_operator",
+    "r2_recentred",
     "r2_own",
     "r2_pooled",
     "r2_identity",
     "eta_operator",
+    "eta_recentred",
     "eta_own",
     "eta_expected",
     "feature_r2_operator",
@@ -165,10 +172,7 @@ def score_rows(report: LanguageReport) -> list[list[Any]]:
     for name, pair in report.pairs.items():
         for lang in report.languages:
             s = asdict(pair.scores[lang])
-            rows.append(
-                [name, lang]
-                + [s[c] for c in SCORE_COLUMNS[2:12]]
-                + [s["delta_operator"]["mean"], s["delta_operator"]["lo"], s["delta_operator"]["hi"]]
-                + [s["delta_own"]["mean"], s["delta_mean"]["mean"], s["recovered"]["mean"]]
-            )
+            flat = {**s, **{f"{k}_{b}": s[k][b] for k in ("delta_operator",) for b in ("lo", "hi")}}
+            flat |= {k: s[k]["mean"] for k in ("delta_operator", "delta_own", "delta_mean", "recovered")}
+            rows.append([name, lang, *(flat[c] for c in SCORE_COLUMNS[2:])])
     return rows

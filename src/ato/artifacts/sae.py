@@ -1,7 +1,8 @@
-"""SAE info (`ato sae` → select, evaluate): what each layer's SAE is, where it came from and how good
-it is. The same content is written twice: `sae_dir/layer_NN/ato_sae.json` beside the sae-lens files,
-and `reports/sae/layer_NN.json`, a DVC metrics file (so its keys stay as they were). See
-docs/contracts.md#sae."""
+"""SAE info (`ato sae` → select, evaluate, report): what each layer's SAE is, where it came from,
+how good it is on VAL (FVE, L0, dead/dense latents, CE-loss recovered and KL with the reconstruction
+spliced in) and whether it passed its quality gates (`reliable`, `gate_failures`). The same content
+is written twice: `sae_dir/layer_NN/ato_sae.json` beside the sae-lens files, and
+`reports/sae/layer_NN.json`, a DVC metrics file. See docs/contracts.md#sae."""
 
 from __future__ import annotations
 

@@ -9,9 +9,11 @@ better); `select.weights` are non-negative importances, so no weight can flip a 
   [lo·r₀, hi·r₀] around the SAE's sparse regime r₀ = mean L0 / d_sae (= k/width for TopK), minus
   the distance in decades outside it (`rate_band_score`). Rewards sparse features, penalises
   dense directions and near-dead ones alike.
-- token_entropy (−) — coherence: Shannon entropy (nats) of the token ids at the positions where the
-  feature is active (NaN if never active). Low entropy = the feature fires on a coherent set of
-  tokens.
+- token_entropy (−) — coherence: Shannon entropy of the token ids at the positions where the
+  feature is active, divided by the expected entropy of as many tokens drawn at random from the
+  scored ones (`FeatureActivationStats.token_entropy_ratio`; NaN if never active). Low = the
+  feature fires on a coherent set of tokens. The ratio, not the raw entropy: a plug-in entropy of n
+  tokens is at most log n, so the raw value would reward a feature merely for firing rarely.
 - vocab_focus (+) — excess kurtosis of the logit vector the decoder direction writes through the
   unembedding (`excess_kurtosis`): invariant to the scale and shift of the logits, high when the
   direction promotes a handful of tokens.
@@ -57,6 +59,7 @@ class FeatureActivationStats:
     n: int = 0
     n_active: np.ndarray = field(init=False)
     _pair_keys: list[np.ndarray] = field(init=False, default_factory=list)
+    _tokens: list[np.ndarray] = field(init=False, default_factory=list)  # every scored token id
     top_values: torch.Tensor = field(init=False)
     top_index: torch.Tensor = field(init=False)
 
@@ -80,6 +83,7 @@ class FeatureActivationStats:
         rows, feats = torch.nonzero(active, as_tuple=True)
         tok = np.asarray(token_ids, dtype=np.int64)[rows.numpy()]
         self._pair_keys.append(feats.numpy().astype(np.int64) * (1 << 32) + tok)
+        self._tokens.append(np.asarray(token_ids, dtype=np.int64))
         if self.top_k > 0:
             k = min(self.top_k, m)
             vals, idx = torch.topk(acts.T, k, dim=1)
@@ -96,6 +100,15 @@ class FeatureActivationStats:
         keys = np.concatenate(self._pair_keys) if self._pair_keys else np.zeros(0, np.int64)
         return token_entropy_from_pairs(keys >> 32, keys & ((1 << 32) - 1), self.d_sae)
 
+    def token_entropy_ratio(self, reps: int = 16, seed: int = 0) -> np.ndarray:
+        """Token entropy relative to that of as many scored tokens drawn at random (NaN if never
+        active): 0 = one token, ≈ 1 = no more coherent than random positions. The plug-in entropy of
+        n tokens grows with n, so the raw entropy would reward rare features for being rare."""
+        tokens = np.concatenate(self._tokens) if self._tokens else np.zeros(0, np.int64)
+        expected = expected_token_entropy(tokens, self.n_active, reps, seed)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(expected > 0, self.token_entropy() / expected, np.nan)
+
     def top_contexts(self, feature: int) -> list[tuple[float, int]]:
         """(activation, global row index) of the feature's strongest activations, best first."""
         out = []
@@ -103,6 +116,29 @@ class FeatureActivationStats:
             if v > 0 and i >= 0:
                 out.append((float(v), int(i)))
         return out
+
+
+def plugin_entropy(values: np.ndarray) -> float:
+    """Shannon entropy (nats) of the empirical distribution of `values`."""
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def expected_token_entropy(tokens: np.ndarray, sizes: np.ndarray, reps: int = 16, seed: int = 0) -> np.ndarray:
+    """E[plug-in entropy] of n tokens drawn without replacement from `tokens`, for each n in `sizes`
+    (Monte Carlo on a geometric grid of n, interpolated in log n; 0 for n ≤ 1)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    out = np.zeros(len(sizes))
+    top = int(min(sizes.max(initial=0), len(tokens)))
+    if top < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    grid = np.unique(np.round(np.geomspace(2, top, 48)).astype(int))
+    mean = [np.mean([plugin_entropy(rng.choice(tokens, n, replace=False)) for _ in range(reps)]) for n in grid]
+    big = sizes >= 2
+    out[big] = np.interp(np.log(np.minimum(sizes[big], top)), np.log(grid), mean)
+    return out
 
 
 def token_entropy_from_pairs(features: np.ndarray, tokens: np.ndarray, d_sae: int) -> np.ndarray:

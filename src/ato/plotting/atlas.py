@@ -117,7 +117,12 @@ def plot_operator_bars(path: Path, result: AtlasResult, dpi: int) -> Path:
         ax.bar(x, means, width, yerr=[lows, highs], capsize=2, color=OPERATOR_COLOURS[op], label=OPERATOR_LABELS[op])
     ax.set_xticks(range(len(ks)), [f"k = {k}" for k in ks])
     ax.set_ylabel("residual R² (test), mean over L; whiskers min…max")
-    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
+    if ax.get_ylim()[0] < -1.0:  # a few early-layer identity/Procrustes scores reach −10: keep the bars readable
+        ax.set_ylim(-1.0, 1.0)
+        ax.text(0.99, 0.02, "y clipped at −1 (atlas.md has every value)", transform=ax.transAxes, ha="right",
+                fontsize=7)  # fmt: skip
+    else:
+        ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
     ax.axhline(0, color="black", lw=0.6)
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("five operators, scored the same way", fontsize=9)
@@ -173,7 +178,8 @@ def plot_spectra(path: Path, result: AtlasResult, dpi: int) -> Path:
             ax.plot(np.arange(1, len(values) + 1), values, style, ms=3, color=colour, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("singular value index")
-        ax.set_title(f"{p.pair}: ‖W−E[J]‖/‖W‖ = {lg.rel_diff:.3f} (noise {lg.estimate_noise:.3f})", fontsize=8)
+        noise = math.hypot(lg.estimate_noise, lg.sampling_error)
+        ax.set_title(f"{p.pair}: ‖(W−E[J])V‖/‖WV‖ = {lg.rel_diff:.2f} (noise {noise:.2f})", fontsize=8)
     axes[0, 0].set_ylabel("singular value")
     axes[0, 0].legend(fontsize=7)
     if not pairs:

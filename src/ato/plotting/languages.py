@@ -15,12 +15,16 @@ from . import CONDITION_COLOURS, pyplot, save_figure
 
 PREDICTOR_LABELS = {
     "operator": "English operator",
+    "recentred": "English W, own intercept",
     "own": "own-language map",
     "pooled": "pooled map",
     "identity": "identity  x",
 }
+R2_FLOOR = -0.5  # lower edge of the R² panels; lower values are printed on the clipped bar
+
 PREDICTOR_COLOURS = {
     "operator": CONDITION_COLOURS["ato"],
+    "recentred": "#aec7e8",
     "own": "#17becf",
     "pooled": "#8c564b",
     "identity": CONDITION_COLOURS["identity"],
@@ -127,17 +131,16 @@ def plot_scores(path: Path, report: LanguageReport, dpi: int) -> Path:
         scores = report.pairs[name].scores
         ax = axes[0][col]
         for i, pred in enumerate(preds):
-            values = [getattr(scores[lang], f"r2_{pred}") for lang in langs]
-            ax.bar(
-                x + (i - (len(preds) - 1) / 2) * width,
-                values,
-                width,
-                color=PREDICTOR_COLOURS[pred],
-                label=PREDICTOR_LABELS[pred],
-            )
+            values = np.array([getattr(scores[lang], f"r2_{pred}") for lang in langs])
+            xs = x + (i - (len(preds) - 1) / 2) * width
+            ax.bar(xs, np.maximum(values, R2_FLOOR), width, color=PREDICTOR_COLOURS[pred], label=PREDICTOR_LABELS[pred])
+            for xi, v in zip(xs, values):  # the identity's R² at k ≥ 2 is far below 0: clipped, value printed
+                if v < R2_FLOOR:
+                    ax.annotate(f"{v:.2f}", (xi, R2_FLOOR), xytext=(0, 2), textcoords="offset points",
+                                ha="center", fontsize=6, rotation=90)  # fmt: skip
         ax.set_xticks(x, langs, fontsize=8)
         ax.set_title(f"{name}: residual R² (test)", fontsize=9)
-        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
+        ax.set_ylim(R2_FLOOR, 1.0)
         ax.grid(axis="y", alpha=0.3)
         _delta_panel(axes[1][col], scores, langs, report.interval_method)
     axes[0][0].set_ylabel("residual R² (test)", fontsize=8)

@@ -151,6 +151,11 @@ def _rate_text(card: FeatureCard, target: float) -> str:
     return f"{_pct(card.activation_rate)} ({_num(ratio, '.2g')}× mean L0/d_sae)"
 
 
+def _short(path: str) -> str:
+    """The last three parts of a path: enough to tell which pair or layer a missing file belongs to."""
+    return "/".join(Path(path).parts[-3:])
+
+
 def _visible(token: str) -> str:
     """Whitespace a reader can see: newlines as ↵, tabs as →."""
     return token.replace("\n", "↵").replace("\t", "→")
@@ -176,8 +181,10 @@ def _md_text(tokens: list[str]) -> str:
 
 def _md_context(ctx: TokenContext) -> str:
     before, token, after = _window(ctx, SUMMARY_WINDOW)
-    core = _md_text([token]).strip() or "␣"
-    return f"{_md_text(before)}**{core}**{_md_text(after)}".replace("\n", " ")
+    text = _md_text([token])
+    core = text.strip() or "␣"  # markdown bold cannot start or end with a space: keep them outside
+    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :] if text.strip() else ""
+    return f"{_md_text(before)}{lead}**{core}**{trail}{_md_text(after)}".replace("\n", " ")
 
 
 def _md_verdict(v: PairVerdict | None) -> str:
@@ -207,7 +214,7 @@ def cards_markdown(layers: list[LayerCards], page: str = "features.html") -> lis
                 "",
             ]
         if lc.missing:
-            out += [f"Missing input(s): {', '.join(f'`{Path(m).name}`' for m in lc.missing)}.", ""]
+            out += [f"Missing input(s): {', '.join(f'`{_short(m)}`' for m in lc.missing)}.", ""]
         if not lc.cards:
             continue
         header = ["feature", "rate", *lc.pairs, "strongest context"]
@@ -309,7 +316,7 @@ def _html_layer(lc: LayerCards) -> str:
             "on an SAE that missed its quality gates.</div>"
         )
     if lc.missing:
-        names = ", ".join(_e(Path(m).name) for m in lc.missing)
+        names = ", ".join(_e(_short(m)) for m in lc.missing)
         parts.append(f'<div class="banner missing">Missing input(s): {names}</div>')
     parts.append('<div class="cards">' + "".join(_html_card(c, lc) for c in lc.cards) + "</div></section>")
     return "\n".join(parts)

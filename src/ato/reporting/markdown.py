@@ -309,7 +309,7 @@ def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerC
         "active on the true residual (`evaluate.transported_r2`, `evaluate.min_active_tokens`), "
         "*synthesised* when it has enough tokens but a lower R², and gets no verdict otherwise. "
         "Medians are over the judged features. SAE gates: whether layer L+k's SAE passed its quality gates "
-        "(reports/sae); an UNRELIABLE row's feature numbers rest on an SAE that missed them.",
+        "(reports/sae); the feature numbers of a row marked unreliable rest on an SAE that missed them.",
         "",
         *_sae_warning(results, cards),
         md_table(

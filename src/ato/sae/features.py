@@ -213,7 +213,8 @@ class LayerScores:
     target: float  # mean L0 / d_sae
     band: tuple[float, float]  # absolute rate band
     eligible: np.ndarray  # [d_sae] bool
-    metrics: dict[str, np.ndarray]  # criterion → [d_sae]
+    metrics: dict[str, np.ndarray]  # criterion → [d_sae] (token_entropy: relative to random tokens)
+    entropy: np.ndarray  # [d_sae] raw token entropy (nats)
     ranking: Ranking
     effects: ExactEffects | None  # None when there were no candidates
     n_sequences: int
@@ -253,7 +254,7 @@ def measure_layer(
     laps = [time.perf_counter()]
     metrics = {
         "rate_band": rate_band_score(rate, target, (sp.rate_band[0], sp.rate_band[1])),
-        "token_entropy": acc.token_entropy(),
+        "token_entropy": acc.token_entropy_ratio(),  # size-fair: raw entropy grows with the count
         "vocab_focus": np.full(len(rate), np.nan),
         "redundancy": decoder_redundancy(directions, rate > 0),
         CAUSAL: np.full(len(rate), np.nan),
@@ -270,7 +271,7 @@ def measure_layer(
         metrics[CAUSAL][candidates] = effects.per_activation(effects.kl)
     ranking = select_ranking(pre, metrics[CAUSAL], candidates, w[CAUSAL], [shortlist, eligible], rate)
     laps.append(time.perf_counter())
-    return LayerScores(rate, target, band, eligible, metrics, ranking, effects, n_seq), laps
+    return LayerScores(rate, target, band, eligible, metrics, acc.token_entropy(), ranking, effects, n_seq), laps
 
 
 def score_layer(
@@ -290,11 +291,16 @@ def score_layer(
     ls, laps = measure_layer(model, sae, store, layer, sp, acc)
     n_eligible = int(ls.eligible.sum())
     kept = ls.ranking.ranked[: n_keep(sp.keep_fraction, sae.cfg.d_sae, n_eligible)] if n_eligible else []
+    m = ls.metrics
     scores = FeatureScores(
-        **{k: floats(v) for k, v in ls.metrics.items() if k != "rate_band"},
         activation_rate=floats(ls.rate),
+        token_entropy=floats(ls.entropy),
+        vocab_focus=floats(m["vocab_focus"]),
+        redundancy=floats(m["redundancy"]),
+        causal_effect=floats(m[CAUSAL]),
         composite=floats(ls.ranking.composite),
-        rate_band=floats(ls.metrics["rate_band"]),
+        rate_band=floats(m["rate_band"]),
+        token_entropy_ratio=floats(m["token_entropy"]),
     )
     features = FeatureSet(layer=layer, ranked=ls.ranking.ranked, kept=kept, scores=scores)
     contexts = kept_contexts(model, tokenizer, acc, rows, decoder_directions(sae), kept, sp.context_window)
@@ -377,7 +383,8 @@ def select_report(
         seconds=seconds,
         kept_median_activation_rate=_kept_stat(ls.rate, k, np.median),
         kept_in_band_fraction=_kept_stat(in_band.astype(float), k, np.mean),
-        kept_mean_token_entropy=_kept_stat(ls.metrics["token_entropy"], k, np.mean),
+        kept_mean_token_entropy=_kept_stat(ls.entropy, k, np.mean),
+        kept_mean_token_entropy_ratio=_kept_stat(ls.metrics["token_entropy"], k, np.mean),
         kept_mean_vocab_focus=_kept_stat(ls.metrics["vocab_focus"], k, np.mean),
         kept_mean_redundancy=_kept_stat(ls.metrics["redundancy"], k, np.mean),
         kept_mean_causal_effect=_kept_stat(ls.metrics[CAUSAL], k, np.mean),

@@ -44,6 +44,7 @@ from ato.atlas import (
     plan,
     probe_atlas,
     table,
+    torch_threads,
 )
 from ato.models import resolve_device
 from ato.params import Params
@@ -72,10 +73,10 @@ def main(params: Params) -> AtlasResult:
     with _timed(seconds, "fit"):
         fits = fit_atlas(grams, ap)
     model = load_model(layout.model_dir, device) if layers or ap.causal_pairs else None
-    with _timed(seconds, "jacobian"):
+    with _timed(seconds, "jacobian"), torch_threads(ap.threads):
         if layers:
             apply_jacobian(fits, probe_atlas(model, store, fits, layers, ap), grams)
-    with _timed(seconds, "causal"):
+    with _timed(seconds, "causal"), torch_threads(ap.threads):
         causal = causal_atlas(model, store, fits, grams, ap) if ap.causal_pairs else {}
     result = atlas_result(store, grams, fits, causal, layers, ap, seconds)
     with _timed(seconds, "write"):

@@ -271,13 +271,15 @@ def language_scores(
     params: Params, inputs: Inputs, name: str, lang: str, whole: PairStats, test: TestPass, fits: PairFits, sums: Any
 ) -> LanguageScores:
     ev = params.evaluate
-    maps = {"operator": inputs.operators[name], "own": fits.own[lang], "pooled": fits.pooled}
+    W_op = inputs.operators[name][0]
+    recentred = (W_op, whole.mean_y - W_op @ whole.mean_x)  # the English W, this language's intercept (fit rows)
+    maps = {"operator": inputs.operators[name], "recentred": recentred, "own": fits.own[lang], "pooled": fits.pooled}
     d = whole.sum_y.shape[0]
     maps_all = {**maps, "identity": (np.eye(d), np.zeros(d))}
     r2 = {pred: r2_from_stats(test.stats[name], *m) for pred, m in maps_all.items()}
     residual: dict[str, Any] = {f"r2_{p}": float(r2[p]["r2"]) for p in maps_all}
     residual |= {f"r2w_{p}": float(r2[p]["r2_weighted"]) for p in maps_all}
-    eta = eta_scores(whole, test.stats[name], {"operator": maps["operator"], "own": maps["own"]})
+    eta = eta_scores(whole, test.stats[name], {k: maps[k] for k in ("operator", "recentred", "own")})
     feats = {
         p: feature_summary(test.features[name][p], ev.min_active_tokens, ev.transported_r2)
         for p in ("operator", "own", "identity")
@@ -287,6 +289,7 @@ def language_scores(
         **residual,
         ceiling=eta["ceiling"],
         eta_operator=eta["eta_operator"],
+        eta_recentred=eta["eta_recentred"],
         eta_own=eta["eta_own"],
         eta_expected=eta["eta_expected"],
         feature_r2_operator=feats["operator"]["median"],
