@@ -187,6 +187,14 @@ TINY_PARAMS = {
         "causal_batch_size": 2,
         "device": "cpu",
     },
+    "languages": {
+        "fit_tokens": 400,
+        "test_tokens": 200,
+        "causal_sequences": 4,
+        "causal_seq_len": 12,
+        "overlap_rank": 4,
+        "device": "cpu",
+    },
     "causal": {
         "n_sequences": 4,
         "seq_len": 12,

@@ -185,6 +185,7 @@ def test_ato_help_and_every_subcommand_help():
         "causal_reference": ["causal."],
         "causal": ["causal."],
         "atlas": ["atlas."],
+        "languages": ["languages."],
         "report": ["report."],
     }
     assert set(sections) == set(STAGES), "a stage was added or removed: update this test and the README"

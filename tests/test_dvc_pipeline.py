@@ -94,6 +94,7 @@ def test_repro_is_incremental(dvc_project: Path):
         "select",
         "causal_reference",
         "atlas",
+        "languages",
         "report",
         *(f"{s}@{p}" for s in ("evaluate", "causal") for p in pairs),
     }

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ato import residuals
 from ato.cli import main as cli_main
 from ato.stages import collect
 
@@ -116,13 +117,13 @@ def test_too_deep_for_the_model_stops_collect_before_any_forward_pass(fresh_proj
     # The 4-layer tiny model has layers 0..3; the params alone cannot know that, the model can.
     path = _write(fresh_project, edit)
     forward = {"n": 0}
-    real = collect.capture_batch
+    real = residuals.capture_batch
 
     def counting(*args, **kwargs):
         forward["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(collect, "capture_batch", counting)
+    monkeypatch.setattr(residuals, "capture_batch", counting)
     assert cli_main(["collect", "--params", path]) != 0
     err = capsys.readouterr().err
     assert key in err and "last layer 3" in err, err

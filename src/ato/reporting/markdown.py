@@ -425,12 +425,21 @@ def _efficiency(s: SummarySettings, results: list[PairResults]) -> list[str]:
         "spread by simulation), ratio = η(test)/η expected, z = (η(test) − η expected)/sd. Tokens of one "
         "document are not independent: the reference is drawn at the effective sample size n / deff, with "
         "Kish design effects over the test documents (train: deff of the fit's noise x̃ε̃ᵀ; test: deff of the "
-        "linearised test R²; docs/statistics.md#effective-n). The column \"iid\" shows what the reference "
+        'linearised test R²; docs/statistics.md#effective-n). The column "iid" shows what the reference '
         "would claim if every token were independent: a smaller spread and a higher expectation.",
         "",
         md_table(
-            ["pair", "ceiling(d)", "η ATO (test)", "η expected (linear)", "ratio", "z", "deff train / test",
-             "η expected if iid", "η ATO (train)"],  # fmt: skip
+            [
+                "pair",
+                "ceiling(d)",
+                "η ATO (test)",
+                "η expected (linear)",
+                "ratio",
+                "z",
+                "deff train / test",
+                "η expected if iid",
+                "η ATO (train)",
+            ],  # fmt: skip
             rows,
         ),
         "",
