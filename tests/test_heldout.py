@@ -280,8 +280,12 @@ def test_subspace_report_metrics_and_shared_null():
     m = rep.metrics("cca_")
     assert m["cca_heldout_size_excess"] == m["cca_heldout_size"] - m["cca_heldout_size_null"]
     assert len(m) == 16 and rep.replicates == 3
-    with pytest.raises(ValueError, match="other sizes"):
+    with pytest.raises(ValueError, match="more tokens than the data"):
         subspace_report(train, test, null=cca_null(800, 800, 16, 16, replicates=1))
+    with pytest.raises(ValueError, match="other dimensions"):
+        subspace_report(train, test, null=cca_null(800, 600, 16, 8, replicates=1))
+    effective = subspace_report(train, test, null=cca_null(400, 300, 16, 16, replicates=1))  # n / deff: accepted
+    assert effective.replicates == 1 and effective.heldout_pr.observed == rep.heldout_pr.observed
 
 
 # --------------------------------------------------------------------------------------------

@@ -295,20 +295,19 @@ def subspace_report(
 ) -> SubspaceReport:
     """Held-out and in-sample PR and subspace size of a pair, each beside the null at its n and d.
 
-    `null` may be passed to share one simulation between pairs of the same sizes (it must match them);
+    `null` may be passed to share one simulation between pairs of the same sizes (same d and fraction,
+    drawn at n or at an effective n below it);
     `heldout` to reuse the pair's `heldout_cca(train, test)`."""
     h = heldout_cca(train, test, rcond) if heldout is None else heldout
     d_in, d_out = train.xtx.shape[0], train.yty.shape[0]
     if null is None:
         null = cca_null(int(train.n), int(test.n), d_in, d_out, fraction, replicates, seed, rcond)
-    elif (null.n_train, null.n_test, null.d_in, null.d_out, null.fraction) != (
-        int(train.n),
-        int(test.n),
-        d_in,
-        d_out,
-        fraction,
-    ):
-        raise ValueError("the null was simulated for other sizes or another fraction")
+    elif (
+        (null.d_in, null.d_out, null.fraction) != (d_in, d_out, fraction)
+        or not 2 <= null.n_train <= int(train.n)
+        or not 2 <= null.n_test <= int(test.n)
+    ):  # sizes may be effective ones (n / deff ≤ n): `effective_n`
+        raise ValueError("the null was simulated for other dimensions, another fraction or more tokens than the data")
     return SubspaceReport(
         fraction,
         len(null.heldout_pr),
