@@ -188,6 +188,7 @@ TINY_PARAMS = {
         "device": "cpu",
     },
     "languages": {
+        "sources": {"fr-fr": "fr.jsonl", "es-es": "es.jsonl"},  # written by the tests beside corpus.jsonl
         "fit_tokens": 400,
         "test_tokens": 200,
         "causal_sequences": 4,

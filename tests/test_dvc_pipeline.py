@@ -52,6 +52,8 @@ def dvc_project(tmp_path: Path) -> Path:
     tiny_model("gemma3").save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     make_corpus(project / "corpus.jsonl")
+    for seed, name in enumerate(("fr.jsonl", "es.jsonl"), start=1):  # the languages stage's sources
+        make_corpus(project / name, n_docs=200, seed=seed)
     # DVC requires every declared param to exist: start from the full default params.yaml.
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY_PARAMS.items():
