@@ -206,6 +206,33 @@ def test_train_save_reload_identical_and_topk_exact(tmp_path):
 STAGE_OVERRIDES = {"sae.steps": 40, "sae.lr": 0.01}  # conftest: 500 TRAIN tokens (no streaming), 4 × 8 VAL tokens
 
 
+def _train_hash(x: torch.Tensor, sp: SaeParams) -> bytes:
+    from ato.sae.data import shuffled_batches
+    from ato.sae.training import input_scale, train_sae
+
+    sae, _ = train_sae(shuffled_batches(x, sp.batch_tokens, seed=1), x.shape[1], sp, input_scale(x), progress=False)
+    return b"".join(t.detach().numpy().tobytes() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec))
+
+
+def test_training_is_bitwise_repeatable_across_thread_counts():
+    """At a realistic size (d 640, width 1024, k 64) the threaded backward accumulated in thread order
+    and two trainings drifted apart in the last bits; under deterministic kernels two threads give
+    the single-thread bytes, and the caller's determinism setting is restored."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy((rng.standard_normal((8192, 640)) * rng.gamma(1.0, 1.0, 640)).astype(np.float32))
+    sp = SaeParams(steps=40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = [_train_hash(x, sp) for _ in range(2)]
+        torch.set_num_threads(1)
+        one = _train_hash(x, sp)
+    finally:
+        torch.set_num_threads(threads)
+    assert two[0] == two[1] == one
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_stage_trains_saves_reports(tiny_project):
     from sae_lens import SAE
 

@@ -519,8 +519,9 @@ def _subspace(s: SummarySettings, results: list[PairResults]) -> list[str]:
             "An excess within a few null sd of 0 means no more shared structure than independent x and y show at "
             "this n and d. Once the excess is clearly positive, read the held-out size itself beside its null: "
             "it counts the directions that carry transport, which is a statement about linear structure, not "
-            "about non-linear computation. Tokens of one sequence are correlated, so the true null is somewhat "
-            "higher than the one shown. The in-sample PR and size mostly measure the noise floor.",
+            "about non-linear computation. Tokens of one document are correlated, so the null is drawn at the "
+            "effective n (deff column), not at the raw token count. The in-sample PR and size mostly measure the "
+            "noise floor.",
         ),
     ]
 
