@@ -20,12 +20,13 @@ which gives encode_raw(x) = encode_train(s·x) / s and decode_raw(encode_raw(x))
 the same active set (TopK selection and JumpReLU gating are invariant to a common positive
 factor), activations in raw residual units, reconstructions in raw space.
 
-Reproducibility. With two or more CPU threads, the default backward of the sparse decoder product
-(`embedding_bag` with per-sample weights) accumulates in thread order, so two processes trained the
-same SAE on the same batches to different last bits, which 800 steps amplify into different latents
-(measured: 5 of 26 kept features changed between two runs on one machine). Training therefore runs
-under `torch.use_deterministic_algorithms`: bitwise identical across processes and equal to the
-single-thread result, at no measurable cost (+0–5 % on 300 steps, within noise).
+Reproducibility. With two or more CPU threads, some kernel of the training step accumulates in
+thread order (not isolated: the backward passes of `embedding_bag`, `gather` and `topk` each repeat
+on their own), so two processes trained the same SAE on the same batches to different last bits,
+which 800 steps amplify into different latents (measured: 5 of the 26 kept features of layer 6
+changed between two runs on one machine). Training therefore runs under
+`torch.use_deterministic_algorithms`: bitwise identical across processes and equal to the
+single-thread result (tests/test_sae.py), at no measurable cost (+0–5 % on 300 steps, within noise).
 """
 
 from __future__ import annotations
