@@ -218,17 +218,15 @@ def test_training_is_bitwise_repeatable_across_thread_counts():
     """At a realistic size (d 640, width 1024, k 64) the threaded backward accumulated in thread order
     and two trainings drifted apart in the last bits; under deterministic kernels two threads give
     the single-thread bytes, and the caller's determinism setting is restored."""
+    from ato.atlas import torch_threads
+
     rng = np.random.default_rng(0)
     x = torch.from_numpy((rng.standard_normal((8192, 640)) * rng.gamma(1.0, 1.0, 640)).astype(np.float32))
     sp = SaeParams(steps=40)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = [_train_hash(x, sp) for _ in range(2)]
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = _train_hash(x, sp)
-    finally:
-        torch.set_num_threads(threads)
     assert two[0] == two[1] == one
     assert not torch.are_deterministic_algorithms_enabled()
 

@@ -249,8 +249,8 @@ def deterministic_algorithms() -> Iterator[None]:
     """torch's deterministic kernels for the duration (thread-order-free accumulation); restores the
     caller's setting, also on exceptions."""
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    # warn_only: an op without a deterministic kernel (on CUDA: embedding_bag's backward) warns
-    # instead of failing; on the CPU every op of the training step has one
+    # warn_only: an op without a deterministic kernel (possible on CUDA) warns instead of failing;
+    # on the CPU every op of the training step has one (no warning in the default run)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
