@@ -114,6 +114,48 @@ def read_json(path: str | Path, what: str = "") -> Any:
         raise ArtifactError(f"{path}: unreadable or truncated JSON{hint}: {exc}") from None
 
 
+def read_safetensors(path: str | Path, what: str, framework: str = "pt") -> tuple[dict[str, Any], dict[str, str]]:
+    """Every tensor of a safetensors file and its string metadata. A missing, empty, truncated or
+    foreign file is an ArtifactError naming it and `what` it should hold (e.g. "pair statistics; rerun
+    `ato stats`"): safetensors raises its own `SafetensorError` (no OSError/ValueError subclass) on a bad
+    header, so callers must not each guess which exceptions to catch."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing ({what})")
+    if path.stat().st_size == 0:
+        raise ArtifactError(f"{path}: empty file ({what})")
+    try:
+        with safe_open(str(path), framework=framework) as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({what}): {exc}") from None
+    return tensors, metadata
+
+
+def read_safetensors_metadata(path: str | Path, what: str, key: str) -> Any:
+    """The JSON record stored under metadata `key` of a safetensors file, checked like
+    `read_safetensors`; reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing ({what})")
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            raw = (fh.metadata() or {}).get(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({what}): {exc}") from None
+    if raw is None:
+        raise ArtifactError(f"{path}: no `{key}` metadata ({what})")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: unreadable `{key}` metadata ({what}): {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Typed records
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ._io import ArtifactError, Record, atomic_path
+from ._io import ArtifactError, Record, atomic_path, read_safetensors
 
 MAPS_FORMAT = "ato-atlas-maps/1"
 
@@ -178,18 +178,13 @@ def read_atlas_maps(
     path: str | Path, store_digest: str | None = None
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], AtlasMapsMeta]:
     """{pair: (W, b)} as float32 arrays and their metadata; refuses another store's maps."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path}: missing (the atlas maps); run `ato atlas`")
+    what = "the atlas maps; run `ato atlas`"
+    arrays, metadata = read_safetensors(path, what, framework="np")
     try:
-        with safe_open(str(path), framework="np") as fh:
-            raw = json.loads((fh.metadata() or {}).get("ato", "{}"))
-            arrays = {key: fh.get_tensor(key) for key in fh.keys()}
-        meta = AtlasMapsMeta(**raw)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ArtifactError(f"{path}: unreadable atlas maps ({exc}); run `ato atlas`") from None
+        meta = AtlasMapsMeta(**json.loads(metadata.get("ato", "{}")))
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: unreadable metadata ({what}): {exc}") from None
     if meta.format != MAPS_FORMAT:
         raise ArtifactError(f"{path}: format {meta.format!r}, expected {MAPS_FORMAT!r}; run `ato atlas`")
     if store_digest is not None and meta.store_digest != store_digest:

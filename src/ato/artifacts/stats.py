@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ato.math.stats import PairStats
 
-from ._io import ArtifactError, atomic_path
+from ._io import ArtifactError, atomic_path, read_safetensors, read_safetensors_metadata
 
 FORMAT = "ato-pair-stats/1"
 
@@ -60,24 +60,19 @@ def publish_stats_dir(directory: str | Path) -> Iterator[Path]:
         raise
 
 
-def read_pair_stats_meta(path: str | Path) -> PairStatsMeta:
-    from safetensors import safe_open
+STATS_WHAT = "pair statistics; rerun `ato stats`"
 
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path}: missing pair statistics; run `ato stats`")
+
+def read_pair_stats_meta(path: str | Path) -> PairStatsMeta:
+    raw = read_safetensors_metadata(path, STATS_WHAT, "ato")
     try:
-        with safe_open(str(path), "pt") as fh:
-            raw = json.loads((fh.metadata() or {}).get("ato", "{}"))
         return PairStatsMeta(**raw)
-    except (OSError, ValueError, TypeError) as exc:  # safetensors raises these on a truncated header
-        raise ArtifactError(f"{path}: unreadable pair statistics ({exc}); rerun `ato stats`") from None
+    except TypeError as exc:  # a key of another format
+        raise ArtifactError(f"{path}: foreign metadata ({STATS_WHAT}): {exc}") from None
 
 
 def read_pair_stats(path: str | Path, store_digest: str | None = None) -> PairStats:
     """One pair's statistics on one split; refuses a file computed from another store or empty."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = read_pair_stats_meta(path)
     if store_digest is not None and meta.store_digest != store_digest:
@@ -85,10 +80,11 @@ def read_pair_stats(path: str | Path, store_digest: str | None = None) -> PairSt
             f"{path}: computed from store {meta.store_digest[:12]}, but the current store is "
             f"{store_digest[:12]}; rerun `ato stats`"
         )
+    tensors, _ = read_safetensors(path, STATS_WHAT)
     try:
-        stats = PairStats.from_tensors(load_file(str(path)))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ArtifactError(f"{path}: unreadable pair statistics ({exc}); rerun `ato stats`") from None
+        stats = PairStats.from_tensors(tensors)
+    except (ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path}: incomplete {STATS_WHAT} ({exc})") from None
     if stats.n <= 0:
         raise ArtifactError(f"{path}: pair {meta.pair} has no {meta.split} tokens")
     return stats
