@@ -73,7 +73,8 @@ def test_tune_on_truncated_stats_is_one_line_naming_the_file(stats_project, caps
 def test_damaged_atlas_maps_name_the_file(tmp_path, damage):
     path = tmp_path / "maps.safetensors"
     maps = {"L00_k1": (np.eye(3, dtype=np.float32), np.zeros(3, dtype=np.float32))}
-    write_atlas_maps(path, maps, AtlasMapsMeta(store_digest="abc", n_train_tokens=10.0, include_bos=False, alpha={"L00_k1": 1.0}))
+    meta = AtlasMapsMeta(store_digest="abc", n_train_tokens=10.0, include_bos=False, alpha={"L00_k1": 1.0})
+    write_atlas_maps(path, maps, meta)
     assert read_atlas_maps(path)[0]["L00_k1"][0].shape == (3, 3)
     DAMAGES[damage](path)
     with pytest.raises(ArtifactError) as info:
