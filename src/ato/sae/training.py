@@ -156,14 +156,6 @@ def topk_losses(
     return mse, aux, sae_out, (idx, vals), hidden_pre
 
 
-def topk_training_loss(
-    tsae: Any, x: torch.Tensor, dead_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """(MSE + auxiliary loss, reconstruction, (selected ids, activations)) of `topk_losses`."""
-    mse, aux, sae_out, top, _ = topk_losses(tsae, x, dead_mask)
-    return mse + aux, sae_out, top
-
-
 class SparseTopKTrainingSAE(TopKTrainingSAE):
     """sae-lens' `TopKTrainingSAE` whose training step decodes sparsely (`topk_losses`); everything
     else — initialisation, config, state dict, sae-lens' `SAETrainer` — is sae-lens' own."""
