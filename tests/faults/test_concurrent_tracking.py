@@ -54,7 +54,7 @@ def test_two_processes_log_to_one_mlflow_store(project):
     stats.main(params)
     from ato.tracking import setup
 
-    setup(params)  # the MLflow database exists (its first creation is serialised by `sqlite_init_lock`); Optuna's does not
+    setup(params)  # the MLflow database exists (first creation: `sqlite_init_lock`); Optuna's does not
     t0 = time.perf_counter()
     results = _start_together(project, "tune")
     for pair, rc, text in results:
