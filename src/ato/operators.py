@@ -270,3 +270,15 @@ def operator_variant(op: Operator, train: Any, name: str, cca: Any = None) -> Op
     W = torch.as_tensor(vm.W, dtype=torch.float32)
     b = torch.as_tensor(vm.b, dtype=torch.float32)
     return Operator(W, b, config)
+
+
+def below_identity_warning(r2_weighted: float, identity_r2_weighted: float) -> str | None:
+    """The warning a map whose test R²_w is below the identity map's carries (None when it is not):
+    spliced in, it predicts layer L+k worse than passing layer L through unchanged."""
+    if not r2_weighted < identity_r2_weighted:
+        return None
+    return (
+        f"WARNING: its test R²_w {r2_weighted:.3f} is below the identity map's {identity_r2_weighted:.3f}: "
+        "spliced into the model it predicts the target layer worse than passing the input layer through "
+        "unchanged. Do not use it for splicing; use @champion."
+    )

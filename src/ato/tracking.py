@@ -1,9 +1,11 @@
-"""MLflow on a SQLite backend: one parent run per pipeline run, one child run per (L, k).
+"""MLflow on a SQLite backend: one run per (L, k) pair at the top level of the experiment, one
+pipeline run for the whole-pipeline stages.
 
 DVC runs every stage as its own process, so runs are found again by tags rather than held open:
-the parent carries `ato.pipeline_key` (a digest of the params file and the git commit), each child
-`ato.pair`. A stage that logs for a pair reopens that pair's child run, so tune, fit, evaluate and
-causal all land on the same run.
+every run carries `ato.pipeline_key` (a digest of the params file and the git commit), the pipeline
+run `ato.kind = pipeline`, each pair run `ato.kind = pair`, `ato.pair` and `ato.pipeline_run_id`. A
+stage that logs for a pair reopens that pair's run, so tune, fit, evaluate and causal all land on the
+same run; Optuna's trials are nested under it, so the runs page opens on the pairs, not on trials.
 """
 
 from __future__ import annotations
@@ -167,13 +169,19 @@ def child_run(params: Params, kind: str) -> Iterator[Any]:
 
 @contextmanager
 def pair_run(params: Params, pair_name: str, stage: str) -> Iterator[Any]:
-    """Reopen (or create) the child run of one (L, k) pair under the parent run."""
+    """Reopen (or create) the run of one (L, k) pair: a top-level run of the experiment (the pairs are
+    what a reader compares), tied to the pipeline run by the tags `ato.pipeline_key` and
+    `ato.pipeline_run_id` rather than nested under it."""
     import mlflow
 
     parent = parent_run_id(params)
     exp_id = setup(params)
     pair = params.pairs[pair_name]
-    found = _find_run(exp_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.`ato.pair` = '{pair_name}'")
+    found = _find_run(
+        exp_id,
+        f"tags.`ato.pipeline_key` = '{pipeline_key(params)}' and tags.`ato.kind` = 'pair'"
+        f" and tags.`ato.pair` = '{pair_name}'",
+    )
     tags = {
         **_base_tags(params),
         "ato.kind": "pair",
@@ -181,7 +189,7 @@ def pair_run(params: Params, pair_name: str, stage: str) -> Iterator[Any]:
         "ato.layer_in": str(pair.L),
         "ato.k": str(pair.k),
         "ato.layer_out": str(pair.target),
-        "mlflow.parentRunId": parent,
+        "ato.pipeline_run_id": parent,
     }
     if found is None:
         run = mlflow.MlflowClient().create_run(exp_id, run_name=pair_name, tags=tags)
@@ -209,6 +217,63 @@ def log_flat_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+# The numbers of a pair run a reader compares first (of the ~270 its stages log), as evaluate and
+# causal log them: R² and its references, η and the ceiling, the held-out subspace beside its null,
+# the feature verdicts, and the causal Δ (scope `after`, the report's default) with its half-width.
+PAIR_HEADLINE = (
+    "r2",
+    "r2_weighted",
+    "identity_r2",
+    "identity_r2_weighted",
+    "ols_r2",
+    "val_r2",
+    "alpha",
+    "ceiling_full",
+    "eta_test",
+    "eta_expected",
+    "eta_ratio",
+    "heldout_subspace_size",
+    "heldout_subspace_size_null",
+    "feature_r2_median",
+    "transported_fraction",
+    "sae_reliable",
+    "causal_ato_delta_after",
+    "causal_ato_delta_after_half_width",
+    "causal_identity_delta_after",
+    "causal_recovered_after",
+    "causal_recovered_after_half_width",
+    "causal_recovered_vs_zero_after",
+)
+HEADLINE_PREFIX = "headline."
+
+
+# The runs page view `ato ui` links to, stored in the experiment as the MLflow UI's own "shared view"
+# (tag `mlflow.sharedViewState.<key>`, the page state as JSON; opened by `?viewStateShareKey=<key>`):
+# the fit's test R² of each run, then the headline columns, sorted by start time (which keeps the
+# Optuna trials folded under their pair).
+PAIRS_VIEW = "ato-pairs"
+VIEW_COLUMNS = ("test_r2", "test_r2_weighted", *(f"{HEADLINE_PREFIX}{k}" for k in PAIR_HEADLINE))
+
+
+def write_pairs_view(exp_id: str) -> str:
+    """Store the `PAIRS_VIEW` view in the experiment; returns the runs page path that opens it."""
+    import json
+
+    import mlflow
+
+    columns = ["attributes.`Run Name`", *(f"metrics.`{k}`" for k in VIEW_COLUMNS)]
+    state = {"selectedColumns": columns[1:], "columnOrder": columns}
+    mlflow.MlflowClient().set_experiment_tag(exp_id, f"mlflow.sharedViewState.{PAIRS_VIEW}", json.dumps(state))
+    return f"#/experiments/{exp_id}/runs?viewStateShareKey={PAIRS_VIEW}"
+
+
+def log_pair_metrics(metrics: dict[str, Any]) -> None:
+    """`log_flat_metrics` in a pair run, with the `PAIR_HEADLINE` entries logged again as
+    `headline.<key>`: typing `headline.` in the UI's column picker or search finds them together."""
+    headline = {f"{HEADLINE_PREFIX}{k}": metrics[k] for k in PAIR_HEADLINE if k in metrics}
+    log_flat_metrics({**metrics, **headline})
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,11 +327,18 @@ def register_operator(
     *,
     artifact_name: str = "operator",
     metrics: dict[str, float] | None = None,
+    metric_prefix: str = "",
+    description: str = "",
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log the operator directory as a pyfunc model in the active run (MLflow "model from code":
     `pyfunc_model.py`, no pickle; a float32 [-1, d_model] tensor signature and an input example),
-    register it as `name`, point `alias` at the new version and tag the run with it. `metrics` go on
-    the logged model and, as `metric.<key>` tags, on the model version. Returns `models:/<name>@<alias>`."""
+    register it as `name`, point `alias` at the new version and tag the run with it. The version gets
+    `description` and `tags`. `metrics` go on the logged model as `<metric_prefix><key>` and on the
+    model version as `metric.<key>` tags. Returns `models:/<name>@<alias>`.
+
+    MLflow records a logged model's metrics in its run too, under the same keys: a variant's scores
+    therefore need a `metric_prefix`, or they overwrite the run's own (`test_r2` …)."""
     import json
 
     import mlflow
@@ -295,9 +367,13 @@ def register_operator(
     )
     client, version = mlflow.MlflowClient(), str(info.registered_model_version)
     client.set_registered_model_alias(name, alias, version)
+    if description:
+        client.update_model_version(name, version, description=description)
+    for key, text in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, text)
     if metrics:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-        mlflow.log_metrics(finite, model_id=info.model_id)
+        mlflow.log_metrics({f"{metric_prefix}{k}": v for k, v in finite.items()}, model_id=info.model_id)
         for key, value in finite.items():
             client.set_model_version_tag(name, version, f"metric.{key}", f"{value:.6g}")
     uri = f"models:/{name}@{alias}"
@@ -306,7 +382,8 @@ def register_operator(
 
 
 def serve_ui(params: Params, port: int = 5000) -> int:
-    """Run the MLflow UI on 127.0.0.1 against the project's store until Ctrl-C or SIGTERM.
+    """Run the MLflow UI on 127.0.0.1 against the project's store until Ctrl-C or SIGTERM; log the
+    address of the runs page view of the pairs and their headline numbers (`write_pairs_view`).
 
     MLflow's GenAI job runner is switched off: the UI does not need it, it adds seven worker
     processes and ~25 s of start-up, and its workers outlive a terminated server. The server runs
@@ -316,7 +393,7 @@ def serve_ui(params: Params, port: int = 5000) -> int:
     import signal
     import time
 
-    setup(params)
+    view = write_pairs_view(setup(params))
     uri = params.mlflow_uri()
     artifacts = params.path("mlflow_artifacts").resolve()
     cmd = [
@@ -347,6 +424,7 @@ def serve_ui(params: Params, port: int = 5000) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     log.info("MLflow UI: http://127.0.0.1:%d  (store %s; Ctrl-C to stop)", port, uri)
+    log.info("the pair runs with their headline numbers: http://127.0.0.1:%d/%s", port, view)
     try:
         while True:
             try:

@@ -1,6 +1,6 @@
 """Two `ato` processes for different pairs, started at the same moment on one project, log to the
 same MLflow SQLite store (and create the Optuna SQLite storage together): both must finish and both
-pairs' runs must be recorded, under one pipeline run.
+pairs' runs must be recorded, tied to one pipeline run.
 
 Protections exercised: `tracking.setup` tolerating a concurrent experiment creation, MLflow's and
 Optuna's SQLite handling of concurrent writers (locking, retries), and `tracking.parent_run_id`
@@ -73,9 +73,9 @@ def test_two_processes_log_to_one_mlflow_store(project):
         assert (project / "reports" / "tuning" / f"{pair}.json").exists()
     assert len(trials) == len(PAIRS) * params.tune.n_trials
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {r.info.run_id for r in pairs.values()}
-    # One pipeline run, both pairs under it (a race here would split the pipeline's runs in two).
+    # One pipeline run, both pairs tied to it (a race here would split the pipeline's runs in two).
     assert len(parents) == 1, f"{len(parents)} pipeline runs for one pipeline key"
-    assert {r.data.tags["mlflow.parentRunId"] for r in pairs.values()} == {parents[0].info.run_id}
+    assert {r.data.tags["ato.pipeline_run_id"] for r in pairs.values()} == {parents[0].info.run_id}
 
 
 SETUP = (

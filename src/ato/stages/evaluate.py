@@ -206,12 +206,12 @@ def write_outputs(
 def _log_mlflow(params: Params, name: str, result: Evaluation, artifacts: list[Path], gate: SaeGate) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, pair_run, sae_reliability_tags
+    from ato.tracking import log_flat_metrics, log_pair_metrics, pair_run, sae_reliability_tags
 
     table = result.table
     with pair_run(params, name, "evaluate"):
         mlflow.set_tags(sae_reliability_tags(gate.reliable, gate.failures))
-        log_flat_metrics(result.metrics.flat())
+        log_pair_metrics(result.metrics.flat())
         for i, r in enumerate(table["rank"]):  # the sweep as step-indexed curves (step = rank)
             log_flat_metrics({f"sweep_{c}": float(table[c][i]) for c in SWEEP_LOGGED}, step=int(r))
         for path in artifacts:

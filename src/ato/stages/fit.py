@@ -2,7 +2,9 @@
 artifact (safetensors + config.json, docs/contracts.md#operator) with its variants (`fit.variants`:
 reduced-rank, SVD-truncated, Procrustes, identity; `<dir>/variants/<name>/`), track it in the pair's
 MLflow run and register it (`@champion`) and each variant (`@<variant>`) as versions of the pair's
-registered model, every one with its train/val/test R² from the pair statistics."""
+registered model, every one with its train/val/test R² from the pair statistics. The champion is
+registered last, so the registry list's "latest version" is the champion; each version's description
+says which map it is, and a variant whose test R²_w is below the identity map's says so in a WARNING."""
 
 from __future__ import annotations
 
@@ -23,10 +25,25 @@ from ato.artifacts import Layout, TuningResult, read_json, read_pair_stats
 from ato.math.cca import CCA
 from ato.math.ridge import RidgePath, r2_from_stats
 from ato.math.stats import PairStats
-from ato.operators import CONFIG, WEIGHTS, Operator, operator_variant, save_operator, variant_dir
+from ato.operators import (
+    CONFIG,
+    WEIGHTS,
+    Operator,
+    below_identity_warning,
+    operator_variant,
+    save_operator,
+    variant_dir,
+)
 from ato.params import FitParams, Pair, Params, ParamsError
 from ato.store import ActivationStore
-from ato.tracking import dvc_out_hash, log_flat_metrics, log_store_lineage, pair_run, register_operator, registry_name
+from ato.tracking import (
+    dvc_out_hash,
+    log_flat_metrics,
+    log_store_lineage,
+    pair_run,
+    register_operator,
+    registry_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,32 +211,95 @@ def track(params: Params, pair_name: str, operator_dir: Path, fitted: FitResult)
     mlflow.log_params({k: config[k] for k in LOGGED_CONFIG})
     log_flat_metrics(fitted.metrics)
     for v, op in fitted.variants.items():
-        log_flat_metrics({f"variant_{v}_{k}": x for k, x in op.config["metrics"].items()})
+        log_flat_metrics({f"{variant_prefix(v)}{k}": x for k, x in op.config["metrics"].items()})
     # lineage: the store's DVC hash when DVC recorded it (dvc.lock names the path as params.yaml writes it)
     digest = dvc_out_hash(params.root, str(Path(params.paths.store))) or config["store_digest"]
     log_store_lineage(params.path("store"), digest)
     mlflow.log_artifact(str(operator_dir / CONFIG))
     if params.fit.register:
-        register(params, pair_name, operator_dir)
-        for v in fitted.variants:
+        for v in fitted.variants:  # the champion last: the registry list shows the newest version
             register(params, pair_name, operator_dir, variant=v)
+        name = register(params, pair_name, operator_dir)
+        text = model_description(pair_name, config, params.fit.alias, list(fitted.variants))
+        mlflow.MlflowClient().update_registered_model(name, description=text)
+
+
+def variant_prefix(variant: str) -> str:
+    """The pair run's metric names of a variant's scores (`variant_rank64_test_r2`, …)."""
+    return f"variant_{variant}_"
 
 
 def register(params: Params, pair_name: str, operator_dir: Path, variant: str | None = None) -> str:
     """Register the saved operator as `ato-<model>-<pair>` with alias `fit.alias`, or one of its
     variants as a version of the same model with alias `<variant>`; returns the name. Only the two
-    files of that operator are logged (not the variants beside it)."""
+    files of that operator are logged (not the variants beside it). The version's description says
+    which map it is (`version_description`); its tag `ato.variant` names it ("champion" for the operator)."""
     source = operator_dir if variant is None else variant_dir(operator_dir, variant)
     config = read_json(source / CONFIG, "operator config")
+    parent = config if variant is None else read_json(operator_dir / CONFIG, "operator config")
     label = config["model"] if params.prepare.source == "embedded" else params.prepare.source
     name = registry_name(label, pair_name)
     metrics = config.get("metrics") or {}
+    alias = params.fit.alias if variant is None else variant
+    identity_r2w = (parent.get("metrics") or {}).get("identity_test_r2_weighted")
+    description = version_description(pair_name, config, alias, identity_r2w)
+    tags = {"ato.variant": variant or "champion", "ato.pair": pair_name, "ato.method": str(config.get("method"))}
     with _only_operator_files(source) as staged:
-        if variant is None:
-            register_operator(staged, name, params.fit.alias, metrics=metrics)
-        else:
-            register_operator(staged, name, variant, artifact_name=f"operator-{variant}", metrics=metrics)
+        register_operator(
+            staged,
+            name,
+            alias,
+            artifact_name="operator" if variant is None else f"operator-{variant}",
+            metrics=metrics,
+            metric_prefix="" if variant is None else variant_prefix(variant),
+            description=description,
+            tags=tags,
+        )
     return name
+
+
+VARIANT_TEXT = {
+    "rrr": "reduced-rank regression at rank {rank}",
+    "svd_truncated": "the champion's SVD truncated to rank {rank}",
+    "procrustes": "similarity Procrustes (a rotation plus a global gain)",
+    "identity": "the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)",
+}
+
+
+def version_description(pair_name: str, config: dict[str, Any], alias: str, identity_r2w: float | None) -> str:
+    """What a registry version is, in one paragraph: which map, its test R² and R²_w beside the
+    identity map's R²_w, and a WARNING when a map other than the identity scores below it."""
+    m = config.get("metrics") or {}
+    where = f"{pair_name} (layer {config['layer_in']} → {config['layer_out']})"
+    variant = config.get("variant")
+    if variant is None:
+        what = f"@{alias}: the operator fitted for {where}, {config['method']} with α = {config['alpha']:.4g}."
+    else:
+        kind = VARIANT_TEXT.get(config["method"], config["method"]).format(rank=config.get("rank"))
+        what = f"@{alias}: a variant of the fitted operator for {where}, for comparison: {kind}."
+    r2, r2w = m.get("test_r2", float("nan")), m.get("test_r2_weighted", float("nan"))
+    text = f"{what} Test R² {r2:.3f}, variance-weighted R²_w {r2w:.3f}"
+    if identity_r2w is None:
+        return text + "."
+    text += f" (identity map: R²_w {identity_r2w:.3f})."
+    warning = below_identity_warning(r2w, identity_r2w) if variant != "identity" else None
+    return f"{text} {warning}" if warning else text
+
+
+def model_description(pair_name: str, config: dict[str, Any], alias: str, variants: list[str]) -> str:
+    """The registered model's description: what it maps, which alias to load, what the other versions are."""
+    text = (
+        f"Activation transport operator of {config['model']}, pair {pair_name}: residual after block "
+        f"{config['layer_in']} → residual after block {config['layer_out']}. Load @{alias}: the fitted "
+        f"{config['method']} operator (the newest version)."
+    )
+    if variants:
+        aliases = ", ".join(f"@{v}" for v in variants)
+        text += (
+            f" The other versions are its variants, registered for comparison under their own aliases "
+            f"({aliases}); each version's description says which map it is and its test R²."
+        )
+    return text
 
 
 @contextmanager
