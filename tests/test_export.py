@@ -269,10 +269,10 @@ def test_scoring_streams_in_bounded_memory(tiny_setup, tmp_path):
     documents are read one at a time (.txt and .jsonl)."""
     units = UnitSums(d=2, cap=4)
     for i in range(11):
-        units.add({"a": float(i), "b": 1.0}, np.array([i, 1.0]))
-    assert len(units.sum_y) <= 4 and units.size == 4
+        units.add({"a": float(i), "b": 1.0}, {"y": np.array([i, 1.0])})
+    assert units.n_units <= 4 and units.matrix("y").shape == (units.n_units, 2) and units.size == 4
     assert units.array("a").sum() == sum(range(11)) and units.array("b").sum() == 11
-    np.testing.assert_allclose(np.sum(units.sum_y, axis=0), [55.0, 11.0])
+    np.testing.assert_allclose(units.matrix("y").sum(0), [55.0, 11.0])
 
     root, model_dir, op_dir, text, docs = tiny_setup
     jsonl = tmp_path / "mine.jsonl"

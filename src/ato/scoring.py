@@ -794,7 +794,7 @@ def score_command(args: Any) -> int:
     import json
     import sys
 
-    from ato.artifacts import write_json_atomic
+    from ato.artifacts import json_clean, write_json_atomic
 
     result = score_file(
         args.text,
@@ -810,7 +810,7 @@ def score_command(args: Any) -> int:
     to_stdout = args.json == "-"
     (sys.stderr if to_stdout else sys.stdout).write(result.table() + "\n")
     if to_stdout:
-        sys.stdout.write(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps(json_clean(result.to_dict()), indent=2, sort_keys=True, allow_nan=False) + "\n")
     elif args.json:
         write_json_atomic(args.json, result.to_dict())
     return 0

@@ -226,7 +226,7 @@ def check_model(
 
 
 FINGERPRINT_ROWS = 32  # embedding rows whose norms make the fingerprint (evenly spaced over the vocabulary)
-FINGERPRINT_RTOL = 1e-3  # float32, bfloat16 and float16 copies of one model agree to ~1e-4 on a row norm
+FINGERPRINT_RTOL = 1e-2  # dtype copies of one model agree to ~1e-3 on a row norm; two models differ by far more
 
 
 def embedding_fingerprint(model: nn.Module) -> dict[str, Any]:

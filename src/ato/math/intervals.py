@@ -256,7 +256,8 @@ def ratio_bounds(
             s_low, s_high = _studentized(a, b, q, scale, level, n_resamples, seed, log_scale)
             low, high = (s_low, s_high) if method == "studentized" else (np.fmin(low, s_low), np.fmax(high, s_high))
         if log_scale:
-            low, high = np.exp(low), np.exp(high)
+            with np.errstate(over="ignore"):  # an upper bound past exp's range is +inf: unbounded
+                low, high = np.exp(low), np.exp(high)
     return q, np.where(se == 0, q, low), np.where(se == 0, q, high)
 
 
@@ -336,7 +337,8 @@ def mean_ratio_interval(
         upper_t, lower_t = np.nanquantile(np.concatenate(t_star), [1.0 - tail, tail])
     low = min(float(low[0]), math.log(estimate) - upper_t * se_log)
     high = max(float(high[0]), math.log(estimate) - lower_t * se_log)
-    return Interval(estimate, math.exp(low), math.exp(high), level, method, n)
+    with np.errstate(over="ignore"):  # +inf: unbounded
+        return Interval(estimate, float(np.exp(low)), float(np.exp(high)), level, method, n)
 
 
 def _mean_ratio_and_se(a: Array, b: Array, counts: Array) -> tuple[Array, Array]:
