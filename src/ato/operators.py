@@ -66,7 +66,7 @@ class Operator:
             f"model={c.get('model', '?')!r}",
             f"d={self.W.shape[1]}",
             f"method={c.get('method', '?')}",
-            f"α={_three_significant(c.get('alpha'))}",
+            f"α={three_significant(c.get('alpha'))}",
             f"test R²={r2:.4f}" if isinstance(r2, (int, float)) else "test R²=?",
         ]
         return f"Operator({', '.join(parts)})"
@@ -102,7 +102,7 @@ class Operator:
         return save_operator(directory, self.W.detach().cpu(), self.b.detach().cpu(), self.config)
 
 
-def _three_significant(value: Any) -> str:
+def three_significant(value: Any) -> str:
     """α as a person reads it: three significant digits (`0.000123`, `45.6`, `1.23e+04`)."""
     return f"{value:.3g}" if isinstance(value, (int, float)) else "?"
 
