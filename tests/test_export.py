@@ -311,7 +311,9 @@ def test_the_downstream_commands_answer_help(capsys):
 
 def test_an_operator_prints_as_one_line():
     W = torch.randn(640, 640)
-    op = Operator(W, torch.zeros(640), _config(640, alpha=0.000123456, layer_in=5, layer_out=6, metrics={"test_r2": 0.6251}))
+    op = Operator(
+        W, torch.zeros(640), _config(640, alpha=0.000123456, layer_in=5, layer_out=6, metrics={"test_r2": 0.6251})
+    )
     text = repr(op)
     assert text == "Operator(L05_k1, model='tiny-gemma3', d=640, method=ridge, α=0.000123, test R²=0.6251)"
     assert "tensor" not in text and "\n" not in text
@@ -348,7 +350,11 @@ def test_score_checks_the_text_file_before_loading_anything(tiny_setup, tmp_path
     monkeypatch.setattr(operators, "load_operator", too_early)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("\n  \n\n")
-    for name, message in [("missing.txt", "no such file"), ("empty.txt", "no documents"), ("blank.txt", "no documents")]:
+    for name, message in [
+        ("missing.txt", "no such file"),
+        ("empty.txt", "no documents"),
+        ("blank.txt", "no documents"),
+    ]:
         with pytest.raises(EvaluateError, match=f"{tmp_path / name}: {message}"):
             score_file(tmp_path / name, op_dir, model_dir)
     assert cli(["score", "--operator", str(op_dir), "--text", str(tmp_path / "empty.txt")]) == 1
@@ -446,7 +452,9 @@ def test_a_worse_variant_is_flagged_in_its_card_and_import_keeps_existing_folder
     source = _operator_dir(tmp_path)
     rank = Operator(torch.eye(32) * 0.1, torch.zeros(32), _config(32, variant="rank2", method="rrr"))
     rank.config |= {"metrics": {"test_r2_weighted": 0.1}, "identity_test_r2_weighted": 0.3}
-    save_operator(source, load_operator(source).W, load_operator(source).b, load_operator(source).config, {"rank2": rank})
+    save_operator(
+        source, load_operator(source).W, load_operator(source).b, load_operator(source).config, {"rank2": rank}
+    )
     card = (export_operator(source, tmp_path / "v", variant="rank2") / "README.md").read_text()
     assert "> **WARNING: variant 'rank2' explains less than the identity map: test R²_w 0.100 < 0.300" in card
     assert "WARNING" not in (export_operator(source, tmp_path / "main") / "README.md").read_text()

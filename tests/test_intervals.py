@@ -18,13 +18,13 @@ import pytest
 from scipy import stats
 
 from ato.math.intervals import (
-    mean_ratio_interval,
     DEFAULT_METHOD,
     METHODS,
     Interval,
     can_change_scored_predictions,
     delta_interval,
     denominator_is_bounded,
+    mean_ratio_interval,
     planned_half_width,
     ratio_bounds,
     ratio_estimate,

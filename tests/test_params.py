@@ -103,7 +103,9 @@ def test_position_set_that_cannot_change_a_scored_prediction_is_refused(position
     parse_params(raw)  # 62 predicts token 63, which is scored
 
 
-@pytest.mark.parametrize(("written", "expected"), [("1e-3", 1e-3), ("5E+2", 500.0), (" 0.25 ", 0.25), ("1_000", 1000.0)])
+@pytest.mark.parametrize(
+    ("written", "expected"), [("1e-3", 1e-3), ("5E+2", 500.0), (" 0.25 ", 0.25), ("1_000", 1000.0)]
+)
 def test_numbers_written_as_yaml_leaves_them_are_accepted(written, expected):
     """PyYAML (YAML 1.1) reads `1e-3` as the string '1e-3'; a person wrote a number, so it is one."""
     raw = default_raw()

@@ -276,7 +276,10 @@ def base_model_terms(config: dict[str, Any]) -> tuple[str, str, str]:
             f"safetensors to `models/base`; {check}"
         )
         return "gemma", GEMMA_TERMS, obtain
-    obtain = f"`{model}` (`prepare.source`, with `prepare.gguf_file` / `prepare.revision` as fitted), then `ato prepare`; {check}"
+    obtain = (
+        f"`{model}` (`prepare.source`, with `prepare.gguf_file` / `prepare.revision` as fitted), "
+        f"then `ato prepare`; {check}"
+    )
     found = _declared_license(Path(model)) if Path(model).is_dir() else None
     return (found or "unknown"), (found or UNKNOWN_LICENSE), obtain
 

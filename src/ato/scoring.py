@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -535,7 +535,7 @@ class TextScore:
         )
 
 
-def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+def iter_documents(path: str | Path, text_field: str = "text") -> Generator[str]:
     """Documents of a file, streamed: `.jsonl` one JSON object per line (`text_field`), anything else
     plain text with documents separated by blank lines (the corpus's .txt format)."""
     import json
@@ -763,14 +763,14 @@ def score_file(
     """`ato score`: check the text file, load the operator (directory or `models:/…`; `tracking_uri`:
     `ato.operators.registry_tracking_uri`) and the model (a prepared directory, else any HF causal LM
     directory or id), then `score_text` over the file's documents, streamed."""
-    from contextlib import closing
-
     from ato.models import load_prepared, load_source, resolve_device
     from ato.operators import identity_warning, load_operator, variant_dir
 
-    with closing(iter_documents(text, text_field)) as documents:  # before the slow part: a bad file fails now
-        if next(documents, None) is None:
-            raise EvaluateError(f"{text}: no documents (the file is empty or holds only blank lines)")
+    documents = iter_documents(text, text_field)  # before the slow part: a bad file fails now
+    first = next(documents, None)
+    documents.close()
+    if first is None:
+        raise EvaluateError(f"{text}: no documents (the file is empty or holds only blank lines)")
     op = load_operator(operator, variant=variant, tracking_uri=tracking_uri)
     if (Path(model_dir) / "ato_model.json").exists():
         model, tokenizer, _info = load_prepared(model_dir, device=str(resolve_device(device)))

@@ -322,7 +322,7 @@ def mean_ratio_interval(
         return Interval(estimate, math.nan, math.nan, level, method, n)
     if se_log == 0:
         return Interval(estimate, estimate, estimate, level, method, n)
-    low, high = _t_bounds(np.log(u), np.asarray([se_log]), n, level)
+    t_low, t_high = _t_bounds(np.log(u), np.asarray([se_log]), n, level)
     rng = np.random.default_rng(seed)
     step = max(1, _CHUNK_ELEMENTS // max(1, n * a.shape[1]))
     t_star = []
@@ -335,8 +335,8 @@ def mean_ratio_interval(
         warnings.simplefilter("ignore", RuntimeWarning)
         tail = (1.0 - level) / 2.0
         upper_t, lower_t = np.nanquantile(np.concatenate(t_star), [1.0 - tail, tail])
-    low = min(float(low[0]), math.log(estimate) - upper_t * se_log)
-    high = max(float(high[0]), math.log(estimate) - lower_t * se_log)
+    low = min(float(t_low[0]), math.log(estimate) - float(upper_t) * se_log)
+    high = max(float(t_high[0]), math.log(estimate) - float(lower_t) * se_log)
     with np.errstate(over="ignore"):  # +inf: unbounded
         return Interval(estimate, float(np.exp(low)), float(np.exp(high)), level, method, n)
 
