@@ -123,7 +123,7 @@ def identity_warning(config: dict[str, Any], directory: str | Path | None = None
         return None
     what = f"variant {config['variant']!r}" if config.get("variant") else "this operator"
     return (
-        f"WARNING: {what} explains less than the identity map: test R²_w {own:.3f} < {reference:.3f} for ŷ = x; "
+        f"WARNING: {what} explains less than the identity map: test R²_w {own:.3f} < {reference:.3f} (ŷ = x); "
         "splicing it in is worse than skipping the blocks between the layers"
     )
 
@@ -299,10 +299,14 @@ def download_registered(uri: str, tracking_uri: str | None = None) -> Path:
     """The local directory of a registered operator (`models:/<name>@<alias>`), downloaded from MLflow
     (`registry_tracking_uri` says from where)."""
     import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     store = registry_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(uri, tracking_uri=store, registry_uri=store))
+        # for this call only: part of a models:/ lookup reads MLflow's global URI whatever is passed, and
+        # its unset default is ./mlflow.db, which the lookup would create
+        with _use_tracking_uri(store):
+            local = Path(mlflow.artifacts.download_artifacts(uri, tracking_uri=store, registry_uri=store))
     except mlflow.exceptions.MlflowException as exc:
         raise OperatorError(f"{uri}: not found in the registry at {store}: {exc}") from None
     # The shallowest copy of the weights: the registered operator itself, not one of its variants.
