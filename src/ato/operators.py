@@ -55,6 +55,22 @@ class Operator:
     b: torch.Tensor  # [d_out]
     config: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """One line: pair, variant, model, α and test R² (never the tensors)."""
+        c = self.config
+        L, T = c.get("layer_in", "?"), c.get("layer_out", "?")
+        pair = f"L{L:02d}_k{T - L}" if isinstance(L, int) and isinstance(T, int) else f"{L}→{T}"
+        r2 = (c.get("metrics") or {}).get("test_r2")
+        parts = [
+            pair + (f" {self.variant}" if self.variant else ""),
+            f"model={c.get('model', '?')!r}",
+            f"d={self.W.shape[1]}",
+            f"method={c.get('method', '?')}",
+            f"α={three_significant(c.get('alpha'))}",
+            f"test R²={r2:.4f}" if isinstance(r2, (int, float)) else "test R²=?",
+        ]
+        return f"Operator({', '.join(parts)})"
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Operator:
         return Operator(self.W.to(device, dtype), self.b.to(device, dtype), dict(self.config))
 
@@ -84,6 +100,52 @@ class Operator:
 
     def save(self, directory: str | Path) -> Path:
         return save_operator(directory, self.W.detach().cpu(), self.b.detach().cpu(), self.config)
+
+
+def three_significant(value: Any) -> str:
+    """α as a person reads it: three significant digits (`0.000123`, `45.6`, `1.23e+04`)."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "?"
+
+
+def worse_than_identity(test_r2_weighted: float, identity_test_r2_weighted: float) -> bool:
+    """The rule for a map offered for splicing: it explains less of layer L+k's variance on the test
+    split than leaving the residual alone (ŷ = x) does, so splicing it in does more harm than skipping
+    the blocks. NaN on either side is not a verdict."""
+    return bool(test_r2_weighted < identity_test_r2_weighted)
+
+
+def identity_warning(config: dict[str, Any], directory: str | Path | None = None) -> str | None:
+    """The warning a variant (or operator) carries when `worse_than_identity` says so, else None;
+    None too when its scores or the identity's are not recorded."""
+    own = (config.get("metrics") or {}).get("test_r2_weighted")
+    reference = identity_test_r2_weighted(config, directory)
+    if not isinstance(own, (int, float)) or reference is None:
+        return None
+    what = f"variant {config['variant']!r}" if config.get("variant") else "this operator"
+    return below_identity_warning(own, reference, what)
+
+
+def below_identity_warning(r2_weighted: float, identity_r2_weighted: float, what: str = "this map") -> str | None:
+    """The one wording of `worse_than_identity`'s verdict (registry description, model card, `ato score`),
+    None when the map is not worse than the identity."""
+    if not worse_than_identity(r2_weighted, identity_r2_weighted):
+        return None
+    return (
+        f"WARNING: {what} explains less than the identity map: test R²_w {r2_weighted:.3f} < "
+        f"{identity_r2_weighted:.3f} (ŷ = x); splicing it in is worse than skipping the blocks between the "
+        "layers. Use @champion."
+    )
+
+
+def identity_test_r2_weighted(config: dict[str, Any], directory: str | Path | None = None) -> float | None:
+    """The identity map's test R²_w for the operator's pair: recorded in its config by `ato fit`, or for
+    a variant saved before that, in its parent's config (`<parent>/variants/<name>/`)."""
+    value = config.get("identity_test_r2_weighted", (config.get("metrics") or {}).get("identity_test_r2_weighted"))
+    if value is None and directory is not None and config.get("variant"):
+        parent_config = Path(directory).parent.parent / CONFIG
+        if parent_config.is_file():
+            value = (json.loads(parent_config.read_text()).get("metrics") or {}).get("identity_test_r2_weighted")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def save_operator(
@@ -135,13 +197,14 @@ def load_operator(
     expect: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     variant: str | None = None,
+    tracking_uri: str | None = None,
 ) -> Operator:
     """Load and check an operator: a directory, or a registry URI `models:/<name>@<alias>` (or
-    `models:/<name>/<version>`). `variant` picks `<dir>/variants/<variant>/`. `expect` holds config
-    values that must match (model digest, d_model, layers, store digest …); any mismatch is refused
-    with a message naming the key."""
+    `models:/<name>/<version>`; `tracking_uri`: see `registry_tracking_uri`). `variant` picks
+    `<dir>/variants/<variant>/`. `expect` holds config values that must match (model digest, d_model,
+    layers, store digest …); any mismatch is refused with a message naming the key."""
     if str(directory).startswith(REGISTRY_SCHEME):
-        directory = download_registered(str(directory))
+        directory = download_registered(str(directory), tracking_uri)
     directory = Path(directory)
     if variant is not None:
         directory = variant_dir(directory, variant)
@@ -215,16 +278,46 @@ def check_config(config: dict[str, Any], expect: dict[str, Any], where: str) -> 
             )
 
 
-def download_registered(uri: str, tracking_uri: str | None = None) -> Path:
-    """The local directory of a registered operator (`models:/<name>@<alias>`), downloaded from MLflow."""
+def registry_tracking_uri(tracking_uri: str | None = None) -> str:
+    """Where the registry is: `tracking_uri`, else MLflow's own setting (`MLFLOW_TRACKING_URI`,
+    `mlflow.set_tracking_uri`), else the project's `paths.mlflow_uri` from ./params.yaml, else MLflow's
+    default. A SQLite database must exist: a lookup never creates an empty one."""
     import mlflow
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    from .params import load_params, resolve_sqlite_uri, sqlite_file
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        uri = resolve_sqlite_uri(tracking_uri, Path.cwd())
+    elif is_tracking_uri_set():
+        uri = mlflow.get_tracking_uri()
+    elif Path("params.yaml").is_file():
+        uri = load_params("params.yaml").mlflow_uri()
+    else:
+        uri = mlflow.get_tracking_uri()
+    database = sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise OperatorError(
+            f"no MLflow database at {database} (tracking URI {uri}); run the pipeline there first, or name the "
+            "project's store with --tracking-uri / MLFLOW_TRACKING_URI (paths.mlflow_uri, e.g. sqlite:///mlruns/mlflow.db)"
+        )
+    return uri
+
+
+def download_registered(uri: str, tracking_uri: str | None = None) -> Path:
+    """The local directory of a registered operator (`models:/<name>@<alias>`), downloaded from MLflow
+    (`registry_tracking_uri` says from where)."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    store = registry_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(uri))
+        # for this call only: part of a models:/ lookup reads MLflow's global URI whatever is passed, and
+        # its unset default is ./mlflow.db, which the lookup would create
+        with _use_tracking_uri(store):
+            local = Path(mlflow.artifacts.download_artifacts(uri, tracking_uri=store, registry_uri=store))
     except mlflow.exceptions.MlflowException as exc:
-        raise OperatorError(f"{uri}: not found in the registry at {mlflow.get_tracking_uri()}: {exc}") from None
+        raise OperatorError(f"{uri}: not found in the registry at {store}: {exc}") from None
     # The shallowest copy of the weights: the registered operator itself, not one of its variants.
     candidates = sorted((p.parent for p in local.rglob(WEIGHTS)), key=lambda p: (len(p.parts), str(p)))
     if not candidates:
@@ -235,7 +328,7 @@ def download_registered(uri: str, tracking_uri: str | None = None) -> Path:
 def load_registered_operator(name: str, alias: str = "champion", tracking_uri: str | None = None) -> Operator:
     """Download a registered operator's artifact from the MLflow registry and load it
     (`alias`: `champion`, or a variant's alias such as `rank64`)."""
-    return load_operator(download_registered(f"{REGISTRY_SCHEME}{name}@{alias}", tracking_uri))
+    return load_operator(f"{REGISTRY_SCHEME}{name}@{alias}", tracking_uri=tracking_uri)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,15 +363,3 @@ def operator_variant(op: Operator, train: Any, name: str, cca: Any = None) -> Op
     W = torch.as_tensor(vm.W, dtype=torch.float32)
     b = torch.as_tensor(vm.b, dtype=torch.float32)
     return Operator(W, b, config)
-
-
-def below_identity_warning(r2_weighted: float, identity_r2_weighted: float) -> str | None:
-    """The warning a map whose test R²_w is below the identity map's carries (None when it is not):
-    spliced in, it predicts layer L+k worse than passing layer L through unchanged."""
-    if not r2_weighted < identity_r2_weighted:
-        return None
-    return (
-        f"WARNING: its test R²_w {r2_weighted:.3f} is below the identity map's {identity_r2_weighted:.3f}: "
-        "spliced into the model it predicts the target layer worse than passing the input layer through "
-        "unchanged. Do not use it for splicing; use @champion."
-    )

@@ -8,6 +8,7 @@ compute starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -422,13 +423,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ParamsError(f"{key}: expected true/false, got {value!r}")
         return value
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = _written_number(value)
+        if number is None or not math.isfinite(number) or number != int(number):
             raise ParamsError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return int(number)
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _written_number(value)
+        if number is None:
             raise ParamsError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return float(number)
     if annotation is str:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")
@@ -436,6 +439,24 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     raise ParamsError(f"{key}: unsupported type {annotation}")  # pragma: no cover
+
+
+def _written_number(value: Any) -> int | float | None:
+    """A number as a person writes it: YAML's own ints and floats, and strings such as `1e-3` or
+    `5E+2` that PyYAML (YAML 1.1) leaves as strings; None for anything else (booleans, words, nan)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        for parse in (int, float):
+            try:
+                number = parse(text)
+            except ValueError:
+                continue
+            return number if math.isfinite(number) else None
+    return None
 
 
 def _type_name(annotation: Any) -> str:

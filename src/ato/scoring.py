@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,35 +430,55 @@ def transport_verdicts(
 class UnitSums:
     """Per-unit sums for intervals over documents, in bounded memory: once `cap` units exist, adjacent
     units are merged pairwise (a unit then holds 2, 4, … consecutive documents), so a file of any
-    length keeps at most `cap` units of `d` + a few floats each."""
+    length keeps at most `cap` units of a few floats and a few `d`-vectors each."""
 
     d: int
     cap: int = 4096
     size: int = 1  # documents per unit
     fill: int = 0  # documents in the last unit
     scalars: dict[str, list[float]] = field(default_factory=dict)
-    sum_y: list[np.ndarray] = field(default_factory=list)  # Σ (y − shift) per unit
+    vectors: dict[str, list[np.ndarray]] = field(default_factory=dict)  # [d] sums per unit
 
-    def add(self, values: dict[str, float], sum_y: np.ndarray) -> None:
-        if not self.sum_y or self.fill == self.size:
-            if len(self.sum_y) >= self.cap:
+    @property
+    def n_units(self) -> int:
+        return len(next(iter(self.scalars.values()), []))
+
+    def add(self, values: dict[str, float], vectors: dict[str, np.ndarray]) -> None:
+        if not self.n_units or self.fill == self.size:
+            if self.n_units >= self.cap:
                 self._halve()
             for key in values:
                 self.scalars.setdefault(key, []).append(0.0)
-            self.sum_y.append(np.zeros(self.d))
+            for key in vectors:
+                self.vectors.setdefault(key, []).append(np.zeros(self.d))
             self.fill = 0
         for key, value in values.items():
             self.scalars[key][-1] += value
-        self.sum_y[-1] += sum_y
+        for key, vector in vectors.items():
+            self.vectors[key][-1] += vector
         self.fill += 1
 
     def _halve(self) -> None:
         self.scalars = {k: [sum(v[i : i + 2]) for i in range(0, len(v), 2)] for k, v in self.scalars.items()}
-        self.sum_y = [sum(self.sum_y[i : i + 2], np.zeros(self.d)) for i in range(0, len(self.sum_y), 2)]
+        self.vectors = {
+            k: [sum(v[i : i + 2], np.zeros(self.d)) for i in range(0, len(v), 2)] for k, v in self.vectors.items()
+        }
         self.size *= 2
 
     def array(self, key: str) -> np.ndarray:
         return np.asarray(self.scalars.get(key, []), dtype=np.float64)
+
+    def matrix(self, key: str) -> np.ndarray:
+        """[units, d] of a vector sum."""
+        return np.asarray(self.vectors.get(key, []), dtype=np.float64).reshape(-1, self.d)
+
+
+MIN_RELIABLE_DOCUMENTS = 10  # below this, intervals over documents lose their coverage (docs/statistics.md)
+R2_INTERVAL = (
+    "R² = 1 − Σ SSE / Σ SST (weighted) or 1 − mean over dimensions of SSE_d / SST_d (uniform): the same "
+    "hull of t and bootstrap-t, on log(SSE/SST) and mapped back, so no bound exceeds 1; the pooled mean ȳ "
+    "is held fixed (its variability is O(1/n))"
+)
 
 
 @dataclass
@@ -476,15 +496,16 @@ class TextScore:
     n_units: int  # resampling units (documents, merged pairwise beyond the unit cap)
     n_residual_rows: int  # tokens scored for R² (= positions spliced: not BOS, not special)
     n_predictions: int  # next-token predictions scored for log-perplexity
-    r2: float  # uniform average over dimensions (the pipeline's headline residual R²)
+    r2: dict[str, float]  # uniform average over dimensions (the pipeline's headline residual R²) with its interval
     r2_weighted: dict[str, float]  # variance-weighted R² with its interval
-    identity_r2: float
+    identity_r2: dict[str, float]
     identity_r2_weighted: dict[str, float]
     logppl_clean: float  # mean NLL (nats/token) of the unpatched model
     logppl_spliced: float
     delta_logppl: dict[str, float]  # spliced − clean, with its interval
     identity_delta_logppl: dict[str, float]  # identity splice (replace) − clean, with its interval
     interval: dict[str, Any]  # method, level, resamples, what the unit is
+    warnings: list[str] = field(default_factory=list)  # what the reader must know before trusting the numbers
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -492,7 +513,7 @@ class TextScore:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
-        """A plain-text summary: each number beside the identity map's."""
+        """A plain-text summary: each number beside the identity map's, warnings first."""
 
         def iv(d: dict[str, float]) -> str:
             return f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
@@ -500,12 +521,13 @@ class TextScore:
         lvl = f"{100 * self.interval['level']:.0f} %"
         return "\n".join(
             [
+                *self.warnings,
                 f"operator {self.operator}: layer {self.layer_in} → {self.layer_out}, splice mode {self.mode}",
                 f"{self.n_documents} documents, {self.n_sequences} sequences, {self.n_residual_rows} spliced "
                 f"positions, {self.n_predictions} predictions; {lvl} intervals over {self.n_units} units "
                 f"({self.interval['method']})",
                 f"{'':24s} {'operator':>34s} {'identity (ŷ = x)':>34s}",
-                f"{'residual R² (uniform)':24s} {self.r2:34.4f} {self.identity_r2:34.4f}",
+                f"{'residual R² (uniform)':24s} {iv(self.r2):>34s} {iv(self.identity_r2):>34s}",
                 f"{'residual R² (weighted)':24s} {iv(self.r2_weighted):>34s} {iv(self.identity_r2_weighted):>34s}",
                 f"{'Δ log-ppl vs clean':24s} {iv(self.delta_logppl):>34s} {iv(self.identity_delta_logppl):>34s}",
                 f"clean log-ppl {self.logppl_clean:.4f} nats/token; spliced {self.logppl_spliced:.4f}",
@@ -513,7 +535,7 @@ class TextScore:
         )
 
 
-def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+def iter_documents(path: str | Path, text_field: str = "text") -> Generator[str]:
     """Documents of a file, streamed: `.jsonl` one JSON object per line (`text_field`), anything else
     plain text with documents separated by blank lines (the corpus's .txt format)."""
     import json
@@ -580,7 +602,6 @@ def score_text(
 
     check_model(model, op.config, model_digest)
     d = int(op.config["d_model"])
-    acc = {"op": ResidualAccumulator(d), "identity": ResidualAccumulator(d)}
     units = UnitSums(d, max_units)
     special_ids = torch.as_tensor(sorted(set(tokenizer.all_special_ids)))
     counts = {"documents": 0, "sequences": 0}
@@ -588,24 +609,25 @@ def score_text(
     with torch.inference_mode():
         for text in tqdm(texts, desc="score", unit="doc", disable=not progress):
             doc: dict[str, float] = {}
-            sum_y = np.zeros(d)
+            doc_vectors = {key: np.zeros(d) for key in ("y", "yy", "sse_op", "sse_identity")}
             for window in _windows(tokenizer, text, max_length):
-                sums, y_rows = _score_window(model, op, window, special_ids, acc, chunk_rows, mode)
-                if len(y_rows):
-                    shift = shift or [y_rows.mean(0)]
-                    yc = y_rows - shift[0]
-                    sums["yy"] = float((yc * yc).sum())
-                    sum_y += yc.sum(0)
+                sums, rows = _score_window(model, op, window, special_ids, chunk_rows, mode)
+                if len(rows["y"]):
+                    shift = shift or [rows["y"].mean(0)]
+                    yc = rows["y"] - shift[0]  # about a fixed centre: sums of squares without cancellation
+                    doc_vectors["y"] += yc.sum(0)
+                    doc_vectors["yy"] += (yc * yc).sum(0)
+                    for name in ("op", "identity"):
+                        doc_vectors[f"sse_{name}"] += ((rows["y"] - rows[name]) ** 2).sum(0)
                 for k, v in sums.items():
                     doc[k] = doc.get(k, 0.0) + v
                 counts["sequences"] += 1
             if doc:
-                units.add(doc, sum_y)
+                units.add(doc, doc_vectors)
                 counts["documents"] += 1
     if counts["documents"] == 0:
-        raise EvaluateError(f"{source or 'texts'}: no document of at least two tokens to score")
-    centre = shift[0] if shift else np.zeros(d)
-    return _text_score(op, units, acc, centre, counts, mode, source, level, method, n_resamples, seed)
+        raise EvaluateError("no document of at least two tokens to score")
+    return _text_score(op, units, counts, mode, source, level, method, n_resamples, seed)
 
 
 def _score_window(
@@ -613,12 +635,12 @@ def _score_window(
     op: Any,
     window: list[int],
     special_ids: Any,
-    acc: dict[str, ResidualAccumulator],
     chunk_rows: int,
     mode: str,
-) -> tuple[dict[str, float], np.ndarray]:
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """One BOS-led window: the clean forward (residuals x_L, y_T and the NLL), the operator's and the
-    identity's spliced forwards; returns its sums and the true y rows at the spliced positions."""
+    identity's spliced forwards; returns its sums and, at the spliced positions, the true y rows and
+    the operator's and the identity's predictions."""
     import torch
 
     from ato.models import capture_residuals, final_hidden
@@ -638,15 +660,10 @@ def _score_window(
     param = next(model.parameters())
     W, b = op.W.to(param.device, param.dtype), op.b.to(param.device, param.dtype)
     y_hat = torch.nn.functional.linear(cap[L][rows], W, b).double().cpu().numpy()
-    acc["op"].update(y, y_hat)
-    acc["identity"].update(y, x)
     sums = {  # the same keys for every window (UnitSums adds them up per unit)
         "predictions": float(clean.numel()),
         "rows": float(len(y)),
-        "yy": 0.0,  # Σ‖y − shift‖², filled in by the caller once the shift is known
         "nll_clean": float(clean.double().sum()),
-        "sse_op": float(((y - y_hat) ** 2).sum()),
-        "sse_identity": float(((y - x) ** 2).sum()),
     }
     for name, value, how in (
         ("op", lambda v: torch.nn.functional.linear(v, W, b), mode),
@@ -654,14 +671,12 @@ def _score_window(
     ):
         with spliced(model, T, value, rows, L, how):
             sums[f"nll_{name}"] = float(token_nll(model, ids, chunk_rows).double().sum())
-    return sums, y
+    return sums, {"y": y, "op": y_hat, "identity": x}
 
 
 def _text_score(
     op: Any,
     units: UnitSums,
-    acc: dict[str, ResidualAccumulator],
-    shift: np.ndarray,
     counts: dict[str, int],
     mode: str,
     source: str,
@@ -670,27 +685,30 @@ def _text_score(
     n_resamples: int,
     seed: int,
 ) -> TextScore:
-    from ato.math.intervals import delta_interval, ratio_interval
+    from ato.math.intervals import delta_interval, mean_ratio_interval, ratio_interval
 
     kw: dict[str, Any] = {"level": level, "method": method, "n_resamples": n_resamples, "seed": seed}
     n_rows = units.array("rows")
-    m = np.asarray(units.sum_y)  # [units, d] about `shift`
+    m = units.matrix("y")  # [units, d] Σ (y − shift)
     mean = m.sum(0) / n_rows.sum() if n_rows.sum() > 0 else np.zeros(units.d)
-    # SST_j about the pooled mean: Σ‖y − ȳ‖² = Σ‖y − c‖² − 2 (ȳ − c)·Σ(y − c) + n ‖ȳ − c‖², with c = shift
-    sst = units.array("yy") - 2 * m @ mean + n_rows * float(mean @ mean)
+    # SST_jd about the pooled mean: Σ(y − ȳ)² = Σ(y − c)² − 2 (ȳ − c) Σ(y − c) + n (ȳ − c)², with c = shift
+    sst = np.clip(units.matrix("yy") - 2 * m * mean + n_rows[:, None] * mean**2, 0.0, None)
     preds = units.array("predictions")
 
-    def r2w(sse: str) -> dict[str, float]:
+    def r2(name: str, weighted: bool) -> dict[str, float]:
+        sse = units.matrix(f"sse_{name}")
         if sst.sum() <= 0:
             return _interval_dict(math.nan, math.nan, math.nan)
-        iv = ratio_interval(units.array(sse), sst, **kw)  # Σ SSE / Σ SST; R² = 1 − that
+        if weighted:  # Σ SSE / Σ SST, R² = 1 − that
+            iv = ratio_interval(sse.sum(1), sst.sum(1), log_scale=True, **kw)
+        else:
+            iv = mean_ratio_interval(sse, sst, level=level, n_resamples=n_resamples, seed=seed)
         return _interval_dict(1 - iv.estimate, 1 - iv.high, 1 - iv.low)
 
     def delta(name: str) -> dict[str, float]:
         iv = delta_interval(units.array(f"nll_{name}"), units.array("nll_clean"), preds, **kw)
         return _interval_dict(iv.estimate, iv.low, iv.high)
 
-    res = {k: a.result() for k, a in acc.items()}
     return TextScore(
         operator=source,
         layer_in=op.layer_in,
@@ -701,10 +719,10 @@ def _text_score(
         n_units=len(preds),
         n_residual_rows=int(n_rows.sum()),
         n_predictions=int(preds.sum()),
-        r2=res["op"]["r2"],
-        r2_weighted=r2w("sse_op"),
-        identity_r2=res["identity"]["r2"],
-        identity_r2_weighted=r2w("sse_identity"),
+        r2=r2("op", weighted=False),
+        r2_weighted=r2("op", weighted=True),
+        identity_r2=r2("identity", weighted=False),
+        identity_r2_weighted=r2("identity", weighted=True),
         logppl_clean=float(units.array("nll_clean").sum() / preds.sum()),
         logppl_spliced=float(units.array("nll_op").sum() / preds.sum()),
         delta_logppl=delta("op"),
@@ -714,8 +732,16 @@ def _text_score(
             "level": level,
             "resamples": n_resamples,
             "unit": f"document (merged in runs of {units.size})" if units.size > 1 else "document",
-            "note": "R² intervals hold the pooled mean ȳ fixed (its variability is O(1/n))",
+            "r2_method": R2_INTERVAL,
         },
+        warnings=[_few_documents_warning(counts["documents"])] if counts["documents"] < MIN_RELIABLE_DOCUMENTS else [],
+    )
+
+
+def _few_documents_warning(n_documents: int) -> str:
+    return (
+        f"WARNING: only {n_documents} document(s): intervals over documents are unreliable below "
+        f"{MIN_RELIABLE_DOCUMENTS} (too few units to estimate their spread); score more documents"
     )
 
 
@@ -731,28 +757,44 @@ def score_file(
     variant: str | None = None,
     device: str = "cpu",
     text_field: str = "text",
+    tracking_uri: str | None = None,
     **kwargs: Any,
 ) -> TextScore:
-    """`ato score`: load the model (a prepared directory, else any HF causal LM directory or id) and the
-    operator (directory or `models:/…`), then `score_text` over the file's documents, streamed."""
+    """`ato score`: check the text file, load the operator (directory or `models:/…`; `tracking_uri`:
+    `ato.operators.registry_tracking_uri`) and the model (a prepared directory, else any HF causal LM
+    directory or id), then `score_text` over the file's documents, streamed."""
     from ato.models import load_prepared, load_source, resolve_device
-    from ato.operators import load_operator
+    from ato.operators import identity_warning, load_operator, variant_dir
 
-    op = load_operator(operator, variant=variant)
+    documents = iter_documents(text, text_field)  # before the slow part: a bad file fails now
+    first = next(documents, None)
+    documents.close()
+    if first is None:
+        raise EvaluateError(f"{text}: no documents (the file is empty or holds only blank lines)")
+    op = load_operator(operator, variant=variant, tracking_uri=tracking_uri)
     if (Path(model_dir) / "ato_model.json").exists():
         model, tokenizer, _info = load_prepared(model_dir, device=str(resolve_device(device)))
     else:
         model, tokenizer = load_source(str(model_dir))
         model.to(resolve_device(device))
     where = f"{operator}" + (f" (variant {variant})" if variant else "")
-    return score_text(model, tokenizer, op, iter_documents(text, text_field), source=where, **kwargs)
+    try:
+        result = score_text(model, tokenizer, op, iter_documents(text, text_field), source=where, **kwargs)
+    except EvaluateError as exc:
+        raise EvaluateError(f"{text}: {exc}") from None
+    local = None if str(operator).startswith("models:/") else Path(operator)
+    below = identity_warning(op.config, variant_dir(local, variant) if local and variant else local)
+    result.warnings += [below] if below else []
+    return result
 
 
 def score_command(args: Any) -> int:
-    """`ato score` (arguments: `ato.cli`): the table on stdout, optionally the JSON too."""
+    """`ato score` (arguments: `ato.cli`): the table on stdout, the JSON to a file too (`--json FILE`),
+    or the JSON alone on stdout and the table on stderr (`--json`); warnings head the table."""
+    import json
     import sys
 
-    from ato.artifacts import write_json_atomic
+    from ato.artifacts import json_clean, write_json_atomic
 
     result = score_file(
         args.text,
@@ -761,10 +803,14 @@ def score_command(args: Any) -> int:
         variant=args.variant,
         device=args.device,
         text_field=args.text_field,
+        tracking_uri=args.tracking_uri,
         max_length=args.max_length,
         mode=args.mode,
     )
-    sys.stdout.write(result.table() + "\n")
-    if args.json:
+    to_stdout = args.json == "-"
+    (sys.stderr if to_stdout else sys.stdout).write(result.table() + "\n")
+    if to_stdout:
+        sys.stdout.write(json.dumps(json_clean(result.to_dict()), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    elif args.json:
         write_json_atomic(args.json, result.to_dict())
     return 0

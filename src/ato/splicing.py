@@ -22,7 +22,9 @@ step is a forward of its own (the new token is position 0 of it): pass "every" o
 The model is checked against the operator's config before any hook is installed (`check_model`):
 hidden size = d_model, the layers exist (and the layer count, where the config records it), and the
 weights digest, where the model was loaded from a prepared directory (`ato prepare` writes
-ato_model.json) or `model_digest=` is given. A mismatch is a `SpliceError` naming both values. The
+ato_model.json) or `model_digest=` is given. Any other model is checked by its input embedding's
+fingerprint (`embedding_fingerprint`, recorded by `ato fit`): another model of the same width and
+depth is refused unless `strict=False`. A mismatch is a `SpliceError` naming both values. The
 hooks are removed on exit, also on an exception: the model is left exactly as it was.
 
 One implementation: `patch_rows` is the spliced residual and `spliced` installs it with forward
@@ -33,6 +35,7 @@ with `patch_rows`, by hooks through `spliced` or by replaying the blocks after T
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,27 +177,32 @@ def splice(
     *,
     model_digest: str | None = "auto",
     variant: str | None = None,
+    strict: bool = True,
 ) -> Iterator[SpliceState]:
     """Patch `model` with operator `op` (an `Operator`, an operator directory or a registry URI
     `models:/<name>@<alias>`; `variant` picks one of a directory's variants) at the operator's own
     layers for the forwards inside the block (module docstring). `model_digest`: "auto" checks the
     weights digest where the model came from a prepared directory, a digest string checks that one,
-    None skips the digest check (hidden size and layers are always checked)."""
+    None skips the digest check (hidden size and layers are always checked). Without a digest, the
+    embedding fingerprint is compared; `strict=False` turns its mismatch into a warning."""
     from .operators import Operator, load_operator
 
     if not isinstance(op, Operator):
         op = load_operator(op, variant=variant)
     elif variant is not None:
         raise SpliceError("variant= selects a variant of an operator directory; pass that variant's Operator instead")
-    check_model(model, op.config, model_digest)
+    check_model(model, op.config, model_digest, strict=strict)
     param = next(model.parameters())
     W, b = op.W.to(param.device, param.dtype), op.b.to(param.device, param.dtype)
     with spliced(model, op.layer_out, lambda x: nn.functional.linear(x, W, b), positions, op.layer_in, mode) as state:
         yield state
 
 
-def check_model(model: nn.Module, config: dict[str, Any], model_digest: str | None = "auto") -> None:
-    """The model fits the operator's config: hidden size, layers, and (where known) weights digest."""
+def check_model(
+    model: nn.Module, config: dict[str, Any], model_digest: str | None = "auto", *, strict: bool = True
+) -> None:
+    """The model fits the operator's config: hidden size, layers, and the weights digest where known,
+    else the embedding fingerprint (a mismatch only warns when `strict` is False)."""
     where = f"operator {config.get('model', '?')} L{config.get('layer_in')}→{config.get('layer_out')}"
     model_config: Any = model.config  # an HF PretrainedConfig
     hidden = int(model_config.hidden_size)
@@ -213,8 +221,52 @@ def check_model(model: nn.Module, config: dict[str, Any], model_digest: str | No
             f"{where}: fitted on model weights {str(expected)[:12]}…, but this model's are {digest[:12]}… "
             "(a different model or checkpoint); load the model the operator was fitted on"
         )
-    if digest is None and expected is not None and model_digest == "auto":
-        log.info("%s: weights digest not checked (not a prepared model directory); hidden size and layers match", where)
+    if digest is None or expected is None:
+        check_fingerprint(model, config, where, strict)
+
+
+FINGERPRINT_ROWS = 32  # embedding rows whose norms make the fingerprint (evenly spaced over the vocabulary)
+FINGERPRINT_RTOL = 1e-2  # dtype copies of one model agree to ~1e-3 on a row norm; two models differ by far more
+
+
+def embedding_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """A cheap fingerprint of the model's input embedding: the vocabulary size and the L2 norms of
+    `FINGERPRINT_ROWS` evenly spaced rows. Norms, not a hash of bytes: the same model loaded in
+    another dtype still matches, while another model of the same width and depth does not."""
+    weight = model.get_input_embeddings().weight.detach()  # type: ignore[operator]  # HF PreTrainedModel
+    rows = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).round().long().to(weight.device)
+    norms = weight[rows].double().norm(dim=1).cpu()
+    return {"vocab_size": int(weight.shape[0]), "row_norms": [float(f"{v:.7g}") for v in norms.tolist()]}
+
+
+def check_fingerprint(model: nn.Module, config: dict[str, Any], where: str, strict: bool = True) -> None:
+    """Compare the model's `embedding_fingerprint` with the one `ato fit` recorded in the config."""
+    recorded = config.get("embedding_fingerprint")
+    if recorded is None:
+        warnings.warn(
+            f"{where}: the operator's config records no embedding fingerprint (fitted before ato recorded one), "
+            "so only the model's width and depth were checked; refit with `ato fit` to check the model itself",
+            stacklevel=3,
+        )
+        return
+    mine = embedding_fingerprint(model)
+    norms = recorded.get("row_norms", [])
+    same = (mine["vocab_size"], len(mine["row_norms"])) == (recorded.get("vocab_size"), len(norms)) and torch.allclose(
+        torch.tensor(mine["row_norms"], dtype=torch.float64),
+        torch.tensor(norms, dtype=torch.float64),
+        rtol=FINGERPRINT_RTOL,
+        atol=0.0,
+    )
+    if same:
+        return
+    message = (
+        f"{where}: the model's input embedding (vocabulary {mine['vocab_size']}, row norms "
+        f"{mine['row_norms'][:3]}…) differs from the fitted model's (vocabulary {recorded.get('vocab_size')}, "
+        f"row norms {norms[:3]}…): another model of the same width and depth"
+    )
+    if strict:
+        raise SpliceError(message + "; load the model the operator was fitted on, or pass strict=False")
+    warnings.warn(message + " (strict=False: splicing anyway)", stacklevel=3)
 
 
 def model_weights_digest(model: nn.Module) -> str | None:

@@ -320,6 +320,17 @@ def registry_name(model_label: str, pair_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ato-{slug}-{pair_name}")
 
 
+def operator_signature(d: int) -> Any:
+    """The pyfunc model's signature: float32 [-1, d] out, and no input schema, because MLflow enforces a
+    tensor input's dtype exactly (float64 residuals would be refused, the whole array printed in the
+    error); `ato.pyfunc_model` checks the input's shape itself and casts it to float32."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d))]))
+
+
 def register_operator(
     operator_dir: Path,
     name: str,
@@ -332,7 +343,7 @@ def register_operator(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Log the operator directory as a pyfunc model in the active run (MLflow "model from code":
-    `pyfunc_model.py`, no pickle; a float32 [-1, d_model] tensor signature and an input example),
+    `pyfunc_model.py`, no pickle; `operator_signature` and an input example),
     register it as `name`, point `alias` at the new version and tag the run with it. The version gets
     `description` and `tags`. `metrics` go on the logged model as `<metric_prefix><key>` and on the
     model version as `metric.<key>` tags. Returns `models:/<name>@<alias>`.
@@ -345,7 +356,6 @@ def register_operator(
     import numpy as np
     import safetensors
     import torch
-    from mlflow.models import infer_signature
 
     package = Path(__file__).resolve().parent
     d = int(json.loads((Path(operator_dir) / "config.json").read_text())["d_model"])
@@ -355,7 +365,7 @@ def register_operator(
         python_model=str(package / "pyfunc_model.py"),
         artifacts={"operator": str(operator_dir)},
         input_example=example,
-        signature=infer_signature(example, example),
+        signature=operator_signature(d),
         code_paths=[str(package)],
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",

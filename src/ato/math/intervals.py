@@ -77,6 +77,7 @@ __all__ = [
     "can_change_scored_predictions",
     "delta_interval",
     "denominator_is_bounded",
+    "mean_ratio_interval",
     "planned_half_width",
     "ratio_bounds",
     "ratio_estimate",
@@ -153,8 +154,11 @@ def _t_bounds(q: Array, se: Array, n: int, level: float) -> tuple[Array, Array]:
     return q - crit * se, q + crit * se
 
 
-def _bootstrap_t(a: Array, b: Array, q: Array, n_resamples: int, rng: np.random.Generator) -> Array:
-    """t*_b = (Q*_b − Q) / se*_b for every data set (rows of a 2-D [R, n] input): [R, n_resamples]."""
+def _bootstrap_t(
+    a: Array, b: Array, q: Array, n_resamples: int, rng: np.random.Generator, log_scale: bool = False
+) -> Array:
+    """t*_b = (Q*_b − Q) / se*_b for every data set (rows of a 2-D [R, n] input): [R, n_resamples];
+    with `log_scale`, t*_b = (log Q*_b − log Q) / (se*_b / Q*_b)."""
     rows, n = a.shape
     out = np.empty((rows, n_resamples))
     step = max(1, _CHUNK_ELEMENTS // (n_resamples * n))
@@ -165,22 +169,28 @@ def _bootstrap_t(a: Array, b: Array, q: Array, n_resamples: int, rng: np.random.
         a_star, b_star = a[sel, idx], b[sel, idx]
         with np.errstate(invalid="ignore", divide="ignore"):
             q_star = a_star.sum(-1) / b_star.sum(-1)
-            out[start:stop] = (q_star - q[start:stop, None]) / _se(a_star, b_star, q_star)
+            se_star = _se(a_star, b_star, q_star)
+            if log_scale:
+                out[start:stop] = (np.log(q_star) - np.log(q[start:stop, None])) / (se_star / q_star)
+            else:
+                out[start:stop] = (q_star - q[start:stop, None]) / se_star
     return out  # ±inf where a resample has se* = 0 but moved Q; nan where 0/0 (dropped below)
 
 
 def _studentized(
-    a: Array, b: Array, q: Array, se: Array, level: float, n_resamples: int, seed: int
+    a: Array, b: Array, q: Array, se: Array, level: float, n_resamples: int, seed: int, log_scale: bool = False
 ) -> tuple[Array, Array]:
+    """Bootstrap-t bounds of Q, or with `log_scale` of log Q (`se` is then the log scale's, se/Q)."""
     shape = q.shape
     a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    t_star = _bootstrap_t(a2, b2, q.reshape(-1), n_resamples, np.random.default_rng(seed))
+    t_star = _bootstrap_t(a2, b2, q.reshape(-1), n_resamples, np.random.default_rng(seed), log_scale)
+    centre = np.log(q) if log_scale else q
     tail = (1.0 - level) / 2.0
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan rows (se = 0) are replaced by the point
         upper_t, lower_t = np.nanquantile(t_star, [1.0 - tail, tail], axis=-1)
-        low = q.reshape(-1) - upper_t * se.reshape(-1)
-        high = q.reshape(-1) - lower_t * se.reshape(-1)
+        low = centre.reshape(-1) - upper_t * se.reshape(-1)
+        high = centre.reshape(-1) - lower_t * se.reshape(-1)
     return low.reshape(shape), high.reshape(shape)
 
 
@@ -210,9 +220,15 @@ def ratio_bounds(
     method: str = DEFAULT_METHOD,
     n_resamples: int = 2000,
     seed: int = 0,
+    log_scale: bool = False,
 ) -> tuple[Array, Array, Array]:
     """(estimate, low, high) of Σ num / Σ den for every data set: units on the last axis,
     leading axes independent data sets. Seeded: the same inputs give the same bounds.
+
+    `log_scale` (for num, den ≥ 0 and Σ num > 0, e.g. SSE / SST): `t` and the bootstrap-t work on log Q with
+    se/Q (the delta method) and map back through exp, so both bounds stay > 0 however few or skewed
+    the units; on the linear scale a short, skewed sample can put the lower bound below 0 (an R² = 1 − Q
+    above 1). `percentile` and `bca` respect the bound on either scale.
 
     Degenerate cases: one unit → nan bounds; all units exactly proportional (se = 0) → the
     point; Σ den = 0 → nan throughout.
@@ -228,13 +244,20 @@ def ratio_bounds(
     if n < 2:
         nan = np.full(q.shape, np.nan)
         return q, nan, nan.copy()
+    if log_scale and ((a < 0).any() or (b < 0).any()):
+        raise ValueError("a log-scale interval needs numerators and denominators ≥ 0")
     if method in ("bca", "percentile"):
         low, high = _scipy_bootstrap(a, b, level, method, n_resamples, seed)
     else:
-        low, high = _t_bounds(q, se, n, level)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            centre, scale = (np.log(q), se / q) if log_scale else (q, se)
+        low, high = _t_bounds(centre, scale, n, level)
         if method != "t":
-            s_low, s_high = _studentized(a, b, q, se, level, n_resamples, seed)
+            s_low, s_high = _studentized(a, b, q, scale, level, n_resamples, seed, log_scale)
             low, high = (s_low, s_high) if method == "studentized" else (np.fmin(low, s_low), np.fmax(high, s_high))
+        if log_scale:
+            with np.errstate(over="ignore"):  # an upper bound past exp's range is +inf: unbounded
+                low, high = np.exp(low), np.exp(high)
     return q, np.where(se == 0, q, low), np.where(se == 0, q, high)
 
 
@@ -260,13 +283,75 @@ def ratio_interval(
     method: str = DEFAULT_METHOD,
     n_resamples: int = 2000,
     seed: int = 0,
+    log_scale: bool = False,
 ) -> Interval:
-    """Σ num / Σ den over units (1-D arrays, one entry per unit) with its interval."""
+    """Σ num / Σ den over units (1-D arrays, one entry per unit) with its interval (`log_scale`:
+    `ratio_bounds`)."""
     a, b = _pair(num, den)
     if a.ndim != 1:
         raise ValueError(f"ratio_interval takes one data set (1-D arrays); got shape {a.shape}")
-    q, low, high = ratio_bounds(a, b, level=level, method=method, n_resamples=n_resamples, seed=seed)
+    q, low, high = ratio_bounds(
+        a, b, level=level, method=method, n_resamples=n_resamples, seed=seed, log_scale=log_scale
+    )
     return Interval(float(q), float(low), float(high), level, method, int(a.shape[0]))
+
+
+def mean_ratio_interval(
+    num: ArrayLike,
+    den: ArrayLike,
+    *,
+    level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Interval:
+    """U = mean over columns d of Σ_j num_jd / Σ_j den_jd (units j on the first axis, [n, d] arrays of
+    values ≥ 0; columns with Σ den = 0 are left out), e.g. the uniform R²'s 1 − U with SSE and SST per
+    document and dimension. The `studentized_hull` interval on the log scale: the hull of log U ± t·se/U
+    and the bootstrap-t of log U, with the delta-method se from the influence values
+    z_j = (n/d) Σ_d (num_jd − Q_d den_jd) / Σ den_d, mapped back through exp (both bounds > 0)."""
+    a, b = _pair(num, den)
+    if a.ndim != 2 or (a < 0).any() or (b < 0).any():
+        raise ValueError(f"mean_ratio_interval takes [units, columns] arrays of values ≥ 0; got shape {a.shape}")
+    keep = b.sum(0) > 0
+    a, b = a[:, keep], b[:, keep]
+    n = a.shape[0]
+    u, se = _mean_ratio_and_se(a, b, np.ones((1, n)))
+    estimate, se_log = float(u[0]), float(se[0] / u[0]) if u[0] > 0 else math.nan
+    method = "studentized_hull (log scale)"
+    if n < 2 or not math.isfinite(se_log):
+        return Interval(estimate, math.nan, math.nan, level, method, n)
+    if se_log == 0:
+        return Interval(estimate, estimate, estimate, level, method, n)
+    t_low, t_high = _t_bounds(np.log(u), np.asarray([se_log]), n, level)
+    rng = np.random.default_rng(seed)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n * a.shape[1]))
+    t_star = []
+    for start in range(0, n_resamples, step):
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(step, n_resamples - start)).astype(np.float64)
+        u_star, se_star = _mean_ratio_and_se(a, b, counts)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_star.append((np.log(u_star) - math.log(estimate)) / (se_star / u_star))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tail = (1.0 - level) / 2.0
+        upper_t, lower_t = np.nanquantile(np.concatenate(t_star), [1.0 - tail, tail])
+    low = min(float(t_low[0]), math.log(estimate) - float(upper_t) * se_log)
+    high = max(float(t_high[0]), math.log(estimate) - float(lower_t) * se_log)
+    with np.errstate(over="ignore"):  # +inf: unbounded
+        return Interval(estimate, float(np.exp(low)), float(np.exp(high)), level, method, n)
+
+
+def _mean_ratio_and_se(a: Array, b: Array, counts: Array) -> tuple[Array, Array]:
+    """U and its delta-method se for each row of `counts` [R, n] (how often each unit is drawn)."""
+    n, d = a.shape
+    A, B = counts @ a, counts @ b  # [R, d]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = A / B
+        u = np.nanmean(q, axis=1) if d else np.full(len(counts), np.nan)
+        inv = np.where(B > 0, 1.0 / B, 0.0)
+        z = (n / d) * (inv @ a.T - np.where(B > 0, q * inv, 0.0) @ b.T)  # [R, n]
+    se = np.sqrt((counts * z * z).sum(1) / (n * (n - 1))) if n > 1 else np.full(len(counts), np.nan)
+    return u, se
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ato.artifacts import Layout, TuningResult, read_json, read_pair_stats
+from ato.artifacts import ArtifactError, Layout, TuningResult, read_json, read_pair_stats
 from ato.math.cca import CCA
 from ato.math.ridge import RidgePath, r2_from_stats
 from ato.math.stats import PairStats
@@ -145,14 +145,34 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
         "hook": store.manifest.hook,
         "equation": "y_hat = x @ W.T + b",
         "variants": list(params.fit.variants),
+        "embedding_fingerprint": fitted_model_fingerprint(params, store),
     }
     metrics = {"alpha": alpha, **scores(W, b, splits)}
     identity = scores(np.eye(store.d_model), np.zeros(store.d_model), {"test": splits["test"]})  # the baseline
     metrics |= {f"identity_{k}": v for k, v in identity.items()}
     config["metrics"] = {k: v for k, v in metrics.items() if k != "alpha"}
+    # top level, so each variant's config inherits the reference it is judged against (worse_than_identity)
+    config["identity_test_r2_weighted"] = identity["test_r2_weighted"]
     fitted = FitResult(W, b, config, metrics)
     fitted.variants = make_variants(fitted, splits, params.fit.variants)
     return fitted
+
+
+def fitted_model_fingerprint(params: Params, store: ActivationStore) -> dict[str, Any]:
+    """The prepared model's embedding fingerprint (`ato.splicing.embedding_fingerprint`), which lets
+    `ato.splice` recognise the model in memory; the model must be the one the store was collected from."""
+    from ato.models import load_prepared
+    from ato.splicing import embedding_fingerprint
+
+    model_dir = params.path("model_dir")
+    model, _tokenizer, info = load_prepared(model_dir)
+    recorded = store.manifest.model.weights_digest
+    if recorded is not None and recorded != info.weights_digest:
+        raise ArtifactError(
+            f"{model_dir}: weights {info.weights_digest[:12]}… are not those the store was collected from "
+            f"({recorded[:12]}…); rerun `ato collect`"
+        )
+    return embedding_fingerprint(model)
 
 
 SCORED = ("train", "val", "test")  # splits every operator and variant is scored on (exactly, from the statistics)
@@ -282,7 +302,7 @@ def version_description(pair_name: str, config: dict[str, Any], alias: str, iden
     if identity_r2w is None:
         return text + "."
     text += f" (identity map: R²_w {identity_r2w:.3f})."
-    warning = below_identity_warning(r2w, identity_r2w) if variant != "identity" else None
+    warning = below_identity_warning(r2w, identity_r2w, f"variant {variant!r}") if variant != "identity" else None
     return f"{text} {warning}" if warning else text
 
 
