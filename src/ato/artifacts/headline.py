@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
-from ._io import ArtifactError, Record, read_json, write_text_atomic
+from ._io import ArtifactError, Record, write_text_atomic
 
 SAE_PREFIX = "sae_L"  # key of a target layer's SAE gates: sae_L06
 
@@ -75,10 +75,6 @@ class HeadlineMetrics(Record):
             else:
                 out.pairs[key] = _numbers(PairHeadline, values, f"{where}.{key}")
         return out
-
-    @classmethod
-    def read(cls, path: str | Path) -> Self:
-        return cls.from_dict(read_json(path, f"{cls.__name__}{cls._rerun()}"), str(path))
 
 
 _Scores = TypeVar("_Scores", PairHeadline, SaeHeadline)
