@@ -32,10 +32,12 @@ SKIPPED_BY_DESIGN: dict[str, str] = {
     "bash scripts/test.sh": "this very test suite (what CI runs through .ci/run)",
     "source scripts/env.sh": "installs the pinned environment when requirements change (pip, minutes); every "
     "CI run goes through it via scripts/test.sh",
-    "dvc exp run -S tune.n_trials=60 -S evaluate.transported_r2=0.6": "a full pipeline run; its -S keys are "
-    "checked against params below",
-    "dvc exp show --only-changed": "needs experiments from a real run",
-    "dvc metrics diff": "needs a real run's metrics in the workspace and HEAD",
+    "dvc exp run -S evaluate.transported_r2=0.6": "a full pipeline run; its -S keys are checked against params "
+    "below, and tests/test_dvc_pipeline.py runs the same experiment on the tiny pipeline",
+    "dvc exp show --only-changed": "needs experiments from a real run; tests/test_dvc_pipeline.py runs it on the "
+    "tiny pipeline's experiment",
+    "dvc metrics diff": "needs a real run's metrics in the workspace and HEAD; tests/test_dvc_pipeline.py runs it "
+    "on the tiny pipeline's experiment",
     "dvc plots diff": "needs a real run's plots in the workspace and HEAD",
     "ato ui": "a long-running server; tests/test_ui.py starts it, queries it and stops it",
     "dvc get <url-of-this-repo> models/operators/L05_k1": "needs a published repository and a filled remote",

@@ -1,5 +1,6 @@
 """The DVC pipeline itself on a tiny project: `dvc repro` twice does nothing the second time, a
-param change reruns only its dependants, and adding a pair fits only that pair."""
+param change reruns only its dependants, and adding a pair fits only that pair; what a user compares
+(`dvc exp show`, `dvc metrics diff`, `dvc plots show`) stays readable and follows `pairs:`."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ pytestmark = pytest.mark.slow
 TRACE = "params-trace.jsonl"  # every `ato` stage appends the params keys it read (ATO_PARAMS_TRACE)
 
 
-def dvc(project: Path, *args: str) -> str:
+def dvc(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
     env = {
         **os.environ,
         "DVC_NO_ANALYTICS": "1",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "ATO_PARAMS_TRACE": str(project / TRACE),
+        **(env or {}),
     }
     out = subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, env=env, timeout=600
@@ -44,6 +46,11 @@ def ran(log: str) -> set[str]:
 
 @pytest.fixture
 def dvc_project(tmp_path: Path) -> Path:
+    return make_dvc_project(tmp_path)
+
+
+def make_dvc_project(tmp_path: Path) -> Path:
+    """A git + DVC project of the tiny pipeline (pairs L00_k1, L01_k2: not the default's), not yet run."""
     project = tmp_path / "project"
     project.mkdir()
     shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
@@ -63,6 +70,7 @@ def dvc_project(tmp_path: Path) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's remote + settings
+    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")  # the project's plot templates
     return project
 
 
@@ -128,3 +136,64 @@ def test_push_and_pull_through_the_default_local_remote(dvc_project: Path):
     dvc(dvc_project, "pull", "collect")
     assert (dvc_project / "data" / "activations" / "manifest.json").exists()
     assert "up to date" in dvc(dvc_project, "status", "collect").lower()
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    """The tiny project run once and committed, then one experiment changing one param (the README's
+    `evaluate.transported_r2`): what a user compares after `dvc exp run`."""
+    project = make_dvc_project(tmp_path_factory.mktemp("experiment"))
+    dvc(project, "repro")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True, capture_output=True)
+    # named: DVC's random names vary in length, and so would the table's width
+    dvc(project, "exp", "run", "-n", "transported-0", "-S", f"evaluate.transported_r2={CHANGED_TRANSPORTED_R2}")
+    return project
+
+
+CHANGED_TRANSPORTED_R2 = 0.0  # from 0.5: the tiny pairs' transported fractions change
+TERMINAL = {"COLUMNS": "200"}
+
+
+def widest(text: str) -> int:
+    return max(len(line) for line in text.splitlines())
+
+
+def test_a_one_param_experiment_fits_a_200_column_terminal(experiment: Path):
+    """`dvc metrics diff` and `dvc exp show --only-changed` compare reports/headline.json only: a few
+    short columns (and the changed param and dep hashes), not every number of every report file."""
+    diff = dvc(experiment, "metrics", "diff", env=TERMINAL)
+    rows = [line.split() for line in diff.splitlines()[1:] if line.strip()]
+    assert rows and {row[0] for row in rows} == {"reports/headline.json"}, diff
+    assert {row[1] for row in rows} >= {f"{pair}.transported" for pair in TINY_PARAMS["pairs"]}, diff
+    assert widest(diff) <= 200, diff
+    show = dvc(experiment, "exp", "show", "--only-changed", env=TERMINAL)
+    header = next(line for line in show.splitlines() if "Experiment" in line)
+    assert "evaluate.transported_r2" in header and f"{next(iter(TINY_PARAMS['pairs']))}.transported" in header
+    assert widest(show) <= 200, f"{widest(show)} columns:\n{show}"
+
+
+def test_plots_follow_the_pairs(experiment: Path):
+    """Every comparison plot of dvc.yaml renders every pair of params.yaml (here not the default's
+    pairs), without an error or a warning."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show", "--json"],
+        cwd=experiment,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+        timeout=600,
+    )
+    assert out.returncode == 0 and "WARNING" not in out.stderr and "ERROR" not in out.stderr, out.stderr
+    shown = json.loads(out.stdout)
+    assert "errors" not in shown, shown.get("errors")
+    pairs = set(TINY_PARAMS["pairs"])
+    top_level = [next(iter(item)) for item in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]]
+    for plot in top_level:
+        (rendered,) = shown["data"][plot]
+        values = rendered["content"]["data"]["values"]
+        encoding = rendered["content"]["encoding"]
+        x, y = encoding["x"]["field"], encoding["y"]["field"]
+        drawn = {row["pair"] for row in values if row.get(x) not in (None, "") and row.get(y) not in (None, "")}
+        assert drawn == pairs, (plot, drawn)

@@ -266,7 +266,7 @@ def test_evaluate_end_to_end(tmp_path: Path):
 
 
 def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp_path: Path):
-    """The DVC metrics file: numbers only (no digests, no per-rank series), a readable count, the headline
+    """The metrics file: numbers only (no digests, no per-rank series), a readable count, the headline
     keys first in `PairMetrics.HEADLINE` order; held-out subspace statistics beside their null, η beside
     its linear reference — and the record reads back by attribute."""
     from ato.artifacts import PairMetrics

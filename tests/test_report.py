@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,8 +261,8 @@ def test_outputs_exist(reported):
         png = reports / "figures" / f"{name}.png"
         assert png.exists() and png.stat().st_size > 10_000, png
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("summary.csv", "efficiency_k1.csv", "efficiency_k2.csv", "efficiency_k3.csv", "alpha.csv"):
-        assert (reports / "plots" / name).exists(), name
+    assert sorted(p.name for p in (reports / "plots").iterdir()) == ["alpha.csv", "efficiency.csv", "summary.csv"]
+    assert (reports / "headline.json").exists()
     assert not list(reports.rglob(".tmp-*"))
 
 
@@ -379,25 +380,117 @@ def test_plot_csvs(reported):
         assert math.isclose(float(by["L11_k1"][key]), m[key]), key
     assert by["L05_k1"]["alpha_immaterial"] == "1.0" and by["L11_k1"]["alpha_immaterial"] == "0.0"
     assert by["L09_k3"]["causal_recovered"] == ""  # undefined share
-    with open(plots / "efficiency_k2.csv") as fh:
+    # the curves: long format, one row per pair and point, so dvc.yaml's plots name no pair
+    with open(plots / "efficiency.csv") as fh:
         eff = list(csv.DictReader(fh))
     assert list(eff[0]) == [
+        "pair",
+        "L",
+        "k",
         "rank",
         "log10_rank",
-        "eta_rrr_test_L04",
-        "eta_rrr_test_shift_removed_L04",
-        "ceiling_L04",
-        "eta_rrr_test_L10",
-        "eta_rrr_test_shift_removed_L10",
-        "ceiling_L10",
+        "eta_rrr_test",
+        "eta_rrr_test_shift_removed",
+        "ceiling",
     ]
-    assert [int(r["rank"]) for r in eff] == rank_grid(D_MODEL, 24)
-    assert all(r["eta_rrr_test_L10"] == "" for r in eff)  # L10_k2's efficiency.csv is missing
-    assert math.isclose(float(eff[0]["ceiling_L04"]), fake_efficiency(4, 2)["ceiling"][0])
+    curves = {name: [r for r in eff if r["pair"] == name] for name in PAIRS}
+    assert curves.pop("L10_k2") == []  # its efficiency.csv is missing
+    for name, rows in curves.items():
+        L, k = PAIRS[name]
+        assert {(r["L"], r["k"]) for r in rows} == {(str(L), str(k))}
+        assert [int(r["rank"]) for r in rows] == rank_grid(D_MODEL, 24)
+        assert [float(r["ceiling"]) for r in rows] == pytest.approx(fake_efficiency(L, k)["ceiling"])
     with open(plots / "alpha.csv") as fh:
         alpha = list(csv.DictReader(fh))
-    assert len(alpha) == 64 and list(alpha[0])[2:] == list(PAIRS)
+    assert list(alpha[0]) == ["pair", "L", "k", "alpha", "log10_alpha", "val_r2"]
+    assert [r["pair"] for r in alpha] == [name for name in PAIRS for _ in range(64)]
     assert math.isclose(float(alpha[0]["log10_alpha"]), -3.0)
+
+
+def test_headline_metrics(reported):
+    """reports/headline.json, the one DVC metrics file: a few numbers per pair under short keys, the SAE
+    gates per target layer, no strings, missing inputs left out; it reads back through its record."""
+    from ato.artifacts import HeadlineMetrics
+
+    project, _params, _ = reported
+    path = project / "reports" / "headline.json"
+    written = json.loads(path.read_text())
+    assert list(written) == [*PAIRS, "sae_L06", "sae_L12"]
+    assert written["sae_L06"] == written["sae_L12"] == {}  # no SAE quality report in this project
+    keys = ["r2", "r2_w", "eta", "ceiling", "d_ato", "d_ato_hw", "recovered", "transported"]
+    assert list(written["L05_k1"]) == keys
+    m, causal = fake_metrics(5, 1), fake_causal(5, 1)
+    expected = {
+        "r2": m["r2"],
+        "r2_w": m["r2_weighted"],
+        "eta": m["eta_test"],
+        "ceiling": m["ceiling_full"],
+        "d_ato": causal["ato_delta_after"],
+        "d_ato_hw": causal["ato_delta_after_half_width"],
+        "recovered": causal["recovered_vs_train_mean_after"],
+        "transported": m["transported_fraction"],
+    }
+    assert written["L05_k1"] == pytest.approx(expected)
+    assert list(written["L10_k2"]) == ["d_ato", "d_ato_hw", "recovered"]  # evaluate outputs missing
+    assert list(written["L04_k2"]) == ["r2", "r2_w", "eta", "ceiling", "transported"]  # causal output missing
+    assert "recovered" not in written["L09_k3"]  # undefined share
+    back = HeadlineMetrics.read(path)
+    assert back.pairs["L05_k1"].r2 == m["r2"] and math.isnan(back.pairs["L10_k2"].r2)
+
+
+def test_headline_carries_the_sae_gates(tmp_path, monkeypatch):
+    from ato.artifacts import HeadlineMetrics, SaeInfo
+    from ato.params import load_params
+    from ato.stages import report
+
+    monkeypatch.setattr(report, "_log_mlflow", lambda *a, **k: None)
+    pairs = {"L00_k1": (0, 1), "L01_k2": (1, 2), "L02_k1": (2, 1)}  # targets 1 and 3
+    project = make_project(tmp_path, pairs)
+    write_fake_outputs(project, pairs)
+    gates = {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "mean"}
+    SaeInfo(
+        layer=3,
+        architecture="topk",
+        d_in=640,
+        d_sae=1024,
+        store_digest="x",
+        fve_val=0.83,
+        mean_l0=64.0,
+        dead_fraction=0.07,
+        n_val_tokens=1000,
+        hook="blocks.3.hook_resid_post",
+        source="train",
+        reliable=False,
+        gate_failures=["dead fraction 0.07 > 0.05"],
+        gates=gates,
+        ce_recovered_zero=0.97,
+        ce_recovered_mean=0.91,
+    ).write(project / "reports" / "sae" / "layer_03.json")
+    report.main(load_params(project / "params.yaml"))
+    written = json.loads((project / "reports" / "headline.json").read_text())
+    assert list(written) == [*pairs, "sae_L01", "sae_L03"]
+    assert written["sae_L01"] == {}  # no quality report for layer 1 yet
+    assert written["sae_L03"] == {"fve": 0.83, "dead": 0.07, "ce_rec": 0.91, "reliable": 0.0}  # the gate's reference
+    assert HeadlineMetrics.read(project / "reports" / "headline.json").saes[3].ce_rec == 0.91
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"L05_k1": {"r2": 0.5, "r2_typo": 1}}', "L05_k1: unknown key 'r2_typo'"),
+        ('{"L05_k1": {"r2": "high"}}', "L05_k1.r2: expected a number"),
+        ('{"sae_L06": {"fve": 0.9, "r2": 0.5}}', "sae_L06: unknown key 'r2'"),
+        ('{"L05_k1": 0.5}', "L05_k1: expected an object of numbers"),
+    ],
+)
+def test_headline_keys_are_checked_on_read(tmp_path, content, message):
+    from ato.artifacts import HeadlineMetrics
+
+    path = tmp_path / "headline.json"
+    path.write_text(content)
+    with pytest.raises(ArtifactError, match=re.escape(message)) as info:
+        HeadlineMetrics.read(path)
+    assert str(path) in str(info.value)
 
 
 def test_logged_to_the_parent_run(reported):

@@ -408,7 +408,7 @@ def _mean(values: list[float]) -> float:
 
 
 def atlas_metrics(result: AtlasResult) -> dict[str, Any]:
-    """The DVC metrics file: per k, means over L of the headline numbers (numbers only)."""
+    """reports/atlas/metrics.json: per k, means over L of the headline numbers (numbers only)."""
     out: dict[str, Any] = {"n_pairs": len(result.pairs), "n_train_tokens": result.budget.n_train_tokens}
     for k in sorted({p.k for p in result.pairs}):
         ps = [p for p in result.pairs if p.k == k]

@@ -19,7 +19,7 @@ atomic writer (`atomic_path`), and read through its record: a missing, truncated
 | causal | operator, `ModelInfo`, `CausalReference`, store | `CausalSummary` → causal(pair); `CausalSequences` |
 | languages | operators, store, SAE, `FeatureSet`, `SaeInfo`, other text | `LanguageReport` → languages |
 | atlas | `StoreManifest`, `ValidationVerdict`, store, model | `AtlasResult` → atlas_result; atlas_maps; tables |
-| report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult` | summary.md, plots/*.csv, figures |
+| report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult`, `SaeInfo` | `HeadlineMetrics`, summary |
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ _LAZY = {
     "RecoveredShare": "causal",
     "ReferenceSet": "causal",
     "SequenceDetail": "causal",
+    "HeadlineMetrics": "headline",
+    "PairHeadline": "headline",
+    "SaeHeadline": "headline",
     "FeatureContext": "features",
     "FeatureContexts": "features",
     "FeatureScores": "features",
@@ -105,6 +108,7 @@ __all__ = [
     "FeatureContexts",
     "FeatureScores",
     "FeatureSet",
+    "HeadlineMetrics",
     "IntervalScore",
     "LanguageReport",
     "LanguageScores",
@@ -116,6 +120,7 @@ __all__ = [
     "ManifestTokenizer",
     "ModelInfo",
     "OperatorScore",
+    "PairHeadline",
     "PairMetrics",
     "PairStatsMeta",
     "PairTransfer",
@@ -125,6 +130,7 @@ __all__ = [
     "Record",
     "RecoveredShare",
     "ReferenceSet",
+    "SaeHeadline",
     "SaeInfo",
     "SelectReport",
     "SequenceDetail",
@@ -181,6 +187,7 @@ if TYPE_CHECKING:
         SequenceDetail,
     )
     from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
+    from .headline import HeadlineMetrics, PairHeadline, SaeHeadline
     from .languages import IntervalScore, LanguageReport, LanguageScores, LanguageSource, PairTransfer
     from .manifest import ManifestCorpus, ManifestModel, ManifestTokenizer, SplitInfo, StoreManifest
     from .metrics import (

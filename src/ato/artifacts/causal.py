@@ -5,10 +5,10 @@ docs/statistics.md#intervals).
 * `CausalReference` — reports/causal/reference/layer_NN.json (`ato causal_reference`): the conditions
   that depend only on the target layer T = L+k (clean, zero, train_mean), per sequence, computed once
   per T and shared by every pair with that target.
-* `CausalSummary` — reports/causal/<pair>.json, a DVC metrics file: numbers per position set and
-  condition, every one with its interval, plus flat copies of the headline set's numbers at the top
-  level (`ato_delta_all`, `recovered_all`, …). Written without a `format` key so that `dvc metrics
-  diff` compares numbers only.
+* `CausalSummary` — reports/causal/<pair>.json: numbers per position set and condition, every one
+  with its interval, plus flat copies of the headline set's numbers at the top level (`ato_delta_all`,
+  `recovered_all`, …). Written without a `format` key (numbers only); its keys are checked on read.
+  Its headline Δ and recovered share reach reports/headline.json (`HeadlineMetrics`).
 * `CausalSequences` — reports/causal/<pair>_sequences.json: which sequences were used and every
   per-sequence value behind the summary.
 
@@ -153,7 +153,7 @@ def headline_keys() -> list[str]:
 class CausalSummary(Record):
     """One pair's causal check; the headline set is `all` when present, else the first set."""
 
-    FORMAT: ClassVar[str] = "ato-causal/1"  # not written (DVC metrics file); keys checked instead
+    FORMAT: ClassVar[str] = "ato-causal/1"  # not written (numbers only); keys checked instead
     PRODUCER: ClassVar[str] = "causal"
 
     L: int  # layer whose residual feeds the patch values

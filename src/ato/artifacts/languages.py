@@ -4,7 +4,7 @@ text, maps fitted per language, their transfer matrix and subspace overlaps, and
 * `LanguageReport` — reports/languages/transfer.json: every number beside its reference (the
   language's own map, the identity, mean ablation, the same language's split-half overlap, r/d).
 * reports/languages/metrics.json — the same headline numbers as nested `{pair: {language: {name:
-  number}}}` for `dvc metrics` (`LanguageReport.metrics`; no strings).
+  number}}}` (`LanguageReport.metrics`; no strings).
 * reports/languages/scores.csv — one row per (pair, language), the `dvc plots` table (`SCORE_COLUMNS`).
 
 Definitions: docs/method.md#languages; file layout: docs/contracts.md#languages.

@@ -164,7 +164,7 @@ class Layout:
 
     @property
     def atlas_metrics(self) -> Path:
-        """DVC metrics: the atlas summarised per k (numbers only)."""
+        """The atlas summarised per k (numbers only)."""
         return self.atlas_dir / "metrics.json"
 
     @property
@@ -213,3 +213,8 @@ class Layout:
     @property
     def plots(self) -> Path:
         return self.reports / "plots"
+
+    @property
+    def headline(self) -> Path:
+        """`HeadlineMetrics`: the pipeline's one DVC metrics file."""
+        return self.reports / "headline.json"

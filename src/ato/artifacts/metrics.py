@@ -1,9 +1,9 @@
 """Evaluation results (`ato evaluate` → report): one pair's scores on the held-out test split.
 
-* `PairMetrics` — reports/metrics/<pair>.json, a DVC metrics file: one flat JSON object of numbers
-  (the MLflow metric names), headline numbers first, non-finite values left out. It is written
-  without a `format` key so that `dvc metrics diff` compares numbers only; its keys are checked on
-  read instead.
+* `PairMetrics` — reports/metrics/<pair>.json: one flat JSON object of numbers (the MLflow metric
+  names), headline numbers first, non-finite values left out. It is written without a `format` key
+  (numbers only); its keys are checked on read instead. A few of them reach reports/headline.json
+  (`HeadlineMetrics`, the one DVC metrics file).
 * `EfficiencyTable` — reports/evaluate/<pair>/efficiency.csv, the rank sweep (a `dvc plots` file): the
   per-rank series, which the metrics file does not repeat.
 * `TransportVerdicts` — reports/evaluate/<pair>/transport.json, which kept SAE features are
@@ -92,16 +92,16 @@ class PairMetrics(Record):
     """One pair's evaluation: the ATO, its baselines (identity ŷ = x, train mean ŷ = ȳ, OLS α = 0), the
     CCA ceiling, η beside the η of an exactly linear map, and the subspace size beside its null.
 
-    On disk (reports/metrics/<pair>.json, a DVC metrics file, also the MLflow metric names): one flat
+    On disk (reports/metrics/<pair>.json, also the MLflow metric names): one flat
     JSON object of numbers, the `HEADLINE` keys first, then the rest in field order; predictor scores
     are flat keys with the predictor's prefix (`r2`, `identity_r2`, `mean_r2`, `ols_r2`, …). No per-rank
     series (those are `EfficiencyTable`, the dvc plot). A value absent from the file (non-finite when
     written) reads as NaN. Definitions: docs/method.md#cca, #efficiency and docs/statistics.md#heldout.
     """
 
-    FORMAT: ClassVar[str] = "ato-metrics/1"  # not written (DVC metrics file); keys checked instead
+    FORMAT: ClassVar[str] = "ato-metrics/1"  # not written (numbers only); keys checked instead
     PRODUCER: ClassVar[str] = "evaluate"
-    # the numbers `dvc metrics diff` / `dvc exp show` users compare, in this order at the top of the file
+    # the numbers a reader looks for first, in this order at the top of the file
     HEADLINE: ClassVar[tuple[str, ...]] = (
         "r2",
         "r2_weighted",

@@ -2,7 +2,7 @@
 how good it is on VAL (FVE, L0, dead/dense latents, CE-loss recovered and KL with the reconstruction
 spliced in) and whether it passed its quality gates (`reliable`, `gate_failures`). The same content
 is written twice: `sae_dir/layer_NN/ato_sae.json` beside the sae-lens files, and
-`reports/sae/layer_NN.json`, a DVC metrics file. See docs/contracts.md#sae."""
+`reports/sae/layer_NN.json` (its gates reach reports/headline.json). See docs/contracts.md#sae."""
 
 from __future__ import annotations
 

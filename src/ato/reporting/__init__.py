@@ -1,12 +1,14 @@
 """The summary of `ato report`: per-pair results read through their records (`results`), the
-markdown of summary.md (`markdown`) and the CSVs for `dvc plots` (`plot_tables`); its figures are in
-`ato.plotting.summary`."""
+markdown of summary.md (`markdown`), the CSVs for `dvc plots` (`plot_tables`) and the one DVC metrics
+file (`headline`); its figures are in `ato.plotting.summary`."""
 
+from .headline import build_headline
 from .markdown import SummarySettings, render_summary
 from .plot_tables import write_plot_csvs
 from .results import MissingInput, PairResults, headline_metrics, load_pair, rank_value
 
 __all__ = [
+    "build_headline",
     "MissingInput",
     "PairResults",
     "SummarySettings",

@@ -1,6 +1,8 @@
 """The CSVs of reports/plots/ for `dvc plots`: headline numbers per pair beside their references and
-nulls (plots/summary.csv), η(r) and ceiling(r) per k, and α → validation R² per pair (its templates
-have no log axis, hence the log10 columns)."""
+nulls (plots/summary.csv), η(r) and ceiling(r) per pair (efficiency.csv) and α → validation R² per pair
+(alpha.csv). The curves are in long format, one row per pair and point with a `pair` column, which the
+project's `pairs` template (.dvc/plots/pairs.json) colours by, so the plots follow `pairs:` with no edit
+of dvc.yaml. The templates have no log axis, hence the log10 columns."""
 
 from __future__ import annotations
 
@@ -8,8 +10,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ato.artifacts import PairMetrics, write_csv_atomic
 from ato.artifacts.causal import PATCHED, REFERENCES
@@ -74,12 +74,11 @@ def cell(v: Any) -> str:
 
 
 def write_plot_csvs(out_dir: Path, results: list[PairResults], scope: str) -> list[Path]:
-    paths = [write_summary_csv(out_dir / "summary.csv", results, scope)]
-    for k in sorted({res.pair.k for res in results}):
-        group = sorted((res for res in results if res.pair.k == k), key=lambda r: r.pair.L)
-        paths.append(write_efficiency_csv(out_dir / f"efficiency_k{k}.csv", group))
-    paths.append(write_alpha_csv(out_dir / "alpha.csv", results))
-    return paths
+    return [
+        write_summary_csv(out_dir / "summary.csv", results, scope),
+        write_efficiency_csv(out_dir / "efficiency.csv", results),
+        write_alpha_csv(out_dir / "alpha.csv", results),
+    ]
 
 
 def write_summary_csv(path: Path, results: list[PairResults], scope: str) -> Path:
@@ -120,30 +119,34 @@ def _causal_cells(res: PairResults, scope: str) -> list[float]:
     return out
 
 
-def write_efficiency_csv(path: Path, group: list[PairResults]) -> Path:
-    """rank, log10_rank, then η_RRR(test), η_RRR(test) with the mean shift removed and ceiling per L of one k."""
-    ranks = sorted({int(r) for res in group if res.efficiency is not None for r in res.efficiency.rank})
+def write_efficiency_csv(path: Path, results: list[PairResults]) -> Path:
+    """One row per pair and swept rank (long format: `pair` names the curve, so the plots follow `pairs:`):
+    η_RRR(test), η_RRR(test) with the mean shift removed and the ceiling at that rank."""
     columns = ("eta_rrr_test", "eta_rrr_test_shift_removed", "ceiling")
-    header = ["rank", "log10_rank", *(f"{c}_L{res.pair.L:02d}" for res in group for c in columns)]
-    table = []
-    for r in ranks:
-        row: list[Any] = [r, repr(math.log10(r))]
-        for res in group:
-            for c in columns:
-                value = math.nan
-                if res.efficiency is not None:
-                    hit = np.flatnonzero(res.efficiency.rank.astype(int) == r)
-                    value = res.efficiency.column(c)[hit[0]] if hit.size else math.nan
-                row.append(cell(value))
-        table.append(row)
-    return write_csv_atomic(path, header, table)
+    rows = [
+        [*_pair_cells(res), int(r), repr(math.log10(r)), *(cell(res.efficiency.column(c)[i]) for c in columns)]
+        for res in results
+        if res.efficiency is not None
+        for i, r in enumerate(res.efficiency.rank)
+    ]
+    return write_csv_atomic(path, [*PAIR_COLUMNS, "rank", "log10_rank", *columns], rows)
 
 
 def write_alpha_csv(path: Path, results: list[PairResults]) -> Path:
-    """alpha, log10_alpha, then each pair's validation R² on its tuning curve."""
-    curves = {res.name: {float(p.alpha): p.val_r2 for p in res.tuning.curve} if res.tuning else {} for res in results}
-    alphas = sorted({a for curve in curves.values() for a in curve})
+    """One row per pair and point of its tuning curve (α > 0): α, log10 α and the validation R²."""
     rows = [
-        [repr(a), repr(math.log10(a)), *[cell(curves[res.name].get(a)) for res in results]] for a in alphas if a > 0
+        [*_pair_cells(res), repr(float(p.alpha)), repr(math.log10(p.alpha)), cell(p.val_r2)]
+        for res in results
+        if res.tuning is not None
+        for p in sorted(res.tuning.curve, key=lambda p: p.alpha)
+        if p.alpha > 0
     ]
-    return write_csv_atomic(path, ["alpha", "log10_alpha", *(res.name for res in results)], rows)
+    return write_csv_atomic(path, [*PAIR_COLUMNS, "alpha", "log10_alpha", "val_r2"], rows)
+
+
+# the leading columns of the long-format CSVs: which pair a row belongs to
+PAIR_COLUMNS = ("pair", "L", "k")
+
+
+def _pair_cells(res: PairResults) -> list[Any]:
+    return [res.name, res.pair.L, res.pair.k]

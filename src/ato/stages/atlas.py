@@ -8,7 +8,7 @@ L+1…L+k is estimated on a few TRAIN sequences and compared with the ridge map;
 atlas.causal_pairs are patched into the model on TEST sequences. See `ato.atlas` and
 docs/method.md#atlas.
 
-Outputs: reports/atlas/atlas.json (`AtlasResult`), metrics.json (DVC metrics), pairs.csv, atlas.md,
+Outputs: reports/atlas/atlas.json (`AtlasResult`), metrics.json (numbers only), pairs.csv, atlas.md,
 figures/{heatmaps, operators, spectra}.png; <paths.atlas>/maps.safetensors (every pair's ridge map).
 One MLflow run (`ato.kind = atlas`) under the pipeline's parent run.
 """

@@ -13,7 +13,7 @@ docs/method.md#languages).
 Other languages' residuals are streamed through the model with the collect hooks into float64
 statistics; nothing large is written. The reference language is read from the activation store.
 
-Outputs: `LanguageReport` (reports/languages/transfer.json), metrics.json (DVC metrics), scores.csv
+Outputs: `LanguageReport` (reports/languages/transfer.json), metrics.json (numbers only), scores.csv
 (DVC plots), figures languages_{transfer, overlap, scores}.png; one MLflow child run `languages`.
 """
 

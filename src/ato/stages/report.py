@@ -11,8 +11,9 @@ the SAE's quality gates from reports/sae) go into summary.md and reports/feature
 feature-level number of an SAE that missed its gates is marked UNRELIABLE (summary, heatmaps, MLflow
 tags `sae_reliable`, `sae_gate_failures`).
 
-Writes summary.md, features.html, figures/summary_{heatmaps, efficiency, causal, alpha}.png and
-plots/{summary, efficiency_k<k>, alpha}.csv under `paths.reports`, and logs them to the pipeline's
+Writes headline.json (`HeadlineMetrics`, the pipeline's one DVC metrics file: a few numbers per pair and
+each target layer's SAE gates), summary.md, features.html, figures/summary_{heatmaps, efficiency, causal,
+alpha}.png and plots/{summary, efficiency, alpha}.csv under `paths.reports`, and logs them to the pipeline's
 parent MLflow run (`report/`) together with every pair's headline numbers beside their references and
 nulls as metrics `<pair>/<name>` (`ato.reporting.headline_metrics`). Params: `report.dpi`,
 `report.ranks` (ranks at which the tables quote η(r) and ceiling(r): the largest swept rank ≤ r),
@@ -28,26 +29,35 @@ from pathlib import Path
 from ato.artifacts import Layout, write_text_atomic
 from ato.params import Params
 from ato.plotting.summary import plot_alpha, plot_causal, plot_efficiency, plot_heatmaps
-from ato.reporting import PairResults, SummarySettings, headline_metrics, load_pair, render_summary, write_plot_csvs
+from ato.reporting import (
+    PairResults,
+    SummarySettings,
+    build_headline,
+    headline_metrics,
+    load_pair,
+    render_summary,
+    write_plot_csvs,
+)
 from ato.reporting.feature_cards import LayerCards, cards_html, load_cards
 
 log = logging.getLogger(__name__)
 
 
 def main(params: Params) -> Path:
-    """Write summary.md, the summary figures and the plot CSVs; log them to the parent MLflow run."""
+    """Write headline.json, summary.md, the summary figures and the plot CSVs; log them to the parent MLflow run."""
     layout, rp = Layout.from_params(params), params.report
     results = [load_pair(layout, name, pair) for name, pair in params.pairs.items()]
     cards = load_cards(layout, params.pairs)
     figures = write_figures(layout, params, results, cards)
     csvs = write_plot_csvs(layout.plots, results, rp.causal_scope)
+    build_headline(layout, results, rp.causal_scope).write(layout.headline)
     settings = SummarySettings.from_params(params)
     write_text_atomic(layout.summary, render_summary(settings, results, figures, cards) + "\n")
     write_text_atomic(layout.feature_cards, cards_html(cards, settings.model))
     n_missing = sum(len(res.missing) for res in results)
     _log_mlflow(
         params,
-        [layout.summary, layout.feature_cards, *figures.values(), *csvs],
+        [layout.headline, layout.summary, layout.feature_cards, *figures.values(), *csvs],
         _parent_metrics(results, rp.causal_scope, n_missing),
         cards,
     )

@@ -1,7 +1,7 @@
 """The validation report: the verdict record, flat metrics, the CSV tables and validation.md.
 
 `<paths.reports>/validation/`: validation.json (`ato.artifacts.ValidationVerdict`), validation.md,
-stats.csv (layers table), parts.csv, splits.csv and metrics.json (DVC metrics, MLflow)."""
+stats.csv (layers table), parts.csv, splits.csv and metrics.json (numbers, MLflow)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class ValidationReport:
         return sum(not r.success for r in self.results) + sum(1 for f in self.failures if f.table == "store")
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for DVC metrics and MLflow."""
+        """Flat numbers for metrics.json and MLflow."""
         out: dict[str, float] = {
             "validate_success": float(self.success),
             "validate_n_expectations": float(len(self.results)),
