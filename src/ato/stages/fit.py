@@ -211,8 +211,7 @@ def register(params: Params, pair_name: str, operator_dir: Path, variant: str | 
     files of that operator are logged (not the variants beside it)."""
     source = operator_dir if variant is None else variant_dir(operator_dir, variant)
     config = read_json(source / CONFIG, "operator config")
-    label = config["model"] if params.prepare.source == "embedded" else params.prepare.source
-    name = registry_name(label, pair_name)
+    name = registry_name(config["model"], pair_name)  # the model label the operator was fitted on
     metrics = config.get("metrics") or {}
     with _only_operator_files(source) as staged:
         if variant is None:
