@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from ato.corpus import Corpus
 from ato.models import base_model, load_prepared
 from ato.params import load_params
 from ato.store import ActivationStore, layer_key
@@ -106,7 +107,9 @@ def test_the_pipeline_runs_end_to_end_on_smollm2(tmp_path, caplog):
     end = int(np.flatnonzero(positions == 0)[1])
     ids = np.asarray(group["token_id"][:end])
     assert (np.asarray(group["token_id"][:])[positions == 0] == info.bos_token_id).all()
-    assert tok(tok.decode(ids[1:]))["input_ids"][: len(ids)] == ids.tolist()
+    doc_id = int(group["doc_id"][0])
+    text = next(doc.text for doc in Corpus(params.corpus) if doc.doc_id == doc_id)
+    assert tok(text)["input_ids"][: len(ids)] == ids.tolist()
     with torch.no_grad():
         hidden = base_model(model)(input_ids=torch.tensor(ids[None]), output_hidden_states=True).hidden_states
     for layer in (5, 6):

