@@ -116,6 +116,18 @@ def test_the_pipeline_runs_end_to_end_on_smollm2(tmp_path, caplog):
         stored = np.asarray(group[layer_key(layer)][:end])
         np.testing.assert_allclose(stored, hidden[layer + 1][0].numpy(), rtol=1e-4, atol=1e-4 * np.abs(stored).max())
 
+    # the README's splice example, as written: the same inputs as the pipeline's, the start token unpatched
+    import ato
+
+    inputs = tok("The river runs through the old city.", return_tensors="pt")
+    assert inputs["input_ids"][0, 0] == info.bos_token_id
+    with torch.no_grad():
+        clean_logits = model(**inputs).logits
+        with ato.splice(model, ato.load_operator(tmp_path / "models" / "operators" / "L05_k1")):
+            spliced = model(**inputs).logits
+    torch.testing.assert_close(spliced[0, 0], clean_logits[0, 0])
+    assert not torch.allclose(spliced[0, 1:], clean_logits[0, 1:])
+
     # the operator beats carrying the residual over; the model is named in the registry and the summary
     config = json.loads((tmp_path / "models" / "operators" / "L05_k1" / "config.json").read_text())
     r2, identity_r2 = config["metrics"]["test_r2"], config["metrics"]["identity_test_r2"]
