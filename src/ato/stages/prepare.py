@@ -1,4 +1,6 @@
-"""Stage `prepare`: a local float32 safetensors copy of the model + tokenizer, with its digest."""
+"""Stage `prepare`: a local float32 safetensors copy of the model + tokenizer, with its digest; the saved
+tokenizer begins every text with the sequence-start token `prepare.sequence_start` chooses
+(docs/conventions.md#bos)."""
 
 from __future__ import annotations
 
