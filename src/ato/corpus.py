@@ -1,5 +1,6 @@
 """Documents from the embedded Wikipedia package, a local .txt/.jsonl file or directory, or an HF
-dataset; the seeded split by document; tokenisation into BOS-led sequences within a token budget."""
+dataset; the seeded split by document; tokenisation into BOS-led sequences within a token budget (the
+prepared tokenizer adds the sequence-start token, `prepare.sequence_start`)."""
 
 from __future__ import annotations
 
@@ -166,12 +167,16 @@ SPLIT_RULE = "sha256(f'{seed}\\x00{key}')[:8] as uint64 / 2**64, cut at cumulati
 
 
 def tokenize_document(tokenizer, text: str, max_length: int | None) -> list[int]:
+    """The document's token ids as the prepared tokenizer builds them: led by the sequence-start token
+    `ato prepare` chose (`prepare.sequence_start`), never by one added here behind the tokenizer's back."""
     ids = tokenizer(text, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)[
         "input_ids"
     ]
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids][: max_length or None]
+    if not ids or tokenizer.bos_token_id is None or ids[0] != tokenizer.bos_token_id:
+        raise CorpusError(
+            f"the tokenizer does not begin texts with its BOS {tokenizer.bos_token!r}: prepare the model "
+            "again (`ato prepare` makes the saved tokenizer add the token chosen by prepare.sequence_start)"
+        )
     return ids
 
 

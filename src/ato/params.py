@@ -73,6 +73,9 @@ class PrepareParams:
     gguf_file: str | None = None  # GGUF file name inside a local `source` directory, if any
     revision: str | None = None  # hub revision for an HF id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # the token every sequence begins with: "auto" = the one the tokenizer adds, else its document
+    # separator (<|endoftext|>), else its eos; or a token of the vocabulary, e.g. "<|endoftext|>"
+    sequence_start: str = "auto"
 
 
 @dataclass
@@ -517,6 +520,8 @@ def _parse_pairs(raw: Any) -> dict[str, Pair]:
 
 def check_params(params: Params, n_layers: int | None = None) -> None:
     """Value checks that types alone cannot express. `n_layers` adds depth checks."""
+    if not params.prepare.sequence_start.strip():
+        raise ParamsError("prepare.sequence_start: empty; use `auto` or a token such as <|endoftext|>")
     c = params.corpus
     if set(c.split_fractions) != set(SPLITS):
         raise ParamsError(f"corpus.split_fractions: needs exactly the keys {list(SPLITS)}")

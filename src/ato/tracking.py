@@ -113,12 +113,11 @@ def _find_run(exp_id: str, filter_string: str) -> str | None:
 
 
 def _base_tags(params: Params) -> dict[str, str]:
-    from .models import EMBEDDED_MODEL_NAME
+    from .artifacts.model import model_label
 
-    model = EMBEDDED_MODEL_NAME if params.prepare.source == "embedded" else params.prepare.source
     return {
         "ato.pipeline_key": pipeline_key(params),
-        "ato.model": model,
+        "ato.model": model_label(params.prepare),
         "mlflow.source.git.commit": git_commit(params.root),
         "ato.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
     }
@@ -315,8 +314,10 @@ def log_store_lineage(store: Path, digest: str) -> None:
 
 
 def registry_name(model_label: str, pair_name: str) -> str:
-    """`ato-<model>-<pair>`, e.g. ato-gemma-3-270m-L05_k1 (registry names allow [A-Za-z0-9_.-])."""
-    slug = model_label.split(" ")[0].split("/")[-1]
+    """`ato-<model>-<pair>`, e.g. ato-gemma-3-270m-L05_k1 (registry names allow [A-Za-z0-9_.-]): the
+    model's name is the label's part before " (" (`ato.artifacts.model.model_label`), without its hub
+    organisation."""
+    slug = model_label.split(" (")[0].split("/")[-1]
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ato-{slug}-{pair_name}")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ato.artifacts import Layout
 from ato.artifacts.causal import REFERENCES, RecoveredShare
+from ato.artifacts.model import model_label
 from ato.params import EvaluateParams, Params, ReportParams
 from ato.plotting import CONDITION_LABELS, CONDITIONS
 
@@ -38,10 +39,13 @@ class SummarySettings:
 
     @classmethod
     def from_params(cls, params: Params) -> SummarySettings:
-        source = params.prepare.source
-        model = "google/gemma-3-270m (embedded Q4_K_M GGUF, dequantised to float32)" if source == "embedded" else source
         return cls(
-            params.report, params.evaluate, params.stats.include_bos, model, params.root, Layout.from_params(params)
+            params.report,
+            params.evaluate,
+            params.stats.include_bos,
+            model_label(params.prepare),
+            params.root,
+            Layout.from_params(params),
         )
 
 
@@ -137,15 +141,21 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def render_summary(
-    s: SummarySettings, results: list[PairResults], figures: dict[str, Path], cards: list[LayerCards] | None = None
+    s: SummarySettings,
+    results: list[PairResults],
+    figures: dict[str, Path],
+    cards: list[LayerCards] | None = None,
+    stale: dict[str, list[Path]] | None = None,
 ) -> str:
     """The whole summary; `cards` (per target layer: SAE gates and feature cards) mark every feature-level
-    number of an SAE that missed its quality gates and add the compact feature cards."""
+    number of an SAE that missed its quality gates and add the compact feature cards; `stale` lists the
+    outputs of pairs and layers no longer in `pairs:` (`ato.reporting.stale`)."""
     cards = cards or []
     sections = (
         _header(s, results),
         _sae_warning(results, cards),
         _missing(s, results),
+        _stale(s, stale or {}),
         _residual(results),
         _alpha(results),
         _features(s, results, cards),
@@ -191,6 +201,22 @@ def _missing(s: SummarySettings, results: list[PairResults]) -> list[str]:
         ]
     else:
         out.append("None: every pair has its evaluate, causal and tune outputs.")
+    return [*out, ""]
+
+
+def _stale(s: SummarySettings, stale: dict[str, list[Path]]) -> list[str]:
+    if not stale:
+        return []
+    n = sum(len(paths) for paths in stale.values())
+    out = [
+        "## Stale outputs",
+        "",
+        f"{n} file(s) or folder(s) belong to pairs or target layers that are not in `pairs:` (left by an "
+        "earlier run, of another model or of removed pairs). Nothing in this summary reads them; delete them "
+        "or put the pairs back:",
+        "",
+    ]
+    out += [f"- **{owner}**: " + ", ".join(f"`{_rel(p, s.root)}`" for p in paths) for owner, paths in stale.items()]
     return [*out, ""]
 
 

@@ -257,8 +257,7 @@ def register(params: Params, pair_name: str, operator_dir: Path, variant: str | 
     source = operator_dir if variant is None else variant_dir(operator_dir, variant)
     config = read_json(source / CONFIG, "operator config")
     parent = config if variant is None else read_json(operator_dir / CONFIG, "operator config")
-    label = config["model"] if params.prepare.source == "embedded" else params.prepare.source
-    name = registry_name(label, pair_name)
+    name = registry_name(config["model"], pair_name)  # the model label the operator was fitted on
     metrics = config.get("metrics") or {}
     alias = params.fit.alias if variant is None else variant
     identity_r2w = (parent.get("metrics") or {}).get("identity_test_r2_weighted")

@@ -4,7 +4,8 @@ Reads, for every pair in `params.pairs`, what the per-pair stages wrote (`PairMe
 `EfficiencyTable` of evaluate, `CausalSummary` of causal, `TuningResult` of tune). A missing input is
 not an error (a pair's evaluate or causal stage may not have run yet): its cells read "—", the
 figures mark it, and summary.md lists every missing file and the command that makes it. A present
-but unreadable input is an error naming the file.
+but unreadable input is an error naming the file. Outputs of pairs or target layers no longer in
+`pairs:` (an earlier run's) are listed under "Stale outputs" (`ato.reporting.stale`).
 
 Feature cards (`ato.reporting.feature_cards`: select's kept features and contexts, evaluate's verdicts,
 the SAE's quality gates from reports/sae) go into summary.md and reports/features.html; every
@@ -39,6 +40,7 @@ from ato.reporting import (
     write_plot_csvs,
 )
 from ato.reporting.feature_cards import LayerCards, cards_html, load_cards
+from ato.reporting.stale import stale_outputs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,10 @@ def main(params: Params) -> Path:
     csvs = write_plot_csvs(layout.plots, results, rp.causal_scope)
     build_headline(layout, results, rp.causal_scope).write(layout.headline)
     settings = SummarySettings.from_params(params)
-    write_text_atomic(layout.summary, render_summary(settings, results, figures, cards) + "\n")
+    stale = stale_outputs(layout, params.pairs)
+    if stale:
+        log.warning("report: outputs of pairs or layers not in `pairs:` (listed in the summary): %s", ", ".join(stale))
+    write_text_atomic(layout.summary, render_summary(settings, results, figures, cards, stale) + "\n")
     write_text_atomic(layout.feature_cards, cards_html(cards, settings.model))
     n_missing = sum(len(res.missing) for res in results)
     _log_mlflow(
