@@ -49,8 +49,9 @@ def dvc_project(tmp_path: Path) -> Path:
     return make_dvc_project(tmp_path)
 
 
-def make_dvc_project(tmp_path: Path) -> Path:
-    """A git + DVC project of the tiny pipeline (pairs L00_k1, L01_k2: not the default's), not yet run."""
+def make_dvc_project(tmp_path: Path, pairs: dict | None = None) -> Path:
+    """A git + DVC project of the tiny pipeline (pairs L00_k1, L01_k2 unless `pairs`: not the
+    default's), not yet run."""
     project = tmp_path / "project"
     project.mkdir()
     shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
@@ -65,6 +66,7 @@ def make_dvc_project(tmp_path: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY_PARAMS.items():
         params[section] = values if section == "pairs" else {**params[section], **values}
+    params["pairs"] = pairs or params["pairs"]
     params["prepare"]["source"] = str(source)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
@@ -74,41 +76,57 @@ def make_dvc_project(tmp_path: Path) -> Path:
     return project
 
 
-def test_repro_is_incremental(dvc_project: Path):
-    first = dvc(dvc_project, "repro", "validate")
-    assert ran(first) == {"prepare", "collect", "validate"}
-    t0 = time.perf_counter()
-    second = dvc(dvc_project, "repro", "validate")
-    assert ran(second) == set() and time.perf_counter() - t0 < 60
-    raw = yaml.safe_load((dvc_project / "params.yaml").read_text())
-    raw["validate"]["max_abs_value"] = 1e9
-    (dvc_project / "params.yaml").write_text(yaml.safe_dump(raw))
-    assert ran(dvc(dvc_project, "repro", "validate")) == {"validate"}
+FIRST_PAIR, ADDED_PAIR = sorted(TINY_PARAMS["pairs"])  # the project starts with one, the second is added
 
-    assert ran(dvc(dvc_project, "repro", "fit")) == {"stats", "tune@L00_k1", "tune@L01_k2", "fit@L00_k1", "fit@L01_k2"}
-    raw["pairs"]["L02_k1"] = {"L": 2, "k": 1}
-    (dvc_project / "params.yaml").write_text(yaml.safe_dump(raw))
-    # stats reads every pair in one pass; the existing pairs' statistics are byte-identical, so
-    # their tune/fit stages are skipped and only the new pair is fitted.
+
+@pytest.fixture(scope="module")
+def incremental_run(tmp_path_factory) -> tuple[Path, dict[str, str], float]:
+    """The tiny project driven as a user would: repro to validate twice, a validate param changed, fit,
+    a pair added, then the rest. Returns the project (every stage run once, both tiny pairs: what the
+    comparison tests below start from), each step's DVC log and the no-op repro's seconds. One full
+    tiny pipeline serves every test of this module that needs one (~200 s)."""
+    project = make_dvc_project(
+        tmp_path_factory.mktemp("incremental"), pairs={FIRST_PAIR: TINY_PARAMS["pairs"][FIRST_PAIR]}
+    )
+    logs = {"first": dvc(project, "repro", "validate")}
+    t0 = time.perf_counter()
+    logs["second"] = dvc(project, "repro", "validate")
+    noop_seconds = time.perf_counter() - t0
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["validate"]["max_abs_value"] = 1e9
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    logs["validate_param"] = dvc(project, "repro", "validate")
+    logs["fit"] = dvc(project, "repro", "fit")
+    raw["pairs"][ADDED_PAIR] = TINY_PARAMS["pairs"][ADDED_PAIR]
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    logs["added_pair"] = dvc(project, "repro", "fit")
+    logs["rest"] = dvc(project, "repro")
+    return project, logs, noop_seconds
+
+
+def test_repro_is_incremental(incremental_run):
+    project, logs, noop_seconds = incremental_run
+    assert ran(logs["first"]) == {"prepare", "collect", "validate"}
+    assert ran(logs["second"]) == set() and noop_seconds < 60
+    assert ran(logs["validate_param"]) == {"validate"}
+    assert ran(logs["fit"]) == {"stats", f"tune@{FIRST_PAIR}", f"fit@{FIRST_PAIR}"}
+    # stats reads every pair in one pass; the existing pair's statistics are byte-identical, so its
+    # tune/fit stages are skipped and only the new pair is fitted.
     # collect reads `pairs` (it refuses a pair too deep for the model before any forward pass), so it
     # reruns — as a no-op on the complete store, whose bytes do not change, so validate does not.
-    log = dvc(dvc_project, "repro", "fit")
-    assert ran(log) == {"collect", "stats", "tune@L02_k1", "fit@L02_k1"}
-    assert "nothing to do" in log
-    assert (dvc_project / "models" / "operators" / "L02_k1" / "operator.safetensors").exists()
-
-    rest = ran(dvc(dvc_project, "repro"))
-    pairs = raw["pairs"]
-    assert rest == {
+    assert ran(logs["added_pair"]) == {"collect", "stats", f"tune@{ADDED_PAIR}", f"fit@{ADDED_PAIR}"}
+    assert "nothing to do" in logs["added_pair"]
+    assert (project / "models" / "operators" / ADDED_PAIR / "operator.safetensors").exists()
+    assert ran(logs["rest"]) == {
         "sae",
         "select",
         "causal_reference",
         "atlas",
         "languages",
         "report",
-        *(f"{s}@{p}" for s in ("evaluate", "causal") for p in pairs),
+        *(f"{s}@{p}" for s in ("evaluate", "causal") for p in TINY_PARAMS["pairs"]),
     }
-    assert_params_declared(dvc_project)
+    assert_params_declared(project)
 
 
 def assert_params_declared(project: Path) -> None:
@@ -139,11 +157,10 @@ def test_push_and_pull_through_the_default_local_remote(dvc_project: Path):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory) -> Path:
-    """The tiny project run once and committed, then one experiment changing one param (the README's
-    `evaluate.transported_r2`): what a user compares after `dvc exp run`."""
-    project = make_dvc_project(tmp_path_factory.mktemp("experiment"))
-    dvc(project, "repro")
+def experiment(incremental_run) -> Path:
+    """The tiny project run through once and committed, then one experiment changing one param (the
+    README's `evaluate.transported_r2`): what a user compares after `dvc exp run`."""
+    project = incremental_run[0]
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True, capture_output=True)
