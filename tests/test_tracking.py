@@ -13,8 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
 from html.parser import HTMLParser
 
 import pytest
@@ -22,7 +20,7 @@ import yaml
 
 from conftest import TINY_PARAMS, load_tiny_params, make_corpus, make_prepared_model
 from test_feature_cards import _browser
-from test_ui import START_TIMEOUT, children, free_port, http
+from test_ui import children, free_port, http, wait_for_health
 
 # rank1 scores below the identity map on the tiny model: the registry must warn about it
 VARIANTS = ["rank1", "rank64", "svd64", "procrustes", "identity"]
@@ -196,16 +194,7 @@ def test_ui_runs_page_shows_each_pair_with_its_own_r2(pipeline):
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"ato ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                if http(f"{base}/health", timeout=2.0) == (200, b"OK"):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            assert time.monotonic() < deadline, f"no /health answer within {START_TIMEOUT:.0f} s"
-            time.sleep(0.5)
+        wait_for_health(proc, base, log.read_text)
         # the REST call the page makes: top-level runs are the pipeline and the pairs, each with its R²
         exp_id = pairs[next(iter(pairs))].info.experiment_id
         status, raw = http(f"{base}/ajax-api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 500})

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,21 @@ def logged_project(tmp_path: Path):
 
 
 @pytest.mark.slow
+def wait_for_health(proc: subprocess.Popen, base: str, output: Callable[[], str]) -> None:
+    """Poll the server's /health until it answers OK; fail with the server's `output()` if the process
+    exits, or after START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        assert proc.poll() is None, f"ato ui exited with {proc.returncode}:\n{output()[-3000:]}"
+        try:
+            if http(f"{base}/health", timeout=2.0) == (200, b"OK"):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"no /health answer within {START_TIMEOUT:.0f} s"
+        time.sleep(0.5)
+
+
 def test_ui_serves_the_runs_and_stops_cleanly(logged_project):
     from ato import tracking
 
@@ -95,16 +111,7 @@ def test_ui_serves_the_runs_and_stops_cleanly(logged_project):
     )
     descendants: list[int] = []
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"ato ui exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}"
-            try:
-                if http(f"{base}/health", timeout=2.0) == (200, b"OK"):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            assert time.monotonic() < deadline, f"no /health answer within {START_TIMEOUT:.0f} s"
-            time.sleep(0.5)
+        wait_for_health(proc, base, lambda: proc.stdout.read())
 
         status, raw = http(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100})
         assert status == 200
