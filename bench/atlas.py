@@ -40,11 +40,11 @@ import torch  # noqa: E402
 
 from ato.accumulate import accumulate_banded, accumulate_local  # noqa: E402
 from ato.atlas import fit_atlas, load_model, plan, torch_threads  # noqa: E402
+from ato.causal import load_sequences, trace_body  # noqa: E402
 from ato.math.cca import CCA  # noqa: E402
 from ato.math.jacobian import probe  # noqa: E402
 from ato.math.ridge import RidgePath  # noqa: E402
 from ato.params import AtlasParams, pair_name  # noqa: E402
-from ato.patching import load_sequences, trace_body  # noqa: E402
 from ato.store import ActivationStore  # noqa: E402
 
 

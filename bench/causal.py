@@ -3,12 +3,12 @@ sharing of work, in the same run.
 
 1. Cost per sequence and per condition, on the same first `--before-sequences` held-out sequences:
    - before: the old per-pair design, every condition of one pair (clean, ato, identity, zero,
-     bias_only, train_mean) as full forwards in one run (`patching.run_pair(share_prefix=False)`);
+     bias_only, train_mean) as full forwards in one run (`ato.causal.run_pair(share_prefix=False)`);
    - after: clean, zero and train_mean once per target layer (`causal_reference`), and the pair's ato,
      identity and bias_only replaying only the blocks after L+k from one traced clean forward
      (`causal`). The per-sequence NLL sums of both designs are checked to be identical.
 2. Issue 14: the public splice (`ato.splice`, the one implementation the stages now use) against the
-   internal hook it replaced (capture + patch hooks, as `patching.patched_token_nll` had them), on the
+   internal hook it replaced (capture + patch hooks, as `ato.causal.patched_token_nll` had them), on the
    same batch and operator: wall time of the patched body forward, interleaved repeats, medians, with
    an A/A comparison of the old hook against itself as the noise floor; the NLLs are checked equal.
    `--only-splice` runs just this part.
@@ -138,28 +138,36 @@ def build_project(root: Path, model, tok, info, model_dir: Path, target: int, do
 
 def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, float]]:
     """Seconds per sequence of each condition, before and after, on the first `n_before` sequences."""
-    from ato import patching
+    from ato import causal as causal_lib
     from ato.artifacts import Layout, read_pair_stats
     from ato.stages import causal
     from ato.store import ActivationStore
 
     cp, layout = params.causal, Layout.from_params(params)
-    held = patching.load_sequences(ActivationStore.open(layout.store), n_before, cp.seq_len)
+    held = causal_lib.load_sequences(ActivationStore.open(layout.store), n_before, cp.seq_len)
     name = next(iter(params.pairs))
     pair = causal.prepare_inputs(params, [name], info)[name]
     mean_y = torch.as_tensor(np.asarray(read_pair_stats(layout.pair_stats("train", name)).mean_y, np.float32))
-    masks = patching.check_position_sets(cp.position_sets, cp.seq_len)
+    masks = causal_lib.check_position_sets(cp.position_sets, cp.seq_len)
     specs = dict(cp.position_sets)
     kw = {"batch_size": cp.batch_size, "chunk_rows": cp.loss_chunk_tokens, "progress": False}
     before: dict[str, float] = {}
-    old = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, timings=before, **kw)
+    old = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, timings=before, **kw)
     ref_t: dict[str, float] = {}
-    ref, clean = patching.run_conditions(
-        model, held, pair.layer_out, patching.reference_conditions(mean_y), masks, specs, timings=ref_t, **kw
+    ref, clean = causal_lib.run_conditions(
+        model, held, pair.layer_out, causal_lib.reference_conditions(mean_y), masks, specs, timings=ref_t, **kw
     )
     pair_t: dict[str, float] = {}
-    new, _ = patching.run_conditions(
-        model, held, pair.layer_out, patching.pair_conditions(pair), masks, specs, clean_nll=clean, timings=pair_t, **kw
+    new, _ = causal_lib.run_conditions(
+        model,
+        held,
+        pair.layer_out,
+        causal_lib.pair_conditions(pair),
+        masks,
+        specs,
+        clean_nll=clean,
+        timings=pair_t,
+        **kw,
     )
     for set_name, res in old.items():
         for cond in res.nll_sum:
@@ -225,8 +233,9 @@ def _splice_operator(args, info):
 def splice_overhead(model, tok, info, docs: list[str], args) -> dict[str, float]:
     """Median seconds of the patched body forward: old internal hook vs public `ato.splice` (interleaved)."""
     import ato
-    from ato import patching
+    from ato import causal as causal_lib
     from ato.corpus import tokenize_document
+    from ato.models import final_hidden
 
     op, where = _splice_operator(args, info)
     rows = [ids for ids in (tokenize_document(tok, t, args.seq_len) for t in docs) if len(ids) == args.seq_len]
@@ -243,7 +252,7 @@ def splice_overhead(model, tok, info, docs: list[str], args) -> dict[str, float]
 
     def new():
         with ato.splice(model, op, positions=patch):  # model check (digest from ato_model.json) included
-            return patching.final_hidden(model, ids)
+            return final_hidden(model, ids)
 
     # wall time, and this thread's CPU time (torch runs on the calling thread with --threads 1): on a shared
     # machine the CPU time is what other processes disturb least
@@ -251,9 +260,9 @@ def splice_overhead(model, tok, info, docs: list[str], args) -> dict[str, float]
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     with torch.inference_mode():
         assert torch.equal(old(), new()), "the public splice computes another forward than the old hook"
-        nll_old = patching.patched_token_nll(model, ids, op.layer_in, op.layer_out, patch, value, 512)
+        nll_old = causal_lib.patched_token_nll(model, ids, op.layer_in, op.layer_out, patch, value, 512)
         with ato.splice(model, op, positions=patch):
-            assert torch.equal(patching.token_nll(model, ids, 512), nll_old)
+            assert torch.equal(causal_lib.token_nll(model, ids, 512), nll_old)
         for _ in range(args.splice_repeats):  # interleaved, so drift in the machine's load hits all three
             for name, fn in (("old", old), ("public", new), ("old_again", old)):
                 t0, c0 = time.perf_counter(), time.thread_time()

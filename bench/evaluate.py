@@ -131,7 +131,7 @@ def bench_references(train: PairStats, test: PairStats, replicates: int) -> list
     t0 = time.perf_counter()
     heldout_from_cca(cca, test)
     t_heldout = time.perf_counter() - t0
-    with threadpool_limits(limits=1, user_api="blas"):  # as the stage runs them (ato.scoring.transport)
+    with threadpool_limits(limits=1, user_api="blas"):  # as the stage runs them (ato.evaluate.references.transport)
         t0 = time.perf_counter()
         cca_null(*sizes, 0.9, replicates, 0)
         t_null = time.perf_counter() - t0
@@ -151,7 +151,7 @@ def bench_references(train: PairStats, test: PairStats, replicates: int) -> list
 
 def _child(params_path: str, pair: str) -> None:
     """Runs in the child: the stage body for one pair, timing MLflow logging and figures apart."""
-    from ato import scoring
+    from ato.evaluate import scores
     from ato.params import load_params
     from ato.stages import evaluate
 
@@ -168,7 +168,7 @@ def _child(params_path: str, pair: str) -> None:
         return inner
 
     evaluate._log_mlflow = wrap(evaluate._log_mlflow, "mlflow")
-    scoring.transport = wrap(scoring.transport, "references")
+    scores.transport = wrap(scores.transport, "references")
     for name in ("plot_efficiency", "plot_feature_r2", "plot_dim_r2"):
         setattr(evaluate, name, wrap(getattr(evaluate, name), "figures"))
     params = load_params(params_path)

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from ato import patching, splicing
+from ato import causal as causal_lib
+from ato import splicing
 from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, json_clean
 from ato.artifacts.causal import CONDITIONS, PATCHED, REFERENCES, SCOPES
 from ato.errors import AtoError
+from ato.models import final_hidden
 from ato.stages import causal, causal_reference
 from conftest import load_tiny_params, random_text, save_prepared, tiny_model, tiny_tokenizer
 
@@ -237,7 +239,7 @@ def test_clean_nll_equals_transformers_labels_loss(kind):
     ids = torch.randint(4, 128, (3, 11))
     ids[:, 0] = 2
     with torch.no_grad():
-        nll = patching.token_nll(model, ids, chunk_rows=7)  # 30 rows in chunks of 7
+        nll = causal_lib.token_nll(model, ids, chunk_rows=7)  # 30 rows in chunks of 7
         for i in range(3):
             ref = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss
             assert nll[i].mean().item() == pytest.approx(ref.item(), abs=1e-5)
@@ -258,12 +260,12 @@ def test_oracle_patch_reproduces_clean_exactly():
     patch[1, 5] = False
     rows = patch.nonzero(as_tuple=True)
     with torch.no_grad():
-        clean = patching.token_nll(model, ids, chunk_rows=8)
+        clean = causal_lib.token_nll(model, ids, chunk_rows=8)
         with capture_residuals(model, [target], stop_early=False) as cap:
             run_captured(base_model(model), input_ids=ids)
         y_true = cap[target]
-        oracle = patching.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows], 8)
-        shifted = patching.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows] + 1.0, 8)
+        oracle = causal_lib.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows], 8)
+        shifted = causal_lib.patched_token_nll(model, ids, L, target, patch, lambda x: y_true[rows] + 1.0, 8)
     torch.testing.assert_close(oracle, clean, rtol=0, atol=1e-6)
     assert (shifted - clean).abs().max() > 1e-3  # the hook really acts
 
@@ -276,21 +278,21 @@ def test_late_patch_only_changes_later_predictions():
     patch = torch.zeros_like(ids, dtype=torch.bool)
     patch[:, 7] = True
     with torch.no_grad():
-        clean = patching.token_nll(model, ids, chunk_rows=64)
-        full = patching.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64)  # LM head on every row
-        skip = patching.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64, clean_nll=clean)
+        clean = causal_lib.token_nll(model, ids, chunk_rows=64)
+        full = causal_lib.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64)  # LM head on every row
+        skip = causal_lib.patched_token_nll(model, ids, 1, 2, patch, torch.zeros_like, 64, clean_nll=clean)
     torch.testing.assert_close(full[:, :7], clean[:, :7], rtol=0, atol=1e-6)
     assert (full[:, 7:] - clean[:, 7:]).abs().max() > 1e-4
     torch.testing.assert_close(skip, full, rtol=0, atol=1e-6)
 
 
 def test_position_masks_never_patch_bos():
-    assert patching.position_mask("all", 6).tolist() == [False, True, True, True, True, True]
-    assert patching.position_mask([1, 4], 6).tolist() == [False, True, False, False, True, False]
-    with pytest.raises(patching.CausalError, match=r"position_sets\.x.*\[0\]"):
-        patching.position_mask([0, 2], 6, "x")
-    with pytest.raises(patching.CausalError, match=r"position_sets\.x.*\[5\].*cannot change"):
-        patching.position_mask([2, 5], 6, "x")  # the last position changes no scored prediction
+    assert causal_lib.position_mask("all", 6).tolist() == [False, True, True, True, True, True]
+    assert causal_lib.position_mask([1, 4], 6).tolist() == [False, True, False, False, True, False]
+    with pytest.raises(causal_lib.CausalError, match=r"position_sets\.x.*\[0\]"):
+        causal_lib.position_mask([0, 2], 6, "x")
+    with pytest.raises(causal_lib.CausalError, match=r"position_sets\.x.*\[5\].*cannot change"):
+        causal_lib.position_mask([2, 5], 6, "x")  # the last position changes no scored prediction
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,13 +316,13 @@ def test_replayed_suffix_equals_the_full_forward_bit_for_bit(kind):
     rows = patch.nonzero(as_tuple=True)
     with torch.inference_mode():
         for layer in (0, 1, 3):  # the last block: only the final norm is replayed
-            trace = patching.trace_body(model, ids, [layer], replay_from=layer + 1)
+            trace = causal_lib.trace_body(model, ids, [layer], replay_from=layer + 1)
             assert len(trace.tail) == 1  # the final norm
             assert torch.equal(trace.replay(model, layer, trace.residuals[layer]), trace.final)
             y = trace.residuals[layer]
             patched = y.index_put(rows, torch.zeros_like(y[rows]))
             with splicing.spliced(model, layer, torch.zeros_like, rows):
-                full = patching.final_hidden(model, ids)
+                full = final_hidden(model, ids)
             assert torch.equal(trace.replay(model, layer, patched), full)
             assert not torch.equal(full, trace.final)
 
@@ -332,35 +334,35 @@ def _sums(results):
 def _pair_inputs(d: int, L: int = 0, target: int = 2):
     g = torch.Generator().manual_seed(1)
     W, b = torch.randn(d, d, generator=g) / d**0.5, torch.randn(d, generator=g)
-    return patching.PairPatch("L00_k2", L, target, W, b), torch.randn(d, generator=g)
+    return causal_lib.PairPatch("L00_k2", L, target, W, b), torch.randn(d, generator=g)
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "gpt2"])
 def test_shared_prefix_gives_the_same_sums_as_full_forwards(kind):
     model = tiny_model(kind)
-    held = patching.HeldOut(_ids(5), torch.zeros(5, 12, dtype=torch.bool), list(range(5)), list(range(5)))
+    held = causal_lib.HeldOut(_ids(5), torch.zeros(5, 12, dtype=torch.bool), list(range(5)), list(range(5)))
     held.special[1, 3] = True  # a special token is never patched
     specs = {"all": "all", "few": [1, 3], "late": [9]}
-    masks = patching.check_position_sets(specs, 12)
+    masks = causal_lib.check_position_sets(specs, 12)
     pair, mean_y = _pair_inputs(int(model.config.hidden_size))
     kw = dict(batch_size=2, chunk_rows=7, progress=False)
-    shared = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
-    full = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
+    shared = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
+    full = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
     assert _sums(shared) == _sums(full)
     assert set(shared["all"].nll_sum) == set(CONDITIONS)
 
 
 def test_a_replay_that_differs_falls_back_to_full_forwards(monkeypatch, caplog):
     model = tiny_model("gemma3")
-    held = patching.HeldOut(_ids(4), torch.zeros(4, 12, dtype=torch.bool), list(range(4)), list(range(4)))
+    held = causal_lib.HeldOut(_ids(4), torch.zeros(4, 12, dtype=torch.bool), list(range(4)), list(range(4)))
     specs = {"all": "all", "few": [2, 5]}
-    masks = patching.check_position_sets(specs, 12)
+    masks = causal_lib.check_position_sets(specs, 12)
     pair, mean_y = _pair_inputs(int(model.config.hidden_size))
     kw = dict(batch_size=2, chunk_rows=64, progress=False)
-    expected = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
-    real = patching.BodyTrace.replay
-    monkeypatch.setattr(patching.BodyTrace, "replay", lambda self, *a: real(self, *a) + 1e-3)
-    got = patching.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
+    expected = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
+    real = causal_lib.BodyTrace.replay
+    monkeypatch.setattr(causal_lib.BodyTrace, "replay", lambda self, *a: real(self, *a) + 1e-3)
+    got = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
     assert _sums(got) == _sums(expected)
     assert "full forwards" in caplog.text
 
@@ -397,13 +399,13 @@ def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_projec
     cp = params.causal
     from ato.store import ActivationStore
 
-    held = patching.load_sequences(ActivationStore.open(layout.store), cp.n_sequences, cp.seq_len)
+    held = causal_lib.load_sequences(ActivationStore.open(layout.store), cp.n_sequences, cp.seq_len)
     model, _, info = load_prepared(layout.model_dir, "cpu")
     pair = causal.prepare_inputs(params, ["L01_k2"], info)["L01_k2"]
     mean_y = torch.as_tensor(np.asarray(read_pair_stats(layout.pair_stats("train", "L01_k2")).mean_y, np.float32))
-    masks = patching.check_position_sets(cp.position_sets, cp.seq_len)
+    masks = causal_lib.check_position_sets(cp.position_sets, cp.seq_len)
     with torch.inference_mode():
-        alone = patching.run_pair(
+        alone = causal_lib.run_pair(
             model,
             held,
             pair,
@@ -524,24 +526,24 @@ def no_forward(monkeypatch):
 
     monkeypatch.setattr(causal, "run_conditions", fail)
     monkeypatch.setattr(causal_reference, "run_conditions", fail)
-    monkeypatch.setattr(patching, "token_nll", fail)
+    monkeypatch.setattr("ato.causal.conditions.token_nll", fail)  # the clean forward of every batch
 
 
 def test_positions_beyond_seq_len_are_refused(trained_project, no_forward):
     _, params = trained_project
     params.causal.position_sets = {"all": "all", "bad": [3, 12]}  # seq_len is 12
     for stage in (causal_reference.main, functools.partial(causal.main, pair="L00_k1")):
-        with pytest.raises(patching.CausalError, match=r"position_sets\.bad.*\[12\].*seq_len=12"):
+        with pytest.raises(causal_lib.CausalError, match=r"position_sets\.bad.*\[12\].*seq_len=12"):
             stage(params)
 
 
 def test_too_short_sequences_are_refused(trained_project, no_forward):
     _, params = trained_project
     params.causal.seq_len = 25  # the store's sequences are cut at corpus.max_length = 24
-    with pytest.raises(patching.CausalError, match=r"'test' split has only 0 sequence.*causal.seq_len=25"):
+    with pytest.raises(causal_lib.CausalError, match=r"'test' split has only 0 sequence.*causal.seq_len=25"):
         causal.main(params, pair="L00_k1")
     params.causal.seq_len, params.causal.n_sequences = 12, 7  # 6 test documents
-    with pytest.raises(patching.CausalError, match=r"only 6 sequence.*causal.n_sequences=7"):
+    with pytest.raises(causal_lib.CausalError, match=r"only 6 sequence.*causal.n_sequences=7"):
         causal_reference.main(params)
 
 
@@ -578,7 +580,9 @@ def test_a_reference_for_other_sequences_is_refused_naming_the_file(trained_proj
     _, params = trained_project
     params.causal.n_sequences = 3  # the reference was computed on 4
     path = Layout.from_params(params).causal_reference(3)
-    with pytest.raises(patching.CausalError, match=rf"{path}: computed for other held-out sequences.*causal_reference"):
+    with pytest.raises(
+        causal_lib.CausalError, match=rf"{path}: computed for other held-out sequences.*causal_reference"
+    ):
         causal.main(params, pair="L01_k2")
 
 
@@ -601,7 +605,7 @@ def test_a_foreign_reference_is_refused_naming_the_file(trained_project, no_forw
     else:
         raw[field] = value
     path.write_text(json.dumps(raw))
-    with pytest.raises(patching.CausalError, match=rf"{path}: computed for other {what}"):
+    with pytest.raises(causal_lib.CausalError, match=rf"{path}: computed for other {what}"):
         causal.main(params, pair="L01_k2")
 
 

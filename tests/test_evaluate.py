@@ -270,8 +270,8 @@ def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp
     keys first in `PairMetrics.HEADLINE` order; held-out subspace statistics beside their null, η beside
     its linear reference — and the record reads back by attribute."""
     from ato.artifacts import PairMetrics
+    from ato.evaluate import shared_null
     from ato.math.heldout import cca_null
-    from ato.scoring import shared_null
     from ato.stages import evaluate
 
     built = build_project(tmp_path)

@@ -20,7 +20,7 @@ from ato.math.ridge import r2_from_stats, ridge_fit
 from ato.math.stats import PairStats
 from ato.math.variants import parse_variant, procrustes_map, variant_map
 from ato.operators import Operator, OperatorError, load_operator, operator_variant, save_operator
-from ato.scoring import UnitSums, iter_documents, score_text
+from ato.score import UnitSums, iter_documents, score_text
 from conftest import make_prepared_model, random_text
 
 
@@ -214,7 +214,7 @@ def tiny_setup(tmp_path_factory):
 def _independent_scores(model, tok, op, docs, max_length):
     """R²_w and Δ log-ppl recomputed the plain way: HF's own loss, the public splice, numpy sums."""
     from ato.models import capture_residuals, final_hidden
-    from ato.scoring import _windows
+    from ato.score import _windows
 
     ys, yh, nll_clean, nll_spliced, n = [], [], 0.0, 0.0, 0
     with torch.inference_mode():
@@ -340,7 +340,8 @@ def test_a_variant_worse_than_the_identity_map_is_named_so(tmp_path):
 
 def test_score_checks_the_text_file_before_loading_anything(tiny_setup, tmp_path, monkeypatch, capsys):
     from ato import operators
-    from ato.scoring import EvaluateError, score_file
+    from ato.evaluate import EvaluateError
+    from ato.score import score_file
 
     _root, model_dir, op_dir, _text, _docs = tiny_setup
 

@@ -132,7 +132,7 @@ def tiny_blocks():
     """f: residual after block 0 → residuals after blocks 1 and 2 of a tiny Gemma-3 (eager attention,
     float64), via the atlas's block re-run, with the exact Jacobian of the second output."""
     from ato.atlas import block_stack
-    from ato.patching import trace_body
+    from ato.causal import trace_body
 
     torch.manual_seed(0)
     model = tiny_model("gemma3").double()

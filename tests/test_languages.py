@@ -214,7 +214,7 @@ def test_transfer_diagonal_equals_each_own_fit_recomputed_from_raw_rows(project:
     BOS excluded) and scored on the first test_tokens of test, gives the matrix diagonal; a non-reference
     language's own map, from one forward per sequence, likewise."""
     from ato.corpus import Corpus, sequences_for_split
-    from ato.crosslingual import language_alpha, language_corpus
+    from ato.languages import language_alpha, language_corpus
     from ato.models import load_prepared
     from ato.operators import load_operator
     from ato.params import CorpusParams, load_params
@@ -287,13 +287,13 @@ def test_every_number_stands_beside_its_reference(report):
 
 def test_causal_delta_matches_a_full_forward_patch(project: Path, report):
     """Δ log-ppl of the operator patch on the reference language equals a full forward with the
-    patching hook (`ato.patching.patched_token_nll`) on the same sequences."""
+    patching hook (`ato.causal.patched_token_nll`) on the same sequences."""
+    from ato.causal import patched_token_nll, token_nll
     from ato.corpus import Corpus
-    from ato.crosslingual import causal_sequences
+    from ato.languages import causal_sequences
     from ato.models import load_prepared
     from ato.operators import load_operator
     from ato.params import CorpusParams, load_params
-    from ato.patching import patched_token_nll, token_nll
 
     params = load_params(project / "params.yaml")
     lp = params.languages
@@ -319,8 +319,7 @@ def test_causal_delta_matches_a_full_forward_patch(project: Path, report):
     ],
 )
 def test_a_bad_language_source_is_named_before_any_forward_pass(project: Path, sources, message, monkeypatch):
-    from ato import crosslingual
-    from ato.crosslingual import LanguagesError
+    from ato.languages import LanguagesError, streams
     from ato.params import load_params
     from ato.stages import languages
 
@@ -328,7 +327,7 @@ def test_a_bad_language_source_is_named_before_any_forward_pass(project: Path, s
     raw["languages"]["sources"] = sources
     (project / "bad.yaml").write_text(yaml.safe_dump(raw))
     calls = {"n": 0}
-    monkeypatch.setattr(crosslingual, "iter_batches", lambda *a, **k: calls.update(n=calls["n"] + 1) or iter(()))
+    monkeypatch.setattr(streams, "iter_batches", lambda *a, **k: calls.update(n=calls["n"] + 1) or iter(()))
     with pytest.raises(LanguagesError, match=message):
         languages.main(load_params(project / "bad.yaml"))
     assert calls["n"] == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ato
-from ato import patching
+from ato import causal
 from ato.models import decoder_blocks
 from ato.operators import Operator, save_operator
 from ato.splicing import SpliceError, check_model, position_mask, spliced
@@ -49,7 +49,7 @@ def _identity_blocks(model, blocks: tuple[int, ...]) -> None:
 
 
 def _residuals(model, ids, layers):
-    trace = patching.trace_body(model, ids, layers, replay_from=len(decoder_blocks(model)))
+    trace = causal.trace_body(model, ids, layers, replay_from=len(decoder_blocks(model)))
     return trace.residuals
 
 
@@ -240,7 +240,7 @@ def test_splice_loads_an_operator_directory_and_its_variant(tmp_path):
 
 
 def test_the_causal_patched_forward_is_the_public_splice():
-    """`patching.patched_token_nll` (the causal stage's hook path) gives the NLL of a forward under
+    """`causal.patched_token_nll` (the causal stage's hook path) gives the NLL of a forward under
     `ato.splice` with the same operator and positions, bit for bit."""
     model = tiny_model("gemma3")
     ids = _ids(3, 12)
@@ -250,11 +250,11 @@ def test_the_causal_patched_forward_is_the_public_splice():
     patch = position_mask("all", 3, 12).clone()
     patch[1, 4] = False  # a special token in the causal stage: not patched
     with torch.inference_mode():
-        internal = patching.patched_token_nll(model, ids, L, T, patch, lambda x: torch.nn.functional.linear(x, W, b), 5)
+        internal = causal.patched_token_nll(model, ids, L, T, patch, lambda x: torch.nn.functional.linear(x, W, b), 5)
         with ato.splice(model, Operator(W, b, _config(d)), positions=patch):
-            public = patching.token_nll(model, ids, 5)
+            public = causal.token_nll(model, ids, 5)
         with spliced(model, T, lambda x: torch.nn.functional.linear(x, W, b), patch.nonzero(as_tuple=True), L):
-            rows = patching.token_nll(model, ids, 5)
+            rows = causal.token_nll(model, ids, 5)
     assert torch.equal(internal, public) and torch.equal(public, rows)
 
 

@@ -24,8 +24,8 @@ _LAZY = {  # public name → the submodule that defines it
     "load_registered_operator": "operators",
     "operator_variant": "operators",
     "splice": "splicing",  # not `ato.splice`: importing a submodule of that name would shadow the function
-    "score_text": "scoring",
-    "score_file": "scoring",
+    "score_text": "score",
+    "score_file": "score",
     "export_operator": "export",
     "import_operator": "export",
 }
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .export import export_operator, import_operator
     from .operators import Operator, load_operator, load_registered_operator, operator_variant
-    from .scoring import score_file, score_text
+    from .score import score_file, score_text
     from .splicing import splice
 
 

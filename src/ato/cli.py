@@ -94,7 +94,7 @@ STAGES: dict[str, tuple[str, str, bool]] = {
 # (except `export --all`).
 TOOLS: dict[str, tuple[str, str, str]] = {
     "score": (
-        "scoring",
+        "score",
         "score_command",
         "score an operator on your own documents: residual R² and Δ log-perplexity of the spliced model, "
         "beside the identity map, with intervals over documents (streamed)",

@@ -28,7 +28,7 @@ depth is refused unless `strict=False`. A mismatch is a `SpliceError` naming bot
 hooks are removed on exit, also on an exception: the model is left exactly as it was.
 
 One implementation: `patch_rows` is the spliced residual and `spliced` installs it with forward
-hooks. `ato.patching` (the `causal` and `causal_reference` stages) computes every patched condition
+hooks. `ato.causal` (the `causal` and `causal_reference` stages) computes every patched condition
 with `patch_rows`, by hooks through `spliced` or by replaying the blocks after T from a traced forward.
 """
 

@@ -5,7 +5,7 @@ ATO's W x_L + b, identity x_L, bias only b) and takes clean, zero and train-mean
 layer's `CausalReference` (`ato causal_reference`, computed once per target layer). Reports Δ
 log-perplexity vs clean for every condition and the share of each reference's damage the ATO recovers
 (mean ablation is the headline, `causal.headline_reference`), each with its interval over sequences
-(`causal.interval`; `ato.patching`, docs/method.md#causal, docs/statistics.md#intervals).
+(`causal.interval`; `ato.causal`, docs/method.md#causal, docs/statistics.md#intervals).
 
 Outputs: `CausalSummary` (reports/causal/<pair>.json), `CausalSequences`
 (reports/causal/<pair>_sequences.json), the figure <pair>_causal.png, and MLflow metrics
@@ -23,8 +23,7 @@ import torch
 
 from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo
 from ato.artifacts.causal import CONDITIONS, PAIR_CONDITIONS, SCOPE_TEXT
-from ato.params import CausalParams, Params
-from ato.patching import (
+from ato.causal import (
     LEVEL,
     SPLIT,
     CausalError,
@@ -41,6 +40,7 @@ from ato.patching import (
     run_conditions,
     summarise_set,
 )
+from ato.params import CausalParams, Params
 from ato.plotting.causal import plot_pair
 from ato.store import ActivationStore
 

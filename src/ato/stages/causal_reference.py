@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ato.artifacts import CausalReference, Layout, atomic_path, read_pair_stats, read_pair_stats_meta
-from ato.params import Pair, Params
-from ato.patching import (
+from ato.causal import (
     CausalError,
     check_model,
     check_position_sets,
@@ -27,6 +26,7 @@ from ato.patching import (
     reference_record,
     run_conditions,
 )
+from ato.params import Pair, Params
 from ato.store import ActivationStore
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Residual-space scores of the ATO and its baselines, feature-space scores along the target layer's
 SAE features (transported / synthesised), the CCA ceiling, η(r), and each headline number beside its
 reference: η(test) beside an exactly linear map's, the held-out subspace size and participation ratio
-beside a null at the same n and d. See `ato.scoring`, docs/method.md#r2, #features, #cca, #efficiency
+beside a null at the same n and d. See `ato.evaluate`, docs/method.md#r2, #features, #cca, #efficiency
 and docs/statistics.md#heldout.
 
 BOS / special tokens are excluded unless `stats.include_bos` (the same choice as the statistics,
@@ -33,12 +33,7 @@ from ato.artifacts import (
     read_pair_stats,
     write_csv_atomic,
 )
-from ato.math.stats import PairStats
-from ato.operators import load_operator
-from ato.params import Pair, Params, StatsParams
-from ato.plotting import unreliable_sae_text
-from ato.plotting.evaluate import plot_dim_r2, plot_efficiency, plot_feature_r2
-from ato.scoring import (
+from ato.evaluate import (
     FEATURE_COLUMNS,
     EvaluateError,
     Evaluation,
@@ -51,6 +46,11 @@ from ato.scoring import (
     score_test_split,
     transport_verdicts,
 )
+from ato.math.stats import PairStats
+from ato.operators import load_operator
+from ato.params import Pair, Params, StatsParams
+from ato.plotting import unreliable_sae_text
+from ato.plotting.evaluate import plot_dim_r2, plot_efficiency, plot_feature_r2
 from ato.store import ActivationStore
 
 log = logging.getLogger(__name__)

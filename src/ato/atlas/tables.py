@@ -1,0 +1,325 @@
+"""The atlas's outputs: `AtlasResult` records, reports/atlas/metrics.json, pairs.csv and atlas.md."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ato.accumulate import BandedGramAccumulator
+from ato.artifacts import AtlasBudget, AtlasPair, AtlasResult, LocalGlobal, OperatorScore
+from ato.atlas.causal import REFERENCE
+from ato.math.atlas import (
+    OPERATORS,
+    PairFit,
+)
+from ato.math.intervals import Interval
+from ato.params import AtlasParams
+from ato.store import ActivationStore
+
+
+def _operator_score(fit: PairFit, op: str, causal: dict[str, Interval]) -> OperatorScore:
+    s = fit.scores.get(op)
+    c = causal.get(op)
+    return OperatorScore(
+        r2=s.r2 if s else math.nan,
+        r2_weighted=s.r2_weighted if s else math.nan,
+        causal_delta=c.estimate if c else math.nan,
+        causal_low=c.low if c else math.nan,
+        causal_high=c.high if c else math.nan,
+    )
+
+
+def pair_record(name: str, fit: PairFit, causal: dict[str, Interval]) -> AtlasPair:
+    ops = {op: _operator_score(fit, op, causal) for op in OPERATORS}
+    if REFERENCE in causal:
+        ops[REFERENCE] = _operator_score(fit, REFERENCE, causal)
+    e = fit.extra
+    local = None
+    if e:
+        local = LocalGlobal(
+            **{k: int(v) if k in ("directions", "n_probe_tokens") else v for k, v in e.items()}  # type: ignore[arg-type]
+        )
+    lin, size = fit.linear, fit.heldout_size
+    return AtlasPair(
+        pair=name,
+        L=fit.L,
+        k=fit.T - fit.L,
+        T=fit.T,
+        alpha=fit.alpha,
+        alpha_at_edge=fit.alpha_at_edge,
+        operators=ops,
+        gain_over_identity=fit.scores["ridge"].r2 - fit.scores["identity"].r2,
+        procrustes_scale=fit.procrustes_scale,
+        procrustes_centred_scale=fit.procrustes_centred_scale,
+        procrustes_linearity=fit.linearity,
+        ceiling=fit.ceiling,
+        eta_test=lin.eta_test,
+        eta_expected=lin.eta_expected,
+        eta_expected_std=lin.eta_simulated_std,
+        eta_ratio=lin.ratio,
+        heldout_subspace_size=size.observed,
+        heldout_subspace_size_null=size.null,
+        heldout_subspace_size_null_std=size.null_std,
+        heldout_subspace_size_excess=size.excess,
+        rrr_rank=fit.rrr_rank,
+        local=local,
+    )
+
+
+def atlas_result(
+    store: ActivationStore,
+    grams: dict[str, BandedGramAccumulator],
+    fits: dict[str, PairFit],
+    causal: dict[str, dict[str, Interval]],
+    layers_probed: list[int],
+    ap: AtlasParams,
+    seconds: dict[str, float],
+) -> AtlasResult:
+    budget = AtlasBudget(
+        k_max=ap.k_max,
+        n_train_tokens=grams["train"].n,
+        n_test_tokens=grams["test"].n,
+        alpha_choice="gcv" if ap.alpha is None else "fixed",
+        subspace_fraction=ap.subspace_fraction,
+        null_replicates=ap.null_replicates,
+        jacobian_layers=layers_probed,
+        jacobian_tokens=ap.jacobian_sequences * (ap.jacobian_seq_len - 1) if layers_probed else 0,
+        jacobian_directions=min(ap.jacobian_directions, store.d_model),
+        causal_pairs=list(ap.causal_pairs),
+        causal_sequences=ap.causal_sequences,
+        causal_seq_len=ap.causal_seq_len,
+    )
+    return AtlasResult(
+        model=store.manifest.model.name,
+        store_digest=store.digest,
+        d_model=store.d_model,
+        layers=grams["train"].layers,
+        budget=budget,
+        seconds=seconds,
+        pairs=[pair_record(name, fit, causal.get(name, {})) for name, fit in fits.items()],
+    )
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def atlas_metrics(result: AtlasResult) -> dict[str, Any]:
+    """reports/atlas/metrics.json: per k, means over L of the headline numbers (numbers only)."""
+    out: dict[str, Any] = {"n_pairs": len(result.pairs), "n_train_tokens": result.budget.n_train_tokens}
+    for k in sorted({p.k for p in result.pairs}):
+        ps = [p for p in result.pairs if p.k == k]
+        row = {f"r2_{op}": _mean([p.operators[op].r2 for p in ps]) for op in OPERATORS}
+        row["r2_weighted_ridge"] = _mean([p.operators["ridge"].r2_weighted for p in ps])
+        row["gain_over_identity"] = _mean([p.gain_over_identity for p in ps])
+        row["eta_ratio"] = _mean([p.eta_ratio for p in ps])
+        row["heldout_subspace_size_excess"] = _mean([p.heldout_subspace_size_excess for p in ps])
+        row["procrustes_linearity"] = _mean([p.procrustes_linearity for p in ps])
+        locs = [p.local for p in ps if p.local is not None]
+        row["jacobian_rel_diff"] = _mean([lg.rel_diff for lg in locs])
+        row["jacobian_rel_diff_update"] = _mean([lg.rel_diff_update for lg in locs])
+        out[f"k{k}"] = row
+    out["seconds"] = dict(result.seconds)
+    return out
+
+
+TABLE_COLUMNS = (
+    "pair", "L", "k", "alpha",
+    *(f"r2_{op}" for op in OPERATORS),
+    "r2_weighted_ridge", "gain_over_identity", "procrustes_linearity",
+    "eta_test", "eta_expected", "eta_ratio",
+    "heldout_subspace_size", "heldout_subspace_size_null", "heldout_subspace_size_excess",
+    "jacobian_rel_diff", "jacobian_rel_diff_update", "jacobian_alignment", "jacobian_token_variation",
+    "linearisation_r2", "ridge_r2_probe",
+)  # fmt: skip
+
+
+def table(result: AtlasResult) -> list[list[Any]]:
+    """One row of TABLE_COLUMNS per pair (reports/atlas/pairs.csv)."""
+    rows = []
+    for p in result.pairs:
+        lg = p.local
+        loc = (
+            [lg.rel_diff, lg.rel_diff_update, lg.alignment, lg.token_variation, lg.linearisation_r2, lg.ridge_r2_probe]
+            if lg
+            else [math.nan] * 6
+        )
+        rows.append(
+            [p.pair, p.L, p.k, p.alpha, *(p.operators[op].r2 for op in OPERATORS),
+             p.operators["ridge"].r2_weighted, p.gain_over_identity, p.procrustes_linearity,
+             p.eta_test, p.eta_expected, p.eta_ratio,
+             p.heldout_subspace_size, p.heldout_subspace_size_null, p.heldout_subspace_size_excess, *loc]
+        )  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# reports/atlas/atlas.md
+
+
+def _f(v: float, spec: str = ".3f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "—"
+
+
+def atlas_markdown(result: AtlasResult) -> str:
+    """The atlas's tables with their references and a short "how to read" each."""
+    b = result.budget
+    lines = [
+        "# Transport atlas",
+        "",
+        f"{result.model}; {len(result.pairs)} pairs (every stored L, k ≤ {b.k_max}). {b.label()}.",
+        "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + ".",
+        "",
+        "## Means over L (the README's table)",
+        "",
+        *readme_table(result),
+        "",
+        *_summary_section(result),
+        *_pairs_section(result),
+        *_jacobian_section(result),
+        *_causal_section(result),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def readme_table(result: AtlasResult) -> list[str]:
+    """The README's "What the atlas shows" table: per k, means over L (noise: the mean sign noise and
+    token-sampling error of E[J], combined in quadrature)."""
+    out = [
+        "| k | R² identity | Procrustes | Procrustes, centred | ridge | reduced rank | E[J] | η / η_linear "
+        "| held-out size − null | ‖(W − E[J])V‖/‖WV‖ (noise) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in sorted({p.k for p in result.pairs}):
+        ps = [p for p in result.pairs if p.k == k]
+        ops = " | ".join(_f(_mean([p.operators[op].r2 for p in ps])) for op in OPERATORS)
+        locs = [p.local for p in ps if p.local is not None]
+        noise = _mean([math.hypot(g.estimate_noise, g.sampling_error) for g in locs])
+        diff = f"{_f(_mean([g.rel_diff for g in locs]))} ({_f(noise)})" if locs else "—"
+        out.append(
+            f"| {k} | {ops} | {_f(_mean([p.eta_ratio for p in ps]))} | "
+            f"{_f(_mean([p.heldout_subspace_size_excess for p in ps]), '.0f')} | {diff} |"
+        )
+    return out
+
+
+def _summary_section(result: AtlasResult) -> list[str]:
+    out = [
+        "## Per k: mean over L (min … max)",
+        "",
+        "| k | pairs | " + " | ".join(f"R² {op}" for op in OPERATORS) + " | R²(ridge) − R²(identity) | η / η_linear "
+        "| held-out size − null |",
+        "|---|---" + "|---" * (len(OPERATORS) + 3) + "|",
+    ]
+    for k in sorted({p.k for p in result.pairs}):
+        ps = [p for p in result.pairs if p.k == k]
+
+        def cell(values: list[float]) -> str:
+            v = [x for x in values if math.isfinite(x)]
+            return f"{np.mean(v):.3f} ({min(v):.3f} … {max(v):.3f})" if v else "—"
+
+        ops = " | ".join(cell([p.operators[op].r2 for p in ps]) for op in OPERATORS)
+        out.append(
+            f"| {k} | {len(ps)} | {ops} | {cell([p.gain_over_identity for p in ps])} | "
+            f"{cell([p.eta_ratio for p in ps])} | {cell([p.heldout_subspace_size_excess for p in ps])} |"
+        )
+    out += [
+        "",
+        "**How to read.** Residual R² on the test tokens (uniform average over the residual's dimensions). "
+        "The identity is the carried-over residual; R²(ridge) − R²(identity) is what a fitted linear map adds to "
+        "mere carrying. η / η_linear ≈ 1 means the ridge map reaches what an exactly linear relation would at this "
+        "n and d; < 1 is evidence of transport no linear map captures. Held-out subspace size: the canonical "
+        "directions (from train) holding the subspace fraction of Σρ⁺² measured on test, beside the same statistic "
+        "for independent x and y at the same n and d (Wishart null). Under the null the test correlations are noise "
+        "spread over about half the directions, so its size is large; a size far below it says transport "
+        "concentrates in fewer, measurable directions, one near it says no more shared structure than noise. The "
+        "null takes tokens as independent (within a sequence they are not), so it is somewhat optimistic.",
+        "",
+    ]
+    return out
+
+
+def _pairs_section(result: AtlasResult) -> list[str]:
+    out = [
+        "## Every pair",
+        "",
+        "| pair | α | " + " | ".join(OPERATORS) + " | R²_w ridge | Procrustes linearity | η (linear) | held-out size "
+        "(null ± sd) |",
+        "|---|---" + "|---" * (len(OPERATORS) + 4) + "|",
+    ]
+    for p in result.pairs:
+        ops = " | ".join(_f(p.operators[op].r2) for op in OPERATORS)
+        out.append(
+            f"| {p.pair} | {_f(p.alpha, '.3g')}{' (edge)' if p.alpha_at_edge else ''} | {ops} | "
+            f"{_f(p.operators['ridge'].r2_weighted)} | {_f(p.procrustes_linearity)} | "
+            f"{_f(p.eta_test)} ({_f(p.eta_expected)}) | {p.heldout_subspace_size:.0f} "
+            f"({_f(p.heldout_subspace_size_null, '.0f')} ± {_f(p.heldout_subspace_size_null_std, '.0f')}) |"
+        )
+    return [*out, ""]
+
+
+def _jacobian_section(result: AtlasResult) -> list[str]:
+    probed = [p for p in result.pairs if p.local is not None]
+    if not probed:
+        return []
+    r = probed[0].local.directions if probed[0].local else 0
+    out = [
+        f"## The mean Jacobian beside the ridge map (on the top-{r} right singular subspace V of L's ridge maps)",
+        "",
+        "| pair | ‖WV‖²/‖W‖² | ‖(W−E[J])V‖/‖WV‖ | … /‖(W−I)V‖ | total response | alignment (random) | "
+        "update alignment | token variation | noise (signs, tokens) | R²_w J_t x_t | R²_w Σ_s J_ts x_s | R²_w Wx+b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in probed:
+        g = p.local
+        assert g is not None
+        out.append(
+            f"| {p.pair} | {_f(g.w_captured)} | {_f(g.rel_diff)} | {_f(g.rel_diff_update)} | {_f(g.rel_diff_total)} | "
+            f"{_f(g.alignment)} ({_f(g.alignment_null)}) | {_f(g.alignment_update)} | {_f(g.token_variation)} | "
+            f"{_f(g.estimate_noise)}, {_f(g.sampling_error)} | {_f(g.linearisation_r2)} | "
+            f"{_f(g.total_linearisation_r2)} | "
+            f"{_f(g.ridge_r2_probe)} |"
+        )
+    out += [
+        "",
+        "**How to read.** For Gaussian x, Stein's lemma makes the least-squares slope equal E[J] exactly, "
+        "whatever the blocks compute; a gap between W and E[J] therefore needs both non-Gaussian inputs and "
+        "non-linear computation. Compare ‖(W−E[J])V‖ with the noise of the estimate (two sign draws); the "
+        "second column divides by the computed part (W − I) only. Token variation ≈ 0 means one linear map is "
+        "the local map everywhere; values ≥ 1 mean the local linear regime is narrower than the data. The last "
+        "three columns: how much of y the per-token linearisation explains, beside the global map.",
+        "",
+    ]
+    return out
+
+
+def _causal_section(result: AtlasResult) -> list[str]:
+    pairs = [p for p in result.pairs if math.isfinite(p.operators["ridge"].causal_delta)]
+    if not pairs:
+        return []
+    ops = [*OPERATORS, REFERENCE]
+    out = [
+        "## Causal Δ log-perplexity (nats/token, 95 % interval over sequences)",
+        "",
+        "| pair | " + " | ".join(ops) + " |",
+        "|---" * (len(ops) + 1) + "|",
+    ]
+    for p in pairs:
+        cells = []
+        for op in ops:
+            s = p.operators.get(op)
+            cells.append(
+                f"{_f(s.causal_delta)} [{_f(s.causal_low)}, {_f(s.causal_high)}]"
+                if s and math.isfinite(s.causal_delta)
+                else "—"
+            )
+        out.append(f"| {p.pair} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        f"`{REFERENCE}` is mean ablation (ŷ = ȳ_train): the damage a map must undercut to carry anything.",
+        "",
+    ]
+    return out

@@ -1,0 +1,83 @@
+"""The one streaming pass over the test split: every predictor's residual- and feature-space sums."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ato.evaluate.features import SaeFeatures, sae_active
+from ato.math.metrics import (
+    FeatureR2Accumulator,
+    ResidualAccumulator,
+)
+from ato.math.ridge import ridge_fit
+from ato.math.stats import PairStats
+
+PREDICTORS = ("ato", "identity", "mean", "ols")  # the ATO and its baselines
+
+
+@dataclass
+class Predictors:
+    """The affine maps scored: the ATO, OLS on the train statistics, and the train mean."""
+
+    W: np.ndarray  # [d_out, d_in] float64, the ATO
+    b: np.ndarray  # [d_out]
+    W_ols: np.ndarray  # ridge with α = 0 on the train statistics
+    b_ols: np.ndarray
+    mean_y: np.ndarray  # ȳ over the train split
+
+    @classmethod
+    def build(cls, W: np.ndarray, b: np.ndarray, train: PairStats) -> Predictors:
+        W_ols, b_ols = ridge_fit(train, 0.0)
+        return cls(W, b, W_ols, b_ols, train.mean_y)
+
+    def predict(self, x: np.ndarray, y_shape: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, ŷ) for every predictor, in PREDICTORS order."""
+        yield "ato", x @ self.W.T + self.b
+        yield "identity", x
+        yield "mean", np.broadcast_to(self.mean_y, y_shape)
+        yield "ols", x @ self.W_ols.T + self.b_ols
+
+
+@dataclass
+class TestAccumulators:
+    """Streaming residual- and feature-space sums per predictor."""
+
+    residual: dict[str, ResidualAccumulator]
+    features: dict[str, FeatureR2Accumulator]
+
+    @classmethod
+    def empty(cls, d: int, n_features: int) -> TestAccumulators:
+        return cls(
+            {k: ResidualAccumulator(d) for k in PREDICTORS}, {k: FeatureR2Accumulator(n_features) for k in PREDICTORS}
+        )
+
+    @property
+    def n_tokens(self) -> float:
+        return self.residual["ato"].n
+
+
+def score_test_split(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    predictors: Predictors,
+    features: SaeFeatures,
+    total: int,
+    desc: str,
+) -> TestAccumulators:
+    """One pass over (x_L, y_T) chunks: every predictor's residual and feature-space sums."""
+    from tqdm import tqdm
+
+    acc = TestAccumulators.empty(len(predictors.b), len(features.kept))
+    U = features.directions
+    with tqdm(total=total, desc=desc, unit="tok", leave=False) as bar:
+        for x_raw, y_raw in chunks:
+            x, y = x_raw.astype(np.float64), y_raw.astype(np.float64)
+            active = sae_active(features.sae, y_raw, features.kept)
+            a = y @ U
+            for name, y_hat in predictors.predict(x, y.shape):
+                acc.residual[name].update(y, y_hat)
+                acc.features[name].update_projected(a, y_hat @ U, active)
+            bar.update(len(x))
+    return acc
