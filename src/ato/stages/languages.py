@@ -50,7 +50,6 @@ from ato.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
-
 __all__ = ["LanguagesError", "main"]
 
 
