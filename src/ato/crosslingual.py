@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .accumulate import LayerPairs, LayerStatsAccumulator
 from .corpus import Corpus, TokenSequence, sequences_for_split
 from .errors import AtoError
+from .kinds import keys_for
 from .math.cca import CCA
 from .math.heldout import linear_reference
 from .math.metrics import FeatureR2Accumulator
@@ -50,7 +51,7 @@ from .store import ActivationStore
 log = logging.getLogger(__name__)
 
 Map = tuple[np.ndarray, np.ndarray]  # (W [d, d], b [d]) float64
-FEATURE_PREDICTORS = ("operator", "own", "identity")
+FEATURE_PREDICTORS = keys_for("languages_features")  # operator, own, identity (`ato.kinds`)
 _UNLIMITED = 1 << 40  # a token budget no corpus reaches: the causal sequences stop by count instead
 
 
@@ -321,7 +322,8 @@ def overlap_tables(fits: PairFits, languages: list[str], metric: np.ndarray, ran
 # Causal: patch a language's text with the English operator, its own map, and mean ablation
 
 
-CAUSAL_CONDITIONS = ("operator", "own", "mean")  # per pair; "mean" (ȳ of the language's fit rows) per target
+# operator, own, mean (`ato.kinds`): per pair; "mean" (ȳ of the language's fit rows) per target
+CAUSAL_CONDITIONS = keys_for("languages_causal")
 
 
 def held_out(seqs: list[TokenSequence]) -> HeldOut:

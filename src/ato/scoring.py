@@ -38,6 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from ato.artifacts import BaselineScores, FeatureSet, PairMetrics, PredictorScores, TransportVerdicts
 from ato.errors import AtoError
+from ato.kinds import keys_for, kinds_for
 from ato.math.cca import CCA, efficiency_table, rank_grid
 from ato.math.heldout import (
     CCANull,
@@ -67,7 +68,11 @@ from ato.math.ridge import r2_from_stats, ridge_fit
 from ato.math.stats import PairStats
 from ato.params import EvaluateParams
 
-PREDICTORS = ("ato", "identity", "mean", "ols")  # the ATO and its baselines
+def predictor_keys() -> tuple[str, ...]:
+    """The ATO and its baselines (`ato.kinds` evaluate role, asked at each use): ato, identity, mean, ols, then registered ones."""
+    return keys_for("evaluate")
+
+
 SAE_ENCODE_ROWS = 2048  # rows per SAE encode call: bounds the [rows, d_sae] activation buffer
 
 
@@ -137,18 +142,22 @@ class Predictors:
     W_ols: np.ndarray  # ridge with α = 0 on the train statistics
     b_ols: np.ndarray
     mean_y: np.ndarray  # ȳ over the train split
+    extra: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # registered kinds' (W, b)
 
     @classmethod
     def build(cls, W: np.ndarray, b: np.ndarray, train: PairStats) -> Predictors:
         W_ols, b_ols = ridge_fit(train, 0.0)
-        return cls(W, b, W_ols, b_ols, train.mean_y)
+        extra = {k.key("evaluate"): k.build(train) for k in kinds_for("evaluate") if k.build is not None}
+        return cls(W, b, W_ols, b_ols, train.mean_y, extra)
 
     def predict(self, x: np.ndarray, y_shape: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, ŷ) for every predictor, in PREDICTORS order."""
+        """(name, ŷ) for every predictor: the built-in ones, then the registered ones."""
         yield "ato", x @ self.W.T + self.b
         yield "identity", x
         yield "mean", np.broadcast_to(self.mean_y, y_shape)
         yield "ols", x @ self.W_ols.T + self.b_ols
+        for key, (W, b) in self.extra.items():
+            yield key, x @ W.T + b
 
 
 @dataclass
@@ -161,7 +170,7 @@ class TestAccumulators:
     @classmethod
     def empty(cls, d: int, n_features: int) -> TestAccumulators:
         return cls(
-            {k: ResidualAccumulator(d) for k in PREDICTORS}, {k: FeatureR2Accumulator(n_features) for k in PREDICTORS}
+            {k: ResidualAccumulator(d) for k in predictor_keys()}, {k: FeatureR2Accumulator(n_features) for k in predictor_keys()}
         )
 
     @property
@@ -316,12 +325,12 @@ def evaluate(
     """Scores of the streamed test sums plus the statistics-based ones (val R², CCA, η, null);
     `test_chunks` streams the test tokens again with their documents, for the effective n."""
     train, val, test = splits["train"], splits["val"], splits["test"]
-    feature_scores = {k: acc.features[k].result() for k in PREDICTORS}
+    feature_scores = {k: acc.features[k].result() for k in predictor_keys()}
     ato = feature_scores["ato"]
     verdicts = feature_verdicts(ato["r2"], ato["active"], ev.transported_r2, ev.min_active_tokens)
     judged = verdicts != NO_VERDICT
     scores: dict[str, Any] = {
-        k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in PREDICTORS
+        k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in predictor_keys()
     }
     t = transport(train, test, predictors.W, predictors.b, ev, test_chunks)
     n_transported = float((verdicts == TRANSPORTED).sum())
@@ -338,10 +347,10 @@ def evaluate(
         transported_fraction=float(n_transported / judged.sum()) if judged.any() else float("nan"),
         feature_pearson_median=_median(ato["pearson"][judged]),
         feature_rms_ratio_median=_median(ato["rms_ratio"][judged]),
-        **scores,
+        **PairMetrics.predictor_fields(scores),
         **transport_metrics(t, train, predictors.W, predictors.b),
     )
-    per_dim = {k: acc.residual[k].r2_per_dim() for k in PREDICTORS}
+    per_dim = {k: acc.residual[k].r2_per_dim() for k in predictor_keys()}
     return Evaluation(metrics, t, kept, verdicts, feature_scores, per_dim)
 
 
