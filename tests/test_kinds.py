@@ -12,6 +12,7 @@ from ato import kinds
 from ato.kinds import MapKind, Place, parse_variant
 from conftest import TOY_KIND, half_carry
 
+
 def test_built_in_roles_list_the_historical_keys_in_their_order():
     """Every key below is in files of earlier runs (metrics, CSV columns, causal JSON, markdown)."""
     assert kinds.keys_for("variant") == ("rank", "svd", "procrustes", "identity")
@@ -56,9 +57,8 @@ def test_register_refuses_a_taken_name_or_key(toy_kind):
 def test_metrics_of_a_registered_predictor_are_written_last_and_read_back(tmp_path, toy_kind):
     from ato.artifacts import ArtifactError, BaselineScores, PairMetrics
 
-    m = PairMetrics.missing()
-    m.ato.r2 = 0.5
-    m.extra[TOY_KIND] = BaselineScores(r2=0.25, r2_weighted=0.3)
+    counts = ("n_test_tokens", "n_train_tokens", "n_features", "n_transported", "n_synthesised", "n_no_verdict")
+    m = PairMetrics(**dict.fromkeys(counts, 1.0), extra={TOY_KIND: BaselineScores(r2=0.25, r2_weighted=0.3)})
     m.write(tmp_path / "m.json")
     keys = list(json.loads((tmp_path / "m.json").read_text()))
     assert keys[-2:] == [f"{TOY_KIND}_r2", f"{TOY_KIND}_r2_weighted"]

@@ -73,6 +73,7 @@ def extra_builders() -> dict[str, Any]:
     """Registered operators built from the train statistics alone (the built-in ones are `fit_pair`'s own)."""
     return {k.key("atlas"): k.build for k in kinds_for("atlas") if k.build is not None}
 
+
 __all__ = [
     "AtlasError",
     "atlas_markdown",

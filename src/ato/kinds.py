@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ato.math.stats import PairStats
-    from ato.math.variants import VariantSpec
 
 Role = Literal[
     "variant",  # `fit.variants`: maps built from the fitted operator and the pair's train statistics
@@ -155,11 +154,18 @@ def variant_forms() -> str:
     return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else "".join(words)
 
 
+@dataclass(frozen=True)
+class VariantSpec:
+    """A parsed variant name: `rank64` → kind "rank", rank 64 (`ato.math.variants.variant_map` builds it)."""
+
+    name: str
+    kind: str  # the variant key of its map kind: rank, svd, procrustes or identity
+    rank: int | None = None  # requested rank (ranked kinds only)
+
+
 def parse_variant(name: str) -> VariantSpec:
     """`rank<r>`, `svd<r>` (r ≥ 1), `procrustes` or `identity` (the variant role's keys); anything else is
     a ValueError naming the forms."""
-    from ato.math.variants import VariantSpec
-
     for kind in kinds_for("variant"):
         key = kind.key("variant")
         if kind.ranked:
@@ -292,7 +298,10 @@ for _kind in (
         colour="#17becf",
         ranked=True,
         method="rrr",
-        places={"variant": Place(0, key="rank"), "atlas": Place(4, column="reduced rank")},  # the variant's historical name
+        places={
+            "variant": Place(0, key="rank"),
+            "atlas": Place(4, column="reduced rank"),
+        },  # the variant's historical name
     ),
     MapKind(
         name="svd",
@@ -336,6 +345,7 @@ __all__ = [
     "CLEAN_LABEL",
     "MapKind",
     "Place",
+    "VariantSpec",
     "by_key",
     "causal_keys",
     "get",

@@ -68,8 +68,10 @@ from ato.math.ridge import r2_from_stats, ridge_fit
 from ato.math.stats import PairStats
 from ato.params import EvaluateParams
 
+
 def predictor_keys() -> tuple[str, ...]:
-    """The ATO and its baselines (`ato.kinds` evaluate role, asked at each use): ato, identity, mean, ols, then registered ones."""
+    """The ATO and its baselines (`ato.kinds` evaluate role, asked at each use): ato, identity, mean, ols,
+    then registered ones."""
     return keys_for("evaluate")
 
 
@@ -170,7 +172,8 @@ class TestAccumulators:
     @classmethod
     def empty(cls, d: int, n_features: int) -> TestAccumulators:
         return cls(
-            {k: ResidualAccumulator(d) for k in predictor_keys()}, {k: FeatureR2Accumulator(n_features) for k in predictor_keys()}
+            {k: ResidualAccumulator(d) for k in predictor_keys()},
+            {k: FeatureR2Accumulator(n_features) for k in predictor_keys()},
         )
 
     @property

@@ -28,7 +28,9 @@ from ._io import ArtifactError, Record
 # The map kinds patched, from the registry (`ato.kinds`):
 PATCHED = keys_for("causal")  # ato, identity, zero, bias_only, train_mean: display order
 CONDITIONS = ("clean", *PATCHED)
-REFERENCE_CONDITIONS = causal_keys("target")  # zero, train_mean: depend only on the target layer (`ato causal_reference`)
+REFERENCE_CONDITIONS = causal_keys(
+    "target"
+)  # zero, train_mean: depend only on the target layer (`ato causal_reference`)
 PAIR_CONDITIONS = causal_keys("pair")  # ato, identity, bias_only: depend on the pair (`ato causal`)
 REFERENCES = keys_for("recovered_against")  # train_mean, zero, identity: the damage "recovered" is measured against
 SCOPES = ("all", "after")

@@ -42,7 +42,6 @@ from .ridge import RidgePath, r2_from_stats
 from .stats import PairStats
 
 
-
 def _sym(m: np.ndarray) -> np.ndarray:
     return (m + m.T) / 2
 

@@ -20,33 +20,39 @@ list of variants works on small test models too). Pure numpy: no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from .cca import CCA
 from .stats import PairStats
 
-@dataclass(frozen=True)
-class VariantSpec:
-    """A parsed variant name: `rank64` → kind "rank", rank 64."""
 
-    name: str
-    kind: str  # the variant key of its map kind: rank, svd, procrustes or identity
-    rank: int | None = None  # requested rank (rank / svd only)
+class VariantName(Protocol):
+    """A parsed variant name (`ato.kinds.VariantSpec`): `rank64` → kind "rank", rank 64."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...  # the variant key of its map kind: rank, svd, procrustes or identity
+
+    @property
+    def rank(self) -> int | None: ...  # requested rank (rank / svd only)
 
 
 @dataclass
 class VariantMap:
     """One variant's map and what it is."""
 
-    spec: VariantSpec
+    spec: VariantName
     W: np.ndarray  # [d_out, d_in] float64
     b: np.ndarray  # [d_out]
     rank: int | None  # the rank actually used (≤ min(d_in, d_out)); None for full-rank kinds
     scale: float | None = None  # the Procrustes gain s
 
 
-def variant_map(spec: VariantSpec, train: PairStats, W: np.ndarray, cca: CCA | None = None) -> VariantMap:
+def variant_map(spec: VariantName, train: PairStats, W: np.ndarray, cca: CCA | None = None) -> VariantMap:
     """The variant `spec` of the fitted map W on the pair's train statistics (`cca`: reuse one
     `CCA.from_stats(train)` across several ranked variants)."""
     d_in, d_out = train.sum_x.shape[0], train.sum_y.shape[0]

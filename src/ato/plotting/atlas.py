@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import AtlasPair, AtlasResult
-
 from ato.kinds import MapKind, Role, keys_for, kinds_for
 
 from . import pyplot, save_figure
+
 
 def _operator_kinds() -> list[tuple[Role, MapKind]]:
     """(role, kind) of every atlas operator, then of the mean-ablation reference: the figures' order."""

@@ -365,7 +365,8 @@ def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
 
 # recovered-share panel: reference → (colour, legend label); the headline reference is drawn first, large
 REFERENCE_STYLE = {
-    k.key("recovered_against"): (k.colour, f"vs {k.label_in('recovered_against')}") for k in kinds_for("recovered_against")
+    k.key("recovered_against"): (k.colour, f"vs {k.label_in('recovered_against')}")
+    for k in kinds_for("recovered_against")
 }
 
 
