@@ -77,7 +77,7 @@ def test_a_registered_kind_is_scored_by_evaluate_and_shown_in_the_report(tmp_pat
 
     from ato.artifacts import Layout, PairMetrics, read_pair_stats
     from ato.params import Pair
-    from ato.reporting.markdown import _residual
+    from ato.reporting.markdown import _residual, fmt
     from ato.reporting.results import PairResults
     from ato.stages import evaluate
     from test_evaluate import PAIR, _test_xy, build_project
@@ -93,6 +93,6 @@ def test_a_registered_kind_is_scored_by_evaluate_and_shown_in_the_report(tmp_pat
 
     m = PairMetrics.read(path)
     table = "\n".join(_residual([PairResults(PAIR, Pair(L=0, k=1), metrics=m)]))
-    header = next(line for line in table.splitlines() if line.startswith("| pair"))
-    assert header.split(" | ")[-3:] == ["half carry", "token cosine", "MSE |"]
-    assert f"{m.predictor(TOY_KIND).r2:.3f}" in table
+    header, row = (line.split(" | ") for line in table.splitlines() if line.startswith("| "))
+    assert header[-3:] == ["half carry", "token cosine", "MSE |"]
+    assert row[-3] == fmt(metrics[f"{TOY_KIND}_r2"]) and row[-6] == fmt(metrics["identity_r2"])
