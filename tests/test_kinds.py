@@ -96,3 +96,14 @@ def test_a_registered_kind_is_scored_by_evaluate_and_shown_in_the_report(tmp_pat
     header, row = (line.split(" | ") for line in table.splitlines() if line.startswith("| "))
     assert header[-3:] == ["half carry", "token cosine", "MSE |"]
     assert row[-3] == fmt(metrics[f"{TOY_KIND}_r2"]) and row[-6] == fmt(metrics["identity_r2"])
+
+
+def test_fit_refuses_a_variant_name_no_kind_has():
+    from ato.params import FitParams, ParamsError
+    from ato.stages.fit import check_variants
+
+    check_variants(FitParams(variants=["rank4", "svd2", "procrustes", "identity"]))
+    with pytest.raises(ParamsError, match=r"fit.variants: 'rank0' is not rank<r>, svd<r> \(r ≥ 1\), procrustes or"):
+        check_variants(FitParams(variants=["rank4", "rank0"]))
+    with pytest.raises(ParamsError, match="names repeat"):
+        check_variants(FitParams(variants=["identity", "identity"]))
