@@ -9,8 +9,8 @@ languages comparison. `kinds_for(role)` lists a role's kinds in that role's orde
 their keys there. A role may know a kind under a historical key (atlas "ridge" for the operator,
 evaluate "mean" for the train mean): those keys are in files and MLflow names, so they stay.
 
-`register(kind)` adds a kind (a plugin, a test). Importing this module loads nothing heavy: the builders
-in `ato.math` are imported when a kind is built.
+`register(kind)` adds a kind (a plugin, a test); the roles that build maps themselves ask the registry at
+each use, so a kind registered later is included. Importing this module loads nothing heavy (not numpy).
 """
 
 from __future__ import annotations
