@@ -247,3 +247,35 @@ def real_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real") / "base"
     prepare.main(parse_params({"pairs": {"L00_k1": {"L": 0, "k": 1}}, "paths": {"model_dir": str(out)}}))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# A toy map kind (`ato.kinds`), registered by the tests that show a new kind needs no other edit
+
+TOY_KIND = "half_carry"  # ŷ = (x + ȳ_train) / 2: halfway between the identity and the train mean
+
+
+def half_carry(train):
+    """The toy kind's map from the pair's train statistics."""
+    d_out, d_in = train.yty.shape[0], train.xtx.shape[0]
+    return 0.5 * np.eye(d_out, d_in), 0.5 * train.mean_y
+
+
+@pytest.fixture
+def toy_kind():
+    """The toy kind, registered for one test (evaluate and atlas roles) and removed after it."""
+    from ato import kinds
+
+    kind = kinds.MapKind(
+        name=TOY_KIND,
+        label="half carry  (x + ȳ)/2",
+        meaning="halfway between carrying x over and the train mean",
+        built_from="pair_stats",
+        saved="recomputed",
+        colour="#000000",
+        places={"evaluate": kinds.Place(10, column="half carry"), "atlas": kinds.Place(10, column="half carry")},
+        build=half_carry,
+    )
+    kinds.register(kind)
+    yield kind
+    kinds.unregister(TOY_KIND)

@@ -6,6 +6,7 @@ numbers present, bad params named)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from ato.math.procrustes import linearity_score, procrustes_centred, procrustes_
 from ato.math.ridge import ridge_fit
 from ato.math.stats import FIELDS, PairStats
 from ato.store import ActivationStore
-from conftest import TINY_PARAMS, load_tiny_params
+from conftest import TINY_PARAMS, TOY_KIND, load_tiny_params
 from store_factory import build_store
 
 
@@ -252,3 +253,24 @@ def test_bad_atlas_params_are_named(atlas_run):
         atlas.main(load_tiny_params(params.root, **{**ATLAS_TINY, "atlas.jacobian_layers": [3]}))
     with pytest.raises(ParamsError, match="atlas.tokens"):
         load_tiny_params(params.root, **{**ATLAS_TINY, "atlas.tokens": {"train": 10}})
+
+
+def test_a_registered_kind_is_fitted_scored_and_reported_by_the_atlas(atlas_run, tmp_path, toy_kind):
+    """The atlas on a copy of the tiny atlas project, with the toy kind registered."""
+    from ato.atlas import table_columns
+    from ato.stages import atlas
+
+    params, _ = atlas_run
+    shutil.copytree(params.root, tmp_path / "p", symlinks=True)
+    result = atlas.main(load_tiny_params(tmp_path / "p"))
+    for p in result.pairs:
+        assert np.isfinite(p.operators[TOY_KIND].r2)
+        # halfway between the identity and the train mean cannot beat the least-squares ridge map by much
+        assert p.operators[TOY_KIND].r2 <= p.operators["ridge"].r2 + 0.05
+    causal = [p for p in result.pairs if np.isfinite(p.operators["ridge"].causal_delta)]
+    assert causal and all(np.isfinite(p.operators[TOY_KIND].causal_delta) for p in causal)  # patched too
+    assert table_columns()[4 + 6] == f"r2_{TOY_KIND}"
+    reports = tmp_path / "p" / "reports" / "atlas"
+    assert f"r2_{TOY_KIND}" in (reports / "pairs.csv").read_text().splitlines()[0]
+    markdown = (reports / "atlas.md").read_text()
+    assert f"R² {TOY_KIND}" in markdown and f"| {TOY_KIND} |" in markdown

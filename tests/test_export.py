@@ -15,10 +15,11 @@ import torch
 import ato
 from ato.cli import main as cli
 from ato.export import export_operator, import_operator, operator_digest, read_card
+from ato.kinds import parse_variant
 from ato.math.cca import CCA, truncate_svd
 from ato.math.ridge import r2_from_stats, ridge_fit
 from ato.math.stats import PairStats
-from ato.math.variants import parse_variant, procrustes_map, variant_map
+from ato.math.variants import procrustes_map, variant_map
 from ato.operators import Operator, OperatorError, load_operator, operator_variant, save_operator
 from ato.score import UnitSums, iter_documents, score_text
 from conftest import make_prepared_model, random_text

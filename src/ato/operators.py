@@ -340,7 +340,8 @@ def operator_variant(op: Operator, train: Any, name: str, cca: Any = None) -> Op
     fitted operator `op`, built from its pair's TRAIN statistics (`ato.math.stats.PairStats`, e.g.
     `ato.artifacts.read_pair_stats(".../train/<pair>.safetensors")`). Its config is the parent's with
     the variant's name, method and rank, and the parent's weights digest."""
-    from .math.variants import VARIANT_METHOD, parse_variant, variant_map
+    from .kinds import parse_variant, variant_method
+    from .math.variants import variant_map
 
     try:
         spec = parse_variant(name)
@@ -352,7 +353,7 @@ def operator_variant(op: Operator, train: Any, name: str, cca: Any = None) -> Op
     config = {
         **parent,
         "variant": name,
-        "method": VARIANT_METHOD[spec.kind],
+        "method": variant_method(spec.kind),
         "alpha": float(op.config.get("alpha", 0.0)) if spec.kind == "svd" else 0.0,
         "rank": vm.rank,
         "rank_requested": spec.rank,

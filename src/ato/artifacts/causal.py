@@ -22,13 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+from ..kinds import causal_keys, keys_for
 from ._io import ArtifactError, Record
 
-PATCHED = ("ato", "identity", "zero", "bias_only", "train_mean")  # patched conditions, display order
+# The map kinds patched, from the registry (`ato.kinds`):
+PATCHED = keys_for("causal")  # ato, identity, zero, bias_only, train_mean: display order
 CONDITIONS = ("clean", *PATCHED)
-REFERENCE_CONDITIONS = ("zero", "train_mean")  # depend only on the target layer: `ato causal_reference`
-PAIR_CONDITIONS = ("ato", "identity", "bias_only")  # depend on the pair: `ato causal`
-REFERENCES = ("train_mean", "zero", "identity")  # the damage "recovered" is measured against
+REFERENCE_CONDITIONS = causal_keys(
+    "target"
+)  # zero, train_mean: depend only on the target layer (`ato causal_reference`)
+PAIR_CONDITIONS = causal_keys("pair")  # ato, identity, bias_only: depend on the pair (`ato causal`)
+REFERENCES = keys_for("recovered_against")  # train_mean, zero, identity: the damage "recovered" is measured against
 SCOPES = ("all", "after")
 Triplet = tuple[float, float, float]  # (point estimate, 95 % CI low, high)
 

@@ -27,10 +27,12 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from ..kinds import keys_for
 from ._io import ArtifactError, Record, write_text_atomic
 
-# Prefix of each predictor's keys in the metrics file: the ATO's have none.
-PREDICTOR_PREFIX = {"ato": "", "identity": "identity_", "mean": "mean_", "ols": "ols_"}
+# The evaluate key of the fitted operator (`ato.kinds`): its keys in the metrics file have no prefix,
+# every other predictor's carry its key (`identity_r2`, `mean_r2`, …).
+OPERATOR_KEY = "ato"
 # The rank-sweep columns of efficiency.csv besides rank and ceiling (η(r) raw, then without the mean shift).
 SWEEP_COLUMNS = (
     "eta_svd_train",
@@ -79,12 +81,14 @@ class PredictorScores(BaselineScores):
     cosine: float = math.nan  # mean cosine(y, ŷ) over tokens
 
 
-PREDICTOR_CLASS: dict[str, type[BaselineScores]] = {
-    "ato": PredictorScores,
-    "identity": BaselineScores,
-    "mean": BaselineScores,
-    "ols": BaselineScores,
-}
+def predictor_prefix(key: str) -> str:
+    """Prefix of a predictor's keys in the metrics file and MLflow (`ato.kinds` evaluate key)."""
+    return "" if key == OPERATOR_KEY else f"{key}_"
+
+
+def predictor_class(key: str) -> type[BaselineScores]:
+    """The operator's scores carry the error size and direction too."""
+    return PredictorScores if key == OPERATOR_KEY else BaselineScores
 
 
 @dataclass
@@ -177,6 +181,9 @@ class PairMetrics(Record):
     participation_ratio_null: float = math.nan  # its mean under the null (≈ 0.72·d at d/n = 0.01)
     subspace_size: float = math.nan  # in-sample: smallest r with ceiling(r) ≥ subspace_fraction · ceiling(d)
     subspace_size_null: float = math.nan  # its mean under the null
+    # predictors registered beyond the four fields above (`ato.kinds`, evaluate role), by key; written
+    # after every other key
+    extra: dict[str, BaselineScores] = field(default_factory=dict)
 
     @classmethod
     def missing(cls) -> Self:
@@ -192,22 +199,35 @@ class PairMetrics(Record):
         )
 
     def predictor(self, name: str) -> BaselineScores:
-        """Scores of a predictor by its name in PREDICTOR_PREFIX."""
-        if name not in PREDICTOR_PREFIX:
-            raise KeyError(f"unknown predictor {name!r} (one of {', '.join(PREDICTOR_PREFIX)})")
-        scores: BaselineScores = getattr(self, name)
-        return scores
+        """Scores of a predictor by its evaluate key (`ato.kinds`); NaN for a registered one not scored."""
+        if name in _score_fields():
+            scores: BaselineScores = getattr(self, name)
+            return scores
+        if name not in keys_for("evaluate"):
+            raise KeyError(f"unknown predictor {name!r} (one of {', '.join(keys_for('evaluate'))})")
+        return self.extra.get(name, BaselineScores())
+
+    @classmethod
+    def predictor_fields(cls, scores: dict[str, BaselineScores]) -> dict[str, Any]:
+        """Constructor arguments for each predictor's scores: a field for the built-in ones, `extra` for the rest."""
+        fields = _score_fields()
+        return {
+            **{k: v for k, v in scores.items() if k in fields},
+            "extra": {k: v for k, v in scores.items() if k not in fields},
+        }
 
     def flat(self) -> dict[str, float]:
-        """Every value under its file/MLflow name, NaN included: `HEADLINE` first, then field order."""
+        """Every value under its file/MLflow name, NaN included: `HEADLINE` first, then field order, then
+        the registered predictors."""
         body: dict[str, float] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in PREDICTOR_PREFIX:
-                prefix = PREDICTOR_PREFIX[f.name]
-                body.update({f"{prefix}{k}": float(v) for k, v in dataclasses.asdict(value).items()})
-            else:
+            if f.name in _score_fields():
+                body.update(_prefixed(f.name, value))
+            elif f.name != "extra":
                 body[f.name] = float(value)
+        for key in _extra_predictors():
+            body.update(_prefixed(key, self.predictor(key)))
         return {**{k: body[k] for k in self.HEADLINE}, **body}
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,7 +245,7 @@ class PairMetrics(Record):
         data = {k: v for k, v in data.items() if not (k == "format" and v == cls.FORMAT)}
         keys = _flat_keys()
         kwargs: dict[str, Any] = {}
-        nested: dict[str, dict[str, float]] = {name: {} for name in PREDICTOR_PREFIX}
+        nested: dict[str, dict[str, float]] = {name: {} for name in keys_for("evaluate")}
         for key, value in data.items():
             if key not in keys:
                 raise ArtifactError(f"{where}: unknown key {key!r} for {cls.__name__}{cls._rerun()}")
@@ -243,19 +263,35 @@ class PairMetrics(Record):
         absent = [name for name in required if name not in kwargs]
         if absent:
             raise ArtifactError(f"{where}: missing key {absent[0]!r} for {cls.__name__}{cls._rerun()}")
-        kwargs.update({name: PREDICTOR_CLASS[name](**nested[name]) for name in PREDICTOR_PREFIX})
-        return cls(**kwargs)
+        scores = {name: predictor_class(name)(**values) for name, values in nested.items()}
+        return cls(**kwargs, **cls.predictor_fields(scores))
+
+
+def _score_fields() -> tuple[str, ...]:
+    """The PairMetrics fields holding a predictor's scores (the built-in predictors)."""
+    return tuple(
+        f.name for f in dataclasses.fields(PairMetrics) if f.default_factory in (PredictorScores, BaselineScores)
+    )
+
+
+def _extra_predictors() -> tuple[str, ...]:
+    """Evaluate keys of the registered predictors without a PairMetrics field, in registry order."""
+    return tuple(k for k in keys_for("evaluate") if k not in _score_fields())
+
+
+def _prefixed(key: str, scores: BaselineScores) -> dict[str, float]:
+    return {f"{predictor_prefix(key)}{k}": float(v) for k, v in dataclasses.asdict(scores).items()}
 
 
 def _flat_keys() -> dict[str, tuple[str, str | None]]:
-    """File key → (PairMetrics field, predictor score field or None)."""
+    """File key → (PairMetrics field or predictor key, predictor score field or None)."""
     out: dict[str, tuple[str, str | None]] = {}
     for f in dataclasses.fields(PairMetrics):
-        if f.name in PREDICTOR_PREFIX:
-            for sub in dataclasses.fields(PREDICTOR_CLASS[f.name]):
-                out[PREDICTOR_PREFIX[f.name] + sub.name] = (f.name, sub.name)
-        else:
+        if f.name not in (*_score_fields(), "extra"):
             out[f.name] = (f.name, None)
+    for key in keys_for("evaluate"):
+        for sub in dataclasses.fields(predictor_class(key)):
+            out[predictor_prefix(key) + sub.name] = (key, sub.name)
     return out
 
 

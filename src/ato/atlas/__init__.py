@@ -22,10 +22,9 @@ Modules: `fitting` (1–2), `jacobian` (3), `causal` (4), `tables` (records, met
 from ato.atlas.causal import causal_atlas
 from ato.atlas.fitting import AtlasError, check_plan, fit_atlas, joint_grams, plan
 from ato.atlas.jacobian import apply_jacobian, block_stack, load_model, probe_atlas, torch_threads
-from ato.atlas.tables import TABLE_COLUMNS, atlas_markdown, atlas_metrics, atlas_result, readme_table, table
+from ato.atlas.tables import atlas_markdown, atlas_metrics, atlas_result, readme_table, table, table_columns
 
 __all__ = [
-    "TABLE_COLUMNS",
     "AtlasError",
     "apply_jacobian",
     "atlas_markdown",
@@ -41,5 +40,6 @@ __all__ = [
     "probe_atlas",
     "readme_table",
     "table",
+    "table_columns",
     "torch_threads",
 ]

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 
 from ato.accumulate import BandedGramAccumulator
+from ato.atlas.fitting import operators
 from ato.causal.conditions import Condition, run_conditions
 from ato.causal.inputs import load_sequences, position_mask
-from ato.math.atlas import (
-    OPERATORS,
-    PairFit,
-)
+from ato.kinds import keys_for
+from ato.math.atlas import PairFit
 from ato.math.intervals import Interval, delta_interval
 from ato.params import AtlasParams
 from ato.store import ActivationStore
@@ -22,7 +21,7 @@ from ato.store import ActivationStore
 LOSS_CHUNK_ROWS = 256  # LM-head rows per chunk in the causal passes
 
 
-REFERENCE = "train_mean"  # mean ablation, patched beside the operators for scale
+REFERENCE = keys_for("atlas_reference")[0]  # train_mean: mean ablation, patched beside the operators for scale
 
 
 def causal_atlas(
@@ -42,7 +41,7 @@ def causal_atlas(
     for name in ap.causal_pairs:
         fit = fits[name]
         mean_y = torch.as_tensor(grams["train"].pair_stats(fit.L, fit.T).mean_y, dtype=torch.float32, device=device)
-        conditions = [_linear_condition(op, fit.L, *fit.maps[op], device) for op in OPERATORS if op in fit.maps]
+        conditions = [_linear_condition(op, fit.L, *fit.maps[op], device) for op in operators() if op in fit.maps]
         conditions.append(Condition(REFERENCE, None, _constant(mean_y)))
         results, _ = run_conditions(
             model, held, fit.T, conditions, masks, {"all": "all"}, ap.causal_batch_size, LOSS_CHUNK_ROWS,

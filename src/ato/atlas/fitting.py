@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from ato.accumulate import BandedGramAccumulator, accumulate_banded
 from ato.errors import AtoError
+from ato.kinds import keys_for, kinds_for
 from ato.math.atlas import (
     LayerFactors,
     PairFit,
@@ -24,6 +26,17 @@ from ato.params import AtlasParams, pair_name
 from ato.store import ActivationStore
 
 SPLITS = ("train", "test")
+
+
+def operators() -> tuple[str, ...]:
+    """The atlas's operators (`ato.kinds`, asked at each use so a kind registered later is included):
+    identity, procrustes, procrustes_centred, ridge, rrr, jacobian, then registered ones."""
+    return keys_for("atlas")
+
+
+def extra_builders() -> dict[str, Any]:
+    """Registered operators built from the train statistics alone (the built-in ones are `fit_pair`'s own)."""
+    return {k.key("atlas"): k.build for k in kinds_for("atlas") if k.build is not None}
 
 
 class AtlasError(AtoError):
@@ -79,7 +92,7 @@ def fit_atlas(
         jobs = {
             pool.submit(
                 fit_pair, L, T, factors[L], factors[T], train.pair_stats(L, T), test.pair_stats(L, T), alphas,
-                null, ap.eta_replicates, ap.seed,
+                null, ap.eta_replicates, ap.seed, extra_builders(),
             ): pair_name(L, T - L)
             for L, T in pairs
         }  # fmt: skip

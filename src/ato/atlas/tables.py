@@ -10,10 +10,9 @@ import numpy as np
 from ato.accumulate import BandedGramAccumulator
 from ato.artifacts import AtlasBudget, AtlasPair, AtlasResult, LocalGlobal, OperatorScore
 from ato.atlas.causal import REFERENCE
-from ato.math.atlas import (
-    OPERATORS,
-    PairFit,
-)
+from ato.atlas.fitting import operators
+from ato.kinds import kinds_for
+from ato.math.atlas import PairFit
 from ato.math.intervals import Interval
 from ato.params import AtlasParams
 from ato.store import ActivationStore
@@ -32,7 +31,7 @@ def _operator_score(fit: PairFit, op: str, causal: dict[str, Interval]) -> Opera
 
 
 def pair_record(name: str, fit: PairFit, causal: dict[str, Interval]) -> AtlasPair:
-    ops = {op: _operator_score(fit, op, causal) for op in OPERATORS}
+    ops = {op: _operator_score(fit, op, causal) for op in operators()}
     if REFERENCE in causal:
         ops[REFERENCE] = _operator_score(fit, REFERENCE, causal)
     e = fit.extra
@@ -112,7 +111,7 @@ def atlas_metrics(result: AtlasResult) -> dict[str, Any]:
     out: dict[str, Any] = {"n_pairs": len(result.pairs), "n_train_tokens": result.budget.n_train_tokens}
     for k in sorted({p.k for p in result.pairs}):
         ps = [p for p in result.pairs if p.k == k]
-        row = {f"r2_{op}": _mean([p.operators[op].r2 for p in ps]) for op in OPERATORS}
+        row = {f"r2_{op}": _mean([p.operators[op].r2 for p in ps]) for op in operators()}
         row["r2_weighted_ridge"] = _mean([p.operators["ridge"].r2_weighted for p in ps])
         row["gain_over_identity"] = _mean([p.gain_over_identity for p in ps])
         row["eta_ratio"] = _mean([p.eta_ratio for p in ps])
@@ -126,19 +125,21 @@ def atlas_metrics(result: AtlasResult) -> dict[str, Any]:
     return out
 
 
-TABLE_COLUMNS = (
-    "pair", "L", "k", "alpha",
-    *(f"r2_{op}" for op in OPERATORS),
-    "r2_weighted_ridge", "gain_over_identity", "procrustes_linearity",
-    "eta_test", "eta_expected", "eta_ratio",
-    "heldout_subspace_size", "heldout_subspace_size_null", "heldout_subspace_size_excess",
-    "jacobian_rel_diff", "jacobian_rel_diff_update", "jacobian_alignment", "jacobian_token_variation",
-    "linearisation_r2", "ridge_r2_probe",
-)  # fmt: skip
+def table_columns() -> tuple[str, ...]:
+    """The columns of reports/atlas/pairs.csv."""
+    return (
+        "pair", "L", "k", "alpha",
+        *(f"r2_{op}" for op in operators()),
+        "r2_weighted_ridge", "gain_over_identity", "procrustes_linearity",
+        "eta_test", "eta_expected", "eta_ratio",
+        "heldout_subspace_size", "heldout_subspace_size_null", "heldout_subspace_size_excess",
+        "jacobian_rel_diff", "jacobian_rel_diff_update", "jacobian_alignment", "jacobian_token_variation",
+        "linearisation_r2", "ridge_r2_probe",
+    )  # fmt: skip
 
 
 def table(result: AtlasResult) -> list[list[Any]]:
-    """One row of TABLE_COLUMNS per pair (reports/atlas/pairs.csv)."""
+    """One row of `table_columns()` per pair (reports/atlas/pairs.csv)."""
     rows = []
     for p in result.pairs:
         lg = p.local
@@ -148,7 +149,7 @@ def table(result: AtlasResult) -> list[list[Any]]:
             else [math.nan] * 6
         )
         rows.append(
-            [p.pair, p.L, p.k, p.alpha, *(p.operators[op].r2 for op in OPERATORS),
+            [p.pair, p.L, p.k, p.alpha, *(p.operators[op].r2 for op in operators()),
              p.operators["ridge"].r2_weighted, p.gain_over_identity, p.procrustes_linearity,
              p.eta_test, p.eta_expected, p.eta_ratio,
              p.heldout_subspace_size, p.heldout_subspace_size_null, p.heldout_subspace_size_excess, *loc]
@@ -189,13 +190,13 @@ def readme_table(result: AtlasResult) -> list[str]:
     """The README's "What the atlas shows" table: per k, means over L (noise: the mean sign noise and
     token-sampling error of E[J], combined in quadrature)."""
     out = [
-        "| k | R² identity | Procrustes | Procrustes, centred | ridge | reduced rank | E[J] | η / η_linear "
+        "| k | " + " | ".join(k.column("atlas") for k in kinds_for("atlas")) + " | η / η_linear "
         "| held-out size − null | ‖(W − E[J])V‖/‖WV‖ (noise) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---" * (len(operators()) + 4) + "|",
     ]
     for k in sorted({p.k for p in result.pairs}):
         ps = [p for p in result.pairs if p.k == k]
-        ops = " | ".join(_f(_mean([p.operators[op].r2 for p in ps])) for op in OPERATORS)
+        ops = " | ".join(_f(_mean([p.operators[op].r2 for p in ps])) for op in operators())
         locs = [p.local for p in ps if p.local is not None]
         noise = _mean([math.hypot(g.estimate_noise, g.sampling_error) for g in locs])
         diff = f"{_f(_mean([g.rel_diff for g in locs]))} ({_f(noise)})" if locs else "—"
@@ -210,9 +211,9 @@ def _summary_section(result: AtlasResult) -> list[str]:
     out = [
         "## Per k: mean over L (min … max)",
         "",
-        "| k | pairs | " + " | ".join(f"R² {op}" for op in OPERATORS) + " | R²(ridge) − R²(identity) | η / η_linear "
+        "| k | pairs | " + " | ".join(f"R² {op}" for op in operators()) + " | R²(ridge) − R²(identity) | η / η_linear "
         "| held-out size − null |",
-        "|---|---" + "|---" * (len(OPERATORS) + 3) + "|",
+        "|---|---" + "|---" * (len(operators()) + 3) + "|",
     ]
     for k in sorted({p.k for p in result.pairs}):
         ps = [p for p in result.pairs if p.k == k]
@@ -221,7 +222,7 @@ def _summary_section(result: AtlasResult) -> list[str]:
             v = [x for x in values if math.isfinite(x)]
             return f"{np.mean(v):.3f} ({min(v):.3f} … {max(v):.3f})" if v else "—"
 
-        ops = " | ".join(cell([p.operators[op].r2 for p in ps]) for op in OPERATORS)
+        ops = " | ".join(cell([p.operators[op].r2 for p in ps]) for op in operators())
         out.append(
             f"| {k} | {len(ps)} | {ops} | {cell([p.gain_over_identity for p in ps])} | "
             f"{cell([p.eta_ratio for p in ps])} | {cell([p.heldout_subspace_size_excess for p in ps])} |"
@@ -246,12 +247,12 @@ def _pairs_section(result: AtlasResult) -> list[str]:
     out = [
         "## Every pair",
         "",
-        "| pair | α | " + " | ".join(OPERATORS) + " | R²_w ridge | Procrustes linearity | η (linear) | held-out size "
+        "| pair | α | " + " | ".join(operators()) + " | R²_w ridge | Procrustes linearity | η (linear) | held-out size "
         "(null ± sd) |",
-        "|---|---" + "|---" * (len(OPERATORS) + 4) + "|",
+        "|---|---" + "|---" * (len(operators()) + 4) + "|",
     ]
     for p in result.pairs:
-        ops = " | ".join(_f(p.operators[op].r2) for op in OPERATORS)
+        ops = " | ".join(_f(p.operators[op].r2) for op in operators())
         out.append(
             f"| {p.pair} | {_f(p.alpha, '.3g')}{' (edge)' if p.alpha_at_edge else ''} | {ops} | "
             f"{_f(p.operators['ridge'].r2_weighted)} | {_f(p.procrustes_linearity)} | "
@@ -300,7 +301,7 @@ def _causal_section(result: AtlasResult) -> list[str]:
     pairs = [p for p in result.pairs if math.isfinite(p.operators["ridge"].causal_delta)]
     if not pairs:
         return []
-    ops = [*OPERATORS, REFERENCE]
+    ops = [*operators(), REFERENCE]
     out = [
         "## Causal Δ log-perplexity (nats/token, 95 % interval over sequences)",
         "",

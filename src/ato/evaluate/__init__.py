@@ -35,14 +35,14 @@ from ato.evaluate.scores import (
     predictor_scores,
     transport_verdicts,
 )
-from ato.evaluate.streaming import PREDICTORS, Predictors, TestAccumulators, score_test_split
+from ato.evaluate.streaming import Predictors, TestAccumulators, predictor_keys, score_test_split
 
 __all__ = [
     "FEATURE_COLUMNS",
-    "PREDICTORS",
     "EvaluateError",
     "Evaluation",
     "Predictors",
+    "predictor_keys",
     "SaeFeatures",
     "TestAccumulators",
     "Transport",

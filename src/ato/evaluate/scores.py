@@ -9,7 +9,7 @@ import numpy as np
 
 from ato.artifacts import BaselineScores, PairMetrics, PredictorScores, TransportVerdicts
 from ato.evaluate.references import TestChunks, Transport, transport, transport_metrics
-from ato.evaluate.streaming import PREDICTORS, Predictors, TestAccumulators
+from ato.evaluate.streaming import Predictors, TestAccumulators, predictor_keys
 from ato.math.metrics import (
     NO_VERDICT,
     SYNTHESISED,
@@ -50,12 +50,12 @@ def evaluate(
     """Scores of the streamed test sums plus the statistics-based ones (val R², CCA, η, null);
     `test_chunks` streams the test tokens again with their documents, for the effective n."""
     train, val, test = splits["train"], splits["val"], splits["test"]
-    feature_scores = {k: acc.features[k].result() for k in PREDICTORS}
+    feature_scores = {k: acc.features[k].result() for k in predictor_keys()}
     ato = feature_scores["ato"]
     verdicts = feature_verdicts(ato["r2"], ato["active"], ev.transported_r2, ev.min_active_tokens)
     judged = verdicts != NO_VERDICT
     scores: dict[str, Any] = {
-        k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in PREDICTORS
+        k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in predictor_keys()
     }
     t = transport(train, test, predictors.W, predictors.b, ev, test_chunks)
     n_transported = float((verdicts == TRANSPORTED).sum())
@@ -72,10 +72,10 @@ def evaluate(
         transported_fraction=float(n_transported / judged.sum()) if judged.any() else float("nan"),
         feature_pearson_median=_median(ato["pearson"][judged]),
         feature_rms_ratio_median=_median(ato["rms_ratio"][judged]),
-        **scores,
+        **PairMetrics.predictor_fields(scores),
         **transport_metrics(t, train, predictors.W, predictors.b),
     )
-    per_dim = {k: acc.residual[k].r2_per_dim() for k in PREDICTORS}
+    per_dim = {k: acc.residual[k].r2_per_dim() for k in predictor_keys()}
     return Evaluation(metrics, t, kept, verdicts, feature_scores, per_dim)
 
 

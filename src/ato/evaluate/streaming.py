@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ato.evaluate.features import SaeFeatures, sae_active
+from ato.kinds import keys_for, kinds_for
 from ato.math.metrics import (
     FeatureR2Accumulator,
     ResidualAccumulator,
@@ -15,7 +16,11 @@ from ato.math.metrics import (
 from ato.math.ridge import ridge_fit
 from ato.math.stats import PairStats
 
-PREDICTORS = ("ato", "identity", "mean", "ols")  # the ATO and its baselines
+
+def predictor_keys() -> tuple[str, ...]:
+    """The ATO and its baselines (`ato.kinds` evaluate role, asked at each use): ato, identity, mean, ols,
+    then registered ones."""
+    return keys_for("evaluate")
 
 
 @dataclass
@@ -27,18 +32,22 @@ class Predictors:
     W_ols: np.ndarray  # ridge with α = 0 on the train statistics
     b_ols: np.ndarray
     mean_y: np.ndarray  # ȳ over the train split
+    extra: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # registered kinds' (W, b)
 
     @classmethod
     def build(cls, W: np.ndarray, b: np.ndarray, train: PairStats) -> Predictors:
         W_ols, b_ols = ridge_fit(train, 0.0)
-        return cls(W, b, W_ols, b_ols, train.mean_y)
+        extra = {k.key("evaluate"): k.build(train) for k in kinds_for("evaluate") if k.build is not None}
+        return cls(W, b, W_ols, b_ols, train.mean_y, extra)
 
     def predict(self, x: np.ndarray, y_shape: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, ŷ) for every predictor, in PREDICTORS order."""
+        """(name, ŷ) for every predictor: the built-in ones, then the registered ones."""
         yield "ato", x @ self.W.T + self.b
         yield "identity", x
         yield "mean", np.broadcast_to(self.mean_y, y_shape)
         yield "ols", x @ self.W_ols.T + self.b_ols
+        for key, (W, b) in self.extra.items():
+            yield key, x @ W.T + b
 
 
 @dataclass
@@ -51,7 +60,8 @@ class TestAccumulators:
     @classmethod
     def empty(cls, d: int, n_features: int) -> TestAccumulators:
         return cls(
-            {k: ResidualAccumulator(d) for k in PREDICTORS}, {k: FeatureR2Accumulator(n_features) for k in PREDICTORS}
+            {k: ResidualAccumulator(d) for k in predictor_keys()},
+            {k: FeatureR2Accumulator(n_features) for k in predictor_keys()},
         )
 
     @property

@@ -18,13 +18,15 @@ from ato.causal.conditions import Condition, run_conditions
 from ato.causal.inputs import HeldOut, position_mask
 from ato.causal.summary import LEVEL
 from ato.corpus import TokenSequence
+from ato.kinds import keys_for
 from ato.languages.inputs import Inputs, Map, Text
 from ato.languages.maps import PairFits
 from ato.languages.streams import HalfStats
 from ato.math.intervals import Interval, delta_interval, recovered_interval
 from ato.params import Params
 
-CAUSAL_CONDITIONS = ("operator", "own", "mean")  # per pair; "mean" (ȳ of the language's fit rows) per target
+# operator, own, mean (`ato.kinds`): per pair; "mean" (ȳ of the language's fit rows) per target
+CAUSAL_CONDITIONS = keys_for("languages_causal")
 
 
 def held_out(seqs: list[TokenSequence]) -> HeldOut:

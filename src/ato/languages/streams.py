@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ato.accumulate import LayerPairs, LayerStatsAccumulator
 from ato.corpus import TokenSequence
 from ato.evaluate.features import SaeFeatures, sae_active
+from ato.kinds import keys_for
 from ato.languages.inputs import Inputs, LanguagesError, Map, Text
 from ato.languages.maps import PairFits
 from ato.math.metrics import FeatureR2Accumulator
@@ -21,7 +22,7 @@ from ato.params import Params
 from ato.residuals import iter_batches
 from ato.store import ActivationStore
 
-FEATURE_PREDICTORS = ("operator", "own", "identity")
+FEATURE_PREDICTORS = keys_for("languages_features")  # operator, own, identity (`ato.kinds`)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ b_J = ȳ − W_J x̄).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -39,8 +40,6 @@ from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_var
 from .procrustes import procrustes_centred, procrustes_plain
 from .ridge import RidgePath, r2_from_stats
 from .stats import PairStats
-
-OPERATORS = ("identity", "procrustes", "procrustes_centred", "ridge", "rrr", "jacobian")
 
 
 def _sym(m: np.ndarray) -> np.ndarray:
@@ -177,10 +176,12 @@ def fit_pair(
     null: CCANull,
     eta_replicates: int = 0,
     seed: int = 0,
+    extra: Mapping[str, Callable[[PairStats], tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> PairFit:
     """Fit every statistics-based operator of pair (L, T) on train and score it on test.
 
-    `alphas`: a grid (GCV choice) or one fixed α; `null`: the held-out subspace null at this n and d."""
+    `alphas`: a grid (GCV choice) or one fixed α; `null`: the held-out subspace null at this n and d;
+    `extra`: more operators by name, each built from the train statistics alone (registered map kinds)."""
     path = ridge_path(fx, fy, train)
     if np.ndim(alphas) == 0:
         alpha, edge = float(np.asarray(alphas)), False
@@ -199,6 +200,7 @@ def fit_pair(
         "ridge": path.solve(alpha),
         "rrr": cca.rrr_map(size),
     }
+    maps.update({name: build(train) for name, build in (extra or {}).items()})
     W, b = maps["ridge"]
     ceiling = float(cca.ceiling())
     eta = float(cca.whitened_r2(test, W, b)) / ceiling if ceiling > 0 else float("nan")

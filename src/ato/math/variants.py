@@ -1,7 +1,7 @@
 """Operator variants: other affine maps x_L → y_{L+k} built from a fitted operator and its pair's
 TRAIN statistics, so they can be compared with it as operators in their own right (docs/method.md#variants).
 
-Names (`parse_variant`):
+Names (parsed by `ato.kinds.parse_variant`, the registry of map kinds):
 
     rank<r>      reduced-rank regression at rank r: the rank-r map that maximises the whitened in-sample R²
                  (it attains the CCA ceiling(r); `ato.math.cca.CCA.rrr_sweep`)
@@ -19,50 +19,40 @@ list of variants works on small test models too). Pure numpy: no I/O.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from .cca import CCA
 from .stats import PairStats
 
-KINDS = ("rank", "svd", "procrustes", "identity")
-_RANKED = re.compile(r"^(rank|svd)([1-9][0-9]*)$")
-VARIANT_METHOD = {"rank": "rrr", "svd": "svd_truncated", "procrustes": "procrustes", "identity": "identity"}
 
+class VariantName(Protocol):
+    """A parsed variant name (`ato.kinds.VariantSpec`): `rank64` → kind "rank", rank 64."""
 
-@dataclass(frozen=True)
-class VariantSpec:
-    """A parsed variant name: `rank64` → kind "rank", rank 64."""
+    @property
+    def name(self) -> str: ...
 
-    name: str
-    kind: str  # one of KINDS
-    rank: int | None = None  # requested rank (rank / svd only)
+    @property
+    def kind(self) -> str: ...  # the variant key of its map kind: rank, svd, procrustes or identity
 
-
-def parse_variant(name: str) -> VariantSpec:
-    """`rank<r>`, `svd<r>` (r ≥ 1), `procrustes` or `identity`; anything else is a ValueError naming the forms."""
-    m = _RANKED.match(name)
-    if m:
-        return VariantSpec(name, m.group(1), int(m.group(2)))
-    if name in ("procrustes", "identity"):
-        return VariantSpec(name, name)
-    raise ValueError(f"unknown operator variant {name!r}; expected rank<r>, svd<r> (r ≥ 1), procrustes or identity")
+    @property
+    def rank(self) -> int | None: ...  # requested rank (rank / svd only)
 
 
 @dataclass
 class VariantMap:
     """One variant's map and what it is."""
 
-    spec: VariantSpec
+    spec: VariantName
     W: np.ndarray  # [d_out, d_in] float64
     b: np.ndarray  # [d_out]
     rank: int | None  # the rank actually used (≤ min(d_in, d_out)); None for full-rank kinds
     scale: float | None = None  # the Procrustes gain s
 
 
-def variant_map(spec: VariantSpec, train: PairStats, W: np.ndarray, cca: CCA | None = None) -> VariantMap:
+def variant_map(spec: VariantName, train: PairStats, W: np.ndarray, cca: CCA | None = None) -> VariantMap:
     """The variant `spec` of the fitted map W on the pair's train statistics (`cca`: reuse one
     `CCA.from_stats(train)` across several ranked variants)."""
     d_in, d_out = train.sum_x.shape[0], train.sum_y.shape[0]

@@ -8,25 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_path
+from ..kinds import CLEAN_COLOUR, CLEAN_LABEL, keys_for, kinds_for
 
-# Patched conditions of the causal stage, in display order; "clean" is the unpatched reference.
-CONDITIONS = ("ato", "identity", "zero", "bias_only", "train_mean")
-CONDITION_LABELS = {
-    "clean": "clean",
-    "ato": "ATO  Wx+b",
-    "identity": "identity  x",
-    "zero": "zero",
-    "bias_only": "bias only  b",
-    "train_mean": "train mean  ȳ",
-}
-CONDITION_COLOURS = {
-    "clean": "#7f7f7f",
-    "ato": "#1f77b4",
-    "identity": "#2ca02c",
-    "zero": "#d62728",
-    "bias_only": "#9467bd",
-    "train_mean": "#ff7f0e",
-}
+# Patched conditions of the causal stage, in display order (`ato.kinds`); "clean" is the unpatched reference.
+CONDITIONS = keys_for("causal")
+CONDITION_LABELS = {CLEAN_LABEL: CLEAN_LABEL, **{k.key("causal"): k.label for k in kinds_for("causal")}}
+CONDITION_COLOURS = {CLEAN_LABEL: CLEAN_COLOUR, **{k.key("causal"): k.colour for k in kinds_for("causal")}}
 
 
 def pyplot() -> Any:

@@ -11,27 +11,26 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import AtlasPair, AtlasResult
+from ato.kinds import MapKind, Role, keys_for, kinds_for
 
 from . import pyplot, save_figure
 
-OPERATOR_LABELS = {
-    "identity": "identity  x",
-    "procrustes": "Procrustes  sRx",
-    "procrustes_centred": "Procrustes, centred",
-    "ridge": "ridge  Wx+b",
-    "rrr": "reduced rank",
-    "jacobian": "mean Jacobian E[J]",
-    "train_mean": "mean ablation  ȳ",
-}
-OPERATOR_COLOURS = {
-    "identity": "#2ca02c",
-    "procrustes": "#8c564b",
-    "procrustes_centred": "#e377c2",
-    "ridge": "#1f77b4",
-    "rrr": "#17becf",
-    "jacobian": "#d62728",
-    "train_mean": "#ff7f0e",
-}
+
+def _operator_kinds() -> list[tuple[Role, MapKind]]:
+    """(role, kind) of every atlas operator, then of the mean-ablation reference: the figures' order."""
+    roles: tuple[Role, ...] = ("atlas", "atlas_reference")
+    return [(role, k) for role in roles for k in kinds_for(role)]
+
+
+def operator_labels() -> dict[str, str]:
+    """Figure label per atlas operator key (`ato.kinds`), the reference last."""
+    return {k.key(role): k.label_in(role) for role, k in _operator_kinds()}
+
+
+def operator_colours() -> dict[str, str]:
+    """Colour per atlas operator key (`ato.kinds`), the reference last."""
+    return {k.key(role): k.colour for role, k in _operator_kinds()}
+
 
 Value = Callable[[AtlasPair], float]
 # (title, value, colour scale: "r2" −1..1 diverging, "signed" symmetric, "positive" 0..max)
@@ -103,7 +102,7 @@ def plot_operator_bars(path: Path, result: AtlasResult, dpi: int) -> Path:
     fig, axes = plt.subplots(1, 2 if causal else 1, figsize=(13 if causal else 8, 4.6), squeeze=False)
     ax = axes[0, 0]
     ks = sorted({p.k for p in result.pairs})
-    ops = [op for op in OPERATOR_LABELS if op != "train_mean"]
+    ops, labels, colours = keys_for("atlas"), operator_labels(), operator_colours()
     width = 0.8 / len(ops)
     for i, op in enumerate(ops):
         means, lows, highs = [], [], []
@@ -114,7 +113,7 @@ def plot_operator_bars(path: Path, result: AtlasResult, dpi: int) -> Path:
             lows.append(v.mean() - v.min() if v.size else 0.0)
             highs.append(v.max() - v.mean() if v.size else 0.0)
         x = np.arange(len(ks)) + (i - (len(ops) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=[lows, highs], capsize=2, color=OPERATOR_COLOURS[op], label=OPERATOR_LABELS[op])
+        ax.bar(x, means, width, yerr=[lows, highs], capsize=2, color=colours[op], label=labels[op])
     ax.set_xticks(range(len(ks)), [f"k = {k}" for k in ks])
     ax.set_ylabel("residual R² (test), mean over L; whiskers min…max")
     if ax.get_ylim()[0] < -1.0:  # a few early-layer identity/Procrustes scores reach −10: keep the bars readable
@@ -134,7 +133,8 @@ def plot_operator_bars(path: Path, result: AtlasResult, dpi: int) -> Path:
 
 
 def _causal_panel(ax: Any, pairs: list[AtlasPair]) -> None:
-    ops = [op for op in OPERATOR_LABELS if any(op in p.operators for p in pairs)]
+    labels, colours = operator_labels(), operator_colours()
+    ops = [op for op in labels if any(op in p.operators for p in pairs)]
     width = 0.8 / max(1, len(pairs))
     for j, p in enumerate(pairs):
         ys = [p.operators[op].causal_delta if op in p.operators else np.nan for op in ops]
@@ -142,8 +142,8 @@ def _causal_panel(ax: Any, pairs: list[AtlasPair]) -> None:
         hi = [p.operators[op].causal_high - y if op in p.operators else 0.0 for op, y in zip(ops, ys)]
         x = np.arange(len(ops)) + (j - (len(pairs) - 1) / 2) * width
         ax.bar(x, ys, width, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], capsize=2,
-               color=[OPERATOR_COLOURS[op] for op in ops], alpha=1.0 - 0.35 * j, label=p.pair)  # fmt: skip
-    ax.set_xticks(range(len(ops)), [OPERATOR_LABELS[op] for op in ops], rotation=30, ha="right", fontsize=7)
+               color=[colours[op] for op in ops], alpha=1.0 - 0.35 * j, label=p.pair)  # fmt: skip
+    ax.set_xticks(range(len(ops)), [labels[op] for op in ops], rotation=30, ha="right", fontsize=7)
     ax.set_yscale("symlog", linthresh=0.01)
     ax.set_ylabel("Δ log-perplexity (nats/token), 95 % interval")
     ax.axhline(0, color="black", lw=0.6)
@@ -171,8 +171,8 @@ def plot_spectra(path: Path, result: AtlasResult, dpi: int) -> Path:
         lg = p.local
         assert lg is not None
         for values, label, colour, style in (
-            (lg.sv_ridge, "ridge W V", OPERATOR_COLOURS["ridge"], "-o"),
-            (lg.sv_jacobian, "E[J] V (same position)", OPERATOR_COLOURS["jacobian"], "-s"),
+            (lg.sv_ridge, "ridge W V", operator_colours()["ridge"], "-o"),
+            (lg.sv_jacobian, "E[J] V (same position)", operator_colours()["jacobian"], "-s"),
             (lg.sv_total, "E[Σ_s J_ts] V (whole stream)", "#7f7f7f", "--^"),
         ):
             ax.plot(np.arange(1, len(values) + 1), values, style, ms=3, color=colour, label=label)

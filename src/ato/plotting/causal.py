@@ -10,6 +10,7 @@ import numpy as np
 
 from ato.artifacts import CausalSummary, PositionSetSummary
 from ato.artifacts.causal import REFERENCES
+from ato.kinds import kinds_for
 
 from . import CONDITION_COLOURS, CONDITION_LABELS, CONDITIONS, pyplot, save_figure
 
@@ -63,7 +64,7 @@ def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, sco
     return save_figure(fig, path, dpi)
 
 
-REFERENCE_LABELS = {"train_mean": "mean abl.", "zero": "zero abl.", "identity": "identity"}
+REFERENCE_LABELS = {k.key("recovered_against"): k.column("recovered_against") for k in kinds_for("recovered_against")}
 
 
 def _recovered_lines(entry: PositionSetSummary, headline: str, scope: str) -> list[str]:

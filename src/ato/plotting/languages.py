@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ato import kinds
 from ato.artifacts import LanguageReport
 
 from . import CONDITION_COLOURS, pyplot, save_figure
@@ -16,7 +17,7 @@ from . import CONDITION_COLOURS, pyplot, save_figure
 PREDICTOR_LABELS = {
     "operator": "English operator",
     "recentred": "English W, own intercept",
-    "own": "own-language map",
+    "own": kinds.get("own").label,
     "pooled": "pooled map",
     "identity": "identity  x",
 }
@@ -25,7 +26,7 @@ R2_FLOOR = -0.5  # lower edge of the R² panels; lower values are printed on the
 PREDICTOR_COLOURS = {
     "operator": CONDITION_COLOURS["ato"],
     "recentred": "#aec7e8",
-    "own": "#17becf",
+    "own": kinds.get("own").colour,
     "pooled": "#8c564b",
     "identity": CONDITION_COLOURS["identity"],
 }

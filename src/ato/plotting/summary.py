@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import PairMetrics
+from ato.kinds import kinds_for
 from ato.reporting.markdown import fmt, fmt_int
 from ato.reporting.results import PairResults, headline_sets
 
@@ -364,9 +365,8 @@ def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
 
 # recovered-share panel: reference → (colour, legend label); the headline reference is drawn first, large
 REFERENCE_STYLE = {
-    "train_mean": (CONDITION_COLOURS["train_mean"], "vs mean ablation ȳ_train"),
-    "zero": (CONDITION_COLOURS["zero"], "vs zero ablation"),
-    "identity": (CONDITION_COLOURS["identity"], "vs identity x_L"),
+    k.key("recovered_against"): (k.colour, f"vs {k.label_in('recovered_against')}")
+    for k in kinds_for("recovered_against")
 }
 
 

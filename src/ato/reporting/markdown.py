@@ -9,7 +9,9 @@ from typing import Any
 
 from ato.artifacts import Layout
 from ato.artifacts.causal import REFERENCES, RecoveredShare
+from ato.artifacts.metrics import OPERATOR_KEY
 from ato.artifacts.model import model_label
+from ato.kinds import kinds_for
 from ato.params import EvaluateParams, Params, ReportParams
 from ato.plotting import CONDITION_LABELS, CONDITIONS
 
@@ -221,6 +223,7 @@ def _stale(s: SummarySettings, stale: dict[str, list[Path]]) -> list[str]:
 
 
 def _residual(results: list[PairResults]) -> list[str]:
+    baselines = [k for k in kinds_for("evaluate") if k.key("evaluate") != OPERATOR_KEY]  # identity, mean, ols, …
     rows = []
     for res in results:
         m = res.m
@@ -232,9 +235,7 @@ def _residual(results: list[PairResults]) -> list[str]:
                 fmt(m.val_r2),
                 fmt(m.ato.r2),
                 fmt(m.ato.r2_weighted),
-                fmt(m.identity.r2),
-                fmt(m.mean.r2),
-                fmt(m.ols.r2),
+                *(fmt(m.predictor(k.key("evaluate")).r2) for k in baselines),
                 fmt(m.ato.cosine),
                 fmt(m.ato.mse, ".4g"),
             ]
@@ -254,9 +255,7 @@ def _residual(results: list[PairResults]) -> list[str]:
                 "val R²",
                 "R² ATO",
                 "R² weighted",
-                "identity",
-                "train mean",
-                "OLS",
+                *(k.column("evaluate") for k in baselines),
                 "token cosine",
                 "MSE",
             ],
@@ -552,7 +551,7 @@ def _subspace(s: SummarySettings, results: list[PairResults]) -> list[str]:
     ]
 
 
-REFERENCE_LABELS = {"train_mean": "mean ablation ȳ_train", "zero": "zero ablation", "identity": "identity x_L"}
+REFERENCE_LABELS = {k.key("recovered_against"): k.label_in("recovered_against") for k in kinds_for("recovered_against")}
 
 
 def _causal_references(results: list[PairResults]) -> list[str]:

@@ -31,7 +31,6 @@ from ato.artifacts import (
     write_text_atomic,
 )
 from ato.atlas import (
-    TABLE_COLUMNS,
     apply_jacobian,
     atlas_markdown,
     atlas_metrics,
@@ -44,6 +43,7 @@ from ato.atlas import (
     plan,
     probe_atlas,
     table,
+    table_columns,
     torch_threads,
 )
 from ato.models import resolve_device
@@ -94,7 +94,7 @@ def main(params: Params) -> AtlasResult:
 def write_outputs(layout: Layout, result: AtlasResult, dpi: int) -> list[Path]:
     result.write(layout.atlas_result)
     write_json_atomic(layout.atlas_metrics, atlas_metrics(result))
-    write_csv_atomic(layout.atlas_table, TABLE_COLUMNS, table(result))
+    write_csv_atomic(layout.atlas_table, table_columns(), table(result))
     write_text_atomic(layout.atlas_report, atlas_markdown(result))
     figures = [
         plot_atlas_heatmaps(layout.atlas_figure("heatmaps"), result, dpi),

@@ -9,7 +9,6 @@ says which map it is, and a variant whose test R²_w is below the identity map's
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from ato.artifacts import ArtifactError, Layout, TuningResult, read_json, read_pair_stats
+from ato.kinds import parse_variant, variant_forms
 from ato.math.cca import CCA
 from ato.math.ridge import RidgePath, r2_from_stats
 from ato.math.stats import PairStats
@@ -74,9 +74,6 @@ class FitResult:
     variants: dict[str, Operator] = field(default_factory=dict)  # fit.variants, each with config["metrics"]
 
 
-VARIANT_NAME = re.compile(r"^(rank|svd)[1-9][0-9]*$|^procrustes$|^identity$")
-
-
 def main(params: Params, pair: str | None = None) -> None:
     layout = Layout.from_params(params)
     check_variants(params.fit)
@@ -102,9 +99,11 @@ def main(params: Params, pair: str | None = None) -> None:
 
 def check_variants(f: FitParams) -> None:
     """`fit.variants`: known, distinct names (before anything is fitted)."""
-    bad = [v for v in f.variants if not VARIANT_NAME.match(v)]
-    if bad:
-        raise ParamsError(f"fit.variants: {bad[0]!r} is not rank<r>, svd<r> (r ≥ 1), procrustes or identity")
+    for name in f.variants:
+        try:
+            parse_variant(name)
+        except ValueError:
+            raise ParamsError(f"fit.variants: {name!r} is not {variant_forms()}") from None
     if len(set(f.variants)) != len(f.variants):
         raise ParamsError(f"fit.variants: names repeat in {f.variants}")
 
