@@ -44,3 +44,28 @@ def test_check_flags_a_stale_file_and_writing_fixes_it(tmp_path: Path):
     assert generate_main(["--root", str(tmp_path)]) == 0
     assert generate_main(["--root", str(tmp_path), "--check"]) == 0
     assert (tmp_path / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
+
+
+def test_cli_help_lists_the_params_dvc_yaml_declares():
+    """`ato <stage> --help` names the params the stage reads: those of the stage table (dvc.yaml),
+    less `paths` (every stage) and `prepare` where it only labels the MLflow runs."""
+    import re
+
+    from ato.cli import STAGES as CLI_STAGES
+    from ato.generate.pipeline import MODEL_LABEL, STAGES
+
+    for stage in STAGES:
+        listed = re.search(r"\(params: ([^)]*)\)", CLI_STAGES[stage.name][1])
+        assert listed, f"`ato {stage.name}` help lists no params"
+        helped = {key.removesuffix(".*") for key in listed.group(1).split(", ")}
+        declared = {e.path.removesuffix(".${key}") for e in stage.params if e.path != "paths" and e is not MODEL_LABEL}
+        assert helped == declared, (
+            f"`ato {stage.name}` help lists {sorted(helped)}, dvc.yaml declares {sorted(declared)}"
+        )
+
+
+def test_the_stage_table_has_every_cli_stage_in_order():
+    from ato.cli import STAGES as CLI_STAGES
+    from ato.generate.pipeline import STAGES
+
+    assert [stage.name for stage in STAGES] == list(CLI_STAGES)

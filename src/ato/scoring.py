@@ -36,7 +36,15 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ato.artifacts import BaselineScores, FeatureSet, PairMetrics, PredictorScores, TransportVerdicts
+from ato.artifacts import (
+    BaselineScores,
+    FeatureSet,
+    PairMetrics,
+    PredictorScores,
+    TransportVerdicts,
+    json_clean,
+    model_info_path,
+)
 from ato.errors import AtoError
 from ato.math.cca import CCA, efficiency_table, rank_grid
 from ato.math.heldout import (
@@ -405,11 +413,20 @@ def feature_rows(result: Evaluation) -> list[list[Any]]:
 
 
 def transport_verdicts(
-    result: Evaluation, pair: str, layer_in: int, layer_out: int, ev: EvaluateParams
+    result: Evaluation,
+    pair: str,
+    layer_in: int,
+    layer_out: int,
+    ev: EvaluateParams,
+    sae_reliable: bool,
+    sae_gate_failures: list[str],
 ) -> TransportVerdicts:
+    """Every field of reports/evaluate/<pair>/transport.json, from the pair's evaluation and its SAE's gate."""
+
     def ids(verdict: str) -> list[int]:
         return [f for f, v in zip(result.kept, result.verdicts) if v == verdict]
 
+    ato_scores, identity_scores = result.feature_scores["ato"], result.feature_scores["identity"]
     return TransportVerdicts(
         pair=pair,
         layer_in=layer_in,
@@ -419,6 +436,12 @@ def transport_verdicts(
         transported=ids(TRANSPORTED),
         synthesised=ids(SYNTHESISED),
         no_verdict=ids(NO_VERDICT),
+        sae_reliable=sae_reliable,
+        sae_gate_failures=sae_gate_failures,
+        features=list(result.kept),
+        r2=json_clean(ato_scores["r2"]),
+        identity_r2=json_clean(identity_scores["r2"]),
+        active_tokens=[int(a) for a in ato_scores["active"]],
     )
 
 
@@ -772,7 +795,7 @@ def score_file(
     if first is None:
         raise EvaluateError(f"{text}: no documents (the file is empty or holds only blank lines)")
     op = load_operator(operator, variant=variant, tracking_uri=tracking_uri)
-    if (Path(model_dir) / "ato_model.json").exists():
+    if model_info_path(model_dir).exists():
         model, tokenizer, _info = load_prepared(model_dir, device=str(resolve_device(device)))
     else:
         model, tokenizer = load_source(str(model_dir))

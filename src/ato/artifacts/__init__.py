@@ -28,7 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._io import ArtifactError, Record, atomic_path, json_clean, read_json, write_json_atomic, write_text_atomic
-from .layout import Layout, layer_dir_name
+from .layout import Layout, layer_dir_name, model_info_path
 
 # Each record is imported on first use (PEP 562), so a stage imports, and depends on (dvc.yaml),
 # only the records it uses — and `import ato.artifacts` stays light (no torch).
@@ -145,6 +145,7 @@ __all__ = [
     "csv_cell",
     "json_clean",
     "layer_dir_name",
+    "model_info_path",
     "publish_stats_dir",
     "read_atlas_maps",
     "read_json",

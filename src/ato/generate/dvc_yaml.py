@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from ato.cli import STAGES as CLI_STAGES
+
 from .closure import SRC, import_closure
 from .pipeline import COMPARISON_PLOTS, STAGES, Entry, Stage
 
@@ -44,7 +46,8 @@ def module_deps(stage: str, src: Path = SRC) -> list[str]:
 
 
 def _stage_lines(stage: Stage, src: Path) -> list[str]:
-    body = [f"cmd: ato {stage.name}" + (" --pair ${key}" if stage.per_pair else "")]
+    per_pair = CLI_STAGES[stage.name][2]
+    body = [f"cmd: ato {stage.name}" + (" --pair ${key}" if per_pair else "")]
     sections = {
         "deps": [*stage.deps, *(Entry(path) for path in module_deps(stage.name, src))],
         "params": stage.params,
@@ -55,7 +58,7 @@ def _stage_lines(stage: Stage, src: Path) -> list[str]:
     for key, entries in sections.items():
         if entries:
             body += [f"{key}:", *(f"  {line}" for entry in entries for line in _entry_lines(entry))]
-    if stage.per_pair:
+    if per_pair:
         body = ["foreach: ${pairs}", "do:", *(f"  {line}" for line in body)]
     return [f"{stage.name}:", *(f"  {line}" for line in body)]
 

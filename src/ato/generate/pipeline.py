@@ -1,5 +1,6 @@
-"""The stage table: the one hand-kept description of the DVC pipeline. Per stage its command, whether
-it runs per pair (`foreach: ${pairs}`), the artifacts it reads, the params it reads, and what it writes.
+"""The stage table: the one hand-kept description of the DVC pipeline. Per stage (in run order) the
+artifacts it reads, the params it reads, and what it writes; whether it runs per pair comes from
+`ato.cli.STAGES`.
 Module deps are not listed here: `ato.generate.dvc_yaml` adds each stage's import closure. Paths are
 templated from params.yaml's `paths` (`${paths.…}`) and `${key}` is the pair of a per-pair stage.
 A note is written beside its line in dvc.yaml as a comment (why the entry is there)."""
@@ -18,8 +19,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # `ato <name>`, and the dvc stage name
-    per_pair: bool  # `foreach: ${pairs}`, one dvc stage per pair, `--pair ${key}`
+    name: str  # `ato <name>`, and the dvc stage name (per pair, `foreach: ${pairs}`, where ato.cli says so)
     deps: list[Entry]  # artifacts it reads (its module deps are generated)
     params: list[Entry]  # every params key it reads (tests/test_dvc_pipeline.py records them)
     outs: list[Entry] = field(default_factory=list)
@@ -50,14 +50,12 @@ def _pair_stats(*splits: str) -> list[Entry]:
 STAGES: list[Stage] = [
     Stage(
         "prepare",
-        per_pair=False,
         deps=[],
         params=[_e("prepare"), _e("paths", "every path: `Layout.from_params` resolves them all")],
         outs=[_e("${paths.model_dir}")],
     ),
     Stage(
         "collect",
-        per_pair=False,
         deps=[_e("${paths.model_dir}")],
         params=[_e("corpus"), _e("collect"), _e("pairs"), PATHS],
         outs=[
@@ -66,7 +64,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "validate",
-        per_pair=False,
         deps=[_e("${paths.store}")],
         params=[_e("validate"), _e("stats.chunk_tokens"), MODEL_LABEL, PATHS],
         outs=[
@@ -76,14 +73,12 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "stats",
-        per_pair=False,
         deps=[_e("${paths.store}"), VALIDATED],
         params=[_e("stats"), _e("pairs"), PATHS],
         outs=[_e("${paths.stats}")],
     ),
     Stage(
         "tune",
-        per_pair=True,
         deps=[*_pair_stats("train", "val"), _e("${paths.store}/manifest.json")],
         params=[_e("tune"), _e("pairs.${key}"), _e("stats.include_bos"), MODEL_LABEL, PATHS],
         outs=[_report(f"{R}/tuning/${{key}}.json"), _report(f"{R}/tuning/${{key}}_alpha.png")],
@@ -99,7 +94,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "fit",
-        per_pair=True,
         deps=[
             *_pair_stats("train", "val"),
             _e("${paths.stats}/test/${key}.safetensors", "every operator and variant is scored on test too"),
@@ -119,14 +113,12 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "sae",
-        per_pair=False,
         deps=[_e("${paths.store}"), _e("${paths.model_dir}"), _e(f"{R}/validation/validation.json")],
         params=[_e("sae"), _e("corpus"), _e("pairs"), PATHS],
         outs=[_e("${paths.sae_dir}"), _report(f"{R}/sae")],
     ),
     Stage(
         "select",
-        per_pair=False,
         deps=[_e("${paths.sae_dir}"), _e("${paths.model_dir}"), _e("${paths.store}")],
         params=[_e("select"), _e("pairs"), PATHS],
         outs=[
@@ -136,7 +128,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "evaluate",
-        per_pair=True,
         deps=[
             _e("${paths.operators}/${key}"),
             _e("${paths.sae_dir}"),
@@ -174,7 +165,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "causal_reference",
-        per_pair=False,
         deps=[
             _e("${paths.model_dir}"),
             STORE_TEST_TOKENS,
@@ -185,7 +175,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "causal",
-        per_pair=True,
         deps=[
             _e("${paths.operators}/${key}"),
             _e("${paths.model_dir}"),
@@ -198,7 +187,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "languages",
-        per_pair=False,
         deps=[
             _e("${paths.model_dir}"),
             _e(
@@ -246,7 +234,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "atlas",
-        per_pair=False,
         deps=[
             _e("${paths.store}", "the first atlas.tokens tokens of train and test, every stored layer"),
             VALIDATED,
@@ -261,7 +248,6 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "report",
-        per_pair=False,
         deps=[
             *(_e(f"{R}/{name}") for name in ("metrics", "evaluate", "causal", "tuning", "sae")),
             _e("${paths.features}"),
