@@ -35,13 +35,21 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> SAE:
     unloadable directory is a SaeError naming it."""
     from sae_lens import SAE
 
+    from ato.artifacts import check_safetensors, read_json
+
     directory = Path(directory)
     if not (directory / "cfg.json").exists():
         raise SaeError(f"{directory}: no SAE here (no cfg.json); run `ato sae`")
+    # sae-lens' own errors on a damaged file name neither the file nor what to do
+    read_json(directory / "cfg.json", "the SAE's sae-lens config; rerun `ato sae`")
+    for weights in sorted(directory.glob("*.safetensors")):
+        check_safetensors(weights, "the SAE's weights; rerun `ato sae`")
     try:
         sae = SAE.load_from_disk(str(directory), device=str(device))
     except Exception as exc:  # sae-lens raises many kinds on a bad directory
-        raise SaeError(f"{directory}: cannot load the SAE: {exc}") from exc
+        raise SaeError(
+            f"{directory / 'cfg.json'}: sae-lens cannot load the SAE from it: {exc!r}; rerun `ato sae`"
+        ) from exc
     return sae.eval()
 
 
