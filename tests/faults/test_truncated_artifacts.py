@@ -37,7 +37,17 @@ def _header_only(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:8])
 
 
-DAMAGES = {"truncated": _truncate, "empty": _empty, "foreign": _foreign, "header_only": _header_only}
+def _binary(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+DAMAGES = {
+    "truncated": _truncate,
+    "empty": _empty,
+    "foreign": _foreign,
+    "header_only": _header_only,
+    "binary": _binary,
+}
 
 
 @pytest.fixture
@@ -105,7 +115,7 @@ KINDS = {
     "SAE record": ("models/sae/layer_01/ato_sae.json", ["select", *STAGE]),
     "prepared model": ("models/base/model.safetensors", ["collect", *STAGE]),
 }
-CLI_DAMAGES = ("truncated", "empty", "foreign")
+CLI_DAMAGES = ("truncated", "empty", "foreign", "binary")
 
 
 @pytest.mark.parametrize("damage", CLI_DAMAGES)
