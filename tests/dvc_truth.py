@@ -1,94 +1,19 @@
 """What each stage really depends on, derived from the code: its import closure inside `ato`
-(static, from the AST, lazy function-level imports included) and the params keys it reads (recorded
-by running it with `ATO_PARAMS_TRACE`). tests/test_dvc_truth.py and tests/test_dvc_pipeline.py
+(`ato.generate.closure`, which also writes dvc.yaml's module deps) and the params keys it reads
+(recorded by running it with `ATO_PARAMS_TRACE`). tests/test_dvc_truth.py and tests/test_dvc_pipeline.py
 compare them with dvc.yaml; `python tests/dvc_truth.py` prints each stage's module deps."""
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ato.generate.closure import import_closure
+
 ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
-
-
-def module_file(name: str) -> Path | None:
-    base = SRC / Path(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _lazy_exports(package_file: Path) -> dict[str, str]:
-    """`_LAZY = {"Name": "submodule", …}` in a package __init__ (PEP 562 lazy exports)."""
-    for node in ast.walk(ast.parse(package_file.read_text())):
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
-            return ast.literal_eval(node.value)
-    return {}
-
-
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node except those under `if TYPE_CHECKING:` and inside a module `__getattr__` (PEP 562
-    lazy exports, resolved name by name through `_LAZY`)."""
-    out, todo = [], [tree]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            todo += node.orelse
-            continue
-        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
-            continue
-        out.append(node)
-        todo += list(ast.iter_child_nodes(node))
-    return out
-
-
-def _imports(name: str, path: Path) -> set[str]:
-    """Modules of ours that module `name` (file `path`) imports, anywhere in its body."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "ato"}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                target = f"{base}.{node.module}" if node.module else base
-            else:
-                target = node.module or ""
-            if target.split(".")[0] != "ato":
-                continue
-            found.add(target)
-            target_file = module_file(target)
-            lazy = _lazy_exports(target_file) if target_file and target_file.name == "__init__.py" else {}
-            for alias in node.names:
-                if module_file(f"{target}.{alias.name}"):
-                    found.add(f"{target}.{alias.name}")
-                elif alias.name in lazy:
-                    found.add(f"{target}.{lazy[alias.name]}")
-    return found
-
-
-def import_closure(module: str) -> set[Path]:
-    """Files of every `ato` module `module` needs at run time, parent packages included."""
-    todo, seen = [module], set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
-        path = module_file(name)
-        if path is not None:
-            todo += sorted(_imports(name, path))
-    return {p for p in (module_file(n) for n in seen) if p is not None}
 
 
 def load_pipeline(project: Path = ROOT) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -126,10 +51,6 @@ def stage_entries(stages: dict[str, Any], params: dict[str, Any]) -> dict[str, t
 
 def _entries(items: list[Any]) -> list[str]:
     return [next(iter(i)) if isinstance(i, dict) else i for i in items or []]
-
-
-def declared_deps(spec: dict[str, Any], params: dict[str, Any], key: str | None) -> list[str]:
-    return [expand(d, params, key) for d in _entries(spec.get("deps", []))]
 
 
 def declared_params(spec: dict[str, Any], key: str | None) -> set[str]:

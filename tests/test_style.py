@@ -43,6 +43,23 @@ def test_import_contracts_hold():
     assert "broken" not in out.stdout.lower().replace("0 broken", "")
 
 
+def test_every_top_level_module_has_a_layer():
+    """A new module or package of `ato` is placed in pyproject's layers contract before it lands, so
+    no module escapes the import rules (lint-imports' `exhaustive` says the same, slower)."""
+    import pkgutil
+    import re
+    import tomllib
+
+    import ato
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    placed = {name for layer in layers for name in re.split(r"[|:]", layer.replace(" ", ""))}
+    modules = {m.name for m in pkgutil.iter_modules(ato.__path__)}
+    assert sorted(modules - placed) == [], "modules of ato in no layer of pyproject's import-linter contract"
+    assert sorted(placed - modules) == [], "layers name modules that do not exist"
+
+
 def test_no_print_in_the_library():
     """Messages go through logging (ruff's T20 rule covers src/; this names the offenders plainly)."""
     offenders = [

@@ -30,12 +30,14 @@ STAGES: dict[str, tuple[str, str, bool]] = {
     ),
     "collect": (
         "collect",
-        "residuals of every requested block → zarr store paths.store, split by document (params: corpus.*, collect.*)",
+        "residuals of every requested block → zarr store paths.store, split by document "
+        "(params: corpus.*, collect.*, pairs)",
         False,
     ),
     "validate": (
         "validate",
-        "great-expectations checks of the store → reports/validation; fails on bad data (params: validate.*)",
+        "great-expectations checks of the store → reports/validation; fails on bad data "
+        "(params: validate.*, stats.chunk_tokens)",
         False,
     ),
     "stats": (
@@ -46,16 +48,21 @@ STAGES: dict[str, tuple[str, str, bool]] = {
     "tune": (
         "tune",
         "Optuna search of the ridge α on exact validation R² → reports/tuning "
-        "(params: tune.*, stats.include_bos, paths.optuna_storage)",
+        "(params: tune.*, pairs, stats.include_bos)",
         True,
     ),
-    "fit": ("fit", "refit at the chosen α → paths.operators; MLflow run + registry (params: fit.*)", True),
-    "sae": ("sae", "train or load one SAE per target layer → paths.sae_dir (params: sae.*)", False),
-    "select": ("select", "score and rank SAE features → paths.features (params: select.*)", False),
+    "fit": (
+        "fit",
+        "refit at the chosen α → paths.operators; MLflow run + registry "
+        "(params: fit.*, tune.standardize, pairs, stats.include_bos)",
+        True,
+    ),
+    "sae": ("sae", "train or load one SAE per target layer → paths.sae_dir (params: sae.*, corpus.*, pairs)", False),
+    "select": ("select", "score and rank SAE features → paths.features (params: select.*, pairs)", False),
     "evaluate": (
         "evaluate",
         "test-split R² + baselines, feature R², CCA ceiling, η(r), subspace → "
-        "reports/metrics (params: evaluate.*, stats.include_bos, report.dpi)",
+        "reports/metrics (params: evaluate.*, pairs, stats.include_bos, stats.chunk_tokens, report.dpi)",
         True,
     ),
     "causal_reference": (
@@ -67,24 +74,29 @@ STAGES: dict[str, tuple[str, str, bool]] = {
     "causal": (
         "causal",
         "log-perplexity under the pair's patches of block L+k vs its target's reference, intervals over "
-        "sequences → reports/causal (params: causal.*, report.dpi)",
+        "sequences → reports/causal (params: causal.*, report.dpi, pairs)",
         True,
     ),
     "languages": (
         "languages",
         "the operators on French/Spanish text, per-language maps, transfer matrix, subspace overlaps, causal Δ → "
-        "reports/languages (params: languages.*, causal.interval, stats.include_bos)",
+        "reports/languages (params: languages.*, corpus.*, pairs, stats.include_bos, stats.chunk_tokens, "
+        "evaluate.min_active_tokens, evaluate.transported_r2, causal.interval, causal.bootstrap_resamples, "
+        "causal.seed, causal.loss_chunk_tokens, report.dpi)",
         False,
     ),
     "atlas": (
         "atlas",
         "every stored layer pair (L, L+k ≤ L+k_max) from one joint Gram pass: five operators, η, subspace, "
-        "mean Jacobian vs ridge, causal Δ on a few pairs → reports/atlas (params: atlas.*, stats.include_bos)",
+        "mean Jacobian vs ridge, causal Δ on a few pairs → reports/atlas "
+        "(params: atlas.*, stats.include_bos, report.dpi)",
         False,
     ),
     "report": (
         "report",
-        "summary.md, comparison figures, plot CSVs over all pairs → reports/ (params: report.*)",
+        "summary.md, comparison figures, plot CSVs over all pairs → reports/ "
+        "(params: report.*, pairs, stats.include_bos, evaluate.transported_r2, evaluate.min_active_tokens, "
+        "evaluate.subspace_fraction)",
         False,
     ),
 }

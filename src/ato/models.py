@@ -281,13 +281,15 @@ def load_prepared(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype
     """Load the `prepare` stage's local copy: (model, tokenizer, its `ato.artifacts.ModelInfo`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .artifacts import ModelInfo
+    from .artifacts import ModelInfo, check_safetensors, model_info_path
 
     model_dir = Path(model_dir)
-    info_path = model_dir / "ato_model.json"
+    info_path = model_info_path(model_dir)
     if not info_path.exists():
-        raise ModelLoadError(f"{model_dir}: not a prepared model (no ato_model.json); run `ato prepare`")
+        raise ModelLoadError(f"{model_dir}: not a prepared model (no {info_path.name}); run `ato prepare`")
     info = ModelInfo.read(info_path)  # ArtifactError naming the file if truncated or foreign
+    for weights in sorted(model_dir.glob("*.safetensors")):  # transformers' own error names no file
+        check_safetensors(weights, "the prepared model's weights; rerun `ato prepare`")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.to(resolve_device(device)).eval()  # type: ignore[arg-type]  # transformers' stub types .to oddly

@@ -235,7 +235,7 @@ def _read_checked(directory: Path) -> tuple[dict[str, Any], torch.Tensor, torch.
             raise OperatorError(f"{path}: missing; is {directory} an operator directory?")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OperatorError(f"{config_path}: not valid JSON: {exc}") from None
     # Read once: the checksum and the tensors come from the same bytes, and the loaded operator
     # is a private copy (a memory map would change if the file were rewritten in place).

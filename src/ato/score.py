@@ -356,6 +356,7 @@ def score_file(
     """`ato score`: check the text file, load the operator (directory or `models:/…`; `tracking_uri`:
     `ato.operators.registry_tracking_uri`) and the model (a prepared directory, else any HF causal LM
     directory or id), then `score_text` over the file's documents, streamed."""
+    from ato.artifacts import model_info_path
     from ato.models import load_prepared, load_source, resolve_device
     from ato.operators import identity_warning, load_operator, variant_dir
 
@@ -365,7 +366,7 @@ def score_file(
     if first is None:
         raise EvaluateError(f"{text}: no documents (the file is empty or holds only blank lines)")
     op = load_operator(operator, variant=variant, tracking_uri=tracking_uri)
-    if (Path(model_dir) / "ato_model.json").exists():
+    if model_info_path(model_dir).exists():
         model, tokenizer, _info = load_prepared(model_dir, device=str(resolve_device(device)))
     else:
         model, tokenizer = load_source(str(model_dir))

@@ -271,10 +271,10 @@ def check_fingerprint(model: nn.Module, config: dict[str, Any], where: str, stri
 
 def model_weights_digest(model: nn.Module) -> str | None:
     """The weights digest `ato prepare` recorded for the directory the model was loaded from, if any."""
-    from .artifacts import ArtifactError, ModelInfo
+    from .artifacts import ArtifactError, ModelInfo, model_info_path
 
     source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
-    info = Path(str(source)) / "ato_model.json" if source else None
+    info = model_info_path(str(source)) if source else None
     if info is None or not info.is_file():
         return None
     try:

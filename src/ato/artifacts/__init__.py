@@ -27,8 +27,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._io import ArtifactError, Record, atomic_path, json_clean, read_json, write_json_atomic, write_text_atomic
-from .layout import Layout, layer_dir_name
+from ._io import (
+    ArtifactError,
+    Record,
+    atomic_path,
+    check_safetensors,
+    json_clean,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
+from .layout import Layout, layer_dir_name, model_info_path
 
 # Each record is imported on first use (PEP 562), so a stage imports, and depends on (dvc.yaml),
 # only the records it uses — and `import ato.artifacts` stays light (no torch).
@@ -142,9 +151,11 @@ __all__ = [
     "ValidationFailure",
     "ValidationVerdict",
     "atomic_path",
+    "check_safetensors",
     "csv_cell",
     "json_clean",
     "layer_dir_name",
+    "model_info_path",
     "publish_stats_dir",
     "read_atlas_maps",
     "read_json",

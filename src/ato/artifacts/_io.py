@@ -135,6 +135,29 @@ def read_safetensors(path: str | Path, what: str, framework: str = "pt") -> tupl
     return tensors, metadata
 
 
+def check_safetensors(path: str | Path, what: str) -> None:
+    """Refuse a missing, empty, truncated or foreign safetensors file before a library reads it, by
+    its header alone: 8 bytes of header length, the JSON header, then exactly the data its tensors'
+    offsets cover. One ArtifactError naming the file and `what` it should hold."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing ({what})")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len < 2 or 8 + header_len > size:
+            raise ArtifactError(f"{path}: not a safetensors file or cut short ({size} bytes; {what})")
+        try:
+            header = json.loads(fh.read(header_len))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path}: unreadable safetensors header ({what})") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise ArtifactError(f"{path}: {size} bytes, its header describes {expected}: truncated or padded ({what})")
+
+
 def read_safetensors_metadata(path: str | Path, what: str, key: str) -> Any:
     """The JSON record stored under metadata `key` of a safetensors file, checked like
     `read_safetensors`; reads the header only."""

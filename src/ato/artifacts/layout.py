@@ -13,6 +13,11 @@ def layer_dir_name(layer: int) -> str:
     return f"layer_{layer:02d}"
 
 
+def model_info_path(model_dir: str | Path) -> Path:
+    """`ModelInfo` of a prepared model directory (`ato prepare`), wherever the directory is."""
+    return Path(model_dir) / "ato_model.json"
+
+
 @dataclass(frozen=True)
 class Layout:
     """Absolute paths of every stage's inputs and outputs, from `params.paths`."""
@@ -33,7 +38,7 @@ class Layout:
     # prepare
     @property
     def model_info(self) -> Path:
-        return self.model_dir / "ato_model.json"
+        return model_info_path(self.model_dir)
 
     # collect
     @property

@@ -338,8 +338,14 @@ class EfficiencyTable:
         path = Path(path)
         if not path.exists():
             raise ArtifactError(f"{path}: missing efficiency table; run `ato evaluate`")
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
+        try:
+            with open(path, newline="") as fh:
+                text = fh.read()
+        except UnicodeDecodeError:
+            raise ArtifactError(f"{path}: not a text CSV file; rerun `ato evaluate`") from None
+        if text and not text.endswith("\n"):  # the writer ends every row with a line break
+            raise ArtifactError(f"{path}: truncated CSV (no line break after its last row); rerun `ato evaluate`")
+        rows = list(csv.reader(io.StringIO(text, newline="")))
         if not rows:
             raise ArtifactError(f"{path}: empty CSV (expected the header {', '.join(cls.COLUMNS)})")
         header, body = rows[0], rows[1:]

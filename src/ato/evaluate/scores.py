@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ato.artifacts import BaselineScores, PairMetrics, PredictorScores, TransportVerdicts
+from ato.artifacts import BaselineScores, PairMetrics, PredictorScores, TransportVerdicts, json_clean
 from ato.evaluate.references import TestChunks, Transport, transport, transport_metrics
 from ato.evaluate.streaming import Predictors, TestAccumulators, predictor_keys
 from ato.math.metrics import (
@@ -139,11 +139,20 @@ def feature_rows(result: Evaluation) -> list[list[Any]]:
 
 
 def transport_verdicts(
-    result: Evaluation, pair: str, layer_in: int, layer_out: int, ev: EvaluateParams
+    result: Evaluation,
+    pair: str,
+    layer_in: int,
+    layer_out: int,
+    ev: EvaluateParams,
+    sae_reliable: bool,
+    sae_gate_failures: list[str],
 ) -> TransportVerdicts:
+    """Every field of reports/evaluate/<pair>/transport.json, from the pair's evaluation and its SAE's gate."""
+
     def ids(verdict: str) -> list[int]:
         return [f for f, v in zip(result.kept, result.verdicts) if v == verdict]
 
+    ato_scores, identity_scores = result.feature_scores["ato"], result.feature_scores["identity"]
     return TransportVerdicts(
         pair=pair,
         layer_in=layer_in,
@@ -153,4 +162,10 @@ def transport_verdicts(
         transported=ids(TRANSPORTED),
         synthesised=ids(SYNTHESISED),
         no_verdict=ids(NO_VERDICT),
+        sae_reliable=sae_reliable,
+        sae_gate_failures=sae_gate_failures,
+        features=list(result.kept),
+        r2=json_clean(ato_scores["r2"]),
+        identity_r2=json_clean(identity_scores["r2"]),
+        active_tokens=[int(a) for a in ato_scores["active"]],
     )

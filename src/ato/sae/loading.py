@@ -31,17 +31,27 @@ def hook_name(layer: int) -> str:
 
 
 def load_sae(directory: Path, device: str | torch.device = "cpu") -> SAE:
-    """The SAE saved in `directory` (sae-lens `SAE.load_from_disk`), in eval mode; a missing or
-    unloadable directory is a SaeError naming it."""
+    """The SAE saved in `directory` (sae-lens `SAE.load_from_disk`), in eval mode; a missing directory,
+    or a damaged or foreign file in it, is a SaeError naming the directory or the file."""
     from sae_lens import SAE
+
+    from ato.artifacts import ArtifactError, check_safetensors, read_json
 
     directory = Path(directory)
     if not (directory / "cfg.json").exists():
         raise SaeError(f"{directory}: no SAE here (no cfg.json); run `ato sae`")
+    try:  # sae-lens' own errors on a damaged file name neither the file nor what to do
+        read_json(directory / "cfg.json", "the SAE's sae-lens config; rerun `ato sae`")
+        for weights in sorted(directory.glob("*.safetensors")):
+            check_safetensors(weights, "the SAE's weights; rerun `ato sae`")
+    except ArtifactError as exc:
+        raise SaeError(str(exc)) from None
     try:
         sae = SAE.load_from_disk(str(directory), device=str(device))
     except Exception as exc:  # sae-lens raises many kinds on a bad directory
-        raise SaeError(f"{directory}: cannot load the SAE: {exc}") from exc
+        raise SaeError(
+            f"{directory / 'cfg.json'}: sae-lens cannot load the SAE from it: {exc!r}; rerun `ato sae`"
+        ) from exc
     return sae.eval()
 
 

@@ -29,7 +29,6 @@ from ato.artifacts import (
     PairMetrics,
     SaeInfo,
     csv_cell,
-    json_clean,
     read_pair_stats,
     write_csv_atomic,
 )
@@ -172,11 +171,9 @@ def write_outputs(
     )
     efficiency_csv = EfficiencyTable.from_columns(result.table).write(layout.efficiency(name))
     fr, t = result.feature_scores, result.transport
-    verdicts = transport_verdicts(result, name, pair.L, pair.target, ev)
-    verdicts.sae_reliable, verdicts.sae_gate_failures = gate.reliable, gate.failures
-    verdicts.features, verdicts.active_tokens = list(result.kept), [int(a) for a in fr["ato"]["active"]]
-    verdicts.r2, verdicts.identity_r2 = json_clean(fr["ato"]["r2"]), json_clean(fr["identity"]["r2"])
-    verdicts.write(layout.transport(name))
+    transport_verdicts(result, name, pair.L, pair.target, ev, gate.reliable, gate.failures).write(
+        layout.transport(name)
+    )
     figures = [
         plot_efficiency(
             layout.pair_figure(name, "efficiency"),
