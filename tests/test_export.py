@@ -412,7 +412,8 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
 
     from ato.artifacts import Layout
     from ato.artifacts.model import EMBEDDED_GGUF_PACKAGE, model_label
-    from ato.export import GEMMA_TERMS, base_model_terms, pipeline_metrics
+    from ato.export import pipeline_metrics
+    from ato.model_card import GEMMA_TERMS, base_model_terms
     from ato.params import PrepareParams, load_params
 
     _root, model_dir, op_dir, _text, _docs = tiny_setup
