@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ato
+from ato.artifacts.operator import OperatorConfig
 from ato.cli import main as cli
 from ato.export import export_operator, import_operator, operator_digest, read_card
 from ato.math.cca import CCA, truncate_svd
@@ -87,14 +88,14 @@ def test_variants_are_operators_saved_loaded_and_scored(tmp_path):
     fitted = Operator(torch.as_tensor(W, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), _config(8))
     variants = {name: operator_variant(fitted, s, name) for name in ("rank2", "svd2", "procrustes", "identity")}
     for name, op in variants.items():
-        assert op.variant == name and op.config["rank"] == (2 if name[-1] == "2" else None)
-    assert variants["rank2"].config["method"] == "rrr" and variants["svd2"].config["alpha"] == 1.0
+        assert op.variant == name and op.config.rank == (2 if name[-1] == "2" else None)
+    assert variants["rank2"].config.method == "rrr" and variants["svd2"].config.alpha == 1.0
     directory = save_operator(tmp_path / "op", W, b, _config(8), variants=variants)
     base = load_operator(directory)
     for name, op in variants.items():
         got = load_operator(directory, variant=name, expect={"layer_in": 1, "layer_out": 2, "variant": name})
         torch.testing.assert_close(got.W, op.W, rtol=0, atol=0)
-        assert got.config["parent_weights_sha256"] == base.config["weights_sha256"]
+        assert got.config.parent_weights_sha256 == base.config.weights_sha256
         # scored like any operator: exact R² from statistics equals R² on the rows themselves
         r2 = r2_from_stats(s, got.W.double().numpy(), got.b.double().numpy())["r2_weighted"]
         pred = got.predict_numpy(x).astype(np.float64)
@@ -327,8 +328,12 @@ def test_a_variant_worse_than_the_identity_map_is_named_so(tmp_path):
     assert worse_than_identity(0.24, 0.35) and not worse_than_identity(0.35, 0.35)
     assert not worse_than_identity(float("nan"), 0.35) and not worse_than_identity(0.6, 0.35)
     rank64 = _config(32, variant="rank64", metrics={"test_r2_weighted": 0.24}, identity_test_r2_weighted=0.35)
-    assert "variant 'rank64' explains less than the identity map: test R²_w 0.240 < 0.350" in identity_warning(rank64)
-    assert identity_warning({**rank64, "metrics": {"test_r2_weighted": 0.5}}) is None
+    assert "variant 'rank64' explains less than the identity map: test R²_w 0.240 < 0.350" in identity_warning(
+        OperatorConfig.from_dict(rank64, "rank64")
+    )
+    assert (
+        identity_warning(OperatorConfig.from_dict({**rank64, "metrics": {"test_r2_weighted": 0.5}}, "better")) is None
+    )
     # a variant saved before fit recorded the reference: the parent's config has it
     parent = _config(32, metrics={"test_r2_weighted": 0.6, "identity_test_r2_weighted": 0.35})
     older = Operator(torch.eye(32), torch.zeros(32), _config(32, variant="rank64", metrics={"test_r2_weighted": 0.24}))
@@ -368,7 +373,7 @@ def test_score_json_on_stdout_and_its_warnings(tiny_setup, tmp_path, capsys):
     few = tmp_path / "few.txt"
     few.write_text("\n\n".join(docs[:3]))
     worse = _config(32, metrics={"test_r2_weighted": 0.1}, identity_test_r2_weighted=0.4)
-    worse["model_digest"] = load_operator(_op_dir).config["model_digest"]
+    worse["model_digest"] = load_operator(_op_dir).config.model_digest
     op_dir = save_operator(tmp_path / "worse", np.eye(32) * 0.5, np.zeros(32), worse)
     args = ["score", "--operator", str(op_dir), "--text", str(few), "--model", str(model_dir), "--max-length", "16"]
     assert cli([*args, "--json"]) == 0

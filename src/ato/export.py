@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import atomic_path, write_text_atomic
+from .artifacts.operator import OperatorConfig
 from .model_card import EXPORT_FORMAT, FRONT_MATTER, model_card
 from .operators import (
     CONFIG,
@@ -53,6 +54,7 @@ def operator_digest(directory: str | Path) -> str:
     directory = Path(directory)
     h = hashlib.sha256(f"{EXPORT_FORMAT}\n".encode())
     h.update(hashlib.sha256((directory / WEIGHTS).read_bytes()).digest())
+    # the file's own content, not the typed record: the digest covers whatever the folder ships
     config = json.loads((directory / CONFIG).read_text())
     h.update(json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
     return f"sha256:{h.hexdigest()}"
@@ -178,8 +180,9 @@ def export_all(params: Any, out: str | Path) -> list[Path]:
         if not (directory / CONFIG).is_file():
             log.warning("%s: no operator (run `ato fit --pair %s`); not exported", directory, pair)
             continue
-        config = json.loads((directory / CONFIG).read_text())
-        base = registry_name(config["model"], pair)  # the model label the operator was fitted on, as `ato fit`
+        base = registry_name(
+            OperatorConfig.read(directory / CONFIG).model, pair
+        )  # the model label the operator was fitted on, as `ato fit`
         figures = [layout.pair_figure(pair, kind) for kind in ("efficiency", "causal")]
         extra = pipeline_metrics(layout, pair)
         done.append(export_operator(directory, out / base, figures=figures, extra_metrics=extra))
@@ -259,11 +262,11 @@ def _reports_of(operator: str, params_file: str) -> dict[str, float]:
 
     if str(operator).startswith(REGISTRY_SCHEME) or not Path(params_file).is_file():
         return {}
-    config = json.loads((Path(operator) / CONFIG).read_text()) if (Path(operator) / CONFIG).is_file() else {}
-    if not {"layer_in", "layer_out"} <= set(config):
+    if not (Path(operator) / CONFIG).is_file():
         return {}
+    config = OperatorConfig.read(Path(operator) / CONFIG)
     params = load_params(params_file)
-    pair = pair_name(int(config["layer_in"]), int(config["layer_out"]) - int(config["layer_in"]))
+    pair = pair_name(config.layer_in, config.layer_out - config.layer_in)
     layout = Layout.from_params(params)
     if pair not in params.pairs or Path(operator).resolve() != layout.operator(pair).resolve():
         return {}

@@ -1,8 +1,9 @@
 """The model card of an exported operator (`ato export`): README.md with hub-style YAML front matter
 (library, tags, base model, a `model-index` with the metrics, the `ato` block with the export digest)
 and what the operator is, its layers, data, metrics beside the identity map's, figures, intended use,
-limitations and how to load and splice it. Pure formatting of the operator's config and numbers; the
-folder itself is written by `ato.export`."""
+limitations and how to load and splice it; and the MLflow registry's descriptions of an operator and
+its variants (`ato fit`). Pure formatting of the operator's config and numbers; the folder is written
+by `ato.export`, the registry by `ato.stages.fit`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .operators import three_significant
+from .artifacts.operator import OperatorConfig
+from .operators import below_identity_warning, three_significant
 
 CITATION = (
     "@misc{szablewski2025ato,\n"
@@ -27,7 +29,7 @@ FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)  # a card's YAML front m
 
 
 def model_card(
-    config: dict[str, Any],
+    config: OperatorConfig,
     name: str,
     digest: str,
     figures: list[str],
@@ -42,13 +44,13 @@ def model_card(
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
 
 
-def base_model_terms(config: dict[str, Any]) -> tuple[str, str, str]:
+def base_model_terms(config: OperatorConfig) -> tuple[str, str, str]:
     """(hub license id, the terms in words, how to obtain the exact base model) for the operator's model:
     the embedded Gemma-3-270M's from its package; another model's from its local directory's model card
     or config.json where it says, else unknown."""
     from .artifacts.model import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL
 
-    model, digest = str(config.get("model")), config.get("model_digest")
+    model, digest = str(config.model), config.model_digest
     check = f"`ato prepare` records its weights digest, which must equal `{digest}`"
     # the label `model_label` gives the embedded model (older operators recorded the bare name)
     if model == EMBEDDED_MODEL or model.startswith(f"{EMBEDDED_MODEL} ({EMBEDDED_GGUF_PACKAGE}"):
@@ -100,15 +102,15 @@ def _declared_license(model_dir: Path) -> str | None:
     return str(value) if value else None
 
 
-def _base_model(config: dict[str, Any]) -> str | None:
+def _base_model(config: OperatorConfig) -> str | None:
     """The model's hub id when its name starts with one (`google/gemma-3-270m (…)` → google/gemma-3-270m)."""
-    first = str(config.get("model", "")).split(" ")[0]
+    first = str(config.model).split(" ")[0]
     return first if re.fullmatch(r"[\w.-]+/[\w.-]+", first) else None
 
 
-def _metric_rows(config: dict[str, Any]) -> list[tuple[str, str, float]]:
+def _metric_rows(config: OperatorConfig) -> list[tuple[str, str, float]]:
     """(key, label, value) of the fit's exact scores from the pair statistics."""
-    m = config.get("metrics") or {}
+    m = config.metrics or {}
     labels = {
         "test_r2": "test R² (uniform over dimensions)",
         "test_r2_weighted": "test R² (variance-weighted)",
@@ -118,8 +120,8 @@ def _metric_rows(config: dict[str, Any]) -> list[tuple[str, str, float]]:
     return [(k, label, float(m[k])) for k, label in labels.items() if isinstance(m.get(k), (int, float))]
 
 
-def _front_matter(config: dict[str, Any], name: str, digest: str) -> dict[str, Any]:
-    L, T = config["layer_in"], config["layer_out"]
+def _front_matter(config: OperatorConfig, name: str, digest: str) -> dict[str, Any]:
+    L, T = config.layer_in, config.layer_out
     front: dict[str, Any] = {
         "license": base_model_terms(config)[0],
         "library_name": "ato",
@@ -137,8 +139,8 @@ def _front_matter(config: dict[str, Any], name: str, digest: str) -> dict[str, A
                         "task": {"type": "activation-transport", "name": f"residual layer {L} → {T}"},
                         "dataset": {
                             "type": "ato-activation-store",
-                            "name": f"activations of {config.get('model')}",
-                            "revision": str(config.get("store_digest")),
+                            "name": f"activations of {config.model}",
+                            "revision": str(config.store_digest),
                         },
                         "metrics": metrics,
                     }
@@ -148,37 +150,37 @@ def _front_matter(config: dict[str, Any], name: str, digest: str) -> dict[str, A
     front["ato"] = {
         "format": EXPORT_FORMAT,
         "digest": digest,
-        "weights_sha256": config.get("weights_sha256"),
+        "weights_sha256": config.weights_sha256,
         "layer_in": L,
         "layer_out": T,
-        "d_model": config.get("d_model"),
-        "variant": config.get("variant"),
-        "model_digest": config.get("model_digest"),
-        "store_digest": config.get("store_digest"),
+        "d_model": config.d_model,
+        "variant": config.variant,
+        "model_digest": config.model_digest,
+        "store_digest": config.store_digest,
     }
     return front
 
 
 def _card_body(
-    config: dict[str, Any], name: str, digest: str, figures: list[str], extra: dict[str, float], warning: str | None
+    config: OperatorConfig, name: str, digest: str, figures: list[str], extra: dict[str, float], warning: str | None
 ) -> str:
-    L, T, d = config["layer_in"], config["layer_out"], config.get("d_model")
-    variant = config.get("variant")
+    L, T, d = config.layer_in, config.layer_out, config.d_model
+    variant = config.variant
     what = (
-        f"the **{variant}** variant (method `{config.get('method')}`, rank {config.get('rank')}) of the fitted operator"
+        f"the **{variant}** variant (method `{config.method}`, rank {config.rank}) of the fitted operator"
         if variant
-        else f"a `{config.get('method')}` fit (α = {three_significant(config.get('alpha'))})"
+        else f"a `{config.method}` fit (α = {three_significant(config.alpha)})"
     )
     license_id, terms, obtain = base_model_terms(config)
-    metrics = config.get("metrics") or {}
-    bos = "included" if config.get("include_bos") else "excluded"
+    metrics = config.metrics or {}
+    bos = "included" if config.include_bos else "excluded"
     rows = [f"| {label} | {v:.4f} |" for _k, label, v in _metric_rows(config)]
     rows += [f"| {k} | {v:.4f} |" for k, v in extra.items()]
     lines = [
         f"# {name}",
         "",
         *([f"> **{warning}**", ""] if warning else []),
-        f"An **activation transport operator** for `{config.get('model')}`: the affine map ŷ = W x + b from the "
+        f"An **activation transport operator** for `{config.model}`: the affine map ŷ = W x + b from the "
         f"residual stream after decoder block {L} (x) to the residual after block {T} (y) of the same token, "
         f"d_model = {d}; {what}. Made with `ato` (activation transport operators).",
         "",
@@ -186,13 +188,13 @@ def _card_body(
         "",
         "| | |",
         "|---|---|",
-        f"| model | `{config.get('model')}` |",
-        f"| model weights digest | `{config.get('model_digest')}` |",
+        f"| model | `{config.model}` |",
+        f"| model weights digest | `{config.model_digest}` |",
         f"| license | {terms} (`{license_id}`): the base model's terms apply to this map of its activations |",
         f"| layers | {L} → {T} (k = {T - L}); layer n = output of decoder block n (`blocks.n.hook_resid_post`) |",
-        f"| training tokens | {config.get('n_train_tokens')} (BOS {bos}) |",
-        f"| activation-store (data) digest | `{config.get('store_digest')}` |",
-        f"| weights sha256 | `{config.get('weights_sha256')}` |",
+        f"| training tokens | {config.n_train_tokens} (BOS {bos}) |",
+        f"| activation-store (data) digest | `{config.store_digest}` |",
+        f"| weights sha256 | `{config.weights_sha256}` |",
         f"| export digest | `{digest}` |",
         "",
         f"The exact base model: {obtain}.",
@@ -256,3 +258,51 @@ def _card_body(
         "",
     ]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry's descriptions (`ato fit` registers each operator and variant)
+
+
+VARIANT_TEXT = {
+    "rrr": "reduced-rank regression at rank {rank}",
+    "svd_truncated": "the champion's SVD truncated to rank {rank}",
+    "procrustes": "similarity Procrustes (a rotation plus a global gain)",
+    "identity": "the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)",
+}
+
+
+def version_description(pair_name: str, config: OperatorConfig, alias: str, identity_r2w: float | None) -> str:
+    """What a registry version is, in one paragraph: which map, its test R² and R²_w beside the
+    identity map's R²_w, and a WARNING when a map other than the identity scores below it."""
+    m = config.metrics or {}
+    where = f"{pair_name} (layer {config.layer_in} → {config.layer_out})"
+    variant = config.variant
+    if variant is None:
+        what = f"@{alias}: the operator fitted for {where}, {config.method} with α = {config.alpha:.4g}."
+    else:
+        kind = VARIANT_TEXT.get(config.method, config.method).format(rank=config.rank)
+        what = f"@{alias}: a variant of the fitted operator for {where}, for comparison: {kind}."
+    r2, r2w = m.get("test_r2", float("nan")), m.get("test_r2_weighted", float("nan"))
+    text = f"{what} Test R² {r2:.3f}, variance-weighted R²_w {r2w:.3f}"
+    if identity_r2w is None:
+        return text + "."
+    text += f" (identity map: R²_w {identity_r2w:.3f})."
+    warning = below_identity_warning(r2w, identity_r2w, f"variant {variant!r}") if variant != "identity" else None
+    return f"{text} {warning}" if warning else text
+
+
+def model_description(pair_name: str, config: OperatorConfig, alias: str, variants: list[str]) -> str:
+    """The registered model's description: what it maps, which alias to load, what the other versions are."""
+    text = (
+        f"Activation transport operator of {config.model}, pair {pair_name}: residual after block "
+        f"{config.layer_in} → residual after block {config.layer_out}. Load @{alias}: the fitted "
+        f"{config.method} operator (the newest version)."
+    )
+    if variants:
+        aliases = ", ".join(f"@{v}" for v in variants)
+        text += (
+            f" The other versions are its variants, registered for comparison under their own aliases "
+            f"({aliases}); each version's description says which map it is and its test R²."
+        )
+    return text
