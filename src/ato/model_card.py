@@ -44,13 +44,13 @@ def model_card(
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
 
 
-def base_model_terms(config: OperatorConfig) -> tuple[str, str, str]:
-    """(hub license id, the terms in words, how to obtain the exact base model) for the operator's model:
+def base_model_terms(model: str, digest: str | None) -> tuple[str, str, str]:
+    """(hub license id, the terms in words, how to obtain the exact base model) for the operator's model
+    (its label and weights digest):
     the embedded Gemma-3-270M's from its package; another model's from its local directory's model card
     or config.json where it says, else unknown."""
     from .artifacts.model import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL
 
-    model, digest = str(config.model), config.model_digest
     check = f"`ato prepare` records its weights digest, which must equal `{digest}`"
     # the label `model_label` gives the embedded model (older operators recorded the bare name)
     if model == EMBEDDED_MODEL or model.startswith(f"{EMBEDDED_MODEL} ({EMBEDDED_GGUF_PACKAGE}"):
@@ -123,7 +123,7 @@ def _metric_rows(config: OperatorConfig) -> list[tuple[str, str, float]]:
 def _front_matter(config: OperatorConfig, name: str, digest: str) -> dict[str, Any]:
     L, T = config.layer_in, config.layer_out
     front: dict[str, Any] = {
-        "license": base_model_terms(config)[0],
+        "license": base_model_terms(config.model, config.model_digest)[0],
         "library_name": "ato",
         "tags": ["ato", "activation-transport-operator", "interpretability", "residual-stream", "linear-map"],
     }
@@ -171,7 +171,7 @@ def _card_body(
         if variant
         else f"a `{config.method}` fit (α = {three_significant(config.alpha)})"
     )
-    license_id, terms, obtain = base_model_terms(config)
+    license_id, terms, obtain = base_model_terms(config.model, config.model_digest)
     metrics = config.metrics or {}
     bos = "included" if config.include_bos else "excluded"
     rows = [f"| {label} | {v:.4f} |" for _k, label, v in _metric_rows(config)]
