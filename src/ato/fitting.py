@@ -4,7 +4,7 @@ every split from the pair statistics. No files: the stage reads the inputs and s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from .math.ridge import RidgePath, r2_from_stats
 from .math.stats import PairStats
 from .operators import Operator, operator_variant
 from .params import FitParams, Pair
+
+if TYPE_CHECKING:
+    from .store import ActivationStore
 
 TUNED_METHODS = ("ridge",)  # methods fitted at the α `ato tune` chose
 SCORED = ("train", "val", "test")  # splits every operator and variant is scored on (exactly, from the statistics)
@@ -37,14 +40,14 @@ def fit_map(
     *,
     tuned_alpha: float | None,
     standardize: bool,
-    store: Any,
+    store: ActivationStore,
     pair: Pair,
     chunk_tokens: int,
     include_bos: bool,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(W, b, α) by `fit.method`: ridge at `tuned_alpha` (solved in standardised coordinates when
     `standardize`; W is in the original ones), OLS, or lasso / elastic-net by scikit-learn on the
-    first `fit.sklearn_subsample` TRAIN rows of the store (`ato.store.ActivationStore`)."""
+    first `fit.sklearn_subsample` TRAIN rows of the store."""
     if f.method in TUNED_METHODS:
         if tuned_alpha is None:
             raise ValueError(f"fit.method {f.method}: needs the α chosen by `ato tune`")
@@ -59,7 +62,7 @@ def fit_map(
 
 
 def training_rows(
-    store: Any, pair: Pair, n_rows: int, chunk_tokens: int, include_bos: bool
+    store: ActivationStore, pair: Pair, n_rows: int, chunk_tokens: int, include_bos: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first `n_rows` TRAIN rows (x at layer L, y at L+k) in store order, read chunk by chunk
     only as far as needed."""
