@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(args.command, "params error: ", exc, 2)
     configure_logging()
     if args.command == "ui":
-        from .tracking import RunContext, serve_ui
+        from .tracking import RunContext
+        from .ui import serve_ui
 
         return serve_ui(RunContext.from_params(params), port=args.port)
     trace_file = os.environ.get(TRACE_ENV)
