@@ -317,7 +317,7 @@ def _downstream_project(tmp_path: Path) -> str:
     op_dir = save_operator(
         params.path("operators") / "L05_k1", W, b, cfg, variants={"rank64": operator_variant(op, stats, "rank64")}
     )
-    with tracking.pair_run(params, "L05_k1", "fit"):
+    with tracking.pair_run(tracking.RunContext.from_params(params), "L05_k1", "fit"):
         name = fit.register(params, "L05_k1", op_dir)
         fit.register(params, "L05_k1", op_dir, variant="rank64")
     return name

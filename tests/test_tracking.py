@@ -66,10 +66,10 @@ def test_pair_run_keeps_its_own_r2(pipeline):
         op = load_operator(pipeline.path("operators") / pair)
         assert metrics["test_r2"] == pytest.approx(file["r2"], rel=1e-6), pair
         assert metrics["test_r2_weighted"] == pytest.approx(file["r2_weighted"], rel=1e-6), pair
-        assert metrics["train_r2"] == pytest.approx(op.config["metrics"]["train_r2"], rel=1e-9), pair
+        assert metrics["train_r2"] == pytest.approx(op.config.metrics["train_r2"], rel=1e-9), pair
         assert metrics["r2"] == pytest.approx(file["r2"], rel=1e-9), pair
         assert abs(metrics["test_r2"] - file["identity_r2"]) > 0.05, pair  # the map the old code showed
-        identity = load_operator(pipeline.path("operators") / pair, variant="identity").config["metrics"]
+        identity = load_operator(pipeline.path("operators") / pair, variant="identity").config.metrics
         assert metrics["variant_identity_test_r2"] == pytest.approx(identity["test_r2"], rel=1e-9)
 
 
@@ -117,11 +117,11 @@ def test_registry_versions_say_which_map_they_are(pipeline):
         versions = {v.version: v for v in client.search_model_versions(f"name = '{name}'")}
         champion = client.get_model_version_by_alias(name, "champion")
         assert max(versions, key=int) == champion.version  # the list's "latest version" is the champion
-        identity_r2w = load_operator(pipeline.path("operators") / pair).config["metrics"]["identity_test_r2_weighted"]
+        identity_r2w = load_operator(pipeline.path("operators") / pair).config.metrics["identity_test_r2_weighted"]
         for alias in ["champion", *VARIANTS]:
             version = client.get_model_version_by_alias(name, alias)
             variant = None if alias == "champion" else alias
-            metrics = load_operator(pipeline.path("operators") / pair, variant=variant).config["metrics"]
+            metrics = load_operator(pipeline.path("operators") / pair, variant=variant).config.metrics
             assert version.tags["ato.variant"] == alias
             assert version.description.startswith(f"@{alias}: ")
             assert f"{metrics['test_r2_weighted']:.3f}" in version.description

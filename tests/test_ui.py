@@ -72,7 +72,7 @@ def logged_project(tmp_path: Path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pairs": PAIRS}))
     params = load_params(tmp_path / "params.yaml")
     for i, name in enumerate(PAIRS):
-        with tracking.pair_run(params, name, "evaluate"):
+        with tracking.pair_run(tracking.RunContext.from_params(params), name, "evaluate"):
             tracking.log_flat_metrics({"r2": 0.5 + 0.1 * i})
     return tmp_path, params
 
@@ -97,7 +97,7 @@ def test_ui_serves_the_runs_and_stops_cleanly(logged_project):
     from ato import tracking
 
     project, params = logged_project
-    exp_id = tracking.setup(params)
+    exp_id = tracking.setup(tracking.RunContext.from_params(params))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}

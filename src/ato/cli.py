@@ -210,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(args.command, "params error: ", exc, 2)
     configure_logging()
     if args.command == "ui":
-        from .tracking import serve_ui
+        from .tracking import RunContext
+        from .ui import serve_ui
 
-        return serve_ui(params, port=args.port)
+        return serve_ui(RunContext.from_params(params), port=args.port)
     trace_file = os.environ.get(TRACE_ENV)
     if trace_file:
         params, reads = traced(params)

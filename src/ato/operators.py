@@ -16,9 +16,11 @@ Public API::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +28,13 @@ import numpy as np
 import torch
 
 from .artifacts import atomic_path, write_json_atomic
+from .artifacts.operator import OperatorConfig
 from .errors import AtoError
 
 WEIGHTS = "operator.safetensors"
 CONFIG = "config.json"
 VARIANTS = "variants"  # <operator dir>/variants/<name>/: the operator's variants, same two files
 REGISTRY_SCHEME = "models:/"
-CONFIG_KEYS = (
-    "model",
-    "model_digest",
-    "layer_in",
-    "layer_out",
-    "alpha",
-    "method",
-    "d_model",
-    "n_train_tokens",
-    "store_digest",
-)
 
 
 class OperatorError(AtoError):
@@ -53,26 +45,29 @@ class OperatorError(AtoError):
 class Operator:
     W: torch.Tensor  # [d_out, d_in]
     b: torch.Tensor  # [d_out]
-    config: dict[str, Any] = field(default_factory=dict)
+    config: OperatorConfig  # a plain dict (config.json's keys) is checked into one
+
+    def __post_init__(self) -> None:
+        self.config = as_operator_config(self.config)
 
     def __repr__(self) -> str:
         """One line: pair, variant, model, α and test R² (never the tensors)."""
         c = self.config
-        L, T = c.get("layer_in", "?"), c.get("layer_out", "?")
+        L, T = c.layer_in, c.layer_out
         pair = f"L{L:02d}_k{T - L}" if isinstance(L, int) and isinstance(T, int) else f"{L}→{T}"
-        r2 = (c.get("metrics") or {}).get("test_r2")
+        r2 = (c.metrics or {}).get("test_r2")
         parts = [
             pair + (f" {self.variant}" if self.variant else ""),
-            f"model={c.get('model', '?')!r}",
+            f"model={c.model!r}",
             f"d={self.W.shape[1]}",
-            f"method={c.get('method', '?')}",
-            f"α={three_significant(c.get('alpha'))}",
+            f"method={c.method}",
+            f"α={three_significant(c.alpha)}",
             f"test R²={r2:.4f}" if isinstance(r2, (int, float)) else "test R²=?",
         ]
         return f"Operator({', '.join(parts)})"
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Operator:
-        return Operator(self.W.to(device, dtype), self.b.to(device, dtype), dict(self.config))
+        return Operator(self.W.to(device, dtype), self.b.to(device, dtype), dataclasses.replace(self.config))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """ŷ = x Wᵀ + b on x's device and dtype."""
@@ -87,19 +82,24 @@ class Operator:
 
     @property
     def layer_in(self) -> int:
-        return int(self.config["layer_in"])
+        return int(self.config.layer_in)
 
     @property
     def layer_out(self) -> int:
-        return int(self.config["layer_out"])
+        return int(self.config.layer_out)
 
     @property
     def variant(self) -> str | None:
         """The variant name (`rank64`, …) or None for the fitted operator itself."""
-        return self.config.get("variant")
+        return self.config.variant
 
     def save(self, directory: str | Path) -> Path:
         return save_operator(directory, self.W.detach().cpu(), self.b.detach().cpu(), self.config)
+
+
+def as_operator_config(config: OperatorConfig | Mapping[str, Any]) -> OperatorConfig:
+    """`config` itself, or a plain dict of config.json's keys checked into an `OperatorConfig`."""
+    return config if isinstance(config, OperatorConfig) else OperatorConfig.from_dict(config, "operator config")
 
 
 def three_significant(value: Any) -> str:
@@ -114,14 +114,14 @@ def worse_than_identity(test_r2_weighted: float, identity_test_r2_weighted: floa
     return bool(test_r2_weighted < identity_test_r2_weighted)
 
 
-def identity_warning(config: dict[str, Any], directory: str | Path | None = None) -> str | None:
+def identity_warning(config: OperatorConfig, directory: str | Path | None = None) -> str | None:
     """The warning a variant (or operator) carries when `worse_than_identity` says so, else None;
     None too when its scores or the identity's are not recorded."""
-    own = (config.get("metrics") or {}).get("test_r2_weighted")
+    own = (config.metrics or {}).get("test_r2_weighted")
     reference = identity_test_r2_weighted(config, directory)
     if not isinstance(own, (int, float)) or reference is None:
         return None
-    what = f"variant {config['variant']!r}" if config.get("variant") else "this operator"
+    what = f"variant {config.variant!r}" if config.variant else "this operator"
     return below_identity_warning(own, reference, what)
 
 
@@ -137,14 +137,16 @@ def below_identity_warning(r2_weighted: float, identity_r2_weighted: float, what
     )
 
 
-def identity_test_r2_weighted(config: dict[str, Any], directory: str | Path | None = None) -> float | None:
+def identity_test_r2_weighted(config: OperatorConfig, directory: str | Path | None = None) -> float | None:
     """The identity map's test R²_w for the operator's pair: recorded in its config by `ato fit`, or for
     a variant saved before that, in its parent's config (`<parent>/variants/<name>/`)."""
-    value = config.get("identity_test_r2_weighted", (config.get("metrics") or {}).get("identity_test_r2_weighted"))
-    if value is None and directory is not None and config.get("variant"):
+    value = config.identity_test_r2_weighted
+    if value is None:
+        value = (config.metrics or {}).get("identity_test_r2_weighted")
+    if value is None and directory is not None and config.variant:
         parent_config = Path(directory).parent.parent / CONFIG
         if parent_config.is_file():
-            value = (json.loads(parent_config.read_text()).get("metrics") or {}).get("identity_test_r2_weighted")
+            value = (OperatorConfig.read(parent_config).metrics or {}).get("identity_test_r2_weighted")
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -152,29 +154,30 @@ def save_operator(
     directory: str | Path,
     W: np.ndarray | torch.Tensor,
     b: np.ndarray | torch.Tensor,
-    config: dict[str, Any],
+    config: OperatorConfig | Mapping[str, Any],
     variants: dict[str, Operator] | None = None,
 ) -> Path:
     """Write the artifact atomically: both files (and every variant's, under `variants/<name>/`) into
     a temporary directory, then one rename, so a reader sees the old operator or the new one, never
     weights of one with the config of the other."""
     directory = Path(directory)
+    config = as_operator_config(config)
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         _write_files(tmp, W, b, config)
-        parent = {"parent_weights_sha256": _sha256(tmp / WEIGHTS)}
+        parent_sha = _sha256(tmp / WEIGHTS)
         for name, op in (variants or {}).items():
             (tmp / VARIANTS / name).mkdir(parents=True)
-            _write_files(tmp / VARIANTS / name, op.W.detach().cpu(), op.b.detach().cpu(), {**op.config, **parent})
+            variant_config = dataclasses.replace(op.config, parent_weights_sha256=parent_sha)
+            _write_files(tmp / VARIANTS / name, op.W.detach().cpu(), op.b.detach().cpu(), variant_config)
     return directory
 
 
-def _write_files(directory: Path, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, config: dict) -> None:
+def _write_files(
+    directory: Path, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, config: OperatorConfig
+) -> None:
     from safetensors.torch import save_file
 
-    missing = [k for k in CONFIG_KEYS if k not in config]
-    if missing:
-        raise OperatorError(f"operator config lacks {missing}")
     W_t = torch.as_tensor(np.asarray(W, dtype=np.float32)).contiguous()
     b_t = torch.as_tensor(np.asarray(b, dtype=np.float32)).contiguous()
     if W_t.ndim != 2 or b_t.shape != (W_t.shape[0],):
@@ -182,10 +185,10 @@ def _write_files(directory: Path, W: np.ndarray | torch.Tensor, b: np.ndarray | 
     save_file(
         {"W": W_t, "b": b_t},
         str(directory / WEIGHTS),
-        metadata={"ato": json.dumps({"layer_in": config["layer_in"], "layer_out": config["layer_out"]})},
+        metadata={"ato": json.dumps({"layer_in": config.layer_in, "layer_out": config.layer_out})},
     )
-    clean = {k: v for k, v in config.items() if k != "weights_sha256"}
-    write_json_atomic(directory / CONFIG, {**clean, "weights_sha256": _sha256(directory / WEIGHTS)})
+    saved = dataclasses.replace(config, weights_sha256=_sha256(directory / WEIGHTS))
+    write_json_atomic(directory / CONFIG, saved.to_dict())
 
 
 def _sha256(path: Path) -> str:
@@ -225,7 +228,7 @@ def variant_dir(directory: Path, variant: str) -> Path:
     return path
 
 
-def _read_checked(directory: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+def _read_checked(directory: Path) -> tuple[OperatorConfig, torch.Tensor, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
 
@@ -234,13 +237,13 @@ def _read_checked(directory: Path) -> tuple[dict[str, Any], torch.Tensor, torch.
         if not path.exists():
             raise OperatorError(f"{path}: missing; is {directory} an operator directory?")
     try:
-        config = json.loads(config_path.read_text())
+        config = OperatorConfig.from_dict(json.loads(config_path.read_text()), str(config_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OperatorError(f"{config_path}: not valid JSON: {exc}") from None
     # Read once: the checksum and the tensors come from the same bytes, and the loaded operator
     # is a private copy (a memory map would change if the file were rewritten in place).
     data = weights_path.read_bytes()
-    expected_sha = config.get("weights_sha256")
+    expected_sha = config.weights_sha256
     if expected_sha is None:
         raise OperatorError(f"{config_path}: no weights_sha256; re-save the operator with `ato fit`")
     if hashlib.sha256(data).hexdigest() != expected_sha:
@@ -255,7 +258,7 @@ def _read_checked(directory: Path) -> tuple[dict[str, Any], torch.Tensor, torch.
     if set(tensors) != {"W", "b"}:
         raise OperatorError(f"{weights_path}: expected tensors W and b, found {sorted(tensors)}")
     W, b = tensors["W"], tensors["b"]
-    d = int(config.get("d_model", -1))
+    d = int(config.d_model)
     if W.shape != (d, d) or b.shape != (d,):
         raise OperatorError(
             f"{weights_path}: W {tuple(W.shape)} / b {tuple(b.shape)} do not match d_model={d} in {config_path}"
@@ -265,15 +268,17 @@ def _read_checked(directory: Path) -> tuple[dict[str, Any], torch.Tensor, torch.
     return config, W, b
 
 
-def check_config(config: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+def check_config(config: OperatorConfig, expect: dict[str, Any], where: str) -> None:
+    """Every non-None value of `expect` (config.json keys, chosen by the caller) equals the config's."""
+    recorded = config.to_dict()
     for key, value in expect.items():
         if value is None:
             continue
-        if key not in config:
+        if key not in recorded:
             raise OperatorError(f"{where}: config.json has no {key!r} to check against {value!r}")
-        if config[key] != value:
+        if recorded[key] != value:
             raise OperatorError(
-                f"{where}: operator was fitted with {key}={config[key]!r} but the current "
+                f"{where}: operator was fitted with {key}={recorded[key]!r} but the current "
                 f"model/store has {key}={value!r}; refit it (`dvc repro`) or use the matching store"
             )
 
@@ -347,20 +352,21 @@ def operator_variant(op: Operator, train: Any, name: str, cca: Any = None) -> Op
         spec = parse_variant(name)
         vm = variant_map(spec, train, op.W.double().cpu().numpy(), cca)
     except ValueError as exc:
-        where = f"{op.config.get('layer_in')}→{op.config.get('layer_out')}"
+        where = f"{op.config.layer_in}→{op.config.layer_out}"
         raise OperatorError(f"variant {name!r} of the operator {where}: {exc}") from None
-    parent = {k: v for k, v in op.config.items() if k not in ("weights_sha256", "metrics", "variant")}
-    config = {
-        **parent,
-        "variant": name,
-        "method": variant_method(spec.kind),
-        "alpha": float(op.config.get("alpha", 0.0)) if spec.kind == "svd" else 0.0,
-        "rank": vm.rank,
-        "rank_requested": spec.rank,
-        "procrustes_scale": vm.scale,
-        "parent_method": op.config.get("method"),
-        "parent_weights_sha256": op.config.get("weights_sha256"),
-    }
+    config = dataclasses.replace(
+        op.config,
+        weights_sha256=None,  # the parent's weights and scores are not the variant's
+        metrics=None,
+        variant=name,
+        method=variant_method(spec.kind),
+        alpha=float(op.config.alpha) if spec.kind == "svd" else 0.0,
+        rank=vm.rank,
+        rank_requested=spec.rank,
+        procrustes_scale=vm.scale,
+        parent_method=op.config.method,
+        parent_weights_sha256=op.config.weights_sha256,
+    )
     W = torch.as_tensor(vm.W, dtype=torch.float32)
     b = torch.as_tensor(vm.b, dtype=torch.float32)
     return Operator(W, b, config)

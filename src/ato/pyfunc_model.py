@@ -31,7 +31,7 @@ class OperatorModel(PythonModel):
         self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
         x = np.asarray(getattr(model_input, "values", model_input))
-        d = int(self.operator.config["d_model"])
+        d = self.operator.config.d_model
         if x.ndim != 2 or x.shape[1] != d:
             raise ValueError(f"expected upstream residuals of shape [n, {d}]; got an array of shape {x.shape}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):

@@ -194,7 +194,7 @@ def score_text(
     from ato.splicing import check_model
 
     check_model(model, op.config, model_digest)
-    d = int(op.config["d_model"])
+    d = int(op.config.d_model)
     units = UnitSums(d, max_units)
     special_ids = torch.as_tensor(sorted(set(tokenizer.all_special_ids)))
     counts = {"documents": 0, "sequences": 0}

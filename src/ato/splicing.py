@@ -49,6 +49,7 @@ from .errors import AtoError
 from .models import _block_output, _replace_block_output, decoder_blocks
 
 if TYPE_CHECKING:
+    from .artifacts.operator import OperatorConfig
     from .operators import Operator
 
 log = logging.getLogger(__name__)
@@ -199,23 +200,23 @@ def splice(
 
 
 def check_model(
-    model: nn.Module, config: dict[str, Any], model_digest: str | None = "auto", *, strict: bool = True
+    model: nn.Module, config: OperatorConfig, model_digest: str | None = "auto", *, strict: bool = True
 ) -> None:
     """The model fits the operator's config: hidden size, layers, and the weights digest where known,
     else the embedding fingerprint (a mismatch only warns when `strict` is False)."""
-    where = f"operator {config.get('model', '?')} L{config.get('layer_in')}→{config.get('layer_out')}"
+    where = f"operator {config.model} L{config.layer_in}→{config.layer_out}"
     model_config: Any = model.config  # an HF PretrainedConfig
     hidden = int(model_config.hidden_size)
-    if int(config.get("d_model", -1)) != hidden:
-        raise SpliceError(f"{where}: fitted at d_model={config.get('d_model')}, the model's hidden size is {hidden}")
+    if int(config.d_model) != hidden:
+        raise SpliceError(f"{where}: fitted at d_model={config.d_model}, the model's hidden size is {hidden}")
     n = len(decoder_blocks(model))
-    layer_in, layer_out = int(config["layer_in"]), int(config["layer_out"])
+    layer_in, layer_out = int(config.layer_in), int(config.layer_out)
     if not 0 <= layer_in < layer_out < n:
         raise SpliceError(f"{where}: layers {layer_in}→{layer_out} do not exist in a model of {n} layers (0..{n - 1})")
-    if config.get("n_layers") is not None and int(config["n_layers"]) != n:
-        raise SpliceError(f"{where}: fitted on a model of {config['n_layers']} layers, this one has {n}")
+    if config.n_layers is not None and int(config.n_layers) != n:
+        raise SpliceError(f"{where}: fitted on a model of {config.n_layers} layers, this one has {n}")
     digest = model_weights_digest(model) if model_digest == "auto" else model_digest
-    expected = config.get("model_digest")
+    expected = config.model_digest
     if digest is not None and expected is not None and digest != expected:
         raise SpliceError(
             f"{where}: fitted on model weights {str(expected)[:12]}…, but this model's are {digest[:12]}… "
@@ -239,9 +240,9 @@ def embedding_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {"vocab_size": int(weight.shape[0]), "row_norms": [float(f"{v:.7g}") for v in norms.tolist()]}
 
 
-def check_fingerprint(model: nn.Module, config: dict[str, Any], where: str, strict: bool = True) -> None:
+def check_fingerprint(model: nn.Module, config: OperatorConfig, where: str, strict: bool = True) -> None:
     """Compare the model's `embedding_fingerprint` with the one `ato fit` recorded in the config."""
-    recorded = config.get("embedding_fingerprint")
+    recorded = config.embedding_fingerprint
     if recorded is None:
         warnings.warn(
             f"{where}: the operator's config records no embedding fingerprint (fitted before ato recorded one), "

@@ -15,14 +15,14 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .params import Params, sqlite_file
+from .params import Pair, Params, PrepareParams, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,52 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def pipeline_key(params: Params) -> str:
-    text = (params.root / "params.yaml").read_bytes() if (params.root / "params.yaml").exists() else b""
-    return hashlib.sha256(text + git_commit(params.root).encode()).hexdigest()[:16]
+def pipeline_key(root: Path, commit: str) -> str:
+    """A digest of the project's params.yaml and the git commit: the runs of one pipeline share it."""
+    text = (root / "params.yaml").read_bytes() if (root / "params.yaml").exists() else b""
+    return hashlib.sha256(text + commit.encode()).hexdigest()[:16]
 
 
-def setup(params: Params) -> str:
+@dataclass(frozen=True)
+class RunContext:
+    """What the tracking functions use, built once per stage (`from_params`). `pairs` and `prepare`
+    are the params' own sections, read only where a run is created, so a stage that only reopens runs
+    does not depend on them (dvc.yaml declares the params each stage reads)."""
+
+    tracking_uri: str  # the MLflow store (`paths.mlflow_uri`, a SQLite path resolved)
+    experiment: str  # `paths.mlflow_experiment`
+    artifact_root: Path  # `paths.mlflow_artifacts`, absolute: the artifact location of a new experiment
+    git_commit: str  # HEAD of the project's repository, or "unknown"
+    pipeline_key: str  # `pipeline_key`: ties a pipeline's runs together
+    pairs: Mapping[str, Pair]  # `pairs`: the layers of a pair run
+    prepare: PrepareParams  # `prepare`: the model label of a new run
+
+    @classmethod
+    def from_params(cls, params: Params) -> RunContext:
+        commit = git_commit(params.root)
+        return cls(
+            tracking_uri=params.mlflow_uri(),
+            experiment=params.paths.mlflow_experiment,
+            artifact_root=params.path("mlflow_artifacts").resolve(),
+            git_commit=commit,
+            pipeline_key=pipeline_key(params.root, commit),
+            pairs=params.pairs,
+            prepare=params.prepare,
+        )
+
+
+def setup(context: RunContext) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id."""
     import mlflow
 
-    uri = params.mlflow_uri()
+    uri = context.tracking_uri
     mlflow.set_tracking_uri(uri)
-    name = params.paths.mlflow_experiment
+    name = context.experiment
     with sqlite_init_lock(uri):  # the first connection migrates a fresh database: one process at a time
         client = mlflow.MlflowClient()
         exp = client.get_experiment_by_name(name)
     if exp is None:
-        artifacts = params.path("mlflow_artifacts").resolve()
+        artifacts = context.artifact_root
         artifacts.mkdir(parents=True, exist_ok=True)
         try:
             exp_id = client.create_experiment(name, artifact_location=artifacts.as_uri())
@@ -112,54 +141,56 @@ def _find_run(exp_id: str, filter_string: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _base_tags(params: Params) -> dict[str, str]:
+def _base_tags(context: RunContext) -> dict[str, str]:
     from .artifacts.model import model_label
 
     return {
-        "ato.pipeline_key": pipeline_key(params),
-        "ato.model": model_label(params.prepare),
-        "mlflow.source.git.commit": git_commit(params.root),
+        "ato.pipeline_key": context.pipeline_key,
+        "ato.model": model_label(context.prepare),
+        "mlflow.source.git.commit": context.git_commit,
         "ato.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
     }
 
 
-def parent_run_id(params: Params) -> str:
+def parent_run_id(context: RunContext) -> str:
     """The pipeline's parent run, created on first use."""
     import mlflow
 
-    exp_id = setup(params)
-    key = pipeline_key(params)
+    exp_id = setup(context)
+    key = context.pipeline_key
     found = _find_run(exp_id, f"tags.`ato.pipeline_key` = '{key}' and tags.`ato.kind` = 'pipeline'")
     if found:
         return found
     client = mlflow.MlflowClient()
-    run = client.create_run(exp_id, run_name=f"pipeline-{key[:8]}", tags={**_base_tags(params), "ato.kind": "pipeline"})
+    run = client.create_run(
+        exp_id, run_name=f"pipeline-{key[:8]}", tags={**_base_tags(context), "ato.kind": "pipeline"}
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
 
 @contextmanager
-def pipeline_run(params: Params, stage: str) -> Iterator[Any]:
+def pipeline_run(context: RunContext, stage: str) -> Iterator[Any]:
     """Reopen the parent run for a whole-pipeline stage (sae, select, report, …)."""
     import mlflow
 
-    run_id = parent_run_id(params)
+    run_id = parent_run_id(context)
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tag(f"ato.stage.{stage}", "done")
         yield run
 
 
 @contextmanager
-def child_run(params: Params, kind: str) -> Iterator[Any]:
+def child_run(context: RunContext, kind: str) -> Iterator[Any]:
     """Reopen (or create) the one child run of a whole-pipeline analysis under the parent run, tagged
     `ato.kind = kind` and named after it (e.g. `languages`: one run per pipeline run)."""
     import mlflow
 
-    parent = parent_run_id(params)
-    exp_id = setup(params)
+    parent = parent_run_id(context)
+    exp_id = setup(context)
     found = _find_run(exp_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.`ato.kind` = '{kind}'")
     if found is None:
-        tags = {**_base_tags(params), "ato.kind": kind, "mlflow.parentRunId": parent}
+        tags = {**_base_tags(context), "ato.kind": kind, "mlflow.parentRunId": parent}
         found = mlflow.MlflowClient().create_run(exp_id, run_name=kind, tags=tags).info.run_id
     with mlflow.start_run(run_id=found) as run:
         mlflow.set_tag(f"ato.stage.{kind}", "done")
@@ -167,22 +198,22 @@ def child_run(params: Params, kind: str) -> Iterator[Any]:
 
 
 @contextmanager
-def pair_run(params: Params, pair_name: str, stage: str) -> Iterator[Any]:
+def pair_run(context: RunContext, pair_name: str, stage: str) -> Iterator[Any]:
     """Reopen (or create) the run of one (L, k) pair: a top-level run of the experiment (the pairs are
     what a reader compares), tied to the pipeline run by the tags `ato.pipeline_key` and
     `ato.pipeline_run_id` rather than nested under it."""
     import mlflow
 
-    parent = parent_run_id(params)
-    exp_id = setup(params)
-    pair = params.pairs[pair_name]
+    parent = parent_run_id(context)
+    exp_id = setup(context)
+    pair = context.pairs[pair_name]
     found = _find_run(
         exp_id,
-        f"tags.`ato.pipeline_key` = '{pipeline_key(params)}' and tags.`ato.kind` = 'pair'"
+        f"tags.`ato.pipeline_key` = '{context.pipeline_key}' and tags.`ato.kind` = 'pair'"
         f" and tags.`ato.pair` = '{pair_name}'",
     )
     tags = {
-        **_base_tags(params),
+        **_base_tags(context),
         "ato.kind": "pair",
         "ato.pair": pair_name,
         "ato.layer_in": str(pair.L),
@@ -246,26 +277,6 @@ PAIR_HEADLINE = (
     "causal_recovered_vs_zero_after",
 )
 HEADLINE_PREFIX = "headline."
-
-
-# The runs page view `ato ui` links to, stored in the experiment as the MLflow UI's own "shared view"
-# (tag `mlflow.sharedViewState.<key>`, the page state as JSON; opened by `?viewStateShareKey=<key>`):
-# the fit's test R² of each run, then the headline columns, sorted by start time (which keeps the
-# Optuna trials folded under their pair).
-PAIRS_VIEW = "ato-pairs"
-VIEW_COLUMNS = ("test_r2", "test_r2_weighted", *(f"{HEADLINE_PREFIX}{k}" for k in PAIR_HEADLINE))
-
-
-def write_pairs_view(exp_id: str) -> str:
-    """Store the `PAIRS_VIEW` view in the experiment; returns the runs page path that opens it."""
-    import json
-
-    import mlflow
-
-    columns = ["attributes.`Run Name`", *(f"metrics.`{k}`" for k in VIEW_COLUMNS)]
-    state = {"selectedColumns": columns[1:], "columnOrder": columns}
-    mlflow.MlflowClient().set_experiment_tag(exp_id, f"mlflow.sharedViewState.{PAIRS_VIEW}", json.dumps(state))
-    return f"#/experiments/{exp_id}/runs?viewStateShareKey={PAIRS_VIEW}"
 
 
 def log_pair_metrics(metrics: dict[str, Any]) -> None:
@@ -337,36 +348,34 @@ def register_operator(
     name: str,
     alias: str,
     *,
+    d_model: int,
     artifact_name: str = "operator",
     metrics: dict[str, float] | None = None,
     metric_prefix: str = "",
     description: str = "",
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Log the operator directory as a pyfunc model in the active run (MLflow "model from code":
-    `pyfunc_model.py`, no pickle; `operator_signature` and an input example),
+    """Log the operator directory (maps of width `d_model`) as a pyfunc model in the active run (MLflow
+    "model from code": `pyfunc_model.py`, no pickle; `operator_signature` and an input example),
     register it as `name`, point `alias` at the new version and tag the run with it. The version gets
     `description` and `tags`. `metrics` go on the logged model as `<metric_prefix><key>` and on the
     model version as `metric.<key>` tags. Returns `models:/<name>@<alias>`.
 
     MLflow records a logged model's metrics in its run too, under the same keys: a variant's scores
     therefore need a `metric_prefix`, or they overwrite the run's own (`test_r2` …)."""
-    import json
-
     import mlflow
     import numpy as np
     import safetensors
     import torch
 
     package = Path(__file__).resolve().parent
-    d = int(json.loads((Path(operator_dir) / "config.json").read_text())["d_model"])
-    example = np.zeros((2, d), dtype=np.float32)
+    example = np.zeros((2, d_model), dtype=np.float32)
     info = mlflow.pyfunc.log_model(
         name=artifact_name,
         python_model=str(package / "pyfunc_model.py"),
         artifacts={"operator": str(operator_dir)},
         input_example=example,
-        signature=operator_signature(d),
+        signature=operator_signature(d_model),
         code_paths=[str(package)],
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",
@@ -390,65 +399,3 @@ def register_operator(
     uri = f"models:/{name}@{alias}"
     mlflow.set_tag("ato.registered_model" if artifact_name == "operator" else f"ato.registered_model.{alias}", uri)
     return uri
-
-
-def serve_ui(params: Params, port: int = 5000) -> int:
-    """Run the MLflow UI on 127.0.0.1 against the project's store until Ctrl-C or SIGTERM; log the
-    address of the runs page view of the pairs and their headline numbers (`write_pairs_view`).
-
-    MLflow's GenAI job runner is switched off: the UI does not need it, it adds seven worker
-    processes and ~25 s of start-up, and its workers outlive a terminated server. The server runs
-    in its own process group; SIGINT/SIGTERM are forwarded to it and, should it not stop within
-    10 s, the whole group is killed, so stopping `ato ui` never leaves a server behind.
-    """
-    import signal
-    import time
-
-    view = write_pairs_view(setup(params))
-    uri = params.mlflow_uri()
-    artifacts = params.path("mlflow_artifacts").resolve()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        artifacts.as_uri(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    stop_requested: list[float] = []  # monotonic time of the first SIGINT/SIGTERM
-
-    def forward(signum: int, _frame: Any) -> None:
-        if not stop_requested:
-            stop_requested.append(time.monotonic())
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.info("MLflow UI: http://127.0.0.1:%d  (store %s; Ctrl-C to stop)", port, uri)
-    log.info("the pair runs with their headline numbers: http://127.0.0.1:%d/%s", port, view)
-    try:
-        while True:
-            try:
-                code = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if stop_requested and time.monotonic() - stop_requested[0] > 10:  # asked to stop, still up
-                    os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        try:  # nothing of the server's group outlives `ato ui`
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return 0 if stop_requested else code

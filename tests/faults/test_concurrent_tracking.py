@@ -52,9 +52,11 @@ def test_two_processes_log_to_one_mlflow_store(project):
 
     params = load_params(project / "params.yaml")
     stats.main(params)
-    from ato.tracking import setup
+    from ato.tracking import RunContext, setup
 
-    setup(params)  # the MLflow database exists (first creation: `sqlite_init_lock`); Optuna's does not
+    setup(
+        RunContext.from_params(params)
+    )  # the MLflow database exists (first creation: `sqlite_init_lock`); Optuna's does not
     t0 = time.perf_counter()
     results = _start_together(project, "tune")
     for pair, rc, text in results:
@@ -79,7 +81,8 @@ def test_two_processes_log_to_one_mlflow_store(project):
 
 
 SETUP = (
-    "import sys; from ato.params import load_params; from ato.tracking import setup; setup(load_params(sys.argv[1]))"
+    "import sys; from ato.params import load_params; from ato.tracking import RunContext, setup; "
+    "setup(RunContext.from_params(load_params(sys.argv[1])))"
 )
 
 

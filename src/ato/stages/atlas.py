@@ -107,12 +107,12 @@ def write_outputs(layout: Layout, result: AtlasResult, dpi: int) -> list[Path]:
 def _log_mlflow(params: Params, result: AtlasResult, paths: list[Path]) -> None:
     import mlflow
 
-    from ato.tracking import child_run, log_flat_metrics
+    from ato.tracking import RunContext, child_run, log_flat_metrics
 
     metrics = atlas_metrics(result)
     flat = {f"{k}.{name}": v for k, row in metrics.items() if isinstance(row, dict) for name, v in row.items()}
     flat.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
-    with child_run(params, "atlas"):
+    with child_run(RunContext.from_params(params), "atlas"):
         log_flat_metrics(flat)
         for p in result.pairs:
             log_flat_metrics({f"{p.pair}.r2_{op}": s.r2 for op, s in p.operators.items()})

@@ -192,13 +192,13 @@ def write_outputs(
 def _log_mlflow(params: Params, name: str, summary: CausalSummary, artifacts: list[Path]) -> None:
     import mlflow
 
-    from ato.tracking import log_pair_metrics, pair_run
+    from ato.tracking import RunContext, log_pair_metrics, pair_run
 
     metrics: dict[str, Any] = {f"causal_{k}": v for k, v in summary.headline_metrics().items()}
     for set_name, entry in summary.position_sets.items():
         metrics |= flat_numbers(entry, f"causal_{set_name}_")
     metrics["causal_seconds"] = summary.seconds
-    with pair_run(params, name, "causal"):
+    with pair_run(RunContext.from_params(params), name, "causal"):
         log_pair_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="causal")

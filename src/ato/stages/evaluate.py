@@ -120,7 +120,7 @@ def load_inputs(layout: Layout, pair: Pair) -> PairInputs:
     splits = {s: read_pair_stats(layout.pair_stats(s, pair.name), store.digest) for s in SPLITS}
     features = load_sae_features(layout.sae(pair.target), layout.feature_set(pair.target), pair.target, store.d_model)
     predictors = Predictors.build(op.W.double().numpy(), op.b.double().numpy(), splits["train"])
-    return PairInputs(store, splits, predictors, float(op.config.get("alpha", float("nan"))), features)
+    return PairInputs(store, splits, predictors, float(op.config.alpha), features)
 
 
 def stream_test_split(inputs: PairInputs, pair: Pair, sp: StatsParams) -> TestAccumulators:
@@ -203,10 +203,10 @@ def write_outputs(
 def _log_mlflow(params: Params, name: str, result: Evaluation, artifacts: list[Path], gate: SaeGate) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, log_pair_metrics, pair_run, sae_reliability_tags
+    from ato.tracking import RunContext, log_flat_metrics, log_pair_metrics, pair_run, sae_reliability_tags
 
     table = result.table
-    with pair_run(params, name, "evaluate"):
+    with pair_run(RunContext.from_params(params), name, "evaluate"):
         mlflow.set_tags(sae_reliability_tags(gate.reliable, gate.failures))
         log_pair_metrics(result.metrics.flat())
         for i, r in enumerate(table["rank"]):  # the sweep as step-indexed curves (step = rank)

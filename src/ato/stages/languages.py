@@ -116,8 +116,8 @@ def load_inputs(params: Params, layout: Layout) -> Inputs:
         expect = {"model_digest": info.weights_digest, "d_model": info.d_model, "layer_in": L, "layer_out": T}
         op = load_operator(layout.operator(name), expect={**expect, "store_digest": store.digest})
         operators[name] = (op.W.double().numpy(), op.b.double().numpy())
-        alphas[name] = float(op.config["alpha"])
-        tokens[name] = float(op.config["n_train_tokens"])
+        alphas[name] = float(op.config.alpha)
+        tokens[name] = float(op.config.n_train_tokens)
     targets = sorted({T for _L, T in pairs.values()})
     features = {T: load_sae_features(layout.sae(T), layout.feature_set(T), T, store.d_model) for T in targets}
     sae_info = {T: SaeInfo.read(layout.sae_info(T)) for T in targets}
@@ -146,7 +146,7 @@ def write_outputs(layout: Layout, params: Params, report: LanguageReport) -> lis
 def _log_mlflow(params: Params, report: LanguageReport, artifacts: list[Path], inputs: Inputs) -> None:
     import mlflow
 
-    from ato.tracking import child_run, log_flat_metrics, sae_reliability_tags
+    from ato.tracking import RunContext, child_run, log_flat_metrics, sae_reliability_tags
 
     flat = {
         f"{pair}/{lang}/{key}": value
@@ -154,7 +154,7 @@ def _log_mlflow(params: Params, report: LanguageReport, artifacts: list[Path], i
         for lang, row in by_lang.items()
         for key, value in row.items()
     }
-    with child_run(params, "languages"):
+    with child_run(RunContext.from_params(params), "languages"):
         mlflow.set_tags({"ato.languages": ",".join(report.languages)})
         for T, info in inputs.sae_info.items():
             mlflow.set_tags(sae_reliability_tags(info.reliable, info.gate_failures, T))

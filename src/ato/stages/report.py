@@ -100,9 +100,9 @@ def _parent_metrics(results: list[PairResults], scope: str, n_missing: int) -> d
 def _log_mlflow(params: Params, artifacts: list[Path], metrics: dict[str, float], cards: list[LayerCards]) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, pipeline_run, sae_reliability_tags
+    from ato.tracking import RunContext, log_flat_metrics, pipeline_run, sae_reliability_tags
 
-    with pipeline_run(params, "report"):
+    with pipeline_run(RunContext.from_params(params), "report"):
         bad = [lc for lc in cards if not lc.reliable]
         failures = [f"layer {lc.layer}: {f}" for lc in bad for f in lc.failures or ["no gate result"]]
         mlflow.set_tags(sae_reliability_tags(all(lc.reliable for lc in cards), failures))

@@ -233,9 +233,9 @@ def save_sae(
 def _track(params: Params, layout: Layout, results: dict[int, SaeInfo]) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, pipeline_run, sae_reliability_tags
+    from ato.tracking import RunContext, log_flat_metrics, pipeline_run, sae_reliability_tags
 
-    with pipeline_run(params, "sae"):
+    with pipeline_run(RunContext.from_params(params), "sae"):
         flat = section_dict(params.sae)
         gates = flat.pop("gates")
         mlflow.log_params(

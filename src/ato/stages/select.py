@@ -99,9 +99,9 @@ def select_layer(
 def _track(params: Params, layout: Layout, reports: dict[int, SelectReport]) -> None:
     import mlflow
 
-    from ato.tracking import log_flat_metrics, pipeline_run, sae_reliability_tags
+    from ato.tracking import RunContext, log_flat_metrics, pipeline_run, sae_reliability_tags
 
-    with pipeline_run(params, "select"):
+    with pipeline_run(RunContext.from_params(params), "select"):
         flat = {f"select.{k}": v for k, v in section_dict(params.select).items() if k != "weights"}
         flat.update({f"select.weights.{k}": v for k, v in section_dict(params.select.weights).items()})
         mlflow.log_params(flat)

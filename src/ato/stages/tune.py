@@ -28,15 +28,16 @@ from ato.math.ridge_diagnostics import diagnose_alpha
 from ato.params import Params, TuneParams, section_dict
 from ato.plotting.tuning import plot_alpha_curve
 from ato.store import ActivationStore
-from ato.tracking import log_flat_metrics, pair_run, setup, sqlite_init_lock
+from ato.tracking import RunContext, log_flat_metrics, pair_run, setup, sqlite_init_lock
 
 log = logging.getLogger(__name__)
 
 
 def main(params: Params, pair: str | None = None) -> None:
     layout = Layout.from_params(params)
+    runs = RunContext.from_params(params)
     for name in [pair] if pair else list(params.pairs):
-        with pair_run(params, name, "tune") as run:
+        with pair_run(runs, name, "tune") as run:
             result = tune_pair(params, name, run.info.run_id)
             write_outputs(layout, result)
             track(layout, result)
@@ -249,7 +250,7 @@ def _in_run(params: Params, run_id: str | None) -> Iterator[None]:
     if active is not None and active.info.run_id == run_id:
         yield
         return
-    setup(params)
+    setup(RunContext.from_params(params))
     mlflow.start_run(run_id=run_id)
     try:
         yield

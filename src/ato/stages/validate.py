@@ -24,9 +24,9 @@ def _log_mlflow(params: Params, report: ValidationReport, directory: Path) -> No
     try:
         import mlflow
 
-        from ato.tracking import log_flat_metrics, pipeline_run
+        from ato.tracking import RunContext, log_flat_metrics, pipeline_run
 
-        with pipeline_run(params, "validate"):
+        with pipeline_run(RunContext.from_params(params), "validate"):
             log_flat_metrics(report.metrics())
             mlflow.log_params({f"validate.{k}": v for k, v in section_dict(params.validate).items()})
             mlflow.set_tag("ato.validate.success", str(report.success).lower())
