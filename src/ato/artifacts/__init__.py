@@ -27,7 +27,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._io import ArtifactError, Record, atomic_path, json_clean, read_json, write_json_atomic, write_text_atomic
+from ._io import (
+    ArtifactError,
+    Record,
+    atomic_group,
+    atomic_path,
+    json_clean,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .layout import Layout, layer_dir_name
 
 # Each record is imported on first use (PEP 562), so a stage imports, and depends on (dvc.yaml),
@@ -141,6 +150,7 @@ __all__ = [
     "TuningResult",
     "ValidationFailure",
     "ValidationVerdict",
+    "atomic_group",
     "atomic_path",
     "csv_cell",
     "json_clean",

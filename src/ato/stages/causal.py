@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo
+from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo, atomic_group
 from ato.artifacts.causal import CONDITIONS, PAIR_CONDITIONS, SCOPE_TEXT
 from ato.params import CausalParams, Params
 from ato.patching import (
@@ -77,7 +77,8 @@ def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
             model, held, target, conditions, masks, dict(cp.position_sets), cp.batch_size, cp.loss_chunk_tokens, clean
         )
         results = merge_reference(sums, ref, ref_path)
-        summaries[name] = write_outputs(params, layout, name, held, results, ref_path, time.perf_counter() - t0)
+        with atomic_group():  # summary, sequences and figure, or none
+            summaries[name] = write_outputs(params, layout, name, held, results, ref_path, time.perf_counter() - t0)
     return summaries
 
 
