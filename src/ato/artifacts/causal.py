@@ -29,6 +29,14 @@ CONDITIONS = ("clean", *PATCHED)
 REFERENCE_CONDITIONS = ("zero", "train_mean")  # depend only on the target layer: `ato causal_reference`
 PAIR_CONDITIONS = ("ato", "identity", "bias_only")  # depend on the pair: `ato causal`
 REFERENCES = ("train_mean", "zero", "identity")  # the damage "recovered" is measured against
+CONDITION_LABELS = {  # for tables and figures; the text before the two spaces is the short name
+    "clean": "clean",
+    "ato": "ATO  Wx+b",
+    "identity": "identity  x",
+    "zero": "zero",
+    "bias_only": "bias only  b",
+    "train_mean": "train mean  ȳ",
+}
 SCOPES = ("all", "after")
 Triplet = tuple[float, float, float]  # (point estimate, 95 % CI low, high)
 

@@ -11,14 +11,6 @@ from ..artifacts import atomic_path
 
 # Patched conditions of the causal stage, in display order; "clean" is the unpatched reference.
 CONDITIONS = ("ato", "identity", "zero", "bias_only", "train_mean")
-CONDITION_LABELS = {
-    "clean": "clean",
-    "ato": "ATO  Wx+b",
-    "identity": "identity  x",
-    "zero": "zero",
-    "bias_only": "bias only  b",
-    "train_mean": "train mean  ȳ",
-}
 CONDITION_COLOURS = {
     "clean": "#7f7f7f",
     "ato": "#1f77b4",

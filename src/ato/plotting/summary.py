@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import PairMetrics
-from ato.reporting.markdown import fmt, fmt_int
+from ato.artifacts.causal import CONDITION_LABELS
+from ato.reporting.cells import fmt, fmt_int
 from ato.reporting.results import PairResults, headline_sets
 
 from . import (
     CONDITION_COLOURS,
-    CONDITION_LABELS,
     CONDITIONS,
     UNRELIABLE_COLOUR,
     mark_unreliable,

@@ -3,9 +3,10 @@ markdown of summary.md (`markdown`), the CSVs for `dvc plots` (`plot_tables`) an
 file (`headline`); its figures are in `ato.plotting.summary`."""
 
 from .headline import build_headline
-from .markdown import SummarySettings, render_summary
+from .markdown import render_summary
 from .plot_tables import write_plot_csvs
 from .results import MissingInput, PairResults, headline_metrics, load_pair, rank_value
+from .settings import SummarySettings
 
 __all__ = [
     "build_headline",

@@ -25,6 +25,7 @@ from ato.artifacts import (
     AtlasMapsMeta,
     AtlasResult,
     Layout,
+    atomic_group,
     write_atlas_maps,
     write_csv_atomic,
     write_json_atomic,
