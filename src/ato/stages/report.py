@@ -29,7 +29,8 @@ from pathlib import Path
 
 from ato.artifacts import Layout, atomic_group, write_text_atomic
 from ato.params import Params
-from ato.plotting.summary import plot_alpha, plot_causal, plot_efficiency, plot_heatmaps
+from ato.plotting.summary import plot_alpha, plot_efficiency, plot_heatmaps
+from ato.plotting.summary_causal import plot_causal
 from ato.reporting import (
     PairResults,
     SummarySettings,
