@@ -36,7 +36,7 @@ from .accumulate import LayerPairs, LayerStatsAccumulator
 from .corpus import Corpus, TokenSequence, sequences_for_split
 from .errors import AtoError
 from .math.cca import CCA
-from .math.heldout import linear_reference
+from .math.linear_reference import linear_reference
 from .math.metrics import FeatureR2Accumulator
 from .math.ridge import ridge_fit
 from .math.stats import PairStats
@@ -275,7 +275,7 @@ def fit_pair(
 
 def eta_scores(fit: PairStats, test: PairStats, maps: dict[str, Map]) -> dict[str, float]:
     """η of each map on a language: whitened R² on its test rows over the CCA ceiling of its fit rows,
-    beside η_expected of an exactly linear map fitted on as many rows (`ato.math.heldout.linear_reference`)."""
+    beside η_expected of an exactly linear map fitted on as many rows (`ato.math.linear_reference.linear_reference`)."""
     cca = CCA.from_stats(fit)
     ceiling = float(cca.ceiling())
     out = {"ceiling": ceiling}
