@@ -140,7 +140,9 @@ def test_an_atomic_group_publishes_every_file_or_none(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "old.json"]
 
     with atomic_group():
-        write_json_atomic(old, {"run": 3})
-        write_text_atomic(new, "run 3")
+        write_json_atomic(old, {"run": 0})
+        write_json_atomic(old, {"run": 3})  # written twice: the last write is published
+        with atomic_group():  # joins the outer group
+            write_text_atomic(new, "run 3")
         assert read_json(old) == {"run": 1} and not new.exists()  # nothing published before the end
     assert read_json(old) == {"run": 3} and new.read_text() == "run 3"

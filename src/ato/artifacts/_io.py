@@ -25,7 +25,7 @@ from ..errors import AtoError
 
 TMP_PREFIX = ".tmp-"
 
-# (temporary, final) renames held back by the innermost open `atomic_group`; None outside one.
+# (temporary, final) renames held back by the open `atomic_group`; None outside one.
 _PENDING: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("ato_atomic_group", default=None)
 
 
@@ -51,7 +51,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         pending = _PENDING.get()
         if pending is None:
             _publish(tmp, path)
-        else:
+        elif (tmp, path) not in pending:  # written again in the group: the same temporary, the last write
             pending.append((tmp, path))
     except BaseException:
         _remove(tmp)
@@ -62,7 +62,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_group() -> Iterator[None]:
     """Every `atomic_path` write inside the block is published together when the block ends, in the
     order the writes finished; on any exception none is, and every temporary is removed. For a stage
-    whose outputs lie in several directories (one directory is published by one `atomic_path`)."""
+    whose outputs lie in several directories (one directory is published by one `atomic_path`).
+    A group opened inside another joins it: the outermost one publishes."""
+    if _PENDING.get() is not None:
+        yield
+        return
     pending: list[tuple[Path, Path]] = []
     token = _PENDING.set(pending)
     try:
