@@ -124,7 +124,8 @@ def bench_references(train: PairStats, test: PairStats, replicates: int) -> list
     """Cost of what issue 11 added per pair: held-out CCA, the Wishart null, η's linear reference."""
     from threadpoolctl import threadpool_limits
 
-    from ato.math.heldout import cca_null, heldout_from_cca, linear_reference
+    from ato.math.heldout import cca_null, heldout_from_cca
+    from ato.math.linear_reference import linear_reference
 
     cca = CCA.from_stats(train)
     sizes = (int(train.n), int(test.n), cca.d_in, cca.d_out)

@@ -125,3 +125,24 @@ def test_contracts_doc_lists_every_record_and_field(record: type):
     section = doc.split(heading, 1)[1].split("\n### ", 1)[0]
     for f in dataclasses.fields(record):
         assert f"| `{f.name}` |" in section, f"docs/contracts.md: {record.__name__}.{f.name} is not documented"
+
+
+def test_an_atomic_group_publishes_every_file_or_none(tmp_path: Path):
+    from ato.artifacts import atomic_group, write_text_atomic
+
+    old, new = tmp_path / "a" / "old.json", tmp_path / "b" / "new.txt"
+    write_json_atomic(old, {"run": 1})
+    with pytest.raises(RuntimeError), atomic_group():
+        write_json_atomic(old, {"run": 2})
+        write_text_atomic(new, "run 2")
+        raise RuntimeError("crash before the group ends")
+    assert read_json(old) == {"run": 1} and not new.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "old.json"]
+
+    with atomic_group():
+        write_json_atomic(old, {"run": 0})
+        write_json_atomic(old, {"run": 3})  # written twice: the last write is published
+        with atomic_group():  # joins the outer group
+            write_text_atomic(new, "run 3")
+        assert read_json(old) == {"run": 1} and not new.exists()  # nothing published before the end
+    assert read_json(old) == {"run": 3} and new.read_text() == "run 3"

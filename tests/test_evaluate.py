@@ -337,3 +337,33 @@ def test_evaluate_refuses_mismatched_operator_and_stats(tmp_path: Path):
     cfg_path.write_text(json.dumps({**cfg, "store_digest": "other"}))
     with pytest.raises(AtoError, match="store_digest"):
         evaluate.main(params, PAIR)
+
+
+def test_a_failure_after_the_first_output_leaves_every_output_as_it_was(tmp_path: Path, monkeypatch):
+    """evaluate's seven files lie in three directories: a failure while writing the last one (all six
+    others already written) changes none of the files of an earlier run and adds none."""
+    from ato.artifacts import Layout
+    from ato.stages import evaluate
+
+    params = build_project(tmp_path)["params"]
+    layout = Layout.from_params(params)
+    outputs = [layout.metrics(PAIR), layout.feature_table(PAIR), layout.efficiency(PAIR), layout.transport(PAIR)]
+    outputs += [layout.pair_figure(PAIR, kind) for kind in ("efficiency", "feature_r2", "dim_r2")]
+    earlier = outputs[::2]  # an earlier run's files (in all three directories); the others are new
+    for path in earlier:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"earlier {path.name}")
+    written: list[Path] = []
+
+    def fail_on_the_last_figure(path: Path, *args, **kwargs):
+        written.extend(p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") and p.is_file())
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(evaluate, "plot_dim_r2", fail_on_the_last_figure)
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluate.evaluate_pair(params, PAIR)
+
+    assert len(written) == 6  # the failure came after every other output was written (to temporaries)
+    assert [p.read_text() for p in earlier] == [f"earlier {p.name}" for p in earlier]
+    assert not any(p.exists() for p in outputs if p not in earlier)
+    assert not [p for p in tmp_path.rglob(".tmp-*")]

@@ -14,22 +14,24 @@ from threadpoolctl import threadpool_limits
 from ato.math.cca import CCA, efficiency_table, pinv_sqrt, rank_grid, whitening
 from ato.math.heldout import (
     brute_force_split,
-    canonical_covariance,
     cca_null,
     cumulative_subspace_size,
     draw_scatter,
-    expected_linear_eta,
     heldout_cca,
-    linear_reference,
-    population_rho,
     positive_participation_ratio,
     rank_zero_r2,
     shift_removed_efficiency,
     shift_removed_table,
-    simulate_linear_eta,
     simulated_split,
     subspace_report,
     true_bound_cca,
+)
+from ato.math.linear_reference import (
+    canonical_covariance,
+    expected_linear_eta,
+    linear_reference,
+    population_rho,
+    simulate_linear_eta,
 )
 from ato.math.ridge import ridge_fit
 from ato.math.stats import PairStats
@@ -410,7 +412,7 @@ def test_design_effects_match_the_intra_class_correlation(rho: float):
     """Equal clusters of m: the mean of a variable with intra-class correlation ρ has deff 1 + (m − 1)ρ;
     a product of two independent such variables has deff 1 + (m − 1)ρ². Chunk boundaries that cut
     a group do not change the result."""
-    from ato.math.heldout import DesignEffectAccumulator
+    from ato.math.design_effect import DesignEffectAccumulator
 
     rng = np.random.default_rng(5)
     n_groups, m, d = 400, 16, 4
@@ -431,7 +433,7 @@ def test_design_effects_match_the_intra_class_correlation(rho: float):
 
 
 def test_effective_n_is_at_least_two():
-    from ato.math.heldout import effective_n
+    from ato.math.design_effect import effective_n
 
     assert effective_n(1000, 4.0) == 250
     assert effective_n(3, 100.0) == 2

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from ato.math.interval_planning import planned_half_width, required_units
 from ato.math.intervals import (
     DEFAULT_METHOD,
     METHODS,
@@ -25,13 +26,11 @@ from ato.math.intervals import (
     delta_interval,
     denominator_is_bounded,
     mean_ratio_interval,
-    planned_half_width,
     ratio_bounds,
     ratio_estimate,
     ratio_interval,
     ratio_standard_error,
     recovered_interval,
-    required_units,
     unscorable_positions,
 )
 from ato.math.ridge_diagnostics import (

@@ -608,9 +608,10 @@ def test_records_round_trip_the_files_keys_and_values(tmp_path):
 def test_condition_names_agree():
     from ato import plotting
     from ato.artifacts import PositionSetSummary
+    from ato.artifacts.causal import CONDITION_LABELS
 
     assert plotting.CONDITIONS == PATCHED
-    assert set(plotting.CONDITION_LABELS) == set(plotting.CONDITION_COLOURS) == {"clean", *PATCHED}
+    assert set(CONDITION_LABELS) == set(plotting.CONDITION_COLOURS) == {"clean", *PATCHED}
     assert set(PATCHED) <= set(PositionSetSummary.__dataclass_fields__)
 
 

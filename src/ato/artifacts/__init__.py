@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ._io import (
     ArtifactError,
     Record,
+    atomic_group,
     atomic_path,
     check_safetensors,
     json_clean,
@@ -150,6 +151,7 @@ __all__ = [
     "TuningResult",
     "ValidationFailure",
     "ValidationVerdict",
+    "atomic_group",
     "atomic_path",
     "check_safetensors",
     "csv_cell",

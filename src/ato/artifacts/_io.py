@@ -17,12 +17,16 @@ import types
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from ..errors import AtoError
 
 TMP_PREFIX = ".tmp-"
+
+# (temporary, final) renames held back by the open `atomic_group`; None outside one.
+_PENDING: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("ato_atomic_group", default=None)
 
 
 class ArtifactError(AtoError):
@@ -44,12 +48,43 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove_orphans(path)
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():
-            _remove(path)  # os.replace cannot replace a non-empty directory
-        os.replace(tmp, path)
+        pending = _PENDING.get()
+        if pending is None:
+            _publish(tmp, path)
+        elif (tmp, path) not in pending:  # written again in the group: the same temporary, the last write
+            pending.append((tmp, path))
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextmanager
+def atomic_group() -> Iterator[None]:
+    """Every `atomic_path` write inside the block is published together when the block ends, in the
+    order the writes finished; on any exception none is, and every temporary is removed. For a stage
+    whose outputs lie in several directories (one directory is published by one `atomic_path`).
+    A group opened inside another joins it: the outermost one publishes."""
+    if _PENDING.get() is not None:
+        yield
+        return
+    pending: list[tuple[Path, Path]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            _remove(tmp)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for tmp, path in pending:
+        _publish(tmp, path)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    if path.is_dir() and tmp.is_dir():
+        _remove(path)  # os.replace cannot replace a non-empty directory
+    os.replace(tmp, path)
 
 
 def _remove_orphans(path: Path) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from ..kinds import causal_keys, keys_for
+from ..kinds import CLEAN_LABEL, causal_keys, keys_for, kinds_for
 from ._io import ArtifactError, Record
 
 # The map kinds patched, from the registry (`ato.kinds`):
@@ -33,6 +33,8 @@ REFERENCE_CONDITIONS = causal_keys(
 )  # zero, train_mean: depend only on the target layer (`ato causal_reference`)
 PAIR_CONDITIONS = causal_keys("pair")  # ato, identity, bias_only: depend on the pair (`ato causal`)
 REFERENCES = keys_for("recovered_against")  # train_mean, zero, identity: the damage "recovered" is measured against
+# for tables and figures (`ato.kinds`); the text before the two spaces is the short name
+CONDITION_LABELS = {CLEAN_LABEL: CLEAN_LABEL, **{k.key("causal"): k.label for k in kinds_for("causal")}}
 SCOPES = ("all", "after")
 Triplet = tuple[float, float, float]  # (point estimate, 95 % CI low, high)
 

@@ -13,21 +13,18 @@ from threadpoolctl import threadpool_limits
 
 from ato.evaluate.errors import EvaluateError
 from ato.math.cca import CCA, efficiency_table, rank_grid
+from ato.math.design_effect import DesignEffectAccumulator, DesignEffects, effective_n
 from ato.math.heldout import (
     CCANull,
-    DesignEffectAccumulator,
-    DesignEffects,
     HeldOutCCA,
-    LinearReference,
     SubspaceReport,
     cca_null,
-    effective_n,
     heldout_from_cca,
-    linear_reference,
     rank_zero_r2,
     shift_removed_table,
     subspace_report,
 )
+from ato.math.linear_reference import LinearReference, linear_reference
 from ato.math.stats import PairStats
 from ato.params import EvaluateParams
 

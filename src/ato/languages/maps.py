@@ -9,7 +9,7 @@ import numpy as np
 
 from ato.languages.inputs import Map
 from ato.math.cca import CCA
-from ato.math.heldout import linear_reference
+from ato.math.linear_reference import linear_reference
 from ato.math.ridge import ridge_fit
 from ato.math.stats import PairStats
 from ato.math.transfer import (
@@ -57,7 +57,7 @@ def fit_pair(
 
 def eta_scores(fit: PairStats, test: PairStats, maps: dict[str, Map]) -> dict[str, float]:
     """η of each map on a language: whitened R² on its test rows over the CCA ceiling of its fit rows,
-    beside η_expected of an exactly linear map fitted on as many rows (`ato.math.heldout.linear_reference`)."""
+    beside η_expected of an exactly linear map fitted on as many rows (`ato.math.linear_reference.linear_reference`)."""
     cca = CCA.from_stats(fit)
     ceiling = float(cca.ceiling())
     out = {"ceiling": ceiling}

@@ -35,8 +35,9 @@ from functools import cached_property
 import numpy as np
 
 from .cca import CCA, pinv_sqrt, whitening
-from .heldout import CCANull, LinearReference, VersusNull, heldout_from_cca, linear_reference
+from .heldout import CCANull, VersusNull, heldout_from_cca
 from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_variation
+from .linear_reference import LinearReference, linear_reference
 from .procrustes import procrustes_centred, procrustes_plain
 from .ridge import RidgePath, r2_from_stats
 from .stats import PairStats

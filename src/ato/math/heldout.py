@@ -1,7 +1,7 @@
 """Held-out canonical correlations, their null at the same n and d, a CCA ceiling that is a true
-in-sample bound, η beside the η of an exactly linear map, and η_RRR(r) without the mean shift.
-Everything works from sufficient statistics (`PairStats`): no stage holds all tokens.
-See docs/statistics.md#heldout.
+in-sample bound, and η_RRR(r) without the mean shift; η beside the η of an exactly linear map is in
+`linear_reference`, the effective sample size in `design_effect`. Everything works from sufficient
+statistics (`PairStats`): no stage holds all tokens. See docs/statistics.md#heldout.
 
 **True-bound ceiling.** For a symmetric target whitening A and any x-side B with B Bᵀ a generalised
 inverse of Σxx (Σxx B Bᵀ Σxx = Σxx; Bᵀ Σxx B is then an orthogonal projector), the best in-sample
@@ -44,25 +44,6 @@ the right one:
 - *Caveat: effective n.* Tokens of one sequence are serially correlated; the cross-covariance of
   independent x, y then has variance ≈ (1/n)·Σ_lag acf_x(lag)·acf_y(lag) per entry, i.e. an effective n
   below the token count, and the floor rises. Pass an effective n_train / n_test to be conservative.
-
-**η's linear reference.** For an exactly linear map y = W x + b + ε (Gaussian, population canonical
-correlations ρ), OLS with intercept fitted on n train rows, p = d_in, q = d_out, m = min(p, q),
-a = Σ_{i≤m}(1 − ρ_i²), b₂ = Σ_{i≤m}(1 − ρ_i²)², c = Σρ_i²/q, u = 1 − c:
-
-    E[ceiling] ≈ c + [(p − m)(q − m) + a(p + q − 2m − 1) + b₂ + a²] / (n q)       (in sample, Pillai)
-    E[R²_w(test)] ≈ 1 − u · (1 + p/(n − p − 2)) · (1 + 1/n) · n_test/(n_test − 1)
-    η_expected = E[R²_w(test)] / E[ceiling]   ≈ 1 − (1 − c)(p + q(1 − c)) / (n c)   to first order
-
-(for p = q that is (p/n)(1 − c)(2 − c)/c: half the naive 2(p/n)(1 − c)/c when c → 1, equal as c → 0).
-The in-sample term is a second-order expansion of Pillai's trace tr(S_yy⁻¹ S_yx S_xx⁻¹ S_xy) in the
-canonical basis (to this order it reproduces the null mean pq/(n − 1) and Olkin–Pratt's E[R²] for
-q = 1); the test term is the Gaussian random-design OLS prediction error, whose sample-whitening factor
-E[S_yy⁻¹] cancels between numerator and denominator. Both agree with `simulate_linear_eta` (Wishart,
-same n, d, ρ) to ≤ 0.003 in η for c from 0.1 to 0.9. The population ρ come from the in-sample ones by
-inverting the first formula (`population_rho`): the held-out ρ, though free of the in-sample floor,
-are biased DOWN by the error of the train directions, which biased the ratio η(test)/η_expected up by
-1 % at n/d = 50 (6 % at 25) in simulation; the inverted estimate leaves it unbiased to ≤ 0.3 %. The
-reference is for OLS: the fitted ridge equals it when α is immaterial.
 """
 
 from __future__ import annotations
@@ -71,7 +52,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import brentq
 
 from .cca import CCA, participation_ratio, subspace_size
 from .stats import PairStats
@@ -177,10 +157,10 @@ def draw_scatter(rng: np.random.Generator, df: int, chol: np.ndarray | None, dim
 def simulated_split(rng: np.random.Generator, n: int, scale: np.ndarray, d_in: int) -> PairStats:
     """Sufficient statistics of n independent N(0, scale) rows, drawn in O(d³): the sample mean
     ~ N(0, scale/n) and, independently, the centred scatter ~ Wishart(n − 1, scale)."""
-    return _simulated_split(rng, n, np.linalg.cholesky(scale), d_in, scale.shape[0])
+    return simulated_split_chol(rng, n, np.linalg.cholesky(scale), d_in, scale.shape[0])
 
 
-def _simulated_split(rng: np.random.Generator, n: int, chol: np.ndarray | None, d_in: int, dim: int) -> PairStats:
+def simulated_split_chol(rng: np.random.Generator, n: int, chol: np.ndarray | None, d_in: int, dim: int) -> PairStats:
     """`simulated_split` given the Cholesky factor of the scale (None: the identity of size dim)."""
     z = rng.standard_normal(dim) / math.sqrt(n)
     mean = z if chol is None else chol @ z
@@ -230,7 +210,7 @@ def cca_null(
     dim = d_in + d_out
     rows = []
     for _ in range(replicates):
-        train, test = (_simulated_split(rng, n, None, d_in, dim) for n in (n_train, n_test))
+        train, test = (simulated_split_chol(rng, n, None, d_in, dim) for n in (n_train, n_test))
         h = heldout_cca(train, test, rcond)
         rows.append(
             (
@@ -319,130 +299,6 @@ def subspace_report(
 
 
 # --------------------------------------------------------------------------------------------
-# η beside the η of an exactly linear map
-
-
-def _padded_rho2(rho: np.ndarray, d_in: int, d_out: int) -> np.ndarray:
-    """ρ² clipped to [0, 1), padded with zeros (or cut) to m = min(d_in, d_out) canonical pairs."""
-    m = min(d_in, d_out)
-    r = np.clip(np.asarray(rho, dtype=np.float64)[:m], 0.0, None)
-    out = np.zeros(m)
-    out[: len(r)] = np.minimum(r**2, 1.0 - 1e-12)
-    return out
-
-
-def expected_ceiling(rho: np.ndarray, n_train: int, d_in: int, d_out: int) -> float:
-    """E[in-sample ceiling(d)] for population canonical correlations ρ (see the module docstring)."""
-    p, q, m = d_in, d_out, min(d_in, d_out)
-    rho2 = _padded_rho2(rho, d_in, d_out)
-    a, b2 = float(np.sum(1 - rho2)), float(np.sum((1 - rho2) ** 2))
-    return float(rho2.sum() / q + ((p - m) * (q - m) + a * (p + q - 2 * m - 1) + b2 + a * a) / (n_train * q))
-
-
-def expected_heldout_r2(rho: np.ndarray, n_train: int, n_test: int, d_in: int, d_out: int) -> float:
-    """E[whitened R² on test] of OLS with intercept fitted on n_train rows (train whitening)."""
-    p, n = d_in, n_train
-    if n - p - 2 <= 0 or n_test <= 1:
-        return float("nan")
-    u = 1.0 - float(_padded_rho2(rho, d_in, d_out).sum()) / d_out
-    return 1.0 - u * (1 + p / (n - p - 2)) * (1 + 1 / n) * n_test / (n_test - 1)
-
-
-def expected_linear_eta(rho: np.ndarray, n_train: int, n_test: int, d_in: int, d_out: int) -> float:
-    """η(test) an exactly linear map reaches in expectation at these sizes and population ρ (analytic)."""
-    ceiling = expected_ceiling(rho, n_train, d_in, d_out)
-    return expected_heldout_r2(rho, n_train, n_test, d_in, d_out) / ceiling if ceiling > 0 else float("nan")
-
-
-def population_rho(rho_train: np.ndarray, n_train: int, d_in: int, d_out: int) -> np.ndarray:
-    """Population canonical correlations estimated from the in-sample ones: ρ̂² = s·r² with the scale s ∈ [0, 1]
-    chosen so that `expected_ceiling(ρ̂)` equals the observed ceiling Σr²/q (inverting the Pillai bias).
-
-    Nearly unbiased for Σρ² (what η_expected mostly depends on); the held-out ρ are not — their train
-    directions are estimated, which biases them down by O(d/n), and η_expected with them by up to +1 %
-    at n/d = 50 (and 6 % at n/d = 25) in the ratio."""
-    r2 = _padded_rho2(rho_train, d_in, d_out)
-    observed = float(r2.sum()) / d_out
-    if observed <= 0 or expected_ceiling(np.zeros_like(r2), n_train, d_in, d_out) >= observed:
-        return np.zeros_like(r2)  # at or below the noise floor
-    if expected_ceiling(np.sqrt(r2), n_train, d_in, d_out) <= observed:
-        return np.sqrt(r2)
-    gap = lambda s: expected_ceiling(np.sqrt(s * r2), n_train, d_in, d_out) - observed
-    return np.sqrt(brentq(gap, 0.0, 1.0, xtol=1e-12) * r2)
-
-
-def canonical_covariance(rho: np.ndarray, d_in: int, d_out: int) -> np.ndarray:
-    """Joint covariance of (x, y) in canonical form: Σxx = I, Σyy = I, Σxy = diag(ρ) (padded with zeros)."""
-    rho = np.sqrt(_padded_rho2(rho, d_in, d_out))
-    m = len(rho)
-    cov = np.eye(d_in + d_out)
-    cov[np.arange(m), d_in + np.arange(m)] = rho
-    cov[d_in + np.arange(m), np.arange(m)] = rho
-    return cov
-
-
-def simulate_linear_eta(
-    rho: np.ndarray,
-    n_train: int,
-    n_test: int,
-    d_in: int,
-    d_out: int,
-    replicates: int = 8,
-    seed: int = 0,
-    rcond: float | None = None,
-) -> np.ndarray:
-    """η(test) of OLS on exactly linear Gaussian data with population ρ, per replicate (Wishart draws).
-
-    η is invariant to invertible linear maps of x and y for OLS, so the canonical form is general.
-    OLS is the full-rank reduced-rank-regression map of the true-bound CCA."""
-    rng = np.random.default_rng(seed)
-    chol = np.linalg.cholesky(canonical_covariance(rho, d_in, d_out))
-    out = np.empty(replicates)
-    for i in range(replicates):
-        train, test = (_simulated_split(rng, n, chol, d_in, d_in + d_out) for n in (n_train, n_test))
-        cca = true_bound_cca(train, rcond)
-        out[i] = cca.rrr_sweep().efficiency(test, [min(d_in, d_out)])[0]
-    return out
-
-
-@dataclass(frozen=True)
-class LinearReference:
-    """η(test) beside what an exactly linear map reaches at the same n, d and population ρ."""
-
-    eta_test: float  # the observed η(test)
-    eta_expected: float  # analytic expectation for an exactly linear map (`expected_linear_eta`)
-    ratio: float  # eta_test / eta_expected: ≈ 1 is "indistinguishable from linear transport"
-    eta_simulated: float  # mean over Wishart replicates (nan when replicates = 0)
-    eta_simulated_std: float  # spread of one realisation of η(test) under linearity (nan when replicates < 2)
-
-
-def linear_reference(
-    eta_test: float,
-    rho_train: np.ndarray,
-    n_train: int,
-    n_test: int,
-    d_in: int,
-    d_out: int,
-    replicates: int = 0,
-    seed: int = 0,
-) -> LinearReference:
-    """η(test) beside η_expected for an exactly linear map; `rho_train` are the in-sample canonical
-    correlations (`CCA.rho`), turned into a population estimate by `population_rho`.
-
-    With replicates > 0 the Wishart simulation runs too; its std is the sampling spread of η(test) itself."""
-    rho = population_rho(rho_train, n_train, d_in, d_out)
-    expected = expected_linear_eta(rho, n_train, n_test, d_in, d_out)
-    sim = simulate_linear_eta(rho, n_train, n_test, d_in, d_out, replicates, seed) if replicates else np.array([])
-    return LinearReference(
-        float(eta_test),
-        expected,
-        float(eta_test) / expected if expected else float("nan"),
-        float(sim.mean()) if len(sim) else float("nan"),
-        float(sim.std(ddof=1)) if len(sim) > 1 else float("nan"),
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # η_RRR(r) without the train→test mean shift
 
 
@@ -474,128 +330,3 @@ def shift_removed_table(
         for kind in ("svd", "rrr")
         for split in ("train", "test")
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Effective sample size: tokens of one document are not independent
-
-
-@dataclass(frozen=True)
-class DesignEffects:
-    """Kish design effects of test statistics under clustering by document, clipped at 1 from below
-    (so n_eff ≤ n; the raw values are kept). With Z_g the sum of a per-token quantity z_t over
-    document g and z̄ its mean, deff = Σ_g ‖Z_g − n_g z̄‖² / Σ_t ‖z_t − z̄‖².
-
-    - `score`: z_t = x̃_t ε̃_tᵀ, the whitened source times the whitened operator error. OLS's
-      estimation error is a linear function of its mean, so this sets the effective n of the fit:
-      the in-sample optimism of the ceiling and the out-of-sample loss, i.e. η's linear reference.
-    - `r2`: z_t = e_t − (SSE/SST)·d_t, e_t = ‖ε̃_t‖², d_t = ‖ỹ_t − ȳ̃‖², the linearised whitened test R²:
-      the effective n of the test split's own sampling noise in η(test).
-    - `null`: z_t = x̃_t ỹ_tᵀ, the whitened cross-covariance from which the sample canonical
-      correlations (and their Wishart null) are computed. Transport between x and y adds to it, so
-      it is at least the independence value (conservative for the null)."""
-
-    score: float
-    r2: float
-    null: float
-    n_groups: int  # documents seen
-    raw: tuple[float, float, float]  # score, r2, null before clipping
-
-
-class _ClusteredSum:
-    """Σ_g ‖Z_g − n_g z̄‖² and Σ_t ‖z_t − z̄‖² of a per-token array quantity, streamed group by group."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.total = np.zeros(shape)  # Σ_t z_t
-        self.weighted = np.zeros(shape)  # Σ_g n_g Z_g
-        self.group_sq = 0.0  # Σ_g ‖Z_g‖²
-        self.token_sq = 0.0  # Σ_t ‖z_t‖²
-
-    def add_tokens(self, token_sq: float) -> None:
-        self.token_sq += token_sq
-
-    def add_group(self, n_g: int, Z_g: np.ndarray) -> None:
-        self.total += Z_g
-        self.weighted += n_g * Z_g
-        self.group_sq += float(np.sum(Z_g**2))
-
-    def design_effect(self, n: float, sum_n_sq: float) -> float:
-        mean = self.total / n
-        m2 = float(np.sum(mean**2))
-        group = self.group_sq - 2 * float(np.sum(self.weighted * mean)) + m2 * sum_n_sq
-        token = self.token_sq - n * m2
-        return group / token if token > 0 else math.nan
-
-
-class DesignEffectAccumulator:
-    """Streams (x, y, document id) chunks in store order (a document's tokens contiguous, possibly
-    across chunks) into `DesignEffects`. x, y are raw residuals; B (x side, `CCA.wx`) and A (y side,
-    `CCA.wy`) whiten them about the given means; the operator predicts ŷ = x Wᵀ + b."""
-
-    def __init__(
-        self, W: np.ndarray, b: np.ndarray, A: np.ndarray, B: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray
-    ):
-        self.W, self.b, self.A, self.B, self.mean_x, self.mean_y = W, b, A, B, mean_x, mean_y
-        d_x, d_y = B.shape[1], A.shape[1]
-        self.sums = {"score": _ClusteredSum((d_x, d_y)), "null": _ClusteredSum((d_x, d_y))}
-        self.sizes: list[int] = []
-        self.open: dict[str, np.ndarray] | None = None
-        self.open_id: int | None = None
-        # the r2 quantity e − (SSE/SST)·d needs the final SSE/SST: keep its parts' second moments
-        self.r2_tokens = np.zeros(3)  # Σ_t e², e·d, d²
-        self.r2_groups = np.zeros(3)  # Σ_g E_g², E_g·D_g, D_g²
-        self.r2_totals = np.zeros(2)  # SSE, SST
-
-    def add(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> None:
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        err = (y - x @ self.W.T - self.b) @ self.A
-        dev = (y - self.mean_y) @ self.A
-        xw = (x - self.mean_x) @ self.B
-        e, d, xx = (np.einsum("ij,ij->i", v, v) for v in (err, dev, xw))
-        self.r2_tokens += [e @ e, e @ d, d @ d]
-        self.r2_totals += [e.sum(), d.sum()]
-        self.sums["score"].add_tokens(float(xx @ e))  # ‖x̃ ε̃ᵀ‖_F² = ‖x̃‖²‖ε̃‖²
-        self.sums["null"].add_tokens(float(xx @ d))
-        bounds = np.flatnonzero(np.diff(groups)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(groups)]):
-            run = {
-                "score": xw[lo:hi].T @ err[lo:hi],
-                "r2": np.array([e[lo:hi].sum(), d[lo:hi].sum()]),
-                "null": xw[lo:hi].T @ dev[lo:hi],
-            }
-            self._add_run(int(groups[lo]), hi - lo, run)
-
-    def _add_run(self, gid: int, n: int, run: dict[str, np.ndarray]) -> None:
-        if gid == self.open_id and self.open is not None:
-            self.sizes[-1] += n
-            for key, value in run.items():
-                self.open[key] += value
-            return
-        self._close()
-        self.open_id, self.open = gid, run
-        self.sizes.append(n)
-
-    def _close(self) -> None:
-        if self.open is not None:
-            E, D = self.open.pop("r2")
-            self.r2_groups += [E * E, E * D, D * D]
-            for key, value in self.open.items():
-                self.sums[key].add_group(self.sizes[-1], value)
-        self.open = None
-
-    def result(self) -> DesignEffects:
-        self._close()
-        n, sum_n_sq = float(np.sum(self.sizes)), float(np.sum(np.square(self.sizes)))
-        sse, sst = self.r2_totals
-        ratio = sse / sst if sst > 0 else 0.0
-        weights = np.array([1.0, -2 * ratio, ratio**2])  # Σ(a − ratio·b)² from the second moments
-        token = float(weights @ self.r2_tokens)
-        raw_r2 = float(weights @ self.r2_groups) / token if token > 0 else math.nan
-        raw = (self.sums["score"].design_effect(n, sum_n_sq), raw_r2, self.sums["null"].design_effect(n, sum_n_sq))
-        clipped = [max(1.0, v) if math.isfinite(v) else 1.0 for v in raw]
-        return DesignEffects(clipped[0], clipped[1], clipped[2], len(self.sizes), raw)
-
-
-def effective_n(n: float, design_effect: float) -> int:
-    """n / deff, at least 2 (what the Wishart references are drawn at)."""
-    return max(2, int(round(n / design_effect)))

@@ -78,13 +78,11 @@ __all__ = [
     "delta_interval",
     "denominator_is_bounded",
     "mean_ratio_interval",
-    "planned_half_width",
     "ratio_bounds",
     "ratio_estimate",
     "ratio_interval",
     "ratio_standard_error",
     "recovered_interval",
-    "required_units",
     "unscorable_positions",
 ]
 
@@ -399,71 +397,3 @@ def recovered_interval(
     if not denominator_is_bounded(r - c, level):
         return Interval(1.0 - q.estimate, -math.inf, math.inf, level, method, q.n_units)
     return Interval(1.0 - q.estimate, 1.0 - q.high, 1.0 - q.low, level, method, q.n_units)
-
-
-# --------------------------------------------------------------------------------------------
-# Planning the number of units
-
-
-def _pilot_sigma(num: ArrayLike, den: ArrayLike, pilot_confidence: float | None) -> float:
-    """Per-unit standard deviation of the linearised values z_j of the pilot units (optionally its
-    one-sided upper confidence bound, χ² with n_pilot − 1 df)."""
-    a, b = _pair(num, den)
-    n_pilot = a.shape[-1]
-    if a.ndim != 1 or n_pilot < 2:
-        raise ValueError("planning needs one pilot data set of at least two units")
-    sigma = float(_se(a, b, ratio_estimate(a, b))) * math.sqrt(n_pilot)
-    if pilot_confidence is not None:
-        if not 0.0 < pilot_confidence < 1.0:
-            raise ValueError(f"pilot_confidence must lie in (0, 1), got {pilot_confidence}")
-        sigma *= math.sqrt((n_pilot - 1) / stats.chi2.ppf(1.0 - pilot_confidence, n_pilot - 1))
-    return sigma
-
-
-def _t_half_width(sigma: float, n_units: int, level: float) -> float:
-    return float(stats.t.ppf((1.0 + level) / 2.0, n_units - 1) * sigma / math.sqrt(n_units))
-
-
-def planned_half_width(
-    num: ArrayLike, den: ArrayLike, n_units: int, *, level: float = 0.95, pilot_confidence: float | None = None
-) -> float:
-    """The t half-width t_{n−1} · σ / √n of Σnum/Σden that `n_units` units would give, σ the
-    per-unit standard deviation of the linearised values z_j measured on the pilot units given.
-
-    `pilot_confidence` (e.g. 0.8) replaces σ by its one-sided upper confidence bound from the
-    pilot, so that a small pilot does not promise too narrow an interval. The default method is
-    never narrower than the t-interval; on near-symmetric effects the two agree within a few per cent.
-    """
-    if n_units < 2:
-        raise ValueError("an interval needs at least two units")
-    return _t_half_width(_pilot_sigma(num, den, pilot_confidence), n_units, level)
-
-
-def required_units(
-    num: ArrayLike,
-    den: ArrayLike,
-    target_half_width: float,
-    *,
-    level: float = 0.95,
-    pilot_confidence: float | None = None,
-    max_units: int = 1_000_000,
-) -> int:
-    """The smallest number of units whose `planned_half_width` is ≤ `target_half_width`.
-
-    For Δ of the causal check: num = per-sequence (patched − clean) NLL sums of the pilot
-    sequences, den = their token counts.
-    """
-    if target_half_width <= 0:
-        raise ValueError(f"target half-width must be positive, got {target_half_width}")
-    sigma = _pilot_sigma(num, den, pilot_confidence)
-    if _t_half_width(sigma, max_units, level) > target_half_width:
-        raise ValueError(f"a half-width of {target_half_width} needs more than {max_units} units")
-    # the normal-theory count; the t quantile is larger, so the answer is at least this
-    n = max(2, math.ceil((stats.norm.ppf((1.0 + level) / 2.0) * sigma / target_half_width) ** 2))
-    while _t_half_width(sigma, n, level) > target_half_width:
-        n += 1
-    return n
-
-
-# --------------------------------------------------------------------------------------------
-# Position sets that cannot change a scored prediction

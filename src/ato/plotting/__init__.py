@@ -12,7 +12,6 @@ from ..kinds import CLEAN_COLOUR, CLEAN_LABEL, keys_for, kinds_for
 
 # Patched conditions of the causal stage, in display order (`ato.kinds`); "clean" is the unpatched reference.
 CONDITIONS = keys_for("causal")
-CONDITION_LABELS = {CLEAN_LABEL: CLEAN_LABEL, **{k.key("causal"): k.label for k in kinds_for("causal")}}
 CONDITION_COLOURS = {CLEAN_LABEL: CLEAN_COLOUR, **{k.key("causal"): k.colour for k in kinds_for("causal")}}
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from ato.artifacts import CausalSummary, PositionSetSummary
-from ato.artifacts.causal import REFERENCES
+from ato.artifacts.causal import CONDITION_LABELS, REFERENCES
 from ato.kinds import kinds_for
 
-from . import CONDITION_COLOURS, CONDITION_LABELS, CONDITIONS, pyplot, save_figure
+from . import CONDITION_COLOURS, CONDITIONS, pyplot, save_figure
 
 
 def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, scope: str = "after") -> Path:

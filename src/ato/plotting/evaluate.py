@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ato.math.heldout import HeldOutCCA, LinearReference, SubspaceReport
+from ato.math.heldout import HeldOutCCA, SubspaceReport
+from ato.math.linear_reference import LinearReference
 from ato.math.metrics import NO_VERDICT, SYNTHESISED, TRANSPORTED
 
 from . import mark_unreliable, pyplot, save_figure

@@ -1,6 +1,6 @@
 """Figures of `ato report` that compare pairs: headline heatmaps over (L, k) (η beside its linear
-reference, held-out subspace size beside its null), η(r) and ceiling(r) per k, causal Δ and recovered
-share against each reference with intervals per pair, and the α → validation R² curves."""
+reference, held-out subspace size beside its null), η(r) and ceiling(r) per k, and the α → validation R²
+curves. The causal figure (Δ and recovered share per pair) is in `summary_causal`."""
 
 from __future__ import annotations
 
@@ -12,20 +12,10 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import PairMetrics
-from ato.kinds import kinds_for
-from ato.reporting.markdown import fmt, fmt_int
-from ato.reporting.results import PairResults, headline_sets
+from ato.reporting.cells import fmt, fmt_int
+from ato.reporting.results import PairResults
 
-from . import (
-    CONDITION_COLOURS,
-    CONDITION_LABELS,
-    CONDITIONS,
-    UNRELIABLE_COLOUR,
-    mark_unreliable,
-    pyplot,
-    save_figure,
-    unreliable_sae_text,
-)
+from . import UNRELIABLE_COLOUR, mark_unreliable, pyplot, save_figure, unreliable_sae_text
 
 
 def _transported_note(m: PairMetrics) -> str:
@@ -285,147 +275,6 @@ def _efficiency_lines(
         ax_eta.set_ylim(-1.05, 1.1)
         ax_eta.text(0.98, 0.03, "axis clipped at −1", transform=ax_eta.transAxes, ha="right", fontsize=7)
     return handles, absent
-
-
-# --------------------------------------------------------------------------------------------
-# Causal
-
-
-def plot_causal(path: Path, results: list[PairResults], scope: str, dpi: int) -> Path:
-    """Grouped bars: Δ log-ppl vs clean per pair and condition (95 % intervals); damage recovered per pair
-    against mean ablation (the headline reference), zero ablation and identity, with intervals."""
-    plt = pyplot()
-    n = len(results)
-    w_bars, w_rec = min(16.0, max(7.0, 1.25 * n + 2.5)), min(7.0, max(3.5, 0.45 * n + 2))
-    fig, (ax, ax_rec) = plt.subplots(1, 2, figsize=(w_bars + w_rec, 5.2), gridspec_kw={"width_ratios": [w_bars, w_rec]})
-    _causal_bars(ax, results, scope)
-    _recovered_points(ax_rec, results, scope)
-    sets = headline_sets(results) or ["all"]
-    what = "every non-BOS position" if sets == ["all"] else "the headline positions"
-    fig.suptitle(f"Causal check on held-out test text: patching {what} (position set {', '.join(sets)})", fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi)
-
-
-def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
-    from matplotlib.patches import Patch
-
-    n = len(results)
-    x = np.arange(n)
-    width = 0.8 / len(CONDITIONS)
-    top = 0.0
-    for ci, cond in enumerate(CONDITIONS):
-        mean, lo, hi = np.array([res.causal_delta(cond, scope) for res in results]).T
-        ok = np.isfinite(mean)
-        err = np.vstack(
-            [
-                np.clip(mean - np.where(np.isfinite(lo), lo, mean), 0, None),
-                np.clip(np.where(np.isfinite(hi), hi, mean) - mean, 0, None),
-            ]
-        )
-        pos = x - 0.4 + width * (ci + 0.5)
-        top = max([top, *mean[ok] + err[1, ok]])
-        ax.bar(
-            pos[ok],
-            mean[ok],
-            width,
-            yerr=err[:, ok],
-            capsize=2,
-            color=CONDITION_COLOURS[cond],
-            edgecolor="black",
-            linewidth=0.4,
-            error_kw={"elinewidth": 0.8},
-        )
-    for i, res in enumerate(results):
-        if res.causal is None:
-            ax.text(i, 0, "causal\nmissing", ha="center", va="bottom", fontsize=8, color="#b22222")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlim(-0.6, n - 0.4)
-    ax.set_yscale("symlog", linthresh=0.01)
-    if top > 0:  # headroom so the tallest CI is not cut by the frame
-        ax.set_ylim(top=top * 1.8)
-    ax.set_xticks(x, [res.name for res in results], rotation=45 if n > 8 else 0, ha="right" if n > 8 else "center")
-    ax.set_xlabel("pair")
-    scope_label = "tokens at/after the first patch" if scope == "after" else "all predicted tokens"
-    ax.set_ylabel(f"Δ log-perplexity vs clean (nats/token, symlog)\n{scope_label}; bars: 95% CI")
-    ax.grid(axis="y", alpha=0.3, which="both")
-    ax.legend(
-        handles=[
-            Patch(facecolor=CONDITION_COLOURS[c], edgecolor="black", label=CONDITION_LABELS[c]) for c in CONDITIONS
-        ],
-        fontsize=8,
-        loc="lower center",
-        bbox_to_anchor=(0.5, 1.01),
-        ncols=len(CONDITIONS),
-        frameon=False,
-        title="value written into the residual after block L+k",
-        title_fontsize=8,
-    )
-
-
-# recovered-share panel: reference → (colour, legend label); the headline reference is drawn first, large
-REFERENCE_STYLE = {
-    k.key("recovered_against"): (k.colour, f"vs {k.label_in('recovered_against')}")
-    for k in kinds_for("recovered_against")
-}
-
-
-def _recovered_points(ax_rec: Any, results: list[PairResults], scope: str) -> None:
-    """Recovered share per pair vs each reference, 95 % intervals: the headline reference (mean ablation
-    by default) large and labelled, zero ablation and identity small beside it."""
-    n = len(results)
-    x = np.arange(n)
-    heads = {res.headline_reference for res in results if res.headline_reference is not None}
-    head = heads.pop() if len(heads) == 1 else "train_mean"
-    refs = [head, *(r for r in REFERENCE_STYLE if r != head)]
-    for j, ref in enumerate(refs):
-        rec = np.array([res.recovered(scope, ref) for res in results])
-        ok = np.isfinite(rec[:, 0])
-        lo = np.where(np.isfinite(rec[:, 1]), rec[:, 1], rec[:, 0])
-        hi = np.where(np.isfinite(rec[:, 2]), rec[:, 2], rec[:, 0])
-        colour, label = REFERENCE_STYLE[ref]
-        ax_rec.errorbar(
-            x[ok] + (0.0 if j == 0 else 0.16 * (2 * j - 3)),
-            100 * rec[ok, 0],
-            yerr=100 * np.vstack([np.clip(rec[ok, 0] - lo[ok], 0, None), np.clip(hi[ok] - rec[ok, 0], 0, None)]),
-            fmt="o" if j == 0 else "s",
-            color=colour,
-            capsize=4 if j == 0 else 2,
-            ms=7 if j == 0 else 4,
-            alpha=1.0 if j == 0 else 0.7,
-            label=label + (" (headline)" if j == 0 else ""),
-        )
-        if j == 0:
-            _recovered_labels(ax_rec, x, rec, ok, results)
-    ax_rec.axhline(100, color="black", lw=0.8, ls="--")
-    ax_rec.axhline(0, color="black", lw=0.8)
-    ax_rec.set_xticks(
-        x,
-        [res.name for res in results],
-        rotation=90 if n > 8 else 30 if n > 3 else 0,
-        ha="center" if n > 8 or n <= 3 else "right",
-    )
-    ax_rec.set_xlim(-0.6, n - 0.4)
-    ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(reference)\n95% interval")
-    ax_rec.set_title("Damage recovered by the ATO", fontsize=10)
-    ax_rec.legend(fontsize=7, loc="lower left")
-    ax_rec.grid(axis="y", alpha=0.3)
-
-
-def _recovered_labels(ax_rec: Any, x: np.ndarray, rec: np.ndarray, ok: np.ndarray, results: list[PairResults]) -> None:
-    """Values of the headline share beside its points; why a share is missing where it is."""
-    for i in np.flatnonzero(ok) if len(x) <= 8 else []:  # labels would collide beyond a few pairs
-        ax_rec.annotate(
-            f"{100 * rec[i, 0]:.1f}%",
-            (x[i], 100 * rec[i, 0]),
-            textcoords="offset points",
-            xytext=(7, 0),
-            va="center",
-            fontsize=7,
-        )
-    for i in np.flatnonzero(~ok):  # no causal output, or a reference without damage makes the share undefined
-        label = "causal\nmissing" if results[i].causal is None else "undefined"
-        ax_rec.text(x[i], 50, label, ha="center", va="center", fontsize=8, color="#b22222")
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ato.artifacts import (
     AtlasMapsMeta,
     AtlasResult,
     Layout,
+    atomic_group,
     write_atlas_maps,
     write_csv_atomic,
     write_json_atomic,
@@ -79,7 +80,7 @@ def main(params: Params) -> AtlasResult:
     with _timed(seconds, "causal"), torch_threads(ap.threads):
         causal = causal_atlas(model, store, fits, grams, ap) if ap.causal_pairs else {}
     result = atlas_result(store, grams, fits, causal, layers, ap, seconds)
-    with _timed(seconds, "write"):
+    with _timed(seconds, "write"), atomic_group():  # maps, tables, report and figures, or none
         maps = {name: fit.maps["ridge"] for name, fit in fits.items()}
         alphas = {name: fit.alpha for name, fit in fits.items()}
         meta = AtlasMapsMeta(store.digest, grams["train"].n, params.stats.include_bos, alphas)

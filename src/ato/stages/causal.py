@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo
+from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo, atomic_group
 from ato.artifacts.causal import CONDITIONS, PAIR_CONDITIONS, SCOPE_TEXT
 from ato.causal import (
     LEVEL,
@@ -160,19 +160,20 @@ def write_outputs(
         interval_resamples=cp.bootstrap_resamples,
         position_sets={n: s for n, (s, _) in sets.items()},
     )
-    summary.write(layout.causal(name))
-    CausalSequences(
-        pair=name,
-        split=SPLIT,
-        reference=str(reference.relative_to(layout.reports)),
-        seq_len=cp.seq_len,
-        sequence_offsets=held.offsets,
-        doc_ids=held.doc_ids,
-        conditions=list(CONDITIONS),
-        scopes=dict(SCOPE_TEXT),
-        position_sets={n: d for n, (_, d) in sets.items()},
-    ).write(layout.causal_sequences(name))
-    figure = plot_pair(summary, name, layout.pair_figure(name, "causal"), dpi=params.report.dpi)
+    with atomic_group():  # summary, sequences and figure, or none
+        summary.write(layout.causal(name))
+        CausalSequences(
+            pair=name,
+            split=SPLIT,
+            reference=str(reference.relative_to(layout.reports)),
+            seq_len=cp.seq_len,
+            sequence_offsets=held.offsets,
+            doc_ids=held.doc_ids,
+            conditions=list(CONDITIONS),
+            scopes=dict(SCOPE_TEXT),
+            position_sets={n: d for n, (_, d) in sets.items()},
+        ).write(layout.causal_sequences(name))
+        figure = plot_pair(summary, name, layout.pair_figure(name, "causal"), dpi=params.report.dpi)
     _log_mlflow(params, name, summary, [layout.causal(name), layout.causal_sequences(name), figure])
     head = summary.headline
     log.info(

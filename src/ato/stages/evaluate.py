@@ -28,6 +28,7 @@ from ato.artifacts import (
     Layout,
     PairMetrics,
     SaeInfo,
+    atomic_group,
     csv_cell,
     read_pair_stats,
     write_csv_atomic,
@@ -80,7 +81,8 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     )
     gate = sae_gate(layout, pair.target)
     result.metrics.sae_reliable = float(gate.reliable)
-    paths = write_outputs(layout, params, pair, result, gate)
+    with atomic_group():  # all seven files or none (they lie in three directories)
+        paths = write_outputs(layout, params, pair, result, gate)
     _log_mlflow(params, name, result, paths, gate)
     m = result.metrics
     log.info(

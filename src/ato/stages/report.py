@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ato.artifacts import Layout, write_text_atomic
+from ato.artifacts import Layout, atomic_group, write_text_atomic
 from ato.params import Params
-from ato.plotting.summary import plot_alpha, plot_causal, plot_efficiency, plot_heatmaps
+from ato.plotting.summary import plot_alpha, plot_efficiency, plot_heatmaps
+from ato.plotting.summary_causal import plot_causal
 from ato.reporting import (
     PairResults,
     SummarySettings,
@@ -50,15 +51,16 @@ def main(params: Params) -> Path:
     layout, rp = Layout.from_params(params), params.report
     results = [load_pair(layout, name, pair) for name, pair in params.pairs.items()]
     cards = load_cards(layout, params.pairs)
-    figures = write_figures(layout, params, results, cards)
-    csvs = write_plot_csvs(layout.plots, results, rp.causal_scope)
-    build_headline(layout, results, rp.causal_scope).write(layout.headline)
     settings = SummarySettings.from_params(params)
     stale = stale_outputs(layout, params.pairs)
     if stale:
         log.warning("report: outputs of pairs or layers not in `pairs:` (listed in the summary): %s", ", ".join(stale))
-    write_text_atomic(layout.summary, render_summary(settings, results, figures, cards, stale) + "\n")
-    write_text_atomic(layout.feature_cards, cards_html(cards, settings.model))
+    with atomic_group():  # figures, plot CSVs, headline, summary and cards, or none
+        figures = write_figures(layout, params, results, cards)
+        csvs = write_plot_csvs(layout.plots, results, rp.causal_scope)
+        build_headline(layout, results, rp.causal_scope).write(layout.headline)
+        write_text_atomic(layout.summary, render_summary(settings, results, figures, cards, stale) + "\n")
+        write_text_atomic(layout.feature_cards, cards_html(cards, settings.model))
     n_missing = sum(len(res.missing) for res in results)
     _log_mlflow(
         params,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ato.artifacts import Layout, SaeInfo, atomic_path
+from ato.artifacts import Layout, SaeInfo, atomic_group, atomic_path
 from ato.corpus import Corpus
 from ato.models import load_prepared
 from ato.params import Params, SaeParams, section_dict
@@ -61,7 +61,8 @@ def main(params: Params) -> dict[int, SaeInfo]:
     downstream = _downstream(sp, store, model, saes, means)
     results = {}
     for n in layers:
-        results[n] = save_sae(saes[n], store, n, extras[n], downstream.get(n), sp, layout, device, t0)
+        with atomic_group():  # the SAE directory and its report copy, or neither
+            results[n] = save_sae(saes[n], store, n, extras[n], downstream.get(n), sp, layout, device, t0)
         _log_quality(results[n], layout)
     _track(params, layout, results)
     return results

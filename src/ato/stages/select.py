@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from ato.artifacts import Layout, SaeInfo, SelectReport
+from ato.artifacts import Layout, SaeInfo, SelectReport, atomic_group
 from ato.models import load_prepared, resolve_device
 from ato.params import Params, SelectParams, section_dict
 from ato.sae import FeatureScoreError, load_sae
@@ -77,9 +77,10 @@ def select_layer(
         explained = fetch_neuronpedia(sae_info.neuronpedia_id, features.kept)
         for entry in contexts.features:
             entry.neuronpedia_explanations = explained.get(entry.feature, [])
-    features.write(layout.feature_set(layer))
-    contexts.write(layout.feature_contexts(layer))
-    report.write(layout.select_report(layer))
+    with atomic_group():  # the feature set, its contexts and the report, or none
+        features.write(layout.feature_set(layer))
+        contexts.write(layout.feature_contexts(layer))
+        report.write(layout.select_report(layer))
     log.info(
         "layer %d: %d eligible, %d in the rate band [%.2g, %.2g]; kept %d (median rate %s vs mean L0/d_sae %.3g); "
         "%d exact ablations; %.0fs",

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ato.accumulate import kfold_stats
-from ato.artifacts import AlphaPoint, Layout, TuningResult, read_pair_stats, write_text_atomic
+from ato.artifacts import AlphaPoint, Layout, TuningResult, atomic_group, read_pair_stats, write_text_atomic
 from ato.math.ridge import HeldOutR2, RidgePath
 from ato.math.ridge_diagnostics import diagnose_alpha
 from ato.params import Params, TuneParams, section_dict
@@ -39,7 +39,8 @@ def main(params: Params, pair: str | None = None) -> None:
     for name in [pair] if pair else list(params.pairs):
         with pair_run(runs, name, "tune") as run:
             result = tune_pair(params, name, run.info.run_id)
-            write_outputs(layout, result)
+            with atomic_group():  # the record, its curve and its figure, or none
+                write_outputs(layout, result)
             track(layout, result)
         log.info(
             "tune %s: α = %.4g, val R² = %.4f (%d trials, %.1fs); curve flat to %.2g, gain %.2g vs noise %.2g%s",

@@ -19,9 +19,10 @@ from ato.errors import AtoError
 from ato.params import ValidateParams
 from ato.store import ActivationStore, StoreError, bind_parts, manifest_sha256
 
+from .array_stats import ArrayStats
 from .report import ValidationReport, failure_message, markdown, write_report
 from .suite import Check, CheckResult, build_checks, run_checks
-from .tables import ArrayStats, StoreTables, collect_tables
+from .tables import StoreTables, collect_tables
 
 log = logging.getLogger(__name__)
 

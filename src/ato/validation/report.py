@@ -15,6 +15,7 @@ from ato.artifacts import (
     StoreManifest,
     ValidationFailure,
     ValidationVerdict,
+    atomic_group,
     atomic_path,
     write_json_atomic,
     write_text_atomic,
@@ -96,16 +97,17 @@ def write_report(report: ValidationReport, layout: Layout) -> None:
     """validation.json, validation.md, stats.csv (+ parts.csv, splits.csv) and metrics.json."""
     import pandas as pd
 
-    for name, (attr, columns) in CSV_TABLES.items():
-        if report.tables is not None:
-            df = getattr(report.tables, attr).drop(columns=["row"])
-        else:
-            df = pd.DataFrame(columns=[c for c in columns if c != "row"])
-        with atomic_path(layout.validation_table(name)) as tmp:
-            df.to_csv(tmp, index=False)
-    report.verdict().write(layout.validation)
-    write_json_atomic(layout.validation_metrics, report.metrics())
-    write_text_atomic(layout.validation_report, markdown(report))
+    with atomic_group():  # every table, the verdict, the metrics and the report, or none
+        for name, (attr, columns) in CSV_TABLES.items():
+            if report.tables is not None:
+                df = getattr(report.tables, attr).drop(columns=["row"])
+            else:
+                df = pd.DataFrame(columns=[c for c in columns if c != "row"])
+            with atomic_path(layout.validation_table(name)) as tmp:
+                df.to_csv(tmp, index=False)
+        report.verdict().write(layout.validation)
+        write_json_atomic(layout.validation_metrics, report.metrics())
+        write_text_atomic(layout.validation_report, markdown(report))
 
 
 def markdown(report: ValidationReport) -> str:
