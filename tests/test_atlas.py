@@ -241,18 +241,20 @@ def test_the_ridge_maps_written_are_the_fits_of_the_joint_statistics(atlas_run):
     np.testing.assert_allclose(maps["L01_k1"][1], b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
-def test_bad_atlas_params_are_named(atlas_run):
+def test_bad_atlas_params_are_named(atlas_run, tmp_path):
     from ato.atlas import AtlasError
     from ato.params import ParamsError
     from ato.stages import atlas
 
     params, _ = atlas_run
+    project = tmp_path / "p"  # a copy: the bad params written below must not reach the module's other tests
+    shutil.copytree(params.root, project, symlinks=True)
     with pytest.raises(AtlasError, match="L00_k3"):
-        atlas.main(load_tiny_params(params.root, **{**ATLAS_TINY, "atlas.causal_pairs": ["L00_k3"]}))
+        atlas.main(load_tiny_params(project, **{**ATLAS_TINY, "atlas.causal_pairs": ["L00_k3"]}))
     with pytest.raises(AtlasError, match="jacobian_layers"):
-        atlas.main(load_tiny_params(params.root, **{**ATLAS_TINY, "atlas.jacobian_layers": [3]}))
+        atlas.main(load_tiny_params(project, **{**ATLAS_TINY, "atlas.jacobian_layers": [3]}))
     with pytest.raises(ParamsError, match="atlas.tokens"):
-        load_tiny_params(params.root, **{**ATLAS_TINY, "atlas.tokens": {"train": 10}})
+        load_tiny_params(project, **{**ATLAS_TINY, "atlas.tokens": {"train": 10}})
 
 
 def test_a_registered_kind_is_fitted_scored_and_reported_by_the_atlas(atlas_run, tmp_path, toy_kind):
