@@ -285,3 +285,27 @@ def test_another_model_of_the_same_shape_is_refused_by_its_embedding_fingerprint
     older = Operator(torch.eye(32), torch.zeros(32), _config(32))
     with pytest.warns(UserWarning, match="records no embedding fingerprint"), ato.splice(other, older):
         other(input_ids=_ids())
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_the_fingerprint_read_from_the_weights_file_equals_the_loaded_models(tmp_path, kind, stored):
+    """`ato fit` fingerprints the prepared model from its safetensors file without building the model:
+    the same values as the model `load_prepared` builds (float32, whatever dtype the file stores), and
+    the input embedding, not the (untied, in GPT-NeoX) output one."""
+    from ato.models import load_prepared, prepared_input_embedding
+    from ato.splicing import embedding_fingerprint, weight_fingerprint
+
+    directory = save_prepared(tiny_model(kind).to(stored), tiny_tokenizer(), tmp_path / kind, f"tiny-{kind}")
+    embedding = prepared_input_embedding(directory)
+    assert embedding is not None and embedding.dtype == stored
+    assert weight_fingerprint(embedding) == embedding_fingerprint(load_prepared(directory)[0])
+
+
+def test_a_checkpoint_whose_names_say_no_embedding_reads_none(tmp_path):
+    from safetensors.torch import save_file
+
+    from ato.models import prepared_input_embedding
+
+    save_file({"encoder.tokens.weight": torch.ones(4, 2)}, str(tmp_path / "model.safetensors"))
+    assert prepared_input_embedding(tmp_path) is None

@@ -277,6 +277,27 @@ def weights_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+# How a checkpoint names its input embedding (HF naming: Gemma/Llama/Qwen…, GPT-2, GPT-NeoX).
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
+
+
+def prepared_input_embedding(model_dir: str | Path) -> torch.Tensor | None:
+    """The prepared model's input embedding in its stored dtype, read from its safetensors file alone
+    (the header and that one tensor: no model is built); None where no single tensor name says which
+    it is. The values equal `load_prepared(...)[0].get_input_embeddings().weight` upcast exactly."""
+    from safetensors import safe_open
+
+    from .artifacts import check_safetensors
+
+    for weights in sorted(Path(model_dir).glob("*.safetensors")):
+        check_safetensors(weights, "the prepared model's weights; rerun `ato prepare`")
+        with safe_open(str(weights), framework="pt") as fh:
+            names = [name for name in fh.keys() if name.endswith(_EMBEDDING_SUFFIXES)]
+            if len(names) == 1:
+                return fh.get_tensor(names[0])
+    return None
+
+
 def load_prepared(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load the `prepare` stage's local copy: (model, tokenizer, its `ato.artifacts.ModelInfo`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

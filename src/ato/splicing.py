@@ -234,7 +234,11 @@ def embedding_fingerprint(model: nn.Module) -> dict[str, Any]:
     """A cheap fingerprint of the model's input embedding: the vocabulary size and the L2 norms of
     `FINGERPRINT_ROWS` evenly spaced rows. Norms, not a hash of bytes: the same model loaded in
     another dtype still matches, while another model of the same width and depth does not."""
-    weight = model.get_input_embeddings().weight.detach()  # type: ignore[operator]  # HF PreTrainedModel
+    return weight_fingerprint(model.get_input_embeddings().weight.detach())  # type: ignore[operator]  # HF model
+
+
+def weight_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
+    """`embedding_fingerprint` of an embedding matrix [vocab, d] in any dtype (read in float64)."""
     rows = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).round().long().to(weight.device)
     norms = weight[rows].double().norm(dim=1).cpu()
     return {"vocab_size": int(weight.shape[0]), "row_norms": [float(f"{v:.7g}") for v in norms.tolist()]}

@@ -128,19 +128,24 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
 
 def fitted_model_fingerprint(params: Params, store: ActivationStore) -> dict[str, Any]:
     """The prepared model's embedding fingerprint (`ato.splicing.embedding_fingerprint`), which lets
-    `ato.splice` recognise the model in memory; the model must be the one the store was collected from."""
-    from ato.models import load_prepared
-    from ato.splicing import embedding_fingerprint
+    `ato.splice` recognise the model in memory; the model must be the one the store was collected from.
+    Read from the weights file without building the model, unless its tensor names say nothing."""
+    from ato.artifacts import ModelInfo, model_info_path
+    from ato.models import load_prepared, prepared_input_embedding
+    from ato.splicing import embedding_fingerprint, weight_fingerprint
 
     model_dir = params.path("model_dir")
-    model, _tokenizer, info = load_prepared(model_dir)
+    info = ModelInfo.read(model_info_path(model_dir))
     recorded = store.manifest.model.weights_digest
     if recorded is not None and recorded != info.weights_digest:
         raise ArtifactError(
             f"{model_dir}: weights {info.weights_digest[:12]}… are not those the store was collected from "
             f"({recorded[:12]}…); rerun `ato collect`"
         )
-    return embedding_fingerprint(model)
+    embedding = prepared_input_embedding(model_dir)
+    if embedding is not None:
+        return weight_fingerprint(embedding)
+    return embedding_fingerprint(load_prepared(model_dir)[0])
 
 
 def track(params: Params, pair_name: str, operator_dir: Path, fitted: FitResult) -> None:
