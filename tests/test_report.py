@@ -493,6 +493,24 @@ def test_headline_keys_are_checked_on_read(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
+def test_every_headline_name_is_a_key_its_record_writes():
+    """The headline lists name keys the records write (a renamed field cannot leave a stale name in
+    the metrics file's top keys or the pair runs' `headline.` metrics), each name once."""
+    from ato.artifacts import PairMetrics
+    from ato.tracking import PAIR_HEADLINE
+
+    written = PairMetrics.missing().flat()
+    causal = CausalSummary.from_dict(fake_causal(5, 1)).headline_metrics()
+    for names, keys in (
+        (PairMetrics.HEADLINE, written),
+        (PairMetrics.RUN_HEADLINE, written),
+        (CausalSummary.RUN_HEADLINE, causal),
+    ):
+        assert len(set(names)) == len(names)
+        assert [name for name in names if name not in keys] == []
+    assert len(set(PAIR_HEADLINE)) == len(PAIR_HEADLINE) == 22  # the pair runs' MLflow names, unchanged
+
+
 def test_logged_to_the_parent_run(reported):
     import mlflow
 

@@ -9,13 +9,12 @@ on read instead. File layout: docs/contracts.md#headline."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
-from ._io import ArtifactError, Record, write_text_atomic
+from ._io import ArtifactError, Record, write_numbers_atomic
 
 SAE_PREFIX = "sae_L"  # key of a target layer's SAE gates: sae_L06
 
@@ -61,7 +60,7 @@ class HeadlineMetrics(Record):
 
     def write(self, path: str | Path) -> None:
         """In insertion order (not sorted: pairs as in params, then the SAEs)."""
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_numbers_atomic(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> Self:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from ..kinds import keys_for
-from ._io import ArtifactError, Record, write_text_atomic
+from ._io import ArtifactError, Record, write_numbers_atomic, write_text_atomic
 
 # The evaluate key of the fitted operator (`ato.kinds`): its keys in the metrics file have no prefix,
 # every other predictor's carry its key (`identity_r2`, `mean_r2`, …).
@@ -134,6 +133,27 @@ class PairMetrics(Record):
         "n_val_tokens",
         "n_test_tokens",
     )
+    # the numbers a reader compares first across pair runs, logged again as `headline.<key>` in the
+    # pair's MLflow run (`tracking.PAIR_HEADLINE`): R² and its references, η and the ceiling, the
+    # held-out subspace beside its null, the feature verdicts
+    RUN_HEADLINE: ClassVar[tuple[str, ...]] = (
+        "r2",
+        "r2_weighted",
+        "identity_r2",
+        "identity_r2_weighted",
+        "ols_r2",
+        "val_r2",
+        "alpha",
+        "ceiling_full",
+        "eta_test",
+        "eta_expected",
+        "eta_ratio",
+        "heldout_subspace_size",
+        "heldout_subspace_size_null",
+        "feature_r2_median",
+        "transported_fraction",
+        "sae_reliable",
+    )
 
     n_test_tokens: float  # test tokens scored (BOS/special excluded unless stats.include_bos)
     n_train_tokens: float  # train tokens behind the operator
@@ -235,7 +255,7 @@ class PairMetrics(Record):
 
     def write(self, path: str | Path) -> None:
         """In `flat()` order (not sorted: the headline stays on top), NaN left out."""
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_numbers_atomic(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> Self:
