@@ -99,6 +99,7 @@ STAGES: dict[str, tuple[str, str, bool]] = {
         "evaluate.subspace_fraction)",
         False,
     ),
+    "digest": ("digest", "the headline's pair names → reports/digest.json (params: pairs)", False),
 }
 
 
