@@ -99,7 +99,6 @@ STAGES: dict[str, tuple[str, str, bool]] = {
         "evaluate.subspace_fraction)",
         False,
     ),
-    "digest": ("digest", "the headline's pair names → reports/digest.json (params: pairs)", False),
 }
 
 

@@ -223,7 +223,3 @@ class Layout:
     def headline(self) -> Path:
         """`HeadlineMetrics`: the pipeline's one DVC metrics file."""
         return self.reports / "headline.json"
-
-    @property
-    def digest(self) -> Path:
-        return self.reports / "digest.json"

@@ -266,7 +266,6 @@ STAGES: list[Stage] = [
         metrics=[_report(f"{R}/headline.json")],
         plots=[_report(f"{R}/figures/summary_{name}.png") for name in ("heatmaps", "efficiency", "causal", "alpha")],
     ),
-    Stage("digest", deps=[_e(f"{R}/headline.json")], params=[_e("pairs"), PATHS], outs=[_report(f"{R}/digest.json")]),
 ]
 
 # dvc.yaml's top-level plots, written as they stand.
