@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import CausalSummary, PairMetrics
 from .params import Pair, Params, PrepareParams, sqlite_file
 
 log = logging.getLogger(__name__)
@@ -251,8 +250,32 @@ def log_flat_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
 
 
 # The numbers of a pair run a reader compares first (of the ~270 its stages log), as evaluate and
-# causal log them: each record declares its own (`RUN_HEADLINE`); causal's are logged with `causal_`.
-PAIR_HEADLINE = (*PairMetrics.RUN_HEADLINE, *(f"causal_{key}" for key in CausalSummary.RUN_HEADLINE))
+# causal log them: R² and its references, η and the ceiling, the held-out subspace beside its null,
+# the feature verdicts, and the causal Δ (scope `after`, the report's default) with its half-width.
+PAIR_HEADLINE = (
+    "r2",
+    "r2_weighted",
+    "identity_r2",
+    "identity_r2_weighted",
+    "ols_r2",
+    "val_r2",
+    "alpha",
+    "ceiling_full",
+    "eta_test",
+    "eta_expected",
+    "eta_ratio",
+    "heldout_subspace_size",
+    "heldout_subspace_size_null",
+    "feature_r2_median",
+    "transported_fraction",
+    "sae_reliable",
+    "causal_ato_delta_after",
+    "causal_ato_delta_after_half_width",
+    "causal_identity_delta_after",
+    "causal_recovered_after",
+    "causal_recovered_after_half_width",
+    "causal_recovered_vs_zero_after",
+)
 HEADLINE_PREFIX = "headline."
 
 

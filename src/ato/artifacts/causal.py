@@ -161,16 +161,6 @@ class CausalSummary(Record):
 
     FORMAT: ClassVar[str] = "ato-causal/1"  # not written (numbers only); keys checked instead
     PRODUCER: ClassVar[str] = "causal"
-    # `headline_metrics` keys logged again as `headline.causal_<key>` in the pair's MLflow run
-    # (`tracking.PAIR_HEADLINE`): the Δ of the report's default scope with its half-width
-    RUN_HEADLINE: ClassVar[tuple[str, ...]] = (
-        "ato_delta_after",
-        "ato_delta_after_half_width",
-        "identity_delta_after",
-        "recovered_after",
-        "recovered_after_half_width",
-        "recovered_vs_zero_after",
-    )
 
     L: int  # layer whose residual feeds the patch values
     k: int  # layers spanned: the residual after block L+k is overwritten

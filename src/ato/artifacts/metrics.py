@@ -133,27 +133,6 @@ class PairMetrics(Record):
         "n_val_tokens",
         "n_test_tokens",
     )
-    # the numbers a reader compares first across pair runs, logged again as `headline.<key>` in the
-    # pair's MLflow run (`tracking.PAIR_HEADLINE`): R² and its references, η and the ceiling, the
-    # held-out subspace beside its null, the feature verdicts
-    RUN_HEADLINE: ClassVar[tuple[str, ...]] = (
-        "r2",
-        "r2_weighted",
-        "identity_r2",
-        "identity_r2_weighted",
-        "ols_r2",
-        "val_r2",
-        "alpha",
-        "ceiling_full",
-        "eta_test",
-        "eta_expected",
-        "eta_ratio",
-        "heldout_subspace_size",
-        "heldout_subspace_size_null",
-        "feature_r2_median",
-        "transported_fraction",
-        "sae_reliable",
-    )
 
     n_test_tokens: float  # test tokens scored (BOS/special excluded unless stats.include_bos)
     n_train_tokens: float  # train tokens behind the operator
