@@ -40,7 +40,6 @@ class PairHeadline:
     d_ato_hw: float = math.nan  # half-width of d_ato's interval (causal.interval)
     recovered: float = math.nan  # share of the headline reference's damage the patch recovers
     transported: float = _copied("transported_fraction")  # transported fraction of the judged SAE features
-    share: float = _copied("feature_transported_share")  # scratch
 
     @classmethod
     def copied_keys(cls) -> dict[str, str]:

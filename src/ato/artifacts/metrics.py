@@ -150,7 +150,6 @@ class PairMetrics(Record):
     transported_fraction: float = math.nan  # n_transported / judged features
     feature_pearson_median: float = math.nan  # median Pearson r(a, â) of the ATO, judged features
     feature_rms_ratio_median: float = math.nan  # median rms(â)/rms(a) of the ATO, judged features
-    feature_transported_share: float = math.nan  # scratch: n_transported / n_features
     sae_reliable: float = math.nan  # 1: layer L+k's SAE passed its quality gates (SaeInfo.reliable); 0: it
     # missed them (or has no gate result), so every feature-level number here is unreliable
     # CCA ceiling and transport efficiency (pseudo-inverse whitening: the ceiling is a true in-sample bound)

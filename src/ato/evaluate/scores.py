@@ -72,7 +72,6 @@ def evaluate(
         transported_fraction=float(n_transported / judged.sum()) if judged.any() else float("nan"),
         feature_pearson_median=_median(ato["pearson"][judged]),
         feature_rms_ratio_median=_median(ato["rms_ratio"][judged]),
-        feature_transported_share=n_transported / len(kept) if kept else float("nan"),
         **PairMetrics.predictor_fields(scores),
         **transport_metrics(t, train, predictors.W, predictors.b),
     )

@@ -213,7 +213,6 @@ def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerC
                 fmt(m.ols.feature_r2_median),
                 fmt(m.feature_pearson_median, ".3f"),
                 fmt(m.feature_rms_ratio_median, ".3f"),
-                fmt(m.feature_transported_share, ".3f"),
             ]
         )
     return [
@@ -241,7 +240,6 @@ def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerC
                 "OLS",
                 "Pearson r median",
                 "rms ratio median",
-                "transported share",
             ],
             rows,
         ),
