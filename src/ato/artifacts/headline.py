@@ -19,13 +19,13 @@ from ._io import ArtifactError, Record, write_numbers_atomic
 SAE_PREFIX = "sae_L"  # key of a target layer's SAE gates: sae_L06
 
 
+METRICS_KEY = "metrics_key"  # field metadata: the `PairMetrics.flat()` key a headline number copies
+
+
 def _copied(metrics_key: str) -> Any:
     """A headline number copied from the pair's metrics file (its `PairMetrics.flat()` key): adding
     one to headline.json is this one line (`reporting.headline` fills every such field)."""
     return field(default=math.nan, metadata={METRICS_KEY: metrics_key})
-
-
-METRICS_KEY = "metrics_key"  # field metadata: the `PairMetrics.flat()` key a headline number copies
 
 
 @dataclass
