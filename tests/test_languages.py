@@ -331,3 +331,34 @@ def test_a_bad_language_source_is_named_before_any_forward_pass(project: Path, s
     with pytest.raises(LanguagesError, match=message):
         languages.main(load_params(project / "bad.yaml"))
     assert calls["n"] == 0
+
+
+def test_a_failure_after_the_first_output_leaves_every_output_as_it_was(project: Path, report, tmp_path, monkeypatch):
+    """languages' six files lie in two directories: a failure while drawing the last figure (the five
+    others already written) changes none of the files of an earlier run and adds none."""
+    from ato.artifacts import Layout
+    from ato.params import load_params
+    from ato.stages import languages
+
+    params = load_params(project / "params.yaml")
+    layout = dataclasses.replace(Layout.from_params(params), reports=tmp_path / "reports")
+    outputs = [layout.languages, layout.languages_metrics, layout.languages_scores]
+    outputs += [layout.languages_figure(kind) for kind in ("transfer", "overlap", "scores")]
+    earlier = outputs[::2]  # an earlier run's files (in both directories); the others are new
+    for path in earlier:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"earlier {path.name}")
+    written: list[Path] = []
+
+    def fail_on_the_last_figure(path: Path, *args, **kwargs):
+        written.extend(p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") and p.is_file())
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("ato.plotting.languages.plot_scores", fail_on_the_last_figure)
+    with pytest.raises(RuntimeError, match="disk full"):
+        languages.write_outputs(layout, params, report)
+
+    assert len(written) == 5  # the failure came after every other output was written (to temporaries)
+    assert [p.read_text() for p in earlier] == [f"earlier {p.name}" for p in earlier]
+    assert not any(p.exists() for p in outputs if p not in earlier)
+    assert not [p for p in tmp_path.rglob(".tmp-*")]

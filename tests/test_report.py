@@ -493,6 +493,23 @@ def test_headline_keys_are_checked_on_read(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
+def test_every_headline_name_is_a_key_its_record_writes():
+    """The headline lists name keys the records write (a renamed field cannot leave a stale name in
+    the metrics file's top keys or the pair runs' `headline.` metrics), each name once."""
+    from ato.artifacts import PairHeadline, PairMetrics
+    from ato.tracking import PAIR_HEADLINE
+
+    written = PairMetrics.missing().flat()
+    causal = CausalSummary.from_dict(fake_causal(5, 1)).headline_metrics()
+    for names in (PairMetrics.HEADLINE, PAIR_HEADLINE):
+        assert len(set(names)) == len(names)
+        stale = [n for n in names if n not in written and n.removeprefix("causal_") not in causal]
+        assert stale == [], "a headline name no record writes"
+    copied = PairHeadline.copied_keys()
+    assert set(copied) == {"r2", "r2_w", "eta", "ceiling", "transported"}
+    assert [key for key in copied.values() if key not in written] == []
+
+
 def test_logged_to_the_parent_run(reported):
     import mlflow
 

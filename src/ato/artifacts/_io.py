@@ -137,6 +137,12 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(json_clean(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def write_numbers_atomic(path: str | Path, numbers: dict[str, Any]) -> None:
+    """Indented JSON in the caller's key order (not sorted: a DVC metrics file keeps its headline keys
+    on top), finite numbers only: a non-finite one is an error, so `dvc metrics diff` compares numbers."""
+    write_text_atomic(path, json.dumps(numbers, indent=2, allow_nan=False) + "\n")
+
+
 def read_json(path: str | Path, what: str = "") -> Any:
     """Parse a JSON file; a missing or unreadable file is an ArtifactError naming it."""
     path = Path(path)

@@ -9,29 +9,42 @@ on read instead. File layout: docs/contracts.md#headline."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
-from ._io import ArtifactError, Record, write_text_atomic
+from ._io import ArtifactError, Record, write_numbers_atomic
 
 SAE_PREFIX = "sae_L"  # key of a target layer's SAE gates: sae_L06
+
+
+METRICS_KEY = "metrics_key"  # field metadata: the `PairMetrics.flat()` key a headline number copies
+
+
+def _copied(metrics_key: str) -> Any:
+    """A headline number copied from the pair's metrics file (its `PairMetrics.flat()` key): adding
+    one to headline.json is this one line (`reporting.headline` fills every such field)."""
+    return field(default=math.nan, metadata={METRICS_KEY: metrics_key})
 
 
 @dataclass
 class PairHeadline:
     """One pair's headline numbers (test split; NaN where its stage has not run)."""
 
-    r2: float = math.nan  # residual R² of the operator (uniform over dimensions)
-    r2_w: float = math.nan  # variance-weighted R² (1 − SSE/SST over all dimensions)
-    eta: float = math.nan  # transport efficiency η(test): whitened R² / CCA ceiling
-    ceiling: float = math.nan  # CCA ceiling(d) on the train statistics
+    r2: float = _copied("r2")  # residual R² of the operator (uniform over dimensions)
+    r2_w: float = _copied("r2_weighted")  # variance-weighted R² (1 − SSE/SST over all dimensions)
+    eta: float = _copied("eta_test")  # transport efficiency η(test): whitened R² / CCA ceiling
+    ceiling: float = _copied("ceiling_full")  # CCA ceiling(d) on the train statistics
     d_ato: float = math.nan  # Δ log-perplexity of the operator's patch vs clean, nats/token (report.causal_scope)
     d_ato_hw: float = math.nan  # half-width of d_ato's interval (causal.interval)
     recovered: float = math.nan  # share of the headline reference's damage the patch recovers
-    transported: float = math.nan  # transported fraction of the judged SAE features
+    transported: float = _copied("transported_fraction")  # transported fraction of the judged SAE features
+
+    @classmethod
+    def copied_keys(cls) -> dict[str, str]:
+        """Field → the `PairMetrics.flat()` key it copies, for the fields copied from the metrics file."""
+        return {f.name: f.metadata[METRICS_KEY] for f in dataclasses.fields(cls) if METRICS_KEY in f.metadata}
 
 
 @dataclass
@@ -61,7 +74,7 @@ class HeadlineMetrics(Record):
 
     def write(self, path: str | Path) -> None:
         """In insertion order (not sorted: pairs as in params, then the SAEs)."""
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_numbers_atomic(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> Self:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from ..kinds import keys_for
-from ._io import ArtifactError, Record, write_text_atomic
+from ._io import ArtifactError, Record, write_numbers_atomic, write_text_atomic
 
 # The evaluate key of the fitted operator (`ato.kinds`): its keys in the metrics file have no prefix,
 # every other predictor's carry its key (`identity_r2`, `mean_r2`, …).
@@ -235,7 +234,7 @@ class PairMetrics(Record):
 
     def write(self, path: str | Path) -> None:
         """In `flat()` order (not sorted: the headline stays on top), NaN left out."""
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_numbers_atomic(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> Self:

@@ -12,17 +12,12 @@ from .results import PairResults
 
 def pair_headline(res: PairResults, scope: str) -> PairHeadline:
     """One pair's headline numbers; NaN where its evaluate or causal output is missing."""
-    m = res.m
-    delta = res.causal_delta("ato", scope)[0]
+    flat = res.m.flat()
     return PairHeadline(
-        r2=m.ato.r2,
-        r2_w=m.ato.r2_weighted,
-        eta=m.eta_test,
-        ceiling=m.ceiling_full,
-        d_ato=delta,
+        **{name: flat[key] for name, key in PairHeadline.copied_keys().items()},
+        d_ato=res.causal_delta("ato", scope)[0],
         d_ato_hw=res.causal_half_width("ato", scope),
         recovered=res.recovered(scope)[0],
-        transported=m.transported_fraction,
     )
 
 

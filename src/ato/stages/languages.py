@@ -27,6 +27,7 @@ from ato.artifacts import (
     LanguageReport,
     Layout,
     SaeInfo,
+    atomic_group,
     write_csv_atomic,
     write_json_atomic,
 )
@@ -132,14 +133,15 @@ def write_outputs(layout: Layout, params: Params, report: LanguageReport) -> lis
     from ato.plotting.languages import plot_overlap, plot_scores, plot_transfer
 
     dpi = params.report.dpi
-    report.write(layout.languages)
-    write_json_atomic(layout.languages_metrics, report.metrics())
-    table = write_csv_atomic(layout.languages_scores, SCORE_COLUMNS, score_rows(report))
-    figures = [
-        plot_transfer(layout.languages_figure("transfer"), report, dpi),
-        plot_overlap(layout.languages_figure("overlap"), report, dpi),
-        plot_scores(layout.languages_figure("scores"), report, dpi),
-    ]
+    with atomic_group():  # the record, metrics, table and figures (two directories), or none
+        report.write(layout.languages)
+        write_json_atomic(layout.languages_metrics, report.metrics())
+        table = write_csv_atomic(layout.languages_scores, SCORE_COLUMNS, score_rows(report))
+        figures = [
+            plot_transfer(layout.languages_figure("transfer"), report, dpi),
+            plot_overlap(layout.languages_figure("overlap"), report, dpi),
+            plot_scores(layout.languages_figure("scores"), report, dpi),
+        ]
     return [layout.languages, layout.languages_metrics, table, *figures]
 
 
