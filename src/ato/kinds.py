@@ -71,6 +71,7 @@ class MapKind:
     causal: Literal["pair", "target"] | None = None  # a causal condition patched per pair or per target layer
     ranked: bool = False  # its name carries a rank in `fit.variants` (`rank<r>`, `svd<r>`)
     method: str | None = None  # `method` in a variant's config.json
+    variant_text: str | None = None  # a variant of this kind in its registry description ({rank}: its rank)
     # For a kind no stage builds itself (a plugin): its map from the pair's train statistics alone. The
     # built-in kinds are built by their stage's own code (e.g. the atlas shares one factorisation).
     build: Callable[[PairStats], Map] | None = None
@@ -177,6 +178,13 @@ def parse_variant(name: str) -> VariantSpec:
     raise ValueError(f"unknown operator variant {name!r}; expected {variant_forms()}")
 
 
+def variant_text(method: str) -> str:
+    """How a registry description names a variant whose config.json says `method` ({rank}: its rank);
+    an unknown method names itself."""
+    texts = {k.method: k.variant_text for k in kinds_for("variant") if k.method and k.variant_text}
+    return texts.get(method, method)
+
+
 def variant_method(spec_kind: str) -> str:
     """The `method` a variant of this kind records in its config.json."""
     method = by_key("variant", spec_kind).method
@@ -215,6 +223,7 @@ for _kind in (
         colour="#2ca02c",
         causal="pair",
         method="identity",
+        variant_text="the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)",
         places={
             "variant": Place(3),
             "evaluate": Place(1, column="identity"),
@@ -286,6 +295,7 @@ for _kind in (
         saved="operator",
         colour="#e377c2",
         method="procrustes",
+        variant_text="similarity Procrustes (a rotation plus a global gain)",
         # the variant's historical name; fit builds it with `ato.math.variants.procrustes_map`
         places={"variant": Place(2, key="procrustes"), "atlas": Place(2, column="Procrustes, centred")},
     ),
@@ -298,6 +308,7 @@ for _kind in (
         colour="#17becf",
         ranked=True,
         method="rrr",
+        variant_text="reduced-rank regression at rank {rank}",
         places={
             "variant": Place(0, key="rank"),
             "atlas": Place(4, column="reduced rank"),
@@ -312,6 +323,7 @@ for _kind in (
         colour="#bcbd22",
         ranked=True,
         method="svd_truncated",
+        variant_text="the champion's SVD truncated to rank {rank}",
         places={"variant": Place(1)},
     ),
     MapKind(
@@ -356,4 +368,5 @@ __all__ = [
     "unregister",
     "variant_method",
     "variant_forms",
+    "variant_text",
 ]
