@@ -511,8 +511,10 @@ def operator_again():
 def test_a_registered_causal_kind_is_patched_by_the_stage(trained_project, operator_again):
     """Registered in the test process, the kind is patched by `ato causal` with no other edit: its sums
     are the operator's own (the same value), and it is summarised, written and read back."""
+    from ato.reporting.plot_tables import causal_columns
+
     project, params = trained_project
-    summary = causal.main(params, pair="L00_k1")["L00_k1"]
+    summary = causal.main(params, pair="L00_k1")["L00_k1"]  # its figure draws the kind too
     layout = Layout.from_params(params)
     detail = CausalSequences.read(layout.causal_sequences("L00_k1"))
     assert detail.conditions[-1] == operator_again
@@ -525,6 +527,7 @@ def test_a_registered_causal_kind_is_patched_by_the_stage(trained_project, opera
     assert set(written["position_sets"]["all"]["registered"]) == {operator_again}
     again = CausalSummary.read(layout.causal("L00_k1")).headline
     assert again.patched(operator_again) == summary.headline.patched(operator_again)
+    assert f"causal_{operator_again}_delta" in causal_columns()  # the report's plots/summary.csv lists it
 
 
 def test_headline_reference_and_interval_method_are_params(trained_project):
