@@ -16,7 +16,7 @@ import torch
 from ato import causal as causal_lib
 from ato import splicing
 from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, json_clean
-from ato.artifacts.causal import CONDITIONS, PATCHED, REFERENCES, SCOPES
+from ato.artifacts.causal import SCOPES, all_conditions, patched_conditions, recovered_references
 from ato.errors import AtoError
 from ato.models import final_hidden
 from ato.stages import causal, causal_reference
@@ -349,7 +349,7 @@ def test_shared_prefix_gives_the_same_sums_as_full_forwards(kind):
     shared = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
     full = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
     assert _sums(shared) == _sums(full)
-    assert set(shared["all"].nll_sum) == set(CONDITIONS)
+    assert set(shared["all"].nll_sum) == set(all_conditions())
 
 
 def test_a_replay_that_differs_falls_back_to_full_forwards(monkeypatch, caplog):
@@ -418,7 +418,7 @@ def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_projec
         )
     for name, res in alone.items():
         got = detail.position_sets[name]
-        for cond in CONDITIONS:
+        for cond in all_conditions():
             assert got.nll_sum[cond] == res.nll_sum[cond], (name, cond)  # exact, not approximate
         assert got.n_tokens == res.count and got.n_patched == res.n_patched
 
@@ -433,11 +433,11 @@ def test_stage_outputs_references_and_intervals(trained_project):
     assert summary.headline_reference == "train_mean" == summary.headline.recovered.reference
     assert out["zero_delta_all"] > 0 and out["zero_delta_all_lo"] > 0  # zero ablation hurts
     assert out["train_mean_delta_all"] > 0  # mean ablation less so (a tiny near-unigram model)
-    for cond in PATCHED:
+    for cond in patched_conditions():
         for s in SCOPES:
             lo, mid, hi = out[f"{cond}_delta_{s}_lo"], out[f"{cond}_delta_{s}"], out[f"{cond}_delta_{s}_hi"]
             assert lo <= mid <= hi and out[f"{cond}_delta_{s}_half_width"] == pytest.approx((hi - lo) / 2)
-    for ref in REFERENCES:
+    for ref in recovered_references():
         for s in SCOPES:
             share = out[f"recovered_vs_{ref}_{s}"]
             assert share == pytest.approx(1 - out[f"ato_delta_{s}"] / out[f"{ref}_delta_{s}"], rel=1e-9)
@@ -453,9 +453,10 @@ def test_stage_outputs_references_and_intervals(trained_project):
     assert json.dumps(json_clean(again.to_dict()), sort_keys=True) == json.dumps(json_clean(report), sort_keys=True)
     assert set(report["position_sets"]) == {"all", "few", "single_2"}
     few = report["position_sets"]["few"]
+    assert "registered" not in few  # no registered kind: the built-in conditions only, as before
     assert few["first_patched_position"] == 1 and few["n_patched_tokens"] == 2 * 4
     assert few["recovered_vs_zero"]["reference"] == "zero"
-    for cond in PATCHED:
+    for cond in patched_conditions():
         assert {"logppl_all", "logppl_after", "delta_all_mean", "delta_all_lo", "delta_all_half_width"} <= set(
             few[cond]
         )
@@ -480,6 +481,53 @@ def test_stage_outputs_references_and_intervals(trained_project):
     assert runs and metrics["causal_zero_delta_all"] == pytest.approx(out["zero_delta_all"])
     assert metrics["causal_recovered_vs_zero_all"] == pytest.approx(out["recovered_vs_zero_all"])
     assert "causal_few_recovered_vs_zero_all_half_width" in metrics and "causal_ato_delta_all_half_width" in metrics
+
+
+@pytest.fixture
+def operator_again():
+    """A toy causal kind patched per pair: the operator's W x_L + b built again from its registry entry."""
+    from ato import kinds
+
+    def patch(inputs: kinds.PatchInputs) -> kinds.PatchValue:
+        W, b = inputs.need("W"), inputs.need("b")
+        return lambda x: torch.nn.functional.linear(x, W, b)
+
+    kind = kinds.MapKind(
+        name="operator_again",
+        label="operator again  Wx+b",
+        meaning="the fitted operator, patched a second time under another name",
+        built_from="operator",
+        saved="recomputed",
+        colour="#000000",
+        causal="pair",
+        places={"causal": kinds.Place(10)},
+        patch=patch,
+    )
+    kinds.register(kind)
+    yield kind.name
+    kinds.unregister(kind.name)
+
+
+def test_a_registered_causal_kind_is_patched_by_the_stage(trained_project, operator_again):
+    """Registered in the test process, the kind is patched by `ato causal` with no other edit: its sums
+    are the operator's own (the same value), and it is summarised, written and read back."""
+    from ato.reporting.plot_tables import causal_columns
+
+    project, params = trained_project
+    summary = causal.main(params, pair="L00_k1")["L00_k1"]  # its figure draws the kind too
+    layout = Layout.from_params(params)
+    detail = CausalSequences.read(layout.causal_sequences("L00_k1"))
+    assert detail.conditions[-1] == operator_again
+    for got in detail.position_sets.values():
+        assert got.nll_sum[operator_again] == got.nll_sum["ato"]
+    for entry in summary.position_sets.values():
+        assert entry.patched(operator_again) == entry.ato
+    written = json.loads(layout.causal("L00_k1").read_text())
+    assert written[f"{operator_again}_delta_all"] == written["ato_delta_all"]
+    assert set(written["position_sets"]["all"]["registered"]) == {operator_again}
+    again = CausalSummary.read(layout.causal("L00_k1")).headline
+    assert again.patched(operator_again) == summary.headline.patched(operator_again)
+    assert f"causal_{operator_again}_delta" in causal_columns()  # the report's plots/summary.csv lists it
 
 
 def test_headline_reference_and_interval_method_are_params(trained_project):

@@ -107,3 +107,55 @@ def test_fit_refuses_a_variant_name_no_kind_has():
         check_variants(FitParams(variants=["rank4", "rank0"]))
     with pytest.raises(ParamsError, match="names repeat"):
         check_variants(FitParams(variants=["identity", "identity"]))
+
+
+def test_variant_descriptions_come_from_the_registry():
+    """The words earlier runs' MLflow version descriptions use for each variant method."""
+    assert kinds.variant_text("rrr").format(rank=8) == "reduced-rank regression at rank 8"
+    assert kinds.variant_text("svd_truncated").format(rank=8) == "the champion's SVD truncated to rank 8"
+    assert kinds.variant_text("procrustes") == "similarity Procrustes (a rotation plus a global gain)"
+    assert kinds.variant_text("identity") == "the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)"
+    assert kinds.variant_text("ridge") == "ridge"  # a method no variant kind has names itself
+
+
+def test_built_in_causal_patches_build_the_documented_values():
+    import torch
+
+    x, W, b, mean_y = torch.randn(3, 4), torch.randn(4, 4), torch.randn(4), torch.randn(4)
+    per_pair, per_target = kinds.PatchInputs(W=W, b=b), kinds.PatchInputs(mean_y=mean_y)
+    value = {
+        k.name: k.patch_value(per_pair if k.causal == "pair" else per_target)(x) for k in kinds.kinds_for("causal")
+    }
+    assert torch.equal(value["ato"], torch.nn.functional.linear(x, W, b))
+    assert torch.equal(value["identity"], x) and torch.equal(value["zero"], torch.zeros(3, 4))
+    assert torch.equal(value["bias_only"], b.expand(3, -1)) and torch.equal(value["train_mean"], mean_y.expand(3, -1))
+    with pytest.raises(ValueError, match="'W' is not given in this scope"):
+        kinds.get("ato").patch_value(per_target)
+
+
+def test_a_causal_kind_needs_its_scope_and_its_patch():
+    no_patch = MapKind("other", "o", "o", "constant", "recomputed", {"causal": Place(11)}, "#000000", causal="pair")
+    with pytest.raises(ValueError, match="needs its scope .* and its `patch`"):
+        kinds.register(no_patch)
+    assert "other" not in kinds.keys_for("causal")
+
+
+def test_the_languages_roles_are_asked_at_use_time():
+    from ato.languages import causal_conditions, feature_predictors
+
+    extra = MapKind(
+        "extra",
+        "e",
+        "e",
+        "pair_stats",
+        "recomputed",
+        {"languages_features": Place(9), "languages_causal": Place(9)},
+        "#000",
+    )
+    kinds.register(extra)
+    try:
+        assert feature_predictors() == ("operator", "own", "identity", "extra")
+        assert causal_conditions() == ("operator", "own", "mean", "extra")
+    finally:
+        kinds.unregister("extra")
+    assert feature_predictors() == ("operator", "own", "identity")

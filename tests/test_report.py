@@ -24,7 +24,7 @@ from ato.artifacts import (
     TuningResult,
     json_clean,
 )
-from ato.artifacts.causal import PATCHED, REFERENCES
+from ato.artifacts.causal import patched_conditions, recovered_references
 from ato.math.cca import rank_grid
 
 PAIRS = {"L05_k1": (5, 1), "L04_k2": (4, 2), "L03_k3": (3, 3), "L11_k1": (11, 1), "L10_k2": (10, 2), "L09_k3": (9, 3)}
@@ -144,7 +144,7 @@ def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
     sets = {}
     for set_name, scale in (("all", 1.0), ("early", 0.2), ("late", 0.1), ("single_8", 0.03)):
         patched = {c: _patched(delta, scale) for c, delta in base.items()}
-        shares = {r: _share(r, patched["ato"], patched[r], recovered_null) for r in REFERENCES}
+        shares = {r: _share(r, patched["ato"], patched[r], recovered_null) for r in recovered_references()}
         sets[set_name] = PositionSetSummary(
             n_patched_tokens=int(2016 * scale),
             first_patched_position=1,
@@ -624,12 +624,11 @@ def test_records_round_trip_the_files_keys_and_values(tmp_path):
 
 def test_condition_names_agree():
     from ato import plotting
-    from ato.artifacts import PositionSetSummary
-    from ato.artifacts.causal import CONDITION_LABELS
+    from ato.artifacts.causal import TYPED_CONDITIONS, condition_labels
 
-    assert plotting.CONDITIONS == PATCHED
-    assert set(CONDITION_LABELS) == set(plotting.CONDITION_COLOURS) == {"clean", *PATCHED}
-    assert set(PATCHED) <= set(PositionSetSummary.__dataclass_fields__)
+    patched = patched_conditions()
+    assert set(condition_labels()) == set(plotting.condition_colours()) == {"clean", *patched}
+    assert set(patched) == TYPED_CONDITIONS  # every built-in condition has its own summary field
 
 
 def test_outputs_of_pairs_and_layers_no_longer_in_params_are_listed_as_stale(tmp_path, monkeypatch):

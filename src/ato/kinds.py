@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
     from ato.math.stats import PairStats
 
@@ -44,6 +45,24 @@ BuiltFrom = Literal[
 ]
 Saved = Literal["operator", "recomputed"]  # an operator artifact, or rebuilt by each stage that uses it
 Map = tuple["np.ndarray", "np.ndarray"]  # (W [d_out, d_in], b [d_out]): ŷ = W x + b
+PatchValue = Callable[["torch.Tensor"], "torch.Tensor"]  # x_L at the patched rows [m, d] → patch values [m, d]
+
+
+@dataclass(frozen=True)
+class PatchInputs:
+    """What a causal condition's patch value is built from, on the model's device: the pair's operator
+    for a condition patched per pair, the target layer's train mean for one patched per target layer."""
+
+    W: torch.Tensor | None = None  # the pair's fitted operator [d, d] (per-pair conditions)
+    b: torch.Tensor | None = None  # its intercept [d] (per-pair conditions)
+    mean_y: torch.Tensor | None = None  # ȳ_train of the target layer [d] (per-target conditions)
+
+    def need(self, name: Literal["W", "b", "mean_y"]) -> torch.Tensor:
+        """The input `name`; absent (the condition's scope does not provide it) is a ValueError."""
+        value: torch.Tensor | None = getattr(self, name)
+        if value is None:
+            raise ValueError(f"causal patch input {name!r} is not given in this scope (pair: W, b; target: mean_y)")
+        return value
 
 
 @dataclass(frozen=True)
@@ -71,9 +90,13 @@ class MapKind:
     causal: Literal["pair", "target"] | None = None  # a causal condition patched per pair or per target layer
     ranked: bool = False  # its name carries a rank in `fit.variants` (`rank<r>`, `svd<r>`)
     method: str | None = None  # `method` in a variant's config.json
+    variant_text: str | None = None  # a variant of this kind in its registry description ({rank}: its rank)
     # For a kind no stage builds itself (a plugin): its map from the pair's train statistics alone. The
     # built-in kinds are built by their stage's own code (e.g. the atlas shares one factorisation).
     build: Callable[[PairStats], Map] | None = None
+    # For a causal kind: its patch value from the inputs of its scope (`causal`), asked by `ato causal` /
+    # `ato causal_reference` at each run.
+    patch: Callable[[PatchInputs], PatchValue] | None = None
 
     def key(self, role: Role) -> str:
         """This kind's key in `role` (files, MLflow names, dict keys)."""
@@ -83,6 +106,12 @@ class MapKind:
     def column(self, role: Role) -> str:
         """This kind's short name in `role`: table headers, compact figure text."""
         return self.places[role].column or self.key(role)
+
+    def patch_value(self, inputs: PatchInputs) -> PatchValue:
+        """This causal kind's patch value, built from `inputs`."""
+        if self.patch is None:
+            raise ValueError(f"map kind {self.name!r} has no causal patch")
+        return self.patch(inputs)
 
     def label_in(self, role: Role) -> str:
         """This kind's figure label in `role`."""
@@ -100,6 +129,8 @@ def register(kind: MapKind) -> MapKind:
     for role in kind.places:
         if kind.key(role) in keys_for(role):
             raise ValueError(f"map kind {kind.name!r}: key {kind.key(role)!r} is already taken in role {role!r}")
+    if "causal" in kind.places and (kind.causal is None or kind.patch is None):
+        raise ValueError(f"map kind {kind.name!r}: a causal kind needs its scope (`causal`) and its `patch`")
     _REGISTRY[kind.name] = kind
     return kind
 
@@ -177,12 +208,50 @@ def parse_variant(name: str) -> VariantSpec:
     raise ValueError(f"unknown operator variant {name!r}; expected {variant_forms()}")
 
 
+def variant_text(method: str) -> str:
+    """How a registry description names a variant whose config.json says `method` ({rank}: its rank);
+    an unknown method names itself."""
+    texts = {k.method: k.variant_text for k in kinds_for("variant") if k.method and k.variant_text}
+    return texts.get(method, method)
+
+
 def variant_method(spec_kind: str) -> str:
     """The `method` a variant of this kind records in its config.json."""
     method = by_key("variant", spec_kind).method
     if method is None:
         raise ValueError(f"variant kind {spec_kind!r} has no method")
     return method
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in kinds' causal patches (torch is imported when a patch is built, not with the registry)
+
+
+def _patch_operator(inputs: PatchInputs) -> PatchValue:
+    from torch.nn.functional import linear
+
+    W, b = inputs.need("W"), inputs.need("b")
+    return lambda x: linear(x, W, b)
+
+
+def _patch_input(_inputs: PatchInputs) -> PatchValue:
+    return lambda x: x
+
+
+def _patch_zero(_inputs: PatchInputs) -> PatchValue:
+    import torch
+
+    return lambda x: torch.zeros_like(x)
+
+
+def _patch_bias(inputs: PatchInputs) -> PatchValue:
+    b = inputs.need("b")
+    return lambda x: b.expand(x.shape[0], -1)
+
+
+def _patch_train_mean(inputs: PatchInputs) -> PatchValue:
+    mean_y = inputs.need("mean_y")
+    return lambda x: mean_y.expand(x.shape[0], -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +267,7 @@ for _kind in (
         saved="operator",
         colour="#1f77b4",
         causal="pair",
+        patch=_patch_operator,
         places={
             "evaluate": Place(0),
             "atlas": Place(3, key="ridge", label="ridge  Wx+b", column="ridge"),  # historical atlas key
@@ -214,7 +284,9 @@ for _kind in (
         saved="recomputed",
         colour="#2ca02c",
         causal="pair",
+        patch=_patch_input,
         method="identity",
+        variant_text="the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)",
         places={
             "variant": Place(3),
             "evaluate": Place(1, column="identity"),
@@ -232,6 +304,7 @@ for _kind in (
         saved="recomputed",
         colour="#ff7f0e",
         causal="target",
+        patch=_patch_train_mean,
         places={
             "evaluate": Place(2, key="mean", column="train mean"),  # historical evaluate key (metrics `mean_*`)
             "causal": Place(4),
@@ -257,6 +330,7 @@ for _kind in (
         saved="recomputed",
         colour="#d62728",
         causal="target",
+        patch=_patch_zero,
         places={"causal": Place(2), "recovered_against": Place(1, label="zero ablation", column="zero abl.")},
     ),
     MapKind(
@@ -267,6 +341,7 @@ for _kind in (
         saved="recomputed",
         colour="#9467bd",
         causal="pair",
+        patch=_patch_bias,
         places={"causal": Place(3)},
     ),
     MapKind(
@@ -286,6 +361,7 @@ for _kind in (
         saved="operator",
         colour="#e377c2",
         method="procrustes",
+        variant_text="similarity Procrustes (a rotation plus a global gain)",
         # the variant's historical name; fit builds it with `ato.math.variants.procrustes_map`
         places={"variant": Place(2, key="procrustes"), "atlas": Place(2, column="Procrustes, centred")},
     ),
@@ -298,6 +374,7 @@ for _kind in (
         colour="#17becf",
         ranked=True,
         method="rrr",
+        variant_text="reduced-rank regression at rank {rank}",
         places={
             "variant": Place(0, key="rank"),
             "atlas": Place(4, column="reduced rank"),
@@ -312,6 +389,7 @@ for _kind in (
         colour="#bcbd22",
         ranked=True,
         method="svd_truncated",
+        variant_text="the champion's SVD truncated to rank {rank}",
         places={"variant": Place(1)},
     ),
     MapKind(
@@ -344,6 +422,8 @@ __all__ = [
     "CLEAN_COLOUR",
     "CLEAN_LABEL",
     "MapKind",
+    "PatchInputs",
+    "PatchValue",
     "Place",
     "VariantSpec",
     "by_key",
@@ -356,4 +436,5 @@ __all__ = [
     "unregister",
     "variant_method",
     "variant_forms",
+    "variant_text",
 ]

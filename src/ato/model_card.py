@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts.operator import OperatorConfig
+from .kinds import variant_text
 from .operators import below_identity_warning, three_significant
 
 CITATION = (
@@ -264,14 +265,6 @@ def _card_body(
 # The registry's descriptions (`ato fit` registers each operator and variant)
 
 
-VARIANT_TEXT = {
-    "rrr": "reduced-rank regression at rank {rank}",
-    "svd_truncated": "the champion's SVD truncated to rank {rank}",
-    "procrustes": "similarity Procrustes (a rotation plus a global gain)",
-    "identity": "the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)",
-}
-
-
 def version_description(pair_name: str, config: OperatorConfig, alias: str, identity_r2w: float | None) -> str:
     """What a registry version is, in one paragraph: which map, its test R² and R²_w beside the
     identity map's R²_w, and a WARNING when a map other than the identity scores below it."""
@@ -281,7 +274,7 @@ def version_description(pair_name: str, config: OperatorConfig, alias: str, iden
     if variant is None:
         what = f"@{alias}: the operator fitted for {where}, {config.method} with α = {config.alpha:.4g}."
     else:
-        kind = VARIANT_TEXT.get(config.method, config.method).format(rank=config.rank)
+        kind = variant_text(config.method).format(rank=config.rank)
         what = f"@{alias}: a variant of the fitted operator for {where}, for comparison: {kind}."
     r2, r2w = m.get("test_r2", float("nan")), m.get("test_r2_weighted", float("nan"))
     text = f"{what} Test R² {r2:.3f}, variance-weighted R²_w {r2w:.3f}"

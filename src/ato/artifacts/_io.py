@@ -268,7 +268,7 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, Record):
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if _written(value, f)}
     if isinstance(value, dict):
         return {str(k): _to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -276,6 +276,15 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+# A record field's metadata: the field is left out of the file while it is empty (a field added later
+# leaves the files of runs that do not use it as they were).
+OMIT_EMPTY = {"omit_empty": True}
+
+
+def _written(value: Any, f: dataclasses.Field[Any]) -> bool:
+    return not (f.metadata.get("omit_empty") and not getattr(value, f.name))
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

@@ -12,29 +12,44 @@ docs/statistics.md#intervals).
 * `CausalSequences` — reports/causal/<pair>_sequences.json: which sequences were used and every
   per-sequence value behind the summary.
 
-Conditions: `clean` (no patch) and the patched ones in `PATCHED`. Scopes: `all` (every predicted
-token) and `after` (predictions at or after the sequence's first patched position). "Recovered" is
-1 − Δ(ato)/Δ(reference) against each of `REFERENCES`; the headline is `causal.headline_reference`.
+Conditions: `clean` (no patch) and the patched ones, `patched_conditions()`. Scopes: `all` (every
+predicted token) and `after` (predictions at or after the sequence's first patched position). "Recovered"
+is 1 − Δ(ato)/Δ(reference) against each of `recovered_references()`; the headline is
+`causal.headline_reference`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
 
-from ..kinds import CLEAN_LABEL, causal_keys, keys_for, kinds_for
-from ._io import ArtifactError, Record
+from ..kinds import CLEAN_LABEL, keys_for, kinds_for
+from ._io import OMIT_EMPTY, ArtifactError, Record
 
-# The map kinds patched, from the registry (`ato.kinds`):
-PATCHED = keys_for("causal")  # ato, identity, zero, bias_only, train_mean: display order
-CONDITIONS = ("clean", *PATCHED)
-REFERENCE_CONDITIONS = causal_keys(
-    "target"
-)  # zero, train_mean: depend only on the target layer (`ato causal_reference`)
-PAIR_CONDITIONS = causal_keys("pair")  # ato, identity, bias_only: depend on the pair (`ato causal`)
-REFERENCES = keys_for("recovered_against")  # train_mean, zero, identity: the damage "recovered" is measured against
-# for tables and figures (`ato.kinds`); the text before the two spaces is the short name
-CONDITION_LABELS = {CLEAN_LABEL: CLEAN_LABEL, **{k.key("causal"): k.label for k in kinds_for("causal")}}
+# The map kinds patched come from the registry (`ato.kinds`), asked at each use so that a kind registered
+# later is patched, summarised and reported too.
+
+
+def patched_conditions() -> tuple[str, ...]:
+    """ato, identity, zero, bias_only, train_mean (+ registered causal kinds): display order."""
+    return keys_for("causal")
+
+
+def all_conditions() -> tuple[str, ...]:
+    """clean, then the patched conditions."""
+    return ("clean", *patched_conditions())
+
+
+def recovered_references() -> tuple[str, ...]:
+    """train_mean, zero, identity: the damage "recovered" is measured against."""
+    return keys_for("recovered_against")
+
+
+def condition_labels() -> dict[str, str]:
+    """Every condition's label for tables and figures; the text before the two spaces is the short name."""
+    return {CLEAN_LABEL: CLEAN_LABEL, **{k.key("causal"): k.label for k in kinds_for("causal")}}
+
+
 SCOPES = ("all", "after")
 Triplet = tuple[float, float, float]  # (point estimate, 95 % CI low, high)
 
@@ -90,7 +105,7 @@ class RecoveredShare:
     where its damage cannot be told from 0 at the interval's level the interval is unbounded: lo/hi
     are written as null and `<scope>_bounded` is false."""
 
-    reference: str  # the reference condition (one of REFERENCES)
+    reference: str  # the reference condition (one of `recovered_references()`)
     all_mean: float  # every predicted token
     all_lo: float
     all_hi: float
@@ -128,18 +143,30 @@ class PositionSetSummary:
     recovered_vs_train_mean: RecoveredShare  # 1 − Δ(ato)/Δ(train_mean)
     recovered_vs_zero: RecoveredShare  # 1 − Δ(ato)/Δ(zero)
     recovered_vs_identity: RecoveredShare  # 1 − Δ(ato)/Δ(identity)
+    # causal kinds registered beyond the fields above (`ato.kinds`), by key; not written when empty
+    registered: dict[str, PatchedScores] = field(default_factory=dict, metadata=OMIT_EMPTY)  # other causal kinds
 
     def patched(self, condition: str) -> PatchedScores:
-        if condition not in PATCHED:
-            raise KeyError(f"unknown patched condition {condition!r} (one of {', '.join(PATCHED)})")
-        scores: PatchedScores = getattr(self, condition)
-        return scores
+        known = patched_conditions()
+        if condition not in known:
+            raise KeyError(f"unknown patched condition {condition!r} (one of {', '.join(known)})")
+        if condition in TYPED_CONDITIONS:
+            scores: PatchedScores = getattr(self, condition)
+            return scores
+        if condition not in self.registered:
+            raise ArtifactError(f"causal summary without condition {condition!r}; rerun `ato causal`")
+        return self.registered[condition]
 
     def recovered_vs(self, reference: str) -> RecoveredShare:
-        if reference not in REFERENCES:
-            raise KeyError(f"unknown reference {reference!r} (one of {', '.join(REFERENCES)})")
+        known = recovered_references()
+        if reference not in known:
+            raise KeyError(f"unknown reference {reference!r} (one of {', '.join(known)})")
         share: RecoveredShare = getattr(self, f"recovered_vs_{reference}")
         return share
+
+
+# the patched conditions with a field of their own in `PositionSetSummary` (the others: `registered`)
+TYPED_CONDITIONS = frozenset(f.name for f in fields(PositionSetSummary) if f.type == "PatchedScores")
 
 
 def headline_keys() -> list[str]:
@@ -147,10 +174,10 @@ def headline_keys() -> list[str]:
     keys = []
     for s in SCOPES:
         keys.append(f"clean_logppl_{s}")
-        for c in PATCHED:
+        for c in patched_conditions():
             keys += [f"{c}_logppl_{s}", f"{c}_delta_{s}", f"{c}_delta_{s}_lo", f"{c}_delta_{s}_hi"]
             keys.append(f"{c}_delta_{s}_half_width")
-        for prefix in ("recovered", *(f"recovered_vs_{r}" for r in REFERENCES)):
+        for prefix in ("recovered", *(f"recovered_vs_{r}" for r in recovered_references())):
             keys += [f"{prefix}_{s}", f"{prefix}_{s}_lo", f"{prefix}_{s}_hi", f"{prefix}_{s}_half_width"]
     return keys
 
@@ -191,7 +218,7 @@ class CausalSummary(Record):
         entry, flat = self.headline, {}
         for s in SCOPES:
             flat[f"clean_logppl_{s}"] = entry.clean.logppl(s)
-            for c in PATCHED:
+            for c in patched_conditions():
                 scores = entry.patched(c)
                 mean, lo, hi = scores.delta(s)
                 flat |= {
@@ -201,7 +228,8 @@ class CausalSummary(Record):
                     f"{c}_delta_{s}_hi": hi,
                 }
                 flat[f"{c}_delta_{s}_half_width"] = scores.half_width(s)
-            shares = {"recovered": entry.recovered} | {f"recovered_vs_{r}": entry.recovered_vs(r) for r in REFERENCES}
+            references = recovered_references()
+            shares = {"recovered": entry.recovered} | {f"recovered_vs_{r}": entry.recovered_vs(r) for r in references}
             for prefix, share in shares.items():
                 mean, lo, hi = share.triplet(s)
                 flat |= {
@@ -256,7 +284,7 @@ class CausalSequences(Record):
     seq_len: int  # tokens per sequence
     sequence_offsets: list[int]  # row of each sequence's first token in the split
     doc_ids: list[int]  # document of each sequence
-    conditions: list[str]  # CONDITIONS
+    conditions: list[str]  # `all_conditions()`
     scopes: dict[str, str]  # scope → what it covers
     position_sets: dict[str, SequenceDetail]  # per position set
 

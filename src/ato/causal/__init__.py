@@ -43,12 +43,11 @@ Modules: `inputs` (held-out sequences, position sets), `forward` (the NLL, patch
 use by a pair), `summary` (Δ and recovered shares with intervals).
 """
 
-from ato.artifacts.causal import CONDITIONS, PATCHED, SCOPES
+from ato.artifacts.causal import SCOPES, all_conditions, patched_conditions
 from ato.causal.conditions import (
     Condition,
     PairPatch,
     SetResult,
-    condition_values,
     pair_conditions,
     reference_conditions,
     run_conditions,
@@ -68,9 +67,7 @@ from ato.causal.reference import check_reference, merge_reference, reference_rec
 from ato.causal.summary import LEVEL, flat_numbers, summarise_set
 
 __all__ = [
-    "CONDITIONS",
     "LEVEL",
-    "PATCHED",
     "SCOPES",
     "SPLIT",
     "BodyTrace",
@@ -79,14 +76,15 @@ __all__ = [
     "HeldOut",
     "PairPatch",
     "SetResult",
+    "all_conditions",
     "check_model",
     "check_position_sets",
     "check_reference",
-    "condition_values",
     "flat_numbers",
     "load_sequences",
     "merge_reference",
     "pair_conditions",
+    "patched_conditions",
     "patched_token_nll",
     "position_mask",
     "reference_conditions",

@@ -8,14 +8,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ato.artifacts.causal import PAIR_CONDITIONS, PATCHED, REFERENCE_CONDITIONS, SCOPES
+from ato.artifacts.causal import SCOPES, patched_conditions
 from ato.causal.forward import BodyTrace, ValueFn, first_patched_col, token_nll, trace_body
 from ato.causal.inputs import HeldOut, PositionSpec
+from ato.kinds import PatchInputs, kinds_for
 from ato.models import final_hidden
 from ato.splicing import patch_rows, spliced
 
@@ -23,18 +24,7 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
-# Conditions
-
-
-def condition_values(W: torch.Tensor, b: torch.Tensor, mean_y: torch.Tensor) -> dict[str, ValueFn]:
-    """The patch value of every patched condition, as a function of x_L at the patched rows."""
-    return {
-        "ato": lambda x: nn.functional.linear(x, W, b),
-        "identity": lambda x: x,
-        "zero": lambda x: torch.zeros_like(x),
-        "bias_only": lambda x: b.expand(x.shape[0], -1),
-        "train_mean": lambda x: mean_y.expand(x.shape[0], -1),
-    }
+# Conditions: the causal kinds of the registry (`ato.kinds`), each building its own patch value
 
 
 @dataclass
@@ -58,17 +48,22 @@ class PairPatch:
 
 
 def pair_conditions(pair: PairPatch, device: torch.device | str = "cpu") -> list[Condition]:
-    """ato, identity and bias_only of one pair (`PAIR_CONDITIONS`)."""
-    W, b = pair.W.to(device), pair.b.to(device)
-    values = condition_values(W, b, b)
-    return [Condition(c, pair.layer_in, values[c]) for c in PAIR_CONDITIONS]
+    """The conditions patched per pair (ato, identity, bias_only, and any registered pair-scope kind)."""
+    inputs = PatchInputs(W=pair.W.to(device), b=pair.b.to(device))
+    return _registered_conditions("pair", inputs, pair.layer_in)
 
 
 def reference_conditions(mean_y: torch.Tensor, device: torch.device | str = "cpu") -> list[Condition]:
-    """zero and train_mean of one target layer (`REFERENCE_CONDITIONS`); `mean_y` [d] is ȳ_train."""
-    mean = mean_y.to(device)
-    values = condition_values(mean, mean, mean)
-    return [Condition(c, None, values[c]) for c in REFERENCE_CONDITIONS]
+    """The conditions patched per target layer (zero, train_mean, and any registered target-scope kind);
+    `mean_y` [d] is ȳ_train. Their values read no residual (`layer_in` None)."""
+    return _registered_conditions("target", PatchInputs(mean_y=mean_y.to(device)), None)
+
+
+def _registered_conditions(
+    scope: Literal["pair", "target"], inputs: PatchInputs, layer_in: int | None
+) -> list[Condition]:
+    kinds = [k for k in kinds_for("causal") if k.causal == scope]
+    return [Condition(k.key("causal"), layer_in, k.patch_value(inputs)) for k in kinds]
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +251,8 @@ def run_pair(
     (with `share_prefix=False`, its cost too). What `ato causal_reference` + `ato causal` must equal."""
     device = next(model.parameters()).device
     conditions = pair_conditions(pair, device) + reference_conditions(mean_y, device)
-    conditions.sort(key=lambda c: PATCHED.index(c.name))
+    order = patched_conditions()
+    conditions.sort(key=lambda c: order.index(c.name))
     results, _ = run_conditions(
         model,
         held,

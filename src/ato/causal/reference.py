@@ -13,9 +13,10 @@ from ato.artifacts import (
     CausalReference,
     ReferenceSet,
 )
-from ato.artifacts.causal import REFERENCE_CONDITIONS, SCOPES
+from ato.artifacts.causal import SCOPES
 from ato.causal.conditions import SetResult
 from ato.causal.inputs import SPLIT, CausalError, HeldOut, PositionSpec
+from ato.kinds import causal_keys
 
 
 def reference_record(
@@ -48,7 +49,7 @@ def reference_record(
                 n_patched=[int(v) for v in res.n_patched],
                 first_patched_position=[int(v) for v in res.first_patched],
                 n_tokens={s: [int(v) for v in res.count[s]] for s in SCOPES},
-                nll_sum={c: {s: list(res.nll_sum[c][s]) for s in SCOPES} for c in ("clean", *REFERENCE_CONDITIONS)},
+                nll_sum={c: {s: list(res.nll_sum[c][s]) for s in SCOPES} for c in ("clean", *causal_keys("target"))},
             )
             for name, res in results.items()
         },
@@ -112,7 +113,11 @@ def merge_reference(results: dict[str, SetResult], ref: CausalReference, path: P
                 f"{path}: position set {name!r} patched other positions or scored another clean loss than "
                 "this run on the same sequences; rerun `ato causal_reference`"
             )
-        res.conditions += [c for c in REFERENCE_CONDITIONS if c not in res.conditions]
-        for c in REFERENCE_CONDITIONS:
+        target = causal_keys("target")  # asked now: a kind registered since the record was written is absent
+        absent = [c for c in target if c not in rs.nll_sum]
+        if absent:
+            raise CausalError(f"{path}: no sums for condition {absent[0]!r}; rerun `ato causal_reference`")
+        res.conditions += [c for c in target if c not in res.conditions]
+        for c in target:
             res.nll_sum[c] = {s: list(rs.nll_sum[c][s]) for s in SCOPES}
     return results

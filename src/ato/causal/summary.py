@@ -15,7 +15,7 @@ from ato.artifacts import (
     RecoveredShare,
     SequenceDetail,
 )
-from ato.artifacts.causal import CONDITIONS, PATCHED, REFERENCES, SCOPES
+from ato.artifacts.causal import SCOPES, TYPED_CONDITIONS, all_conditions, patched_conditions, recovered_references
 from ato.causal.conditions import SetResult
 from ato.causal.inputs import CausalError
 from ato.math.intervals import Interval, delta_interval, recovered_interval
@@ -27,33 +27,35 @@ LEVEL = 0.95  # two-sided level of every causal interval
 def summarise_set(res: SetResult, cp: CausalParams) -> tuple[PositionSetSummary, SequenceDetail]:
     """Token-weighted log-perplexities, Δ vs clean and the recovered share against each reference of
     one position set, every one with its interval (`cp.interval` over sequences); and its detail."""
-    missing = [c for c in CONDITIONS if c not in res.nll_sum]
+    conditions = all_conditions()
+    missing = [c for c in conditions if c not in res.nll_sum]
     if missing:
         raise CausalError(f"position set {res.name}: no sums for condition(s) {missing}")
-    sums = {c: {s: np.asarray(res.nll_sum[c][s], dtype=np.float64) for s in SCOPES} for c in CONDITIONS}
+    sums = {c: {s: np.asarray(res.nll_sum[c][s], dtype=np.float64) for s in SCOPES} for c in conditions}
     counts = {s: np.asarray(res.count[s], dtype=np.float64) for s in SCOPES}
     kw: dict[str, Any] = {"level": LEVEL, "method": cp.interval, "n_resamples": cp.bootstrap_resamples, "seed": cp.seed}
-    patched = {c: _patched_scores(sums[c], sums["clean"], counts, kw) for c in PATCHED}
-    shares = {r: _recovered(sums["ato"], sums[r], sums["clean"], r, kw) for r in REFERENCES}
+    patched = {c: _patched_scores(sums[c], sums["clean"], counts, kw) for c in patched_conditions()}
+    shares = {r: _recovered(sums["ato"], sums[r], sums["clean"], r, kw) for r in recovered_references()}
     summary = PositionSetSummary(
         n_patched_tokens=int(sum(res.n_patched)),
         first_patched_position=int(min(res.first_patched)) if res.first_patched else -1,
         n_tokens_all=int(counts["all"].sum()),
         n_tokens_after=int(counts["after"].sum()),
         clean=CleanScores(**{f"logppl_{s}": _ratio(sums["clean"][s], counts[s]) for s in SCOPES}),
-        **patched,
+        **{c: scores for c, scores in patched.items() if c in TYPED_CONDITIONS},
         recovered=shares[cp.headline_reference],
         recovered_vs_train_mean=shares["train_mean"],
         recovered_vs_zero=shares["zero"],
         recovered_vs_identity=shares["identity"],
+        registered={c: scores for c, scores in patched.items() if c not in TYPED_CONDITIONS},
     )
     detail = SequenceDetail(
         positions=res.spec,
         n_patched=[int(v) for v in res.n_patched],
         first_patched_position=[int(v) for v in res.first_patched],
         n_tokens={s: [int(v) for v in res.count[s]] for s in SCOPES},
-        nll_sum={c: {s: sums[c][s].tolist() for s in SCOPES} for c in CONDITIONS},
-        mean_nll={c: {s: _safe_div(sums[c][s], counts[s]).tolist() for s in SCOPES} for c in CONDITIONS},
+        nll_sum={c: {s: sums[c][s].tolist() for s in SCOPES} for c in conditions},
+        mean_nll={c: {s: _safe_div(sums[c][s], counts[s]).tolist() for s in SCOPES} for c in conditions},
     )
     return summary, detail
 

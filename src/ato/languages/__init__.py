@@ -23,7 +23,7 @@ their statistics), `maps` (per-language maps, η, overlaps), `causal` (the patch
 intervals), `scores` (the `LanguageReport` pieces).
 """
 
-from ato.languages.causal import CAUSAL_CONDITIONS, causal_scores, causal_sums, held_out, language_causal
+from ato.languages.causal import causal_conditions, causal_scores, causal_sums, held_out, language_causal
 from ato.languages.inputs import (
     Inputs,
     LanguagesError,
@@ -37,11 +37,11 @@ from ato.languages.inputs import (
 from ato.languages.maps import Overlaps, PairFits, eta_scores, fit_pair, language_alpha, overlap_tables
 from ato.languages.scores import language_scores, language_source, pair_transfer, sae_notes
 from ato.languages.streams import (
-    FEATURE_PREDICTORS,
     Chunk,
     FeatureScorer,
     HalfStats,
     TestPass,
+    feature_predictors,
     feature_summary,
     fit_statistics,
     forward_chunks,
@@ -51,8 +51,6 @@ from ato.languages.streams import (
 )
 
 __all__ = [
-    "CAUSAL_CONDITIONS",
-    "FEATURE_PREDICTORS",
     "Chunk",
     "FeatureScorer",
     "HalfStats",
@@ -63,10 +61,12 @@ __all__ = [
     "PairFits",
     "TestPass",
     "Text",
+    "causal_conditions",
     "causal_scores",
     "causal_sequences",
     "causal_sums",
     "eta_scores",
+    "feature_predictors",
     "feature_summary",
     "fit_pair",
     "fit_statistics",

@@ -25,8 +25,11 @@ from ato.languages.streams import HalfStats
 from ato.math.intervals import Interval, delta_interval, recovered_interval
 from ato.params import Params
 
-# operator, own, mean (`ato.kinds`): per pair; "mean" (ȳ of the language's fit rows) per target
-CAUSAL_CONDITIONS = keys_for("languages_causal")
+
+def causal_conditions() -> tuple[str, ...]:
+    """operator, own, mean (`ato.kinds`, asked at each use): per pair; "mean" (ȳ of the language's fit
+    rows) per target."""
+    return keys_for("languages_causal")
 
 
 def held_out(seqs: list[TokenSequence]) -> HeldOut:
@@ -60,7 +63,7 @@ def causal_sums(
     chunk_rows: int,
     own: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per pair: per-sequence NLL sums of clean and of every `CAUSAL_CONDITIONS` patch (residual L+k at
+    """Per pair: per-sequence NLL sums of clean and of every `causal_conditions()` patch (residual L+k at
     every position but BOS; "own" only with `own`), over the predictions at/after the first patched
     position, and their token counts ("count"). One traced forward per target layer and batch serves
     its pairs (`ato.causal.run_conditions`); the clean loss is computed once."""

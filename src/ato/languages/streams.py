@@ -22,7 +22,10 @@ from ato.params import Params
 from ato.residuals import iter_batches
 from ato.store import ActivationStore
 
-FEATURE_PREDICTORS = keys_for("languages_features")  # operator, own, identity (`ato.kinds`)
+
+def feature_predictors() -> tuple[str, ...]:
+    """operator, own, identity: the predictors of the feature scores (`ato.kinds`, asked at each use)."""
+    return keys_for("languages_features")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ class FeatureScorer:
 
     def __post_init__(self) -> None:
         self.acc = {
-            name: {p: FeatureR2Accumulator(len(self.features[T].kept)) for p in FEATURE_PREDICTORS}
+            name: {p: FeatureR2Accumulator(len(self.features[T].kept)) for p in feature_predictors()}
             for name, (_L, T) in self.pairs.items()
         }
 
@@ -134,7 +137,7 @@ class FeatureScorer:
                 if target != T:
                     continue
                 x = rows[L].astype(np.float64)
-                for pred in FEATURE_PREDICTORS:
+                for pred in self.acc[name]:
                     y_hat = x if pred == "identity" else x @ self.maps[name][pred][0].T + self.maps[name][pred][1]
                     self.acc[name][pred].update_projected(a, y_hat @ U, active)
 

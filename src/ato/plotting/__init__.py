@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_path
-from ..kinds import CLEAN_COLOUR, CLEAN_LABEL, keys_for, kinds_for
+from ..kinds import CLEAN_COLOUR, CLEAN_LABEL, kinds_for
 
-# Patched conditions of the causal stage, in display order (`ato.kinds`); "clean" is the unpatched reference.
-CONDITIONS = keys_for("causal")
-CONDITION_COLOURS = {CLEAN_LABEL: CLEAN_COLOUR, **{k.key("causal"): k.colour for k in kinds_for("causal")}}
+
+def condition_colours() -> dict[str, str]:
+    """Every causal condition's colour (`ato.kinds`, asked at each use); "clean" is the unpatched model."""
+    return {CLEAN_LABEL: CLEAN_COLOUR, **{k.key("causal"): k.colour for k in kinds_for("causal")}}
 
 
 def pyplot() -> Any:

@@ -1,4 +1,4 @@
-"""Figures of `ato atlas`: heatmaps over (L, k), the five operators side by side, and the singular
+"""Figures of `ato atlas`: heatmaps over (L, k), the operators side by side, and the singular
 spectra of the ridge map beside the model's mean Jacobian. Every figure prints the atlas's budget."""
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def plot_operator_bars(path: Path, result: AtlasResult, dpi: int) -> Path:
         ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
     ax.axhline(0, color="black", lw=0.6)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("five operators, scored the same way", fontsize=9)
+    ax.set_title(f"{len(ops)} operators, scored the same way", fontsize=9)
     if causal:
         _causal_panel(axes[0, 1], causal)
     fig.suptitle(result.budget.label(), fontsize=8)

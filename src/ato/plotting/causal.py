@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from ato.artifacts import CausalSummary, PositionSetSummary
-from ato.artifacts.causal import CONDITION_LABELS, REFERENCES
+from ato.artifacts.causal import condition_labels, patched_conditions, recovered_references
 from ato.kinds import kinds_for
 
-from . import CONDITION_COLOURS, CONDITIONS, pyplot, save_figure
+from . import condition_colours, pyplot, save_figure
 
 
 def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, scope: str = "after") -> Path:
@@ -24,15 +24,16 @@ def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, sco
     plt = pyplot()
     names = list(summary.position_sets)
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.6, 5.0), sharey=True, squeeze=False)
-    x = np.arange(len(CONDITIONS))
+    conditions, colours, labels = patched_conditions(), condition_colours(), condition_labels()
+    x = np.arange(len(conditions))
     for ax, name in zip(axes[0], names):
         entry = summary.position_sets[name]
-        mean, lo, hi = np.array([entry.patched(c).delta(scope) for c in CONDITIONS]).T
+        mean, lo, hi = np.array([entry.patched(c).delta(scope) for c in conditions]).T
         err = np.vstack([np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)])
         ax.bar(
             x,
             mean,
-            color=[CONDITION_COLOURS[c] for c in CONDITIONS],
+            color=[colours[c] for c in conditions],
             yerr=err,
             capsize=4,
             edgecolor="black",
@@ -49,7 +50,7 @@ def plot_pair(summary: CausalSummary, pair: str, path: Path, dpi: int = 120, sco
             )
         rec_txt = "\n".join(_recovered_lines(entry, summary.headline_reference, scope))
         ax.set_title(f"positions: {name} ({entry.n_patched_tokens} patched)\n{rec_txt}", fontsize=8)
-        ax.set_xticks(x, [CONDITION_LABELS[c] for c in CONDITIONS], rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(x, [labels[c] for c in conditions], rotation=35, ha="right", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_yscale("symlog", linthresh=0.01)
         ax.grid(axis="y", alpha=0.3)
@@ -70,7 +71,7 @@ REFERENCE_LABELS = {k.key("recovered_against"): k.column("recovered_against") fo
 def _recovered_lines(entry: PositionSetSummary, headline: str, scope: str) -> list[str]:
     """ "recovered vs <reference> m [lo, hi]" per reference, the headline first."""
     lines = []
-    for ref in sorted(REFERENCES, key=lambda r: r != headline):
+    for ref in sorted(recovered_references(), key=lambda r: r != headline):
         mean, lo, hi = entry.recovered_vs(ref).triplet(scope)
         if not math.isfinite(mean):
             text = "n/a"

@@ -12,7 +12,7 @@ import numpy as np
 from ato import kinds
 from ato.artifacts import LanguageReport
 
-from . import CONDITION_COLOURS, pyplot, save_figure
+from . import condition_colours, pyplot, save_figure
 
 PREDICTOR_LABELS = {
     "operator": "English operator",
@@ -24,11 +24,11 @@ PREDICTOR_LABELS = {
 R2_FLOOR = -0.5  # lower edge of the R² panels; lower values are printed on the clipped bar
 
 PREDICTOR_COLOURS = {
-    "operator": CONDITION_COLOURS["ato"],
+    "operator": kinds.get("ato").colour,
     "recentred": "#aec7e8",
     "own": kinds.get("own").colour,
     "pooled": "#8c564b",
-    "identity": CONDITION_COLOURS["identity"],
+    "identity": kinds.get("identity").colour,
 }
 
 
@@ -167,7 +167,7 @@ def _delta_panel(ax: Any, scores: dict[str, Any], langs: list[str], method: str)
         vals = [getattr(scores[lang], key) for lang in langs]
         mean = np.array([v.mean for v in vals])
         err = np.vstack([np.clip(mean - [v.lo for v in vals], 0, None), np.clip([v.hi for v in vals] - mean, 0, None)])
-        colour = PREDICTOR_COLOURS[pred] if pred else CONDITION_COLOURS["train_mean"]
+        colour = PREDICTOR_COLOURS[pred] if pred else condition_colours()["train_mean"]
         ax.bar(x + (i - 1) * width, mean, width, yerr=np.nan_to_num(err), capsize=3, color=colour, label=label)
     ax.set_yscale("symlog", linthresh=0.01)
     ax.axhline(0, color="black", linewidth=0.8)

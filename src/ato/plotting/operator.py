@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import CONDITION_COLOURS, pyplot, save_figure
+from ato import kinds
+
+from . import pyplot, save_figure
 
 
 def plot_spectrum(W: np.ndarray, title: str, path: Path, dpi: int = 110) -> Path:
@@ -17,14 +19,14 @@ def plot_spectrum(W: np.ndarray, title: str, path: Path, dpi: int = 110) -> Path
     r = np.arange(1, len(s) + 1)
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6))
-    ax1.semilogy(r, np.clip(s, 1e-12, None), color=CONDITION_COLOURS["ato"], label="operator W")
-    ax1.axhline(1.0, color=CONDITION_COLOURS["identity"], linestyle="--", label="identity (σ = 1)")
+    ax1.semilogy(r, np.clip(s, 1e-12, None), color=kinds.get("ato").colour, label="operator W")
+    ax1.axhline(1.0, color=kinds.get("identity").colour, linestyle="--", label="identity (σ = 1)")
     ax1.set_xlabel("index i")
     ax1.set_ylabel("singular value σᵢ")
     ax1.legend(frameon=False)
     energy = np.cumsum(s**2) / (s**2).sum() if (s**2).sum() > 0 else np.zeros_like(s)
-    ax2.plot(r, energy, color=CONDITION_COLOURS["ato"], label="operator W")
-    ax2.plot(r, r / len(s), color=CONDITION_COLOURS["identity"], linestyle="--", label="identity (r / d)")
+    ax2.plot(r, energy, color=kinds.get("ato").colour, label="operator W")
+    ax2.plot(r, r / len(s), color=kinds.get("identity").colour, linestyle="--", label="identity (r / d)")
     ax2.set_xscale("log")
     ax2.set_xlabel("rank r")
     ax2.set_ylabel("share of Σσᵢ² in the top r")

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ato.artifacts.causal import CONDITION_LABELS
+from ato.artifacts.causal import condition_labels, patched_conditions
 from ato.kinds import kinds_for
 from ato.reporting.results import PairResults, headline_sets
 
-from . import CONDITION_COLOURS, CONDITIONS, pyplot, save_figure
+from . import condition_colours, pyplot, save_figure
 
 
 def plot_causal(path: Path, results: list[PairResults], scope: str, dpi: int) -> Path:
@@ -36,9 +36,10 @@ def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
 
     n = len(results)
     x = np.arange(n)
-    width = 0.8 / len(CONDITIONS)
+    conditions, colours, labels = patched_conditions(), condition_colours(), condition_labels()
+    width = 0.8 / len(conditions)
     top = 0.0
-    for ci, cond in enumerate(CONDITIONS):
+    for ci, cond in enumerate(conditions):
         mean, lo, hi = np.array([res.causal_delta(cond, scope) for res in results]).T
         ok = np.isfinite(mean)
         err = np.vstack(
@@ -55,7 +56,7 @@ def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
             width,
             yerr=err[:, ok],
             capsize=2,
-            color=CONDITION_COLOURS[cond],
+            color=colours[cond],
             edgecolor="black",
             linewidth=0.4,
             error_kw={"elinewidth": 0.8},
@@ -74,13 +75,11 @@ def _causal_bars(ax: Any, results: list[PairResults], scope: str) -> None:
     ax.set_ylabel(f"Δ log-perplexity vs clean (nats/token, symlog)\n{scope_label}; bars: 95% CI")
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(
-        handles=[
-            Patch(facecolor=CONDITION_COLOURS[c], edgecolor="black", label=CONDITION_LABELS[c]) for c in CONDITIONS
-        ],
+        handles=[Patch(facecolor=colours[c], edgecolor="black", label=labels[c]) for c in conditions],
         fontsize=8,
         loc="lower center",
         bbox_to_anchor=(0.5, 1.01),
-        ncols=len(CONDITIONS),
+        ncols=len(conditions),
         frameon=False,
         title="value written into the residual after block L+k",
         title_fontsize=8,

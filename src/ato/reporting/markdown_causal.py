@@ -3,7 +3,7 @@ the ATO recovers, and the same per position set."""
 
 from __future__ import annotations
 
-from ato.artifacts.causal import CONDITION_LABELS, PATCHED, REFERENCES
+from ato.artifacts.causal import condition_labels, patched_conditions, recovered_references
 from ato.kinds import kinds_for
 
 from .cells import fmt, fmt_ci_hw, fmt_int, fmt_share, how_to_read, md_table
@@ -14,20 +14,20 @@ REFERENCE_LABELS = {k.key("recovered_against"): k.label_in("recovered_against") 
 
 
 def _causal_references(results: list[PairResults]) -> list[str]:
-    """The headline reference first, then the others of REFERENCES."""
+    """The headline reference first, then the others of `recovered_references()`."""
     heads = {res.headline_reference for res in results if res.headline_reference is not None}
     head = heads.pop() if len(heads) == 1 else "train_mean"
-    return [head, *(r for r in REFERENCES if r != head)]
+    return [head, *(r for r in recovered_references() if r != head)]
 
 
 def causal_section(s: SummarySettings, results: list[PairResults]) -> list[str]:
     scope = s.report.causal_scope
-    refs = _causal_references(results)
+    refs, conditions, labels = _causal_references(results), patched_conditions(), condition_labels()
     delta_rows = [
         [
             res.name,
             fmt(res.clean_logppl(scope)),
-            *[fmt_ci_hw(*res.causal_delta(c, scope), res.causal_half_width(c, scope)) for c in PATCHED],
+            *[fmt_ci_hw(*res.causal_delta(c, scope), res.causal_half_width(c, scope)) for c in conditions],
         ]
         for res in results
     ]
@@ -37,7 +37,7 @@ def causal_section(s: SummarySettings, results: list[PairResults]) -> list[str]:
         "",
         *_causal_intro(s, results, refs[0]),
         md_table(
-            ["pair", "clean log-ppl", *[f"Δ {CONDITION_LABELS[c].split('  ')[0]}" for c in PATCHED]],
+            ["pair", "clean log-ppl", *[f"Δ {labels[c].split('  ')[0]}" for c in conditions]],
             delta_rows,
         ),
         "",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ato.artifacts import PairMetrics, write_csv_atomic
-from ato.artifacts.causal import PATCHED, REFERENCES
+from ato.artifacts.causal import patched_conditions, recovered_references
 
 from .results import PairResults
 
@@ -55,15 +55,16 @@ SUMMARY_METRICS: tuple[tuple[str, Callable[[PairMetrics], float]], ...] = (
 )
 # plots/summary.csv: α diagnostics of the tuning record
 TUNING_COLUMNS = ("alpha_flatness", "alpha_gain", "val_r2_noise", "alpha_immaterial")
-# plots/summary.csv: causal columns (headline position set, `report.causal_scope`); `causal_recovered` is
-# against the run's headline reference (`causal.headline_reference`), then against every reference
-CAUSAL_DELTA_COLUMNS = tuple(f"causal_{c}_delta{s}" for c in PATCHED for s in ("", "_lo", "_hi", "_half_width"))
-CAUSAL_SHARE_COLUMNS = tuple(
-    f"causal_{prefix}{s}"
-    for prefix in ("recovered", *(f"recovered_vs_{r}" for r in REFERENCES))
-    for s in ("", "_lo", "_hi", "_half_width")
-)
-CAUSAL_COLUMNS = (*CAUSAL_DELTA_COLUMNS, *CAUSAL_SHARE_COLUMNS)
+
+
+def causal_columns() -> tuple[str, ...]:
+    """plots/summary.csv's causal columns (headline position set, `report.causal_scope`): Δ per condition,
+    then `causal_recovered` against the run's headline reference (`causal.headline_reference`), then
+    against every reference."""
+    triplet = ("", "_lo", "_hi", "_half_width")
+    deltas = [f"causal_{c}_delta{s}" for c in patched_conditions() for s in triplet]
+    prefixes = ("recovered", *(f"recovered_vs_{r}" for r in recovered_references()))
+    return (*deltas, *(f"causal_{prefix}{s}" for prefix in prefixes for s in triplet))
 
 
 def cell(v: Any) -> str:
@@ -89,7 +90,7 @@ def write_summary_csv(path: Path, results: list[PairResults], scope: str) -> Pat
         "layer_out",
         *(name for name, _ in SUMMARY_METRICS),
         *TUNING_COLUMNS,
-        *CAUSAL_COLUMNS,
+        *causal_columns(),
     ]
     rows = []
     for res in results:
@@ -109,11 +110,11 @@ def write_summary_csv(path: Path, results: list[PairResults], scope: str) -> Pat
 
 
 def _causal_cells(res: PairResults, scope: str) -> list[float]:
-    """The values of CAUSAL_COLUMNS, in order; NaN without causal output."""
+    """The values of `causal_columns()`, in order; NaN without causal output."""
     out: list[float] = []
-    for c in PATCHED:
+    for c in patched_conditions():
         out += [*res.causal_delta(c, scope), res.causal_half_width(c, scope)]
-    for reference in (None, *REFERENCES):
+    for reference in (None, *recovered_references()):
         share = res.recovered_share(reference)
         out += [*res.recovered(scope, reference), share.half_width(scope) if share is not None else math.nan]
     return out

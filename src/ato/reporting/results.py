@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ato.artifacts import CausalSummary, EfficiencyTable, Layout, PairMetrics, PositionSetSummary, TuningResult
-from ato.artifacts.causal import PATCHED, REFERENCES, RecoveredShare, Triplet
+from ato.artifacts.causal import RecoveredShare, Triplet, patched_conditions, recovered_references
 from ato.params import Pair
 
 NAN_TRIPLET: Triplet = (math.nan, math.nan, math.nan)
@@ -96,7 +96,8 @@ def headline_metrics(res: PairResults, scope: str) -> dict[str, float]:
     if res.causal is not None and res.causal.position_sets:
         causal = res.causal.headline_metrics()
         wanted = [f"clean_logppl_{scope}"]
-        for prefix in (*(f"{c}_delta" for c in PATCHED), "recovered", *(f"recovered_vs_{r}" for r in REFERENCES)):
+        deltas = (f"{c}_delta" for c in patched_conditions())
+        for prefix in (*deltas, "recovered", *(f"recovered_vs_{r}" for r in recovered_references())):
             wanted += [f"{prefix}_{scope}{s}" for s in ("", "_lo", "_hi", "_half_width")]
         out |= {f"causal_{key}": causal[key] for key in wanted}
         out["causal_n_sequences"] = float(res.causal.interval_n_units)

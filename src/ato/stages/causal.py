@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo, atomic_group
-from ato.artifacts.causal import CONDITIONS, PAIR_CONDITIONS, SCOPE_TEXT
+from ato.artifacts.causal import SCOPE_TEXT, all_conditions
 from ato.causal import (
     LEVEL,
     SPLIT,
@@ -40,6 +40,7 @@ from ato.causal import (
     run_conditions,
     summarise_set,
 )
+from ato.kinds import causal_keys
 from ato.params import CausalParams, Params
 from ato.plotting.causal import plot_pair
 from ato.store import ActivationStore
@@ -152,7 +153,10 @@ def write_outputs(
         n_sequences=cp.n_sequences,
         seq_len=cp.seq_len,
         seconds=seconds,
-        tokens_per_second=cp.n_sequences * cp.seq_len * (1 + len(results) * len(PAIR_CONDITIONS)) / max(seconds, 1e-9),
+        tokens_per_second=cp.n_sequences
+        * cp.seq_len
+        * (1 + len(results) * len(causal_keys("pair")))
+        / max(seconds, 1e-9),
         headline_reference=cp.headline_reference,
         interval_method=cp.interval,
         interval_level=LEVEL,
@@ -169,7 +173,7 @@ def write_outputs(
             seq_len=cp.seq_len,
             sequence_offsets=held.offsets,
             doc_ids=held.doc_ids,
-            conditions=list(CONDITIONS),
+            conditions=list(all_conditions()),
             scopes=dict(SCOPE_TEXT),
             position_sets={n: d for n, (_, d) in sets.items()},
         ).write(layout.causal_sequences(name))
