@@ -13,7 +13,7 @@ from ato.generate import ROOT, dvc_yaml, generated_files
 from ato.generate.__main__ import main as generate_main
 
 
-@pytest.mark.parametrize("name", ["dvc.yaml", "docs/contracts.md"])
+@pytest.mark.parametrize("name", ["dvc.yaml", "docs/contracts.md", "README.md"])
 def test_committed_file_is_the_generators_output(name: str):
     wanted = generated_files()[ROOT / name]
     assert (ROOT / name).read_text() == wanted, f"{name} is stale: run `python -m ato.generate`"
@@ -32,7 +32,7 @@ def test_a_new_import_reaches_the_stages_deps(tmp_path: Path):
 
 
 def test_check_flags_a_stale_file_and_writing_fixes_it(tmp_path: Path):
-    for name in ("dvc.yaml", "docs/contracts.md", "src"):
+    for name in ("dvc.yaml", "docs/contracts.md", "README.md", "src"):
         source, target = ROOT / name, tmp_path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
@@ -69,3 +69,16 @@ def test_the_stage_table_has_every_cli_stage_in_order():
     from ato.generate.pipeline import STAGES
 
     assert [stage.name for stage in STAGES] == list(CLI_STAGES)
+
+
+def test_the_readme_stage_table_follows_the_stage_table(tmp_path: Path):
+    """README's stage table is rendered from the stage table: a stale row is rewritten, prose outside the
+    markers is left as it was, and missing markers are an error naming the file."""
+    from ato.generate import readme
+
+    text = (ROOT / "README.md").read_text()
+    (tmp_path / "README.md").write_text(text.replace("| `report` |", "| `report` | stale |", 1))
+    assert readme.render(tmp_path) == text
+    (tmp_path / "README.md").write_text("# no table here\n")
+    with pytest.raises(ValueError, match="README.md: the stage-table markers are missing"):
+        readme.render(tmp_path)

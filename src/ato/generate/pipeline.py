@@ -25,6 +25,8 @@ class Stage:
     outs: list[Entry] = field(default_factory=list)
     metrics: list[Entry] = field(default_factory=list)
     plots: list[Entry] = field(default_factory=list)
+    does: str = ""  # README's stage table: what it does (markdown)
+    output: str = ""  # README's stage table: where its output lands (markdown)
 
 
 def _e(path: str, note: str = "", **options: str | bool) -> Entry:
@@ -50,12 +52,22 @@ def _pair_stats(*splits: str) -> list[Entry]:
 STAGES: list[Stage] = [
     Stage(
         "prepare",
+        does=(
+            "GGUF → float32 safetensors copy (loads in ~2 s instead of ~40 s), weights digest, the token every sequence"
+            " begins with (`prepare.sequence_start`)"
+        ),
+        output="`models/base/`",
         deps=[],
         params=[_e("prepare"), _e("paths", "every path: `Layout.from_params` resolves them all")],
         outs=[_e("${paths.model_dir}")],
     ),
     Stage(
         "collect",
+        does=(
+            "residual after every decoder block (forward hooks; raw, not HF's post-norm last state) for 64k/16k/24k "
+            "train/val/test tokens, split by document"
+        ),
+        output="`data/activations/` (zarr v3)",
         deps=[_e("${paths.model_dir}")],
         params=[_e("corpus"), _e("collect"), _e("pairs"), PATHS],
         outs=[
@@ -64,6 +76,11 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "validate",
+        does=(
+            "per-part, per-layer statistics + great-expectations suite (NaN/Inf, zero rows, shapes, counts, document "
+            "overlap, norm band)"
+        ),
+        output="`reports/validation/`",
         deps=[_e("${paths.store}")],
         params=[_e("validate"), _e("stats.chunk_tokens"), MODEL_LABEL, PATHS],
         outs=[
@@ -73,12 +90,16 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "stats",
+        does="float64 sufficient statistics (n, Σx, Σy, XᵀX, XᵀY, YᵀY) per pair and split, one streaming pass",
+        output="`data/stats/`",
         deps=[_e("${paths.store}"), VALIDATED],
         params=[_e("stats"), _e("pairs"), PATHS],
         outs=[_e("${paths.stats}")],
     ),
     Stage(
         "tune",
+        does="Optuna (TPE, seeded) over the ridge α; objective = exact validation R² from the statistics",
+        output="`reports/tuning/`",
         deps=[*_pair_stats("train", "val"), _e("${paths.store}/manifest.json")],
         params=[_e("tune"), _e("pairs.${key}"), _e("stats.include_bos"), MODEL_LABEL, PATHS],
         outs=[_report(f"{R}/tuning/${{key}}.json"), _report(f"{R}/tuning/${{key}}_alpha.png")],
@@ -94,6 +115,8 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "fit",
+        does="refit at the chosen α; safetensors + config.json; MLflow run + model registry",
+        output="`models/operators/<pair>/`",
         deps=[
             *_pair_stats("train", "val"),
             _e("${paths.stats}/test/${key}.safetensors", "every operator and variant is scored on test too"),
@@ -113,12 +136,26 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "sae",
+        does=(
+            "one TopK SAE per target layer, trained with sae-lens' `SAETrainer` on the store's train split plus further"
+            " train documents streamed through the model up to the deepest target layer; quality on val (FVE, L0, "
+            "dead/dense latents, CE-loss recovered and KL with the reconstruction spliced in) against gates that mark "
+            "feature-level numbers unreliable ([SAEs](#saes))"
+        ),
+        output="`models/sae/layer_NN/`, `reports/sae/`",
         deps=[_e("${paths.store}"), _e("${paths.model_dir}"), _e(f"{R}/validation/validation.json")],
         params=[_e("sae"), _e("corpus"), _e("pairs"), PATHS],
         outs=[_e("${paths.sae_dir}"), _report(f"{R}/sae")],
     ),
     Stage(
         "select",
+        does=(
+            "per target layer, the sparse, coherent, focused, non-redundant SAE features that matter to the model: "
+            "activation-rate band around mean L0/d_sae, token entropy, vocabulary focus, decoder redundancy, exact "
+            "single-feature ablation (KL) of the best 128 candidates → 26 kept ([Feature "
+            "selection](#feature-selection))"
+        ),
+        output="`data/features/`, `reports/select/`",
         deps=[_e("${paths.sae_dir}"), _e("${paths.model_dir}"), _e("${paths.store}")],
         params=[_e("select"), _e("pairs"), PATHS],
         outs=[
@@ -128,6 +165,11 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "evaluate",
+        does=(
+            "R² (uniform, variance-weighted, per-dimension), baselines, feature-space R², transported vs synthesised, "
+            "CCA ceiling, transport efficiency η(r), subspace size"
+        ),
+        output="`reports/metrics/<pair>.json`, figures",
         deps=[
             _e("${paths.operators}/${key}"),
             _e("${paths.sae_dir}"),
@@ -165,6 +207,11 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "causal_reference",
+        does=(
+            "clean, zero- and mean-ablation log-perplexity of the held-out test sequences, once per target layer L+k "
+            "(shared by the pairs with that target)"
+        ),
+        output="`reports/causal/reference/`",
         deps=[
             _e("${paths.model_dir}"),
             STORE_TEST_TOKENS,
@@ -175,6 +222,11 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "causal",
+        does=(
+            "log-perplexity under patching by the ATO, identity and bias-only maps, against the shared clean / zero / "
+            "mean-ablation references; Δ and recovered share with studentized intervals over sequences"
+        ),
+        output="`reports/causal/<pair>.json`, figures",
         deps=[
             _e("${paths.operators}/${key}"),
             _e("${paths.model_dir}"),
@@ -187,6 +239,12 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "languages",
+        does=(
+            "the English operators on French and Spanish text (the embedded package's other languages, streamed through"
+            " the model into statistics): R², η, feature R², causal Δ beside each language's own map, a pooled map and "
+            "the identity; transfer matrix and update-subspace overlaps of the per-language maps"
+        ),
+        output="`reports/languages/`, `reports/figures/languages_*.png`",
         deps=[
             _e("${paths.model_dir}"),
             _e(
@@ -234,6 +292,13 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "atlas",
+        does=(
+            "every stored layer pair (L, L + k), k ≤ 4, from one joint float64 Gram pass over the first 32k/8k "
+            "train/test tokens: identity, Procrustes (plain, centred), ridge, reduced-rank and the model's mean "
+            "Jacobian scored side by side; η and the held-out subspace size beside their references; E[J] vs the ridge "
+            "map; causal Δ on a few pairs"
+        ),
+        output="`reports/atlas/`, `data/atlas/maps.safetensors`",
         deps=[
             _e("${paths.store}", "the first atlas.tokens tokens of train and test, every stored layer"),
             VALIDATED,
@@ -248,6 +313,12 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "report",
+        does=(
+            "every pair side by side: tables, heatmaps over (L, k), η(r) and ceiling(r) per k, causal Δ with CIs, α "
+            "curves; feature cards (top contexts, rate, verdict and feature R² per kept feature); every feature-level "
+            "number of an SAE that missed its gates marked UNRELIABLE; a missing pair output is listed, not fatal"
+        ),
+        output="`reports/summary.md`, `reports/features.html`, `reports/figures/summary_*.png`, `reports/plots/`",
         deps=[
             *(_e(f"{R}/{name}") for name in ("metrics", "evaluate", "causal", "tuning", "sae")),
             _e("${paths.features}"),
