@@ -290,7 +290,7 @@ for _kind in (
         places={
             "variant": Place(3),
             "evaluate": Place(1, column="identity"),
-            "atlas": Place(0, column="R² identity"),
+            "atlas": Place(0, column="identity"),
             "causal": Place(1),
             "recovered_against": Place(2, label="identity x_L", column="identity"),
             "languages_features": Place(2),

@@ -101,26 +101,58 @@ def atlas_result(
     )
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def _median(values: list[float]) -> float:
+    finite = _finite(values)
+    return float(np.median(finite)) if finite else math.nan
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """median, min and max over the finite values: the aggregate over L that one extreme layer cannot
+    move (identity R² reaches −12.8 at L = 0, which drags a mean below every other layer's value)."""
+    finite = _finite(values)
+    if not finite:
+        return {"median": math.nan, "min": math.nan, "max": math.nan}
+    return {"median": float(np.median(finite)), "min": min(finite), "max": max(finite)}
+
+
+def _per_k(result: AtlasResult) -> dict[int, list[AtlasPair]]:
+    return {k: [p for p in result.pairs if p.k == k] for k in sorted({p.k for p in result.pairs})}
+
+
+def _gain_weighted(p: AtlasPair) -> float:
+    """R²_w(ridge) − R²_w(identity): the variance-weighted counterpart of `gain_over_identity`."""
+    return p.operators["ridge"].r2_weighted - p.operators["identity"].r2_weighted
+
+
+def _aggregated(ps: list[AtlasPair]) -> dict[str, list[float]]:
+    """Every number metrics.json aggregates over L, by its key: each operator's R² and R²_w, the gains."""
+    out = {f"r2_{op}": [p.operators[op].r2 for p in ps] for op in operators()}
+    out |= {f"r2_weighted_{op}": [p.operators[op].r2_weighted for p in ps] for op in operators()}
+    out["gain_over_identity"] = [p.gain_over_identity for p in ps]
+    out["gain_over_identity_weighted"] = [_gain_weighted(p) for p in ps]
+    out["eta_ratio"] = [p.eta_ratio for p in ps]
+    out["heldout_subspace_size_excess"] = [p.heldout_subspace_size_excess for p in ps]
+    out["procrustes_linearity"] = [p.procrustes_linearity for p in ps]
+    locs = [p.local for p in ps if p.local is not None]
+    out["jacobian_rel_diff"] = [lg.rel_diff for lg in locs]
+    out["jacobian_rel_diff_update"] = [lg.rel_diff_update for lg in locs]
+    return out
 
 
 def atlas_metrics(result: AtlasResult) -> dict[str, Any]:
-    """reports/atlas/metrics.json: per k, means over L of the headline numbers (numbers only)."""
+    """reports/atlas/metrics.json: per k, the median over L of the headline numbers with its range
+    (`<name>_median`, `_min`, `_max`; numbers only)."""
     out: dict[str, Any] = {"n_pairs": len(result.pairs), "n_train_tokens": result.budget.n_train_tokens}
-    for k in sorted({p.k for p in result.pairs}):
-        ps = [p for p in result.pairs if p.k == k]
-        row = {f"r2_{op}": _mean([p.operators[op].r2 for p in ps]) for op in operators()}
-        row["r2_weighted_ridge"] = _mean([p.operators["ridge"].r2_weighted for p in ps])
-        row["gain_over_identity"] = _mean([p.gain_over_identity for p in ps])
-        row["eta_ratio"] = _mean([p.eta_ratio for p in ps])
-        row["heldout_subspace_size_excess"] = _mean([p.heldout_subspace_size_excess for p in ps])
-        row["procrustes_linearity"] = _mean([p.procrustes_linearity for p in ps])
-        locs = [p.local for p in ps if p.local is not None]
-        row["jacobian_rel_diff"] = _mean([lg.rel_diff for lg in locs])
-        row["jacobian_rel_diff_update"] = _mean([lg.rel_diff_update for lg in locs])
-        out[f"k{k}"] = row
+    for k, ps in _per_k(result).items():
+        out[f"k{k}"] = {
+            f"{name}_{stat}": value
+            for name, values in _aggregated(ps).items()
+            for stat, value in _spread(values).items()
+        }
     out["seconds"] = dict(result.seconds)
     return out
 
@@ -129,8 +161,8 @@ def table_columns() -> tuple[str, ...]:
     """The columns of reports/atlas/pairs.csv."""
     return (
         "pair", "L", "k", "alpha",
-        *(f"r2_{op}" for op in operators()),
-        "r2_weighted_ridge", "gain_over_identity", "procrustes_linearity",
+        *(f"r2_{op}" for op in operators()), *(f"r2_weighted_{op}" for op in operators()),
+        "gain_over_identity", "gain_over_identity_weighted", "procrustes_linearity",
         "eta_test", "eta_expected", "eta_ratio",
         "heldout_subspace_size", "heldout_subspace_size_null", "heldout_subspace_size_excess",
         "jacobian_rel_diff", "jacobian_rel_diff_update", "jacobian_alignment", "jacobian_token_variation",
@@ -150,7 +182,8 @@ def table(result: AtlasResult) -> list[list[Any]]:
         )
         rows.append(
             [p.pair, p.L, p.k, p.alpha, *(p.operators[op].r2 for op in operators()),
-             p.operators["ridge"].r2_weighted, p.gain_over_identity, p.procrustes_linearity,
+             *(p.operators[op].r2_weighted for op in operators()),
+             p.gain_over_identity, _gain_weighted(p), p.procrustes_linearity,
              p.eta_test, p.eta_expected, p.eta_ratio,
              p.heldout_subspace_size, p.heldout_subspace_size_null, p.heldout_subspace_size_excess, *loc]
         )  # fmt: skip
@@ -174,7 +207,7 @@ def atlas_markdown(result: AtlasResult) -> str:
         f"{result.model}; {len(result.pairs)} pairs (every stored L, k ≤ {b.k_max}). {b.label()}.",
         "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + ".",
         "",
-        "## Means over L (the README's table)",
+        "## Medians over L (the README's table)",
         "",
         *readme_table(result),
         "",
@@ -186,51 +219,73 @@ def atlas_markdown(result: AtlasResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _both(s: OperatorScore) -> str:
+    """R² (uniform over dimensions) / R²_w (variance-weighted): one cell, the two side by side."""
+    return f"{_f(s.r2)} / {_f(s.r2_weighted)}"
+
+
+def _spread_cell(values: list[float], spec: str = ".3f") -> str:
+    """median (min … max) over L."""
+    s = _spread(values)
+    return f"{_f(s['median'], spec)} ({_f(s['min'], spec)} … {_f(s['max'], spec)})" if _finite(values) else "—"
+
+
 def readme_table(result: AtlasResult) -> list[str]:
-    """The README's "What the atlas shows" table: per k, means over L (noise: the mean sign noise and
-    token-sampling error of E[J], combined in quadrature)."""
+    """The README's "What the atlas shows" table: per k, medians over L of R² / R²_w of each operator
+    and of the references (noise: the median of E[J]'s sign noise and token-sampling error, combined in
+    quadrature)."""
     out = [
-        "| k | " + " | ".join(k.column("atlas") for k in kinds_for("atlas")) + " | η / η_linear "
+        "| k: R² / R²_w | " + " | ".join(k.column("atlas") for k in kinds_for("atlas")) + " | η / η_linear "
         "| held-out size − null | ‖(W − E[J])V‖/‖WV‖ (noise) |",
         "|---" * (len(operators()) + 4) + "|",
     ]
-    for k in sorted({p.k for p in result.pairs}):
-        ps = [p for p in result.pairs if p.k == k]
-        ops = " | ".join(_f(_mean([p.operators[op].r2 for p in ps])) for op in operators())
+    for k, ps in _per_k(result).items():
+        ops = " | ".join(
+            " / ".join(_f(_median([getattr(p.operators[op], attr) for p in ps])) for attr in ("r2", "r2_weighted"))
+            for op in operators()
+        )
         locs = [p.local for p in ps if p.local is not None]
-        noise = _mean([math.hypot(g.estimate_noise, g.sampling_error) for g in locs])
-        diff = f"{_f(_mean([g.rel_diff for g in locs]))} ({_f(noise)})" if locs else "—"
+        noise = _median([math.hypot(g.estimate_noise, g.sampling_error) for g in locs])
+        diff = f"{_f(_median([g.rel_diff for g in locs]))} ({_f(noise)})" if locs else "—"
         out.append(
-            f"| {k} | {ops} | {_f(_mean([p.eta_ratio for p in ps]))} | "
-            f"{_f(_mean([p.heldout_subspace_size_excess for p in ps]), '.0f')} | {diff} |"
+            f"| {k} | {ops} | {_f(_median([p.eta_ratio for p in ps]))} | "
+            f"{_f(_median([p.heldout_subspace_size_excess for p in ps]), '.0f')} | {diff} |"
         )
     return out
 
 
 def _summary_section(result: AtlasResult) -> list[str]:
     out = [
-        "## Per k: mean over L (min … max)",
+        "## Per k: median over L (min … max)",
         "",
-        "| k | pairs | " + " | ".join(f"R² {op}" for op in operators()) + " | R²(ridge) − R²(identity) | η / η_linear "
-        "| held-out size − null |",
-        "|---|---" + "|---" * (len(operators()) + 3) + "|",
+        "| k | pairs | R² | " + " | ".join(operators()) + " | ridge − identity |",
+        "|---|---|---" + "|---" * (len(operators()) + 1) + "|",
     ]
-    for k in sorted({p.k for p in result.pairs}):
-        ps = [p for p in result.pairs if p.k == k]
-
-        def cell(values: list[float]) -> str:
-            v = [x for x in values if math.isfinite(x)]
-            return f"{np.mean(v):.3f} ({min(v):.3f} … {max(v):.3f})" if v else "—"
-
-        ops = " | ".join(cell([p.operators[op].r2 for p in ps]) for op in operators())
-        out.append(
-            f"| {k} | {len(ps)} | {ops} | {cell([p.gain_over_identity for p in ps])} | "
-            f"{cell([p.eta_ratio for p in ps])} | {cell([p.heldout_subspace_size_excess for p in ps])} |"
-        )
+    for k, ps in _per_k(result).items():
+        for label, attr, gain in (
+            ("uniform", "r2", [p.gain_over_identity for p in ps]),
+            ("weighted", "r2_weighted", [_gain_weighted(p) for p in ps]),
+        ):
+            ops = " | ".join(_spread_cell([getattr(p.operators[op], attr) for p in ps]) for op in operators())
+            out.append(f"| {k} | {len(ps)} | {label} | {ops} | {_spread_cell(gain)} |")
     out += [
         "",
-        "**How to read.** Residual R² on the test tokens (uniform average over the residual's dimensions). "
-        "The identity is the carried-over residual; R²(ridge) − R²(identity) is what a fitted linear map adds to "
+        "| k | η / η_linear | held-out size − null |",
+        "|---|---|---|",
+        *(
+            f"| {k} | {_spread_cell([p.eta_ratio for p in ps])} | "
+            f"{_spread_cell([p.heldout_subspace_size_excess for p in ps], '.0f')} |"
+            for k, ps in _per_k(result).items()
+        ),
+        "",
+        "**How to read.** Residual R² on the test tokens, two ways: *uniform* averages the R² of each residual "
+        "dimension (every dimension counts alike, however little it varies), *weighted* is 1 − SSE/SST over all "
+        "dimensions (each dimension counts by its variance, so a few high-variance dimensions dominate). They "
+        "disagree, even in the direction of a difference between pairs, whenever a map does well on the "
+        "high-variance dimensions and badly on the many low-variance ones or the reverse; a claim holds only "
+        "where both agree. Every aggregate over L is the median with its range (min … max): one extreme layer "
+        "(the identity's R² at L = 0 is far below −1) would drag a mean past every other layer's value. The "
+        "identity is the carried-over residual; ridge − identity is what a fitted linear map adds to "
         "mere carrying. η / η_linear ≈ 1 means the ridge map reaches what an exactly linear relation would at this "
         "n and d; < 1 is evidence of transport no linear map captures. Held-out subspace size: the canonical "
         "directions (from train) holding the subspace fraction of Σρ⁺² measured on test, beside the same statistic "
@@ -247,15 +302,17 @@ def _pairs_section(result: AtlasResult) -> list[str]:
     out = [
         "## Every pair",
         "",
-        "| pair | α | " + " | ".join(operators()) + " | R²_w ridge | Procrustes linearity | η (linear) | held-out size "
+        "Each operator's cell: R² (uniform) / R²_w (variance-weighted), test.",
+        "",
+        "| pair | α | " + " | ".join(operators()) + " | Procrustes linearity | η (linear) | held-out size "
         "(null ± sd) |",
-        "|---|---" + "|---" * (len(operators()) + 4) + "|",
+        "|---|---" + "|---" * (len(operators()) + 3) + "|",
     ]
     for p in result.pairs:
-        ops = " | ".join(_f(p.operators[op].r2) for op in operators())
+        ops = " | ".join(_both(p.operators[op]) for op in operators())
         out.append(
             f"| {p.pair} | {_f(p.alpha, '.3g')}{' (edge)' if p.alpha_at_edge else ''} | {ops} | "
-            f"{_f(p.operators['ridge'].r2_weighted)} | {_f(p.procrustes_linearity)} | "
+            f"{_f(p.procrustes_linearity)} | "
             f"{_f(p.eta_test)} ({_f(p.eta_expected)}) | {p.heldout_subspace_size:.0f} "
             f"({_f(p.heldout_subspace_size_null, '.0f')} ± {_f(p.heldout_subspace_size_null_std, '.0f')}) |"
         )

@@ -95,7 +95,7 @@ def plot_atlas_heatmaps(path: Path, result: AtlasResult, dpi: int) -> Path:
 
 
 def plot_operator_bars(path: Path, result: AtlasResult, dpi: int) -> Path:
-    """Left: mean test R² of each operator per k (whiskers: min … max over L). Right: causal Δ of
+    """Left: median test R² of each operator per k (whiskers: min … max over L). Right: causal Δ of
     each operator on the causal pairs, with its 95 % interval."""
     plt = pyplot()
     causal = [p for p in result.pairs if math.isfinite(p.operators["ridge"].causal_delta)]
@@ -105,17 +105,18 @@ def plot_operator_bars(path: Path, result: AtlasResult, dpi: int) -> Path:
     ops, labels, colours = keys_for("atlas"), operator_labels(), operator_colours()
     width = 0.8 / len(ops)
     for i, op in enumerate(ops):
-        means, lows, highs = [], [], []
+        medians, lows, highs = [], [], []
         for k in ks:
             v = np.array([p.operators[op].r2 for p in result.pairs if p.k == k and op in p.operators])
             v = v[np.isfinite(v)]
-            means.append(v.mean() if v.size else np.nan)
-            lows.append(v.mean() - v.min() if v.size else 0.0)
-            highs.append(v.max() - v.mean() if v.size else 0.0)
+            mid = float(np.median(v)) if v.size else np.nan
+            medians.append(mid)
+            lows.append(mid - v.min() if v.size else 0.0)
+            highs.append(v.max() - mid if v.size else 0.0)
         x = np.arange(len(ks)) + (i - (len(ops) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=[lows, highs], capsize=2, color=colours[op], label=labels[op])
+        ax.bar(x, medians, width, yerr=[lows, highs], capsize=2, color=colours[op], label=labels[op])
     ax.set_xticks(range(len(ks)), [f"k = {k}" for k in ks])
-    ax.set_ylabel("residual R² (test), mean over L; whiskers min…max")
+    ax.set_ylabel("residual R² (test, uniform), median over L; whiskers min…max")
     if ax.get_ylim()[0] < -1.0:  # a few early-layer identity/Procrustes scores reach −10: keep the bars readable
         ax.set_ylim(-1.0, 1.0)
         ax.text(0.99, 0.02, "y clipped at −1 (atlas.md has every value)", transform=ax.transAxes, ha="right",
