@@ -124,7 +124,11 @@ def _residual(results: list[PairResults]) -> list[str]:
                 fmt(m.val_r2),
                 fmt(m.ato.r2),
                 fmt(m.ato.r2_weighted),
-                *(fmt(m.predictor(k.key("evaluate")).r2) for k in baselines),
+                *(
+                    fmt(getattr(m.predictor(k.key("evaluate")), attr))
+                    for k in baselines
+                    for attr in ("r2", "r2_weighted")
+                ),
                 fmt(m.ato.cosine),
                 fmt(m.ato.mse, ".4g"),
             ]
@@ -132,9 +136,9 @@ def _residual(results: list[PairResults]) -> list[str]:
     return [
         "## Residual-space R² (test)",
         "",
-        "R² is the uniform average over residual dimensions (what the reference reports); weighted = "
-        "1 − SSE/SST over all dimensions. Baselines: identity ŷ = x, train mean ŷ = ȳ, OLS (α = 0). "
-        "val R² is the tuning objective at the chosen α.",
+        "R² is the uniform average over residual dimensions (what the reference reports); R²_w (weighted) = "
+        "1 − SSE/SST over all dimensions, shown beside it for every predictor. Baselines: identity ŷ = x, "
+        "train mean ŷ = ȳ, OLS (α = 0). val R² is the tuning objective (uniform) at the chosen α.",
         "",
         md_table(
             [
@@ -143,8 +147,8 @@ def _residual(results: list[PairResults]) -> list[str]:
                 "α",
                 "val R²",
                 "R² ATO",
-                "R² weighted",
-                *(k.column("evaluate") for k in baselines),
+                "R²_w ATO",
+                *(f"{word} {k.column('evaluate')}" for k in baselines for word in ("R²", "R²_w")),
                 "token cosine",
                 "MSE",
             ],
@@ -156,7 +160,10 @@ def _residual(results: list[PairResults]) -> list[str]:
             "of x_L predicts; R² ATO ≈ OLS says the ridge penalty plays no part. 1 − R² is an upper bound on "
             "what is *not* linear in x_L, not a measure of non-linear computation: it also holds what the "
             "blocks read from other positions (attention) and what no function of x_L predicts. A low R² "
-            "alone is therefore no evidence of non-linear computation.",
+            "alone is therefore no evidence of non-linear computation. R² counts every residual dimension alike, "
+            "R²_w counts each by its variance: a few high-variance dimensions decide R²_w, the many low-variance "
+            "ones R². They can disagree in size and in the direction of a difference (between pairs, or between "
+            "the ATO and a baseline); read a comparison as settled only where both agree.",
         ),
     ]
 

@@ -171,7 +171,8 @@ def _log_summary(report: LanguageReport) -> None:
         for lang in report.languages:
             s = pair.scores[lang]
             parts.append(
-                f"{lang} R² op {s.r2_operator:.3f} / own {s.r2_own:.3f} / id {s.r2_identity:.3f}, "
+                f"{lang} R² (R²_w) op {s.r2_operator:.3f} ({s.r2w_operator:.3f}) / own {s.r2_own:.3f} "
+                f"({s.r2w_own:.3f}) / id {s.r2_identity:.3f} ({s.r2w_identity:.3f}), "
                 f"Δ op {s.delta_operator.mean:+.3f} ± {s.delta_operator.half_width:.3f}"
             )
         log.info("languages %s: %s", name, "; ".join(parts))
