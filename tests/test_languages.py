@@ -200,8 +200,14 @@ def test_outputs_exist_and_read_back(project: Path, report):
     assert metrics["L00_k1"]["fr-fr"]["r2_operator"] == pytest.approx(
         report.pairs["L00_k1"].scores["fr-fr"].r2_operator
     )
+    # R²_w beside every R², in the metrics and the table
+    assert metrics["L00_k1"]["fr-fr"]["r2w_identity"] == pytest.approx(
+        report.pairs["L00_k1"].scores["fr-fr"].r2w_identity
+    )
     rows = layout.languages_scores.read_text().splitlines()
     assert len(rows) == 1 + 2 * 3
+    for predictor in ("operator", "recentred", "own", "pooled", "identity"):
+        assert f"r2_{predictor},r2w_{predictor}" in rows[0]
     for kind in ("transfer", "overlap", "scores"):
         assert layout.languages_figure(kind).stat().st_size > 10_000
     # the SAE of layer 3 failed its gates: its pair's feature numbers are flagged, the other's not

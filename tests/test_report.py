@@ -41,7 +41,10 @@ def fake_metrics(L: int, k: int) -> dict[str, float]:
         "r2": r2,
         "r2_weighted": r2 + 0.02,
         "identity_r2": r2 - 0.31,
+        "identity_r2_weighted": round(-0.42 + 0.01 * L, 6),  # planted: the opposite sign to identity_r2
         "mean_r2": -0.0012,
+        "mean_r2_weighted": -0.0007,
+        "ols_r2_weighted": r2 + 0.003,
         "ols_r2": r2 - 0.017,
         "cosine": 0.9 - 0.05 * k,
         "mse": 12.5 * k + L,
@@ -278,6 +281,10 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {L} → {L + k} |"))
         for key in ("r2", "identity_r2", "ols_r2", "val_r2", "r2_weighted"):
             assert f"{m[key]:.4f}" in row, (name, key)
+        # every baseline's R²_w beside its R², even where the two disagree in sign (identity)
+        assert m["identity_r2"] > 0 > m["identity_r2_weighted"]
+        for key in ("identity", "mean", "ols"):
+            assert f"| {m[f'{key}_r2']:.4f} | {m[f'{key}_r2_weighted']:.4f} |" in row, (name, key)
         assert f"{m['alpha']:.3g}" in row
         assert f"| {m['feature_r2_median']:.4f} |" in text
         assert f"| {int(m['n_transported'])} | {int(m['n_synthesised'])} |" in text
@@ -335,6 +342,7 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
         body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
         assert "**How to read.**" in body, section
     assert "cannot tell the operator from exactly linear transport" in text
+    assert "| R² ATO | R²_w ATO | R² identity | R²_w identity | R² train mean | R²_w train mean |" in text
     assert "single_8" in text and "early" in text  # per position set table
     assert "| L05_k1 | single_8 | 60 |" in text
 
