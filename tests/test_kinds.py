@@ -94,8 +94,9 @@ def test_a_registered_kind_is_scored_by_evaluate_and_shown_in_the_report(tmp_pat
     m = PairMetrics.read(path)
     table = "\n".join(_residual([PairResults(PAIR, Pair(L=0, k=1), metrics=m)]))
     header, row = (line.split(" | ") for line in table.splitlines() if line.startswith("| "))
-    assert header[-3:] == ["half carry", "token cosine", "MSE |"]
-    assert row[-3] == fmt(metrics[f"{TOY_KIND}_r2"]) and row[-6] == fmt(metrics["identity_r2"])
+    assert header[-4:] == ["R² half carry", "R²_w half carry", "token cosine", "MSE |"]
+    assert row[-4] == fmt(metrics[f"{TOY_KIND}_r2"]) and row[-3] == fmt(metrics[f"{TOY_KIND}_r2_weighted"])
+    assert row[-10] == fmt(metrics["identity_r2"]) and row[-9] == fmt(metrics["identity_r2_weighted"])
 
 
 def test_fit_refuses_a_variant_name_no_kind_has():
