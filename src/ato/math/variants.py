@@ -17,8 +17,8 @@ Names (parsed by `ato.kinds.parse_variant`, the registry of map kinds):
     identity     ŷ = x (pure carry-over; the identity baseline of evaluate and the causal check)
 
 Every map is returned as (W [d_out, d_in], b [d_out]) in original coordinates, ŷ = W x + b. The
-rank of `rank<r>` / `update<r>` / `svd<r>` is capped at min(d_in, d_out) (the cap is reported, not an error, so a
-list of variants works on small test models too). Pure numpy: no I/O.
+rank of `rank<r>` / `update<r>` / `svd<r>` is capped at min(d_in, d_out) (the cap is reported, not an
+error, so a list of variants works on small test models too). Pure numpy: no I/O.
 """
 
 from __future__ import annotations

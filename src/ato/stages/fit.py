@@ -1,7 +1,7 @@
 """Stage `fit`: refit each pair at its tuned α on the training statistics, save the operator
 artifact (safetensors + config.json, docs/contracts.md#operator) with its variants (`fit.variants`:
-reduced-rank, identity + rank-r update, Procrustes, identity; `<dir>/variants/<name>/`), track it in the pair's
-MLflow run and register it (`@champion`) and each variant (`@<variant>`) as versions of the pair's
+reduced-rank, identity + rank-r update, Procrustes, identity; `<dir>/variants/<name>/`), track it in
+the pair's MLflow run and register it (`@champion`) and each variant (`@<variant>`) as versions of the pair's
 registered model, every one with its train/val/test R² from the pair statistics. The champion is
 registered last, so the registry list's "latest version" is the champion; each version's description
 says which map it is. A variant whose test R²_w is below the identity map's is saved but not
