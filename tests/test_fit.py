@@ -161,9 +161,9 @@ def check_variants(params, name, op_dir, op):
     of the pair's model with their metrics, loadable by alias."""
     import mlflow
 
-    from ato.math.cca import truncate_svd
+    from ato.operators import worse_than_identity
 
-    assert params.fit.variants == ["rank64", "svd64", "procrustes", "identity"]  # the default
+    assert params.fit.variants == ["rank64", "update16", "update64", "update256", "procrustes", "identity"]
     assert sorted(p.name for p in (op_dir / "variants").iterdir()) == sorted(params.fit.variants)
     metrics = op.config.metrics
     assert {"train_r2", "val_r2", "test_r2", "test_r2_weighted", "identity_test_r2"} <= set(metrics)
@@ -173,19 +173,34 @@ def check_variants(params, name, op_dir, op):
     assert variants["rank64"].config.rank == 32 and variants["rank64"].config.rank_requested == 64  # capped at d
     assert variants["identity"].config.metrics["test_r2"] == pytest.approx(metrics["identity_test_r2"], abs=1e-6)
     torch.testing.assert_close(variants["identity"].W, torch.eye(32))
-    np.testing.assert_allclose(variants["svd64"].W.numpy(), truncate_svd(op.W.double().numpy(), 64), atol=1e-5)
-    # in-sample, full-rank reduced-rank regression is OLS: at least as good as the ridge fit on train
-    assert variants["rank64"].config.metrics["train_r2_weighted"] >= metrics["train_r2_weighted"] - 1e-9
+    assert variants["update16"].config.rank == 16 and variants["update16"].config.method == "identity_plus_rrr_update"
+    # in-sample, full-rank reduced-rank regression is OLS: at least as good as the ridge fit on train;
+    # the full-rank update (update64, capped at d = 32) is OLS too
+    train_r2w = {v: vop.config.metrics["train_r2_weighted"] for v, vop in variants.items()}
+    assert train_r2w["rank64"] >= metrics["train_r2_weighted"] - 1e-9
+    assert train_r2w["update64"] == pytest.approx(train_r2w["rank64"], abs=1e-5)
+    assert train_r2w["update16"] <= train_r2w["update64"] + 1e-6
     client = mlflow.MlflowClient()
+    registered = [
+        v
+        for v, vop in variants.items()
+        if v == "identity"
+        or not worse_than_identity(vop.config.metrics["test_r2_weighted"], metrics["identity_test_r2_weighted"])
+    ]
     for v, vop in variants.items():
         assert vop.config.parent_weights_sha256 == op.config.weights_sha256
+        if v not in registered:  # saved beside the operator, but not offered under an alias
+            with pytest.raises(mlflow.exceptions.MlflowException):
+                client.get_model_version_by_alias(name, v)
+            continue
         version = client.get_model_version_by_alias(name, v)
         assert float(version.tags["metric.test_r2"]) == pytest.approx(vop.config.metrics["test_r2"], rel=1e-5)
         reg = load_operator(f"models:/{name}@{v}")
         torch.testing.assert_close(reg.W, vop.W, rtol=0, atol=0)
     champion = client.get_model_version_by_alias(name, "champion")
     assert float(champion.tags["metric.test_r2"]) == pytest.approx(metrics["test_r2"], rel=1e-5)
-    assert len({client.get_model_version_by_alias(name, a).version for a in ["champion", *variants]}) == 5
+    versions = {client.get_model_version_by_alias(name, a).version for a in ["champion", *registered]}
+    assert len(versions) == 1 + len(registered)
 
 
 def test_operator_mismatch_and_tampering_are_refused(tmp_path):
@@ -281,3 +296,31 @@ def test_kfold_statistics_partition_the_training_split(tiny_project):
     assert sum(held.n for _, held in folds) == full.n
     alpha_r2 = tune.build_objective(params, "L01_k2")(10.0)
     assert np.isfinite(alpha_r2) and alpha_r2 < 1
+
+
+def test_a_variant_below_the_identity_is_not_registered_unless_asked(caplog):
+    """`fit.register_below_identity`: false refuses the planted bad variant, naming it and both R²_w; true keeps it."""
+    from ato.artifacts.operator import OperatorConfig
+    from ato.fitting import FitResult
+    from ato.operators import Operator
+    from ato.stages.fit import variants_to_register
+
+    base = {"model": "m", "model_digest": None, "layer_in": 1, "layer_out": 2, "alpha": 0.0, "d_model": 4}
+    base |= {"n_train_tokens": 100, "store_digest": "s"}
+
+    def variant(name: str, r2w: float) -> Operator:
+        config = {**base, "method": "rrr", "variant": name, "metrics": {"test_r2_weighted": r2w}}
+        return Operator(torch.eye(4), torch.zeros(4), OperatorConfig.from_dict(config, name))
+
+    fitted = FitResult(np.eye(4), np.zeros(4), OperatorConfig.from_dict({**base, "method": "ridge"}, "op"))
+    fitted.metrics = {"identity_test_r2_weighted": 0.35}
+    fitted.variants = {"svd64": variant("svd64", 0.24), "update16": variant("update16", 0.6)}
+    fitted.variants["identity"] = variant("identity", 0.35)
+    with caplog.at_level("WARNING", logger="ato.stages.fit"):
+        assert variants_to_register("L01_k1", fitted, below_identity=False) == ["update16", "identity"]
+    (refused,) = caplog.messages
+    assert "L01_k1: @svd64 not registered" in refused and "test R²_w 0.240 < 0.350" in refused
+    assert "fit.register_below_identity: true" in refused
+    caplog.clear()
+    assert variants_to_register("L01_k1", fitted, below_identity=True) == ["svd64", "update16", "identity"]
+    assert not caplog.messages

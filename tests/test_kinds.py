@@ -15,7 +15,7 @@ from conftest import TOY_KIND, half_carry
 
 def test_built_in_roles_list_the_historical_keys_in_their_order():
     """Every key below is in files of earlier runs (metrics, CSV columns, causal JSON, markdown)."""
-    assert kinds.keys_for("variant") == ("rank", "svd", "procrustes", "identity")
+    assert kinds.keys_for("variant") == ("rank", "update", "svd", "procrustes", "identity")
     assert kinds.keys_for("evaluate") == ("ato", "identity", "mean", "ols")
     assert kinds.keys_for("atlas") == ("identity", "procrustes", "procrustes_centred", "ridge", "rrr", "jacobian")
     assert kinds.keys_for("atlas_reference") == ("train_mean",)
@@ -37,9 +37,10 @@ def test_one_entry_per_map_whatever_each_place_calls_it():
 def test_variant_names_parse_from_the_registry():
     assert (parse_variant("rank64").kind, parse_variant("rank64").rank) == ("rank", 64)
     assert (parse_variant("svd3").kind, parse_variant("svd3").rank) == ("svd", 3)
+    assert (parse_variant("update16").kind, parse_variant("update16").rank) == ("update", 16)
     assert parse_variant("procrustes").rank is None and parse_variant("identity").kind == "identity"
     for bad in ("rank0", "rank", "svd01", "ridge", "identity2", "Procrustes"):
-        with pytest.raises(ValueError, match=r"expected rank<r>, svd<r> \(r ≥ 1\), procrustes or identity"):
+        with pytest.raises(ValueError, match=r"expected rank<r>, update<r>, svd<r> \(r ≥ 1\), procrustes or identity"):
             parse_variant(bad)
     assert kinds.variant_method("rank") == "rrr" and kinds.variant_method("svd") == "svd_truncated"
 
@@ -104,7 +105,7 @@ def test_fit_refuses_a_variant_name_no_kind_has():
     from ato.stages.fit import check_variants
 
     check_variants(FitParams(variants=["rank4", "svd2", "procrustes", "identity"]))
-    with pytest.raises(ParamsError, match=r"fit.variants: 'rank0' is not rank<r>, svd<r> \(r ≥ 1\), procrustes or"):
+    with pytest.raises(ParamsError, match=r"fit.variants: 'rank0' is not rank<r>, update<r>, svd<r> \(r ≥ 1\), proc"):
         check_variants(FitParams(variants=["rank4", "rank0"]))
     with pytest.raises(ParamsError, match="names repeat"):
         check_variants(FitParams(variants=["identity", "identity"]))
@@ -114,6 +115,8 @@ def test_variant_descriptions_come_from_the_registry():
     """The words earlier runs' MLflow version descriptions use for each variant method."""
     assert kinds.variant_text("rrr").format(rank=8) == "reduced-rank regression at rank 8"
     assert kinds.variant_text("svd_truncated").format(rank=8) == "the champion's SVD truncated to rank 8"
+    update = "the identity plus the best rank-16 update (reduced-rank regression of y − x on x)"
+    assert kinds.variant_text("identity_plus_rrr_update").format(rank=16) == update
     assert kinds.variant_text("procrustes") == "similarity Procrustes (a rotation plus a global gain)"
     assert kinds.variant_text("identity") == "the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)"
     assert kinds.variant_text("ridge") == "ridge"  # a method no variant kind has names itself

@@ -1,7 +1,7 @@
 """What a user reads in MLflow after the tiny pipeline (collect → … → fit → sae → select → evaluate →
 causal): each pair run's own R² (not the last registered variant's), pair runs at the top level with
 the Optuna trials under them and ~20 `headline.` metrics, registry versions that say which map they
-are (a WARNING on a variant that scores below the identity map), and the runs page in headless
+are (a WARNING on a variant registered although it scores below the identity map), and the runs page in headless
 Chromium, served by `ato ui`, listing every pair with its own R²."""
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from conftest import TINY_PARAMS, load_tiny_params, make_corpus, make_prepared_m
 from test_feature_cards import _browser
 from test_ui import children, free_port, http, wait_for_health
 
-# rank1 scores below the identity map on the tiny model: the registry must warn about it
-VARIANTS = ["rank1", "rank64", "svd64", "procrustes", "identity"]
+# rank1 scores below the identity map on the tiny model: it is registered (fit.register_below_identity)
+# and the registry must warn about it
+VARIANTS = ["rank1", "rank64", "update8", "procrustes", "identity"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def pipeline(tmp_path_factory):
     make_prepared_model(root / "models" / "base")
     make_corpus(root / "corpus.jsonl")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    params = load_tiny_params(root, **{"fit.variants": VARIANTS})
+    params = load_tiny_params(root, **{"fit.variants": VARIANTS, "fit.register_below_identity": True})
     for stage in (collect, validate, stats, tune, fit, sae, select, evaluate, causal_reference, causal):
         stage.main(params)
     return params

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .artifacts.operator import OperatorConfig
+from .kinds import parse_variant
 from .math.cca import CCA
 from .math.ridge import RidgePath, r2_from_stats
 from .math.stats import PairStats
@@ -93,7 +94,8 @@ def make_variants(fitted: FitResult, splits: dict[str, PairStats], names: list[s
     if not names:
         return {}
     parent = Operator(torch.as_tensor(fitted.W), torch.as_tensor(fitted.b), fitted.config)
-    cca = CCA.from_stats(splits["train"]) if any(n.startswith(("rank", "svd")) for n in names) else None
+    ranked = any(parse_variant(n).rank is not None for n in names)  # every ranked kind shares one CCA
+    cca = CCA.from_stats(splits["train"]) if ranked else None
     out: dict[str, Operator] = {}
     for name in names:
         op = operator_variant(parent, splits["train"], name, cca)

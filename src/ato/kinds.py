@@ -88,7 +88,7 @@ class MapKind:
     places: Mapping[Role, Place]  # the roles it appears in
     colour: str  # its colour in every figure
     causal: Literal["pair", "target"] | None = None  # a causal condition patched per pair or per target layer
-    ranked: bool = False  # its name carries a rank in `fit.variants` (`rank<r>`, `svd<r>`)
+    ranked: bool = False  # its name carries a rank in `fit.variants` (`rank<r>`, `update<r>`, `svd<r>`)
     method: str | None = None  # `method` in a variant's config.json
     variant_text: str | None = None  # a variant of this kind in its registry description ({rank}: its rank)
     # For a kind no stage builds itself (a plugin): its map from the pair's train statistics alone. The
@@ -176,7 +176,7 @@ def by_key(role: Role, key: str) -> MapKind:
 
 
 def variant_forms() -> str:
-    """`rank<r>, svd<r> (r ≥ 1), procrustes or identity`: the names fit.variants accepts, for messages."""
+    """`rank<r>, update<r>, svd<r> (r ≥ 1), procrustes or identity`: the names fit.variants accepts, for messages."""
     kinds = kinds_for("variant")
     forms = [f"{k.key('variant')}<r>" for k in kinds if k.ranked]
     ranked = ", ".join(forms) + " (r ≥ 1)" if forms else ""
@@ -190,12 +190,12 @@ class VariantSpec:
     """A parsed variant name: `rank64` → kind "rank", rank 64 (`ato.math.variants.variant_map` builds it)."""
 
     name: str
-    kind: str  # the variant key of its map kind: rank, svd, procrustes or identity
+    kind: str  # the variant key of its map kind: rank, update, svd, procrustes or identity
     rank: int | None = None  # requested rank (ranked kinds only)
 
 
 def parse_variant(name: str) -> VariantSpec:
-    """`rank<r>`, `svd<r>` (r ≥ 1), `procrustes` or `identity` (the variant role's keys); anything else is
+    """`rank<r>`, `update<r>`, `svd<r>` (r ≥ 1), `procrustes` or `identity` (the variant role's keys); anything else is
     a ValueError naming the forms."""
     for kind in kinds_for("variant"):
         key = kind.key("variant")
@@ -288,7 +288,7 @@ for _kind in (
         method="identity",
         variant_text="the identity map ŷ = x (pure carry-over: the baseline, not a fitted map)",
         places={
-            "variant": Place(3),
+            "variant": Place(4),
             "evaluate": Place(1, column="identity"),
             "atlas": Place(0, column="identity"),
             "causal": Place(1),
@@ -363,7 +363,7 @@ for _kind in (
         method="procrustes",
         variant_text="similarity Procrustes (a rotation plus a global gain)",
         # the variant's historical name; fit builds it with `ato.math.variants.procrustes_map`
-        places={"variant": Place(2, key="procrustes"), "atlas": Place(2, column="Procrustes, centred")},
+        places={"variant": Place(3, key="procrustes"), "atlas": Place(2, column="Procrustes, centred")},
     ),
     MapKind(
         name="rrr",
@@ -381,16 +381,34 @@ for _kind in (
         },  # the variant's historical name
     ),
     MapKind(
+        name="update",
+        label="identity + rank-r update",
+        meaning=(
+            "ŷ = x + Δ_r x + b: the identity plus the best rank-r change, Δ_r the reduced-rank regression of "
+            "y − x on x in whitened coordinates (what the blocks carry kept, r directions of what they change)"
+        ),
+        built_from="pair_stats",
+        saved="operator",
+        colour="#aec7e8",
+        ranked=True,
+        method="identity_plus_rrr_update",
+        variant_text="the identity plus the best rank-{rank} update (reduced-rank regression of y − x on x)",
+        places={"variant": Place(1)},
+    ),
+    MapKind(
         name="svd",
         label="SVD-truncated",
-        meaning="the fitted map's SVD truncated to rank r, intercept refitted at the train means",
+        meaning=(
+            "the fitted map's SVD truncated to rank r, intercept refitted at the train means (raw coordinates: "
+            "ignores Σxx, can score below the identity; not a default variant)"
+        ),
         built_from="operator",
         saved="operator",
         colour="#bcbd22",
         ranked=True,
         method="svd_truncated",
         variant_text="the champion's SVD truncated to rank {rank}",
-        places={"variant": Place(1)},
+        places={"variant": Place(2)},
     ),
     MapKind(
         name="jacobian",

@@ -218,10 +218,10 @@ def _card_body(
         "## Intended use",
         "",
         "Research on how much of what a transformer's residual stream holds at a later layer is *carried* "
-        "linearly from an earlier one: predict y from x, compare variants (reduced rank, Procrustes, "
-        "identity), or splice the map into the model and measure the change in log-perplexity. It is not a "
-        "component for production models, and says nothing about behaviour outside the text distribution "
-        "it was fitted on.",
+        "linearly from an earlier one: predict y from x, compare variants (reduced rank, identity + rank-r "
+        "update, Procrustes, identity), or splice the map into the model and measure the change in "
+        "log-perplexity. It is not a component for production models, and says nothing about behaviour "
+        "outside the text distribution it was fitted on.",
         "",
         "## Limitations",
         "",

@@ -1,9 +1,9 @@
 """The operator artifact (docs/contracts.md#operator): `<dir>/operator.safetensors` (W [d_out, d_in],
 b [d_out]) + `config.json`. ŷ = x Wᵀ + b in the original, unstandardised coordinates. Never pickled.
 
-Variants (`operator_variant`, `ato.math.variants`): reduced-rank, SVD-truncated, Procrustes and
-identity maps of a fitted operator, each an `Operator` of its own, saved beside it as
-`<dir>/variants/<name>/` (the same two files) by `ato fit` (`fit.variants`).
+Variants (`operator_variant`, `ato.math.variants`): reduced-rank, identity + rank-r update,
+SVD-truncated, Procrustes and identity maps of a fitted operator, each an `Operator` of its own, saved
+beside it as `<dir>/variants/<name>/` (the same two files) by `ato fit` (`fit.variants`).
 
 Public API::
 
@@ -341,7 +341,7 @@ def load_registered_operator(name: str, alias: str = "champion", tracking_uri: s
 
 
 def operator_variant(op: Operator, train: Any, name: str, cca: Any = None) -> Operator:
-    """The variant `name` (`rank<r>`, `svd<r>`, `procrustes`, `identity`; `ato.math.variants`) of the
+    """The variant `name` (`rank<r>`, `update<r>`, `svd<r>`, `procrustes`, `identity`; `ato.math.variants`) of the
     fitted operator `op`, built from its pair's TRAIN statistics (`ato.math.stats.PairStats`, e.g.
     `ato.artifacts.read_pair_stats(".../train/<pair>.safetensors")`). Its config is the parent's with
     the variant's name, method and rank, and the parent's weights digest."""

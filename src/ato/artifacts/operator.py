@@ -31,7 +31,7 @@ class OperatorConfig:
     layer_in: int  # x: the residual after decoder block layer_in
     layer_out: int  # y: the residual after decoder block layer_out (the same token)
     alpha: float  # the penalty it was fitted with (ridge α; 0 for OLS and most variants)
-    method: str  # ridge, ols, lasso, elasticnet; for a variant: rrr, svd_truncated, procrustes, identity
+    method: str  # ridge, ols, lasso, elasticnet; for a variant: rrr, identity_plus_rrr_update, svd_truncated, …
     d_model: int  # width of x and y; W is [d_model, d_model]
     n_train_tokens: int  # TRAIN tokens behind the fit
     store_digest: str  # content digest of the activation store the statistics came from
@@ -50,7 +50,7 @@ class OperatorConfig:
     identity_test_r2_weighted: float | None = None  # the identity map's test R²_w (variants inherit it)
 
     # --- a variant's (`ato.operators.operator_variant`): written together whenever `variant` is set
-    variant: str | None = None  # rank64, svd32, procrustes, identity; None for the fitted operator
+    variant: str | None = None  # rank64, update16, svd32, procrustes, identity; None for the fitted operator
     rank: int | None = None  # the rank used (capped at d_model); None for full-rank kinds
     rank_requested: int | None = None  # the rank the name asked for
     procrustes_scale: float | None = None  # Procrustes' global gain; None for other kinds

@@ -150,8 +150,13 @@ class FitParams:
     register: bool = True  # register in the MLflow model registry with alias `champion`
     alias: str = "champion"
     # operator variants saved beside the operator (<dir>/variants/<name>/) and registered as aliases
-    # `@<name>`: rank<r> (reduced-rank regression), svd<r> (SVD-truncated), procrustes, identity
-    variants: list[str] = field(default_factory=lambda: ["rank64", "svd64", "procrustes", "identity"])
+    # `@<name>`: rank<r> (reduced-rank regression), update<r> (identity + best rank-r update), svd<r>
+    # (SVD-truncated), procrustes, identity
+    variants: list[str] = field(
+        default_factory=lambda: ["rank64", "update16", "update64", "update256", "procrustes", "identity"]
+    )
+    # register a variant whose test R²_w is below the identity map's (default: saved, logged, not registered)
+    register_below_identity: bool = False
 
 
 @dataclass

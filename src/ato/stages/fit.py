@@ -1,10 +1,12 @@
 """Stage `fit`: refit each pair at its tuned α on the training statistics, save the operator
 artifact (safetensors + config.json, docs/contracts.md#operator) with its variants (`fit.variants`:
-reduced-rank, SVD-truncated, Procrustes, identity; `<dir>/variants/<name>/`), track it in the pair's
-MLflow run and register it (`@champion`) and each variant (`@<variant>`) as versions of the pair's
+reduced-rank, identity + rank-r update, Procrustes, identity; `<dir>/variants/<name>/`), track it in
+the pair's MLflow run and register it (`@champion`) and each variant (`@<variant>`) as versions of the pair's
 registered model, every one with its train/val/test R² from the pair statistics. The champion is
 registered last, so the registry list's "latest version" is the champion; each version's description
-says which map it is, and a variant whose test R²_w is below the identity map's says so in a WARNING."""
+says which map it is. A variant whose test R²_w is below the identity map's is saved but not
+registered, with a warning naming both numbers (`fit.register_below_identity: true` registers it, its
+description then saying so in a WARNING)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ato.artifacts.operator import OperatorConfig
 from ato.fitting import SCORED, TUNED_METHODS, FitResult, fit_map, make_variants, scores
 from ato.kinds import parse_variant, variant_forms
 from ato.model_card import model_description, version_description
-from ato.operators import CONFIG, WEIGHTS, save_operator, variant_dir
+from ato.operators import CONFIG, WEIGHTS, below_identity_warning, save_operator, variant_dir
 from ato.params import FitParams, Params, ParamsError
 from ato.store import ActivationStore
 from ato.tracking import (
@@ -162,11 +164,32 @@ def track(params: Params, pair_name: str, operator_dir: Path, fitted: FitResult)
     log_store_lineage(params.path("store"), digest)
     mlflow.log_artifact(str(operator_dir / CONFIG))
     if params.fit.register:
-        for v in fitted.variants:  # the champion last: the registry list shows the newest version
+        registered = variants_to_register(pair_name, fitted, params.fit.register_below_identity)
+        for v in registered:  # the champion last: the registry list shows the newest version
             register(params, pair_name, operator_dir, variant=v)
         name = register(params, pair_name, operator_dir)
-        text = model_description(pair_name, config, params.fit.alias, list(fitted.variants))
+        text = model_description(pair_name, config, params.fit.alias, registered)
         mlflow.MlflowClient().update_registered_model(name, description=text)
+
+
+def variants_to_register(pair_name: str, fitted: FitResult, below_identity: bool) -> list[str]:
+    """The variants to register: all with `below_identity` (`fit.register_below_identity`), else those
+    not `worse_than_identity` on test R²_w; each one refused is logged with both numbers. A refused
+    variant is still saved beside the operator and its scores logged: only the registry alias, which
+    offers it for splicing, is withheld."""
+    identity_r2w = fitted.metrics["identity_test_r2_weighted"]
+    keep = []
+    for v, op in fitted.variants.items():
+        r2w = (op.config.metrics or {})["test_r2_weighted"]
+        warning = below_identity_warning(r2w, identity_r2w, f"variant {v!r}") if v != "identity" else None
+        if warning and not below_identity:
+            reason = warning.removeprefix("WARNING: ")
+            log.warning(
+                "fit %s: @%s not registered (fit.register_below_identity: true would): %s", pair_name, v, reason
+            )
+        else:
+            keep.append(v)
+    return keep
 
 
 def logged_params(config: OperatorConfig) -> dict[str, Any]:
