@@ -334,7 +334,8 @@ def _sums(results):
 def _pair_inputs(d: int, L: int = 0, target: int = 2):
     g = torch.Generator().manual_seed(1)
     W, b = torch.randn(d, d, generator=g) / d**0.5, torch.randn(d, generator=g)
-    return causal_lib.PairPatch("L00_k2", L, target, W, b), torch.randn(d, generator=g)
+    mean_x, mean_y = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    return causal_lib.PairPatch("L00_k2", L, target, W, b, mean_x, mean_y), mean_y
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "gpt2"])

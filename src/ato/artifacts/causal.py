@@ -139,10 +139,12 @@ class PositionSetSummary:
     zero: PatchedScores  # 0 (ablation: the damage reference)
     bias_only: PatchedScores  # b
     train_mean: PatchedScores  # ȳ_train (mean ablation)
+    mean_update: PatchedScores  # x_L + (ȳ_train − x̄_train): the residual carried, the computation averaged
     recovered: RecoveredShare  # against the headline reference (causal.headline_reference; `.reference`)
     recovered_vs_train_mean: RecoveredShare  # 1 − Δ(ato)/Δ(train_mean)
     recovered_vs_zero: RecoveredShare  # 1 − Δ(ato)/Δ(zero)
     recovered_vs_identity: RecoveredShare  # 1 − Δ(ato)/Δ(identity)
+    recovered_vs_mean_update: RecoveredShare  # 1 − Δ(ato)/Δ(mean_update)
     # causal kinds registered beyond the fields above (`ato.kinds`), by key; not written when empty
     registered: dict[str, PatchedScores] = field(default_factory=dict, metadata=OMIT_EMPTY)  # other causal kinds
 

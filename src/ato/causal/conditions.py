@@ -45,11 +45,16 @@ class PairPatch:
     layer_out: int  # L + k
     W: torch.Tensor  # [d, d] float32
     b: torch.Tensor  # [d]
+    mean_x: torch.Tensor  # x̄_train of layer L [d] (the pair's train statistics)
+    mean_y: torch.Tensor  # ȳ_train of layer L+k [d]
 
 
 def pair_conditions(pair: PairPatch, device: torch.device | str = "cpu") -> list[Condition]:
-    """The conditions patched per pair (ato, identity, bias_only, and any registered pair-scope kind)."""
-    inputs = PatchInputs(W=pair.W.to(device), b=pair.b.to(device))
+    """The conditions patched per pair (ato, identity, bias_only, mean_update, and any registered
+    pair-scope kind)."""
+    inputs = PatchInputs(
+        W=pair.W.to(device), b=pair.b.to(device), mean_x=pair.mean_x.to(device), mean_y=pair.mean_y.to(device)
+    )
     return _registered_conditions("pair", inputs, pair.layer_in)
 
 

@@ -44,9 +44,7 @@ def summarise_set(res: SetResult, cp: CausalParams) -> tuple[PositionSetSummary,
         clean=CleanScores(**{f"logppl_{s}": _ratio(sums["clean"][s], counts[s]) for s in SCOPES}),
         **{c: scores for c, scores in patched.items() if c in TYPED_CONDITIONS},
         recovered=shares[cp.headline_reference],
-        recovered_vs_train_mean=shares["train_mean"],
-        recovered_vs_zero=shares["zero"],
-        recovered_vs_identity=shares["identity"],
+        **{f"recovered_vs_{r}": share for r, share in shares.items()},
         registered={c: scores for c, scores in patched.items() if c not in TYPED_CONDITIONS},
     )
     detail = SequenceDetail(
