@@ -101,7 +101,7 @@ def _check_request(cp: CausalParams, names: list[str], configured: list[str]) ->
 
 
 def prepare_inputs(
-    params: Params, names: list[str], info: ModelInfo, store_digest: str | None
+    params: Params, names: list[str], info: ModelInfo, store_digest: str | None = None
 ) -> dict[str, PairPatch]:
     """Load and check every pair's operator and train means before any forward pass."""
     from ato.operators import load_operator
