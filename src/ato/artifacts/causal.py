@@ -13,8 +13,8 @@ docs/statistics.md#intervals).
   per-sequence value behind the summary.
 
 Conditions: `clean` (no patch) and the patched ones, `patched_conditions()`. Scopes: `all` (every
-prediction but the one made at BOS, which no patch can change) and `after` (predictions at or after the sequence's first patched position). "Recovered"
-is 1 − Δ(ato)/Δ(reference) against each of `recovered_references()`; the headline is
+prediction but the one made at BOS, which no patch can change) and `after` (predictions at or after
+the sequence's first patched position). "Recovered" is 1 − Δ(ato)/Δ(reference) against each of `recovered_references()`; the headline is
 `causal.headline_reference`.
 """
 
@@ -302,7 +302,7 @@ class CausalSequences(Record):
 
 
 SCOPE_TEXT = {
-    "all": "every prediction a patch can change: tokens 2..T-1, predicted at positions 1..T-2 (not the one made at BOS)",
+    "all": "every prediction but the one made at BOS (no patch changes it): positions 1..T-2 predicting 2..T-1",
     "after": "predictions made at or after the sequence's first patched position",
 }
 

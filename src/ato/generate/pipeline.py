@@ -223,8 +223,8 @@ STAGES: list[Stage] = [
     Stage(
         "causal",
         does=(
-            "log-perplexity under patching by the ATO, identity, bias-only and mean-update maps, against the shared clean / zero / "
-            "mean-ablation references; Δ and recovered share with studentized intervals over sequences"
+            "log-perplexity under patching by the ATO, identity, bias-only and mean-update maps, against the shared "
+            "clean / zero / mean-ablation references; Δ and recovered share with studentized intervals over sequences"
         ),
         output="`reports/causal/<pair>.json`, figures",
         deps=[
