@@ -14,8 +14,8 @@ docs/statistics.md#intervals).
 
 Conditions: `clean` (no patch) and the patched ones, `patched_conditions()`. Scopes: `all` (every
 prediction but the one made at BOS, which no patch can change) and `after` (predictions at or after
-the sequence's first patched position). "Recovered" is 1 − Δ(ato)/Δ(reference) against each of `recovered_references()`; the headline is
-`causal.headline_reference`.
+the sequence's first patched position). "Recovered" is 1 − Δ(ato)/Δ(reference) against each of
+`recovered_references()`; the headline is `causal.headline_reference`.
 """
 
 from __future__ import annotations

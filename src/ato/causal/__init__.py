@@ -18,8 +18,9 @@ Every patched residual is `ato.splicing.patch_rows`, the implementation behind t
 next-token NLL from the final hidden states through the chunked LM head (`ato.models.chunked_nll`, with
 the model's final logit softcapping), so the 262k-vocab logits never exist all at once. Two token
 scopes: `all` (every prediction but the one made at BOS, which no patch can change) and `after`
-(predictions at or after the first patched position — the only ones a patch can change in a causal model; earlier rows are taken from the clean pass, which is exact, and
-skip the LM head, which dominates the cost).
+(predictions at or after the first patched position — the only ones a patch can change in a causal
+model; earlier rows are taken from the clean pass, which is exact, and skip the LM head, which
+dominates the cost).
 
 Shared work (issue 11):
 
