@@ -596,7 +596,8 @@ def test_headline_reference_and_interval_method_are_params(trained_project):
 
 def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     """Blocks 2 and 3 are identities, so y_3 = x_1: the identity operator (and the identity
-    condition) patch in the true residual and change nothing; the ablations still hurt."""
+    condition, and the mean update, whose ȳ − x̄ is 0) patch in the true residual and change nothing;
+    the ablations still hurt."""
     import yaml
 
     from conftest import TINY_PARAMS
@@ -609,12 +610,14 @@ def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     causal_reference.main(params)
     summary = causal.main(params, pair="L01_k2")["L01_k2"]
     out = summary.headline_metrics()
-    for cond in ("ato", "identity"):
+    for cond in ("ato", "identity", "mean_update"):
         for scope in SCOPES:
             assert abs(out[f"{cond}_delta_{scope}"]) < 1e-6
             assert abs(out[f"{cond}_delta_{scope}_hi"] - out[f"{cond}_delta_{scope}_lo"]) < 1e-6
     assert out["zero_delta_all"] > 0 and out["train_mean_delta_all"] > 0
-    assert out["recovered_all"] == pytest.approx(1.0, abs=1e-5)
+    assert out["recovered_vs_train_mean_all"] == pytest.approx(1.0, abs=1e-5)
+    assert not summary.headline.recovered_vs_train_mean.degenerate("all")
+    assert summary.headline.recovered.degenerate("all")  # the mean update is the identity here: no damage
     assert out["recovered_vs_zero_all"] == pytest.approx(1.0, abs=1e-5)
     assert np.isnan(out["recovered_vs_identity_all"])  # identity does no damage: no share to recover
 
