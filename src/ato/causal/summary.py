@@ -36,16 +36,17 @@ def summarise_set(res: SetResult, cp: CausalParams) -> tuple[PositionSetSummary,
     kw: dict[str, Any] = {"level": LEVEL, "method": cp.interval, "n_resamples": cp.bootstrap_resamples, "seed": cp.seed}
     patched = {c: _patched_scores(sums[c], sums["clean"], counts, kw) for c in patched_conditions()}
     shares = {r: _recovered(sums["ato"], sums[r], sums["clean"], counts, r, kw) for r in recovered_references()}
+    typed: dict[str, PatchedScores | RecoveredShare] = {c: s for c, s in patched.items() if c in TYPED_CONDITIONS}
+    typed |= {f"recovered_vs_{r}": share for r, share in shares.items()}  # one field per reference
     summary = PositionSetSummary(
         n_patched_tokens=int(sum(res.n_patched)),
         first_patched_position=int(min(res.first_patched)) if res.first_patched else -1,
         n_tokens_all=int(counts["all"].sum()),
         n_tokens_after=int(counts["after"].sum()),
         clean=CleanScores(**{f"logppl_{s}": _ratio(sums["clean"][s], counts[s]) for s in SCOPES}),
-        **{c: scores for c, scores in patched.items() if c in TYPED_CONDITIONS},
         recovered=shares[cp.headline_reference],
-        **{f"recovered_vs_{r}": share for r, share in shares.items()},
         registered={c: scores for c, scores in patched.items() if c not in TYPED_CONDITIONS},
+        **typed,  # type: ignore[arg-type]  # each key is the field of its type
     )
     detail = SequenceDetail(
         positions=res.spec,
