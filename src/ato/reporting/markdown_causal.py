@@ -108,6 +108,7 @@ def _causal_per_set(results: list[PairResults], scope: str, head: str) -> list[s
             set_name,
             fmt_int(entry.n_patched_tokens),
             fmt_ci_hw(*entry.ato.delta(scope), entry.ato.half_width(scope)),
+            fmt_ci_hw(*entry.mean_update.delta(scope), entry.mean_update.half_width(scope)),
             fmt_ci_hw(*entry.train_mean.delta(scope), entry.train_mean.half_width(scope)),
             fmt_ci_hw(*entry.zero.delta(scope), entry.zero.half_width(scope)),
             fmt_share(entry.recovered_vs(head), scope),
@@ -118,6 +119,6 @@ def _causal_per_set(results: list[PairResults], scope: str, head: str) -> list[s
     ]
     if not rows:
         return []
-    header = ["pair", "position set", "patched tokens", "Δ ATO", "Δ train mean", "Δ zero"]
+    header = ["pair", "position set", "patched tokens", "Δ ATO", "Δ mean update", "Δ train mean", "Δ zero"]
     header.append(f"recovered vs {REFERENCE_LABELS[head]}")
     return ["Per position set (`causal.position_sets`):", "", md_table(header, rows, n_left=2), ""]
