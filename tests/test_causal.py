@@ -334,7 +334,8 @@ def _sums(results):
 def _pair_inputs(d: int, L: int = 0, target: int = 2):
     g = torch.Generator().manual_seed(1)
     W, b = torch.randn(d, d, generator=g) / d**0.5, torch.randn(d, generator=g)
-    return causal_lib.PairPatch("L00_k2", L, target, W, b), torch.randn(d, generator=g)
+    mean_x, mean_y = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    return causal_lib.PairPatch("L00_k2", L, target, W, b, mean_x, mean_y), mean_y
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "gpt2"])
@@ -350,6 +351,58 @@ def test_shared_prefix_gives_the_same_sums_as_full_forwards(kind):
     full = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
     assert _sums(shared) == _sums(full)
     assert set(shared["all"].nll_sum) == set(all_conditions())
+
+
+def test_the_all_scope_leaves_out_the_prediction_made_at_bos():
+    """BOS is never patched, so the prediction made at position 0 is the clean one in every condition:
+    scope `all` counts the T − 2 predictions made at positions 1..T−2, and sums only those."""
+    model = tiny_model("gpt2")
+    held = causal_lib.HeldOut(_ids(3), torch.zeros(3, 12, dtype=torch.bool), list(range(3)), list(range(3)))
+    specs = {"late": [6]}
+    pair, mean_y = _pair_inputs(int(model.config.hidden_size))
+    conditions = causal_lib.pair_conditions(pair)
+    masks = causal_lib.check_position_sets(specs, 12)
+    results, clean = causal_lib.run_conditions(model, held, 2, conditions, masks, specs, 2, 7, progress=False)
+    late = results["late"]
+    assert late.count["all"] == [10, 10, 10] and late.count["after"] == [5, 5, 5]
+    expected = clean[:, 1:].double().sum(1).tolist()
+    assert late.nll_sum["clean"]["all"] == pytest.approx(expected, rel=1e-12)
+    assert late.nll_sum["clean"]["all"] != pytest.approx(clean.double().sum(1).tolist(), rel=1e-12)
+
+
+def _planted_set(ato: list[float], mean_update: list[float]) -> causal_lib.SetResult:
+    """Per-sequence NLL sums of 8 sequences × 10 predictions: clean 10 nats each, ato and the mean
+    update as given, the other references far above them."""
+    n, clean = len(ato), [10.0] * len(ato)
+    res = causal_lib.SetResult("all", "all", torch.ones(12, dtype=torch.bool), list(all_conditions()))
+    sums = {"clean": clean, "ato": ato, "mean_update": mean_update}
+    for cond in all_conditions():
+        values = sums.get(cond, [40.0 + i for i in range(n)])
+        res.nll_sum[cond] = {s: list(values) for s in SCOPES}
+    res.count = {s: [10] * n for s in SCOPES}
+    res.n_patched, res.first_patched = [10] * n, [1] * n
+    return res
+
+
+def test_a_reference_no_worse_than_the_ato_is_degenerate():
+    """Planted: the mean update does exactly the ATO's damage (degenerate: no share reported), mean
+    ablation far more (a share); the table and the figure text say why instead of a number."""
+    from ato.artifacts.causal import DEGENERATE_REASON
+    from ato.params import CausalParams
+    from ato.plotting.causal import _recovered_lines
+    from ato.reporting.cells import fmt_share
+
+    ato = [11.0, 12.5, 10.5, 13.0, 11.5, 12.0, 10.8, 12.2]
+    cp = CausalParams(bootstrap_resamples=200)
+    same, _ = causal_lib.summarise_set(_planted_set(ato, list(ato)), cp)
+    assert same.recovered.reference == "mean_update" and same.recovered.degenerate("all")
+    assert not same.recovered_vs_train_mean.degenerate("all")
+    assert fmt_share(same.recovered, "all") == f"degenerate ({DEGENERATE_REASON})"
+    assert any(
+        f"mean upd.: degenerate ({DEGENERATE_REASON})" in line for line in _recovered_lines(same, "mean_update", "all")
+    )
+    worse, _ = causal_lib.summarise_set(_planted_set(ato, [v + 3.0 + 0.1 * i for i, v in enumerate(ato)]), cp)
+    assert not worse.recovered.degenerate("all") and "degenerate" not in fmt_share(worse.recovered, "all")
 
 
 def test_a_replay_that_differs_falls_back_to_full_forwards(monkeypatch, caplog):
@@ -430,7 +483,7 @@ def test_stage_outputs_references_and_intervals(trained_project):
     summary = causal.main(params, pair="L01_k2")["L01_k2"]
     out = summary.headline_metrics()
     assert (summary.interval_method, summary.interval_n_units, summary.interval_level) == ("studentized_hull", 4, 0.95)
-    assert summary.headline_reference == "train_mean" == summary.headline.recovered.reference
+    assert summary.headline_reference == "mean_update" == summary.headline.recovered.reference
     assert out["zero_delta_all"] > 0 and out["zero_delta_all_lo"] > 0  # zero ablation hurts
     assert out["train_mean_delta_all"] > 0  # mean ablation less so (a tiny near-unigram model)
     for cond in patched_conditions():
@@ -444,8 +497,11 @@ def test_stage_outputs_references_and_intervals(trained_project):
             assert out[f"recovered_vs_{ref}_{s}_lo"] <= share <= out[f"recovered_vs_{ref}_{s}_hi"]
             bounded = getattr(summary.headline.recovered_vs(ref), f"{s}_bounded")
             assert bounded == np.isfinite(out[f"recovered_vs_{ref}_{s}_half_width"])
-    assert out["recovered_all"] == out["recovered_vs_train_mean_all"]
-    assert out["recovered_all_hi"] == out["recovered_vs_train_mean_all_hi"]
+    assert out["recovered_all"] == out["recovered_vs_mean_update_all"]
+    assert out["recovered_all_hi"] == out["recovered_vs_mean_update_all_hi"]
+    # every non-BOS position patched: the first patch is at 1, so `all` and `after` count the same
+    assert summary.headline.n_tokens_all == summary.headline.n_tokens_after == 4 * (12 - 2)
+    assert out["ato_delta_all"] == out["ato_delta_after"]
 
     report = json.loads((project / "reports" / "causal" / "L01_k2.json").read_text())
     assert "format" not in report and report["interval_method"] == "studentized_hull"
@@ -540,7 +596,8 @@ def test_headline_reference_and_interval_method_are_params(trained_project):
 
 def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     """Blocks 2 and 3 are identities, so y_3 = x_1: the identity operator (and the identity
-    condition) patch in the true residual and change nothing; the ablations still hurt."""
+    condition, and the mean update, whose ȳ − x̄ is 0) patch in the true residual and change nothing;
+    the ablations still hurt."""
     import yaml
 
     from conftest import TINY_PARAMS
@@ -553,12 +610,13 @@ def test_identity_blocks_with_identity_operator_reproduce_clean(tmp_path):
     causal_reference.main(params)
     summary = causal.main(params, pair="L01_k2")["L01_k2"]
     out = summary.headline_metrics()
-    for cond in ("ato", "identity"):
+    for cond in ("ato", "identity", "mean_update"):
         for scope in SCOPES:
             assert abs(out[f"{cond}_delta_{scope}"]) < 1e-6
             assert abs(out[f"{cond}_delta_{scope}_hi"] - out[f"{cond}_delta_{scope}_lo"]) < 1e-6
     assert out["zero_delta_all"] > 0 and out["train_mean_delta_all"] > 0
-    assert out["recovered_all"] == pytest.approx(1.0, abs=1e-5)
+    assert out["recovered_vs_train_mean_all"] == pytest.approx(1.0, abs=1e-5)
+    assert summary.headline.recovered.degenerate("all")  # the mean update is the identity here: no damage
     assert out["recovered_vs_zero_all"] == pytest.approx(1.0, abs=1e-5)
     assert np.isnan(out["recovered_vs_identity_all"])  # identity does no damage: no share to recover
 

@@ -19,10 +19,10 @@ def test_built_in_roles_list_the_historical_keys_in_their_order():
     assert kinds.keys_for("evaluate") == ("ato", "identity", "mean", "ols")
     assert kinds.keys_for("atlas") == ("identity", "procrustes", "procrustes_centred", "ridge", "rrr", "jacobian")
     assert kinds.keys_for("atlas_reference") == ("train_mean",)
-    assert kinds.keys_for("causal") == ("ato", "identity", "zero", "bias_only", "train_mean")
-    assert kinds.causal_keys("pair") == ("ato", "identity", "bias_only")
+    assert kinds.keys_for("causal") == ("ato", "identity", "zero", "bias_only", "train_mean", "mean_update")
+    assert kinds.causal_keys("pair") == ("ato", "identity", "bias_only", "mean_update")
     assert kinds.causal_keys("target") == ("zero", "train_mean")
-    assert kinds.keys_for("recovered_against") == ("train_mean", "zero", "identity")
+    assert kinds.keys_for("recovered_against") == ("train_mean", "zero", "identity", "mean_update")
     assert kinds.keys_for("languages_features") == ("operator", "own", "identity")
     assert kinds.keys_for("languages_causal") == ("operator", "own", "mean")
 
@@ -126,15 +126,30 @@ def test_built_in_causal_patches_build_the_documented_values():
     import torch
 
     x, W, b, mean_y = torch.randn(3, 4), torch.randn(4, 4), torch.randn(4), torch.randn(4)
-    per_pair, per_target = kinds.PatchInputs(W=W, b=b), kinds.PatchInputs(mean_y=mean_y)
+    mean_x = torch.randn(4)
+    per_pair = kinds.PatchInputs(W=W, b=b, mean_x=mean_x, mean_y=mean_y)
+    per_target = kinds.PatchInputs(mean_y=mean_y)
     value = {
         k.name: k.patch_value(per_pair if k.causal == "pair" else per_target)(x) for k in kinds.kinds_for("causal")
     }
     assert torch.equal(value["ato"], torch.nn.functional.linear(x, W, b))
     assert torch.equal(value["identity"], x) and torch.equal(value["zero"], torch.zeros(3, 4))
     assert torch.equal(value["bias_only"], b.expand(3, -1)) and torch.equal(value["train_mean"], mean_y.expand(3, -1))
+    assert torch.equal(value["mean_update"], x + (mean_y - mean_x))
     with pytest.raises(ValueError, match="'W' is not given in this scope"):
         kinds.get("ato").patch_value(per_target)
+
+
+def test_the_mean_update_adds_the_train_means_difference_exactly():
+    """Planted: integer means and residuals (exact in float32), so x + (ȳ − x̄) has one right answer."""
+    import torch
+
+    x = torch.tensor([[1.0, -2.0, 3.0], [0.0, 5.0, -7.0]])
+    mean_x, mean_y = torch.tensor([2.0, 1.0, -1.0]), torch.tensor([10.0, -4.0, 6.0])
+    patch = kinds.get("mean_update").patch_value(kinds.PatchInputs(mean_x=mean_x, mean_y=mean_y))
+    assert torch.equal(patch(x), torch.tensor([[9.0, -7.0, 10.0], [8.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="'mean_x' is not given in this scope"):
+        kinds.get("mean_update").patch_value(kinds.PatchInputs(mean_y=mean_y))
 
 
 def test_a_causal_kind_needs_its_scope_and_its_patch():

@@ -130,6 +130,7 @@ def _share(reference: str, ato: PatchedScores, ref: PatchedScores, undefined: bo
             f"{scope}_hi": hi,
             f"{scope}_half_width": (hi - lo) / 2,
             f"{scope}_bounded": not undefined,
+            f"{scope}_degenerate": undefined,
         }
     return RecoveredShare(**values)
 
@@ -143,6 +144,7 @@ def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
         "zero": 2.4 + 0.2 * k,
         "bias_only": 1.7,
         "train_mean": 1.1 + 0.1 * k,
+        "mean_update": 0.3 * k,
     }
     sets = {}
     for set_name, scale in (("all", 1.0), ("early", 0.2), ("late", 0.1), ("single_8", 0.03)):
@@ -425,7 +427,8 @@ def test_headline_metrics(reported):
     written = json.loads(path.read_text())
     assert list(written) == [*PAIRS, "sae_L06", "sae_L12"]
     assert written["sae_L06"] == written["sae_L12"] == {}  # no SAE quality report in this project
-    keys = ["r2", "r2_w", "eta", "ceiling", "d_ato", "d_ato_hw", "recovered", "transported"]
+    keys = ["r2", "r2_w", "eta", "ceiling", "d_ato", "d_ato_hw", "recovered", "recovered_mean_abl"]
+    keys += ["recovered_identity", "transported"]
     assert list(written["L05_k1"]) == keys
     m, causal = fake_metrics(5, 1), fake_causal(5, 1)
     expected = {
@@ -436,10 +439,12 @@ def test_headline_metrics(reported):
         "d_ato": causal["ato_delta_after"],
         "d_ato_hw": causal["ato_delta_after_half_width"],
         "recovered": causal["recovered_vs_train_mean_after"],
+        "recovered_mean_abl": causal["recovered_vs_train_mean_after"],
+        "recovered_identity": causal["recovered_vs_identity_after"],
         "transported": m["transported_fraction"],
     }
     assert written["L05_k1"] == pytest.approx(expected)
-    assert list(written["L10_k2"]) == ["d_ato", "d_ato_hw", "recovered"]  # evaluate outputs missing
+    assert list(written["L10_k2"]) == ["d_ato", "d_ato_hw", "recovered", "recovered_mean_abl", "recovered_identity"]
     assert list(written["L04_k2"]) == ["r2", "r2_w", "eta", "ceiling", "transported"]  # causal output missing
     assert "recovered" not in written["L09_k3"]  # undefined share
     back = HeadlineMetrics.read(path)

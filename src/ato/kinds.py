@@ -51,17 +51,21 @@ PatchValue = Callable[["torch.Tensor"], "torch.Tensor"]  # x_L at the patched ro
 @dataclass(frozen=True)
 class PatchInputs:
     """What a causal condition's patch value is built from, on the model's device: the pair's operator
-    for a condition patched per pair, the target layer's train mean for one patched per target layer."""
+    and train means for a condition patched per pair, the target layer's train mean for one patched per
+    target layer."""
 
     W: torch.Tensor | None = None  # the pair's fitted operator [d, d] (per-pair conditions)
     b: torch.Tensor | None = None  # its intercept [d] (per-pair conditions)
-    mean_y: torch.Tensor | None = None  # ȳ_train of the target layer [d] (per-target conditions)
+    mean_y: torch.Tensor | None = None  # ȳ_train of the target layer [d] (both scopes)
+    mean_x: torch.Tensor | None = None  # x̄_train of the input layer [d] (per-pair conditions)
 
-    def need(self, name: Literal["W", "b", "mean_y"]) -> torch.Tensor:
+    def need(self, name: Literal["W", "b", "mean_y", "mean_x"]) -> torch.Tensor:
         """The input `name`; absent (the condition's scope does not provide it) is a ValueError."""
         value: torch.Tensor | None = getattr(self, name)
         if value is None:
-            raise ValueError(f"causal patch input {name!r} is not given in this scope (pair: W, b; target: mean_y)")
+            raise ValueError(
+                f"causal patch input {name!r} is not given in this scope (pair: W, b, mean_x, mean_y; target: mean_y)"
+            )
         return value
 
 
@@ -254,6 +258,11 @@ def _patch_train_mean(inputs: PatchInputs) -> PatchValue:
     return lambda x: mean_y.expand(x.shape[0], -1)
 
 
+def _patch_mean_update(inputs: PatchInputs) -> PatchValue:
+    shift = inputs.need("mean_y") - inputs.need("mean_x")  # the blocks' average update, computed once
+    return lambda x: x + shift
+
+
 # --------------------------------------------------------------------------------------------
 # The built-in kinds. Keys given explicitly are historical: they name files' keys, columns and MLflow
 # metrics of earlier runs, kept for artifact compatibility.
@@ -311,6 +320,20 @@ for _kind in (
             "recovered_against": Place(0, label="mean ablation ȳ_train", column="mean abl."),
             "atlas_reference": Place(0, label="mean ablation  ȳ"),
             "languages_causal": Place(2, key="mean"),  # historical languages key
+        },
+    ),
+    MapKind(
+        name="mean_update",
+        label="mean update  x+ȳ−x̄",
+        meaning="ŷ = x + (ȳ_train − x̄_train): carries the residual, drops the computation, adds its average",
+        built_from="pair_stats",
+        saved="recomputed",
+        colour="#e6ab02",
+        causal="pair",
+        patch=_patch_mean_update,
+        places={
+            "causal": Place(5),
+            "recovered_against": Place(3, label="mean update x_L+ȳ−x̄", column="mean upd."),
         },
     ),
     MapKind(

@@ -274,6 +274,8 @@ PAIR_HEADLINE = (
     "causal_identity_delta_after",
     "causal_recovered_after",
     "causal_recovered_after_half_width",
+    "causal_recovered_vs_train_mean_after",
+    "causal_recovered_vs_identity_after",
     "causal_recovered_vs_zero_after",
 )
 HEADLINE_PREFIX = "headline."

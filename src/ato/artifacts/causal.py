@@ -13,9 +13,9 @@ docs/statistics.md#intervals).
   per-sequence value behind the summary.
 
 Conditions: `clean` (no patch) and the patched ones, `patched_conditions()`. Scopes: `all` (every
-predicted token) and `after` (predictions at or after the sequence's first patched position). "Recovered"
-is 1 − Δ(ato)/Δ(reference) against each of `recovered_references()`; the headline is
-`causal.headline_reference`.
+prediction but the one made at BOS, which no patch can change) and `after` (predictions at or after
+the sequence's first patched position). "Recovered" is 1 − Δ(ato)/Δ(reference) against each of
+`recovered_references()`; the headline is `causal.headline_reference`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _check_scope(scope: str) -> str:
 class CleanScores:
     """Token-weighted log-perplexity (mean NLL, nats/token) of the unpatched model."""
 
-    logppl_all: float  # over every predicted token
+    logppl_all: float  # over every prediction but the one made at BOS
     logppl_after: float  # over the predictions at/after the first patched position
 
     def logppl(self, scope: str) -> float:
@@ -76,9 +76,9 @@ class PatchedScores:
     """One patched condition: its log-perplexity and Δ vs clean, Δ = Σ_j (NLL sum_j − clean sum_j) /
     Σ_j tokens_j over sequences j, with its 95 % interval over sequences (`CausalSummary.interval_method`)."""
 
-    logppl_all: float  # log-perplexity over every predicted token
+    logppl_all: float  # log-perplexity over every prediction but the one made at BOS
     logppl_after: float  # … over the predictions at/after the first patched position
-    delta_all_mean: float  # Δ log-ppl vs clean, every predicted token
+    delta_all_mean: float  # Δ log-ppl vs clean, every prediction but the one made at BOS
     delta_all_lo: float  # 95 % interval
     delta_all_hi: float
     delta_all_half_width: float  # (hi − lo) / 2
@@ -103,19 +103,23 @@ class RecoveredShare:
     """1 − Δ(ato)/Δ(reference): the share of a reference condition's damage the operator repairs, with
     its 95 % interval over sequences. NaN (written as null) where the reference does no damage at all;
     where its damage cannot be told from 0 at the interval's level the interval is unbounded: lo/hi
-    are written as null and `<scope>_bounded` is false."""
+    are written as null and `<scope>_bounded` is false. `<scope>_degenerate`: the reference's damage
+    does not exceed the ATO's by more than the interval of Δ(reference) − Δ(ATO) (its lower end ≤ 0),
+    so the share is not reported (tables and figures say `DEGENERATE_REASON` instead of a number)."""
 
     reference: str  # the reference condition (one of `recovered_references()`)
-    all_mean: float  # every predicted token
+    all_mean: float  # every prediction but the one made at BOS
     all_lo: float
     all_hi: float
     all_half_width: float  # (hi − lo) / 2
     all_bounded: bool  # false: the interval is (−∞, +∞)
+    all_degenerate: bool  # true: reference damage not above the ATO's (the share is not reported)
     after_mean: float  # predictions at/after the first patched position
     after_lo: float
     after_hi: float
     after_half_width: float
     after_bounded: bool
+    after_degenerate: bool
 
     def triplet(self, scope: str) -> Triplet:
         s = _check_scope(scope)
@@ -123,6 +127,12 @@ class RecoveredShare:
 
     def half_width(self, scope: str) -> float:
         return float(getattr(self, f"{_check_scope(scope)}_half_width"))
+
+    def degenerate(self, scope: str) -> bool:
+        return bool(getattr(self, f"{_check_scope(scope)}_degenerate"))
+
+
+DEGENERATE_REASON = "reference damage not above the ATO's"
 
 
 @dataclass
@@ -139,10 +149,12 @@ class PositionSetSummary:
     zero: PatchedScores  # 0 (ablation: the damage reference)
     bias_only: PatchedScores  # b
     train_mean: PatchedScores  # ȳ_train (mean ablation)
+    mean_update: PatchedScores  # x_L + (ȳ_train − x̄_train): the residual carried, the computation averaged
     recovered: RecoveredShare  # against the headline reference (causal.headline_reference; `.reference`)
     recovered_vs_train_mean: RecoveredShare  # 1 − Δ(ato)/Δ(train_mean)
     recovered_vs_zero: RecoveredShare  # 1 − Δ(ato)/Δ(zero)
     recovered_vs_identity: RecoveredShare  # 1 − Δ(ato)/Δ(identity)
+    recovered_vs_mean_update: RecoveredShare  # 1 − Δ(ato)/Δ(mean_update)
     # causal kinds registered beyond the fields above (`ato.kinds`), by key; not written when empty
     registered: dict[str, PatchedScores] = field(default_factory=dict, metadata=OMIT_EMPTY)  # other causal kinds
 
@@ -290,7 +302,7 @@ class CausalSequences(Record):
 
 
 SCOPE_TEXT = {
-    "all": "every predicted token (positions 1..T-1 predicted from 0..T-2)",
+    "all": "every prediction but the one made at BOS (no patch changes it): positions 1..T-2 predicting 2..T-1",
     "after": "predictions made at or after the sequence's first patched position",
 }
 

@@ -38,7 +38,9 @@ class PairHeadline:
     ceiling: float = _copied("ceiling_full")  # CCA ceiling(d) on the train statistics
     d_ato: float = math.nan  # Δ log-perplexity of the operator's patch vs clean, nats/token (report.causal_scope)
     d_ato_hw: float = math.nan  # half-width of d_ato's interval (causal.interval)
-    recovered: float = math.nan  # share of the headline reference's damage the patch recovers
+    recovered: float = math.nan  # share of the headline reference's damage the patch recovers (NaN: degenerate)
+    recovered_mean_abl: float = math.nan  # … of mean ablation's damage (keeps no context: flatters any map of x_L)
+    recovered_identity: float = math.nan  # … of the identity's damage
     transported: float = _copied("transported_fraction")  # transported fraction of the judged SAE features
 
     @classmethod

@@ -10,21 +10,23 @@ a chosen set of positions, with the condition's value:
     zero        0                    (zero ablation)
     bias_only   b                    (the operator with its input removed)
     train_mean  ȳ_train              (mean ablation: the train-split mean of y, BOS excluded like every fit)
+    mean_update x_L + ȳ_train − x̄_train (the residual carried, the computation replaced by its average)
 
 Every patched residual is `ato.splicing.patch_rows`, the implementation behind the public `ato.splice`
 (one implementation: replayed from a traced forward below, or hooked into a full forward by
 `ato.splicing.spliced`). BOS (position 0) and other special tokens are never patched. The loss is the
 next-token NLL from the final hidden states through the chunked LM head (`ato.models.chunked_nll`, with
-the model's final logit softcapping), so the 262k-vocab logits never exist all at once. Two token scopes: `all` (every
-predicted token) and `after` (predictions at or after the first patched position — the only ones a
-patch can change in a causal model; earlier rows are taken from the clean pass, which is exact, and
-skip the LM head, which dominates the cost).
+the model's final logit softcapping), so the 262k-vocab logits never exist all at once. Two token
+scopes: `all` (every prediction but the one made at BOS, which no patch can change) and `after`
+(predictions at or after the first patched position — the only ones a patch can change in a causal
+model; earlier rows are taken from the clean pass, which is exact, and skip the LM head, which
+dominates the cost).
 
 Shared work (issue 11):
 
 - clean, zero and train_mean depend only on T, so `ato causal_reference` computes them once per target
   layer (`reference_conditions`, a `CausalReference` record); each pair's `ato causal` runs only ato,
-  identity and bias_only (`pair_conditions`) and takes the rest from its target's record
+  identity, bias_only and mean_update (`pair_conditions`) and takes the rest from its target's record
   (`check_reference`, `merge_reference`).
 - Everything up to block T is the clean forward. One traced clean forward per batch (`trace_body`)
   records the residuals and the call of every later block; each patched condition then replays only
@@ -35,8 +37,8 @@ Shared work (issue 11):
 
 Per condition vs clean: Δ log-perplexity = Σ_j (patched NLL sum_j − clean NLL sum_j) / Σ_j tokens_j with
 its interval over sequences, and the share of a reference condition's damage the ATO recovers,
-1 − Δ(ato)/Δ(reference), against train_mean (the headline, `causal.headline_reference`), zero and
-identity (`ato.math.intervals`, docs/statistics.md#intervals, docs/method.md#causal).
+1 − Δ(ato)/Δ(reference), against mean_update (the headline, `causal.headline_reference`), train_mean,
+zero and identity (`ato.math.intervals`, docs/statistics.md#intervals, docs/method.md#causal).
 
 Modules: `inputs` (held-out sequences, position sets), `forward` (the NLL, patched and traced forwards),
 `conditions` (the patched conditions, `run_conditions`), `reference` (the target layer's record and its

@@ -45,11 +45,16 @@ class PairPatch:
     layer_out: int  # L + k
     W: torch.Tensor  # [d, d] float32
     b: torch.Tensor  # [d]
+    mean_x: torch.Tensor  # x̄_train of layer L [d] (the pair's train statistics)
+    mean_y: torch.Tensor  # ȳ_train of layer L+k [d]
 
 
 def pair_conditions(pair: PairPatch, device: torch.device | str = "cpu") -> list[Condition]:
-    """The conditions patched per pair (ato, identity, bias_only, and any registered pair-scope kind)."""
-    inputs = PatchInputs(W=pair.W.to(device), b=pair.b.to(device))
+    """The conditions patched per pair (ato, identity, bias_only, mean_update, and any registered
+    pair-scope kind)."""
+    inputs = PatchInputs(
+        W=pair.W.to(device), b=pair.b.to(device), mean_x=pair.mean_x.to(device), mean_y=pair.mean_y.to(device)
+    )
     return _registered_conditions("pair", inputs, pair.layer_in)
 
 
@@ -189,10 +194,11 @@ def _run_set(
     patch[:, 0] = False  # BOS is never patched, whatever the set says
     has = patch.any(1)
     first = torch.where(has, patch.int().argmax(1), torch.full_like(has, T, dtype=torch.long))
-    after = torch.arange(T - 1, device=ids.device)[None, :] >= first[:, None]  # predictions a patch can change
+    cols = torch.arange(T - 1, device=ids.device)[None, :]  # column j: the prediction made at position j
+    after = cols >= first[:, None]  # predictions a patch in this sequence can change
     res.n_patched += patch.sum(1).tolist()
     res.first_patched += [int(f) for f, h in zip(first.tolist(), has.tolist()) if h]
-    res.count["all"] += [T - 1] * B
+    res.count["all"] += [T - 2] * B  # every prediction but the one made at BOS, which no patch reaches
     res.count["after"] += after.sum(1).tolist()
     rows, from_col = patch.nonzero(as_tuple=True), first_patched_col(patch)
     y = trace.residuals[layer_out]
@@ -209,7 +215,7 @@ def _run_set(
         tick(1)
     for name, nll in per_cond.items():
         nll64 = nll.double()
-        res.nll_sum[name]["all"] += nll64.sum(1).tolist()
+        res.nll_sum[name]["all"] += nll64[:, 1:].sum(1).tolist()
         res.nll_sum[name]["after"] += (nll64 * after).sum(1).tolist()
 
 

@@ -35,19 +35,18 @@ def summarise_set(res: SetResult, cp: CausalParams) -> tuple[PositionSetSummary,
     counts = {s: np.asarray(res.count[s], dtype=np.float64) for s in SCOPES}
     kw: dict[str, Any] = {"level": LEVEL, "method": cp.interval, "n_resamples": cp.bootstrap_resamples, "seed": cp.seed}
     patched = {c: _patched_scores(sums[c], sums["clean"], counts, kw) for c in patched_conditions()}
-    shares = {r: _recovered(sums["ato"], sums[r], sums["clean"], r, kw) for r in recovered_references()}
+    shares = {r: _recovered(sums["ato"], sums[r], sums["clean"], counts, r, kw) for r in recovered_references()}
+    typed: dict[str, PatchedScores | RecoveredShare] = {c: s for c, s in patched.items() if c in TYPED_CONDITIONS}
+    typed |= {f"recovered_vs_{r}": share for r, share in shares.items()}  # one field per reference
     summary = PositionSetSummary(
         n_patched_tokens=int(sum(res.n_patched)),
         first_patched_position=int(min(res.first_patched)) if res.first_patched else -1,
         n_tokens_all=int(counts["all"].sum()),
         n_tokens_after=int(counts["after"].sum()),
         clean=CleanScores(**{f"logppl_{s}": _ratio(sums["clean"][s], counts[s]) for s in SCOPES}),
-        **{c: scores for c, scores in patched.items() if c in TYPED_CONDITIONS},
         recovered=shares[cp.headline_reference],
-        recovered_vs_train_mean=shares["train_mean"],
-        recovered_vs_zero=shares["zero"],
-        recovered_vs_identity=shares["identity"],
         registered={c: scores for c, scores in patched.items() if c not in TYPED_CONDITIONS},
+        **typed,  # type: ignore[arg-type]  # each key is the field of its type
     )
     detail = SequenceDetail(
         positions=res.spec,
@@ -90,21 +89,26 @@ def _recovered(
     ato: dict[str, np.ndarray],
     ref: dict[str, np.ndarray],
     clean: dict[str, np.ndarray],
+    counts: dict[str, np.ndarray],
     reference: str,
     kw: dict[str, Any],
 ) -> RecoveredShare:
-    """1 − Δ(ato)/Δ(reference) per scope; NaN where the reference does no damage at all (Σ Δ = 0)."""
+    """1 − Δ(ato)/Δ(reference) per scope; NaN where the reference does no damage at all (Σ Δ = 0).
+    Degenerate where the interval of Δ(reference) − Δ(ato) reaches 0: the reference does not measurably
+    damage more than the ATO, so a share of its damage says nothing about what the ATO carries."""
     row: dict[str, Any] = {"reference": reference}
     for s in SCOPES:
         damage = float((ref[s] - clean[s]).sum())
         n = len(ref[s])
         iv = recovered_interval(ato[s], ref[s], clean[s], **kw) if damage != 0 else _nan_interval(kw, n)
+        excess = delta_interval(ref[s], ato[s], counts[s], **kw) if counts[s].sum() > 0 else _nan_interval(kw, n)
         row |= {
             f"{s}_mean": iv.estimate,
             f"{s}_lo": iv.low,
             f"{s}_hi": iv.high,
             f"{s}_half_width": iv.half_width,
             f"{s}_bounded": not (math.isinf(iv.low) or math.isinf(iv.high)),
+            f"{s}_degenerate": damage == 0 or not excess.low > 0,  # NaN (no tokens) is degenerate too
         }
     return RecoveredShare(**row)
 

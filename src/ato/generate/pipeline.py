@@ -223,12 +223,13 @@ STAGES: list[Stage] = [
     Stage(
         "causal",
         does=(
-            "log-perplexity under patching by the ATO, identity and bias-only maps, against the shared clean / zero / "
-            "mean-ablation references; Δ and recovered share with studentized intervals over sequences"
+            "log-perplexity under patching by the ATO, identity, bias-only and mean-update maps, against the shared "
+            "clean / zero / mean-ablation references; Δ and recovered share with studentized intervals over sequences"
         ),
         output="`reports/causal/<pair>.json`, figures",
         deps=[
             _e("${paths.operators}/${key}"),
+            _e("${paths.stats}/train/${key}.safetensors", "x̄_train, ȳ_train: the mean update's shift"),
             _e("${paths.model_dir}"),
             STORE_TEST_TOKENS,
             _e(f"{R}/causal/reference"),

@@ -251,8 +251,9 @@ class CausalParams:
     bootstrap_resamples: int = 2000
     interval: Literal["studentized_hull", "studentized", "t", "bca", "percentile"] = "studentized_hull"  # over
     # sequences; the default keeps ≥ 0.93 coverage at nominal 0.95 for skewed and heavy-tailed effects
-    headline_reference: Literal["train_mean", "zero", "identity"] = "train_mean"  # "recovered" is measured
-    # against this condition's damage (mean ablation by default: zero ablation is a degenerate reference)
+    headline_reference: Literal["mean_update", "train_mean", "zero", "identity"] = "mean_update"  # "recovered"
+    # is measured against this condition's damage: the mean update removes the computation and keeps the
+    # context (mean ablation erases both, so the identity alone "recovers" most of it)
     seed: int = 0
     loss_chunk_tokens: int = 256  # LM-head rows per chunk: bounds logits memory
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ato.artifacts import CausalSummary, PositionSetSummary
-from ato.artifacts.causal import condition_labels, patched_conditions, recovered_references
+from ato.artifacts.causal import DEGENERATE_REASON, condition_labels, patched_conditions, recovered_references
 from ato.kinds import kinds_for
 
 from . import condition_colours, pyplot, save_figure
@@ -72,9 +72,12 @@ def _recovered_lines(entry: PositionSetSummary, headline: str, scope: str) -> li
     """ "recovered vs <reference> m [lo, hi]" per reference, the headline first."""
     lines = []
     for ref in sorted(recovered_references(), key=lambda r: r != headline):
-        mean, lo, hi = entry.recovered_vs(ref).triplet(scope)
+        share = entry.recovered_vs(ref)
+        mean, lo, hi = share.triplet(scope)
         if not math.isfinite(mean):
             text = "n/a"
+        elif share.degenerate(scope):
+            text = f"degenerate ({DEGENERATE_REASON})"
         elif not (math.isfinite(lo) and math.isfinite(hi)):
             text = f"{mean:.1%} [unbounded]"
         else:

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ato.artifacts.causal import condition_labels, patched_conditions
+from ato.artifacts.causal import DEGENERATE_REASON, condition_labels, patched_conditions
 from ato.kinds import kinds_for
+from ato.params import CausalParams
 from ato.reporting.results import PairResults, headline_sets
 
 from . import condition_colours, pyplot, save_figure
@@ -94,12 +95,12 @@ REFERENCE_STYLE = {
 
 
 def _recovered_points(ax_rec: Any, results: list[PairResults], scope: str) -> None:
-    """Recovered share per pair vs each reference, 95 % intervals: the headline reference (mean ablation
-    by default) large and labelled, zero ablation and identity small beside it."""
+    """Recovered share per pair vs each reference, 95 % intervals: the headline reference (the mean
+    update by default) large and labelled, mean ablation, zero ablation and identity small beside it."""
     n = len(results)
     x = np.arange(n)
     heads = {res.headline_reference for res in results if res.headline_reference is not None}
-    head = heads.pop() if len(heads) == 1 else "train_mean"
+    head = heads.pop() if len(heads) == 1 else CausalParams().headline_reference
     refs = [head, *(r for r in REFERENCE_STYLE if r != head)]
     for j, ref in enumerate(refs):
         rec = np.array([res.recovered(scope, ref) for res in results])
@@ -118,8 +119,11 @@ def _recovered_points(ax_rec: Any, results: list[PairResults], scope: str) -> No
             alpha=1.0 if j == 0 else 0.7,
             label=label + (" (headline)" if j == 0 else ""),
         )
+        degenerate = np.array([_degenerate(res, scope, ref) for res in results], dtype=bool)
         if j == 0:
-            _recovered_labels(ax_rec, x, rec, ok, results)
+            _recovered_labels(ax_rec, x, rec, ok, degenerate, results)
+        elif degenerate.any():  # not a number: a cross on the 0 line in the reference's colour
+            ax_rec.plot(x[degenerate] + 0.16 * (2 * j - 3), np.zeros(degenerate.sum()), "x", color=colour, ms=5)
     ax_rec.axhline(100, color="black", lw=0.8, ls="--")
     ax_rec.axhline(0, color="black", lw=0.8)
     ax_rec.set_xticks(
@@ -129,13 +133,20 @@ def _recovered_points(ax_rec: Any, results: list[PairResults], scope: str) -> No
         ha="center" if n > 8 or n <= 3 else "right",
     )
     ax_rec.set_xlim(-0.6, n - 0.4)
-    ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(reference)\n95% interval")
+    ax_rec.set_ylabel("recovered (%) = 1 − Δ(ATO)/Δ(reference)\n95% interval; × on 0: degenerate")
     ax_rec.set_title("Damage recovered by the ATO", fontsize=10)
     ax_rec.legend(fontsize=7, loc="lower left")
     ax_rec.grid(axis="y", alpha=0.3)
 
 
-def _recovered_labels(ax_rec: Any, x: np.ndarray, rec: np.ndarray, ok: np.ndarray, results: list[PairResults]) -> None:
+def _degenerate(res: PairResults, scope: str, reference: str) -> bool:
+    share = res.recovered_share(reference)
+    return share is not None and share.degenerate(scope)
+
+
+def _recovered_labels(
+    ax_rec: Any, x: np.ndarray, rec: np.ndarray, ok: np.ndarray, degenerate: np.ndarray, results: list[PairResults]
+) -> None:
     """Values of the headline share beside its points; why a share is missing where it is."""
     for i in np.flatnonzero(ok) if len(x) <= 8 else []:  # labels would collide beyond a few pairs
         ax_rec.annotate(
@@ -146,6 +157,9 @@ def _recovered_labels(ax_rec: Any, x: np.ndarray, rec: np.ndarray, ok: np.ndarra
             va="center",
             fontsize=7,
         )
-    for i in np.flatnonzero(~ok):  # no causal output, or a reference without damage makes the share undefined
-        label = "causal\nmissing" if results[i].causal is None else "undefined"
+    for i in np.flatnonzero(~ok):  # no causal output, a degenerate reference, or one without damage
+        if results[i].causal is None:
+            label = "causal\nmissing"
+        else:
+            label = "degenerate:\n" + DEGENERATE_REASON.replace(" not", "\nnot") if degenerate[i] else "undefined"
         ax_rec.text(x[i], 50, label, ha="center", va="center", fontsize=8, color="#b22222")

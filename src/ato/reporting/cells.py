@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ato.artifacts.causal import RecoveredShare
+from ato.artifacts.causal import DEGENERATE_REASON, RecoveredShare
 
 DASH = "—"
 
@@ -43,12 +43,15 @@ def fmt_pm(mean: Any, sd: Any, spec: str = ".4f") -> str:
 
 
 def fmt_share(share: RecoveredShare | None, scope: str) -> str:
-    """A recovered share: 81.2% [78.0%, 84.4%] ±3.2%, or its point with “interval unbounded”."""
+    """A recovered share: 81.2% [78.0%, 84.4%] ±3.2%, or its point with “interval unbounded”, or
+    “degenerate” with the reason instead of a number."""
     if share is None:
         return DASH
     mean, lo, hi = share.triplet(scope)
     if not math.isfinite(mean):
         return DASH
+    if share.degenerate(scope):
+        return f"degenerate ({DEGENERATE_REASON})"
     if not getattr(share, f"{scope}_bounded"):
         return f"{mean:.1%} (interval unbounded)"
     return fmt_ci(mean, lo, hi, ".1%") + (f" ±{share.half_width(scope):.1%}" if math.isfinite(lo) else "")

@@ -18,6 +18,8 @@ def pair_headline(res: PairResults, scope: str) -> PairHeadline:
         d_ato=res.causal_delta("ato", scope)[0],
         d_ato_hw=res.causal_half_width("ato", scope),
         recovered=res.recovered(scope)[0],
+        recovered_mean_abl=res.recovered(scope, "train_mean")[0],
+        recovered_identity=res.recovered(scope, "identity")[0],
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ato.artifacts.causal import condition_labels, patched_conditions, recovered_references
 from ato.kinds import kinds_for
+from ato.params import CausalParams
 
 from .cells import fmt, fmt_ci_hw, fmt_int, fmt_share, how_to_read, md_table
 from .results import PairResults, headline_sets
@@ -16,7 +17,7 @@ REFERENCE_LABELS = {k.key("recovered_against"): k.label_in("recovered_against") 
 def _causal_references(results: list[PairResults]) -> list[str]:
     """The headline reference first, then the others of `recovered_references()`."""
     heads = {res.headline_reference for res in results if res.headline_reference is not None}
-    head = heads.pop() if len(heads) == 1 else "train_mean"
+    head = heads.pop() if len(heads) == 1 else CausalParams().headline_reference
     return [head, *(r for r in recovered_references() if r != head)]
 
 
@@ -54,11 +55,17 @@ def causal_section(s: SummarySettings, results: list[PairResults]) -> list[str]:
         "",
         *how_to_read(
             "Δ(ATO) with an interval above 0 is damage the linear map of x_L does not repair: computation it "
-            "does not carry, non-linear or read from other positions. A recovered share vs mean ablation whose "
-            "interval reaches 100 % means no lost computation is detectable with these sequences; the "
-            "half-width is the smallest effect they resolve. A share vs identity whose interval includes 0 means "
-            "the ATO repairs no more than copying x_L. Shares vs zero ablation flatter every patch (zeroing the "
-            "residual is worse than a uniform guess) and are shown for comparison only.",
+            "does not carry, non-linear or read from other positions. The headline reference, the mean update "
+            "x_L + (ȳ_train − x̄_train), keeps the context x_L carries and replaces blocks L+1..L+k by their "
+            "average update: its damage is the computation those blocks do, and the share vs it is the part of "
+            "that computation the ATO carries. A share whose interval reaches 100 % means no lost computation "
+            "is detectable with these sequences; the half-width is the smallest effect they resolve. Mean "
+            "ablation erases the context too, so the identity alone “recovers” most of its damage: a high share "
+            "vs mean ablation says the ATO keeps the context, not that it does the computation. A share vs "
+            "identity whose interval includes 0 means the ATO repairs no more than copying x_L. Shares vs zero "
+            "ablation flatter every patch and are shown for comparison only. “Degenerate” replaces a share "
+            "whose reference does not damage more than the ATO by more than the interval of the difference "
+            "Δ(reference) − Δ(ATO): a share of such a reference's damage measures nothing.",
         ),
     ]
     return out + _causal_per_set(results, scope, refs[0])
@@ -69,7 +76,7 @@ def _causal_intro(s: SummarySettings, results: list[PairResults], head: str) -> 
     scope_text = (
         "the predictions at or after the first patched position, the only ones a patch can change"
         if scope == "after"
-        else "every prediction of the sequence"
+        else "every prediction but the one made at BOS, which no patch can change"
     )
     headline_text = ", ".join(f"`{n}`" for n in headline_sets(results)) or "`all`"
     runs = {
@@ -101,6 +108,7 @@ def _causal_per_set(results: list[PairResults], scope: str, head: str) -> list[s
             set_name,
             fmt_int(entry.n_patched_tokens),
             fmt_ci_hw(*entry.ato.delta(scope), entry.ato.half_width(scope)),
+            fmt_ci_hw(*entry.mean_update.delta(scope), entry.mean_update.half_width(scope)),
             fmt_ci_hw(*entry.train_mean.delta(scope), entry.train_mean.half_width(scope)),
             fmt_ci_hw(*entry.zero.delta(scope), entry.zero.half_width(scope)),
             fmt_share(entry.recovered_vs(head), scope),
@@ -111,6 +119,6 @@ def _causal_per_set(results: list[PairResults], scope: str, head: str) -> list[s
     ]
     if not rows:
         return []
-    header = ["pair", "position set", "patched tokens", "Δ ATO", "Δ train mean", "Δ zero"]
+    header = ["pair", "position set", "patched tokens", "Δ ATO", "Δ mean update", "Δ train mean", "Δ zero"]
     header.append(f"recovered vs {REFERENCE_LABELS[head]}")
     return ["Per position set (`causal.position_sets`):", "", md_table(header, rows, n_left=2), ""]

@@ -60,9 +60,10 @@ class PairResults:
 
     def recovered(self, scope: str, reference: str | None = None) -> Triplet:
         """(share, lo, hi) of 1 − Δ(ato)/Δ(reference) on the headline set; the run's headline reference
-        (`causal.headline_reference`) when `reference` is None. lo/hi are NaN where the interval is unbounded."""
+        (`causal.headline_reference`) when `reference` is None. lo/hi are NaN where the interval is unbounded;
+        all three NaN where the share is degenerate (not reported: `RecoveredShare.degenerate`)."""
         share = self.recovered_share(reference)
-        return NAN_TRIPLET if share is None else share.triplet(scope)
+        return NAN_TRIPLET if share is None or share.degenerate(scope) else share.triplet(scope)
 
     def recovered_share(self, reference: str | None = None) -> RecoveredShare | None:
         h = self.headline

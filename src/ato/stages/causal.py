@@ -1,10 +1,11 @@
 """Stage `causal`: does the transport operator carry what the model needs?
 
 Overwrites the residual after block L+k of held-out test sequences with the pair's conditions (the
-ATO's W x_L + b, identity x_L, bias only b) and takes clean, zero and train-mean from the target
+ATO's W x_L + b, identity x_L, bias only b, the mean update x_L + ȳ_train − x̄_train from the pair's
+train statistics) and takes clean, zero and train-mean from the target
 layer's `CausalReference` (`ato causal_reference`, computed once per target layer). Reports Δ
 log-perplexity vs clean for every condition and the share of each reference's damage the ATO recovers
-(mean ablation is the headline, `causal.headline_reference`), each with its interval over sequences
+(the mean update is the headline, `causal.headline_reference`), each with its interval over sequences
 (`causal.interval`; `ato.causal`, docs/method.md#causal, docs/statistics.md#intervals).
 
 Outputs: `CausalSummary` (reports/causal/<pair>.json), `CausalSequences`
@@ -19,9 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ato.artifacts import CausalReference, CausalSequences, CausalSummary, Layout, ModelInfo, atomic_group
+from ato.artifacts import (
+    CausalReference,
+    CausalSequences,
+    CausalSummary,
+    Layout,
+    ModelInfo,
+    atomic_group,
+    read_pair_stats,
+)
 from ato.artifacts.causal import SCOPE_TEXT, all_conditions
 from ato.causal import (
     LEVEL,
@@ -63,7 +73,7 @@ def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
     held = load_sequences(store, cp.n_sequences, cp.seq_len)
     model, _tok, info = load_prepared(layout.model_dir, device=str(resolve_device(cp.device)))
     check_model(store, held, model, info, layout.model_dir)
-    inputs = prepare_inputs(params, names, info)
+    inputs = prepare_inputs(params, names, info, store.digest)
     refs = read_references(layout, cp, held, {inputs[n].layer_out for n in names}, info, store.digest)
 
     summaries: dict[str, CausalSummary] = {}
@@ -90,8 +100,10 @@ def _check_request(cp: CausalParams, names: list[str], configured: list[str]) ->
         raise CausalError("causal.n_sequences/batch_size/loss_chunk_tokens must be ≥ 1 and causal.seq_len ≥ 2")
 
 
-def prepare_inputs(params: Params, names: list[str], info: ModelInfo) -> dict[str, PairPatch]:
-    """Load and check every pair's operator before any forward pass."""
+def prepare_inputs(
+    params: Params, names: list[str], info: ModelInfo, store_digest: str | None = None
+) -> dict[str, PairPatch]:
+    """Load and check every pair's operator and train means before any forward pass."""
     from ato.operators import load_operator
 
     layout = Layout.from_params(params)
@@ -109,8 +121,19 @@ def prepare_inputs(params: Params, names: list[str], info: ModelInfo) -> dict[st
                 "layer_out": pair.target,
             },
         )
-        out[name] = PairPatch(name, pair.L, pair.target, op.W.float(), op.b.float())
+        mean_x, mean_y = _train_means(layout.pair_stats("train", name), info.d_model, store_digest)
+        out[name] = PairPatch(name, pair.L, pair.target, op.W.float(), op.b.float(), mean_x, mean_y)
     return out
+
+
+def _train_means(path: Path, d_model: int, store_digest: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̄_train and ȳ_train of a pair's train statistics (the mean update's shift), checked finite [d]."""
+    stats = read_pair_stats(path, store_digest)
+    means = [torch.as_tensor(np.asarray(m, dtype=np.float32)) for m in (stats.mean_x, stats.mean_y)]
+    for key, mean in zip(("mean_x", "mean_y"), means):
+        if mean.shape != (d_model,) or not torch.isfinite(mean).all():
+            raise CausalError(f"{path}: {key} has shape {tuple(mean.shape)} or non-finite values; expected [{d_model}]")
+    return means[0], means[1]
 
 
 def read_references(
