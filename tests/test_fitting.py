@@ -8,7 +8,7 @@ import pytest
 
 from ato.fitting import fit_map
 from ato.math.stats import PairStats
-from ato.params import FitParams, Pair
+from ato.params import FitParams, Pair, StatsParams
 
 PAIR = Pair(L=1, k=2)
 N_ROWS, CHUNK, SUBSAMPLE = 500, 64, 200  # the subsample ends inside the fourth chunk
@@ -43,7 +43,13 @@ def test_sklearn_methods_fit_the_first_train_rows_with_an_intercept(method):
     f = FitParams(method=method, sklearn_subsample=SUBSAMPLE, sklearn_alpha=0.01, l1_ratio=0.7)
     train = PairStats.from_data(store.X, store.Y)  # unused by these methods: they see the rows
     W, b, alpha = fit_map(
-        f, train, tuned_alpha=None, standardize=True, store=store, pair=PAIR, chunk_tokens=CHUNK, include_bos=True
+        f,
+        train,
+        tuned_alpha=None,
+        standardize=True,
+        store=store,
+        pair=PAIR,
+        stats=StatsParams(chunk_tokens=CHUNK, include_bos=True),
     )
     assert alpha == 0.01
     assert store.calls == [("train", [PAIR.L, PAIR.target], True)]  # TRAIN, the pair's layers, BOS as asked

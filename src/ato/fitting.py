@@ -15,7 +15,7 @@ from .math.cca import CCA
 from .math.ridge import RidgePath, r2_from_stats
 from .math.stats import PairStats
 from .operators import Operator, operator_variant
-from .params import FitParams, Pair
+from .params import FitParams, Pair, StatsParams
 
 if TYPE_CHECKING:
     from .store import ActivationStore
@@ -43,12 +43,12 @@ def fit_map(
     standardize: bool,
     store: ActivationStore,
     pair: Pair,
-    chunk_tokens: int,
-    include_bos: bool,
+    stats: StatsParams,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(W, b, α) by `fit.method`: ridge at `tuned_alpha` (solved in standardised coordinates when
     `standardize`; W is in the original ones), OLS, or lasso / elastic-net by scikit-learn on the
-    first `fit.sklearn_subsample` TRAIN rows of the store."""
+    first `fit.sklearn_subsample` TRAIN rows of the store (read in `stats.chunk_tokens` chunks; the
+    `stats` section is read only on that path, so the other methods do not depend on it)."""
     if f.method in TUNED_METHODS:
         if tuned_alpha is None:
             raise ValueError(f"fit.method {f.method}: needs the α chosen by `ato tune`")
@@ -57,7 +57,7 @@ def fit_map(
     if f.method == "ols":
         W, b = RidgePath.from_stats(train).solve(0.0)
         return W, b, 0.0
-    X, Y = training_rows(store, pair, f.sklearn_subsample, chunk_tokens, include_bos)
+    X, Y = training_rows(store, pair, f.sklearn_subsample, stats.chunk_tokens, stats.include_bos)
     W, b = sklearn_fit(X, Y, f)
     return W, b, f.sklearn_alpha
 

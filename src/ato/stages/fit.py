@@ -94,8 +94,7 @@ def fit_pair(params: Params, pair_name: str) -> FitResult:
         standardize=params.tune.standardize,
         store=store,
         pair=pair,
-        chunk_tokens=params.stats.chunk_tokens,
-        include_bos=params.stats.include_bos,
+        stats=params.stats,
     )
     metrics = {"alpha": alpha, **scores(W, b, splits)}
     identity = scores(np.eye(store.d_model), np.zeros(store.d_model), {"test": splits["test"]})  # the baseline
