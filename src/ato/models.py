@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -348,6 +349,12 @@ def native_bfloat16(device: torch.device) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def _head_parameters(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight [vocab, d] and bias (None for tied embeddings like Gemma's)."""
+    bias = getattr(head, "bias", None)
+    return cast(torch.Tensor, head.weight), (None if bias is None else cast(torch.Tensor, bias))
+
+
 def set_lm_head_dtype(model: nn.Module, dtype: str) -> str:
     """Run `model`'s LM-head matmul in `dtype` ("bfloat16" | "float32"); returns the dtype in effect.
 
@@ -356,7 +363,7 @@ def set_lm_head_dtype(model: nn.Module, dtype: str) -> str:
     device has no native bf16.
     """
     head, _cap = lm_head_and_softcap(model)
-    weight = head.weight
+    weight, _bias = _head_parameters(head)
     if dtype == "bfloat16" and not native_bfloat16(weight.device):
         log.info("LM head in float32: %s has no native bf16 matmul (no avx512_bf16/amx_bf16)", weight.device)
         dtype = "float32"
@@ -376,7 +383,8 @@ def chunk_logits(
     if low is None:
         logits = head(hidden).float()
     else:
-        bias = None if head.bias is None else head.bias.to(low.dtype)
+        _weight, bias = _head_parameters(head)
+        bias = None if bias is None else bias.to(low.dtype)
         logits = nn.functional.linear(hidden.to(low.dtype), low, bias).float()
         _exact_top_logits(logits, head, hidden, targets)
     return torch.tanh(logits / cap) * cap if cap is not None else logits
@@ -385,7 +393,9 @@ def chunk_logits(
 _EXACT_TOP = 64  # logits per row recomputed in float32 after a bf16 LM head
 
 
-def _exact_top_logits(logits: torch.Tensor, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | None) -> None:
+def _exact_top_logits(
+    logits: torch.Tensor, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | None
+) -> None:
     """Overwrite the `_EXACT_TOP` largest logits of each row (and its target's) with float32 ones.
 
     bf16 rounds a logit of size 20 by up to 0.04: the few largest logits carry the log-sum-exp and the
@@ -394,10 +404,11 @@ def _exact_top_logits(logits: torch.Tensor, head: nn.Module, hidden: torch.Tenso
     index = logits.topk(min(_EXACT_TOP, logits.shape[-1]), dim=-1).indices
     if targets is not None:
         index = torch.cat([index, targets[:, None]], dim=1)
-    weight = head.weight[index]  # [m, K, d]
-    exact = torch.einsum("md,mkd->mk", hidden.to(weight.dtype), weight).float()
-    if head.bias is not None:
-        exact = exact + head.bias[index].float()
+    weight, bias = _head_parameters(head)
+    rows = weight[index]  # [m, K, d]
+    exact = torch.einsum("md,mkd->mk", hidden.to(rows.dtype), rows).float()
+    if bias is not None:
+        exact = exact + bias[index].float()
     logits.scatter_(1, index, exact)
 
 
