@@ -441,7 +441,7 @@ def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_projec
     """causal_reference (clean, zero, train_mean once per target) + causal (ato, identity, bias_only)
     give the same per-sequence sums as every condition computed in one per-pair run, full forwards."""
     from ato.artifacts import read_pair_stats
-    from ato.models import load_prepared
+    from ato.models import load_prepared, set_lm_head_dtype
 
     project, params = trained_project
     causal.main(params, pair="L01_k2")
@@ -454,6 +454,7 @@ def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_projec
 
     held = causal_lib.load_sequences(ActivationStore.open(layout.store), cp.n_sequences, cp.seq_len)
     model, _, info = load_prepared(layout.model_dir, "cpu")
+    set_lm_head_dtype(model, cp.lm_head_dtype)  # the stages' LM head, so that the sums can be equal exactly
     pair = causal.prepare_inputs(params, ["L01_k2"], info)["L01_k2"]
     mean_y = torch.as_tensor(np.asarray(read_pair_stats(layout.pair_stats("train", "L01_k2")).mean_y, np.float32))
     masks = causal_lib.check_position_sets(cp.position_sets, cp.seq_len)
@@ -772,8 +773,9 @@ def test_bf16_lm_head_agrees_with_float32_on_the_real_model(real_model_dir):
     """Δ log-ppl (patched − clean, nats/token) with the LM-head matmul in bf16 is within 1e-3 nats of
     float32 for every condition of the default k = 1 pairs, on the default TEST text (8 × 64 tokens).
 
-    Measured here: |ΔΔ| ≤ 2e-4 nats; per-token |NLL_bf16 − NLL_f32| ≤ ~0.1 nats (bf16-rounded logits), so
-    the 1e-3 budget holds for the averages only."""
+    Measured here: |ΔΔ| ≤ 5.5e-4 nats (mean ablation at L11; ≤ 8e-5 for identity and mean update), per-token
+    |NLL_bf16 − NLL_f32| ≤ 0.011 nats. Rounding only the bf16 matmul's output (no float32 top logits) gave
+    ΔΔ = 2.1e-3 on L11's mean update: the test fails without `_exact_top_logits`."""
     from ato.corpus import Corpus, sequences_for_split
     from ato.models import load_prepared, native_bfloat16, set_lm_head_dtype
     from ato.params import CorpusParams
@@ -804,7 +806,7 @@ def test_bf16_lm_head_agrees_with_float32_on_the_real_model(real_model_dir):
                     )
     set_lm_head_dtype(model, "float32")
     worst_token = max(float((nll[c, "bfloat16"] - nll[c, "float32"]).abs().max()) for c, _ in nll)
-    assert worst_token < 0.25  # per token: bf16-rounded logits, never a different distribution
+    assert worst_token < 0.05  # per token: bf16 rounding of the small logits only
     for cond in {c for c, _ in nll} - {"clean"}:
         # Δ over the predictions a patch can change (not the one made at BOS), as the stages' `after` scope
         delta = {d: float((nll[cond, d] - nll["clean", d])[:, 1:].mean()) for d in ("float32", "bfloat16")}
