@@ -441,7 +441,7 @@ def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_projec
     """causal_reference (clean, zero, train_mean once per target) + causal (ato, identity, bias_only)
     give the same per-sequence sums as every condition computed in one per-pair run, full forwards."""
     from ato.artifacts import read_pair_stats
-    from ato.models import load_prepared
+    from ato.models import load_prepared, set_lm_head_dtype
 
     project, params = trained_project
     causal.main(params, pair="L01_k2")
@@ -454,6 +454,7 @@ def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_projec
 
     held = causal_lib.load_sequences(ActivationStore.open(layout.store), cp.n_sequences, cp.seq_len)
     model, _, info = load_prepared(layout.model_dir, "cpu")
+    set_lm_head_dtype(model, cp.lm_head_dtype)  # the stages' LM head, so that the sums can be equal exactly
     pair = causal.prepare_inputs(params, ["L01_k2"], info)["L01_k2"]
     mean_y = torch.as_tensor(np.asarray(read_pair_stats(layout.pair_stats("train", "L01_k2")).mean_y, np.float32))
     masks = causal_lib.check_position_sets(cp.position_sets, cp.seq_len)
@@ -765,3 +766,49 @@ def test_ablations_hurt_the_real_embedded_model(tmp_path):
     assert out["zero_delta_all_lo"] > 0
     report = json.loads((tmp_path / "reports" / "causal" / "L05_k1.json").read_text())
     assert report["position_sets"]["late"]["zero"]["delta_after_mean"] > 0
+
+
+@pytest.mark.integration
+def test_bf16_lm_head_agrees_with_float32_on_the_real_model(real_model_dir):
+    """Δ log-ppl (patched − clean, nats/token) with the LM-head matmul in bf16 is within 1e-3 nats of
+    float32 for every condition of the default k = 1 pairs, on the default TEST text (8 × 64 tokens).
+
+    Measured here: |ΔΔ| ≤ 5.5e-4 nats (mean ablation at L11; ≤ 8e-5 for identity and mean update), per-token
+    |NLL_bf16 − NLL_f32| ≤ 0.011 nats. Rounding only the bf16 matmul's output (no float32 top logits) gave
+    ΔΔ = 2.1e-3 on L11's mean update: the test fails without `_exact_top_logits`."""
+    from ato.corpus import Corpus, sequences_for_split
+    from ato.models import load_prepared, native_bfloat16, set_lm_head_dtype
+    from ato.params import CorpusParams
+
+    model, tok, _ = load_prepared(real_model_dir, "cpu")
+    if not native_bfloat16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16: the stages keep the LM head in float32")
+    rows = [s.token_ids for s in sequences_for_split(Corpus(CorpusParams()), tok, "test") if len(s.token_ids) >= 64]
+    ids = torch.tensor([r[:64] for r in rows[:8]])
+    patch = torch.ones_like(ids, dtype=torch.bool)
+    patch[:, 0] = False  # never BOS, as the stages
+    nll: dict[tuple[str, str], torch.Tensor] = {}
+    for dtype in ("float32", "bfloat16"):
+        assert set_lm_head_dtype(model, dtype) == dtype
+        with torch.no_grad():
+            nll["clean", dtype] = causal_lib.token_nll(model, ids, 256)
+            for layer in (5, 11):
+                res = causal_lib.trace_body(model, ids, [layer, layer + 1], layer + 1).residuals
+                mean_x, mean_y = res[layer][:, 1:].mean((0, 1)), res[layer + 1][:, 1:].mean((0, 1))
+                conditions = {
+                    "identity": lambda x: x,
+                    "train_mean": lambda x, m=mean_y: m.expand_as(x),
+                    "mean_update": lambda x, mx=mean_x, my=mean_y: x + my - mx,
+                }
+                for name, fn in conditions.items():
+                    nll[f"L{layer:02d}_{name}", dtype] = causal_lib.patched_token_nll(
+                        model, ids, layer, layer + 1, patch, fn, 256
+                    )
+    set_lm_head_dtype(model, "float32")
+    worst_token = max(float((nll[c, "bfloat16"] - nll[c, "float32"]).abs().max()) for c, _ in nll)
+    assert worst_token < 0.05  # per token: bf16 rounding of the small logits only
+    for cond in {c for c, _ in nll} - {"clean"}:
+        # Δ over the predictions a patch can change (not the one made at BOS), as the stages' `after` scope
+        delta = {d: float((nll[cond, d] - nll["clean", d])[:, 1:].mean()) for d in ("float32", "bfloat16")}
+        assert abs(delta["bfloat16"] - delta["float32"]) < 1e-3, (cond, delta)
+        assert delta["float32"] != 0.0  # the patch did change the predictions

@@ -256,6 +256,8 @@ class CausalParams:
     # context (mean ablation erases both, so the identity alone "recovers" most of it)
     seed: int = 0
     loss_chunk_tokens: int = 256  # LM-head rows per chunk: bounds logits memory
+    lm_head_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # the LM-head matmul of both causal stages
+    # (logits and log-softmax stay float32); bfloat16 only where the device runs it natively, else float32
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -62,7 +62,7 @@ __all__ = ["CausalError", "main", "prepare_inputs", "read_references"]
 
 def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
     """Run the causal check for `pair` (None: every pair); returns each pair's summary."""
-    from ato.models import load_prepared, resolve_device
+    from ato.models import load_prepared, resolve_device, set_lm_head_dtype
 
     cp, layout = params.causal, Layout.from_params(params)
     names = list(params.pairs) if pair is None else [pair]  # one pair: read only its entry (dvc.yaml)
@@ -73,6 +73,7 @@ def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
     held = load_sequences(store, cp.n_sequences, cp.seq_len)
     model, _tok, info = load_prepared(layout.model_dir, device=str(resolve_device(cp.device)))
     check_model(store, held, model, info, layout.model_dir)
+    set_lm_head_dtype(model, cp.lm_head_dtype)
     inputs = prepare_inputs(params, names, info, store.digest)
     refs = read_references(layout, cp, held, {inputs[n].layer_out for n in names}, info, store.digest)
 

@@ -36,7 +36,7 @@ __all__ = ["main", "target_means"]
 
 def main(params: Params) -> dict[int, CausalReference]:
     """Compute and write the reference record of every target layer; returns them by layer."""
-    from ato.models import load_prepared, resolve_device
+    from ato.models import load_prepared, resolve_device, set_lm_head_dtype
 
     cp, layout = params.causal, Layout.from_params(params)
     if not params.pairs:
@@ -46,6 +46,7 @@ def main(params: Params) -> dict[int, CausalReference]:
     held = load_sequences(store, cp.n_sequences, cp.seq_len)
     model, _tok, info = load_prepared(layout.model_dir, device=str(resolve_device(cp.device)))
     check_model(store, held, model, info, layout.model_dir)
+    set_lm_head_dtype(model, cp.lm_head_dtype)
     means = target_means(layout, params.pairs, info.n_layers, info.d_model, store.digest)
 
     records: dict[int, CausalReference] = {}
