@@ -16,16 +16,19 @@ from ato.params import SaeParams
 from conftest import load_tiny_params, tiny_model
 
 TARGETS = (1, 3)  # target layers of conftest.TINY_PARAMS' pairs
+STORE_LAYERS = (0, 1, 3)  # every layer those pairs need: their train statistics give the SAE gates' ȳ
 
 
 SPLIT_SEQUENCES = {"train": 40, "val": 12, "test": 6}
 
 
-def make_model_store(project: Path, layers=TARGETS, seqs: dict[str, int] | None = None, seed: int = 0) -> Path:
+def make_model_store(project: Path, layers=STORE_LAYERS, seqs: dict[str, int] | None = None, seed: int = 0) -> Path:
     """A small activation store holding the tiny model's real residuals of random word sequences
-    (written with ato.store.write_part + a manifest, as `ato collect` would)."""
+    (written with ato.store.write_part + a manifest, as `ato collect` would), and its pair statistics
+    (`ato stats`, for the project's params.yaml pairs)."""
     from ato.artifacts import ValidationVerdict, write_json_atomic
     from ato.models import base_model, capture_residuals, run_captured
+    from ato.stages import stats
     from ato.store import (
         MANIFEST,
         STORE_FORMAT,
@@ -98,6 +101,7 @@ def make_model_store(project: Path, layers=TARGETS, seqs: dict[str, int] | None 
         failures=[], manifest_sha256=manifest_sha256(root), part_sha256=part_digests(store),
     )  # fmt: skip
     verdict.write(project / "reports" / "validation" / "validation.json")
+    stats.main(load_tiny_params(project))
     return root
 
 
@@ -267,6 +271,36 @@ def test_stage_trains_saves_reports(tiny_project):
     stage.main(params)
     for n in TARGETS:
         assert (params.path("sae_dir") / f"layer_{n:02d}" / "sae_weights.safetensors").read_bytes() == first[n]
+
+
+def test_gate_mean_ablation_uses_the_causal_reference_mean(tiny_project, monkeypatch):
+    """The SAE gate's mean ablation splices in exactly causal_reference's ȳ_train: the mean of the
+    store's whole TRAIN split without BOS, not of the SAE's 500 training tokens (the split has more)."""
+    from ato.artifacts import Layout
+    from ato.stages import causal_reference
+    from ato.stages import sae as stage
+    from ato.store import ActivationStore
+
+    params = load_tiny_params(tiny_project, **{**STAGE_OVERRIDES, "sae.steps": 5})
+    make_model_store(tiny_project)
+    spliced: dict[int, torch.Tensor] = {}
+    real_splice = stage.splice_quality
+
+    def recording_splice(model, saes, means, *args):
+        spliced.update(means)
+        return real_splice(model, saes, means, *args)
+
+    monkeypatch.setattr(stage, "splice_quality", recording_splice)
+    stage.main(params)
+    store = ActivationStore.open(params.path("store"))
+    causal = causal_reference.target_means(Layout.from_params(params), params.pairs, 4, 32, store.digest)
+    assert sorted(spliced) == sorted(causal) == list(TARGETS)
+    for n in TARGETS:
+        assert torch.equal(spliced[n], causal[n][1])
+        rows = np.concatenate([c[n] for c in store.iter_chunks("train", [n])]).astype(np.float64)  # BOS dropped
+        assert len(rows) > params.sae.tokens
+        np.testing.assert_allclose(spliced[n].numpy(), rows.mean(0), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(spliced[n].numpy(), rows[: params.sae.tokens].mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_failing_gate_marks_the_sae_unreliable(tiny_project):

@@ -16,11 +16,12 @@ LAYERS = [1, 3]  # the tiny project's target layers
 
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
-    """A real `ato collect` store of a tiny project (validated by construction), shared by the module."""
+    """A real `ato collect` store of a tiny project (validated by construction) and its pair statistics,
+    shared by the module."""
     import yaml
 
     from ato.artifacts import Layout
-    from ato.stages import collect
+    from ato.stages import collect, stats
     from conftest import TINY_PARAMS, make_corpus, make_prepared_model
     from store_factory import write_passing_verdict
 
@@ -31,6 +32,7 @@ def collected(tmp_path_factory):
     params = load_tiny_params(project, **{"collect.layers": [0, *LAYERS]})
     root = collect.main(params)
     write_passing_verdict(root, Layout.from_params(params).validation)
+    stats.main(params)  # the SAE gates' ȳ_train
     return params
 
 

@@ -92,6 +92,7 @@ _LAZY = {
     "publish_stats_dir": "stats",
     "read_pair_stats": "stats",
     "read_pair_stats_meta": "stats",
+    "read_train_means": "stats",
     "write_pair_stats": "stats",
     "AlphaPoint": "tuning",
     "TuningResult": "tuning",
@@ -163,6 +164,7 @@ __all__ = [
     "read_json",
     "read_pair_stats",
     "read_pair_stats_meta",
+    "read_train_means",
     "write_atlas_maps",
     "write_csv_atomic",
     "write_json_atomic",
@@ -214,6 +216,13 @@ if TYPE_CHECKING:
     )
     from .model import ModelInfo
     from .sae import SaeInfo
-    from .stats import PairStatsMeta, publish_stats_dir, read_pair_stats, read_pair_stats_meta, write_pair_stats
+    from .stats import (
+        PairStatsMeta,
+        publish_stats_dir,
+        read_pair_stats,
+        read_pair_stats_meta,
+        read_train_means,
+        write_pair_stats,
+    )
     from .tuning import AlphaPoint, TuningResult
     from .validation import ExpectationOutcome, ValidationFailure, ValidationVerdict

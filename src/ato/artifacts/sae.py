@@ -64,7 +64,7 @@ class SaeInfo(Record):
     ce_clean: float | None = None  # next-token cross-entropy of the clean model, nats per scored token
     ce_sae: float | None = None  # … with the SAE reconstruction spliced in at this layer
     ce_zero: float | None = None  # … with this layer's residual zeroed (zero ablation)
-    ce_mean: float | None = None  # … with it replaced by its TRAIN mean (mean ablation)
+    ce_mean: float | None = None  # … with it replaced by ȳ_train, causal_reference's (mean ablation)
     kl_sae: float | None = None  # mean KL(clean ‖ SAE-spliced) per scored token, nats
     kl_zero: float | None = None  # mean KL(clean ‖ zero-ablated)
     kl_mean: float | None = None  # mean KL(clean ‖ mean-ablated)

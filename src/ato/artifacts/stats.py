@@ -5,17 +5,23 @@ See docs/contracts.md#stats."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ato.math.stats import PairStats
+from ato.params import Pair
 
 from ._io import ArtifactError, atomic_path, read_safetensors, read_safetensors_metadata
 
 FORMAT = "ato-pair-stats/1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,3 +94,27 @@ def read_pair_stats(path: str | Path, store_digest: str | None = None) -> PairSt
     if stats.n <= 0:
         raise ArtifactError(f"{path}: pair {meta.pair} has no {meta.split} tokens")
     return stats
+
+
+def read_train_means(
+    stats_path: Callable[[str, str], Path], pairs: Mapping[str, Pair], d_model: int, store_digest: str | None
+) -> dict[int, tuple[str, np.ndarray]]:
+    """Target layer → (pair, ȳ_train [d] float32): the one mean-ablation value of a layer, shared by
+    `causal_reference` and the `sae` gates. It is the train statistics' mean_y (the store's whole TRAIN
+    split, BOS/special tokens excluded unless `stats.include_bos`) of the first pair, in `pairs` order,
+    with that target. Every pair's file is read, so a missing or foreign one is refused here."""
+    out: dict[int, tuple[str, np.ndarray]] = {}
+    for name, pair in pairs.items():
+        path = stats_path("train", name)
+        stats = read_pair_stats(path, store_digest)
+        if pair.target in out:
+            continue
+        if read_pair_stats_meta(path).include_bos:
+            log.warning("%s: ȳ_train includes BOS/special tokens (stats.include_bos); mean ablation uses it", path)
+        mean_y = np.asarray(stats.mean_y, dtype=np.float32)
+        if mean_y.shape != (d_model,) or not np.isfinite(mean_y).all():
+            raise ArtifactError(
+                f"{path}: mean_y has shape {mean_y.shape} or non-finite values; expected finite [{d_model}]"
+            )
+        out[pair.target] = (name, mean_y)
+    return out

@@ -143,7 +143,12 @@ STAGES: list[Stage] = [
             "feature-level numbers unreliable ([SAEs](#saes))"
         ),
         output="`models/sae/layer_NN/`, `reports/sae/`",
-        deps=[_e("${paths.store}"), _e("${paths.model_dir}"), _e(f"{R}/validation/validation.json")],
+        deps=[
+            _e("${paths.store}"),
+            _e("${paths.model_dir}"),
+            _e(f"{R}/validation/validation.json"),
+            _e("${paths.stats}/train", "ȳ_train of each target layer (mean ablation, as in causal_reference)"),
+        ],
         params=[_e("sae"), _e("corpus"), _e("pairs"), PATHS],
         outs=[_e("${paths.sae_dir}"), _report(f"{R}/sae")],
     ),

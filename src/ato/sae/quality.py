@@ -99,7 +99,8 @@ def check_roundtrip(sae: Any, path: Path, x: torch.Tensor) -> None:
 @dataclass
 class SpliceQuality:
     """Next-token cross-entropy (nats per scored token) and KL to the clean model when layer n's
-    residual is replaced by the SAE reconstruction, zero, or the TRAIN mean (mean ablation)."""
+    residual is replaced by the SAE reconstruction, zero, or `means` (mean ablation; the stage passes
+    ȳ_train, `ato.artifacts.read_train_means`)."""
 
     ce_clean: float
     ce_sae: float

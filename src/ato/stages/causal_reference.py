@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
-from ato.artifacts import CausalReference, Layout, atomic_path, read_pair_stats, read_pair_stats_meta
+from ato.artifacts import CausalReference, Layout, atomic_path, read_train_means
 from ato.causal import (
     CausalError,
     check_model,
@@ -81,22 +80,10 @@ def main(params: Params) -> dict[int, CausalReference]:
 def target_means(
     layout: Layout, pairs: dict[str, Pair], n_layers: int, d_model: int, store_digest: str | None
 ) -> dict[int, tuple[str, torch.Tensor]]:
-    """Target layer → (pair, ȳ_train [d]): the train statistics' mean_y of the first pair (in `pairs`
-    order) with that target. Every pair's file is read, so a missing or foreign one is refused here."""
-    out: dict[int, tuple[str, torch.Tensor]] = {}
+    """Target layer → (pair, ȳ_train [d]) as `ato.artifacts.read_train_means` defines it (the SAE gates'
+    mean ablation uses the same), after checking every target is a layer of the model."""
     for name, pair in pairs.items():
         if pair.target > n_layers - 1:
             raise CausalError(f"pairs.{name}: layer {pair.target} beyond the model's last layer {n_layers - 1}")
-        path = layout.pair_stats("train", name)
-        stats = read_pair_stats(path, store_digest)
-        if pair.target in out:
-            continue
-        if read_pair_stats_meta(path).include_bos:
-            log.warning("%s: ȳ_train includes BOS/special tokens (stats.include_bos); mean ablation uses it", path)
-        mean_y = torch.as_tensor(np.asarray(stats.mean_y, dtype=np.float32))
-        if mean_y.shape != (d_model,) or not torch.isfinite(mean_y).all():
-            raise CausalError(
-                f"{path}: mean_y has shape {tuple(mean_y.shape)} or non-finite values; expected finite [{d_model}]"
-            )
-        out[pair.target] = (name, mean_y)
-    return out
+    means = read_train_means(layout.pair_stats, pairs, d_model, store_digest)
+    return {layer: (source, torch.from_numpy(mean_y)) for layer, (source, mean_y) in means.items()}

@@ -9,7 +9,9 @@ target layers (`ato.sae.data`, `ato.sae.training`). `sae.source: pretrained` loa
 
 Either way, each SAE is then measured on VAL (`ato.sae.quality`): FVE, mean L0, dead and dense
 fractions on the residuals; CE-loss recovered and KL with its reconstruction spliced into the model,
-against zero and mean ablation; the gates `sae.gates` give `reliable` and `gate_failures`.
+against zero and mean ablation (ȳ_train from the train pair statistics, the value `causal_reference`
+ablates with: `ato.artifacts.read_train_means`); the gates `sae.gates` give `reliable` and
+`gate_failures`.
 
 Output per layer n: `<paths.sae_dir>/layer_NN/` (`cfg.json` + `sae_weights.safetensors`, read by
 `ato.sae.load_sae`, and `ato_sae.json`, an `ato.artifacts.SaeInfo`), written all at once; the same
@@ -25,12 +27,12 @@ from typing import Any
 
 import torch
 
-from ato.artifacts import Layout, SaeInfo, atomic_group, atomic_path
+from ato.artifacts import Layout, SaeInfo, atomic_group, atomic_path, read_train_means
 from ato.corpus import Corpus
 from ato.models import load_prepared
 from ato.params import Params, SaeParams, section_dict
 from ato.sae import SaeError, hook_name, load_pretrained, resolve_pretrained
-from ato.sae.data import SaeData, gather, shuffled_batches, store_tokens
+from ato.sae.data import SaeData, gather, shuffled_batches
 from ato.sae.quality import SpliceQuality, check_roundtrip, evaluate_sae, gate_failures, splice_quality, val_sequences
 from ato.sae.training import SCALE_SAMPLE_TOKENS, input_scale, train_sae
 from ato.store import ActivationStore, require_validated
@@ -39,7 +41,6 @@ log = logging.getLogger(__name__)
 
 EVAL_CHUNK_TOKENS = 4096
 PROBE_TOKENS = 256  # VAL tokens the save → reload check encodes
-MEAN_TOKENS = 65536  # TRAIN tokens the mean-ablation value of a pretrained SAE's layer is taken over
 TRAIN_PARAMS = ("width", "k", "l1_coefficient", "steps", "batch_tokens", "lr", "seed", "tokens")
 
 
@@ -52,12 +53,13 @@ def main(params: Params) -> dict[int, SaeInfo]:
     store = ActivationStore.open(layout.store)
     require_validated(store, layout.validation)
     store.require_layers(layers, what="stage sae")
+    means = _train_means(params, layout, store)  # before any work: refuses missing train statistics
     model, tokenizer = _model(params, store)
     device = next(model.parameters()).device
     if sp.source == "pretrained":
-        saes, extras, means = _pretrained(sp, store, layers, device)
+        saes, extras = _pretrained(sp, layers, store.d_model, device)
     else:
-        saes, extras, means = _trained(params, store, layers, model, tokenizer, device)
+        saes, extras = _trained(params, store, layers, model, tokenizer, device)
     downstream = _downstream(sp, store, model, saes, means)
     results = {}
     for n in layers:
@@ -68,15 +70,14 @@ def main(params: Params) -> dict[int, SaeInfo]:
     return results
 
 
-Built = tuple[dict[int, Any], dict[int, dict[str, Any]], dict[int, torch.Tensor]]  # SAEs, record fields, TRAIN means
+Built = tuple[dict[int, Any], dict[int, dict[str, Any]]]  # SAEs, record fields
 
 
-def _pretrained(sp: SaeParams, store: ActivationStore, layers: list[int], device: torch.device) -> Built:
+def _pretrained(sp: SaeParams, layers: list[int], d_model: int, device: torch.device) -> Built:
     saes, extras = {}, {}
     for n in layers:
-        saes[n], extras[n] = pretrained_sae(sp, sp.sae_id_template.format(n=n), n, store.d_model, device)
-    train = store_tokens(store, layers, MEAN_TOKENS)
-    return saes, extras, {n: torch.from_numpy(a).double().mean(0).float() for n, a in train.items()}
+        saes[n], extras[n] = pretrained_sae(sp, sp.sae_id_template.format(n=n), n, d_model, device)
+    return saes, extras
 
 
 def _trained(
@@ -88,7 +89,14 @@ def _trained(
     saes, extras = {}, {}
     for n in layers:
         saes[n], extras[n] = trained_sae(sp, data, n, store, device)
-    return saes, extras, {n: data.tokens[n].double().mean(0).float() for n in layers}
+    return saes, extras
+
+
+def _train_means(params: Params, layout: Layout, store: ActivationStore) -> dict[int, torch.Tensor]:
+    """ȳ_train of each target layer, the mean-ablation value the CE gate compares against: the one
+    `causal_reference` uses too (`ato.artifacts.read_train_means`), not a mean over the SAE's own tokens."""
+    means = read_train_means(layout.pair_stats, params.pairs, store.d_model, store.digest)
+    return {layer: torch.from_numpy(mean_y) for layer, (_pair, mean_y) in means.items()}
 
 
 def _log_quality(info: SaeInfo, layout: Layout) -> None:
