@@ -95,11 +95,14 @@ def test_pairs_top_level_trials_nested_headline_metrics(pipeline):
         file = _metrics_file(pipeline, pair)
         causal = json.loads((pipeline.path("reports") / "causal" / f"{pair}.json").read_text())
         headline = {k[len(HEADLINE_PREFIX) :]: v for k, v in run.data.metrics.items() if k.startswith(HEADLINE_PREFIX)}
-        assert set(headline) == set(PAIR_HEADLINE), pair
+        sources = {k: causal[k.removeprefix("causal_")] if k.startswith("causal_") else file[k] for k in PAIR_HEADLINE}
+        # every headline name whose value is a finite number is logged (a non-finite one, e.g. the
+        # half-width of a share whose reference damage cannot be told from 0, is skipped by design)
+        finite = {k for k, v in sources.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        assert set(headline) == finite and len(finite) >= len(PAIR_HEADLINE) - 3, pair
         assert len(run.data.metrics) > 10 * len(headline)  # what the prefix is for
         for key, value in headline.items():
-            source = causal[key.removeprefix("causal_")] if key.startswith("causal_") else file[key]
-            assert value == pytest.approx(source, rel=1e-9, abs=1e-12), (pair, key)
+            assert value == pytest.approx(sources[key], rel=1e-9, abs=1e-12), (pair, key)
 
 
 @pytest.mark.slow
