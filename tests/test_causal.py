@@ -769,7 +769,7 @@ def test_ablations_hurt_the_real_embedded_model(tmp_path):
 
 
 @pytest.mark.integration
-def test_bf16_lm_head_agrees_with_float32_on_the_real_model(real_model_dir):
+def test_bf16_lm_head_agrees_with_float32_on_the_real_model(real_model_dir, monkeypatch):
     """Δ log-ppl (patched − clean, nats/token) with the LM-head matmul in bf16 is within 1e-3 nats of
     float32 for every condition of the default k = 1 pairs, on the default TEST text (8 × 64 tokens).
 
@@ -777,12 +777,13 @@ def test_bf16_lm_head_agrees_with_float32_on_the_real_model(real_model_dir):
     |NLL_bf16 − NLL_f32| ≤ 0.011 nats. Rounding only the bf16 matmul's output (no float32 top logits) gave
     ΔΔ = 2.1e-3 on L11's mean update: the test fails without `_exact_top_logits`."""
     from ato.corpus import Corpus, sequences_for_split
-    from ato.models import load_prepared, native_bfloat16, set_lm_head_dtype
+    from ato.models import load_prepared, set_lm_head_dtype
     from ato.params import CorpusParams
 
     model, tok, _ = load_prepared(real_model_dir, "cpu")
-    if not native_bfloat16(torch.device("cpu")):
-        pytest.skip("this CPU has no native bf16: the stages keep the LM head in float32")
+    # the agreement is a property of bf16 arithmetic, not of the CPU: where bf16 is only emulated the
+    # stages fall back to float32, but this test still measures the bf16 numbers
+    monkeypatch.setattr("ato.models.native_bfloat16", lambda device: True)
     rows = [s.token_ids for s in sequences_for_split(Corpus(CorpusParams()), tok, "test") if len(s.token_ids) >= 64]
     ids = torch.tensor([r[:64] for r in rows[:8]])
     patch = torch.ones_like(ids, dtype=torch.bool)
