@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from ato.math.cca import CCA, efficiency_table, pinv_sqrt, rank_grid, whitening
 from ato.math.heldout import (
+    DocumentProjectionSums,
     brute_force_split,
     cca_null,
     cumulative_subspace_size,
@@ -22,8 +23,10 @@ from ato.math.heldout import (
     rank_zero_r2,
     shift_removed_efficiency,
     shift_removed_table,
+    significant_directions,
     simulated_split,
     subspace_report,
+    transport_directions,
     true_bound_cca,
 )
 from ato.math.linear_reference import (
@@ -437,3 +440,76 @@ def test_effective_n_is_at_least_two():
 
     assert effective_n(1000, 4.0) == 250
     assert effective_n(3, 100.0) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# How many directions carry transport
+
+
+def _canonical_scale(rho: np.ndarray) -> np.ndarray:
+    """Joint covariance of (x, y) in canonical coordinates: unit variances, corr(x_i, y_i) = ρ_i.
+    CCA is invariant to invertible maps of x and of y, so this is every population with these ρ."""
+    d = len(rho)
+    return np.block([[np.eye(d), np.diag(rho)], [np.diag(rho), np.eye(d)]])
+
+
+@pytest.mark.parametrize("rank", [8, 200, 640])
+def test_planted_transport_rank_is_recovered_within_its_interval(rank: int):
+    """The real d = 640 (a rank-200 transport at the real d is what PR and the 90 % size cannot see):
+    ρ from 0.95 down to 0.3 on `rank` directions, 0 on the rest; train n/d = 50 (Wishart statistics),
+    6,400 explicit test rows in 64 documents. The count, its bootstrap interval and the ceiling share
+    recover the rank; PR and the 90 % size do not track it."""
+    d, n_train, n_docs, doc_len = 640, 32_000, 64, 100
+    rho = np.r_[np.linspace(0.95, 0.3, rank), np.zeros(d - rank)]
+    rng = np.random.default_rng(rank)
+    train = simulated_split(rng, n_train, _canonical_scale(rho), d)
+    x = rng.standard_normal((n_docs * doc_len, d))
+    y = x * rho + rng.standard_normal(x.shape) * np.sqrt(1 - rho**2)
+    held = heldout_cca(train, PairStats.from_data(x, y))
+    docs = DocumentProjectionSums(held, train.mean_x, train.mean_y)
+    groups = np.repeat(np.arange(n_docs), doc_len)
+    for lo in range(0, len(x), 1500):  # chunks cut documents
+        docs.add(x[lo : lo + 1500], y[lo : lo + 1500], groups[lo : lo + 1500])
+    np.testing.assert_allclose(docs.correlations(np.ones((1, n_docs)))[0], held.rho_test, atol=1e-9)
+    found = transport_directions(held, n_eff=len(x), documents=docs, seed=1)
+    assert found.m == d and found.replicates > 0
+    assert found.count_low <= found.count <= found.count_high
+    # the count is the test's own 95 % lower bound; the bootstrap re-adds test noise, so its upper end
+    # passes a few noise directions more (≤ 2 % of d here)
+    assert found.count <= rank <= found.count_high <= rank + 0.02 * d
+    # the counted directions carry the planted Σρ² of the ceiling, up to in-sample optimism
+    assert found.share * np.sum(held.rho_train**2) == pytest.approx(np.sum(rho**2), rel=0.08)
+    assert found.share_low - 1e-12 <= found.share <= found.share_high + 1e-12
+
+
+def test_step_down_count_keeps_its_error_rate_on_independent_data():
+    """Independent x and y (the Wishart null at n and d): the count is 0 in ≥ 1 − α of the replicates
+    (binomial margin over 300), so the analytic threshold is the null's quantile."""
+    d, n, reps = 32, 1600, 300
+    rng = np.random.default_rng(9)
+    counts = []
+    for _ in range(reps):
+        train, test = (simulated_split(rng, n, np.eye(2 * d), d) for _ in range(2))
+        counts.append(significant_directions(heldout_cca(train, test).rho_test, n_eff=n).sum())
+    assert np.mean(np.asarray(counts) > 0) <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / reps)
+
+
+def test_clustered_tokens_need_the_effective_n():
+    """Documents of 40 tokens with intra-class correlation 0.3 in x and y and no transport: counted at
+    the token n the test passes noise directions far more often than α; at n / deff it does not."""
+    from ato.math.design_effect import DesignEffectAccumulator, effective_n
+
+    d, n_groups, m, reps = 16, 100, 40, 40
+    rng = np.random.default_rng(11)
+    at_n, at_neff = [], []
+    for _ in range(reps):
+        x, y = (_clustered(rng, 2 * n_groups, m, d, 0.3) for _ in range(2))
+        half = n_groups * m
+        train, test = PairStats.from_data(x[:half], y[:half]), PairStats.from_data(x[half:], y[half:])
+        held = heldout_cca(train, test)
+        acc = DesignEffectAccumulator(np.zeros((d, d)), np.zeros(d), np.eye(d), np.eye(d), test.mean_x, test.mean_y)
+        acc.add(x[half:], y[half:], np.repeat(np.arange(n_groups), m))
+        at_n.append(significant_directions(held.rho_test, n_eff=half).any())
+        at_neff.append(significant_directions(held.rho_test, effective_n(half, acc.result().null)).any())
+    assert np.mean(at_n) >= 0.2
+    assert np.mean(at_neff) <= 0.15
