@@ -119,6 +119,11 @@ class PairMetrics(Record):
         "eta_test",
         "eta_expected",
         "eta_ratio",
+        "transport_directions",
+        "transport_directions_low",
+        "transport_directions_high",
+        "transport_directions_share",
+        "canonical_directions",
         "heldout_subspace_size",
         "heldout_subspace_size_null",
         "heldout_subspace_size_null_std",
@@ -166,8 +171,22 @@ class PairMetrics(Record):
     design_effect_r2: float = math.nan  # deff of the linearised test R²: η's reference draws test at n / this
     design_effect_null: float = math.nan  # deff of a whitened cross-covariance entry (the null uses n / this)
     n_test_documents: float = math.nan  # documents (clusters) the design effects are estimated over
-    # subspace size: canonical directions from train, correlations measured on test (train order), beside
-    # the same statistic for independent x and y at the same n and d (Wishart null: mean, sd, excess)
+    # directions that carry transport: canonical directions from train whose correlation measured on test
+    # passes a one-sided step-down (Holm–Šidák) test against independent x, y at n_test / design_effect_null
+    # (docs/statistics.md#directions); the count is also the test's own 95 % lower confidence bound
+    canonical_directions: float = math.nan  # m = min(d_in, d_out): the directions tested
+    transport_directions: float = math.nan  # directions that pass (family-wise α = 0.05)
+    transport_directions_low: float = math.nan  # 2.5 % point of the count over a bootstrap of test documents
+    transport_directions_high: float = math.nan  # 97.5 % point (re-added test noise biases it up a little)
+    transport_directions_share: float = math.nan  # their Σρ² (train ρ) over Σρ²: their share of ceiling_full
+    transport_directions_share_low: float = math.nan  # 2.5 % point of the share over the same bootstrap
+    transport_directions_share_high: float = math.nan  # 97.5 % point
+    transport_directions_threshold: float = math.nan  # the test's first threshold: the (1 − α) quantile of the
+    # largest of m held-out correlations under independence (the last threshold is the one-direction quantile)
+    # PR and subspace size: descriptions of how the held-out correlations spread, not counts of transport
+    # directions (a planted rank-200 transport gives the null's PR): canonical directions from train,
+    # correlations measured on test (train order), beside the same statistic for independent x and y at
+    # the same n and d (Wishart null: mean, sd, excess)
     heldout_subspace_size: float = math.nan  # smallest r with Σ_{i≤r} ρ⁺² ≥ subspace_fraction · Σ ρ⁺² (test ρ)
     heldout_subspace_size_null: float = math.nan  # its mean under the null
     heldout_subspace_size_null_std: float = math.nan  # its standard deviation under the null

@@ -16,13 +16,16 @@ from ato.math.cca import CCA, efficiency_table, rank_grid
 from ato.math.design_effect import DesignEffectAccumulator, DesignEffects, effective_n
 from ato.math.heldout import (
     CCANull,
+    DocumentProjectionSums,
     HeldOutCCA,
     SubspaceReport,
+    TransportDirections,
     cca_null,
     heldout_from_cca,
     rank_zero_r2,
     shift_removed_table,
     subspace_report,
+    transport_directions,
 )
 from ato.math.linear_reference import LinearReference, linear_reference
 from ato.math.stats import PairStats
@@ -40,6 +43,7 @@ class Transport:
     linear: LinearReference  # η(test) beside η_expected of an exactly linear map (at the effective n)
     linear_iid: LinearReference  # the same at the token count, as if tokens were independent
     design: DesignEffects  # documents make tokens dependent: n_eff = n / deff for the Wishart references
+    directions: TransportDirections  # directions whose held-out ρ passes the step-down test at n_eff
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,8 +73,10 @@ def transport(
     ceiling = float(cca.ceiling())
     eta_test = float(cca.whitened_r2(test, W, b)) / ceiling if ceiling > 0 else float("nan")
     acc = DesignEffectAccumulator(W, b, cca.wy, cca.wx, test.mean_x, test.mean_y)
+    documents = DocumentProjectionSums(heldout, cca.mean_x, cca.mean_y)
     for x, y, groups in test_chunks:
         acc.add(x, y, groups)
+        documents.add(x, y, groups)
     design = acc.result()
     null_sizes = (effective_n(train.n, design.null), effective_n(test.n, design.null), cca.d_in, cca.d_out)
     eta_sizes = (effective_n(train.n, design.score), effective_n(test.n, design.r2), cca.d_in, cca.d_out)
@@ -82,13 +88,14 @@ def transport(
         linear = linear_reference(eta_test, cca.rho, *eta_sizes, replicates=ev.null_replicates, seed=ev.null_seed)
     linear_iid = linear_reference(eta_test, cca.rho, *iid_sizes)  # analytic only: the contrast
     subspace = subspace_report(train, test, ev.subspace_fraction, null=null, heldout=heldout)
-    return Transport(cca, table, heldout, subspace, linear, linear_iid, design)
+    directions = transport_directions(heldout, null_sizes[1], documents, seed=ev.null_seed)
+    return Transport(cca, table, heldout, subspace, linear, linear_iid, design, directions)
 
 
 def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """The `PairMetrics` fields of a `Transport` (floats, under their field names)."""
     ceiling = float(t.cca.ceiling())
-    rep, lin = t.subspace, t.linear
+    rep, lin, dirs = t.subspace, t.linear, t.directions
     return {
         "ceiling_full": ceiling,
         "eta_train": float(t.cca.whitened_r2(train, W, b)) / ceiling if ceiling > 0 else float("nan"),
@@ -101,6 +108,14 @@ def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarr
         "design_effect_r2": t.design.r2,
         "design_effect_null": t.design.null,
         "n_test_documents": float(t.design.n_groups),
+        "canonical_directions": float(dirs.m),
+        "transport_directions": float(dirs.count),
+        "transport_directions_low": dirs.count_low,
+        "transport_directions_high": dirs.count_high,
+        "transport_directions_share": dirs.share,
+        "transport_directions_share_low": dirs.share_low,
+        "transport_directions_share_high": dirs.share_high,
+        "transport_directions_threshold": dirs.threshold,
         "heldout_subspace_size": rep.heldout_size.observed,
         "heldout_subspace_size_null": rep.heldout_size.null,
         "heldout_subspace_size_null_std": rep.heldout_size.null_std,

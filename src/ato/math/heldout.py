@@ -414,6 +414,7 @@ class TransportDirections:
     share_high: float
     m: int  # canonical directions tested (min(d_in, d_out))
     n_eff: float  # the effective test n the null is taken at
+    threshold: float  # the first step-down threshold: (1 − α) quantile of the largest of m null correlations
     alpha: float
     replicates: int  # bootstrap replicates (0: no interval)
 
@@ -437,8 +438,9 @@ def transport_directions(
     the train directions and n_eff fixed (so the interval is the test split's sampling noise only)."""
     mask = significant_directions(held.rho_test, n_eff, alpha)
     count, share = int(mask.sum()), float(_ceiling_share(held.rho_train, mask))
+    sizes = (len(mask), n_eff, float(step_down_thresholds(len(mask), n_eff, alpha)[0]), alpha)
     if documents is None or len(documents.rows) < 2:
-        return TransportDirections(count, math.nan, math.nan, share, math.nan, math.nan, len(mask), n_eff, alpha, 0)
+        return TransportDirections(count, math.nan, math.nan, share, math.nan, math.nan, *sizes, 0)
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(len(documents.rows), np.full(len(documents.rows), 1 / len(documents.rows)), replicates)
     masks = np.array([significant_directions(rho, n_eff, alpha) for rho in documents.correlations(weights)])
@@ -446,5 +448,5 @@ def transport_directions(
     c_low, c_high = np.quantile(masks.sum(axis=1), tails)
     s_low, s_high = np.quantile(_ceiling_share(held.rho_train, masks.astype(np.float64)), tails)
     return TransportDirections(
-        count, float(c_low), float(c_high), share, float(s_low), float(s_high), len(mask), n_eff, alpha, replicates
+        count, float(c_low), float(c_high), share, float(s_low), float(s_high), *sizes, replicates
     )
