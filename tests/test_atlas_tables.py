@@ -41,6 +41,7 @@ def _pair(L: int, k: int, identity: OperatorScore) -> AtlasPair:
         procrustes_linearity=0.5, ceiling=0.6, eta_test=0.9, eta_expected=0.95, eta_expected_std=math.nan,
         eta_ratio=0.9 / 0.95, heldout_subspace_size=10.0, heldout_subspace_size_null=15.0,
         heldout_subspace_size_null_std=1.0, heldout_subspace_size_excess=-5.0, rrr_rank=10,
+        transport_directions=float(20 - L), transport_directions_share=1.0 - 0.01 * L,
     )  # fmt: skip
 
 
@@ -102,3 +103,17 @@ def test_aggregates_over_l_are_medians_that_one_extreme_layer_cannot_move():
     assert extreme["gain_over_identity_median"] == pytest.approx(0.58 - 0.45)
     md = atlas_markdown(_atlas([-12.8, 0.0, 0.45, 0.50, 0.55], planted))
     assert "## Per k: median over L (min … max)" in md and "## Medians over L" in md
+
+
+def test_the_count_of_directions_that_carry_transport_is_in_every_atlas_output():
+    """Per k the median count over L with its range (and the ceiling share), in metrics.json, the README
+    table and pairs.csv; the subspace size's excess over its null is no longer read as a count."""
+    result = _atlas([0.40, 0.0, 0.45, 0.50, 0.55], planted_disagreement())  # counts 20, 19, …, 16
+    md = atlas_markdown(result)
+    assert "| 1 | 0.947 (0.947 … 0.947) | 18 (16 … 20) | 0.9800 (0.9600 … 1.0000) |" in md
+    assert "size − null" not in md and "no count" in md
+    assert atlas_metrics(result)["k1"]["transport_directions_median"] == 18
+    assert "directions carrying transport" in readme_table(result)[0]
+    assert readme_table(result)[2].split(" | ")[-2] == "18"
+    row = dict(zip(table_columns(), table(result)[3]))
+    assert row["transport_directions"] == 17 and row["transport_directions_share"] == pytest.approx(0.97)

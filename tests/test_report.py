@@ -75,6 +75,14 @@ def fake_metrics(L: int, k: int) -> dict[str, float]:
         "participation_ratio_null": 460.25,
         "subspace_size": float(400 + 25 * k + 2 * L),
         "subspace_size_null": 421.5,
+        "canonical_directions": 640.0,
+        "transport_directions": float(600 - 10 * k - L),
+        "transport_directions_low": float(597 - 10 * k - L),
+        "transport_directions_high": float(605 - 10 * k - L),
+        "transport_directions_share": round(0.998 - 0.001 * k, 6),
+        "transport_directions_share_low": round(0.997 - 0.001 * k, 6),
+        "transport_directions_share_high": round(0.999 - 0.001 * k, 6),
+        "transport_directions_threshold": 0.0331,
     }
     m["eta_ratio"] = m["eta_test"] / m["eta_expected"]
     m["heldout_subspace_size_excess"] = m["heldout_subspace_size"] - m["heldout_subspace_size_null"]
@@ -296,13 +304,19 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
         eta_row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {m['ceiling_full']:.4f} |"))
         assert f"| {m['eta_test']:.4f} | {m['eta_expected']:.4f} ± {m['eta_expected_std']:.4f} |" in eta_row
         assert f"| {m['eta_ratio']:.4f} |" in eta_row
-        # held-out subspace size and PR beside their null (mean ± sd) and excess; in-sample PR beside its null
+        # the count of directions that carry transport (of d), its bootstrap range and ceiling share
+        count = f"| {name} | {int(m['transport_directions'])} of 640 |"
+        row = next(line for line in text.splitlines() if line.startswith(count))
+        low, high = int(m["transport_directions_low"]), int(m["transport_directions_high"])
+        share = f"{m['transport_directions_share']:.4f} [{m['transport_directions_share_low']:.4f}, "
+        assert f"| {low}–{high} | {share}" in row and f"| {m['transport_directions_threshold']:.4f} |" in row
+        # held-out subspace size and PR beside their null (mean ± sd), no excess; in-sample PR beside its null
         size = int(m["heldout_subspace_size"])
         null, null_sd = m["heldout_subspace_size_null"], m["heldout_subspace_size_null_std"]
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {size} |"))
-        assert f"| {size} | {null:.1f} ± {null_sd:.1f} | {m['heldout_subspace_size_excess']:+.1f} |" in row
         pr = f"| {m['heldout_pr']:.1f} | {m['heldout_pr_null']:.1f} ± {m['heldout_pr_null_std']:.1f} |"
-        assert pr + f" {m['heldout_pr_excess']:+.1f} |" in row
+        assert f"| {size} | {null:.1f} ± {null_sd:.1f} " + pr in row
+        assert f"{m['heldout_pr_excess']:+.1f}" not in row
         assert f"| {m['participation_ratio']:.1f} | {m['participation_ratio_null']:.1f} |" in row
         eff = fake_efficiency(L, k)
         for r in (1, 10):  # both in the default sweep of d = 640

@@ -87,6 +87,10 @@ class AtlasPair:
     heldout_subspace_size_excess: float  # observed − null mean
     rrr_rank: int  # rank of the reduced-rank operator (the held-out subspace size)
     local: LocalGlobal | None = None  # E[J] beside W where the Jacobian was probed
+    # canonical directions whose held-out ρ passes the step-down test against independent x, y at the
+    # test token count (docs/statistics.md#directions), and their share of the ceiling's Σρ²
+    transport_directions: float = math.nan
+    transport_directions_share: float = math.nan
 
 
 @dataclass

@@ -35,7 +35,7 @@ from functools import cached_property
 import numpy as np
 
 from .cca import CCA, pinv_sqrt, whitening
-from .heldout import CCANull, VersusNull, heldout_from_cca
+from .heldout import CCANull, TransportDirections, VersusNull, heldout_from_cca, transport_directions
 from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_variation
 from .linear_reference import LinearReference, linear_reference
 from .procrustes import procrustes_centred, procrustes_plain
@@ -163,6 +163,7 @@ class PairFit:
     linear: LinearReference  # η(test) beside an exactly linear map's
     heldout_size: VersusNull  # held-out subspace size beside its null
     rrr_rank: int  # rank of the reduced-rank map (= the observed held-out subspace size)
+    directions: TransportDirections  # directions whose held-out ρ passes the step-down test (no interval)
     extra: dict[str, float] = field(default_factory=dict)  # local-vs-global numbers, when probed
 
 
@@ -221,6 +222,8 @@ def fit_pair(
         linear=linear,
         heldout_size=VersusNull.of(size, null.heldout_size),
         rrr_rank=size,
+        # at the token count, like the atlas's null: tokens of a sequence are dependent, so it is optimistic
+        directions=transport_directions(held, test.n),
     )
 
 

@@ -39,7 +39,11 @@ HEATMAPS: tuple[tuple[str, Value, str], ...] = (
     ("residual R² of the ridge map (test, variance-weighted)", lambda p: p.operators["ridge"].r2_weighted, "r2"),
     ("R²(ridge) − R²(identity): what a map adds to carrying x", lambda p: p.gain_over_identity, "signed"),
     ("η(test) / η of an exactly linear map (1 = linear)", lambda p: p.eta_ratio, "ratio"),
-    ("held-out subspace size − its null mean (independent x, y)", lambda p: p.heldout_subspace_size_excess, "signed"),
+    (
+        "canonical directions carrying transport (held out, step-down test)",
+        lambda p: p.transport_directions,
+        "positive",
+    ),
     (
         "‖(W − E[J])V‖ / ‖(W − I)V‖: ridge vs mean Jacobian on the computed part",
         lambda p: p.local.rel_diff_update if p.local else math.nan,

@@ -1,5 +1,5 @@
 """Figures of `ato report` that compare pairs: headline heatmaps over (L, k) (η beside its linear
-reference, held-out subspace size beside its null), η(r) and ceiling(r) per k, and the α → validation R²
+reference, the count of directions that carry transport), η(r) and ceiling(r) per k, and the α → validation R²
 curves. The causal figure (Δ and recovered share per pair) is in `summary_causal`."""
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def _eta_note(m: PairMetrics) -> str:
     return f"ratio {fmt(m.eta_ratio, '.3f')}" if math.isfinite(m.eta_ratio) else ""
 
 
-def _size_note(m: PairMetrics) -> str:
-    if not math.isfinite(m.heldout_subspace_size_null):
+def _directions_note(m: PairMetrics) -> str:
+    if not math.isfinite(m.canonical_directions):
         return ""
-    sd = f"±{m.heldout_subspace_size_null_std:.0f}" if math.isfinite(m.heldout_subspace_size_null_std) else ""
-    return f"null {m.heldout_subspace_size_null:.0f}{sd}"
+    spread = f"{fmt_int(m.transport_directions_low)}–{fmt_int(m.transport_directions_high)} "
+    return (spread if math.isfinite(m.transport_directions_low) else "") + f"of {fmt_int(m.canonical_directions)}"
 
 
 Note = Callable[[PairMetrics], str] | None
@@ -41,7 +41,12 @@ HEATMAPS: tuple[tuple[str, str, Callable[[PairMetrics], float], Note], ...] = (
     ("feature-space R², median (test)", "r2", lambda m: m.ato.feature_r2_median, None),
     ("transported fraction (transported/judged)", "r2", lambda m: m.transported_fraction, _transported_note),
     ("η(test) = R²_w / ceiling; ratio to an exactly linear map's η", "r2", lambda m: m.eta_test, _eta_note),
-    ("held-out subspace size (rank); null mean ± sd", "size", lambda m: m.heldout_subspace_size, _size_note),
+    (
+        "directions carrying transport (held out); bootstrap, of d",
+        "size",
+        lambda m: m.transport_directions,
+        _directions_note,
+    ),  # fmt: skip
 )
 # panels whose numbers rest on the target layer's SAE (marked when it missed its quality gates)
 FEATURE_PANELS = frozenset({HEATMAPS[1][0], HEATMAPS[2][0]})

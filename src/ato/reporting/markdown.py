@@ -17,7 +17,7 @@ from .settings import SummarySettings
 
 PAIR_FIGURES = ("efficiency", "feature_r2", "dim_r2", "causal")  # per-pair figures of evaluate and causal
 CAPTIONS = {
-    "heatmaps": "Headline scores over (L, k), η and held-out subspace size beside their references",
+    "heatmaps": "Headline scores over (L, k), η beside its reference and the directions that carry transport",
     "efficiency": "Transport efficiency η(r) and CCA ceiling(r) per k, held-out subspace size beside its null",
     "causal": "Causal check: Δ log-perplexity and damage recovered vs mean ablation, with 95 % intervals",
     "alpha": "Ridge penalty α → validation R²",
