@@ -352,7 +352,7 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
         "Ridge penalty",
         "Feature space",
         "CCA ceiling and transport efficiency η",
-        "Subspace size",
+        "Directions that carry transport",
         "Causal check",
     ):
         body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]

@@ -87,10 +87,9 @@ class AtlasPair:
     heldout_subspace_size_excess: float  # observed − null mean
     rrr_rank: int  # rank of the reduced-rank operator (the held-out subspace size)
     local: LocalGlobal | None = None  # E[J] beside W where the Jacobian was probed
-    # canonical directions whose held-out ρ passes the step-down test against independent x, y at the
-    # test token count (docs/statistics.md#directions), and their share of the ceiling's Σρ²
-    transport_directions: float = math.nan
-    transport_directions_share: float = math.nan
+    # docs/statistics.md#directions; the null is taken at the test token count (no design effect here)
+    transport_directions: float = math.nan  # canonical directions whose held-out ρ passes the step-down test
+    transport_directions_share: float = math.nan  # their Σρ² (train ρ) over Σρ²: their share of the ceiling
 
 
 @dataclass

@@ -181,8 +181,7 @@ class PairMetrics(Record):
     transport_directions_share: float = math.nan  # their Σρ² (train ρ) over Σρ²: their share of ceiling_full
     transport_directions_share_low: float = math.nan  # 2.5 % point of the share over the same bootstrap
     transport_directions_share_high: float = math.nan  # 97.5 % point
-    transport_directions_threshold: float = math.nan  # the test's first threshold: the (1 − α) quantile of the
-    # largest of m held-out correlations under independence (the last threshold is the one-direction quantile)
+    transport_directions_threshold: float = math.nan  # first step: 95 % quantile of the largest of m null ρ
     # PR and subspace size: descriptions of how the held-out correlations spread, not counts of transport
     # directions (a planted rank-200 transport gives the null's PR): canonical directions from train,
     # correlations measured on test (train order), beside the same statistic for independent x and y at
