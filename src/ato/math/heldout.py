@@ -383,9 +383,12 @@ class DocumentProjectionSums:
     def add(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> None:
         p = (np.asarray(x, np.float64) - self.mean_x) @ self.held.x_dirs
         q = (np.asarray(y, np.float64) - self.mean_y) @ self.held.y_dirs
-        per_token = np.hstack([np.ones((len(p), 1)), p, q, p * p, q * q, p * q])
         starts = np.r_[0, np.flatnonzero(np.diff(groups)) + 1]
-        for gid, row in zip(np.asarray(groups)[starts], np.add.reduceat(per_token, starts, axis=0)):
+        sizes = np.diff(np.r_[starts, len(p)])[:, None].astype(np.float64)
+        # summed per document run one product at a time: a [tokens, 5m] block would be 200 MB per chunk
+        sums = [np.add.reduceat(v, starts, axis=0) for v in (p, q)]
+        sums += [np.add.reduceat(a * b, starts, axis=0) for a, b in ((p, p), (q, q), (p, q))]
+        for gid, row in zip(np.asarray(groups)[starts], np.hstack([sizes, *sums])):
             if self.ids and self.ids[-1] == gid:
                 self.rows[-1] += row
             else:
