@@ -213,6 +213,7 @@ def test_stage_writes_every_output_and_the_numbers_hang_together(atlas_run):
         assert 0 <= p.local.alignment <= 1 + 1e-9 and len(p.local.sv_jacobian) == 4
         assert p.gain_over_identity == pytest.approx(ops["ridge"].r2 - ops["identity"].r2)
         assert p.eta_expected > 0 and np.isfinite(p.heldout_subspace_size_null)
+        assert 0 <= p.transport_directions <= store.d_model and 0 <= p.transport_directions_share <= 1 + 1e-12
     causal = result.pair("L00_k1").operators
     assert all(np.isfinite(causal[o].causal_delta) for o in ("identity", "ridge", "jacobian", "train_mean"))
     assert causal["ridge"].causal_low <= causal["ridge"].causal_delta <= causal["ridge"].causal_high
