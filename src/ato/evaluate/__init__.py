@@ -15,7 +15,8 @@ Per pair (L, k), with T = L + k:
 * each headline number beside its reference (`ato.math.heldout`): η(test) beside the η an exactly
   linear map reaches at this n, d and ρ; the participation ratio and the 90 % subspace size from
   canonical correlations measured on TEST (directions from train), each beside the same statistic for
-  independent x and y at the same n and d (a Wishart null).
+  independent x and y at the same n and d (a Wishart null), as descriptions; the number of those
+  directions that carry transport (step-down test at the effective n, document-bootstrap interval).
 
 Formulas: docs/method.md#r2, #features, #cca, #efficiency; docs/statistics.md#heldout.
 

@@ -1,5 +1,5 @@
-"""The CCA ceiling, η and the subspace size of one pair, each beside its reference
-(docs/statistics.md#heldout, #effective-n)."""
+"""The CCA ceiling, η and the subspace size of one pair, each beside its reference, and the number of
+canonical directions that carry transport (docs/statistics.md#heldout, #effective-n, #directions)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Held-out canonical correlations, their null at the same n and d, a CCA ceiling that is a true
 in-sample bound, and η_RRR(r) without the mean shift; η beside the η of an exactly linear map is in
-`linear_reference`, the effective sample size in `design_effect`. Everything works from sufficient
-statistics (`PairStats`): no stage holds all tokens. See docs/statistics.md#heldout.
+`linear_reference`, the effective sample size in `design_effect`; the number of directions that carry
+transport (a step-down test with a document bootstrap) at the end. Everything works from sufficient
+statistics (`PairStats`, or per-document projection sums): no stage holds all tokens. See
+docs/statistics.md#heldout and #directions.
 
 **True-bound ceiling.** For a symmetric target whitening A and any x-side B with B Bᵀ a generalised
 inverse of Σxx (Σxx B Bᵀ Σxx = Σxx; Bᵀ Σxx B is then an orthogonal projector), the best in-sample
@@ -441,9 +443,9 @@ def transport_directions(
     the train directions and n_eff fixed (so the interval is the test split's sampling noise only)."""
     mask = significant_directions(held.rho_test, n_eff, alpha)
     count, share = int(mask.sum()), float(_ceiling_share(held.rho_train, mask))
-    sizes = (len(mask), n_eff, float(step_down_thresholds(len(mask), n_eff, alpha)[0]), alpha)
+    test_setup = (len(mask), n_eff, float(step_down_thresholds(len(mask), n_eff, alpha)[0]), alpha)
     if documents is None or len(documents.rows) < 2:
-        return TransportDirections(count, math.nan, math.nan, share, math.nan, math.nan, *sizes, 0)
+        return TransportDirections(count, math.nan, math.nan, share, math.nan, math.nan, *test_setup, 0)
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(len(documents.rows), np.full(len(documents.rows), 1 / len(documents.rows)), replicates)
     masks = np.array([significant_directions(rho, n_eff, alpha) for rho in documents.correlations(weights)])
@@ -451,5 +453,5 @@ def transport_directions(
     c_low, c_high = np.quantile(masks.sum(axis=1), tails)
     s_low, s_high = np.quantile(_ceiling_share(held.rho_train, masks.astype(np.float64)), tails)
     return TransportDirections(
-        count, float(c_low), float(c_high), share, float(s_low), float(s_high), *sizes, replicates
+        count, float(c_low), float(c_high), share, float(s_low), float(s_high), *test_setup, replicates
     )
