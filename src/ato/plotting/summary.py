@@ -46,7 +46,7 @@ HEATMAPS: tuple[tuple[str, str, Callable[[PairMetrics], float], Note], ...] = (
         "size",
         lambda m: m.transport_directions,
         _directions_note,
-    ),  # fmt: skip
+    ),
 )
 # panels whose numbers rest on the target layer's SAE (marked when it missed its quality gates)
 FEATURE_PANELS = frozenset({HEATMAPS[1][0], HEATMAPS[2][0]})

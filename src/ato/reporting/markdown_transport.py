@@ -110,7 +110,7 @@ def _directions_part(results: list[PairResults]) -> list[str]:
                     m.transport_directions_share_low,
                     m.transport_directions_share_high,
                     ".4f",
-                ),  # fmt: skip
+                ),
                 fmt(m.transport_directions_threshold),
                 fmt(m.design_effect_null, ".2f"),
             ]
@@ -135,7 +135,7 @@ def _directions_part(results: list[PairResults]) -> list[str]:
                 "share of ceiling(d) [bootstrap]",
                 "threshold",
                 "deff",
-            ],  # fmt: skip
+            ],
             rows,
         ),
         "",
@@ -187,7 +187,7 @@ def _spread_part(s: SummarySettings, results: list[PairResults]) -> list[str]:
                 "null",
                 "in-sample size",
                 "null",
-            ],  # fmt: skip
+            ],
             rows,
         ),
         "",
