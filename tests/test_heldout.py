@@ -496,7 +496,7 @@ def test_step_down_count_keeps_its_error_rate_on_independent_data():
 
 def test_clustered_tokens_need_the_effective_n():
     """Documents of 40 tokens with intra-class correlation 0.3 in x and y and no transport: counted at
-    the token n the test passes noise directions far more often than α; at n / deff it does not."""
+    the token n the test passes noise directions in most replicates; at n / deff in about α of them."""
     from ato.math.design_effect import DesignEffectAccumulator, effective_n
 
     d, n_groups, m, reps = 16, 100, 40, 40
@@ -511,5 +511,5 @@ def test_clustered_tokens_need_the_effective_n():
         acc.add(x[half:], y[half:], np.repeat(np.arange(n_groups), m))
         at_n.append(significant_directions(held.rho_test, n_eff=half).any())
         at_neff.append(significant_directions(held.rho_test, effective_n(half, acc.result().null)).any())
-    assert np.mean(at_n) >= 0.2
-    assert np.mean(at_neff) <= 0.15
+    assert np.mean(at_n) >= 0.5  # 0.725 with this seed (deff ≈ 4.4)
+    assert np.mean(at_neff) <= 0.15  # 0.05
