@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import warnings
 
+import nnsight
 import pytest
 import torch
-import nnsight
 from nnsight import LanguageModel, TransformersModel
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
