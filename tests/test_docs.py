@@ -315,8 +315,8 @@ def test_python_snippets_run(tmp_path):
     """The downstream section, verbatim: its python blocks (registry alias → spliced forward on a
     sentence in ≤ 10 lines, the pyfunc model, the torch operator and a variant) and its `ato score`,
     `ato export` and `ato import` commands, in a tiny offline project with the README's names."""
-    blocks = code_blocks("python")
-    assert len(blocks) == 3, "README python blocks changed: update this test"
+    blocks = code_blocks("python")[:3]
+    assert len(code_blocks("python")) == 5, "README python blocks changed: update this test"
     assert len(blocks[0].strip().splitlines()) <= 10, "alias → spliced forward must stay within 10 lines"
     name = _downstream_project(tmp_path)
     assert f'"models:/{name}@champion"' in blocks[0] + blocks[1] and f'"{name}"' in blocks[2], (
@@ -352,6 +352,49 @@ def test_python_snippets_run(tmp_path):
     assert {p.name for p in exported.iterdir()} >= {"README.md", "config.json", "operator.safetensors"}
     assert results[1].stdout.split()[-1] == results[2].stdout.split()[-1]  # the digest survived the round trip
     assert (tmp_path / "models" / "operators" / "L05_k1_imported" / "operator.safetensors").is_file()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_lens_snippets_run_on_the_real_model(tmp_path, real_model_dir):
+    """The TransformerLens and nnsight blocks, verbatim (each ≤ 10 lines), on the embedded
+    Gemma-3-270M with an operator fitted to it in `models/operators/L05_k1`: each splices (its logits
+    differ from the clean model's) and both give the same logits. Run from files: nnsight reads the
+    trace body's source."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ato.models import load_prepared
+    from ato.operators import save_operator
+    from ato.splicing import embedding_fingerprint
+
+    blocks = code_blocks("python")[3:]
+    assert len(blocks) == 2 and all(len(b.strip().splitlines()) <= 10 for b in blocks)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(real_model_dir)
+    model, _, _ = load_prepared(real_model_dir)
+    g = torch.Generator().manual_seed(0)
+    W = torch.eye(640) + torch.randn(640, 640, generator=g) / 100
+    config = {
+        "model": "gemma-3-270m", "model_digest": None, "layer_in": 5, "layer_out": 6, "alpha": 1.0,
+        "method": "ridge", "d_model": 640, "n_train_tokens": 1, "store_digest": "x",
+        "embedding_fingerprint": embedding_fingerprint(model),
+    }  # fmt: skip
+    save_operator(tmp_path / "models" / "operators" / "L05_k1", W, torch.zeros(640), config)
+    check = (
+        "\nclean = model(**tokenizer('The river runs through the old city.', return_tensors='pt')).logits.detach()\n"
+        "assert spliced.shape == clean.shape and (spliced - clean).abs().max() > 0.1\n"
+        "from safetensors.torch import save_file\n"
+        "save_file({{'logits': spliced.detach()[0].contiguous()}}, {out!r})\n"
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"readme_block_{i + 4}.py"
+        script.write_text(block + check.format(out=str(tmp_path / f"logits_{i}.safetensors")))
+        out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    tl_logits, nn_logits = (load_file(tmp_path / f"logits_{i}.safetensors")["logits"] for i in (0, 1))
+    assert (tl_logits - nn_logits).abs().max() <= 1e-4 * nn_logits.abs().max()
 
 
 # --------------------------------------------------------------------------------------------

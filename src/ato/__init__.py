@@ -17,6 +17,8 @@ __all__ = [
     "score_file",
     "score_text",
     "splice",
+    "splice_hooked",
+    "splice_trace",
 ]
 _LAZY = {  # public name → the submodule that defines it
     "Operator": "operators",
@@ -24,6 +26,8 @@ _LAZY = {  # public name → the submodule that defines it
     "load_registered_operator": "operators",
     "operator_variant": "operators",
     "splice": "splicing",  # not `ato.splice`: importing a submodule of that name would shadow the function
+    "splice_hooked": "lens",  # TransformerLens HookedTransformer
+    "splice_trace": "lens",  # inside an nnsight trace
     "score_text": "score",
     "score_file": "score",
     "export_operator": "export",
@@ -33,6 +37,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .export import export_operator, import_operator
+    from .lens import splice_hooked, splice_trace
     from .operators import Operator, load_operator, load_registered_operator, operator_variant
     from .score import score_file, score_text
     from .splicing import splice

@@ -60,7 +60,17 @@ Positions = str | Sequence[int] | torch.Tensor
 ValueFn = Callable[[torch.Tensor], torch.Tensor]  # residual rows [m, d] → patch values [m, d]
 Rows = tuple[torch.Tensor, ...]  # (batch index, position index) of the patched rows
 
-__all__ = ["MODES", "SpliceError", "SpliceState", "check_model", "patch_rows", "position_mask", "splice", "spliced"]
+__all__ = [
+    "MODES",
+    "ResidualPatch",
+    "SpliceError",
+    "SpliceState",
+    "check_model",
+    "patch_rows",
+    "position_mask",
+    "splice",
+    "spliced",
+]
 
 
 class SpliceError(AtoError):
@@ -115,6 +125,35 @@ class SpliceState:
     n_patched: int = 0  # residual rows overwritten, over all forwards
 
 
+class ResidualPatch:
+    """The splice's per-forward logic, independent of how a library exposes the residual: `capture`
+    takes block L's output, `patched` turns block T's output into the spliced one (`patch_rows`) and
+    counts it in `state`. HF forward hooks (`spliced`), TransformerLens hooks and nnsight traces
+    (`ato.lens`) all drive this one object."""
+
+    def __init__(self, layer_out: int, value: ValueFn, positions: Any, layer_in: int | None, mode: str) -> None:
+        if mode not in MODES:
+            raise SpliceError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        if layer_in is not None and layer_in >= layer_out:
+            raise SpliceError(f"layer_out {layer_out} must come after layer_in {layer_in}")
+        self.state = SpliceState(layer_in, layer_out, mode)
+        self.value, self.positions, self.mode = value, positions, mode
+        self._captured: list[torch.Tensor] = []
+
+    def capture(self, x: torch.Tensor) -> None:
+        self._captured[:] = [x]
+
+    def patched(self, h: torch.Tensor) -> torch.Tensor:
+        layer_in, layer_out = self.state.layer_in, self.state.layer_out
+        if layer_in is not None and not self._captured:
+            raise SpliceError(f"block {layer_in} did not run before block {layer_out} in this forward")
+        x = self._captured.pop() if layer_in is not None else None
+        rows = patch_rows_at(self.positions, h)
+        self.state.forwards += 1
+        self.state.n_patched += int(rows[0].numel())
+        return patch_rows(h, x, rows, self.value, self.mode)
+
+
 @contextmanager
 def spliced(
     model: nn.Module,
@@ -127,37 +166,26 @@ def spliced(
     """Forward hooks that patch block `layer_out`'s output with `patch_rows` (no model check: `splice`
     does that). `positions` may also be a function (batch, length) → mask, or precomputed `rows` as a
     tuple of index tensors (what the causal stage passes). Hooks are removed on exit, whatever happens."""
-    if mode not in MODES:
-        raise SpliceError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
-    if layer_in is not None and layer_in >= layer_out:
-        raise SpliceError(f"layer_out {layer_out} must come after layer_in {layer_in}")
+    patch = ResidualPatch(layer_out, value, positions, layer_in, mode)
     blocks = decoder_blocks(model)
-    state = SpliceState(layer_in, layer_out, mode)
-    captured: list[torch.Tensor] = []
 
-    def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        captured[:] = [_block_output(output)]
+    def capture_hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        patch.capture(_block_output(output))
 
-    def patch(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        h = _block_output(output)
-        if layer_in is not None and not captured:
-            raise SpliceError(f"block {layer_in} did not run before block {layer_out} in this forward")
-        x = captured.pop() if layer_in is not None else None
-        rows = _rows(positions, h)
-        state.forwards += 1
-        state.n_patched += int(rows[0].numel())
-        return _replace_block_output(output, patch_rows(h, x, rows, value, mode))
+    def patch_hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        return _replace_block_output(output, patch.patched(_block_output(output)))
 
-    handles = [] if layer_in is None else [blocks[layer_in].register_forward_hook(capture)]
+    handles = [] if layer_in is None else [blocks[layer_in].register_forward_hook(capture_hook)]
     try:
-        handles.append(blocks[layer_out].register_forward_hook(patch))
-        yield state
+        handles.append(blocks[layer_out].register_forward_hook(patch_hook))
+        yield patch.state
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _rows(positions: Any, h: torch.Tensor) -> Rows:
+def patch_rows_at(positions: Any, h: torch.Tensor) -> Rows:
+    """The (batch, position) rows of `h` [B, T, d] that `positions` names (precomputed rows pass through)."""
     if isinstance(positions, tuple) and all(isinstance(t, torch.Tensor) for t in positions):
         return positions  # precomputed rows
     batch, length = h.shape[:2]
@@ -186,17 +214,30 @@ def splice(
     weights digest where the model came from a prepared directory, a digest string checks that one,
     None skips the digest check (hidden size and layers are always checked). Without a digest, the
     embedding fingerprint is compared; `strict=False` turns its mismatch into a warning."""
+    op = resolve_operator(op, variant)
+    check_model(model, op.config, model_digest, strict=strict)
+    param = next(model.parameters())
+    value = operator_value(op, param.device, param.dtype)
+    with spliced(model, op.layer_out, value, positions, op.layer_in, mode) as state:
+        yield state
+
+
+def resolve_operator(op: Operator | str | Path, variant: str | None = None) -> Operator:
+    """An `Operator` as given, or loaded from a directory / registry URI (`variant` picks one of a
+    directory's variants)."""
     from .operators import Operator, load_operator
 
     if not isinstance(op, Operator):
-        op = load_operator(op, variant=variant)
-    elif variant is not None:
+        return load_operator(op, variant=variant)
+    if variant is not None:
         raise SpliceError("variant= selects a variant of an operator directory; pass that variant's Operator instead")
-    check_model(model, op.config, model_digest, strict=strict)
-    param = next(model.parameters())
-    W, b = op.W.to(param.device, param.dtype), op.b.to(param.device, param.dtype)
-    with spliced(model, op.layer_out, lambda x: nn.functional.linear(x, W, b), positions, op.layer_in, mode) as state:
-        yield state
+    return op
+
+
+def operator_value(op: Operator, device: torch.device | str, dtype: torch.dtype) -> ValueFn:
+    """x ↦ W x + b on the model's device and dtype."""
+    W, b = op.W.to(device, dtype), op.b.to(device, dtype)
+    return lambda x: nn.functional.linear(x, W, b)
 
 
 def check_model(
@@ -223,7 +264,7 @@ def check_model(
             "(a different model or checkpoint); load the model the operator was fitted on"
         )
     if digest is None or expected is None:
-        check_fingerprint(model, config, where, strict)
+        check_fingerprint(model.get_input_embeddings().weight.detach(), config, where, strict)  # type: ignore[operator]  # HF model
 
 
 FINGERPRINT_ROWS = 32  # embedding rows whose norms make the fingerprint (evenly spaced over the vocabulary)
@@ -244,8 +285,9 @@ def weight_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
     return {"vocab_size": int(weight.shape[0]), "row_norms": [float(f"{v:.7g}") for v in norms.tolist()]}
 
 
-def check_fingerprint(model: nn.Module, config: OperatorConfig, where: str, strict: bool = True) -> None:
-    """Compare the model's `embedding_fingerprint` with the one `ato fit` recorded in the config."""
+def check_fingerprint(embedding: torch.Tensor, config: OperatorConfig, where: str, strict: bool = True) -> None:
+    """Compare the `weight_fingerprint` of a model's input embedding [vocab, d] with the one `ato fit`
+    recorded in the config (a mismatch only warns when `strict` is False)."""
     recorded = config.embedding_fingerprint
     if recorded is None:
         warnings.warn(
@@ -254,7 +296,7 @@ def check_fingerprint(model: nn.Module, config: OperatorConfig, where: str, stri
             stacklevel=3,
         )
         return
-    mine = embedding_fingerprint(model)
+    mine = weight_fingerprint(embedding)
     norms = recorded.get("row_norms", [])
     same = (mine["vocab_size"], len(mine["row_norms"])) == (recorded.get("vocab_size"), len(norms)) and torch.allclose(
         torch.tensor(mine["row_norms"], dtype=torch.float64),
