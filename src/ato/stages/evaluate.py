@@ -76,9 +76,7 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], params.stats.chunk_tokens,
                                       params.stats.include_bos, with_tokens=True)  # fmt: skip
     documents = ((c[pair.L], c[pair.target], c["doc_id"]) for c in chunks)
-    result = evaluate(
-        acc, inputs.splits, inputs.predictors, inputs.features.kept, inputs.alpha, params.evaluate, documents
-    )
+    result = evaluate(acc, inputs.splits, inputs.predictors, inputs.features, inputs.alpha, params.evaluate, documents)
     gate = sae_gate(layout, pair.target)
     result.metrics.sae_reliable = float(gate.reliable)
     with atomic_group():  # all seven files or none (they lie in three directories)
@@ -128,10 +126,10 @@ def load_inputs(layout: Layout, pair: Pair) -> PairInputs:
 def stream_test_split(inputs: PairInputs, pair: Pair, sp: StatsParams) -> TestAccumulators:
     """One pass over the test split (BOS/special excluded unless stats.include_bos); the token count
     must equal the test statistics' n, or the statistics were computed with another choice."""
-    chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], sp.chunk_tokens, sp.include_bos)
+    chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], sp.chunk_tokens, sp.include_bos, with_tokens=True)
     n_test = inputs.splits["test"].n
-    acc = score_test_split(((c[pair.L], c[pair.target]) for c in chunks), inputs.predictors, inputs.features,
-                           total=int(n_test), desc=f"evaluate {pair.name} (test)")  # fmt: skip
+    acc = score_test_split(((c[pair.L], c[pair.target], c["doc_id"]) for c in chunks), inputs.predictors,
+                           inputs.features, total=int(n_test), desc=f"evaluate {pair.name} (test)")  # fmt: skip
     if acc.n_tokens != n_test:
         raise EvaluateError(
             f"pair {pair.name}: the test split streams {int(acc.n_tokens)} tokens (include_bos={sp.include_bos}) "
