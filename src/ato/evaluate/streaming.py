@@ -85,7 +85,10 @@ def score_test_split(
     from tqdm import tqdm
 
     acc = TestAccumulators.empty(len(predictors.b), len(features.kept), len(features.live))
-    U, U_live, kept_columns = features.directions, features.live_directions, features.kept_in_live
+    U, kept_columns = features.directions, features.kept_in_live
+    # ~1000 live directions: float32 products halve the stage's added time; the sums stay float64 and
+    # the rounding (~1e-7 of a projection) is far below the intervals' width
+    U_live = features.live_directions.astype(np.float32)
     with tqdm(total=total, desc=desc, unit="tok", leave=False) as bar:
         for x_raw, y_raw, documents in chunks:
             x, y = x_raw.astype(np.float64), y_raw.astype(np.float64)
@@ -96,6 +99,7 @@ def score_test_split(
                 acc.residual[name].update(y, y_hat)
                 acc.features[name].update_projected(a, y_hat @ U, active)
                 if name == "ato":
-                    acc.live.update(y @ U_live, y_hat @ U_live, active_live, documents)
+                    a_live, a_hat_live = y_raw.astype(np.float32) @ U_live, y_hat.astype(np.float32) @ U_live
+                    acc.live.update(a_live, a_hat_live, active_live, documents)
             bar.update(len(x))
     return acc

@@ -257,25 +257,24 @@ class DocumentFeatureSums:
         self._documents: list[np.ndarray] = []  # per chunk: the document of each run of rows
         self._sums: list[np.ndarray] = []  # per chunk: [runs, 7, F]
 
-    def update(
-        self,
-        a: np.ndarray | torch.Tensor,
-        a_hat: np.ndarray | torch.Tensor,
-        active: np.ndarray | torch.Tensor,
-        documents: np.ndarray,
-    ) -> None:
-        """a = y U, â = ŷ U, active: [m, F]; documents: [m] document id of each row."""
-        a, a_hat, mask, documents = _f64(a), _f64(a_hat), _bool(active), np.asarray(documents)
+    def update(self, a: np.ndarray, a_hat: np.ndarray, active: np.ndarray, documents: np.ndarray) -> None:
+        """a = y U, â = ŷ U, active: [m, F] (float32 or float64: the sums are float64); documents: [m]
+        document id of each row."""
+        a, a_hat, mask, documents = np.asarray(a), np.asarray(a_hat), _bool(active), np.asarray(documents)
         if a.shape != a_hat.shape or a.shape != mask.shape or len(documents) != len(a):
             raise ValueError(f"a, â, active [m, F] and documents [m]: got {a.shape}, {a_hat.shape}, {mask.shape}")
         if len(a) == 0:
             return
-        starts = np.flatnonzero(np.r_[True, documents[1:] != documents[:-1]])  # runs of one document
-        w = mask.astype(np.float64)
-        am, hm = a * w, a_hat * w
-        per_token = (w, am, am * a, hm, hm * a_hat, am * a_hat, (a - a_hat) ** 2 * w)  # FEATURE_SUMS order
-        self._sums.append(np.stack([np.add.reduceat(t, starts, axis=0) for t in per_token], axis=1))
-        self._documents.append(documents[starts])
+        new_run = np.r_[True, documents[1:] != documents[:-1]]  # runs of one document
+        run = np.cumsum(new_run) - 1
+        n_runs, F = int(run[-1]) + 1, self.n_features
+        rows, cols = np.nonzero(mask)  # SAE features are sparse: sum over the active (token, feature) cells only
+        av, hv = a[rows, cols].astype(np.float64), a_hat[rows, cols].astype(np.float64)
+        cell = run[rows] * F + cols
+        per_cell = (np.ones_like(av), av, av * av, hv, hv * hv, av * hv, (av - hv) ** 2)  # FEATURE_SUMS order
+        sums = np.stack([np.bincount(cell, weights=t, minlength=n_runs * F) for t in per_cell])
+        self._sums.append(sums.reshape(len(FEATURE_SUMS), n_runs, F).transpose(1, 0, 2))
+        self._documents.append(documents[new_run])
 
     def per_document(self) -> np.ndarray:
         """[n_documents, 7, F]: each document's sums (its runs added), documents in order of appearance."""
