@@ -153,14 +153,14 @@ class PairMetrics(Record):
     n_undetermined: float = math.nan  # kept features with enough tokens whose R² interval straddles the threshold
     # intervals (_low, _high): document bootstrap over the test documents (evaluate.feature_interval,
     # feature_resamples, feature_level; docs/statistics.md#feature-intervals)
-    transported_fraction_low: float = math.nan
-    transported_fraction_high: float = math.nan
-    feature_r2_median_low: float = math.nan  # of the ATO's feature_r2_median (judged kept features)
-    feature_r2_median_high: float = math.nan
-    feature_pearson_median_low: float = math.nan
-    feature_pearson_median_high: float = math.nan
-    feature_rms_ratio_median_low: float = math.nan
-    feature_rms_ratio_median_high: float = math.nan
+    transported_fraction_low: float = math.nan  # lower end of transported_fraction's interval
+    transported_fraction_high: float = math.nan  # upper end of transported_fraction's interval
+    feature_r2_median_low: float = math.nan  # lower end of the ATO's feature_r2_median's interval
+    feature_r2_median_high: float = math.nan  # upper end of the ATO's feature_r2_median's interval
+    feature_pearson_median_low: float = math.nan  # lower end of feature_pearson_median's interval
+    feature_pearson_median_high: float = math.nan  # upper end of feature_pearson_median's interval
+    feature_rms_ratio_median_low: float = math.nan  # lower end of feature_rms_ratio_median's interval
+    feature_rms_ratio_median_high: float = math.nan  # upper end of feature_rms_ratio_median's interval
     # every live feature of layer L+k's SAE (active in select's scan of train tokens), the kept ones a subset
     live_n_features: float = math.nan  # live features
     live_n_judged: float = math.nan  # … with ≥ evaluate.min_active_tokens active test tokens
@@ -168,11 +168,11 @@ class PairMetrics(Record):
     live_n_synthesised: float = math.nan  # judged, R² interval below it
     live_n_undetermined: float = math.nan  # judged, R² interval straddling it
     live_transported_fraction: float = math.nan  # share of the judged live features with R² ≥ the threshold
-    live_transported_fraction_low: float = math.nan
-    live_transported_fraction_high: float = math.nan
+    live_transported_fraction_low: float = math.nan  # lower end of live_transported_fraction's interval
+    live_transported_fraction_high: float = math.nan  # upper end of live_transported_fraction's interval
     live_feature_r2_median: float = math.nan  # median feature R² of the ATO over the judged live features
-    live_feature_r2_median_low: float = math.nan
-    live_feature_r2_median_high: float = math.nan
+    live_feature_r2_median_low: float = math.nan  # lower end of live_feature_r2_median's interval
+    live_feature_r2_median_high: float = math.nan  # upper end of live_feature_r2_median's interval
     sae_reliable: float = math.nan  # 1: layer L+k's SAE passed its quality gates (SaeInfo.reliable); 0: it
     # missed them (or has no gate result), so every feature-level number here is unreliable
     # CCA ceiling and transport efficiency (pseudo-inverse whitening: the ceiling is a true in-sample bound)
@@ -421,11 +421,11 @@ class TransportVerdicts(Record):
     active_tokens: list[int] = field(default_factory=list)  # test tokens where the feature is active
     undetermined: list[int] = field(default_factory=list)  # kept ids whose R² interval straddles transported_r2
     interval: str = ""  # how r2_low / r2_high were computed: method, resamples, level
-    r2_low: list[float | None] = field(default_factory=list)  # R² interval per entry of `features`
-    r2_high: list[float | None] = field(default_factory=list)
+    r2_low: list[float | None] = field(default_factory=list)  # R² interval per entry of `features`, lower end
+    r2_high: list[float | None] = field(default_factory=list)  # … its upper end
     live_features: list[int] = field(default_factory=list)  # every live feature id of the SAE (ascending)
     live_active_tokens: list[int] = field(default_factory=list)  # per entry of `live_features`
     live_r2: list[float | None] = field(default_factory=list)  # feature R² of the ATO
-    live_r2_low: list[float | None] = field(default_factory=list)
-    live_r2_high: list[float | None] = field(default_factory=list)
+    live_r2_low: list[float | None] = field(default_factory=list)  # its interval, lower end
+    live_r2_high: list[float | None] = field(default_factory=list)  # … upper end
     live_verdicts: list[str] = field(default_factory=list)  # transported | synthesised | undetermined | no_verdict
