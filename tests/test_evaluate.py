@@ -397,3 +397,17 @@ def test_a_failure_after_the_first_output_leaves_every_output_as_it_was(tmp_path
     assert [p.read_text() for p in earlier] == [f"earlier {p.name}" for p in earlier]
     assert not any(p.exists() for p in outputs if p not in earlier)
     assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+def test_feature_intervals_need_two_test_documents():
+    """One test document cannot be resampled: the error names the param, no interval is invented."""
+    from ato.evaluate import EvaluateError
+    from ato.evaluate.scores import judge_live_features
+    from ato.math.metrics import DocumentFeatureSums
+    from ato.params import EvaluateParams
+
+    sums = DocumentFeatureSums(2)
+    a = np.arange(10.0).reshape(5, 2)
+    sums.update(a, a + 1, np.ones((5, 2), dtype=bool), np.zeros(5, dtype=int))
+    with pytest.raises(EvaluateError, match="evaluate.feature_interval.*has 1"):
+        judge_live_features(sums, [3, 4], EvaluateParams())

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import BaselineScores, PairMetrics, PredictorScores, TransportVerdicts, json_clean
+from ato.evaluate.errors import EvaluateError
 from ato.evaluate.features import SaeFeatures
 from ato.evaluate.references import TestChunks, Transport, transport, transport_metrics
 from ato.evaluate.streaming import Predictors, TestAccumulators, predictor_keys
@@ -70,7 +71,13 @@ class LiveJudgement:
 
 def judge_live_features(sums: DocumentFeatureSums, live: list[int], ev: EvaluateParams) -> LiveJudgement:
     """R² intervals by resampling test documents, and the three-way verdict of every live feature."""
-    boot = bootstrap_feature_scores(sums.per_document(), ev.feature_resamples, ev.feature_seed)
+    per_document = sums.per_document()
+    if len(per_document) < 2:
+        raise EvaluateError(
+            f"the feature intervals resample test documents (evaluate.feature_interval), but the test split "
+            f"has {len(per_document)}; give it at least 2 documents (corpus.split_fractions)"
+        )
+    boot = bootstrap_feature_scores(per_document, ev.feature_resamples, ev.feature_seed)
     low, high = percentile_interval(boot.resampled["r2"], ev.feature_level)
     enough = boot.point["active"] >= ev.min_active_tokens
     verdicts = interval_verdicts(low, high, enough, ev.transported_r2)
