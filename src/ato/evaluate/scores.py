@@ -105,6 +105,37 @@ def verdict_counts(verdicts: np.ndarray, prefix: str = "") -> dict[str, Any]:
     return {f"{prefix}n_{v}": float((verdicts == v).sum()) for v in (TRANSPORTED, SYNTHESISED, UNDETERMINED)}
 
 
+def verdict_fields(
+    ato: dict[str, np.ndarray], live: LiveJudgement, kept_in_live: np.ndarray, ev: EvaluateParams
+) -> dict[str, Any]:
+    """`PairMetrics`' verdict counts, transported fractions and medians with their intervals: the kept set
+    (points from the ATO's kept-feature scores `ato`, intervals from the live bootstrap's kept columns)
+    and every live feature (keys `live_…`)."""
+    judged = live.judged[kept_in_live]
+    kept = set_fields(
+        {k: v[judged] for k, v in ato.items()},
+        live.bootstrap.columns(kept_in_live[judged]),
+        ev,
+        ("transported_fraction", "feature_r2_median", "feature_pearson_median", "feature_rms_ratio_median"),
+    )
+    kept.pop("feature_r2_median")  # the ATO's `feature_r2_median` (its PredictorScores)
+    every_live = set_fields(
+        {k: v[live.judged] for k, v in live.bootstrap.point.items()},
+        live.bootstrap.columns(np.flatnonzero(live.judged)),
+        ev,
+        ("transported_fraction", "feature_r2_median"),
+        prefix="live_",
+    )
+    return {
+        **verdict_counts(live.verdicts[kept_in_live]),
+        **kept,
+        "live_n_features": float(len(live.features)),
+        "live_n_judged": float(live.judged.sum()),
+        **verdict_counts(live.verdicts, "live_"),
+        **every_live,
+    }
+
+
 def evaluate(
     acc: TestAccumulators,
     splits: dict[str, PairStats],
@@ -127,20 +158,6 @@ def evaluate(
         k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in predictor_keys()
     }
     t = transport(train, test, predictors.W, predictors.b, ev, test_chunks)
-    kept_set = set_fields(
-        {k: v[judged] for k, v in ato.items()},
-        live.bootstrap.columns(kept_in_live[judged]),
-        ev,
-        ("transported_fraction", "feature_r2_median", "feature_pearson_median", "feature_rms_ratio_median"),
-    )
-    kept_set.pop("feature_r2_median")  # the ATO's `feature_r2_median` (its PredictorScores)
-    live_set = set_fields(
-        {k: v[live.judged] for k, v in live.bootstrap.point.items()},
-        live.bootstrap.columns(np.flatnonzero(live.judged)),
-        ev,
-        ("transported_fraction", "feature_r2_median"),
-        prefix="live_",
-    )
     metrics = PairMetrics(
         n_test_tokens=float(test.n),
         n_train_tokens=float(train.n),
@@ -149,12 +166,7 @@ def evaluate(
         val_r2=float(r2_from_stats(val, predictors.W, predictors.b)["r2"]),
         n_features=float(len(features.kept)),
         n_no_verdict=float((verdicts == NO_VERDICT).sum()),
-        **verdict_counts(verdicts),
-        **kept_set,
-        live_n_features=float(len(live.features)),
-        live_n_judged=float(live.judged.sum()),
-        **verdict_counts(live.verdicts, "live_"),
-        **live_set,
+        **verdict_fields(ato, live, kept_in_live, ev),
         **PairMetrics.predictor_fields(scores),
         **transport_metrics(t, train, predictors.W, predictors.b),
     )
