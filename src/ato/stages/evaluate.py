@@ -84,9 +84,11 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     _log_mlflow(params, name, result, paths, gate)
     m = result.metrics
     log.info(
-        "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); transported %d/%d features; ceiling %.4f; "
+        "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); kept features transported/undetermined/synthesised "
+        "%d/%d/%d, every live feature's transported fraction %.3f; ceiling %.4f; "
         "η_test %.4f vs linear %.4f (ratio %.4f); held-out subspace %d (null %.0f ± %.0f), PR %.1f (null %.1f)",
-        name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported), int(m.n_transported + m.n_synthesised),
+        name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported), int(m.n_undetermined), int(m.n_synthesised),
+        m.live_transported_fraction,
         m.ceiling_full, m.eta_test, m.eta_expected, m.eta_ratio, int(m.heldout_subspace_size),
         m.heldout_subspace_size_null, m.heldout_subspace_size_null_std, m.heldout_pr, m.heldout_pr_null,
     )  # fmt: skip
