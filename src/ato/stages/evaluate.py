@@ -1,7 +1,8 @@
 """Stage `evaluate`: how well each operator transports the residual, on the held-out TEST split.
 
 Residual-space scores of the ATO and its baselines, feature-space scores along the target layer's
-SAE features (transported / synthesised), the CCA ceiling, η(r), and each headline number beside its
+SAE features (the selected ones and every live one; transported / undetermined / synthesised by each
+R²'s interval over test documents), the CCA ceiling, η(r), and each headline number beside its
 reference: η(test) beside an exactly linear map's, the held-out subspace size and participation ratio
 beside a null at the same n and d. See `ato.evaluate`, docs/method.md#r2, #features, #cca, #efficiency
 and docs/statistics.md#heldout.
