@@ -149,8 +149,11 @@ def build_project(root: Path, include_bos: bool = False) -> dict:
 
     sae = TopKSAE(TopKSAEConfig(d_in=D, d_sae=16, k=3, dtype="float32", device="cpu"))
     sae.save_model(params.path("sae_dir") / "layer_01")
-    no_scores = FeatureScores(*([] for _ in range(6)))
-    FeatureSet(layer=1, ranked=KEPT + [1, 3], kept=KEPT, scores=no_scores).write(layout.feature_set(1))
+    # live (active in select's scan): every feature but 15, and the kept ones whatever their rate says
+    rates: list[float | None] = [0.2] * 15 + [0.0]
+    rates[KEPT[0]] = None
+    scores = FeatureScores(rates, *([] for _ in range(5)))
+    FeatureSet(layer=1, ranked=KEPT + [1, 3], kept=KEPT, scores=scores).write(layout.feature_set(1))
     return {"params": params, "data": data}
 
 
@@ -223,12 +226,39 @@ def test_evaluate_end_to_end(tmp_path: Path):
             assert float(row["r2"]) == pytest.approx(
                 1 - ((a - ah) ** 2).sum() / ((a - a.mean()) ** 2).sum(), rel=1e-6, abs=1e-9
             )
-        expected = "no_verdict" if m.sum() < 3 else "transported" if float(row["r2"]) >= 0.5 else "synthesised"
+        low, high = float(row["r2_low"] or "nan"), float(row["r2_high"] or "nan")
+        expected = (
+            "no_verdict" if m.sum() < 3
+            else "transported" if low >= 0.5
+            else "synthesised" if high < 0.5
+            else "undetermined"
+        )  # fmt: skip
         assert row["verdict"] == expected
+        if m.sum() >= 3 and np.isfinite(low):  # NaN: absent from too many document resamples
+            assert low <= float(row["r2"]) <= high
+    assert any(row["r2_low"] for row in rows)
     transport = json.loads((reports / "evaluate" / PAIR / "transport.json").read_text())
-    assert sorted(transport["transported"] + transport["synthesised"] + transport["no_verdict"]) == sorted(KEPT)
-    assert metrics["n_transported"] == len(transport["transported"])
-    assert metrics["n_synthesised"] == len(transport["synthesised"])
+    verdict_lists = ("transported", "synthesised", "undetermined", "no_verdict")
+    assert sorted(sum((transport[v] for v in verdict_lists), [])) == sorted(KEPT)
+    for verdict in verdict_lists:
+        assert metrics.get(f"n_{verdict}", 0) == len(transport[verdict])
+    assert "document_bootstrap" in transport["interval"]
+    # every live feature is judged the same way; the kept ones keep their verdict among them
+    live = transport["live_features"]
+    assert live == list(range(15)) and metrics["live_n_features"] == len(live)  # 15 is dead
+    live_verdict = dict(zip(live, transport["live_verdicts"]))
+    assert [live_verdict[int(r["feature"])] for r in rows] == [r["verdict"] for r in rows]
+    judged = [f for f, v in live_verdict.items() if v != "no_verdict"]
+    assert metrics["live_n_judged"] == len(judged) > metrics["n_features"] - metrics.get("n_no_verdict", 0)
+    f = next(f for f in judged if f not in KEPT)  # a live feature outside the kept set, recomputed
+    m, u = acts[:, f] > 0, W_dec[f] / np.linalg.norm(W_dec[f])
+    a, ah = y[m] @ u, y_hat[m] @ u
+    r2_live = transport["live_r2"][live.index(f)]
+    assert r2_live == pytest.approx(1 - ((a - ah) ** 2).sum() / ((a - a.mean()) ** 2).sum(), rel=1e-6)
+    assert (
+        metrics["transported_fraction_low"] <= metrics["transported_fraction"] <= metrics["transported_fraction_high"]
+    )
+    assert metrics["live_feature_r2_median_low"] <= metrics["live_feature_r2_median"]
 
     with open(reports / "evaluate" / PAIR / "efficiency.csv") as fh:
         eff = list(csv.DictReader(fh))
@@ -283,7 +313,7 @@ def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp
     metrics = json.loads(text)
     assert not any(isinstance(v, (str, bool, list, dict)) or v is None for v in metrics.values())
     assert "format" not in metrics and not any("_r0" in k or "digest" in k for k in metrics)
-    assert 30 <= len(metrics) <= 70
+    assert 30 <= len(metrics) <= 100  # the directions count (8 keys), feature verdicts and intervals (26)
     assert list(metrics)[: len(PairMetrics.HEADLINE)] == list(PairMetrics.HEADLINE)
     assert text.index('"r2"') < text.index('"eta_test"') < text.index('"heldout_subspace_size"')
 
@@ -373,3 +403,17 @@ def test_a_failure_after_the_first_output_leaves_every_output_as_it_was(tmp_path
     assert [p.read_text() for p in earlier] == [f"earlier {p.name}" for p in earlier]
     assert not any(p.exists() for p in outputs if p not in earlier)
     assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+def test_feature_intervals_need_two_test_documents():
+    """One test document cannot be resampled: the error names the param, no interval is invented."""
+    from ato.evaluate import EvaluateError
+    from ato.evaluate.scores import judge_live_features
+    from ato.math.metrics import DocumentFeatureSums
+    from ato.params import EvaluateParams
+
+    sums = DocumentFeatureSums(2)
+    a = np.arange(10.0).reshape(5, 2)
+    sums.update(a, a + 1, np.ones((5, 2), dtype=bool), np.zeros(5, dtype=int))
+    with pytest.raises(EvaluateError, match="evaluate.feature_interval.*has 1"):
+        judge_live_features(sums, [3, 4], EvaluateParams())

@@ -76,14 +76,17 @@ def build_cards_project(root: Path):
         layer_out=1,
         transported_r2=0.5,
         min_active_tokens=20,
-        transported=[5, 7],
+        transported=[5],
         synthesised=[2],
+        undetermined=[7],  # its interval straddles the threshold
         no_verdict=[],
         sae_reliable=True,
         features=KEPT[1],
         r2=[0.91, 0.12, 0.77],
         identity_r2=[0.40, -0.30, None],
         active_tokens=[120, 45, 33],
+        r2_low=[0.85, 0.05, 0.45],
+        r2_high=[0.95, 0.2, 0.82],
     ).write(layout.transport("L00_k1"))
     # L01_k1 (target 2) has no evaluate output yet: its verdict cells read "—"
     return params
@@ -158,10 +161,12 @@ def test_cards_html_renders_in_chromium(tmp_path):
     assert banner == [f"UNRELIABLE SAE: {'; '.join(FAILURES)} — every number on these cards rests on an SAE "
                       "that missed its quality gates."]  # fmt: skip
     assert len(banners) == 1 + len(KEPT[2])  # only layer 2: its banner and its two cards
-    assert dom.by_class["verdict-transported"] == ["transported", "transported"]
+    assert dom.by_class["verdict-transported"] == ["transported"]
     assert dom.by_class["verdict-synthesised"] == ["synthesised"]
+    assert dom.by_class["verdict-undetermined"] == ["undetermined"]
     card_text = dom.by_class["card"][0]
     assert "feature 5" in card_text and "0.910" in card_text and "0.400" in card_text and "6.00%" in card_text
+    assert "[0.85, 0.95]" in card_text
     assert "L01_k1" in dom.by_class["card"][3] and "—" in dom.by_class["card"][3]  # no evaluate output yet
 
 
@@ -194,7 +199,9 @@ def test_cards_markdown_is_compact_and_escaped(tmp_path):
     text = "\n".join(feature_cards.cards_markdown(layers))
     assert f"> **UNRELIABLE SAE: {'; '.join(FAILURES)}.**" in text and text.count("UNRELIABLE SAE") == 1
     assert "**\\<script\\>alert('x')\\</script\\>**" in text  # markdown- and HTML-safe
-    assert "transported (R² 0.910 vs id 0.400)" in text and "synthesised (R² 0.120 vs id -0.300)" in text
+    assert "transported (R² 0.910 [0.85, 0.95] vs id 0.400)" in text
+    assert "synthesised (R² 0.120 [0.05, 0.20] vs id -0.300)" in text
+    assert "undetermined (R² 0.770 [0.45, 0.82] vs id —)" in text
     assert "[features.html](features.html)" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| feature")]
     assert len(rows) == sum(len(k) for k in KEPT.values())

@@ -55,6 +55,20 @@ def fake_metrics(L: int, k: int) -> dict[str, float]:
         "n_transported": float(90 - 17 * k),
         "n_synthesised": float(30 + 15 * k),
         "n_no_verdict": float(8 + 2 * k),
+        "n_undetermined": float(4 + k),
+        "live_n_features": 1000.0 - L,
+        "live_n_judged": 980.0 - L,
+        "live_n_transported": float(400 - 50 * k),
+        "live_n_undetermined": float(100 + 10 * k),
+        "live_n_synthesised": float(480 - L + 40 * k),
+        "live_transported_fraction": round(0.47 - 0.05 * k, 6),
+        "live_transported_fraction_low": round(0.44 - 0.05 * k, 6),
+        "live_transported_fraction_high": round(0.5 - 0.05 * k, 6),
+        "live_feature_r2_median": round(0.46 - 0.1 * k, 6),
+        "live_feature_r2_median_low": round(0.43 - 0.1 * k, 6),
+        "live_feature_r2_median_high": round(0.49 - 0.1 * k, 6),
+        "feature_r2_median_low": round(0.68 - 0.12 * k, 6),
+        "feature_r2_median_high": round(0.74 - 0.12 * k, 6),
         "feature_r2_median": round(0.71 - 0.12 * k, 6),
         "identity_feature_r2_median": 0.21,
         "ols_feature_r2_median": round(0.69 - 0.12 * k, 6),
@@ -296,9 +310,14 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
         for key in ("identity", "mean", "ols"):
             assert f"| {m[f'{key}_r2']:.4f} | {m[f'{key}_r2_weighted']:.4f} |" in row, (name, key)
         assert f"{m['alpha']:.3g}" in row
-        assert f"| {m['feature_r2_median']:.4f} |" in text
-        assert f"| {int(m['n_transported'])} | {int(m['n_synthesised'])} |" in text
+        r2_median = (m["feature_r2_median"], m["feature_r2_median_low"], m["feature_r2_median_high"])
+        assert "| {:.4f} [{:.4f}, {:.4f}] |".format(*r2_median) in text  # each median with its interval
+        assert f"| {int(m['n_transported'])} | {int(m['n_undetermined'])} | {int(m['n_synthesised'])} |" in text
         assert f"{m['transported_fraction']:.3f}" in text
+        live = [m[f"live_{key}"] for key in ("n_features", "n_judged", "n_transported", "n_undetermined")]
+        assert "| {} | {} | {} | {} |".format(*map(int, live)) in text  # every live feature, judged
+        live_fraction = [m[f"live_transported_fraction{end}"] for end in ("", "_low", "_high")]
+        assert "{:.3f} [{:.3f}, {:.3f}]".format(*live_fraction) in text
         assert f"{m['ceiling_full']:.4f}" in text
         # η beside the η of an exactly linear map (± its spread) and the ratio
         eta_row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {m['ceiling_full']:.4f} |"))

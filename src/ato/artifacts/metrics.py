@@ -142,8 +142,8 @@ class PairMetrics(Record):
     n_test_tokens: float  # test tokens scored (BOS/special excluded unless stats.include_bos)
     n_train_tokens: float  # train tokens behind the operator
     n_features: float  # kept SAE features of layer L+k
-    n_transported: float  # features with ≥ min_active_tokens and R² ≥ evaluate.transported_r2
-    n_synthesised: float  # features with enough tokens but a lower (or undefined) R²
+    n_transported: float  # kept features with ≥ min_active_tokens whose R² interval lies ≥ evaluate.transported_r2
+    n_synthesised: float  # kept features with enough tokens whose R² interval lies below it
     n_no_verdict: float  # features with fewer than evaluate.min_active_tokens active tokens
     n_val_tokens: float = math.nan  # validation tokens (the tuning objective's split)
     alpha: float = math.nan  # ridge α of the operator (its config.json)
@@ -152,9 +152,32 @@ class PairMetrics(Record):
     identity: BaselineScores = field(default_factory=BaselineScores)  # ŷ = x
     mean: BaselineScores = field(default_factory=BaselineScores)  # ŷ = ȳ_train
     ols: BaselineScores = field(default_factory=BaselineScores)  # ridge with α = 0
-    transported_fraction: float = math.nan  # n_transported / judged features
+    transported_fraction: float = math.nan  # share of the judged kept features with R² ≥ evaluate.transported_r2
     feature_pearson_median: float = math.nan  # median Pearson r(a, â) of the ATO, judged features
     feature_rms_ratio_median: float = math.nan  # median rms(â)/rms(a) of the ATO, judged features
+    n_undetermined: float = math.nan  # kept features with enough tokens whose R² interval straddles the threshold
+    # intervals (_low, _high): document bootstrap over the test documents (evaluate.feature_interval,
+    # feature_resamples, feature_level; docs/statistics.md#feature-intervals)
+    transported_fraction_low: float = math.nan  # lower end of transported_fraction's interval
+    transported_fraction_high: float = math.nan  # upper end of transported_fraction's interval
+    feature_r2_median_low: float = math.nan  # lower end of the ATO's feature_r2_median's interval
+    feature_r2_median_high: float = math.nan  # upper end of the ATO's feature_r2_median's interval
+    feature_pearson_median_low: float = math.nan  # lower end of feature_pearson_median's interval
+    feature_pearson_median_high: float = math.nan  # upper end of feature_pearson_median's interval
+    feature_rms_ratio_median_low: float = math.nan  # lower end of feature_rms_ratio_median's interval
+    feature_rms_ratio_median_high: float = math.nan  # upper end of feature_rms_ratio_median's interval
+    # every live feature of layer L+k's SAE (active in select's scan of train tokens), the kept ones a subset
+    live_n_features: float = math.nan  # live features
+    live_n_judged: float = math.nan  # … with ≥ evaluate.min_active_tokens active test tokens
+    live_n_transported: float = math.nan  # judged, R² interval ≥ evaluate.transported_r2
+    live_n_synthesised: float = math.nan  # judged, R² interval below it
+    live_n_undetermined: float = math.nan  # judged, R² interval straddling it
+    live_transported_fraction: float = math.nan  # share of the judged live features with R² ≥ the threshold
+    live_transported_fraction_low: float = math.nan  # lower end of live_transported_fraction's interval
+    live_transported_fraction_high: float = math.nan  # upper end of live_transported_fraction's interval
+    live_feature_r2_median: float = math.nan  # median feature R² of the ATO over the judged live features
+    live_feature_r2_median_low: float = math.nan  # lower end of live_feature_r2_median's interval
+    live_feature_r2_median_high: float = math.nan  # upper end of live_feature_r2_median's interval
     sae_reliable: float = math.nan  # 1: layer L+k's SAE passed its quality gates (SaeInfo.reliable); 0: it
     # missed them (or has no gate result), so every feature-level number here is unreliable
     # CCA ceiling and transport efficiency (pseudo-inverse whitening: the ceiling is a true in-sample bound)
@@ -394,9 +417,10 @@ def csv_cell(v: Any) -> Any:
 
 @dataclass
 class TransportVerdicts(Record):
-    """Which kept SAE features of layer L+k the operator transports (ids in `FeatureSet.kept` order)."""
+    """Which SAE features of layer L+k the operator transports: the kept ones (ids in `FeatureSet.kept`
+    order) and every live one (by id), each with its R² interval and three-way verdict."""
 
-    FORMAT: ClassVar[str] = "ato-transport/1"
+    FORMAT: ClassVar[str] = "ato-transport/2"
     PRODUCER: ClassVar[str] = "evaluate"
 
     pair: str  # pair name, e.g. L05_k1
@@ -404,12 +428,22 @@ class TransportVerdicts(Record):
     layer_out: int  # L + k
     transported_r2: float  # evaluate.transported_r2 used for the verdicts
     min_active_tokens: int  # evaluate.min_active_tokens used for the verdicts
-    transported: list[int]  # feature ids with R² ≥ transported_r2 over enough active tokens
-    synthesised: list[int]  # feature ids with enough active tokens and a lower R²
-    no_verdict: list[int]  # feature ids with too few active tokens
+    transported: list[int]  # kept ids with enough active tokens and an R² interval wholly ≥ transported_r2
+    synthesised: list[int]  # kept ids with enough active tokens and an R² interval wholly below it
+    no_verdict: list[int]  # kept ids with too few active tokens
     sae_reliable: bool = False  # layer L+k's SAE passed its quality gates (SaeInfo.reliable)
     sae_gate_failures: list[str] = field(default_factory=list)  # SaeInfo.gate_failures (or why there is none)
     features: list[int] = field(default_factory=list)  # the kept feature ids, in FeatureSet.kept order
     r2: list[float | None] = field(default_factory=list)  # feature R² of the ATO per entry of `features`
     identity_r2: list[float | None] = field(default_factory=list)  # … of the identity map ŷ = x
     active_tokens: list[int] = field(default_factory=list)  # test tokens where the feature is active
+    undetermined: list[int] = field(default_factory=list)  # kept ids whose R² interval straddles transported_r2
+    interval: str = ""  # how r2_low / r2_high were computed: method, resamples, level
+    r2_low: list[float | None] = field(default_factory=list)  # R² interval per entry of `features`, lower end
+    r2_high: list[float | None] = field(default_factory=list)  # … its upper end
+    live_features: list[int] = field(default_factory=list)  # every live feature id of the SAE (ascending)
+    live_active_tokens: list[int] = field(default_factory=list)  # per entry of `live_features`
+    live_r2: list[float | None] = field(default_factory=list)  # feature R² of the ATO
+    live_r2_low: list[float | None] = field(default_factory=list)  # its interval, lower end
+    live_r2_high: list[float | None] = field(default_factory=list)  # … upper end
+    live_verdicts: list[str] = field(default_factory=list)  # transported | synthesised | undetermined | no_verdict

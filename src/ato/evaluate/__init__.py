@@ -7,8 +7,10 @@ Per pair (L, k), with T = L + k:
   train mean (ŷ = ȳ_train) and OLS (ridge with α = 0 on the train statistics);
 * feature-space scores for every kept feature of layer T's SAE along its unit decoder direction,
   over the test tokens where that SAE's own encoder (TopK / JumpReLU, never a plain ReLU) says the
-  feature is active on the TRUE y; each feature is transported, synthesised, or gets no verdict
-  (too few active tokens);
+  feature is active on the TRUE y, and the ATO's for every live feature; each feature's R² gets an
+  interval by resampling test documents, and the feature is transported or synthesised when the
+  interval lies wholly on one side of the threshold, undetermined when it straddles it, or gets no
+  verdict (too few active tokens);
 * the CCA ceiling on the train statistics (a true in-sample bound), η(r) for SVD truncation and
   reduced-rank regression on train and test over a log-spaced rank sweep (one decomposition per pair,
   see `ato.math.cca`), and on test also without the train→test mean shift;

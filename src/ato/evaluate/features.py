@@ -1,5 +1,5 @@
-"""Layer T's SAE and its kept features: the directions feature-space R² is measured along, and which
-features the SAE's own encoder says are active on the true y (docs/method.md#features)."""
+"""Layer T's SAE, its live and its kept features: the directions feature-space R² is measured along,
+and which features the SAE's own encoder says are active on the true y (docs/method.md#features)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,19 @@ SAE_ENCODE_ROWS = 2048  # rows per SAE encode call: bounds the [rows, d_sae] act
 
 @dataclass
 class SaeFeatures:
-    """Layer T's SAE and the unit decoder directions of its kept features."""
+    """Layer T's SAE and the unit decoder directions of its kept and of its live features."""
 
     layer: int  # residual layer T
     sae: Any  # sae_lens.SAE, eval mode
     kept: list[int]  # kept feature ids (FeatureSet.kept order)
     directions: np.ndarray  # [d, F] float64 unit decoder directions
+    live: list[int]  # every feature active on select's scan of train tokens (kept ones included), by id
+    live_directions: np.ndarray  # [d, F_live] float64 unit decoder directions
+
+    @property
+    def kept_in_live(self) -> np.ndarray:
+        """The column of each kept feature among the live ones."""
+        return np.searchsorted(self.live, self.kept)
 
 
 def load_sae_features(sae_dir: Path, features_path: Path, layer: int, d_model: int) -> SaeFeatures:
@@ -33,7 +40,8 @@ def load_sae_features(sae_dir: Path, features_path: Path, layer: int, d_model: i
     from ato.sae import load_sae
 
     sae = load_sae(sae_dir)
-    kept = FeatureSet.read(features_path).kept
+    feature_set = FeatureSet.read(features_path)
+    kept = feature_set.kept
     if not kept:
         raise EvaluateError(f"{features_path}: needs a non-empty list `kept` of feature ids")
     if int(sae.cfg.d_in) != d_model:
@@ -42,11 +50,16 @@ def load_sae_features(sae_dir: Path, features_path: Path, layer: int, d_model: i
     bad = [f for f in kept if not isinstance(f, int) or not 0 <= f < d_sae]
     if bad:
         raise EvaluateError(f"{features_path}: kept ids {bad[:5]} outside 0..{d_sae - 1} of the layer-{layer} SAE")
+    rates = feature_set.scores.activation_rate
+    if len(rates) > d_sae:
+        raise EvaluateError(f"{features_path}: {len(rates)} activation rates but the layer-{layer} SAE has {d_sae}")
+    live = sorted({f for f, rate in enumerate(rates) if rate} | set(kept))  # a dead feature cannot be judged
     try:
         directions = unit_directions(sae.W_dec.detach(), kept)
+        live_directions = unit_directions(sae.W_dec.detach(), live)
     except ValueError as exc:
         raise EvaluateError(f"{sae_dir}: {exc}") from None
-    return SaeFeatures(layer, sae, [int(f) for f in kept], directions)
+    return SaeFeatures(layer, sae, [int(f) for f in kept], directions, live, live_directions)
 
 
 def sae_active(sae: Any, y: np.ndarray, kept: list[int]) -> np.ndarray:

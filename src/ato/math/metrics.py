@@ -6,7 +6,10 @@ docs/method.md#r2 and docs/method.md#features).
 * `FeatureR2Accumulator`: feature-space scores per SAE feature f along its unit decoder direction u_f,
   over the tokens where the SAE's own encoder says f is active on the TRUE y:
   a = yᵀu_f, â = ŷᵀu_f, R² = 1 − Σ(a−â)²/Σ(a−ā)², Pearson r, rms(â)/rms(a), active count.
-* `feature_verdicts`: transported / synthesised / no verdict (too few active tokens).
+* `DocumentFeatureSums`: the same sums kept per document, so that `bootstrap_feature_scores` can
+  resample documents (tokens of a document are dependent) and give every score an interval.
+* `interval_verdicts`: transported / synthesised when a feature's R² interval lies wholly on one side of
+  the threshold, undetermined when it straddles it, no verdict with too few active tokens.
 
 Every accumulator holds O(d) or O(features) float64 sums, never tokens, so the test split need not
 fit in memory; `merge` combines accumulators built on disjoint chunks (results equal one-shot).
@@ -16,6 +19,7 @@ harmless even for late-layer residuals with norms ~4e4.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,15 +28,21 @@ import torch
 __all__ = [
     "ResidualAccumulator",
     "FeatureR2Accumulator",
-    "feature_verdicts",
+    "DocumentFeatureSums",
+    "FeatureBootstrap",
+    "bootstrap_feature_scores",
+    "interval_verdicts",
+    "percentile_interval",
+    "set_statistics",
     "unit_directions",
     "TRANSPORTED",
     "SYNTHESISED",
     "NO_VERDICT",
+    "UNDETERMINED",
     "QUANTILES",
 ]
 
-TRANSPORTED, SYNTHESISED, NO_VERDICT = "transported", "synthesised", "no_verdict"
+TRANSPORTED, SYNTHESISED, UNDETERMINED, NO_VERDICT = "transported", "synthesised", "undetermined", "no_verdict"
 QUANTILES = (0.1, 0.5, 0.9)
 
 
@@ -210,27 +220,139 @@ class FeatureR2Accumulator:
 
     def result(self) -> dict[str, np.ndarray]:
         """Per-feature arrays: active, r2, pearson, rms_ratio (nan where undefined)."""
-        n = self.count
-        with np.errstate(divide="ignore", invalid="ignore"):
-            safe_n = np.where(n > 0, n, 1.0)
-            ssa = np.clip(self.sum_a2 - self.sum_a**2 / safe_n, 0.0, None)  # Σ(a − ā)²
-            ssh = np.clip(self.sum_h2 - self.sum_h**2 / safe_n, 0.0, None)
-            sah = self.sum_ah - self.sum_a * self.sum_h / safe_n
-            r2 = np.where((n > 0) & (ssa > 0), 1.0 - self.sse / np.where(ssa > 0, ssa, 1.0), np.nan)
-            pearson = np.where((n > 1) & (ssa > 0) & (ssh > 0), sah / np.sqrt(ssa * ssh), np.nan)
-            rms_ratio = np.where(
-                (n > 0) & (self.sum_a2 > 0), np.sqrt(self.sum_h2 / np.where(self.sum_a2 > 0, self.sum_a2, 1.0)), np.nan
-            )
-        return {"active": n.copy(), "r2": r2, "pearson": pearson, "rms_ratio": rms_ratio}
+        return feature_scores_from_sums(*(getattr(self, name) for name in FEATURE_SUMS))
 
 
-def feature_verdicts(r2: np.ndarray, active: np.ndarray, threshold: float, min_active: int) -> np.ndarray:
-    """Per feature: `transported` when it has ≥ min_active active tokens and R² ≥ threshold,
-    `synthesised` when it has enough tokens but R² < threshold (or undefined R²), else `no_verdict`."""
-    r2, active = np.asarray(r2, dtype=np.float64), np.asarray(active)
-    enough = active >= min_active
-    ok = enough & np.isfinite(r2) & (r2 >= threshold)
-    out = np.full(r2.shape, NO_VERDICT, dtype=object)
-    out[enough] = SYNTHESISED
-    out[ok] = TRANSPORTED
+FEATURE_SUMS = ("count", "sum_a", "sum_a2", "sum_h", "sum_h2", "sum_ah", "sse")  # the order of every [.., 7, F]
+
+
+def feature_scores_from_sums(
+    n: np.ndarray,
+    sum_a: np.ndarray,
+    sum_a2: np.ndarray,
+    sum_h: np.ndarray,
+    sum_h2: np.ndarray,
+    sum_ah: np.ndarray,
+    sse: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """active, r2, pearson, rms_ratio from the FEATURE_SUMS (any shape, elementwise: one split's [F]
+    or a bootstrap's [B, F])."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        safe_n = np.where(n > 0, n, 1.0)
+        ssa = np.clip(sum_a2 - sum_a**2 / safe_n, 0.0, None)  # Σ(a − ā)²
+        ssh = np.clip(sum_h2 - sum_h**2 / safe_n, 0.0, None)
+        sah = sum_ah - sum_a * sum_h / safe_n
+        r2 = np.where((n > 0) & (ssa > 0), 1.0 - sse / np.where(ssa > 0, ssa, 1.0), np.nan)
+        pearson = np.where((n > 1) & (ssa > 0) & (ssh > 0), sah / np.sqrt(ssa * ssh), np.nan)
+        rms_ratio = np.where((n > 0) & (sum_a2 > 0), np.sqrt(sum_h2 / np.where(sum_a2 > 0, sum_a2, 1.0)), np.nan)
+    return {"active": n.copy(), "r2": r2, "pearson": pearson, "rms_ratio": rms_ratio}
+
+
+class DocumentFeatureSums:
+    """The FEATURE_SUMS of one prediction per test document, for resampling documents: a document's
+    tokens share their context, so they are not independent draws and tokens must not be resampled."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features = n_features
+        self._documents: list[np.ndarray] = []  # per chunk: the document of each run of rows
+        self._sums: list[np.ndarray] = []  # per chunk: [runs, 7, F]
+
+    def update(self, a: np.ndarray, a_hat: np.ndarray, active: np.ndarray, documents: np.ndarray) -> None:
+        """a = y U, â = ŷ U, active: [m, F] (float32 or float64: the sums are float64); documents: [m]
+        document id of each row."""
+        a, a_hat, mask, documents = np.asarray(a), np.asarray(a_hat), _bool(active), np.asarray(documents)
+        if a.shape != a_hat.shape or a.shape != mask.shape or len(documents) != len(a):
+            raise ValueError(f"a, â, active [m, F] and documents [m]: got {a.shape}, {a_hat.shape}, {mask.shape}")
+        if len(a) == 0:
+            return
+        new_run = np.r_[True, documents[1:] != documents[:-1]]  # runs of one document
+        run = np.cumsum(new_run) - 1
+        n_runs, F = int(run[-1]) + 1, self.n_features
+        rows, cols = np.nonzero(mask)  # SAE features are sparse: sum over the active (token, feature) cells only
+        av, hv = a[rows, cols].astype(np.float64), a_hat[rows, cols].astype(np.float64)
+        cell = run[rows] * F + cols
+        per_cell = (np.ones_like(av), av, av * av, hv, hv * hv, av * hv, (av - hv) ** 2)  # FEATURE_SUMS order
+        sums = np.stack([np.bincount(cell, weights=t, minlength=n_runs * F) for t in per_cell])
+        self._sums.append(sums.reshape(len(FEATURE_SUMS), n_runs, F).transpose(1, 0, 2))
+        self._documents.append(documents[new_run])
+
+    def per_document(self) -> np.ndarray:
+        """[n_documents, 7, F]: each document's sums (its runs added), documents in order of appearance."""
+        if not self._sums:
+            return np.zeros((0, len(FEATURE_SUMS), self.n_features))
+        runs = np.concatenate(self._documents)
+        ids, first, row = np.unique(runs, return_index=True, return_inverse=True)
+        out = np.zeros((len(ids), len(FEATURE_SUMS), self.n_features))
+        np.add.at(out, row, np.concatenate(self._sums))
+        return out[np.argsort(first)]
+
+
+@dataclass
+class FeatureBootstrap:
+    """Per-feature scores on all documents and on each document resample (`feature_scores_from_sums`)."""
+
+    point: dict[str, np.ndarray]  # [F] each
+    resampled: dict[str, np.ndarray]  # [B, F] each
+
+    def columns(self, index: np.ndarray | list[int]) -> FeatureBootstrap:
+        """The same for a subset of the features (e.g. the selected ones among the live ones)."""
+        return FeatureBootstrap(
+            {k: v[index] for k, v in self.point.items()}, {k: v[:, index] for k, v in self.resampled.items()}
+        )
+
+
+def bootstrap_feature_scores(per_document: np.ndarray, resamples: int, seed: int) -> FeatureBootstrap:
+    """Document bootstrap of the feature scores: each resample draws as many documents as there are,
+    with replacement (multinomial counts), and adds their sums (`DocumentFeatureSums.per_document`)."""
+    n_documents = per_document.shape[0]
+    if n_documents < 2 or resamples < 1:
+        raise ValueError(f"a document bootstrap needs ≥ 2 documents and ≥ 1 resample; got {n_documents}, {resamples}")
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_documents, np.full(n_documents, 1.0 / n_documents), size=resamples)
+    resampled = (counts.astype(np.float64) @ per_document.reshape(n_documents, -1)).reshape(
+        resamples, len(FEATURE_SUMS), -1
+    )
+    return FeatureBootstrap(
+        feature_scores_from_sums(*per_document.sum(axis=0)),
+        feature_scores_from_sums(*np.moveaxis(resampled, 1, 0)),
+    )
+
+
+def percentile_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The central `level` percentile interval of bootstrap samples [B, ...] along axis 0, over the
+    samples where the statistic is defined; NaN where it is undefined in more than a tail's share
+    (1 − level)/2 of them (e.g. a feature absent from too many resamples), since that tail is unknown."""
+    samples = np.asarray(samples, dtype=np.float64)
+    tail = (1.0 - level) / 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, as intended
+        low, high = np.nanquantile(samples, [tail, 1.0 - tail], axis=0)
+    unknown = np.isnan(samples).mean(axis=0) > tail
+    return np.where(unknown, np.nan, low), np.where(unknown, np.nan, high)
+
+
+def interval_verdicts(low: np.ndarray, high: np.ndarray, enough: np.ndarray, threshold: float) -> np.ndarray:
+    """Per feature: `transported` when its R² interval lies wholly at or above `threshold`, `synthesised`
+    when wholly below, `undetermined` when it straddles it (or is undefined); `no_verdict` where
+    `enough` is false (too few active tokens). Any interval works: a bootstrap's, another SAE seed's."""
+    low, high, enough = np.asarray(low, np.float64), np.asarray(high, np.float64), np.asarray(enough, bool)
+    out = np.full(low.shape, NO_VERDICT, dtype=object)
+    out[enough] = UNDETERMINED
+    out[enough & (low >= threshold)] = TRANSPORTED
+    out[enough & (high < threshold)] = SYNTHESISED
     return out
+
+
+def set_statistics(scores: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+    """Summaries over a set of features (the last axis of `scores`, [F] or [B, F]): the share whose R² is
+    at or above `threshold` (an undefined R² counts as below) and the medians of R², Pearson r and rms
+    ratio over the features where each is defined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an empty or all-NaN set: NaN, as intended
+        r2 = scores["r2"]
+        return {
+            "transported_fraction": np.mean(np.nan_to_num(r2, nan=-np.inf) >= threshold, axis=-1),
+            "feature_r2_median": np.nanmedian(r2, axis=-1),
+            "feature_pearson_median": np.nanmedian(scores["pearson"], axis=-1),
+            "feature_rms_ratio_median": np.nanmedian(scores["rms_ratio"], axis=-1),
+        }

@@ -183,6 +183,7 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         "causal.bootstrap_resamples": params.causal.bootstrap_resamples,
         "evaluate.n_ranks": params.evaluate.n_ranks,
         "evaluate.null_replicates": params.evaluate.null_replicates,
+        "evaluate.feature_resamples": params.evaluate.feature_resamples,
         "languages.fit_tokens": params.languages.fit_tokens,
         "languages.test_tokens": params.languages.test_tokens,
         "languages.overlap_rank": params.languages.overlap_rank,
@@ -218,6 +219,8 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         raise ParamsError("report.dpi / report.ranks: dpi must be positive and ranks a non-empty list of ranks >= 1")
     if not 0 < params.select.keep_fraction <= 1:
         raise ParamsError("select.keep_fraction: must be in (0, 1]")
+    if not 0 < params.evaluate.feature_level < 1:
+        raise ParamsError(f"evaluate.feature_level: must be in (0, 1), got {params.evaluate.feature_level}")
     if params.collect.layers != "all":
         if not params.collect.layers:
             raise ParamsError("collect.layers: empty; use `all` or a list of layers")

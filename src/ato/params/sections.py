@@ -228,8 +228,14 @@ class SelectParams:
 class EvaluateParams:
     """Stage `evaluate`: residual and feature-space scores, CCA ceiling, efficiency."""
 
-    transported_r2: float = 0.5  # feature R² at or above this → transported
+    transported_r2: float = 0.5  # a feature whose R² interval lies wholly at/above this → transported, wholly
+    # below → synthesised, straddling it → undetermined
     min_active_tokens: int = 20  # fewer active test tokens → no verdict
+    feature_interval: Literal["document_bootstrap"] = "document_bootstrap"  # per-feature R² intervals (and
+    # those of counts' fractions and medians): percentile, resampling test documents (docs/statistics.md)
+    feature_resamples: int = 1000
+    feature_level: float = 0.95
+    feature_seed: int = 0
     n_ranks: int = 24
     subspace_fraction: float = 0.9
     null_replicates: int = 8  # Wishart replicates of the subspace null and of η's linear reference (~1 s each

@@ -11,11 +11,11 @@ import numpy as np
 
 from ato.math.heldout import HeldOutCCA, SubspaceReport
 from ato.math.linear_reference import LinearReference
-from ato.math.metrics import NO_VERDICT, SYNTHESISED, TRANSPORTED
+from ato.math.metrics import NO_VERDICT, SYNTHESISED, TRANSPORTED, UNDETERMINED
 
 from . import mark_unreliable, pyplot, save_figure
 
-VERDICT_COLOURS = {TRANSPORTED: "tab:green", SYNTHESISED: "tab:red", NO_VERDICT: "tab:grey"}
+VERDICT_COLOURS = {TRANSPORTED: "tab:green", UNDETERMINED: "tab:olive", SYNTHESISED: "tab:red", NO_VERDICT: "tab:grey"}
 CLIP = -1.0  # R² below this is drawn at the clip
 STYLES = {"svd": ("tab:blue", "SVD truncation"), "rrr": ("tab:orange", "reduced-rank regression")}
 

@@ -19,8 +19,13 @@ from . import UNRELIABLE_COLOUR, mark_unreliable, pyplot, save_figure, unreliabl
 
 
 def _transported_note(m: PairMetrics) -> str:
-    judged = m.n_transported + m.n_synthesised
-    return f"{fmt_int(m.n_transported)}/{fmt_int(judged)}" if math.isfinite(judged) else ""
+    """Sure transported / judged, and the interval of the fraction."""
+    judged = m.n_transported + m.n_undetermined + m.n_synthesised
+    if not math.isfinite(judged):
+        return ""
+    low, high = m.transported_fraction_low, m.transported_fraction_high
+    interval = f" [{fmt(low, '.2f')}, {fmt(high, '.2f')}]" if math.isfinite(low) and math.isfinite(high) else ""
+    return f"{fmt_int(m.n_transported)}/{fmt_int(judged)}{interval}"
 
 
 def _eta_note(m: PairMetrics) -> str:
@@ -39,7 +44,12 @@ Note = Callable[[PairMetrics], str] | None
 HEATMAPS: tuple[tuple[str, str, Callable[[PairMetrics], float], Note], ...] = (
     ("residual R² of the ATO (test)", "r2", lambda m: m.ato.r2, None),
     ("feature-space R², median (test)", "r2", lambda m: m.ato.feature_r2_median, None),
-    ("transported fraction (transported/judged)", "r2", lambda m: m.transported_fraction, _transported_note),
+    (
+        "transported fraction; sure transported/judged [interval]",
+        "r2",
+        lambda m: m.transported_fraction,
+        _transported_note,
+    ),
     ("η(test) = R²_w / ceiling; ratio to an exactly linear map's η", "r2", lambda m: m.eta_test, _eta_note),
     (
         "directions carrying transport (held out); bootstrap, of d",

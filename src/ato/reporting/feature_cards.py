@@ -1,7 +1,8 @@
 """Feature cards of `ato report`: one card per kept feature of every target layer — its top activating
 contexts with the active token highlighted, its activation rate beside the SAE's sparse regime (mean
-L0 / d_sae), the verdict (transported / synthesised / no verdict) of every pair that targets the layer,
-and the feature R² of the ATO beside the identity map's. Rendered twice: a compact markdown section
+L0 / d_sae), the verdict (transported / synthesised / undetermined / no verdict, from the R² interval) of
+every pair that targets the layer, and the feature R² of the ATO with its interval beside the identity
+map's. Rendered twice: a compact markdown section
 of summary.md and a self-contained HTML page (reports/features.html: inline CSS, no external assets,
 every token HTML-escaped). An SAE that missed its quality gates puts an UNRELIABLE banner on its
 layer's cards; missing inputs are listed, not fatal.
@@ -22,17 +23,24 @@ from ato.params import Pair
 
 SUMMARY_CARDS = 16  # cards per layer in summary.md (the HTML page has them all)
 SUMMARY_WINDOW = 6  # tokens each side of the active token in summary.md
-VERDICT_LABELS = {"transported": "transported", "synthesised": "synthesised", "no_verdict": "no verdict"}
+VERDICT_LABELS = {
+    "transported": "transported",
+    "synthesised": "synthesised",
+    "undetermined": "undetermined",
+    "no_verdict": "no verdict",
+}
 
 
 @dataclass
 class PairVerdict:
     """One pair's judgement of one feature."""
 
-    verdict: str  # transported | synthesised | no_verdict
+    verdict: str  # transported | synthesised | undetermined | no_verdict
     r2: float  # feature R² of the ATO (NaN: undefined)
     identity_r2: float  # feature R² of ŷ = x
     active_tokens: int  # test tokens where the feature is active
+    r2_low: float = math.nan  # the interval of r2 (TransportVerdicts.interval)
+    r2_high: float = math.nan
 
 
 @dataclass
@@ -87,10 +95,12 @@ def _pair_verdicts(layout: Layout, names: list[str]) -> tuple[dict[str, dict[int
             continue
         tv = TransportVerdicts.read(path)
         label = {f: "transported" for f in tv.transported} | {f: "synthesised" for f in tv.synthesised}
-        label |= {f: "no_verdict" for f in tv.no_verdict}
+        label |= {f: "undetermined" for f in tv.undetermined} | {f: "no_verdict" for f in tv.no_verdict}
+        no_interval: list[float | None] = [None] * len(tv.features)
+        low, high = tv.r2_low or no_interval, tv.r2_high or no_interval
         out[name] = {
-            f: PairVerdict(label.get(f, "no_verdict"), _float(r2), _float(ir2), int(n))
-            for f, r2, ir2, n in zip(tv.features, tv.r2, tv.identity_r2, tv.active_tokens)
+            f: PairVerdict(label.get(f, "no_verdict"), _float(r2), _float(ir2), int(n), _float(lo), _float(hi))
+            for f, r2, ir2, n, lo, hi in zip(tv.features, tv.r2, tv.identity_r2, tv.active_tokens, low, high)
         }
         for f, v in label.items():  # a record without per-feature numbers still gives the verdict
             out[name].setdefault(f, PairVerdict(v, math.nan, math.nan, -1))
@@ -190,7 +200,17 @@ def _md_context(ctx: TokenContext) -> str:
 def _md_verdict(v: PairVerdict | None) -> str:
     if v is None:
         return "—"
-    return f"{VERDICT_LABELS.get(v.verdict, v.verdict)} (R² {_num(v.r2)} vs id {_num(v.identity_r2)})"
+    return f"{VERDICT_LABELS.get(v.verdict, v.verdict)} (R² {_r2_text(v)} vs id {_num(v.identity_r2)})"
+
+
+def _interval_text(v: PairVerdict) -> str:
+    return f"[{v.r2_low:.2f}, {v.r2_high:.2f}]" if math.isfinite(v.r2_low) and math.isfinite(v.r2_high) else "—"
+
+
+def _r2_text(v: PairVerdict) -> str:
+    """The ATO's feature R² with its interval, e.g. 0.512 [0.47, 0.55]."""
+    interval = _interval_text(v)
+    return _num(v.r2) if interval == "—" else f"{_num(v.r2)} {interval}"
 
 
 def cards_markdown(layers: list[LayerCards], page: str = "features.html") -> list[str]:
@@ -200,7 +220,9 @@ def cards_markdown(layers: list[LayerCards], page: str = "features.html") -> lis
         "## Feature cards (kept SAE features of each target layer)",
         "",
         f"Per kept feature: activation rate beside the SAE's sparse regime (mean L0/d_sae), the verdict of "
-        f"every pair that targets the layer with the feature R² of the ATO vs the identity map ŷ = x (test), and "
+        f"every pair that targets the layer with the feature R² of the ATO [its interval over test documents] "
+        f"vs the identity map ŷ = x (test): *transported* / *synthesised* only when the interval lies wholly "
+        f"on one side of the threshold, *undetermined* when it straddles it; and "
         f"its strongest activating context (train) with the active token in **bold**. First {SUMMARY_CARDS} "
         f"per layer in selection order; every card, with all its contexts: [{page}]({page}).",
         "",
@@ -248,7 +270,7 @@ table.verdicts{border-collapse:collapse;font-size:.88em;margin:4px 0 8px}
 table.verdicts td,table.verdicts th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}
 table.verdicts td:first-child,table.verdicts th:first-child{text-align:left}
 .verdict-transported{color:#1a7f37;font-weight:600}.verdict-synthesised{color:#b35900;font-weight:600}
-.verdict-no_verdict{color:#777}
+.verdict-no_verdict{color:#777}.verdict-undetermined{color:#555;font-style:italic}
 ol.contexts{margin:0;padding-left:1.4em;font-size:.9em}
 ol.contexts li{margin:3px 0}
 .ctx{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
@@ -277,14 +299,18 @@ def _html_verdicts(card: FeatureCard, pairs: list[str]) -> str:
     for p in pairs:
         v = card.verdicts.get(p)
         if v is None:
-            rows.append(f"<tr><td>{_e(p)}</td><td>—</td><td>—</td><td>—</td><td>—</td></tr>")
+            rows.append(f"<tr><td>{_e(p)}</td><td>—</td><td>—</td><td>—</td><td>—</td><td>—</td></tr>")
             continue
         label = _e(VERDICT_LABELS.get(v.verdict, v.verdict))
         rows.append(
             f'<tr><td>{_e(p)}</td><td class="verdict verdict-{_e(v.verdict)}">{label}</td><td>{_num(v.r2)}</td>'
-            f"<td>{_num(v.identity_r2)}</td><td>{v.active_tokens if v.active_tokens >= 0 else '—'}</td></tr>"
+            f"<td>{_e(_interval_text(v))}</td><td>{_num(v.identity_r2)}</td>"
+            f"<td>{v.active_tokens if v.active_tokens >= 0 else '—'}</td></tr>"
         )
-    head = "<tr><th>pair</th><th>verdict</th><th>R² ATO</th><th>R² identity</th><th>active test tokens</th></tr>"
+    head = (
+        "<tr><th>pair</th><th>verdict</th><th>R² ATO</th><th>interval</th><th>R² identity</th>"
+        "<th>active test tokens</th></tr>"
+    )
     return f'<table class="verdicts">{head}{"".join(rows)}</table>'
 
 
@@ -329,8 +355,9 @@ def cards_html(layers: list[LayerCards], model: str) -> str:
         "One card per kept SAE feature: its strongest activating contexts on train text (the active token "
         "highlighted, activation on the left), its activation rate beside the SAE's sparse regime "
         "(mean L0/d_sae), and for every pair (L → L+k) that targets the layer the verdict on test text — "
-        "<em>transported</em> when the operator reconstructs the feature (R² ≥ evaluate.transported_r2), "
-        "<em>synthesised</em> when it does not — with the feature R² of the ATO beside the identity map ŷ = x."
+        "<em>transported</em> when the interval of its R² (resampling test documents) lies wholly at or above "
+        "evaluate.transported_r2, <em>synthesised</em> when wholly below, <em>undetermined</em> when it "
+        "straddles the threshold — with the feature R² of the ATO and its interval beside the identity map ŷ = x."
     )
     return "\n".join(
         [

@@ -8,7 +8,7 @@ from pathlib import Path
 from ato.artifacts.metrics import OPERATOR_KEY
 from ato.kinds import kinds_for
 
-from .cells import DASH, fmt, fmt_int, how_to_read, md_table
+from .cells import DASH, fmt, fmt_ci, fmt_int, how_to_read, md_table
 from .feature_cards import LayerCards, cards_markdown
 from .markdown_causal import causal_section
 from .markdown_transport import efficiency_section, subspace_section
@@ -203,43 +203,66 @@ def _sae_warning(results: list[PairResults], cards: list[LayerCards]) -> list[st
 
 def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerCards] | None = None) -> list[str]:
     ev, cards = s.evaluate, cards or []
-    rows = []
+    kept_rows, live_rows = [], []
     for res in results:
-        m = res.m
-        rows.append(
+        m, gate = res.m, _gate_cell(res, cards)
+        kept_rows.append(
             [
                 res.name,
-                _gate_cell(res, cards),
+                gate,
                 fmt_int(m.n_features),
-                fmt_int(m.n_transported),
-                fmt_int(m.n_synthesised),
+                *_verdict_cells(m.n_transported, m.n_undetermined, m.n_synthesised),
                 fmt_int(m.n_no_verdict),
-                fmt(m.transported_fraction, ".3f"),
-                fmt(m.ato.feature_r2_median),
+                fmt_ci(m.transported_fraction, m.transported_fraction_low, m.transported_fraction_high, ".3f"),
+                fmt_ci(m.ato.feature_r2_median, m.feature_r2_median_low, m.feature_r2_median_high, ".4f"),
                 fmt(m.identity.feature_r2_median),
                 fmt(m.ols.feature_r2_median),
-                fmt(m.feature_pearson_median, ".3f"),
-                fmt(m.feature_rms_ratio_median, ".3f"),
+                fmt_ci(m.feature_pearson_median, m.feature_pearson_median_low, m.feature_pearson_median_high, ".3f"),
+                fmt_ci(
+                    m.feature_rms_ratio_median, m.feature_rms_ratio_median_low, m.feature_rms_ratio_median_high, ".3f"
+                ),  # fmt: skip
             ]
         )
+        live_rows.append(
+            [
+                res.name,
+                gate,
+                fmt_int(m.live_n_features),
+                fmt_int(m.live_n_judged),
+                *_verdict_cells(m.live_n_transported, m.live_n_undetermined, m.live_n_synthesised),
+                fmt_ci(
+                    m.live_transported_fraction,
+                    m.live_transported_fraction_low,
+                    m.live_transported_fraction_high,
+                    ".3f",
+                ),  # fmt: skip
+                fmt_ci(m.live_feature_r2_median, m.live_feature_r2_median_low, m.live_feature_r2_median_high, ".4f"),
+            ]
+        )
+    verdicts = ["transported", "undetermined", "synthesised"]
     return [
         "## Feature space (SAE directions of layer L+k, test)",
         "",
-        f"A feature is *transported* when its R² along the unit decoder direction is ≥ "
-        f"{ev.transported_r2} over at least {ev.min_active_tokens} tokens where the SAE says it is "
-        "active on the true residual (`evaluate.transported_r2`, `evaluate.min_active_tokens`), "
-        "*synthesised* when it has enough tokens but a lower R², and gets no verdict otherwise. "
-        "Medians are over the judged features. SAE gates: whether layer L+k's SAE passed its quality gates "
-        "(reports/sae); the feature numbers of a row marked unreliable rest on an SAE that missed them.",
+        "A feature's R² is measured along its unit decoder direction over the test tokens where the SAE says "
+        f"it is active on the true residual; it is judged when it has at least {ev.min_active_tokens} such "
+        "tokens (`evaluate.min_active_tokens`), and gets no verdict otherwise. Its R² has an interval from "
+        "resampling test documents (`evaluate.feature_interval`, `feature_resamples`, `feature_level`; "
+        "docs/statistics.md#feature-intervals): *transported* when the interval lies wholly at or above "
+        f"{ev.transported_r2} (`evaluate.transported_r2`), *synthesised* when wholly below, *undetermined* when "
+        "it straddles the threshold. The transported fraction is the share of judged features whose R² is at or "
+        "above the threshold, and the medians are over the judged features, each with its interval [low, high] "
+        "from the same resamples. SAE gates: whether layer L+k's SAE passed its quality gates (reports/sae); "
+        "the feature numbers of a row marked unreliable rest on an SAE that missed them.",
         "",
         *_sae_warning(results, cards),
+        "**Selected features** (`select`'s kept set: the high-quality subset, the feature cards below)",
+        "",
         md_table(
             [
                 "pair",
                 "SAE gates",
                 "features",
-                "transported",
-                "synthesised",
+                *verdicts,
                 "no verdict",
                 "transported fraction",
                 "feature R² median (ATO)",
@@ -248,16 +271,32 @@ def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerC
                 "Pearson r median",
                 "rms ratio median",
             ],
-            rows,
+            kept_rows,
+        ),
+        "",
+        "**Every live feature** (active in `select`'s scan of train tokens) with enough active test tokens",
+        "",
+        md_table(
+            ["pair", "SAE gates", "live features", "judged", *verdicts, "transported fraction", "feature R² median"],
+            live_rows,
         ),
         "",
         *how_to_read(
             "Compare each median with the identity's: the share of features the ATO transports beyond copying "
             "x_L is what the layers add linearly. A *synthesised* feature is one the linear map does not "
             "reconstruct at this threshold, which makes it a candidate for non-linear computation (or for "
-            "information from other positions), not evidence of it.",
+            "information from other positions), not evidence of it. An *undetermined* feature is one this test "
+            "split cannot place on either side of the threshold: count it with neither. The transported "
+            "fraction normally lies between transported/judged and (transported + undetermined)/judged; its interval "
+            "says how far another sample of documents could move it. The selected set is chosen for quality, "
+            "so its fraction need not be the live set's: the live row is what the operator does to the SAE "
+            "as a whole.",
         ),
     ]
+
+
+def _verdict_cells(transported: float, undetermined: float, synthesised: float) -> list[str]:
+    return [fmt_int(transported), fmt_int(undetermined), fmt_int(synthesised)]
 
 
 def _alpha(results: list[PairResults]) -> list[str]:

@@ -1,7 +1,8 @@
 """Stage `evaluate`: how well each operator transports the residual, on the held-out TEST split.
 
 Residual-space scores of the ATO and its baselines, feature-space scores along the target layer's
-SAE features (transported / synthesised), the CCA ceiling, η(r), and each headline number beside its
+SAE features (the selected ones and every live one; transported / undetermined / synthesised by each
+R²'s interval over test documents), the CCA ceiling, η(r), and each headline number beside its
 reference: η(test) beside an exactly linear map's, the held-out subspace size and participation ratio
 beside a null at the same n and d. See `ato.evaluate`, docs/method.md#r2, #features, #cca, #efficiency
 and docs/statistics.md#heldout.
@@ -76,9 +77,7 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], params.stats.chunk_tokens,
                                       params.stats.include_bos, with_tokens=True)  # fmt: skip
     documents = ((c[pair.L], c[pair.target], c["doc_id"]) for c in chunks)
-    result = evaluate(
-        acc, inputs.splits, inputs.predictors, inputs.features.kept, inputs.alpha, params.evaluate, documents
-    )
+    result = evaluate(acc, inputs.splits, inputs.predictors, inputs.features, inputs.alpha, params.evaluate, documents)
     gate = sae_gate(layout, pair.target)
     result.metrics.sae_reliable = float(gate.reliable)
     with atomic_group():  # all seven files or none (they lie in three directories)
@@ -86,9 +85,11 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     _log_mlflow(params, name, result, paths, gate)
     m = result.metrics
     log.info(
-        "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); transported %d/%d features; ceiling %.4f; "
+        "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); kept features transported/undetermined/synthesised "
+        "%d/%d/%d, every live feature's transported fraction %.3f; ceiling %.4f; "
         "η_test %.4f vs linear %.4f (ratio %.4f); held-out subspace %d (null %.0f ± %.0f), PR %.1f (null %.1f)",
-        name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported), int(m.n_transported + m.n_synthesised),
+        name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported), int(m.n_undetermined), int(m.n_synthesised),
+        m.live_transported_fraction,
         m.ceiling_full, m.eta_test, m.eta_expected, m.eta_ratio, int(m.heldout_subspace_size),
         m.heldout_subspace_size_null, m.heldout_subspace_size_null_std, m.heldout_pr, m.heldout_pr_null,
     )  # fmt: skip
@@ -128,10 +129,10 @@ def load_inputs(layout: Layout, pair: Pair) -> PairInputs:
 def stream_test_split(inputs: PairInputs, pair: Pair, sp: StatsParams) -> TestAccumulators:
     """One pass over the test split (BOS/special excluded unless stats.include_bos); the token count
     must equal the test statistics' n, or the statistics were computed with another choice."""
-    chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], sp.chunk_tokens, sp.include_bos)
+    chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], sp.chunk_tokens, sp.include_bos, with_tokens=True)
     n_test = inputs.splits["test"].n
-    acc = score_test_split(((c[pair.L], c[pair.target]) for c in chunks), inputs.predictors, inputs.features,
-                           total=int(n_test), desc=f"evaluate {pair.name} (test)")  # fmt: skip
+    acc = score_test_split(((c[pair.L], c[pair.target], c["doc_id"]) for c in chunks), inputs.predictors,
+                           inputs.features, total=int(n_test), desc=f"evaluate {pair.name} (test)")  # fmt: skip
     if acc.n_tokens != n_test:
         raise EvaluateError(
             f"pair {pair.name}: the test split streams {int(acc.n_tokens)} tokens (include_bos={sp.include_bos}) "
