@@ -57,7 +57,6 @@ class LanguageScores:
     r2w_own: float  # … of the own map
     r2w_pooled: float  # … of the pooled map
     r2w_identity: float  # … of the identity
-    ceiling: float  # CCA ceiling Σρ²/d on this language's fit statistics
     tracking_operator: float  # canonical tracking ∈ [0, 1] of the English operator on test (ato.math.transfer)
     tracking_recentred: float  # … of the English W with this language's intercept
     tracking_own: float  # … of the own map: the reference, a map fitted on as many of this language's tokens

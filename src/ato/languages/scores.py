@@ -38,7 +38,7 @@ def language_scores(
     r2 = {pred: r2_from_stats(test.stats[name], *m) for pred, m in maps_all.items()}
     residual: dict[str, Any] = {f"r2_{p}": float(r2[p]["r2"]) for p in maps_all}
     residual |= {f"r2w_{p}": float(r2[p]["r2_weighted"]) for p in maps_all}
-    transfer = transfer_scores(whole, test.stats[name], {k: maps[k] for k in ("operator", "recentred", "own")})
+    transfer = transfer_scores(test.stats[name], {k: maps[k] for k in ("operator", "recentred", "own")})
     feats = {
         p: feature_summary(test.features[name][p], ev.min_active_tokens, ev.transported_r2)
         for p in ("operator", "own", "identity")
@@ -46,7 +46,6 @@ def language_scores(
     return LanguageScores(
         alpha=fits.alpha[lang],
         **residual,
-        ceiling=transfer["ceiling"],
         tracking_operator=transfer["tracking_operator"],
         tracking_recentred=transfer["tracking_recentred"],
         tracking_own=transfer["tracking_own"],

@@ -122,19 +122,23 @@ def pooled(stats: Sequence[PairStats]) -> PairStats:
     return out
 
 
-def canonical_tracking(test: PairStats, W: np.ndarray, b: np.ndarray) -> float:
-    """Σ_j r_j² / Σ_j ρ_j² ∈ [0, 1] of ŷ = W x + b on the test rows' own CCA (module docstring)."""
+def canonical_tracking(test: PairStats, maps: Mapping[str, Map]) -> dict[str, float]:
+    """{map: Σ_j r_j² / Σ_j ρ_j² ∈ [0, 1]} of each ŷ = W x + b on the test rows' own CCA (module docstring;
+    one CCA for every map)."""
     cca = CCA.from_stats(test)
     cxx, cxy, cyy = (m / test.n for m in test.centred())
     directions = cca.wy @ cca.u  # column j: a_j with v_j = a_jᵀ(y − ȳ)
-    predicted = directions.T @ W  # v̂_j − mean = (a_jᵀ W)(x − x̄): b only shifts the mean
-    covariance = np.einsum("ji,ij->j", predicted, cxy @ directions)
     variance_true = np.einsum("oj,oj->j", directions, cyy @ directions)
-    variance_predicted = np.einsum("ji,ji->j", predicted, predicted @ cxx)
-    live = (variance_true > 0) & (variance_predicted > 0)
-    r2 = covariance[live] ** 2 / (variance_true[live] * variance_predicted[live])
     attainable = float(np.sum(cca.rho**2))
-    return float(np.sum(r2) / attainable) if attainable > 0 else float("nan")
+    out = {}
+    for name, (W, _) in maps.items():  # b only shifts the mean of v̂_j
+        predicted = directions.T @ W  # row j: a_jᵀ W, so v̂_j − its mean = (a_jᵀ W)(x − x̄)
+        covariance = np.einsum("ji,ij->j", predicted, cxy @ directions)
+        variance_predicted = np.einsum("ji,ji->j", predicted, predicted @ cxx)
+        live = (variance_true > 0) & (variance_predicted > 0)
+        r2 = covariance[live] ** 2 / (variance_true[live] * variance_predicted[live])
+        out[name] = float(np.sum(r2) / attainable) if attainable > 0 else float("nan")
+    return out
 
 
 def residual_scatter(s: PairStats, W: np.ndarray, b: np.ndarray) -> np.ndarray:
