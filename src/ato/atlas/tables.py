@@ -327,12 +327,12 @@ def _peer_reading(n_train: float, d: int) -> list[str]:
         "(`llm-microscope`, `procrustes_similarity`) computes it: centre both layers, scale each to unit Frobenius "
         "norm, fit an unconstrained least-squares map and report 1 − its residual, i.e. the in-sample R²_w of "
         f"an ordinary linear map with intercept, here on the atlas's {n_train:,.0f} train tokens (d = {d}). In "
-        "sample it counts the fit's own noise as signal, by about d/n of the unexplained share, and reaches 1 "
-        "whenever n ≤ d: the literature's ≈ 0.99 comes from a few thousand rows of dimension in the thousands "
-        "(n/d near 1), not from a map that carries 99 % of the next layer. Compare it only at the same n; the "
-        "ridge map's R²_w on test is the number that generalises. The *orthogonal Procrustes score* 2‖ÃᵀB̃‖_* − 1 "
-        "is the same rows fitted by a scaled rotation only (no stretching): it says how far the layer change is "
-        "a rigid motion, and is no one's linearity score."
+        "sample the fit takes part of its own noise for signal, raising R² by about (1 − R²)·d/n, and it reaches 1 "
+        "whenever n ≤ d + 1: the literature's ≈ 0.99 is this in-sample number on samples small beside d, so it "
+        "says how well a map fits its own rows, not that a map carries 99 % of the next layer. Compare it only "
+        "at the same n; the ridge map's R²_w on test is the number that generalises. The *orthogonal Procrustes "
+        "score* 2‖ÃᵀB̃‖_* − 1 is the same rows fitted by a scaled rotation only (no stretching): how far the "
+        "layer change is a rigid motion; it is not the number the peer's code reports."
     ]
 
 
