@@ -328,7 +328,7 @@ def test_every_number_stands_beside_its_reference(report):
             scores = (s.r2_operator, s.r2_recentred, s.r2_own, s.r2_pooled, s.r2_identity, s.r2w_own)
             for value in (*scores, s.r2w_top_operator, s.r2w_rest_operator, s.r2w_top_own, s.r2w_rest_own):
                 assert np.isfinite(value)
-            for value in (s.tracking_operator, s.tracking_recentred, s.tracking_own):
+            for value in (s.tracking_operator, s.tracking_own):
                 assert 0 <= value <= 1
             assert s.top_directions >= 1
             for whole, top, rest in (

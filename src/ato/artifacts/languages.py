@@ -58,7 +58,6 @@ class LanguageScores:
     r2w_pooled: float  # … of the pooled map
     r2w_identity: float  # … of the identity
     tracking_operator: float  # canonical tracking ∈ [0, 1] of the English operator on test (ato.math.transfer)
-    tracking_recentred: float  # … of the English W with this language's intercept
     tracking_own: float  # … of the own map: the reference, a map fitted on as many of this language's tokens
     top_directions: int  # principal directions of test y holding 90 % of its variance (the high-variance ones)
     r2w_top_operator: float  # R²_w of the English operator on those directions
@@ -130,7 +129,6 @@ class LanguageReport(Record):
         "r2_identity",
         "r2w_identity",
         "tracking_operator",
-        "tracking_recentred",
         "tracking_own",
         "r2w_top_operator",
         "r2w_rest_operator",
@@ -167,7 +165,6 @@ SCORE_COLUMNS = (
     "r2_identity",
     "r2w_identity",
     "tracking_operator",
-    "tracking_recentred",
     "tracking_own",
     "r2w_top_operator",
     "r2w_rest_operator",

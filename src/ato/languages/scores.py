@@ -38,7 +38,8 @@ def language_scores(
     r2 = {pred: r2_from_stats(test.stats[name], *m) for pred, m in maps_all.items()}
     residual: dict[str, Any] = {f"r2_{p}": float(r2[p]["r2"]) for p in maps_all}
     residual |= {f"r2w_{p}": float(r2[p]["r2_weighted"]) for p in maps_all}
-    transfer = transfer_scores(test.stats[name], {k: maps[k] for k in ("operator", "recentred", "own")})
+    # the recentred map shares the operator's W, and tracking ignores intercepts: its tracking is the operator's
+    transfer = transfer_scores(test.stats[name], {k: maps[k] for k in ("operator", "own")})
     feats = {
         p: feature_summary(test.features[name][p], ev.min_active_tokens, ev.transported_r2)
         for p in ("operator", "own", "identity")
@@ -47,7 +48,6 @@ def language_scores(
         alpha=fits.alpha[lang],
         **residual,
         tracking_operator=transfer["tracking_operator"],
-        tracking_recentred=transfer["tracking_recentred"],
         tracking_own=transfer["tracking_own"],
         top_directions=int(transfer["top_directions"]),
         r2w_top_operator=transfer["r2w_top_operator"],
