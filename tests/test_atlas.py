@@ -18,13 +18,15 @@ from ato.math.atlas import (
     alignment,
     cca_from_factors,
     choose_alpha,
+    fit_pair,
     gcv_curve,
     jacobian_map,
     probe_directions,
     ridge_path,
 )
 from ato.math.cca import CCA
-from ato.math.procrustes import linearity_score, procrustes_centred, procrustes_plain
+from ato.math.heldout import cca_null
+from ato.math.procrustes import orthogonal_score, peer_linearity, procrustes_centred, procrustes_plain
 from ato.math.ridge import ridge_fit
 from ato.math.stats import FIELDS, PairStats
 from ato.store import ActivationStore
@@ -138,7 +140,7 @@ def test_gcv_curve_equals_the_hat_matrix_formula(linear_pair):
     assert alpha == alphas[int(np.argmin(brute))] and edge == (alpha in (alphas[0], alphas[-1]))
 
 
-def test_procrustes_maps_match_scipy_and_the_linearity_score(linear_pair):
+def test_procrustes_maps_match_scipy_and_the_orthogonal_score(linear_pair):
     x, y, _ = linear_pair
     s = PairStats.from_data(x, y)
     W, b, scale = procrustes_plain(s)
@@ -151,8 +153,50 @@ def test_procrustes_maps_match_scipy_and_the_linearity_score(linear_pair):
     assert _rel(Wc, sc * Rc.T) < 1e-9 and _rel(bc, y.mean(0) - Wc @ x.mean(0)) < 1e-9
     a, bn = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
     Rn, _ = scipy.linalg.orthogonal_procrustes(a, bn)
-    assert linearity_score(s) == pytest.approx(1 - np.linalg.norm(a @ Rn - bn) ** 2, rel=1e-9)
-    assert linearity == pytest.approx(linearity_score(s), rel=1e-12)
+    assert orthogonal_score(s) == pytest.approx(1 - np.linalg.norm(a @ Rn - bn) ** 2, rel=1e-9)
+    assert linearity == pytest.approx(orthogonal_score(s), rel=1e-12)
+
+
+def _peer_functions():
+    """llm-microscope's functions module, loaded by file path: the package's `__init__` imports a module
+    that does not exist (`from logit_lens import *`), so `import llm_microscope` fails."""
+    import importlib.util
+
+    package = importlib.util.find_spec("llm_microscope")
+    assert package is not None and package.submodule_search_locations, "llm-microscope: pinned in requirements.txt"
+    path = f"{list(package.submodule_search_locations)[0]}/functions.py"
+    spec = importlib.util.spec_from_file_location("llm_microscope_functions", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("n", [11, 200, 3000])
+def test_peer_linearity_is_the_peers_own_number_on_the_same_rows(linear_pair, n):
+    """Razzhigaev et al.'s `procrustes_similarity` on the rows equals our statistics-only value; at
+    n = d + 1 (centred rows of full rank d) it is 1 however poor the map: an in-sample number."""
+    import torch
+
+    x, y, _ = linear_pair
+    x, y = x[:n], y[:n]
+    theirs = _peer_functions().procrustes_similarity(torch.from_numpy(x), torch.from_numpy(y))
+    s = PairStats.from_data(x, y)
+    assert peer_linearity(s) == pytest.approx(theirs, abs=1e-9)
+    assert (theirs == pytest.approx(1.0, abs=1e-9)) == (n <= x.shape[1] + 1)
+
+
+def test_the_atlas_reports_the_peers_number_beside_the_orthogonal_score(linear_pair):
+    import torch
+
+    x, y, _ = linear_pair
+    s = PairStats.from_data(x, y)
+    theirs = _peer_functions().procrustes_similarity(torch.from_numpy(x), torch.from_numpy(y))
+    null = cca_null(len(x), len(x), 10, 10, replicates=2)
+    fit = fit_pair(0, 1, _factors(x), _factors(y), s, s, 1.0, null)
+    assert fit.peer_linearity == pytest.approx(theirs, abs=1e-9)
+    assert fit.orthogonal_score == pytest.approx(orthogonal_score(s), rel=1e-12)
+    assert abs(fit.orthogonal_score - fit.peer_linearity) > 0.01  # y = A x + noise with A far from a rotation
 
 
 def test_jacobian_map_replaces_the_ridge_action_on_the_probed_subspace(linear_pair):

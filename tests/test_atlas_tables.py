@@ -38,7 +38,8 @@ def _pair(L: int, k: int, identity: OperatorScore) -> AtlasPair:
     return AtlasPair(
         pair=f"L{L:02d}_k{k}", L=L, k=k, T=L + k, alpha=10.0, alpha_at_edge=False, operators=ops,
         gain_over_identity=ops["ridge"].r2 - identity.r2, procrustes_scale=1.0, procrustes_centred_scale=1.0,
-        procrustes_linearity=0.5, ceiling=0.6, eta_test=0.9, eta_expected=0.95, eta_expected_std=math.nan,
+        orthogonal_procrustes_score=0.5, peer_linearity=0.8, ceiling=0.6, eta_test=0.9, eta_expected=0.95,
+        eta_expected_std=math.nan,
         eta_ratio=0.9 / 0.95, heldout_subspace_size=10.0, heldout_subspace_size_null=15.0,
         heldout_subspace_size_null_std=1.0, heldout_subspace_size_excess=-5.0, rrr_rank=10,
         transport_directions=float(20 - L), transport_directions_share=1.0 - 0.01 * L,

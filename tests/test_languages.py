@@ -15,16 +15,20 @@ import torch
 import yaml
 from scipy.linalg import subspace_angles
 
+from ato.math.cca import CCA
 from ato.math.ridge import r2_from_stats, ridge_fit
 from ato.math.stats import PairStats
 from ato.math.transfer import (
+    canonical_tracking,
     overlap,
     pooled,
     principal_cosines,
     random_overlap,
+    residual_scatter,
     shared_dimension,
     transfer_matrix,
     update_subspaces,
+    variance_split_r2,
 )
 from conftest import WORDS, make_prepared_model
 
@@ -84,6 +88,51 @@ def test_planted_shared_map_overlaps_fully_and_different_maps_do_not():
     assert overlap(wa, wb) > 0.99 and overlap(ra, rb) > 0.99
     assert overlap(wa, wc) < 0.5 and overlap(ra, rc) < 0.5
     assert shared_dimension([wa, wb], 0.9) == 3 and shared_dimension([wa, wb, wc], 0.9) < 3
+
+
+def _planted_language(seed: int, n: int = 6000, d: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x with scales spanning 1 … 30; y = A x + noise, so y's variance sits in a few directions."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * np.geomspace(1, 30, d)
+    A = np.eye(d) + 0.5 * rng.normal(size=(d, d))
+    return x, x @ A.T + rng.normal(size=(n, d)), A
+
+
+def test_canonical_tracking_is_bounded_where_whitened_r2_is_not():
+    """The true map tracks ≈ 1; a map that is wrong everywhere stays in [0, 1] while its whitened R² (η's
+    numerator) is far below 0; a gain error costs R², not tracking; the score matches raw rows."""
+    x, y, A = _planted_language(0)
+    test = PairStats.from_data(x, y)
+    b = np.zeros(len(A))
+    wrong = np.random.default_rng(1).normal(size=A.shape) * 5
+    tracking = canonical_tracking(test, {"true": (A, b), "wrong": (wrong, b), "gain": (3 * A, b + 7)})
+    assert tracking["true"] == pytest.approx(1.0, abs=0.01)
+    cca = CCA.from_stats(test)
+    assert float(cca.whitened_r2(test, wrong, b)) < -1
+    assert 0 <= tracking["wrong"] < 0.5
+    assert tracking["gain"] == pytest.approx(tracking["true"], rel=1e-9)
+    assert r2_from_stats(test, 3 * A, b + 7)["r2_weighted"] < 0
+    a = cca.wy @ cca.u  # the raw-row computation of Σ_j corr²(v_j, v̂_j) / Σ_j ρ_j²
+    v, v_hat = (y - y.mean(0)) @ a, (x @ wrong.T) @ a
+    r2 = [np.corrcoef(v[:, j], v_hat[:, j])[0, 1] ** 2 for j in range(a.shape[1])]
+    assert tracking["wrong"] == pytest.approx(sum(r2) / np.sum(cca.rho**2), rel=1e-6)
+
+
+def test_variance_split_finds_a_map_that_errs_only_in_low_variance_directions():
+    """A map equal to the truth on y's top principal directions and wrong on the rest: R²_w on the top
+    directions as the true map's, on the rest far below it; the residual scatter is exact."""
+    x, y, A = _planted_language(2)
+    test = PairStats.from_data(x, y)
+    b = np.zeros(len(A))
+    _, axes = np.linalg.eigh(np.cov(y.T))
+    low = axes[:, :6]  # the six lowest-variance principal directions of y
+    spoiled = A + low @ np.random.default_rng(3).normal(size=(6, len(A))) * 3  # changes ŷ only along `low`
+    top, split = variance_split_r2(test, {"true": (A, b), "spoiled": (spoiled, b)}, 0.9)
+    assert 1 <= top <= 6
+    assert split["spoiled"][0] == pytest.approx(split["true"][0], abs=1e-6)
+    assert split["true"][1] > 0.5 and split["spoiled"][1] < split["true"][1] - 1
+    residual = y - x @ spoiled.T - b
+    assert np.allclose(residual_scatter(test, spoiled, b), residual.T @ residual, rtol=1e-9, atol=1e-6)
 
 
 def test_transfer_matrix_diagonal_is_each_own_fit_and_off_diagonal_the_carried_map():
@@ -276,9 +325,17 @@ def test_every_number_stands_beside_its_reference(report):
     for pair in report.pairs.values():
         for lang in report.languages:
             s = pair.scores[lang]
-            scores = (s.r2_operator, s.r2_recentred, s.r2_own, s.r2_pooled, s.r2_identity, s.eta_operator)
-            for value in (*scores, s.eta_recentred, s.eta_own, s.eta_expected, s.ceiling):
+            scores = (s.r2_operator, s.r2_recentred, s.r2_own, s.r2_pooled, s.r2_identity, s.r2w_own)
+            for value in (*scores, s.r2w_top_operator, s.r2w_rest_operator, s.r2w_top_own, s.r2w_rest_own):
                 assert np.isfinite(value)
+            for value in (s.tracking_operator, s.tracking_own):
+                assert 0 <= value <= 1
+            assert s.top_directions >= 1
+            for whole, top, rest in (
+                (s.r2w_operator, s.r2w_top_operator, s.r2w_rest_operator),
+                (s.r2w_own, s.r2w_top_own, s.r2w_rest_own),
+            ):
+                assert min(top, rest) - 1e-9 <= whole <= max(top, rest) + 1e-9  # R²_w is their SST-weighted mean
             assert s.r2_own == pytest.approx(
                 pair.transfer_r2[report.languages.index(lang)][report.languages.index(lang)]
             )

@@ -75,7 +75,8 @@ class AtlasPair:
     gain_over_identity: float  # R²(ridge) − R²(identity), uniform, test
     procrustes_scale: float  # s of the plain scaled-orthogonal map ŷ = s R x
     procrustes_centred_scale: float  # s of the centred one
-    procrustes_linearity: float  # Razzhigaev et al.'s linearity score (centred, normalised; train, in sample)
+    orthogonal_procrustes_score: float  # 2‖ÃᵀB̃‖_* − 1, centred, unit-Frobenius rows (train, in sample)
+    peer_linearity: float  # Razzhigaev et al.'s score as llm-microscope computes it: in-sample R²_w of OLS (train)
     ceiling: float  # CCA ceiling Σρ²/d_out (train)
     eta_test: float  # whitened R² of the ridge map on test / ceiling
     eta_expected: float  # η(test) an exactly linear map reaches at this n, d, ρ (analytic)

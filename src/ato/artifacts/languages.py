@@ -57,11 +57,13 @@ class LanguageScores:
     r2w_own: float  # … of the own map
     r2w_pooled: float  # … of the pooled map
     r2w_identity: float  # … of the identity
-    ceiling: float  # CCA ceiling Σρ²/d on this language's fit statistics
-    eta_operator: float  # whitened R² of the English operator on test / ceiling
-    eta_recentred: float  # … of the English W with this language's intercept
-    eta_own: float  # … of the own map
-    eta_expected: float  # η(test) an exactly linear map fitted on this language's n reaches (analytic)
+    tracking_operator: float  # canonical tracking ∈ [0, 1] of the English operator on test (ato.math.transfer)
+    tracking_own: float  # … of the own map: the reference, a map fitted on as many of this language's tokens
+    top_directions: int  # principal directions of test y holding 90 % of its variance (the high-variance ones)
+    r2w_top_operator: float  # R²_w of the English operator on those directions
+    r2w_rest_operator: float  # … on the other, low-variance directions
+    r2w_top_own: float  # R²_w of the own map on the high-variance directions
+    r2w_rest_own: float  # … on the low-variance ones
     feature_r2_operator: float  # median feature-space R² of the English operator over the judged features
     feature_r2_own: float  # … of the own map
     feature_r2_identity: float  # … of the identity
@@ -126,10 +128,12 @@ class LanguageReport(Record):
         "r2w_pooled",
         "r2_identity",
         "r2w_identity",
-        "eta_operator",
-        "eta_recentred",
-        "eta_own",
-        "eta_expected",
+        "tracking_operator",
+        "tracking_own",
+        "r2w_top_operator",
+        "r2w_rest_operator",
+        "r2w_top_own",
+        "r2w_rest_own",
         "feature_r2_operator",
         "feature_r2_own",
     )
@@ -160,10 +164,12 @@ SCORE_COLUMNS = (
     "r2w_pooled",
     "r2_identity",
     "r2w_identity",
-    "eta_operator",
-    "eta_recentred",
-    "eta_own",
-    "eta_expected",
+    "tracking_operator",
+    "tracking_own",
+    "r2w_top_operator",
+    "r2w_rest_operator",
+    "r2w_top_own",
+    "r2w_rest_own",
     "feature_r2_operator",
     "feature_r2_own",
     "feature_r2_identity",

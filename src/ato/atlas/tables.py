@@ -52,7 +52,8 @@ def pair_record(name: str, fit: PairFit, causal: dict[str, Interval]) -> AtlasPa
         gain_over_identity=fit.scores["ridge"].r2 - fit.scores["identity"].r2,
         procrustes_scale=fit.procrustes_scale,
         procrustes_centred_scale=fit.procrustes_centred_scale,
-        procrustes_linearity=fit.linearity,
+        orthogonal_procrustes_score=fit.orthogonal_score,
+        peer_linearity=fit.peer_linearity,
         ceiling=fit.ceiling,
         eta_test=lin.eta_test,
         eta_expected=lin.eta_expected,
@@ -139,7 +140,8 @@ def _aggregated(ps: list[AtlasPair]) -> dict[str, list[float]]:
     out["eta_ratio"] = [p.eta_ratio for p in ps]
     out["heldout_subspace_size_excess"] = [p.heldout_subspace_size_excess for p in ps]
     out["transport_directions"] = [p.transport_directions for p in ps]
-    out["procrustes_linearity"] = [p.procrustes_linearity for p in ps]
+    out["orthogonal_procrustes_score"] = [p.orthogonal_procrustes_score for p in ps]
+    out["peer_linearity"] = [p.peer_linearity for p in ps]
     locs = [p.local for p in ps if p.local is not None]
     out["jacobian_rel_diff"] = [lg.rel_diff for lg in locs]
     out["jacobian_rel_diff_update"] = [lg.rel_diff_update for lg in locs]
@@ -165,7 +167,7 @@ def table_columns() -> tuple[str, ...]:
     return (
         "pair", "L", "k", "alpha",
         *(f"r2_{op}" for op in operators()), *(f"r2_weighted_{op}" for op in operators()),
-        "gain_over_identity", "gain_over_identity_weighted", "procrustes_linearity",
+        "gain_over_identity", "gain_over_identity_weighted", "orthogonal_procrustes_score", "peer_linearity",
         "eta_test", "eta_expected", "eta_ratio",
         "heldout_subspace_size", "heldout_subspace_size_null", "heldout_subspace_size_excess",
         "transport_directions", "transport_directions_share",
@@ -187,7 +189,7 @@ def table(result: AtlasResult) -> list[list[Any]]:
         rows.append(
             [p.pair, p.L, p.k, p.alpha, *(p.operators[op].r2 for op in operators()),
              *(p.operators[op].r2_weighted for op in operators()),
-             p.gain_over_identity, _gain_weighted(p), p.procrustes_linearity,
+             p.gain_over_identity, _gain_weighted(p), p.orthogonal_procrustes_score, p.peer_linearity,
              p.eta_test, p.eta_expected, p.eta_ratio,
              p.heldout_subspace_size, p.heldout_subspace_size_null, p.heldout_subspace_size_excess,
              p.transport_directions, p.transport_directions_share, *loc]
@@ -313,19 +315,34 @@ def _pairs_section(result: AtlasResult) -> list[str]:
         "",
         "Each operator's cell: R² (uniform) / R²_w (variance-weighted), test.",
         "",
-        "| pair | α | " + " | ".join(operators()) + " | Procrustes linearity | η (linear) | held-out size "
-        "(null ± sd) |",
-        "|---|---" + "|---" * (len(operators()) + 3) + "|",
+        "| pair | α | " + " | ".join(operators()) + " | orthogonal Procrustes score | peer linearity (train, in "
+        "sample) | ridge R²_w (test) | η (linear) | held-out size (null ± sd) |",
+        "|---|---" + "|---" * (len(operators()) + 5) + "|",
     ]
     for p in result.pairs:
         ops = " | ".join(_both(p.operators[op]) for op in operators())
         out.append(
             f"| {p.pair} | {_f(p.alpha, '.3g')}{' (edge)' if p.alpha_at_edge else ''} | {ops} | "
-            f"{_f(p.procrustes_linearity)} | "
+            f"{_f(p.orthogonal_procrustes_score)} | {_f(p.peer_linearity)} | {_f(p.operators['ridge'].r2_weighted)} | "
             f"{_f(p.eta_test)} ({_f(p.eta_expected)}) | {p.heldout_subspace_size:.0f} "
             f"({_f(p.heldout_subspace_size_null, '.0f')} ± {_f(p.heldout_subspace_size_null_std, '.0f')}) |"
         )
-    return [*out, ""]
+    return [*out, "", *_peer_reading(result.budget.n_train_tokens, result.d_model), ""]
+
+
+def _peer_reading(n_train: float, d: int) -> list[str]:
+    return [
+        "**How to read the linearity scores.** *Peer linearity* is Razzhigaev et al.'s score as their code "
+        "(`llm-microscope`, `procrustes_similarity`) computes it: centre both layers, scale each to unit Frobenius "
+        "norm, fit an unconstrained least-squares map and report 1 − its residual, i.e. the in-sample R²_w of "
+        f"an ordinary linear map with intercept, here on the atlas's {n_train:,.0f} train tokens (d = {d}). In "
+        "sample the fit takes part of its own noise for signal, raising R² by about (1 − R²)·d/n, and it reaches 1 "
+        "whenever n ≤ d + 1: the literature's ≈ 0.99 is this in-sample number on samples small beside d, so it "
+        "says how well a map fits its own rows, not that a map carries 99 % of the next layer. Compare it only "
+        "at the same n; the ridge map's R²_w on test is the number that generalises. The *orthogonal Procrustes "
+        "score* 2‖ÃᵀB̃‖_* − 1 is the same rows fitted by a scaled rotation only (no stretching): how far the "
+        "layer change is a rigid motion; it is not the number the peer's code reports."
+    ]
 
 
 def _jacobian_section(result: AtlasResult) -> list[str]:

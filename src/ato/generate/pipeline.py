@@ -247,8 +247,9 @@ STAGES: list[Stage] = [
         "languages",
         does=(
             "the English operators on French and Spanish text (the embedded package's other languages, streamed through"
-            " the model into statistics): R², η, feature R², causal Δ beside each language's own map, a pooled map and "
-            "the identity; transfer matrix and update-subspace overlaps of the per-language maps"
+            " the model into statistics): R² and R²_w (split by variance), canonical tracking, feature R², causal Δ"
+            " beside each language's own map, a pooled map and the identity; transfer matrix and update-subspace"
+            " overlaps of the per-language maps"
         ),
         output="`reports/languages/`, `reports/figures/languages_*.png`",
         deps=[

@@ -12,14 +12,15 @@ model with the collect hooks (`ato.residuals`). Nothing but float64 sufficient s
   the English operator, the language's own map and the identity (`FeatureScorer`).
 
 Scores, each beside its reference: residual R² of the English operator on ℓ beside ℓ's own map, a
-pooled map (all languages) and the identity; η on ℓ (its own CCA ceiling) beside η_expected of an
-exactly linear map at ℓ's n; the transfer matrix of the per-language maps; the overlap of their update
-subspaces beside the same language's split-half overlap and the random-subspace r/d
-(`ato.math.transfer`); causal Δ log-perplexity of patching ℓ's text with the English operator, with
-intervals over sequences, beside ℓ's mean ablation (`ato.causal.run_conditions`).
+pooled map (all languages) and the identity; the canonical tracking of the operator on ℓ (∈ [0, 1])
+beside ℓ's own map's, and R²_w split into ℓ's high- and low-variance directions; the transfer matrix
+of the per-language maps; the overlap of their update subspaces beside the same language's split-half
+overlap and the random-subspace r/d (`ato.math.transfer`); causal Δ log-perplexity of patching ℓ's
+text with the English operator, with intervals over sequences, beside ℓ's mean ablation
+(`ato.causal.run_conditions`).
 
 Modules: `inputs` (each language's text; the operators and features scored), `streams` (residual rows and
-their statistics), `maps` (per-language maps, η, overlaps), `causal` (the patched passes and their
+their statistics), `maps` (per-language maps, tracking, overlaps), `causal` (the patched passes and their
 intervals), `scores` (the `LanguageReport` pieces).
 """
 
@@ -34,7 +35,7 @@ from ato.languages.inputs import (
     language_texts,
     split_sequences,
 )
-from ato.languages.maps import Overlaps, PairFits, eta_scores, fit_pair, language_alpha, overlap_tables
+from ato.languages.maps import Overlaps, PairFits, fit_pair, language_alpha, overlap_tables, transfer_scores
 from ato.languages.scores import language_scores, language_source, pair_transfer, sae_notes
 from ato.languages.streams import (
     Chunk,
@@ -65,7 +66,6 @@ __all__ = [
     "causal_scores",
     "causal_sequences",
     "causal_sums",
-    "eta_scores",
     "feature_predictors",
     "feature_summary",
     "fit_pair",
@@ -85,4 +85,5 @@ __all__ = [
     "store_chunks",
     "test_pass",
     "test_statistics",
+    "transfer_scores",
 ]

@@ -1,5 +1,6 @@
-"""Per-language maps and their scores, from statistics (exact): ridge at the English α, η beside an exactly
-linear map's, and the overlaps of the maps' update subspaces (`ato.math.transfer`)."""
+"""Per-language maps and their scores, from statistics (exact): ridge at the English α, canonical tracking
+beside the own map's, R²_w split by variance, and the overlaps of the maps' update subspaces
+(`ato.math.transfer`)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from ato.languages.inputs import Map
-from ato.math.cca import CCA
-from ato.math.linear_reference import linear_reference
 from ato.math.ridge import ridge_fit
 from ato.math.stats import PairStats
 from ato.math.transfer import (
+    canonical_tracking,
     overlap,
     pooled,
     principal_cosines,
     random_overlap,
     shared_dimension,
     update_subspaces,
+    variance_split_r2,
 )
+
+TOP_VARIANCE_SHARE = 0.9  # the principal directions of test y holding this share are its "high-variance" ones
 
 
 @dataclass
@@ -55,17 +58,15 @@ def fit_pair(
     return PairFits(own, halves, ridge_fit(all_rows, alphas["pooled"]), alphas)
 
 
-def eta_scores(fit: PairStats, test: PairStats, maps: dict[str, Map]) -> dict[str, float]:
-    """η of each map on a language: whitened R² on its test rows over the CCA ceiling of its fit rows,
-    beside η_expected of an exactly linear map fitted on as many rows (`ato.math.linear_reference.linear_reference`)."""
-    cca = CCA.from_stats(fit)
-    ceiling = float(cca.ceiling())
-    out = {"ceiling": ceiling}
-    for name, (W, b) in maps.items():
-        out[f"eta_{name}"] = float(cca.whitened_r2(test, W, b)) / ceiling if ceiling > 0 else float("nan")
-    d_in, d_out = fit.xtx.shape[0], fit.yty.shape[0]
-    lin = linear_reference(out.get("eta_own", float("nan")), cca.rho, int(fit.n), int(test.n), d_in, d_out)
-    out["eta_expected"] = lin.eta_expected
+def transfer_scores(test: PairStats, maps: dict[str, Map]) -> dict[str, float]:
+    """On a language's test rows: each map's canonical tracking ∈ [0, 1] (`tracking_<map>`), and for the
+    operator and the own map R²_w on the top principal directions of y holding TOP_VARIANCE_SHARE of its
+    variance and on the rest (`r2w_top_<map>`, `r2w_rest_<map>`)."""
+    out = {f"tracking_{name}": value for name, value in canonical_tracking(test, maps).items()}
+    top, split = variance_split_r2(test, {k: maps[k] for k in ("operator", "own")}, TOP_VARIANCE_SHARE)
+    out["top_directions"] = top
+    for name, (r2w_top, r2w_rest) in split.items():
+        out[f"r2w_top_{name}"], out[f"r2w_rest_{name}"] = r2w_top, r2w_rest
     return out
 
 

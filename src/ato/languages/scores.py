@@ -14,7 +14,7 @@ from ato.artifacts import (
 )
 from ato.languages.causal import causal_scores
 from ato.languages.inputs import Inputs, Text
-from ato.languages.maps import PairFits, eta_scores, overlap_tables
+from ato.languages.maps import PairFits, overlap_tables, transfer_scores
 from ato.languages.streams import HalfStats, TestPass, feature_summary
 from ato.math.ridge import r2_from_stats
 from ato.math.stats import PairStats
@@ -38,7 +38,8 @@ def language_scores(
     r2 = {pred: r2_from_stats(test.stats[name], *m) for pred, m in maps_all.items()}
     residual: dict[str, Any] = {f"r2_{p}": float(r2[p]["r2"]) for p in maps_all}
     residual |= {f"r2w_{p}": float(r2[p]["r2_weighted"]) for p in maps_all}
-    eta = eta_scores(whole, test.stats[name], {k: maps[k] for k in ("operator", "recentred", "own")})
+    # the recentred map shares the operator's W, and tracking ignores intercepts: its tracking is the operator's
+    transfer = transfer_scores(test.stats[name], {k: maps[k] for k in ("operator", "own")})
     feats = {
         p: feature_summary(test.features[name][p], ev.min_active_tokens, ev.transported_r2)
         for p in ("operator", "own", "identity")
@@ -46,11 +47,13 @@ def language_scores(
     return LanguageScores(
         alpha=fits.alpha[lang],
         **residual,
-        ceiling=eta["ceiling"],
-        eta_operator=eta["eta_operator"],
-        eta_recentred=eta["eta_recentred"],
-        eta_own=eta["eta_own"],
-        eta_expected=eta["eta_expected"],
+        tracking_operator=transfer["tracking_operator"],
+        tracking_own=transfer["tracking_own"],
+        top_directions=int(transfer["top_directions"]),
+        r2w_top_operator=transfer["r2w_top_operator"],
+        r2w_rest_operator=transfer["r2w_rest_operator"],
+        r2w_top_own=transfer["r2w_top_own"],
+        r2w_rest_own=transfer["r2w_rest_own"],
         feature_r2_operator=feats["operator"]["median"],
         feature_r2_own=feats["own"]["median"],
         feature_r2_identity=feats["identity"]["median"],

@@ -38,7 +38,7 @@ from .cca import CCA, pinv_sqrt, whitening
 from .heldout import CCANull, TransportDirections, VersusNull, heldout_from_cca, transport_directions
 from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_variation
 from .linear_reference import LinearReference, linear_reference
-from .procrustes import procrustes_centred, procrustes_plain
+from .procrustes import peer_linearity_from_eigh, procrustes_centred, procrustes_plain
 from .ridge import RidgePath, r2_from_stats
 from .stats import PairStats
 
@@ -158,7 +158,8 @@ class PairFit:
     scores: dict[str, Scores]  # operator → test R²
     procrustes_scale: float
     procrustes_centred_scale: float
-    linearity: float  # Razzhigaev et al.'s Procrustes linearity score (train, in sample)
+    orthogonal_score: float  # 2‖ÃᵀB̃‖_* − 1, the centred orthogonal-Procrustes fit (train, in sample)
+    peer_linearity: float  # Razzhigaev et al.'s score as their code computes it (train, in sample)
     ceiling: float  # CCA ceiling (train)
     linear: LinearReference  # η(test) beside an exactly linear map's
     heldout_size: VersusNull  # held-out subspace size beside its null
@@ -194,7 +195,7 @@ def fit_pair(
     size = held.subspace_size(null.fraction)
     d_in, d_out = train.xtx.shape[0], train.yty.shape[0]
     W_p, b_p, s_p = procrustes_plain(train)
-    W_c, b_c, s_c, linearity = procrustes_centred(train)
+    W_c, b_c, s_c, orthogonal = procrustes_centred(train)
     maps = {
         "identity": (np.eye(d_out, d_in), np.zeros(d_out)),
         "procrustes": (W_p, b_p),
@@ -217,7 +218,8 @@ def fit_pair(
         scores={name: score(test, *m) for name, m in maps.items()},
         procrustes_scale=s_p,
         procrustes_centred_scale=s_c,
-        linearity=linearity,
+        orthogonal_score=orthogonal,
+        peer_linearity=peer_linearity_from_eigh(path.eigvals, path.qt_xty, float(np.trace(train.centred()[2]))),
         ceiling=ceiling,
         linear=linear,
         heldout_size=VersusNull.of(size, null.heldout_size),

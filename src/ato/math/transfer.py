@@ -20,6 +20,26 @@ angles are the singular values of AᵀB; the overlap is their mean square, ‖A�
 1 for the same subspace, r/d in expectation for independent uniformly random subspaces
 (`random_overlap`), 0 for orthogonal ones.
 
+**Canonical tracking** (`canonical_tracking`), the transfer score: on the test rows' own CCA, the
+target canonical variates v_j = u_jᵀA(y − ȳ) are uncorrelated with unit variance, and the best any
+linear function of x does on v_j is squared correlation ρ_j² (the test canonical correlation). A map's
+prediction along the same direction, v̂_j = u_jᵀA(ŷ − ȳ), is a linear function of x, so its squared
+correlation r_j² with v_j lies in [0, ρ_j²], and
+
+    tracking = Σ_j r_j² / Σ_j ρ_j²  ∈ [0, 1]:
+
+the share of these rows' linearly predictable canonical signal that the map's prediction follows, each
+direction counted alike and up to its own gain (a gain or offset error costs R², not tracking; R²
+reports those). Unlike the whitened R² over the ceiling (η), a wrong map cannot drive it below 0, and
+1 is attained only by a map that predicts every canonical direction as well as the test rows' own
+in-sample least-squares map. Its reference is a map fitted the same way on the same number of the
+language's own rows: out of sample it falls short of 1 by its estimation error, at whatever effective
+n the language's dependent tokens give, with no independence assumed.
+
+**Variance split** (`variance_split_r2`): R²_w restricted to the top principal directions of the test
+y that hold a given share of its variance, and to the rest: whether a map errs where y varies most or
+in the many low-variance directions.
+
 **Shared subspace.** For bases A_1..A_m, the average projector P̄ = (1/m) Σ A_ℓ A_ℓᵀ has eigenvalues in
 [0, 1]; a unit vector v lies in every subspace iff vᵀP̄v = 1. `shared_dimension` counts eigenvalues
 ≥ `threshold` (each such direction has mean cos² ≥ threshold with the m subspaces).
@@ -27,10 +47,11 @@ angles are the singular values of AᵀB; the overlap is their mean square, ‖A�
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .cca import CCA
 from .ridge import r2_from_stats
 from .stats import PairStats
 
@@ -99,3 +120,46 @@ def pooled(stats: Sequence[PairStats]) -> PairStats:
     for s in stats[1:]:
         out = out.merge(s)
     return out
+
+
+def canonical_tracking(test: PairStats, maps: Mapping[str, Map]) -> dict[str, float]:
+    """{map: Σ_j r_j² / Σ_j ρ_j² ∈ [0, 1]} of each ŷ = W x + b on the test rows' own CCA (module docstring;
+    one CCA for every map)."""
+    cca = CCA.from_stats(test)
+    cxx, cxy, cyy = (m / test.n for m in test.centred())
+    directions = cca.wy @ cca.u  # column j: a_j with v_j = a_jᵀ(y − ȳ)
+    variance_true = np.einsum("oj,oj->j", directions, cyy @ directions)
+    attainable = float(np.sum(cca.rho**2))
+    out = {}
+    for name, (W, _) in maps.items():  # b only shifts the mean of v̂_j
+        predicted = directions.T @ W  # row j: a_jᵀ W, so v̂_j − its mean = (a_jᵀ W)(x − x̄)
+        covariance = np.einsum("ji,ij->j", predicted, cxy @ directions)
+        variance_predicted = np.einsum("ji,ji->j", predicted, predicted @ cxx)
+        live = (variance_true > 0) & (variance_predicted > 0)
+        r2 = covariance[live] ** 2 / (variance_true[live] * variance_predicted[live])
+        out[name] = float(np.sum(r2) / attainable) if attainable > 0 else float("nan")
+    return out
+
+
+def residual_scatter(s: PairStats, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Σ (y − W x − b)(y − W x − b)ᵀ over the statistics' rows, exactly (its diagonal is `sse_from_stats`)."""
+    W, b = np.asarray(W, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    wxy = W @ s.xty
+    offset = W @ s.sum_x - s.sum_y
+    return s.yty - wxy - wxy.T + W @ s.xtx @ W.T + np.outer(offset, b) + np.outer(b, offset) + s.n * np.outer(b, b)
+
+
+def variance_split_r2(
+    test: PairStats, maps: Mapping[str, Map], share: float
+) -> tuple[int, dict[str, tuple[float, float]]]:
+    """(h, {map: (R²_w on the top-h principal directions of test y, R²_w on the other d − h)}), h the
+    fewest directions holding `share` of the variance about the test mean."""
+    _, _, cyy = test.centred()
+    variances, axes = np.linalg.eigh((cyy + cyy.T) / 2)
+    variances, axes = np.clip(variances[::-1], 0.0, None), axes[:, ::-1]
+    h = int(np.searchsorted(np.cumsum(variances) / variances.sum(), share) + 1)
+    out = {}
+    for name, (W, b) in maps.items():
+        error = np.einsum("oj,oj->j", axes, residual_scatter(test, W, b) @ axes)
+        out[name] = (1 - error[:h].sum() / variances[:h].sum(), 1 - error[h:].sum() / variances[h:].sum())
+    return h, {name: (float(top), float(rest)) for name, (top, rest) in out.items()}
