@@ -1,0 +1,174 @@
+"""η and R²_w of the ridge map as functions of the train size, extrapolated to n → ∞: the part of η's
+shortfall that more data would remove, and the part it would not. See docs/statistics.md#learning-curve.
+
+The train split is cut into K blocks of whole documents (their `PairStats`); the subset of a fraction f
+adds up the first f·K blocks, so the subsets are nested and cost no second pass over the tokens. Each
+subset gets the ridge map of the pair's α and two numbers on the fixed test split:
+
+* R²_w(test), the variance-weighted R² (`r2_from_stats`);
+* η(test) = whitened R²(test) / ceiling, with the ceiling the subset's own in-sample best linear fit
+  (OLS, pseudo-inverse of the equilibrated Σxx), both in the full train split's y-whitening A. At f = 1
+  that is the evaluate stage's η(test) (the CCA ceiling is OLS's in-sample whitened R²).
+
+Each is regressed on 1/n (least squares over the fractions); the intercept is its value at n → ∞. For
+data whose train and test documents share one law, the ceiling and the fitted map's test R² converge to
+the same number, the best linear map's whitened R² — for ANY law, linear or not, homo- or
+heteroscedastic — so η∞ = 1 and the shortfall 1 − η∞ = 0. A shortfall whose interval excludes 0 says
+that the train-fitted map does not carry over to the test documents (or that the curve is not linear in
+1/n); non-linearity itself lives in 1 − ceiling and only steepens the curve (a finite-sample cost).
+
+Interval: a bootstrap over train blocks (blocks drawn with replacement, the nested subsets rebuilt from
+the drawn list) gives the train-side sd; the test split's own sampling sd (clustered by document, from
+`design_effect`) is added in quadrature, and the interval is the estimate ± z·sd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+from scipy.stats import norm
+
+from .cca import CCA, SplitMoments
+from .ridge import r2_from_stats
+from .stats import FIELDS, PairStats
+
+FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)  # of the train blocks, nested
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One train subset scored on test."""
+
+    n_train: float  # tokens of the subset
+    r2w_test: float  # variance-weighted R² of its ridge map on test
+    eta_test: float  # whitened R²(test) / the subset's in-sample ceiling
+
+
+def subset_sum(blocks: list[PairStats]) -> PairStats:
+    """The statistics of the rows of all `blocks` together."""
+    return PairStats(*(sum(getattr(b, f) for b in blocks) for f in FIELDS))
+
+
+def insample_ceiling(s: PairStats, A: np.ndarray) -> float:
+    """In-sample whitened R² of OLS on the rows of `s`, y whitened by the fixed symmetric A: the most any
+    affine map explains there. Σxx is equilibrated (unit diagonal) and inverted by Cholesky, by its
+    pseudo-inverse where that fails (as `CCA.from_stats` whitens it)."""
+    cxx, cxy, cyy = s.centred()
+    sd = np.sqrt(np.clip(np.diag(cxx), 0.0, None))
+    live = sd > 0
+    inv_sd = np.where(live, 1.0 / np.where(live, sd, 1.0), 0.0)
+    corr = cxx * np.outer(inv_sd, inv_sd) + np.diag(~live * 1.0)
+    G = inv_sd[:, None] * (cxy @ A)  # equilibrated x side, whitened y side
+    try:
+        solved = scipy.linalg.cho_solve(scipy.linalg.cho_factor(corr), G)
+    except np.linalg.LinAlgError:
+        solved = np.linalg.pinv(corr, rcond=len(sd) * np.finfo(float).eps, hermitian=True) @ G
+    total = float(np.sum(cyy * (A @ A)))  # tr(A Σyy A) for symmetric A
+    return float(np.sum(G * solved)) / total if total > 0 else float("nan")
+
+
+def ridge_solve(s: PairStats, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of ridge with intercept, (XcᵀXc + αI) Wᵀ = XcᵀYc (as `ato.math.ridge`), by Cholesky: one α
+    needs no eigendecomposition."""
+    cxx, cxy, _ = s.centred()
+    lhs = cxx + alpha * np.eye(len(cxx))
+    W = scipy.linalg.cho_solve(scipy.linalg.cho_factor(lhs), cxy).T
+    return W, s.mean_y - W @ s.mean_x
+
+
+def curve_point(train: PairStats, test: PairStats, test_moments: SplitMoments, cca: CCA, alpha: float) -> CurvePoint:
+    """Ridge (α) on `train`, scored on `test`; `cca` (of the full train split) gives the y-whitening and
+    `test_moments = cca.moments(test)`."""
+    W, b = ridge_solve(train, alpha)
+    ceiling = insample_ceiling(train, cca.wy)
+    r2w = float(r2_from_stats(test, W, b)["r2_weighted"])
+    eta = float(cca.whitened_r2(test_moments, W, b)) / ceiling if ceiling > 0 else float("nan")
+    return CurvePoint(float(train.n), r2w, eta)
+
+
+def nested_curve(
+    blocks: list[PairStats], test: PairStats, test_moments: SplitMoments, cca: CCA, alpha: float
+) -> list[CurvePoint]:
+    """One `CurvePoint` per fraction of `FRACTIONS`, the subsets being the first f·K of `blocks`."""
+    k = len(blocks)
+    sizes = [max(1, round(f * k)) for f in FRACTIONS]
+    return [curve_point(subset_sum(blocks[:m]), test, test_moments, cca, alpha) for m in sizes]
+
+
+def extrapolate(n: np.ndarray, values: np.ndarray) -> float:
+    """Intercept of the least-squares line of `values` on 1/n: the value at n → ∞."""
+    design = np.column_stack([np.ones(len(n)), 1.0 / np.asarray(n, dtype=np.float64)])
+    coef, *_ = np.linalg.lstsq(design, np.asarray(values, dtype=np.float64), rcond=None)
+    return float(coef[0])
+
+
+@dataclass(frozen=True)
+class Extrapolated:
+    """A value at n → ∞ with its sd (train bootstrap and test sampling in quadrature) and interval."""
+
+    value: float
+    sd_train: float  # sd over the block bootstrap
+    sd_test: float  # the test split's own sampling sd (clustered by document)
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, value: float, boot: np.ndarray, sd_test: float, level: float) -> Extrapolated:
+        sd_train = float(np.std(boot, ddof=1)) if len(boot) > 1 else float("nan")
+        half = float(norm.ppf(0.5 + level / 2)) * float(np.hypot(sd_train, sd_test))
+        return cls(value, sd_train, sd_test, value - half, value + half)
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """Observed points, both values at n → ∞, and η's shortfall 1 − η∞ (an exactly linear map's η∞ is 1)."""
+
+    points: list[CurvePoint]
+    r2w_inf: Extrapolated
+    eta_inf: Extrapolated
+    resamples: int
+
+    @property
+    def shortfall(self) -> Extrapolated:
+        e = self.eta_inf
+        return Extrapolated(1.0 - e.value, e.sd_train, e.sd_test, 1.0 - e.hi, 1.0 - e.lo)
+
+
+def learning_curve(
+    blocks: list[PairStats],
+    test: PairStats,
+    cca: CCA,
+    alpha: float,
+    sd_test: tuple[float, float],
+    resamples: int,
+    seed: int = 0,
+    level: float = 0.95,
+) -> LearningCurve:
+    """The nested curve of `blocks` (train, in a seeded random order) and its bootstrap over blocks.
+
+    `sd_test` = (sd of R²_w(test), sd of η(test)) from the test split's documents; `cca` is the full train
+    split's (`CCA.from_stats` of the sum of the blocks)."""
+    if len(blocks) < 8:
+        raise ValueError(f"the learning curve needs at least 8 train blocks for its 1/8 subset, got {len(blocks)}")
+    moments = cca.moments(test)
+    rng = np.random.default_rng(seed)
+    blocks = [blocks[j] for j in rng.permutation(len(blocks))]  # stored order follows the corpus's
+    points = nested_curve(blocks, test, moments, cca, alpha)
+    boot = np.empty((resamples, 2))
+    for i in range(resamples):
+        drawn = [blocks[j] for j in rng.integers(0, len(blocks), len(blocks))]
+        boot[i] = _intercepts(nested_curve(drawn, test, moments, cca, alpha))
+    r2w, eta = _intercepts(points)
+    return LearningCurve(
+        points,
+        Extrapolated.of(r2w, boot[:, 0], sd_test[0], level),
+        Extrapolated.of(eta, boot[:, 1], sd_test[1], level),
+        resamples,
+    )
+
+
+def _intercepts(points: list[CurvePoint]) -> tuple[float, float]:
+    n = np.array([p.n_train for p in points])
+    return extrapolate(n, np.array([p.r2w_test for p in points])), extrapolate(n, np.array([p.eta_test for p in points]))
