@@ -283,7 +283,7 @@ def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp
     metrics = json.loads(text)
     assert not any(isinstance(v, (str, bool, list, dict)) or v is None for v in metrics.values())
     assert "format" not in metrics and not any("_r0" in k or "digest" in k for k in metrics)
-    assert 30 <= len(metrics) <= 50
+    assert 30 <= len(metrics) <= 85
     assert list(metrics)[: len(PairMetrics.HEADLINE)] == list(PairMetrics.HEADLINE)
     assert text.index('"r2"') < text.index('"eta_test"') < text.index('"heldout_subspace_size"')
 
@@ -294,6 +294,11 @@ def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp
         assert getattr(m, f"{stat}_excess") == pytest.approx(observed - null, abs=1e-12)
         assert getattr(m, f"{stat}_null_std") >= 0
     assert 1 <= m.heldout_subspace_size <= D and 1 <= m.heldout_pr <= D
+    # the learning curve ends at the whole train split, where its η is the headline η (float32 operator)
+    assert m.curve_n_f1 == m.n_train_tokens and m.curve_n_f8 < m.curve_n_f4 < m.curve_n_f2 < m.curve_n_f1
+    assert m.curve_eta_f1 == pytest.approx(m.eta_test, rel=1e-4)
+    assert m.eta_shortfall == pytest.approx(1 - m.eta_inf) and m.eta_shortfall_lo < m.eta_shortfall_hi
+    assert m.eta_inf_lo < m.eta_inf < m.eta_inf_hi and m.heteroscedasticity > 0
     # the null is the Wishart simulation at this pair's n and d, replicates and seed from params
     n_train, n_test = int(m.n_train_tokens), int(m.n_test_tokens)
     null = cca_null(n_train, n_test, D, D, 0.9, replicates=5, seed=0)

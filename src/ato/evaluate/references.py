@@ -14,7 +14,6 @@ from threadpoolctl import threadpool_limits
 from ato.evaluate.errors import EvaluateError
 from ato.math.cca import CCA, efficiency_table, rank_grid
 from ato.math.design_effect import DesignEffectAccumulator, DesignEffects, effective_n
-from ato.math.learning_curve import FRACTIONS, LearningCurve, learning_curve
 from ato.math.heldout import (
     CCANull,
     HeldOutCCA,
@@ -25,6 +24,7 @@ from ato.math.heldout import (
     shift_removed_table,
     subspace_report,
 )
+from ato.math.learning_curve import FRACTIONS, LearningCurve, learning_curve
 from ato.math.linear_reference import LinearReference, linear_reference
 from ato.math.stats import PairStats
 from ato.params import EvaluateParams
@@ -101,7 +101,10 @@ def transport(
     linear_sandwich = linear_reference(eta_test, cca.rho, *sandwich_sizes)
     subspace = subspace_report(train, test, ev.subspace_fraction, null=null, heldout=heldout)
     test_sd = (design.r2w_sd, design.r2_sd / ceiling if ceiling > 0 else float("nan"))
-    curve = learning_curve(train_blocks, test, cca, alpha, test_sd, ev.curve_resamples, ev.null_seed)
+    try:
+        curve = learning_curve(train_blocks, test, cca, alpha, test_sd, ev.curve_resamples, ev.null_seed)
+    except ValueError as exc:
+        raise EvaluateError(f"{exc}: lower evaluate.curve_blocks ({ev.curve_blocks}) or add train documents") from None
     return Transport(cca, table, heldout, subspace, linear, linear_iid, linear_sandwich, design, curve)
 
 

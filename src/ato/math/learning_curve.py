@@ -150,8 +150,11 @@ def learning_curve(
 
     `sd_test` = (sd of R²_w(test), sd of η(test)) from the test split's documents; `cca` is the full train
     split's (`CCA.from_stats` of the sum of the blocks)."""
+    blocks = [block for block in blocks if block.n > 0]  # fewer documents than blocks leave some empty
     if len(blocks) < 8:
-        raise ValueError(f"the learning curve needs at least 8 train blocks for its 1/8 subset, got {len(blocks)}")
+        raise ValueError(
+            f"the learning curve needs at least 8 non-empty train blocks for its 1/8 subset, got {len(blocks)}"
+        )
     moments = cca.moments(test)
     rng = np.random.default_rng(seed)
     blocks = [blocks[j] for j in rng.permutation(len(blocks))]  # stored order follows the corpus's
@@ -171,4 +174,6 @@ def learning_curve(
 
 def _intercepts(points: list[CurvePoint]) -> tuple[float, float]:
     n = np.array([p.n_train for p in points])
-    return extrapolate(n, np.array([p.r2w_test for p in points])), extrapolate(n, np.array([p.eta_test for p in points]))
+    return extrapolate(n, np.array([p.r2w_test for p in points])), extrapolate(
+        n, np.array([p.eta_test for p in points])
+    )
