@@ -19,6 +19,7 @@ from ato.math.learning_curve import (
     learning_curve,
     ridge_solve,
     subset_sum,
+    whitened_y,
 )
 from ato.math.stats import PairStats
 
@@ -115,7 +116,7 @@ def test_the_full_point_is_evaluates_eta_and_the_subsets_are_nested():
     c = learning_curve(blocks, test, cca, ALPHA, (0.0, 0.0), resamples=2)
     W, b = ridge_solve(train, ALPHA)
     assert c.points[-1].eta_test == pytest.approx(float(cca.whitened_r2(test, W, b)) / float(cca.ceiling()), rel=1e-9)
-    assert insample_ceiling(train, cca.wy) == pytest.approx(float(cca.ceiling()), rel=1e-9)
+    assert insample_ceiling(whitened_y(train, cca.wy)) == pytest.approx(float(cca.ceiling()), rel=1e-9)
     assert [p.n_train for p in c.points] == [f * BLOCKS * BLOCK_ROWS for f in FRACTIONS]
 
 

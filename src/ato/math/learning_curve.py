@@ -30,7 +30,7 @@ import numpy as np
 import scipy.linalg
 from scipy.stats import norm
 
-from .cca import CCA, SplitMoments
+from .cca import CCA
 from .ridge import r2_from_stats
 from .stats import FIELDS, PairStats
 
@@ -51,22 +51,29 @@ def subset_sum(blocks: list[PairStats]) -> PairStats:
     return PairStats(*(sum(getattr(b, f) for b in blocks) for f in FIELDS))
 
 
-def insample_ceiling(s: PairStats, A: np.ndarray) -> float:
-    """In-sample whitened R² of OLS on the rows of `s`, y whitened by the fixed symmetric A: the most any
-    affine map explains there. Σxx is equilibrated (unit diagonal) and inverted by Cholesky, by its
+def whitened_y(s: PairStats, A: np.ndarray) -> PairStats:
+    """The statistics of (x, A y) for a symmetric A, with the y-Gram reduced to its diagonal (all an R²
+    needs). Ridge is equivariant in y (it fits A y with A W, A b), and the variance-weighted R² of A y is the
+    whitened R², so every η below is plain R²_w in these coordinates."""
+    return PairStats(s.n, s.sum_x, A @ s.sum_y, s.xtx, s.xty @ A, np.diag(np.einsum("ij,ji->i", A @ s.yty, A)))
+
+
+def insample_ceiling(s: PairStats) -> float:
+    """In-sample R²_w of OLS on the rows of `s`: the most any affine map explains there (for statistics of
+    whitened y, the CCA ceiling). Σxx is equilibrated (unit diagonal) and inverted by Cholesky, by its
     pseudo-inverse where that fails (as `CCA.from_stats` whitens it)."""
     cxx, cxy, cyy = s.centred()
     sd = np.sqrt(np.clip(np.diag(cxx), 0.0, None))
     live = sd > 0
     inv_sd = np.where(live, 1.0 / np.where(live, sd, 1.0), 0.0)
     corr = cxx * np.outer(inv_sd, inv_sd) + np.diag(~live * 1.0)
-    G = inv_sd[:, None] * (cxy @ A)  # equilibrated x side, whitened y side
-    try:
-        solved = scipy.linalg.cho_solve(scipy.linalg.cho_factor(corr), G)
+    G = inv_sd[:, None] * cxy  # equilibrated x side
+    try:  # Gᵀ R⁻¹ G = ‖L⁻¹ G‖² with R = L Lᵀ: one triangular solve
+        explained = float(np.sum(scipy.linalg.solve_triangular(np.linalg.cholesky(corr), G, lower=True) ** 2))
     except np.linalg.LinAlgError:
-        solved = np.linalg.pinv(corr, rcond=len(sd) * np.finfo(float).eps, hermitian=True) @ G
-    total = float(np.sum(cyy * (A @ A)))  # tr(A Σyy A) for symmetric A
-    return float(np.sum(G * solved)) / total if total > 0 else float("nan")
+        explained = float(np.sum(G * (np.linalg.pinv(corr, rcond=len(sd) * np.finfo(float).eps, hermitian=True) @ G)))
+    total = float(np.trace(cyy))
+    return explained / total if total > 0 else float("nan")
 
 
 def ridge_solve(s: PairStats, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -78,23 +85,37 @@ def ridge_solve(s: PairStats, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     return W, s.mean_y - W @ s.mean_x
 
 
-def curve_point(train: PairStats, test: PairStats, test_moments: SplitMoments, cca: CCA, alpha: float) -> CurvePoint:
-    """Ridge (α) on `train`, scored on `test`; `cca` (of the full train split) gives the y-whitening and
-    `test_moments = cca.moments(test)`."""
-    W, b = ridge_solve(train, alpha)
-    ceiling = insample_ceiling(train, cca.wy)
-    r2w = float(r2_from_stats(test, W, b)["r2_weighted"])
-    eta = float(cca.whitened_r2(test_moments, W, b)) / ceiling if ceiling > 0 else float("nan")
-    return CurvePoint(float(train.n), r2w, eta)
+@dataclass(frozen=True)
+class TestSplit:
+    """The test statistics in both coordinates, and the map back from whitened y (`CCA.wy_inv`)."""
+
+    raw: PairStats
+    whitened: PairStats
+    unwhiten: np.ndarray
+
+    @classmethod
+    def of(cls, test: PairStats, cca: CCA) -> TestSplit:
+        return cls(test, whitened_y(test, cca.wy), cca.wy_inv)
 
 
-def nested_curve(
-    blocks: list[PairStats], test: PairStats, test_moments: SplitMoments, cca: CCA, alpha: float
-) -> list[CurvePoint]:
-    """One `CurvePoint` per fraction of `FRACTIONS`, the subsets being the first f·K of `blocks`."""
-    k = len(blocks)
-    sizes = [max(1, round(f * k)) for f in FRACTIONS]
-    return [curve_point(subset_sum(blocks[:m]), test, test_moments, cca, alpha) for m in sizes]
+def curve_point(train_whitened: PairStats, test: TestSplit, alpha: float) -> CurvePoint:
+    """Ridge (α) on a subset's statistics of whitened y, scored on test in both coordinates."""
+    Ww, bw = ridge_solve(train_whitened, alpha)
+    ceiling = insample_ceiling(train_whitened)
+    eta = float(r2_from_stats(test.whitened, Ww, bw)["r2_weighted"]) / ceiling if ceiling > 0 else float("nan")
+    r2w = float(r2_from_stats(test.raw, test.unwhiten @ Ww, test.unwhiten @ bw)["r2_weighted"])
+    return CurvePoint(float(train_whitened.n), r2w, eta)
+
+
+def nested_curve(blocks_whitened: list[PairStats], test: TestSplit, alpha: float) -> list[CurvePoint]:
+    """One `CurvePoint` per fraction of `FRACTIONS`, the subsets being the first f·K of the blocks."""
+    k, points, used = len(blocks_whitened), [], 0
+    subset = PairStats.zeros(blocks_whitened[0].xtx.shape[0], blocks_whitened[0].yty.shape[0])
+    for m in (max(1, round(f * k)) for f in FRACTIONS):
+        subset = subset.merge(subset_sum(blocks_whitened[used:m])) if m > used else subset
+        used = m
+        points.append(curve_point(subset, test, alpha))
+    return points
 
 
 def extrapolate(n: np.ndarray, values: np.ndarray) -> float:
@@ -155,14 +176,14 @@ def learning_curve(
         raise ValueError(
             f"the learning curve needs at least 8 non-empty train blocks for its 1/8 subset, got {len(blocks)}"
         )
-    moments = cca.moments(test)
+    split = TestSplit.of(test, cca)
     rng = np.random.default_rng(seed)
-    blocks = [blocks[j] for j in rng.permutation(len(blocks))]  # stored order follows the corpus's
-    points = nested_curve(blocks, test, moments, cca, alpha)
+    blocks = [whitened_y(blocks[j], cca.wy) for j in rng.permutation(len(blocks))]  # stored order: the corpus's
+    points = nested_curve(blocks, split, alpha)
     boot = np.empty((resamples, 2))
     for i in range(resamples):
         drawn = [blocks[j] for j in rng.integers(0, len(blocks), len(blocks))]
-        boot[i] = _intercepts(nested_curve(drawn, test, moments, cca, alpha))
+        boot[i] = _intercepts(nested_curve(drawn, split, alpha))
     r2w, eta = _intercepts(points)
     return LearningCurve(
         points,
