@@ -140,3 +140,34 @@ def test_heteroscedasticity_is_one_for_independent_noise_and_above_for_noise_gro
         kappa[name] = acc.result().heteroscedasticity
     assert kappa["flat"] == pytest.approx(1.0, abs=0.05)
     assert kappa["grows"] > 1.5
+
+
+def test_the_sandwich_reference_matches_exactly_linear_heteroscedastic_data_where_the_gaussian_one_does_not():
+    """Noise ∝ ‖x‖, heavy-tailed x, d = 20, n = 1,500: over 20 draws the mean η(test) sits far below the
+    Gaussian reference and on the sandwich one (the same analytic reference at n / κ)."""
+    from ato.math.linear_reference import linear_reference
+
+    d, n, n_test = 20, 1500, 3000
+    W = np.random.default_rng(1).standard_normal((d, d)) / np.sqrt(d)
+
+    def draw(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.standard_t(5, size=(rows, d))
+        return x, x @ W.T + np.linalg.norm(x, axis=1, keepdims=True) / np.sqrt(d) * rng.standard_normal((rows, d))
+
+    observed, gaussian, sandwich = [], [], []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        (x, y), (x_test, y_test) = draw(rng, n), draw(rng, n_test)
+        train, test = PairStats.from_data(x, y), PairStats.from_data(x_test, y_test)
+        cca = CCA.from_stats(train)
+        W_fit, b_fit = ridge_solve(train, ALPHA)
+        eta = float(cca.whitened_r2(test, W_fit, b_fit)) / float(cca.ceiling())
+        acc = DesignEffectAccumulator(W_fit, b_fit, cca.wy, cca.wx, test.mean_x, test.mean_y)
+        acc.add(x_test, y_test, np.arange(n_test))  # independent tokens: only heteroscedasticity matters
+        kappa = acc.result().heteroscedasticity
+        observed.append(eta)
+        gaussian.append(linear_reference(eta, cca.rho, n, n_test, d, d).eta_expected)
+        sandwich.append(linear_reference(eta, cca.rho, round(n / kappa), n_test, d, d).eta_expected)
+    gap_gaussian = np.mean(gaussian) - np.mean(observed)
+    assert gap_gaussian > 0.01
+    assert abs(np.mean(sandwich) - np.mean(observed)) < 0.2 * gap_gaussian
