@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import PairMetrics
-from ato.reporting.cells import fmt, fmt_int
+from ato.reporting.cells import fmt, fmt_ci, fmt_int
 from ato.reporting.results import PairResults
 
 from . import UNRELIABLE_COLOUR, mark_unreliable, pyplot, save_figure, unreliable_sae_text
@@ -382,7 +382,8 @@ def _curve_panel(ax: Any, res: PairResults) -> None:
     n = np.array([getattr(m, f"curve_n_f{f}") for f in CURVE_FRACTIONS])
     eta = np.array([getattr(m, f"curve_eta_f{f}") for f in CURVE_FRACTIONS])
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
-    ax.set_title(res.name, fontsize=10)
+    shortfall = fmt_ci(m.eta_shortfall, m.eta_shortfall_lo, m.eta_shortfall_hi, "+.3f")
+    ax.set_title(f"{res.name}: shortfall 1 − η∞ = {shortfall}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.set_xlabel("1 / train tokens (×10⁻⁵)")
     if not (np.all(np.isfinite(n)) and np.all(np.isfinite(eta)) and math.isfinite(m.eta_inf)):
