@@ -321,8 +321,9 @@ STAGES: list[Stage] = [
         "report",
         does=(
             "every pair side by side: tables, heatmaps over (L, k), η(r) and ceiling(r) per k, η's learning curves, "
-            "causal Δ with CIs, α curves; feature cards (top contexts, rate, verdict and feature R² per kept feature); every feature-level "
-            "number of an SAE that missed its gates marked UNRELIABLE; a missing pair output is listed, not fatal"
+            "causal Δ with CIs, α curves; feature cards (top contexts, rate, verdict and feature R² per kept "
+            "feature); every feature-level number of an SAE that missed its gates marked UNRELIABLE; a missing "
+            "pair output is listed, not fatal"
         ),
         output="`reports/summary.md`, `reports/features.html`, `reports/figures/summary_*.png`, `reports/plots/`",
         deps=[
