@@ -194,7 +194,7 @@ def learning_curve(
 
 
 def _intercepts(points: list[CurvePoint]) -> tuple[float, float]:
+    """(R²_w∞, η∞) of one nested curve."""
     n = np.array([p.n_train for p in points])
-    return extrapolate(n, np.array([p.r2w_test for p in points])), extrapolate(
-        n, np.array([p.eta_test for p in points])
-    )
+    r2w, eta = (np.array([getattr(p, name) for p in points]) for name in ("r2w_test", "eta_test"))
+    return extrapolate(n, r2w), extrapolate(n, eta)
