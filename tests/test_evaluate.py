@@ -295,7 +295,7 @@ def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp
         assert getattr(m, f"{stat}_null_std") >= 0
     assert 1 <= m.heldout_subspace_size <= D and 1 <= m.heldout_pr <= D
     # the learning curve ends at the whole train split, where its η is the headline η (float32 operator)
-    assert m.curve_n_f1 == m.n_train_tokens and m.curve_n_f8 < m.curve_n_f4 < m.curve_n_f2 < m.curve_n_f1
+    assert m.curve_n_f1 == pytest.approx(m.n_train_tokens) and m.curve_n_f8 < m.curve_n_f4 < m.curve_n_f2 < m.curve_n_f1
     assert m.curve_eta_f1 == pytest.approx(m.eta_test, rel=1e-4)
     assert m.eta_shortfall == pytest.approx(1 - m.eta_inf) and m.eta_shortfall_lo < m.eta_shortfall_hi
     assert m.eta_inf_lo < m.eta_inf < m.eta_inf_hi and m.heteroscedasticity > 0

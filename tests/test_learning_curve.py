@@ -117,7 +117,7 @@ def test_the_full_point_is_evaluates_eta_and_the_subsets_are_nested():
     W, b = ridge_solve(train, ALPHA)
     assert c.points[-1].eta_test == pytest.approx(float(cca.whitened_r2(test, W, b)) / float(cca.ceiling()), rel=1e-9)
     assert insample_ceiling(whitened_y(train, cca.wy)) == pytest.approx(float(cca.ceiling()), rel=1e-9)
-    assert [p.n_train for p in c.points] == [f * BLOCKS * BLOCK_ROWS for f in FRACTIONS]
+    assert [p.n_train for p in c.points] == pytest.approx([f * BLOCKS * BLOCK_ROWS for f in FRACTIONS])
 
 
 def test_extrapolation_is_exact_for_a_curve_linear_in_one_over_n():
