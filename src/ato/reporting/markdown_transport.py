@@ -119,7 +119,8 @@ def learning_curve_section(results: list[PairResults]) -> list[str]:
         "### Learning curve: the shortfall that more data would not remove",
         "",
         "The ridge map (the operator's α) fitted on nested document subsets of train (1/8, 1/4, 1/2, all: "
-        "`evaluate.curve_blocks` blocks of documents), each scored on the same test split; η of a subset = "
+        "`evaluate.curve_blocks` blocks of documents, mean over 4 random orders of the blocks), each scored on "
+        "the same test split; η of a subset = "
         "whitened R²(test) / that subset's own in-sample ceiling (at “all”, the η above). η and R²_w are "
         "extrapolated to n → ∞ by a straight line in 1/n; the 95 % interval adds the sd of a bootstrap "
         "over the train blocks (`evaluate.curve_resamples`) and the test split's own sd (clustered by "
