@@ -313,7 +313,7 @@ def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp
     metrics = json.loads(text)
     assert not any(isinstance(v, (str, bool, list, dict)) or v is None for v in metrics.values())
     assert "format" not in metrics and not any("_r0" in k or "digest" in k for k in metrics)
-    assert 30 <= len(metrics) <= 100  # the directions count (8 keys), feature verdicts and intervals (26)
+    assert 30 <= len(metrics) <= 110  # directions count (8 keys), learning curve, feature verdicts (26)
     assert list(metrics)[: len(PairMetrics.HEADLINE)] == list(PairMetrics.HEADLINE)
     assert text.index('"r2"') < text.index('"eta_test"') < text.index('"heldout_subspace_size"')
 
@@ -330,6 +330,11 @@ def test_metrics_file_is_headline_first_and_each_number_beside_its_reference(tmp
     assert m.transport_directions_low <= m.transport_directions <= m.transport_directions_high
     assert D - 2 <= m.transport_directions <= D and m.transport_directions_share >= 0.9
     assert 0 < m.transport_directions_threshold < 1
+    # the learning curve ends at the whole train split, where its η is the headline η (float32 operator)
+    assert m.curve_n_f1 == pytest.approx(m.n_train_tokens) and m.curve_n_f8 < m.curve_n_f4 < m.curve_n_f2 < m.curve_n_f1
+    assert m.curve_eta_f1 == pytest.approx(m.eta_test, rel=1e-4)
+    assert m.eta_shortfall == pytest.approx(1 - m.eta_inf) and m.eta_shortfall_lo < m.eta_shortfall_hi
+    assert m.eta_inf_lo < m.eta_inf < m.eta_inf_hi and m.heteroscedasticity > 0
     # the null is the Wishart simulation at this pair's n and d, replicates and seed from params
     n_train, n_test = int(m.n_train_tokens), int(m.n_test_tokens)
     null = cca_null(n_train, n_test, D, D, 0.9, replicates=5, seed=0)

@@ -102,7 +102,22 @@ def fake_metrics(L: int, k: int) -> dict[str, float]:
     m["heldout_subspace_size_excess"] = m["heldout_subspace_size"] - m["heldout_subspace_size_null"]
     m["heldout_pr_excess"] = m["heldout_pr"] - m["heldout_pr_null"]
     m["transported_fraction"] = m["n_transported"] / (m["n_transported"] + m["n_synthesised"])
+    m |= fake_learning_curve(m["eta_test"], m["r2_weighted"], k)
     return m
+
+
+PLANTED_SHORTFALL = {1: 0.03, 2: 0.0, 3: -0.03}  # k → 1 − η∞: falls short / no shortfall shown / above linear
+
+
+def fake_learning_curve(eta_all: float, r2w_all: float, k: int) -> dict[str, float]:
+    """Nested-subset points below the full one, and a shortfall of ±0.02 around `PLANTED_SHORTFALL[k]`."""
+    out = {}
+    for f in (8, 4, 2, 1):
+        out |= {f"curve_n_f{f}": 59800.0 / f, f"curve_eta_f{f}": eta_all - 0.01 * (f - 1), f"curve_r2w_f{f}": r2w_all}
+    short = PLANTED_SHORTFALL[k]
+    out |= {"eta_shortfall": short, "eta_shortfall_lo": short - 0.02, "eta_shortfall_hi": short + 0.02}
+    out |= {"eta_inf": 1 - short, "eta_inf_lo": 1 - short - 0.02, "eta_inf_hi": 1 - short + 0.02}
+    return out | {"r2w_inf": r2w_all + 0.004, "r2w_inf_lo": r2w_all, "r2w_inf_hi": r2w_all + 0.008}
 
 
 def fake_efficiency(L: int, k: int) -> dict[str, list[float]]:
@@ -376,7 +391,15 @@ def test_summary_has_every_pair_and_the_input_numbers(reported):
     ):
         body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
         assert "**How to read.**" in body, section
-    assert "cannot tell the operator from exactly linear transport" in text
+    assert "“Falls short of linear” is said only when the interval lies above 0" in text
+    for name, (_L, k) in PAIRS.items():  # the learning curve's words follow the planted intervals
+        if name == "L10_k2":  # no metrics
+            continue
+        eta_inf = f"{1 - PLANTED_SHORTFALL[k]:.4f} ["
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} | ") and eta_inf in line)
+        words = {0.03: "falls short of linear", 0.0: "no shortfall shown", -0.03: "above linear"}
+        assert words[PLANTED_SHORTFALL[k]] in row, row
+        assert f"{PLANTED_SHORTFALL[k]:+.4f} [{PLANTED_SHORTFALL[k] - 0.02:+.4f}, " in row
     assert "| R² ATO | R²_w ATO | R² identity | R²_w identity | R² train mean | R²_w train mean |" in text
     assert "single_8" in text and "early" in text  # per position set table
     assert "| L05_k1 | single_8 | 60 |" in text

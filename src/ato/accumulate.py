@@ -5,10 +5,10 @@ One pass over a split serves every pair: each needed layer is read once per chun
 layer (XᵀX) is formed once and shared by every pair that uses the layer. Two engines give the same
 float64 sums: `accumulate_local` (torch matmuls over zarr chunks, in process) and `accumulate_dask`
 (the same accumulation map-reduced over row slices of the parts, on a LocalCluster or a
-`dask.distributed` scheduler). `kfold_stats` splits the training split into K blocks of contiguous
-documents for the k-fold tuning objective. `accumulate_banded` (`ato atlas`) forms the joint Gram of
-every stored layer with the next few layers in one pass, from which every pair in that band has its
-statistics.
+`dask.distributed` scheduler). `document_block_stats` splits the training split into K blocks of
+contiguous documents (the k-fold tuning objective's folds, `kfold_stats`, and evaluate's learning
+curve). `accumulate_banded` (`ato atlas`) forms the joint Gram of every stored layer with the next few
+layers in one pass, from which every pair in that band has its statistics.
 """
 
 from __future__ import annotations
@@ -301,6 +301,17 @@ def kfold_stats(
     store: ActivationStore, layer_in: int, layer_out: int, k: int, chunk_tokens: int, include_bos: bool
 ) -> list[tuple[PairStats, PairStats]]:
     """(train-minus-fold, fold) statistics of one pair for K blocks of contiguous training documents."""
+    folds = document_block_stats(store, layer_in, layer_out, k, chunk_tokens, include_bos)
+    total = folds[0]
+    for fold in folds[1:]:
+        total = total.merge(fold)
+    return [(_minus(total, fold), fold) for fold in folds]
+
+
+def document_block_stats(
+    store: ActivationStore, layer_in: int, layer_out: int, k: int, chunk_tokens: int, include_bos: bool
+) -> list[PairStats]:
+    """Statistics of one pair for K blocks of contiguous training documents (stored order), in one pass."""
     n_docs = int(store.split_info("train").documents)
     rank: dict[int, int] = {}  # documents are stored contiguously, so first appearance = stored order
     folds = [PairStats.zeros(store.d_model, store.d_model) for _ in range(k)]
@@ -313,10 +324,7 @@ def kfold_stats(
         for f in np.unique(fold_ids):
             rows = fold_ids == f
             folds[f].update(chunk[layer_in][rows], chunk[layer_out][rows])
-    total = folds[0]
-    for fold in folds[1:]:
-        total = total.merge(fold)
-    return [(_minus(total, fold), fold) for fold in folds]
+    return folds
 
 
 def _minus(a: PairStats, b: PairStats) -> PairStats:

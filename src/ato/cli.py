@@ -96,7 +96,7 @@ STAGES: dict[str, tuple[str, str, bool]] = {
         "report",
         "summary.md, comparison figures, plot CSVs over all pairs → reports/ "
         "(params: report.*, pairs, stats.include_bos, evaluate.transported_r2, evaluate.min_active_tokens, "
-        "evaluate.subspace_fraction)",
+        "evaluate.subspace_fraction, evaluate.null_replicates)",
         False,
     ),
 }

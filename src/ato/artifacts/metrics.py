@@ -188,6 +188,35 @@ class PairMetrics(Record):
     eta_expected_std: float = math.nan  # spread of η(test) under exact linearity (Wishart simulation)
     eta_ratio: float = math.nan  # eta_test / eta_expected: ≈ 1 is indistinguishable from linear transport
     eta_expected_iid: float = math.nan  # eta_expected at the token counts, as if tokens were independent
+    eta_expected_sandwich: float = math.nan  # eta_expected at n_eff / heteroscedasticity (the sandwich form)
+    eta_ratio_sandwich: float = math.nan  # eta_test / eta_expected_sandwich
+    heteroscedasticity: float = math.nan  # κ = mean ‖x̃‖²‖ε̃‖² / (mean ‖x̃‖² · mean ‖ε̃‖²) on test (1: homoscedastic)
+    # learning curve (docs/statistics.md#learning-curve): the ridge map (α) fitted on nested document subsets
+    # of train, 1/f of it (f = 8, 4, 2, 1), scored on test; its values at n → ∞ (linear in 1/n) with 95 %
+    # intervals (block bootstrap of train ⊕ the test split's document-clustered sd)
+    curve_n_f8: float = math.nan  # train tokens of the 1/8 subset
+    curve_r2w_f8: float = math.nan  # its R²_w(test)
+    curve_eta_f8: float = math.nan  # its η(test): whitened R²(test) / the subset's in-sample ceiling
+    curve_n_f4: float = math.nan
+    curve_r2w_f4: float = math.nan
+    curve_eta_f4: float = math.nan
+    curve_n_f2: float = math.nan
+    curve_r2w_f2: float = math.nan
+    curve_eta_f2: float = math.nan
+    curve_n_f1: float = math.nan  # all train tokens (= n_train_tokens)
+    curve_r2w_f1: float = math.nan  # = r2_weighted
+    curve_eta_f1: float = math.nan  # = eta_test up to rounding
+    r2w_inf: float = math.nan  # R²_w(test) extrapolated to n → ∞
+    r2w_inf_lo: float = math.nan
+    r2w_inf_hi: float = math.nan
+    eta_inf: float = math.nan  # η(test) extrapolated to n → ∞ (1 for any law train and test documents share)
+    eta_inf_lo: float = math.nan
+    eta_inf_hi: float = math.nan
+    eta_shortfall: float = math.nan  # 1 − eta_inf: "falls short of linear" only when its interval excludes 0
+    eta_shortfall_lo: float = math.nan
+    eta_shortfall_hi: float = math.nan
+    eta_inf_sd_train: float = math.nan  # sd of eta_inf over the train block bootstrap
+    eta_inf_sd_test: float = math.nan  # sd of eta_inf from the test split's sampling (document-clustered)
     # effective n: tokens of a document are dependent; the Wishart references (η's linear reference, the
     # subspace null) are drawn at n / deff (Kish design effects over test documents, docs/statistics.md)
     design_effect_score: float = math.nan  # deff of x̃ε̃ᵀ, the fit's noise: η's reference draws train at n / this

@@ -27,6 +27,7 @@ from ato.math.heldout import (
     subspace_report,
     transport_directions,
 )
+from ato.math.learning_curve import FRACTIONS, LearningCurve, learning_curve
 from ato.math.linear_reference import LinearReference, linear_reference
 from ato.math.stats import PairStats
 from ato.params import EvaluateParams
@@ -42,8 +43,10 @@ class Transport:
     subspace: SubspaceReport  # held-out / in-sample PR and subspace size beside the Wishart null
     linear: LinearReference  # η(test) beside η_expected of an exactly linear map (at the effective n)
     linear_iid: LinearReference  # the same at the token count, as if tokens were independent
+    linear_sandwich: LinearReference  # the same at n_eff / κ: heteroscedastic error (the sandwich form)
     design: DesignEffects  # documents make tokens dependent: n_eff = n / deff for the Wishart references
     directions: TransportDirections  # directions whose held-out ρ passes the step-down test at n_eff
+    curve: LearningCurve  # η and R²_w on nested train subsets, extrapolated to n → ∞
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,11 +61,24 @@ TestChunks = Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (x_L, y_L+k,
 
 
 def transport(
-    train: PairStats, test: PairStats, W: np.ndarray, b: np.ndarray, ev: EvaluateParams, test_chunks: TestChunks
+    train: PairStats,
+    test: PairStats,
+    W: np.ndarray,
+    b: np.ndarray,
+    ev: EvaluateParams,
+    test_chunks: TestChunks,
+    train_blocks: list[PairStats],
+    alpha: float,
 ) -> Transport:
     """Ceiling, rank sweep (raw and without the mean shift), held-out subspace vs null, η vs linear
     reference; the Wishart references at the effective sample size that `test_chunks` (the test
-    split's tokens, in store order) give (docs/statistics.md#effective-n)."""
+    split's tokens, in store order) give (docs/statistics.md#effective-n); the learning curve of the
+    ridge map (α) over `train_blocks`, the train split's document blocks (docs/statistics.md#learning-curve)."""
+    streamed = sum(block.n for block in train_blocks)
+    if streamed != train.n:
+        raise EvaluateError(
+            f"the train split streams {int(streamed)} tokens but its statistics have {int(train.n)}; rerun `ato stats`"
+        )
     if ev.null_replicates < 1:
         raise EvaluateError(f"evaluate.null_replicates: must be at least 1, got {ev.null_replicates}")
     cca = CCA.from_stats(train)
@@ -87,9 +103,16 @@ def transport(
         null = shared_null(*null_sizes, ev.subspace_fraction, ev.null_replicates, ev.null_seed)
         linear = linear_reference(eta_test, cca.rho, *eta_sizes, replicates=ev.null_replicates, seed=ev.null_seed)
     linear_iid = linear_reference(eta_test, cca.rho, *iid_sizes)  # analytic only: the contrast
+    sandwich_sizes = (max(2, int(round(eta_sizes[0] / design.heteroscedasticity))), *eta_sizes[1:])
+    linear_sandwich = linear_reference(eta_test, cca.rho, *sandwich_sizes)
     subspace = subspace_report(train, test, ev.subspace_fraction, null=null, heldout=heldout)
     directions = transport_directions(heldout, null_sizes[1], documents, seed=ev.null_seed)
-    return Transport(cca, table, heldout, subspace, linear, linear_iid, design, directions)
+    test_sd = (design.r2w_sd, design.r2_sd / ceiling if ceiling > 0 else float("nan"))
+    try:
+        curve = learning_curve(train_blocks, test, cca, alpha, test_sd, ev.curve_resamples, ev.null_seed)
+    except ValueError as exc:
+        raise EvaluateError(f"{exc}: lower evaluate.curve_blocks ({ev.curve_blocks}) or add train documents") from None
+    return Transport(cca, table, heldout, subspace, linear, linear_iid, linear_sandwich, design, directions, curve)
 
 
 def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -104,6 +127,10 @@ def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarr
         "eta_expected_std": lin.eta_simulated_std,
         "eta_ratio": lin.ratio,
         "eta_expected_iid": t.linear_iid.eta_expected,
+        "eta_expected_sandwich": t.linear_sandwich.eta_expected,
+        "eta_ratio_sandwich": t.linear_sandwich.ratio,
+        "heteroscedasticity": t.design.heteroscedasticity,
+        **curve_metrics(t.curve),
         "design_effect_score": t.design.score,
         "design_effect_r2": t.design.r2,
         "design_effect_null": t.design.null,
@@ -129,3 +156,16 @@ def transport_metrics(t: Transport, train: PairStats, W: np.ndarray, b: np.ndarr
         "subspace_size": rep.insample_size.observed,
         "subspace_size_null": rep.insample_size.null,
     }
+
+
+def curve_metrics(curve: LearningCurve) -> dict[str, float]:
+    """The learning curve's `PairMetrics` fields: each point (`curve_<n|r2w|eta>_f<1/f>`) and the values at
+    n → ∞ with their intervals."""
+    out: dict[str, float] = {}
+    for f, p in zip(FRACTIONS, curve.points):
+        tag = f"f{round(1 / f)}"
+        out |= {f"curve_n_{tag}": p.n_train, f"curve_r2w_{tag}": p.r2w_test, f"curve_eta_{tag}": p.eta_test}
+    for name, e in (("r2w_inf", curve.r2w_inf), ("eta_inf", curve.eta_inf), ("eta_shortfall", curve.shortfall)):
+        out |= {name: e.value, f"{name}_lo": e.lo, f"{name}_hi": e.hi}
+    out |= {"eta_inf_sd_train": curve.eta_inf.sd_train, "eta_inf_sd_test": curve.eta_inf.sd_test}
+    return out

@@ -144,9 +144,12 @@ def evaluate(
     alpha: float,
     ev: EvaluateParams,
     test_chunks: TestChunks,
+    train_blocks: list[PairStats],
 ) -> Evaluation:
     """Scores of the streamed test sums plus the statistics-based ones (val R², CCA, η, null);
-    `test_chunks` streams the test tokens again with their documents, for the effective n."""
+    `test_chunks` streams the test tokens again with their documents, for the effective n;
+    `train_blocks` are the train split's statistics by document block (they add up to `splits["train"]`),
+    for the learning curve."""
     train, val, test = splits["train"], splits["val"], splits["test"]
     feature_scores = {k: acc.features[k].result() for k in predictor_keys()}
     ato = feature_scores["ato"]
@@ -157,7 +160,7 @@ def evaluate(
     scores: dict[str, Any] = {
         k: predictor_scores(k, acc.residual[k], feature_scores[k]["r2"], judged) for k in predictor_keys()
     }
-    t = transport(train, test, predictors.W, predictors.b, ev, test_chunks)
+    t = transport(train, test, predictors.W, predictors.b, ev, test_chunks, train_blocks, alpha)
     metrics = PairMetrics(
         n_test_tokens=float(test.n),
         n_train_tokens=float(train.n),

@@ -172,7 +172,7 @@ STAGES: list[Stage] = [
         "evaluate",
         does=(
             "R² (uniform, variance-weighted, per-dimension), baselines, feature-space R², transported vs synthesised, "
-            "CCA ceiling, transport efficiency η(r), subspace size"
+            "CCA ceiling, transport efficiency η(r) and its learning curve over train subsets, subspace size"
         ),
         output="`reports/metrics/<pair>.json`, figures",
         deps=[
@@ -321,9 +321,10 @@ STAGES: list[Stage] = [
     Stage(
         "report",
         does=(
-            "every pair side by side: tables, heatmaps over (L, k), η(r) and ceiling(r) per k, causal Δ with CIs, α "
-            "curves; feature cards (top contexts, rate, verdict and feature R² per kept feature); every feature-level "
-            "number of an SAE that missed its gates marked UNRELIABLE; a missing pair output is listed, not fatal"
+            "every pair side by side: tables, heatmaps over (L, k), η(r) and ceiling(r) per k, η's learning curves, "
+            "causal Δ with CIs, α curves; feature cards (top contexts, rate, verdict and feature R² per kept "
+            "feature); every feature-level number of an SAE that missed its gates marked UNRELIABLE; a missing "
+            "pair output is listed, not fatal"
         ),
         output="`reports/summary.md`, `reports/features.html`, `reports/figures/summary_*.png`, `reports/plots/`",
         deps=[
@@ -338,11 +339,15 @@ STAGES: list[Stage] = [
             _e("evaluate.transported_r2"),
             _e("evaluate.min_active_tokens"),
             _e("evaluate.subspace_fraction"),
+            _e("evaluate.null_replicates"),
             PATHS,
         ],
         outs=[_report(f"{R}/summary.md"), _report(f"{R}/features.html"), _report(f"{R}/plots")],
         metrics=[_report(f"{R}/headline.json")],
-        plots=[_report(f"{R}/figures/summary_{name}.png") for name in ("heatmaps", "efficiency", "causal", "alpha")],
+        plots=[
+            _report(f"{R}/figures/summary_{name}.png")
+            for name in ("heatmaps", "efficiency", "causal", "alpha", "learning_curve")
+        ],
     ),
 ]
 

@@ -29,6 +29,10 @@ class DesignEffects:
     null: float
     n_groups: int  # documents seen
     raw: tuple[float, float, float]  # score, r2, null before clipping
+    r2_sd: float  # sd of the whitened test R² over documents: √Σ_g(E_g − (SSE/SST)·D_g)² / SST
+    r2w_sd: float  # the same for the variance-weighted R² (unwhitened ε and y − ȳ)
+    heteroscedasticity: float  # κ = mean ‖x̃‖²‖ε̃‖² / (mean ‖x̃‖² · mean ‖ε̃‖²): 1 when the error's size
+    # does not depend on the source's; OLS's estimation error scales with κ (the sandwich form)
 
 
 class _ClusteredSum:
@@ -74,15 +78,19 @@ class DesignEffectAccumulator:
         self.r2_tokens = np.zeros(3)  # Σ_t e², e·d, d²
         self.r2_groups = np.zeros(3)  # Σ_g E_g², E_g·D_g, D_g²
         self.r2_totals = np.zeros(2)  # SSE, SST
+        self.r2w = _LinearisedR2()  # the same R², unwhitened
+        self.hetero = np.zeros(2)  # Σ ‖x̃‖², Σ ‖x̃‖²‖ε̃‖²
 
     def add(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> None:
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        err = (y - x @ self.W.T - self.b) @ self.A
-        dev = (y - self.mean_y) @ self.A
+        err_raw, dev_raw = y - x @ self.W.T - self.b, y - self.mean_y
+        err, dev = err_raw @ self.A, dev_raw @ self.A
         xw = (x - self.mean_x) @ self.B
         e, d, xx = (np.einsum("ij,ij->i", v, v) for v in (err, dev, xw))
         self.r2_tokens += [e @ e, e @ d, d @ d]
         self.r2_totals += [e.sum(), d.sum()]
+        self.r2w.add(groups, *(np.einsum("ij,ij->i", v, v) for v in (err_raw, dev_raw)))
+        self.hetero += [xx.sum(), xx @ e]
         self.sums["score"].add_tokens(float(xx @ e))  # ‖x̃ ε̃ᵀ‖_F² = ‖x̃‖²‖ε̃‖²
         self.sums["null"].add_tokens(float(xx @ d))
         bounds = np.flatnonzero(np.diff(groups)) + 1
@@ -122,7 +130,40 @@ class DesignEffectAccumulator:
         raw_r2 = float(weights @ self.r2_groups) / token if token > 0 else math.nan
         raw = (self.sums["score"].design_effect(n, sum_n_sq), raw_r2, self.sums["null"].design_effect(n, sum_n_sq))
         clipped = [max(1.0, v) if math.isfinite(v) else 1.0 for v in raw]
-        return DesignEffects(clipped[0], clipped[1], clipped[2], len(self.sizes), raw)
+        r2_sd = math.sqrt(max(float(weights @ self.r2_groups), 0.0)) / sst if sst > 0 else math.nan
+        sum_xx, sum_xx_e = self.hetero
+        kappa = n * sum_xx_e / (sum_xx * sse) if sum_xx * sse > 0 else math.nan
+        return DesignEffects(clipped[0], clipped[1], clipped[2], len(self.sizes), raw, r2_sd, self.r2w.sd(), kappa)
+
+
+class _LinearisedR2:
+    """Per-document sums E_g = Σ e_t, D_g = Σ d_t of a squared error e and a squared deviation d, streamed in
+    store order: the document-clustered sd of R² = 1 − ΣE/ΣD, √Σ_g(E_g − r·D_g)² / ΣD with r = ΣE/ΣD."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[float, float]] = []
+        self.open_id: int | None = None
+        self.open = np.zeros(2)
+
+    def add(self, groups: np.ndarray, e: np.ndarray, d: np.ndarray) -> None:
+        bounds = np.flatnonzero(np.diff(groups)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(groups)]):
+            if int(groups[lo]) != self.open_id:
+                self._close()
+                self.open_id = int(groups[lo])
+            self.open += [e[lo:hi].sum(), d[lo:hi].sum()]
+
+    def _close(self) -> None:
+        if self.open_id is not None:
+            self.closed.append((float(self.open[0]), float(self.open[1])))
+        self.open = np.zeros(2)
+
+    def sd(self) -> float:
+        self._close()
+        self.open_id = None
+        E, D = np.array(self.closed).reshape(-1, 2).T
+        total = float(D.sum())
+        return float(np.sqrt(np.sum((E - E.sum() / total * D) ** 2))) / total if total > 0 else math.nan
 
 
 def effective_n(n: float, design_effect: float) -> int:

@@ -184,6 +184,7 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
         "evaluate.n_ranks": params.evaluate.n_ranks,
         "evaluate.null_replicates": params.evaluate.null_replicates,
         "evaluate.feature_resamples": params.evaluate.feature_resamples,
+        "evaluate.curve_resamples": params.evaluate.curve_resamples,
         "languages.fit_tokens": params.languages.fit_tokens,
         "languages.test_tokens": params.languages.test_tokens,
         "languages.overlap_rank": params.languages.overlap_rank,
@@ -195,6 +196,8 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
             raise ParamsError(f"{key}: must be positive, got {value}")
     if not 0 < params.tune.alpha_min < params.tune.alpha_max:
         raise ParamsError("tune.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
+    if params.evaluate.curve_blocks < 8 or params.evaluate.curve_blocks % 8:
+        raise ParamsError(f"evaluate.curve_blocks: a positive multiple of 8, got {params.evaluate.curve_blocks}")
     if params.tune.objective == "kfold" and params.tune.kfold < 2:
         raise ParamsError("tune.kfold: needs at least 2 folds")
     for key, value in {

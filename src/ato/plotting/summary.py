@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ato.artifacts import PairMetrics
-from ato.reporting.cells import fmt, fmt_int
+from ato.reporting.cells import fmt, fmt_ci, fmt_int
 from ato.reporting.results import PairResults
 
 from . import UNRELIABLE_COLOUR, mark_unreliable, pyplot, save_figure, unreliable_sae_text
@@ -368,3 +368,46 @@ def _alpha_curves(ax: Any, ax_zoom: Any, results: list[PairResults]) -> tuple[li
             for target, y in ((ax, best), (ax_zoom, 0.0)):
                 target.plot([alpha], [y], marker="*", ms=13, color=colour, markeredgecolor="black", zorder=4)
     return absent, low, gaps
+
+
+# --------------------------------------------------------------------------------------------
+# Learning curve
+
+CURVE_FRACTIONS = (8, 4, 2, 1)  # the subsets 1/8 … all of train (`PairMetrics.curve_*_f<n>`)
+
+
+def plot_learning_curve(path: Path, results: list[PairResults], dpi: int) -> Path:
+    """One panel per pair: η(test) of the ridge map fitted on 1/8 … all of train against 1/n, the straight
+    line through them, and η∞ at 1/n = 0 with its 95 % interval beside 1 (an exactly linear map's η∞)."""
+    plt = pyplot()
+    cols = min(3, max(1, len(results)))
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, res in zip(axes.flat, results):
+        _curve_panel(ax, res)
+    for ax in list(axes.flat)[len(results) :]:
+        ax.set_visible(False)
+    fig.suptitle("η(test) on nested train subsets, extrapolated to n → ∞ (◆ = η∞ with its 95 % interval)", fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
+def _curve_panel(ax: Any, res: PairResults) -> None:
+    m = res.m
+    n = np.array([getattr(m, f"curve_n_f{f}") for f in CURVE_FRACTIONS])
+    eta = np.array([getattr(m, f"curve_eta_f{f}") for f in CURVE_FRACTIONS])
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    shortfall = fmt_ci(m.eta_shortfall, m.eta_shortfall_lo, m.eta_shortfall_hi, "+.3f")
+    ax.set_title(f"{res.name}: shortfall 1 − η∞ = {shortfall}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("1 / train tokens (×10⁻⁵)")
+    if not (np.all(np.isfinite(n)) and np.all(np.isfinite(eta)) and math.isfinite(m.eta_inf)):
+        ax.text(0.5, 0.5, "no learning curve", transform=ax.transAxes, ha="center", fontsize=8)
+        return
+    x = 1e5 / n
+    slope = np.polyfit(x, eta, 1)[0]
+    ax.plot([0.0, x.max()], [m.eta_inf, m.eta_inf + slope * x.max()], color="tab:blue", lw=1, ls="--")
+    ax.plot(x, eta, "o", color="tab:blue", label="observed (1/8 … all)")
+    ax.errorbar([0.0], [m.eta_inf], yerr=[[m.eta_inf - m.eta_inf_lo], [m.eta_inf_hi - m.eta_inf]],
+                fmt="D", color="tab:red", capsize=3, label=f"η∞ {fmt(m.eta_inf, '.3f')}")  # fmt: skip
+    ax.legend(fontsize=7, loc="lower left")

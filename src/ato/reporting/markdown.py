@@ -21,6 +21,7 @@ CAPTIONS = {
     "efficiency": "Transport efficiency η(r) and CCA ceiling(r) per k, held-out subspace size beside its null",
     "causal": "Causal check: Δ log-perplexity and damage recovered vs mean ablation, with 95 % intervals",
     "alpha": "Ridge penalty α → validation R²",
+    "learning_curve": "η(test) on nested train subsets and its value at n → ∞ (learning curve)",
 }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ato.accumulate import document_block_stats
 from ato.artifacts import (
     EfficiencyTable,
     Layout,
@@ -77,7 +78,11 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     chunks = inputs.store.iter_chunks("test", [pair.L, pair.target], params.stats.chunk_tokens,
                                       params.stats.include_bos, with_tokens=True)  # fmt: skip
     documents = ((c[pair.L], c[pair.target], c["doc_id"]) for c in chunks)
-    result = evaluate(acc, inputs.splits, inputs.predictors, inputs.features, inputs.alpha, params.evaluate, documents)
+    blocks = document_block_stats(inputs.store, pair.L, pair.target, params.evaluate.curve_blocks,
+                                  params.stats.chunk_tokens, params.stats.include_bos)  # fmt: skip
+    result = evaluate(
+        acc, inputs.splits, inputs.predictors, inputs.features, inputs.alpha, params.evaluate, documents, blocks
+    )
     gate = sae_gate(layout, pair.target)
     result.metrics.sae_reliable = float(gate.reliable)
     with atomic_group():  # all seven files or none (they lie in three directories)
@@ -87,10 +92,12 @@ def evaluate_pair(params: Params, name: str) -> PairMetrics:
     log.info(
         "evaluate %s: R²=%.4f (identity %.4f, OLS %.4f); kept features transported/undetermined/synthesised "
         "%d/%d/%d, every live feature's transported fraction %.3f; ceiling %.4f; "
-        "η_test %.4f vs linear %.4f (ratio %.4f); held-out subspace %d (null %.0f ± %.0f), PR %.1f (null %.1f)",
+        "η_test %.4f vs linear %.4f (ratio %.4f), η∞ %.4f [%.4f, %.4f]; held-out subspace %d (null %.0f ± %.0f), "
+        "PR %.1f (null %.1f)",
         name, m.ato.r2, m.identity.r2, m.ols.r2, int(m.n_transported), int(m.n_undetermined), int(m.n_synthesised),
         m.live_transported_fraction,
-        m.ceiling_full, m.eta_test, m.eta_expected, m.eta_ratio, int(m.heldout_subspace_size),
+        m.ceiling_full, m.eta_test, m.eta_expected, m.eta_ratio, m.eta_inf, m.eta_inf_lo, m.eta_inf_hi,
+        int(m.heldout_subspace_size),
         m.heldout_subspace_size_null, m.heldout_subspace_size_null_std, m.heldout_pr, m.heldout_pr_null,
     )  # fmt: skip
     return m

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ato.artifacts import Layout, atomic_group, write_text_atomic
 from ato.params import Params
-from ato.plotting.summary import plot_alpha, plot_efficiency, plot_heatmaps
+from ato.plotting.summary import plot_alpha, plot_efficiency, plot_heatmaps, plot_learning_curve
 from ato.plotting.summary_causal import plot_causal
 from ato.reporting import (
     PairResults,
@@ -88,6 +88,7 @@ def write_figures(
         "efficiency": plot_efficiency(figure("efficiency"), results, params.evaluate.subspace_fraction, dpi),
         "causal": plot_causal(figure("causal"), results, params.report.causal_scope, dpi),
         "alpha": plot_alpha(figure("alpha"), results, dpi),
+        "learning_curve": plot_learning_curve(figure("learning_curve"), results, dpi),
     }
 
 
