@@ -113,6 +113,8 @@ class SpliceQuality:
     ce_recovered_mean: float  # (CE_mean − CE_sae) / (CE_mean − CE_clean)
     ce_recovered_zero_se: float  # jackknife standard error over sequences
     ce_recovered_mean_se: float
+    delta_sae: float  # ce_sae − ce_clean: the splice's own damage, nats per scored token
+    delta_sae_se: float  # jackknife standard error over sequences
     n_sequences: int
     n_scored_tokens: int
 
@@ -225,6 +227,9 @@ def _summarise(per_seq: dict[str, np.ndarray], layer: int) -> SpliceQuality:
 
     ce = {name: per_seq[f"{layer}/{name}/ce"] for name in ("sae", "zero", "mean")}
     rec = {ref: _recovered(per_seq["clean"], ce["sae"], ce[ref], count) for ref in ("zero", "mean")}
+    delta = _jackknife(
+        lambda keep: float((ce["sae"][keep].sum() - per_seq["clean"][keep].sum()) / count[keep].sum()), len(count)
+    )
     return SpliceQuality(
         ce_clean=mean("clean"),
         ce_sae=mean(f"{layer}/sae/ce"),
@@ -237,6 +242,8 @@ def _summarise(per_seq: dict[str, np.ndarray], layer: int) -> SpliceQuality:
         ce_recovered_mean=rec["mean"][0],
         ce_recovered_zero_se=rec["zero"][1],
         ce_recovered_mean_se=rec["mean"][1],
+        delta_sae=delta[0],
+        delta_sae_se=delta[1],
         n_sequences=len(count),
         n_scored_tokens=int(count.sum()),
     )
@@ -250,12 +257,16 @@ def _recovered(clean: np.ndarray, sae: np.ndarray, abl: np.ndarray, count: np.nd
         c, s, a = clean[keep].sum(), sae[keep].sum(), abl[keep].sum()
         return float((a - s) / (a - c)) if a != c else math.nan
 
-    everything = np.ones(len(count), dtype=bool)
-    value = share(everything)
-    n = len(count)
+    return _jackknife(share, len(count))
+
+
+def _jackknife(statistic: Callable[[np.ndarray], float], n: int) -> tuple[float, float]:
+    """`statistic` over all n sequences (a boolean mask selects them) and its leave-one-sequence-out
+    jackknife standard error (NaN below 2 sequences)."""
+    value = statistic(np.ones(n, dtype=bool))
     if n < 2:
         return value, math.nan
-    loo = np.array([share(np.arange(n) != i) for i in range(n)])
+    loo = np.array([statistic(np.arange(n) != i) for i in range(n)])
     return value, float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
 
 
