@@ -3,10 +3,12 @@
 - on residuals: fraction of variance explained, mean L0, dead and dense latent fractions;
 - downstream (the SAELens / SAEBench check): the model's next-token cross-entropy and its KL to the
   clean model when the SAE's reconstruction replaces the residual at the SAE's layer, against zero
-  and mean ablation of that residual; CE-loss recovered = (CE_abl − CE_sae) / (CE_abl − CE_clean).
+  and mean ablation of that residual; CE-loss recovered = (CE_abl − CE_sae) / (CE_abl − CE_clean),
+  and the splice's own cost Δ = CE_sae − CE_clean (comparable with an operator's causal Δ).
   BOS keeps its clean residual (its norm is an outlier no SAE is trained on) and the prediction made
   at BOS is not scored (no splice can change it);
-- the gates (`sae.gates`) that decide whether feature-level numbers built on the SAE are reliable;
+- the gates (`sae.gates`, CE judged against mean ablation by default) that decide whether
+  feature-level numbers built on the SAE are reliable;
 - the check that a saved SAE reloads to the same encoder.
 
 The splice is a forward hook on the layer's block (`ato.models.patch_residual`); it could move to a
