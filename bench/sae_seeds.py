@@ -47,9 +47,12 @@ def _gathered(params, store, layers, cache: Path | None):
         tokens = torch.load(cache, weights_only=True)  # tensors only: no arbitrary objects unpickled
         if all(n in tokens for n in layers):
             return SaeData({n: tokens[n] for n in layers}, len(tokens[layers[0]]), 0, 0, 0.0)
-    model, tokenizer, _ = load_prepared(params.path("model_dir"), params.sae.device)
-    corpus = Corpus(params.corpus, params.root)
-    data = gather(store, layers, params.sae.tokens, model, tokenizer, corpus, params.sae.forward_batch_size)
+    if store.n_tokens("train") >= params.sae.tokens:  # the store alone holds them: no model needed
+        data = gather(store, layers, params.sae.tokens)
+    else:
+        model, tokenizer, _ = load_prepared(params.path("model_dir"), params.sae.device)
+        corpus = Corpus(params.corpus, params.root)
+        data = gather(store, layers, params.sae.tokens, model, tokenizer, corpus, params.sae.forward_batch_size)
     if cache is not None:
         torch.save(data.tokens, cache)
     return data
