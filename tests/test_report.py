@@ -543,6 +543,57 @@ def test_headline_carries_the_sae_gates(tmp_path, monkeypatch):
     assert HeadlineMetrics.read(project / "reports" / "headline.json").saes[3].ce_rec == 0.91
 
 
+def test_summary_sets_the_sae_splice_cost_beside_the_operators(tmp_path, monkeypatch):
+    """Each SAE's Δ (CE_SAE − CE_clean) stands beside the causal Δ of every operator into its layer,
+    with the weaker ingredient named: layer 3's SAE (+0.69) loses more than L02_k1's operator (+0.023),
+    layer 1's (+0.001) less than L00_k1's (+0.021)."""
+    from ato.artifacts import SaeInfo
+    from ato.params import load_params
+    from ato.stages import report
+
+    monkeypatch.setattr(report, "_log_mlflow", lambda *a, **k: None)
+    pairs = {"L00_k1": (0, 1), "L01_k2": (1, 2), "L02_k1": (2, 1)}  # targets 1 and 3
+    project = make_project(tmp_path, pairs)
+    write_fake_outputs(project, pairs)
+    gates = {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "mean"}
+    for layer, delta, recovered in ((1, 0.001, 0.99), (3, 0.69, 0.871)):
+        SaeInfo(
+            layer=layer,
+            architecture="topk",
+            d_in=640,
+            d_sae=1024,
+            store_digest="x",
+            fve_val=0.84,
+            mean_l0=64.0,
+            dead_fraction=0.01,
+            n_val_tokens=1000,
+            hook=f"blocks.{layer}.hook_resid_post",
+            source="train",
+            reliable=recovered >= 0.9,
+            gate_failures=[] if recovered >= 0.9 else [f"ce_recovered_mean {recovered:.3f} < 0.9"],
+            gates=gates,
+            ce_recovered_zero=0.965,
+            ce_recovered_mean=recovered,
+            ce_recovered_mean_se=0.013,
+            delta_sae=delta,
+            delta_sae_se=0.0005,
+        ).write(project / "reports" / "sae" / f"layer_{layer:02d}.json")
+    report.main(load_params(project / "params.yaml"))
+    summary = (project / "reports" / "summary.md").read_text()
+    assert "| 3 | 0.840 | 1.0% | 0.871 ± 0.013 | 0.965 | +0.690 ± 0.001 | mean | **UNRELIABLE**" in summary
+    assert "| L02_k1 | 3 | +0.690 ± 0.001 | +0.023 ± 0.005 | SAE |" in summary
+    assert "| L00_k1 | 1 | +0.001 ± 0.001 | +0.021 ± 0.004 | operator |" in summary
+
+
+def test_weaker_ingredient_needs_a_difference_beyond_its_interval():
+    from ato.reporting.markdown_sae import weaker_ingredient
+
+    assert weaker_ingredient(0.69, 0.01, 0.55, 0.04) == "SAE"
+    assert weaker_ingredient(0.30, 0.01, 0.55, 0.04) == "operator"
+    assert weaker_ingredient(0.57, 0.01, 0.55, 0.04) == "neither resolved"  # |0.02| < 1.96·√(0.01² + 0.0204²)
+    assert weaker_ingredient(0.69, float("nan"), 0.55, 0.04) == "—"
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

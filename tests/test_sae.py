@@ -260,7 +260,8 @@ def test_stage_trains_saves_reports(tiny_project):
         # downstream check (random model: ablations need not hurt, but they move the distribution)
         assert info["n_eval_sequences"] == 4 and info["n_eval_tokens"] == 4 * 6  # 7 predictions, BOS's not scored
         assert info["kl_sae"] >= 0 and info["kl_zero"] > 0 and info["kl_mean"] > 0
-        assert info["gates"] == {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "zero"}
+        assert info["gates"] == {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "mean"}
+        assert info["delta_sae"] == pytest.approx(info["ce_sae"] - info["ce_clean"]) and info["delta_sae_se"] >= 0
         assert info["reliable"] == (not info["gate_failures"])
         assert json.loads((params.path("reports") / "sae" / f"layer_{n:02d}.json").read_text()) == info
         sae = SAE.load_from_disk(str(d))
@@ -328,6 +329,53 @@ def test_failing_gate_marks_the_sae_unreliable(tiny_project):
     assert all(info.reliable and not info.gate_failures for info in stage.main(params).values())
 
 
+def test_default_ce_gate_is_judged_against_mean_ablation(tiny_project, monkeypatch):
+    """With the default gates, an SAE that recovers 0.99 of zero ablation's loss but only 0.50 of mean
+    ablation's fails its CE gate (a gate judged against zero ablation would pass it)."""
+    from ato.sae.quality import SpliceQuality
+    from ato.stages import sae as stage
+
+    params = load_tiny_params(tiny_project, **{**STAGE_OVERRIDES, "sae.steps": 5})
+    make_model_store(tiny_project)
+    assert params.sae.gates.ce_reference == "mean"
+    planted = SpliceQuality(
+        ce_clean=3.0,
+        ce_sae=3.5,
+        ce_zero=53.0,
+        ce_mean=4.0,
+        kl_sae=0.4,
+        kl_zero=20.0,
+        kl_mean=0.9,
+        ce_recovered_zero=0.99,
+        ce_recovered_mean=0.50,
+        ce_recovered_zero_se=0.01,
+        ce_recovered_mean_se=0.05,
+        delta_sae=0.5,
+        delta_sae_se=0.05,
+        n_sequences=4,
+        n_scored_tokens=24,
+    )
+    monkeypatch.setattr(stage, "splice_quality", lambda model, saes, *args: {n: planted for n in saes})
+    for info in stage.main(params).values():
+        assert any(f.startswith("ce_recovered_mean 0.500 < 0.9") for f in info.gate_failures)
+        assert not info.reliable and info.delta_sae == 0.5
+
+
+def test_splice_delta_is_the_sae_loss_over_clean_with_its_jackknife_error():
+    """Δ SAE = (Σ CE_SAE − Σ CE_clean) / Σ scored tokens over sequences, and its leave-one-out error."""
+    from ato.sae.quality import _summarise
+
+    count = np.array([10.0, 20.0, 30.0])
+    clean = np.array([25.0, 60.0, 81.0])
+    sae = clean + np.array([5.0, 8.0, 18.0])  # Δ per sequence 0.5, 0.4, 0.6 nats/token
+    per_seq = {"count": count, "clean": clean, "6/sae/ce": sae, "6/zero/ce": clean * 5, "6/mean/ce": clean * 2}
+    per_seq |= {f"6/{name}/kl": np.ones(3) for name in ("sae", "zero", "mean")}
+    out = _summarise(per_seq, 6)
+    assert out.delta_sae == pytest.approx(31.0 / 60.0) == pytest.approx(out.ce_sae - out.ce_clean)
+    loo = np.array([26.0 / 50.0, 23.0 / 40.0, 13.0 / 30.0])
+    assert out.delta_sae_se == pytest.approx(np.sqrt(2 / 3 * ((loo - loo.mean()) ** 2).sum()))
+
+
 def test_gate_failures_name_the_shortfall():
     from ato.params import SaeGates
     from ato.sae.quality import gate_failures
@@ -338,9 +386,9 @@ def test_gate_failures_name_the_shortfall():
     assert out == [
         "fve_val 0.572 < 0.8 (short by 0.228)",
         "dead_fraction 0.387 > 0.05 (over by 0.337)",
-        "ce_recovered_zero 0.700 < 0.9 (short by 0.200)",
+        "ce_recovered_mean 0.700 < 0.9 (short by 0.200)",
     ]
-    assert gate_failures(gates, 0.9, 0.0, None) == ["ce_recovered_zero not measured (sae.eval_sequences: 0)"]
+    assert gate_failures(gates, 0.9, 0.0, None) == ["ce_recovered_mean not measured (sae.eval_sequences: 0)"]
     assert gate_failures(gates, float("nan"), 0.0, 0.95)[0].startswith("fve_val nan")
 
 

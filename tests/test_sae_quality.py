@@ -67,9 +67,11 @@ def test_identity_zero_and_mean_saes_give_their_known_answers():
     assert perfect.ce_sae == pytest.approx(perfect.ce_clean, abs=1e-6) and abs(perfect.kl_sae) < 1e-6
     assert perfect.ce_recovered_zero == pytest.approx(1.0) and perfect.ce_recovered_mean == pytest.approx(1.0)
     assert perfect.ce_recovered_zero_se == pytest.approx(0.0, abs=1e-9)
+    assert perfect.delta_sae == pytest.approx(0.0, abs=1e-6)  # a perfect reconstruction costs nothing
     zero = out[2]
     assert zero.ce_sae == pytest.approx(zero.ce_zero) and zero.kl_sae == pytest.approx(zero.kl_zero)
     assert zero.ce_recovered_zero == pytest.approx(0.0, abs=1e-9)
+    assert zero.delta_sae == pytest.approx(zero.ce_zero - zero.ce_clean)
     as_mean = out[3]
     assert as_mean.ce_recovered_mean == pytest.approx(0.0, abs=1e-9) and as_mean.kl_sae == pytest.approx(
         as_mean.kl_mean

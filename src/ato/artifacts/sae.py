@@ -72,6 +72,9 @@ class SaeInfo(Record):
     ce_recovered_mean: float | None = None  # (ce_mean − ce_sae) / (ce_mean − ce_clean)
     ce_recovered_zero_se: float | None = None  # jackknife standard error over sequences
     ce_recovered_mean_se: float | None = None  # jackknife standard error over sequences
+    # the SAE's own cost, comparable with an operator's causal Δ: log-ppl(SAE spliced) − log-ppl(clean)
+    delta_sae: float | None = None  # ce_sae − ce_clean, nats per scored token
+    delta_sae_se: float | None = None  # jackknife standard error over sequences
     n_eval_sequences: int | None = None  # VAL sequences of the downstream check (sae.eval_sequences)
     n_eval_tokens: int | None = None  # predictions scored in it
     stage_seconds: float | None = None  # wall time of the whole `sae` stage (all layers) when this record was written

@@ -11,6 +11,7 @@ from ato.kinds import kinds_for
 from .cells import DASH, fmt, fmt_ci, fmt_int, how_to_read, md_table
 from .feature_cards import LayerCards, cards_markdown
 from .markdown_causal import causal_section
+from .markdown_sae import sae_section
 from .markdown_transport import efficiency_section, subspace_section
 from .results import PairResults
 from .settings import SummarySettings
@@ -54,6 +55,7 @@ def render_summary(
         _stale(s, stale or {}),
         _residual(results),
         _alpha(results),
+        sae_section(s, results),
         _features(s, results, cards),
         cards_markdown(cards) if cards else [],
         efficiency_section(s, results),

@@ -3,10 +3,12 @@
 - on residuals: fraction of variance explained, mean L0, dead and dense latent fractions;
 - downstream (the SAELens / SAEBench check): the model's next-token cross-entropy and its KL to the
   clean model when the SAE's reconstruction replaces the residual at the SAE's layer, against zero
-  and mean ablation of that residual; CE-loss recovered = (CE_abl − CE_sae) / (CE_abl − CE_clean).
+  and mean ablation of that residual; CE-loss recovered = (CE_abl − CE_sae) / (CE_abl − CE_clean),
+  and the splice's own cost Δ = CE_sae − CE_clean (comparable with an operator's causal Δ).
   BOS keeps its clean residual (its norm is an outlier no SAE is trained on) and the prediction made
   at BOS is not scored (no splice can change it);
-- the gates (`sae.gates`) that decide whether feature-level numbers built on the SAE are reliable;
+- the gates (`sae.gates`, CE judged against mean ablation by default) that decide whether
+  feature-level numbers built on the SAE are reliable;
 - the check that a saved SAE reloads to the same encoder.
 
 The splice is a forward hook on the layer's block (`ato.models.patch_residual`); it could move to a
@@ -113,6 +115,8 @@ class SpliceQuality:
     ce_recovered_mean: float  # (CE_mean − CE_sae) / (CE_mean − CE_clean)
     ce_recovered_zero_se: float  # jackknife standard error over sequences
     ce_recovered_mean_se: float
+    delta_sae: float  # ce_sae − ce_clean: the splice's own damage, nats per scored token
+    delta_sae_se: float  # jackknife standard error over sequences
     n_sequences: int
     n_scored_tokens: int
 
@@ -225,6 +229,9 @@ def _summarise(per_seq: dict[str, np.ndarray], layer: int) -> SpliceQuality:
 
     ce = {name: per_seq[f"{layer}/{name}/ce"] for name in ("sae", "zero", "mean")}
     rec = {ref: _recovered(per_seq["clean"], ce["sae"], ce[ref], count) for ref in ("zero", "mean")}
+    delta = _jackknife(
+        lambda keep: float((ce["sae"][keep].sum() - per_seq["clean"][keep].sum()) / count[keep].sum()), len(count)
+    )
     return SpliceQuality(
         ce_clean=mean("clean"),
         ce_sae=mean(f"{layer}/sae/ce"),
@@ -237,6 +244,8 @@ def _summarise(per_seq: dict[str, np.ndarray], layer: int) -> SpliceQuality:
         ce_recovered_mean=rec["mean"][0],
         ce_recovered_zero_se=rec["zero"][1],
         ce_recovered_mean_se=rec["mean"][1],
+        delta_sae=delta[0],
+        delta_sae_se=delta[1],
         n_sequences=len(count),
         n_scored_tokens=int(count.sum()),
     )
@@ -250,12 +259,16 @@ def _recovered(clean: np.ndarray, sae: np.ndarray, abl: np.ndarray, count: np.nd
         c, s, a = clean[keep].sum(), sae[keep].sum(), abl[keep].sum()
         return float((a - s) / (a - c)) if a != c else math.nan
 
-    everything = np.ones(len(count), dtype=bool)
-    value = share(everything)
-    n = len(count)
+    return _jackknife(share, len(count))
+
+
+def _jackknife(statistic: Callable[[np.ndarray], float], n: int) -> tuple[float, float]:
+    """`statistic` over all n sequences (a boolean mask selects them) and its leave-one-sequence-out
+    jackknife standard error (NaN below 2 sequences)."""
+    value = statistic(np.ones(n, dtype=bool))
     if n < 2:
         return value, math.nan
-    loo = np.array([share(np.arange(n) != i) for i in range(n)])
+    loo = np.array([statistic(np.arange(n) != i) for i in range(n)])
     return value, float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
 
 
