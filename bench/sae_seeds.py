@@ -10,7 +10,7 @@ decoder cosine (Hungarian assignment, `ato.math.sae_matching`). Per layer and se
 
 - the share of the first seed's live latents whose partner has decoder cosine ≥ 0.5 / 0.7 / 0.9, and
   the same over the run's kept features (`select`'s FeatureSet) when the run's SAE is the first seed's;
-- verdict agreement: every latent of each seed is judged by `ato.math.metrics.feature_verdicts`
+- verdict agreement: every latent of each seed is judged by `ato.math.metrics.interval_verdicts` on its point R²
   (the evaluate stage's rule and thresholds, `evaluate.transported_r2` / `min_active_tokens`) for
   each pair into the layer, on the TEST split with the pair's fitted operator; the share of matched
   pairs (cosine ≥ 0.7, both judged) whose verdicts agree.
@@ -37,14 +37,14 @@ TEST_CHUNK_TOKENS = 4096
 
 def _gathered(params, store, layers, cache: Path | None):
     """{layer: float32 [n, d]} TRAIN tokens as the stage gathers them (from `cache` when it has them)."""
-    import torch
+    from safetensors.torch import load_file, save_file
 
     from ato.corpus import Corpus
     from ato.models import load_prepared
     from ato.sae.data import SaeData, gather
 
     if cache is not None and cache.exists():
-        tokens = torch.load(cache, weights_only=True)  # tensors only: no arbitrary objects unpickled
+        tokens = {int(k): v for k, v in load_file(cache).items()}  # safetensors: nothing unpickled
         if all(n in tokens for n in layers):
             return SaeData({n: tokens[n] for n in layers}, len(tokens[layers[0]]), 0, 0, 0.0)
     if store.n_tokens("train") >= params.sae.tokens:  # the store alone holds them: no model needed
@@ -54,7 +54,7 @@ def _gathered(params, store, layers, cache: Path | None):
         corpus = Corpus(params.corpus, params.root)
         data = gather(store, layers, params.sae.tokens, model, tokenizer, corpus, params.sae.forward_batch_size)
     if cache is not None:
-        torch.save(data.tokens, cache)
+        save_file({str(n): t.contiguous() for n, t in data.tokens.items()}, cache)
     return data
 
 
@@ -63,7 +63,7 @@ def _verdicts(sae, operator, store, layer: int, ev):
     import numpy as np
     import torch
 
-    from ato.math.metrics import FeatureR2Accumulator, feature_verdicts
+    from ato.math.metrics import FeatureR2Accumulator, interval_verdicts
     from ato.math.sae_matching import unit_rows
 
     directions = unit_rows(sae.W_dec.detach().double().numpy()).T  # [d, F]
@@ -74,9 +74,9 @@ def _verdicts(sae, operator, store, layer: int, ev):
             active = (sae.encode(torch.from_numpy(y)) > 0).numpy()
         acc.update(y, operator.predict_numpy(x), directions, active)
     scores = acc.result()
-    return feature_verdicts(scores["r2"], scores["active"], ev.transported_r2, ev.min_active_tokens), np.asarray(
-        scores["active"] > 0
-    )
+    enough = np.asarray(scores["active"]) >= ev.min_active_tokens
+    point = np.asarray(scores["r2"])  # point verdicts (an interval of width 0): seeds are compared, not resampled
+    return interval_verdicts(point, point, enough, ev.transported_r2), np.asarray(scores["active"] > 0)
 
 
 def _kept(layout, layer: int, first_sae):
