@@ -1,11 +1,11 @@
 """Roofline of a finished pipeline run (issue 23): per stage, its wall time beside its compute floor.
 
-    .venv/bin/python bench/pipeline.py RUN_DIR [--tokens 2048] [--repeats 2]
+    .venv/bin/python bench/pipeline.py [RUN_DIR] [--tokens 2048] [--repeats 2]
 
-RUN_DIR is a project after `dvc repro` (its dvc.lock, params.yaml, store and outputs are read, nothing
-is written). A stage's wall time is its last output's mtime minus the previous stage's (DVC runs them one
-after another; the first stage has no known start). Its floor is the work its method cannot avoid, at
-rates measured in this invocation on RUN_DIR's own model:
+RUN_DIR (default: this directory) is a project after `dvc repro`: its dvc.lock, params.yaml, store and
+outputs are read, nothing is written. A stage's wall time is its last output's mtime minus the previous
+stage's (DVC runs them one after another; the first stage has no known start). Its floor is the work
+its method cannot avoid, at rates measured in this invocation on RUN_DIR's own model:
 
 - forward passes in token-layers (one token through one decoder block) at the bare forward rate of
   `bench/collect.py` (no hooks, no writes), and LM-head tokens at a bare head (one matmul over the
@@ -309,7 +309,7 @@ def table(rows: list[Row]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a project after `dvc repro` (read only)")
+    ap.add_argument("run", type=Path, nargs="?", default=Path("."), help="a project after `dvc repro` (read only)")
     ap.add_argument("--tokens", type=int, default=2048, help="TRAIN tokens of the bare forward measurement")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
