@@ -16,8 +16,9 @@ import sys
 from html.parser import HTMLParser
 
 import pytest
+import yaml
 
-from conftest import copy_project, load_tiny_params
+from conftest import TINY_PARAMS, load_tiny_params, make_corpus, make_prepared_model
 from test_feature_cards import _browser
 from test_ui import children, free_port, http, wait_for_health
 
@@ -27,13 +28,16 @@ VARIANTS = ["rank1", "rank64", "update8", "procrustes", "identity"]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, validated_tiny_project):
+def pipeline(tmp_path_factory):
     """The tiny project, every stage a pair run reads from, run once for the module."""
-    from ato.stages import causal, causal_reference, evaluate, fit, sae, select, stats, tune
+    from ato.stages import causal, causal_reference, collect, evaluate, fit, sae, select, stats, tune, validate
 
-    root = copy_project(validated_tiny_project, tmp_path_factory.mktemp("tracking") / "project")
+    root = tmp_path_factory.mktemp("tracking")
+    make_prepared_model(root / "models" / "base")
+    make_corpus(root / "corpus.jsonl")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     params = load_tiny_params(root, **{"fit.variants": VARIANTS, "fit.register_below_identity": True})
-    for stage in (stats, tune, fit, sae, select, evaluate, causal_reference, causal):
+    for stage in (collect, validate, stats, tune, fit, sae, select, evaluate, causal_reference, causal):
         stage.main(params)
     return params
 
