@@ -66,6 +66,9 @@ class Rates:
     flops64_per_s: float
     flops32_per_s: float
 
+    def scaled(self, factor: float) -> Rates:
+        return Rates(*(factor * v for v in vars(self).values()))
+
     def seconds(self, work: Work) -> float:
         return (
             work.token_layers / self.token_layers_per_s
@@ -312,12 +315,24 @@ def main() -> None:
     ap.add_argument("run", type=Path, nargs="?", default=Path("."), help="a project after `dvc repro` (read only)")
     ap.add_argument("--tokens", type=int, default=2048, help="TRAIN tokens of the bare forward measurement")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--run-forward",
+        type=float,
+        default=None,
+        metavar="TOK_PER_S",
+        help="the bare forward tok/s measured in the run's own session (bench/collect.py): every rate measured "
+        "here is scaled by its ratio to this one's, for a machine busier or idler now than during the run",
+    )
     args = ap.parse_args()
     import torch
 
     run = args.run.resolve()
     raw = yaml.safe_load((run / "params.yaml").read_text())
     rates = measure_rates(run, raw, args.tokens, args.repeats)
+    n_layers = Sizes.from_manifest(run / raw["paths"]["store"] / "manifest.json").n_layers
+    if args.run_forward:
+        print(f"measured bare forward {rates.token_layers_per_s / n_layers:,.0f} tok/s: every rate scaled to the run's")
+        rates = rates.scaled(args.run_forward * n_layers / rates.token_layers_per_s)
     print(
         f"\nbench/pipeline.py {args.run}  ({torch.get_num_threads()} threads; bare forward "
         f"{rates.token_layers_per_s:,.0f} token-layers/s, LM head {rates.head_tokens_per_s:,.0f} tok/s, "

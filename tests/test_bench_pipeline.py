@@ -37,6 +37,7 @@ def test_floor_seconds_add_each_kind_of_work_at_its_rate(bench):
     rates = bench.Rates(token_layers_per_s=100, head_tokens_per_s=10, flops64_per_s=1e9, flops32_per_s=2e9)
     work = bench.Work(token_layers=300, head_tokens=20, flops64=4e9, flops32=2e9)
     assert rates.seconds(work) == pytest.approx(3 + 2 + 4 + 1)
+    assert rates.scaled(2.0).seconds(work) == pytest.approx(5)  # --run-forward: a machine twice as fast
 
 
 def test_collect_and_stats_floors_by_hand(bench):
