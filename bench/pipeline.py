@@ -206,14 +206,16 @@ def _atlas_work(p: dict[str, Any], sizes: Sizes, conditions: int) -> Work:
     return Work(token_layers=jacobian, flops64=gram(rows, d, blocks)) + causal
 
 
-def stage_walls(run: Path) -> dict[str, float | None]:
+def stage_walls(run: Path, pairs: list[str]) -> dict[str, float | None]:
     """dvc.lock stage name (`causal@L05_k1`) → seconds from the previous stage's last output to its own
-    (None for the first: nothing marks its start), in the order the stages finished."""
+    (None for the first: nothing marks its start), in the order the stages finished. Entries of pairs no
+    longer in params.yaml (DVC keeps them in the lock) are left out."""
     try:
         stages = yaml.safe_load((run / "dvc.lock").read_text())["stages"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise SystemExit(f"{run / 'dvc.lock'}: not a dvc.lock of a finished run ({e!r})") from e
-    ends = {name: _last_mtime(run, spec.get("outs", [])) for name, spec in stages.items()}
+    current = {name: spec for name, spec in stages.items() if name.partition("@")[2] in ("", *pairs)}
+    ends = {name: _last_mtime(run, spec.get("outs", [])) for name, spec in current.items()}
     walls: dict[str, float | None] = {}
     previous = None
     for name, end in sorted(ends.items(), key=lambda item: item[1]):
@@ -281,7 +283,7 @@ def roofline(run: Path, rates: Rates, raw: dict[str, Any]) -> list[Row]:
     """One row per stage (its per-pair instances summed), in the order they finished."""
     sizes = Sizes.from_manifest(run / raw["paths"]["store"] / "manifest.json")
     rows: dict[str, Row] = {}
-    for name, wall in stage_walls(run).items():
+    for name, wall in stage_walls(run, list(raw["pairs"])).items():
         stage, _, pair = name.partition("@")
         work = stage_work(stage, pair or None, raw, sizes)
         row = rows.setdefault(stage, Row(stage, 0, 0.0, None if work is None else 0.0))

@@ -71,12 +71,12 @@ def test_walls_are_gaps_between_the_stages_last_outputs(bench, tmp_path):
 
     import yaml
 
-    outs = {"first": ["a"], "second": ["b/x", "b/y"], "third": ["c"]}
-    mtimes = {"a": 100.0, "b/x": 110.0, "b/y": 130.0, "c": 135.5}
+    outs = {"first": ["a"], "second": ["b/x", "b/y"], "third@p": ["c"], "third@gone": ["d"]}
+    mtimes = {"a": 100.0, "b/x": 110.0, "b/y": 130.0, "c": 135.5, "d": 50.0}  # d: a pair no longer in params
     for path, mtime in mtimes.items():
         (tmp_path / path).parent.mkdir(exist_ok=True)
         (tmp_path / path).write_text("")
         os.utime(tmp_path / path, (mtime, mtime))
     lock = {"stages": {name: {"outs": [{"path": p.split("/")[0]} for p in paths]} for name, paths in outs.items()}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert bench.stage_walls(tmp_path) == {"first": None, "second": 30.0, "third": 5.5}
+    assert bench.stage_walls(tmp_path, ["p"]) == {"first": None, "second": 30.0, "third@p": 5.5}
