@@ -220,6 +220,47 @@ def tiny_project(tmp_path: Path):
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def validated_tiny_project(tmp_path_factory) -> Path:
+    """The tiny project collected and validated (with validate's MLflow run) once per session. Never
+    changed: tests take a copy (`validated_copy`, `copy_project`)."""
+    import yaml
+
+    from ato.params import load_params
+    from ato.stages import collect, validate
+
+    project = tmp_path_factory.mktemp("validated")
+    make_prepared_model(project / "models" / "base")
+    make_corpus(project / "corpus.jsonl")
+    (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    params = load_params(project / "params.yaml")
+    collect.main(params)
+    validate.main(params)
+    return project
+
+
+def copy_project(project: Path, destination: Path) -> Path:
+    """A private copy of a project whose MLflow DB points at the copy's own artifact directory (the DB
+    records absolute artifact locations: without this, the copy's runs would log into `project`)."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(project, destination)
+    db = destination / "mlruns" / "mlflow.db"
+    if db.exists():
+        with sqlite3.connect(db) as con:
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                con.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (str(project), str(destination)))
+        con.close()
+    return destination
+
+
+@pytest.fixture
+def validated_copy(validated_tiny_project, tmp_path) -> Path:
+    """A private copy of the collected and validated tiny project (`validated_tiny_project`)."""
+    return copy_project(validated_tiny_project, tmp_path / "project")
+
+
 def load_tiny_params(project: Path, **overrides):
     """Params of a tiny project, with dotted overrides such as {"collect.part_tokens": 128}."""
     import yaml

@@ -224,20 +224,13 @@ ATLAS_TINY = {f"atlas.{key}": value for key, value in TINY_PARAMS["atlas"].items
 
 
 @pytest.fixture(scope="module")
-def atlas_run(tmp_path_factory):
-    """collect + validate + atlas on the tiny project, once for the module's tests."""
-    import yaml
+def atlas_run(tmp_path_factory, validated_tiny_project):
+    """atlas on (a copy of) the collected and validated tiny project, once for the module's tests."""
+    from ato.stages import atlas
+    from conftest import copy_project
 
-    from ato.stages import atlas, collect, validate
-    from conftest import make_corpus, make_prepared_model
-
-    root = tmp_path_factory.mktemp("atlas")
-    make_prepared_model(root / "models" / "base")
-    make_corpus(root / "corpus.jsonl")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    root = copy_project(validated_tiny_project, tmp_path_factory.mktemp("atlas") / "project")
     params = load_tiny_params(root, **ATLAS_TINY)
-    collect.main(params)
-    validate.main(params)
     return params, atlas.main(params)
 
 

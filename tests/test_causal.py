@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,6 @@ from ato.errors import AtoError
 from ato.models import final_hidden
 from ato.stages import causal, causal_reference
 from conftest import load_tiny_params, random_text, save_prepared, tiny_model, tiny_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -721,16 +718,15 @@ def test_a_foreign_reference_is_refused_naming_the_file(trained_project, no_forw
 
 
 @pytest.mark.integration
-def test_ablations_hurt_the_real_embedded_model(tmp_path):
+def test_ablations_hurt_the_real_embedded_model(real_model_dir, tmp_path):
     """Δ log-ppl of zero- and mean-ablating the residual after block 6 is positive on Gemma-3-270M."""
     import yaml
 
     from ato.corpus import Corpus
     from ato.params import CorpusParams, load_params
 
-    model_dir = ROOT / "models" / "base"
     raw = {
-        "paths": {"model_dir": str(model_dir)},
+        "paths": {"model_dir": str(real_model_dir)},
         "pairs": {"L05_k1": {"L": 5, "k": 1}},
         "corpus": {"max_length": 48},
         "causal": {
@@ -743,12 +739,6 @@ def test_ablations_hurt_the_real_embedded_model(tmp_path):
             "device": "cpu",
         },
     }
-    if not (model_dir / "ato_model.json").exists():
-        from ato.stages import prepare
-
-        raw["paths"]["model_dir"] = str(tmp_path / "models" / "base")
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-        prepare.main(load_params(tmp_path / "params.yaml"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(tmp_path / "params.yaml")
     docs = [d.text for d, _ in zip(Corpus(CorpusParams()), range(14))]

@@ -129,6 +129,26 @@ def test_repro_is_incremental(incremental_run):
     assert_params_declared(project)
 
 
+def test_the_roofline_runs_on_the_tiny_pipeline(incremental_run):
+    """bench/pipeline.py reads a finished run: one row per stage of its dvc.lock, a floor for every stage
+    with a forward pass, and the run's time / floor (its arithmetic: tests/test_bench_pipeline.py)."""
+    project = incremental_run[0]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "pipeline.py"), str(project), "--tokens", "256", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+    rows = {cells[1].strip().split(" ×")[0]: cells[2:5] for cells in table}
+    stages = {name.split("@")[0] for name in yaml.safe_load((project / "dvc.lock").read_text())["stages"]}
+    assert stages | {"**run** (stages with a known start)"} == set(rows), out.stdout
+    for stage in ("collect", "sae", "causal_reference", "causal", "languages", "atlas"):
+        assert float(rows[stage][1].replace(",", "")) > 0, out.stdout
+    assert float(rows["**run** (stages with a known start)"][2].replace(",", "")) > 0, out.stdout
+
+
 def assert_params_declared(project: Path) -> None:
     """Every params key a stage read while dvc ran it is declared in (or templated into) its dvc.yaml entry."""
     stages, params = load_pipeline(project)

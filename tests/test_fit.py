@@ -20,10 +20,8 @@ from conftest import load_tiny_params
 
 
 @pytest.fixture
-def fitted(tiny_project):
-    params = load_tiny_params(tiny_project)
-    collect.main(params)
-    validate.main(params)
+def fitted(validated_copy):
+    params = load_tiny_params(validated_copy)
     stats.main(params)
     tune.main(params)
     fit.main(params)
@@ -281,10 +279,8 @@ def test_stats_refuse_an_unvalidated_or_failed_store(tiny_project):
         stats.main(params)
 
 
-def test_kfold_statistics_partition_the_training_split(tiny_project):
-    params = load_tiny_params(tiny_project, **{"tune.objective": "kfold", "tune.kfold": 3})
-    collect.main(params)
-    validate.main(params)
+def test_kfold_statistics_partition_the_training_split(validated_copy):
+    params = load_tiny_params(validated_copy, **{"tune.objective": "kfold", "tune.kfold": 3})
     stats.main(params)
     store = ActivationStore.open(params.path("store"))
     folds = kfold_stats(store, 1, 3, 3, params.stats.chunk_tokens, params.stats.include_bos)

@@ -7,17 +7,14 @@ import pytest
 
 from ato.artifacts import ArtifactError, Layout, read_pair_stats
 from ato.params import SPLITS
-from ato.stages import collect, fit, stats, tune, validate
+from ato.stages import fit, stats, tune
 from ato.store import StoreError
 from conftest import load_tiny_params
 
 
 @pytest.fixture
-def validated(tiny_project):
-    params = load_tiny_params(tiny_project)
-    collect.main(params)
-    validate.main(params)
-    return params
+def validated(validated_copy):
+    return load_tiny_params(validated_copy)
 
 
 def fail_on_test_split(monkeypatch) -> list[str]:

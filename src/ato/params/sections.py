@@ -336,6 +336,8 @@ class ReportParams:
     # quotes η(r) and ceiling(r); the largest swept rank ≤ r is used (evaluate.n_ranks sets the sweep)
     causal_scope: Literal["all", "after"] = "after"  # causal tokens summarised: every prediction, or
     # those at/after the first patched position (the only ones a patch can change)
+    profile: str = "default"  # the params profile of the run (`scripts/repro.sh --profile quick`): any other
+    # than "default" opens the summary with a smoke-run banner
 
 
 @dataclass

@@ -74,12 +74,26 @@ def _header(s: SummarySettings, results: list[PairResults]) -> list[str]:
     return [
         "# ato — summary of the transport operators",
         "",
+        *_smoke_banner(s.report.profile),
         f"Model: {s.model}. Pairs: {len(results)} ({', '.join(r.name for r in results)}). "
         "Every score is on the held-out **test** split unless marked otherwise; BOS/special tokens are "
         f"{'included' if s.include_bos else 'excluded'} (`stats.include_bos`). Tokens per pair: "
         f"train {sizes('n_train_tokens')}, validation {sizes('n_val_tokens')}, test {sizes('n_test_tokens')}. "
         "Every headline number stands beside its reference or null; each section ends with how to read it "
         "(docs/statistics.md).",
+        "",
+    ]
+
+
+def _smoke_banner(profile: str) -> list[str]:
+    """A run of a reduced params profile says so before any number: its sizes are too small to read."""
+    if profile == "default":
+        return []
+    return [
+        f"> **SMOKE RUN — params profile `{profile}`** (`scripts/repro.sh --profile {profile}`): fewer tokens, "
+        "pairs, trials, SAE steps and causal sequences than the default. It shows that every stage runs and "
+        "what each section looks like; its numbers, intervals and gates are not results. Run the default "
+        "(`bash scripts/repro.sh`, `report.profile: default`) for those.",
         "",
     ]
 

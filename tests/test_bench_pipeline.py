@@ -1,0 +1,82 @@
+"""bench/pipeline.py's floor arithmetic on hand-computed cases (its run on the tiny pipeline:
+tests/test_dvc_pipeline.py::test_the_roofline_runs_on_the_tiny_pipeline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "bench" / "pipeline.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def sizes(bench):
+    # 6 blocks, d = 10, layers 0–5 stored; 110 train and 55 test tokens of which 10 and 5 are BOS
+    return bench.Sizes(
+        n_layers=6,
+        d_model=10,
+        stored_layers=list(range(6)),
+        tokens={"train": 110, "test": 55},
+        rows={"train": 100, "test": 50},
+    )
+
+
+def test_floor_seconds_add_each_kind_of_work_at_its_rate(bench):
+    rates = bench.Rates(token_layers_per_s=100, head_tokens_per_s=10, flops64_per_s=1e9, flops32_per_s=2e9)
+    work = bench.Work(token_layers=300, head_tokens=20, flops64=4e9, flops32=2e9)
+    assert rates.seconds(work) == pytest.approx(3 + 2 + 4 + 1)
+    assert rates.scaled(2.0).seconds(work) == pytest.approx(5)  # --run-forward: a machine twice as fast
+
+
+def test_collect_and_stats_floors_by_hand(bench):
+    raw = {"pairs": {"a": {"L": 0, "k": 1}, "b": {"L": 1, "k": 2}}, "stats": {"include_bos": False}}
+    # collect forwards every stored token through the deepest stored layer: 165 tokens × 6 blocks
+    assert bench.stage_work("collect", None, raw, sizes(bench)) == bench.Work(token_layers=990)
+    # layers {0, 1, 3}: three Grams + two cross products, each 2 · 150 rows · 10² FLOPs
+    assert bench.stage_work("stats", None, raw, sizes(bench)) == bench.Work(flops64=5 * 2 * 150 * 100)
+    raw["stats"]["include_bos"] = True
+    assert bench.stage_work("stats", None, raw, sizes(bench)).flops64 == 5 * 2 * 165 * 100
+
+
+def test_a_causal_pair_replays_only_the_blocks_after_its_target(bench):
+    from ato.kinds import kinds_for
+
+    conditions = sum(k.causal == "pair" for k in kinds_for("causal"))
+    raw = {
+        "pairs": {"a": {"L": 1, "k": 1}},
+        "causal": {"n_sequences": 2, "seq_len": 5, "position_sets": {"all": "all", "late": [3]}},
+    }
+    work = bench.stage_work("causal", "a", raw, sizes(bench))
+    # clean prefix: 10 tokens × blocks 0–2; each condition × position set: 10 tokens × blocks 3–5 and
+    # 2 × 4 predictions through the head
+    assert work.token_layers == 10 * 3 + conditions * 2 * 10 * 3
+    assert work.head_tokens == conditions * 2 * 8
+    assert work.flops64 == work.flops32 == 0
+
+
+def test_walls_are_gaps_between_the_stages_last_outputs(bench, tmp_path):
+    import os
+
+    import yaml
+
+    outs = {"first": ["a"], "second": ["b/x", "b/y"], "third@p": ["c"], "third@gone": ["d"]}
+    mtimes = {"a": 100.0, "b/x": 110.0, "b/y": 130.0, "c": 135.5, "d": 50.0}  # d: a pair no longer in params
+    for path, mtime in mtimes.items():
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("")
+        os.utime(tmp_path / path, (mtime, mtime))
+    lock = {"stages": {name: {"outs": [{"path": p.split("/")[0]} for p in paths]} for name, paths in outs.items()}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert bench.stage_walls(tmp_path, ["p"]) == {"first": None, "second": 30.0, "third@p": 5.5}
