@@ -181,13 +181,13 @@ class SaeParams:
     sae_id_template: str = "layer_{n}/width_16k/canonical"
     architecture: Literal["jumprelu", "topk"] = "topk"
     width: int = 1024  # latents
-    k: int = 64  # active latents for TopK
+    k: int = 128  # active latents for TopK (64 left layer 12 at CE recovered 0.871 vs mean ablation)
     l1_coefficient: float = 5.0  # sparsity penalty for JumpReLU
     tokens: int = 131072  # distinct TRAIN tokens per target layer: the store's first, the rest streamed from the model
     forward_batch_size: int = 16  # sequences per forward pass when streaming SAE tokens
-    steps: int = 800  # training steps (lr warm-up over the first 5 %, decay to 0 over the last 20 %)
+    steps: int = 1200  # training steps (lr warm-up over the first 5 %, decay to 0 over the last 20 %)
     batch_tokens: int = 1024  # tokens per step
-    lr: float = 1e-3
+    lr: float = 2e-3  # peak learning rate
     seed: int = 0
     eval_sequences: int = 16  # VAL sequences for CE-loss recovered / KL (0: skip the downstream check)
     eval_seq_len: int = 64  # tokens per such sequence
