@@ -16,7 +16,7 @@ decoder cosine (Hungarian assignment, `ato.math.sae_matching`). Per layer and se
   pairs (cosine ≥ 0.7, both judged) whose verdicts agree.
 
 Needs the run's store, pair statistics and operators (`ato fit`); `--cache` keeps the gathered
-training tokens between calls (a torch file of plain tensors, written and read by this script only).
+training tokens between calls (a safetensors file, written and read by this script only).
 """
 
 from __future__ import annotations
