@@ -508,7 +508,7 @@ def test_headline_metrics(reported):
 
 
 def test_headline_carries_the_sae_gates(tmp_path, monkeypatch):
-    from ato.artifacts import HeadlineMetrics, SaeInfo
+    from ato.artifacts import HeadlineMetrics
     from ato.params import load_params
     from ato.stages import report
 
@@ -516,22 +516,12 @@ def test_headline_carries_the_sae_gates(tmp_path, monkeypatch):
     pairs = {"L00_k1": (0, 1), "L01_k2": (1, 2), "L02_k1": (2, 1)}  # targets 1 and 3
     project = make_project(tmp_path, pairs)
     write_fake_outputs(project, pairs)
-    gates = {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "mean"}
-    SaeInfo(
-        layer=3,
-        architecture="topk",
-        d_in=640,
-        d_sae=1024,
-        store_digest="x",
+    _sae_info(
+        3,
         fve_val=0.83,
-        mean_l0=64.0,
         dead_fraction=0.07,
-        n_val_tokens=1000,
-        hook="blocks.3.hook_resid_post",
-        source="train",
         reliable=False,
         gate_failures=["dead fraction 0.07 > 0.05"],
-        gates=gates,
         ce_recovered_zero=0.97,
         ce_recovered_mean=0.91,
     ).write(project / "reports" / "sae" / "layer_03.json")
@@ -547,7 +537,6 @@ def test_summary_sets_the_sae_splice_cost_beside_the_operators(tmp_path, monkeyp
     """Each SAE's Δ (CE_SAE − CE_clean) stands beside the causal Δ of every operator into its layer,
     with the weaker ingredient named: layer 3's SAE (+0.69) loses more than L02_k1's operator (+0.023),
     layer 1's (+0.001) less than L00_k1's (+0.021)."""
-    from ato.artifacts import SaeInfo
     from ato.params import load_params
     from ato.stages import report
 
@@ -555,23 +544,13 @@ def test_summary_sets_the_sae_splice_cost_beside_the_operators(tmp_path, monkeyp
     pairs = {"L00_k1": (0, 1), "L01_k2": (1, 2), "L02_k1": (2, 1)}  # targets 1 and 3
     project = make_project(tmp_path, pairs)
     write_fake_outputs(project, pairs)
-    gates = {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "mean"}
     for layer, delta, recovered in ((1, 0.001, 0.99), (3, 0.69, 0.871)):
-        SaeInfo(
-            layer=layer,
-            architecture="topk",
-            d_in=640,
-            d_sae=1024,
-            store_digest="x",
+        _sae_info(
+            layer,
             fve_val=0.84,
-            mean_l0=64.0,
             dead_fraction=0.01,
-            n_val_tokens=1000,
-            hook=f"blocks.{layer}.hook_resid_post",
-            source="train",
             reliable=recovered >= 0.9,
             gate_failures=[] if recovered >= 0.9 else [f"ce_recovered_mean {recovered:.3f} < 0.9"],
-            gates=gates,
             ce_recovered_zero=0.965,
             ce_recovered_mean=recovered,
             ce_recovered_mean_se=0.013,
@@ -787,3 +766,13 @@ def test_outputs_of_pairs_and_layers_no_longer_in_params_are_listed_as_stale(tmp
 def test_no_stale_section_when_every_output_belongs_to_a_pair(reported):
     _project, _params, summary_path = reported
     assert "## Stale outputs" not in summary_path.read_text()
+
+
+def _sae_info(layer: int, **quality):
+    """A trained TopK SAE's quality record for `layer` (1024 latents on d 640, mean-ablation gates)."""
+    from ato.artifacts import SaeInfo
+
+    gates = {"min_fve": 0.8, "max_dead": 0.05, "min_ce_recovered": 0.9, "ce_reference": "mean"}
+    common = {"architecture": "topk", "d_in": 640, "d_sae": 1024, "store_digest": "x", "mean_l0": 64.0}
+    where = {"n_val_tokens": 1000, "hook": f"blocks.{layer}.hook_resid_post", "source": "train", "gates": gates}
+    return SaeInfo(layer=layer, **common, **where, **quality)
