@@ -12,8 +12,8 @@ from scipy import stats as sstats
 from threadpoolctl import threadpool_limits
 
 from ato.math.cca import CCA, efficiency_table, pinv_sqrt, rank_grid, whitening
+from ato.math.directions import DocumentProjectionSums, significant_directions, transport_directions
 from ato.math.heldout import (
-    DocumentProjectionSums,
     brute_force_split,
     cca_null,
     cumulative_subspace_size,
@@ -23,10 +23,8 @@ from ato.math.heldout import (
     rank_zero_r2,
     shift_removed_efficiency,
     shift_removed_table,
-    significant_directions,
     simulated_split,
     subspace_report,
-    transport_directions,
     true_bound_cca,
 )
 from ato.math.linear_reference import (

@@ -14,18 +14,16 @@ from threadpoolctl import threadpool_limits
 from ato.evaluate.errors import EvaluateError
 from ato.math.cca import CCA, efficiency_table, rank_grid
 from ato.math.design_effect import DesignEffectAccumulator, DesignEffects, effective_n
+from ato.math.directions import DocumentProjectionSums, TransportDirections, transport_directions
 from ato.math.heldout import (
     CCANull,
-    DocumentProjectionSums,
     HeldOutCCA,
     SubspaceReport,
-    TransportDirections,
     cca_null,
     heldout_from_cca,
     rank_zero_r2,
     shift_removed_table,
     subspace_report,
-    transport_directions,
 )
 from ato.math.learning_curve import FRACTIONS, LearningCurve, learning_curve
 from ato.math.linear_reference import LinearReference, linear_reference

@@ -35,7 +35,8 @@ from functools import cached_property
 import numpy as np
 
 from .cca import CCA, pinv_sqrt, whitening
-from .heldout import CCANull, TransportDirections, VersusNull, heldout_from_cca, transport_directions
+from .directions import TransportDirections, transport_directions
+from .heldout import CCANull, VersusNull, heldout_from_cca
 from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_variation
 from .linear_reference import LinearReference, linear_reference
 from .procrustes import peer_linearity_from_eigh, procrustes_centred, procrustes_plain
