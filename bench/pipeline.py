@@ -295,7 +295,11 @@ def roofline(run: Path, rates: Rates, raw: dict[str, Any]) -> list[Row]:
 
 
 def _cell(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+    """One decimal for the large; three significant figures below 10, so a tiny run's floor of a few
+    milliseconds does not print as 0.0."""
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:,.{digits}f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
 def table(rows: list[Row]) -> str:
@@ -308,7 +312,7 @@ def table(rows: list[Row]) -> str:
     wall = sum(r.wall for r in rows if r.wall is not None)
     floor = sum(r.floor or 0.0 for r in rows if r.wall is not None)
     ratio = wall / floor if floor else None
-    lines.append(f"| **run** (stages with a known start) | {wall:,.1f} | {floor:,.1f} | {_cell(ratio)} |")
+    lines.append(f"| **run** (stages with a known start) | {_cell(wall)} | {_cell(floor)} | {_cell(ratio)} |")
     return "\n".join(lines)
 
 

@@ -80,3 +80,14 @@ def test_walls_are_gaps_between_the_stages_last_outputs(bench, tmp_path):
     lock = {"stages": {name: {"outs": [{"path": p.split("/")[0]} for p in paths]} for name, paths in outs.items()}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert bench.stage_walls(tmp_path, ["p"]) == {"first": None, "second": 30.0, "third@p": 5.5}
+
+
+def test_a_floor_of_milliseconds_prints_its_digits(bench):
+    """A tiny run's floor (a few ms) keeps three significant figures instead of rounding to 0.0."""
+    rows = [bench.Row("collect", 1, 5.4, 0.0123), bench.Row("report", 1, 7.1, None)]
+    lines = bench.table(rows).splitlines()
+    cells = {line.split("|")[1].strip(): line.split("|")[2:5] for line in lines[2:]}
+    assert float(cells["collect"][1]) == pytest.approx(0.0123)
+    assert float(cells["collect"][2].replace(",", "")) == pytest.approx(5.4 / 0.0123, rel=1e-2)
+    assert cells["report"][1].strip() == "—"
+    assert float(cells["**run** (stages with a known start)"][0]) == pytest.approx(12.5)

@@ -43,6 +43,10 @@ from .layout import Layout, layer_dir_name, model_info_path
 # Each record is imported on first use (PEP 562), so a stage imports, and depends on (dvc.yaml),
 # only the records it uses — and `import ato.artifacts` stays light (no torch).
 _LAZY = {
+    "ContextBudget": "context",
+    "ContextFeatureVerdicts": "context",
+    "ContextKindScore": "context",
+    "Estimate": "context",
     "AtlasBudget": "atlas",
     "AtlasMapsMeta": "atlas",
     "AtlasPair": "atlas",

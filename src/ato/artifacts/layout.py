@@ -120,6 +120,10 @@ class Layout:
     def feature_table(self, pair: str) -> Path:
         return self.evaluate_dir(pair) / "features.csv"
 
+    # context
+    def context(self, pair: str) -> Path:
+        return self.reports / "context" / f"{pair}.json"
+
     # causal_reference
     @property
     def causal_reference_dir(self) -> Path:
