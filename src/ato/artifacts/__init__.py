@@ -19,6 +19,7 @@ atomic writer (`atomic_path`), and read through its record: a missing, truncated
 | causal | operator, `ModelInfo`, `CausalReference`, store | `CausalSummary` → causal(pair); `CausalSequences` |
 | languages | operators, store, SAE, `FeatureSet`, `SaeInfo`, other text | `LanguageReport` → languages |
 | atlas | `StoreManifest`, `ValidationVerdict`, store, model | `AtlasResult` → atlas_result; atlas_maps; tables |
+| context | `StoreManifest`, `ValidationVerdict`, pair_stats(train), store tokens, model | `ContextBudget` → context(pair); `ContextOperatorConfig` + maps → context_operator(pair) |
 | report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult`, `SaeInfo` | `HeadlineMetrics`, summary |
 """
 
@@ -47,6 +48,9 @@ _LAZY = {
     "ContextFeatureVerdicts": "context",
     "ContextKindScore": "context",
     "Estimate": "context",
+    "ContextOperatorConfig": "context_operator",
+    "read_context_operator": "context_operator",
+    "write_context_operator": "context_operator",
     "AtlasBudget": "atlas",
     "AtlasMapsMeta": "atlas",
     "AtlasPair": "atlas",
@@ -205,6 +209,8 @@ if TYPE_CHECKING:
         ReferenceSet,
         SequenceDetail,
     )
+    from .context import ContextBudget, ContextFeatureVerdicts, ContextKindScore, Estimate
+    from .context_operator import ContextOperatorConfig, read_context_operator, write_context_operator
     from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
     from .headline import HeadlineMetrics, PairHeadline, SaeHeadline
     from .languages import IntervalScore, LanguageReport, LanguageScores, LanguageSource, PairTransfer
