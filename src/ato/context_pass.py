@@ -123,8 +123,7 @@ def pair_rows(
 ) -> PairRows:
     """The stacked inputs and targets of `pair` at a batch's target positions."""
     x = hidden[pair.L]
-    z = routed[(pair.L, pair.k)] if pair.k > 0 else None
-    stacked = stack_context_inputs(x, z, lags, pair.fill.to(x.device), lengths.to(x.device))
+    stacked = stack_context_inputs(x, routed[(pair.L, pair.k)], lags, pair.fill.to(x.device), lengths.to(x.device))
     where = target.to(x.device)
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(where)[where]
     return PairRows(stacked[where], hidden[pair.target][where], rows)
@@ -151,6 +150,7 @@ class SplitPass:
     """One split's statistics per pair and slice, and what was kept."""
 
     stats: dict[str, list[PairStats]]  # pair → one union PairStats per slice (slice order)
+    doc_ids: list[int]  # of each sequence, in the split's order (the index `KeptBatch.sequences` uses)
     kept: list[KeptBatch] = field(default_factory=list)
     tokens: int = 0  # target rows per pair
     forward_seconds: float = 0.0  # the forward passes alone (the rest: stacking and Grams)
@@ -173,10 +173,8 @@ def stream_split(
     device = next(model.parameters()).device
     n_slices = int(slice_of.max()) + 1 if len(slice_of) else 1
     d = int(model.config.hidden_size)
-    accs = {
-        pair.name: [GramAccumulator(d * (2 + lags + pair.k), d, device) for _ in range(n_slices)] for pair in pairs
-    }
-    result = SplitPass(stats={})
+    accs = {pair.name: [GramAccumulator(d * (2 + lags + pair.k), d, device) for _ in range(n_slices)] for pair in pairs}
+    result = SplitPass(stats={}, doc_ids=[s.doc_id for s in seqs])
     t0 = time.perf_counter()
     total = sum(int((~s.special).sum()) for s in seqs)
     with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, mininterval=2.0) as bar:

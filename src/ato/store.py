@@ -356,7 +356,9 @@ def token_sequences(store: ActivationStore, split: str) -> list[StoredSequence]:
         raise StoreError(f"{store.root}/{split}: the split does not start at a sequence start (position 0)")
     ends = np.append(starts[1:], len(cols["position"]))
     return [
-        StoredSequence(cols["token_id"][a:b].astype(np.int64), cols["special"][a:b].astype(bool), int(cols["doc_id"][a]))
+        StoredSequence(
+            cols["token_id"][a:b].astype(np.int64), cols["special"][a:b].astype(bool), int(cols["doc_id"][a])
+        )
         for a, b in zip(starts, ends)
     ]
 

@@ -19,7 +19,7 @@ atomic writer (`atomic_path`), and read through its record: a missing, truncated
 | causal | operator, `ModelInfo`, `CausalReference`, store | `CausalSummary` → causal(pair); `CausalSequences` |
 | languages | operators, store, SAE, `FeatureSet`, `SaeInfo`, other text | `LanguageReport` → languages |
 | atlas | `StoreManifest`, `ValidationVerdict`, store, model | `AtlasResult` → atlas_result; atlas_maps; tables |
-| context | `StoreManifest`, `ValidationVerdict`, pair_stats(train), store tokens, model | `ContextBudget` → context(pair); `ContextOperatorConfig` + maps → context_operator(pair) |
+| context | `StoreManifest`, `ValidationVerdict`, pair_stats(train), model | `ContextBudget`; context maps |
 | report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult`, `SaeInfo` | `HeadlineMetrics`, summary |
 """
 
@@ -121,7 +121,12 @@ __all__ = [
     "CausalSequences",
     "CausalSummary",
     "CleanScores",
+    "ContextBudget",
+    "ContextFeatureVerdicts",
+    "ContextKindScore",
+    "ContextOperatorConfig",
     "EfficiencyTable",
+    "Estimate",
     "ExpectationOutcome",
     "FeatureContext",
     "FeatureContexts",
@@ -169,11 +174,13 @@ __all__ = [
     "model_info_path",
     "publish_stats_dir",
     "read_atlas_maps",
+    "read_context_operator",
     "read_json",
     "read_pair_stats",
     "read_pair_stats_meta",
     "read_train_means",
     "write_atlas_maps",
+    "write_context_operator",
     "write_csv_atomic",
     "write_json_atomic",
     "write_pair_stats",

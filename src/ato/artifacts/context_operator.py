@@ -53,7 +53,10 @@ class ContextOperatorConfig(Record):
 
 
 def write_context_operator(
-    directory: str | Path, config: ContextOperatorConfig, maps: dict[str, tuple[np.ndarray, np.ndarray]], fill: np.ndarray
+    directory: str | Path,
+    config: ContextOperatorConfig,
+    maps: dict[str, tuple[np.ndarray, np.ndarray]],
+    fill: np.ndarray,
 ) -> None:
     """The directory, written whole or not at all (published by one rename, or with the stage's group)."""
     import torch

@@ -273,7 +273,9 @@ def _check_languages(params: Params) -> None:
 def _check_context(c: ContextParams) -> None:
     for key in ("lags", "n_trials", "bootstrap_resamples", "batch_size"):
         if getattr(c, key) < (0 if key == "lags" else 1):
-            raise ParamsError(f"context.{key}: must be {'>= 0' if key == 'lags' else 'positive'}, got {getattr(c, key)}")
+            raise ParamsError(
+                f"context.{key}: must be {'>= 0' if key == 'lags' else 'positive'}, got {getattr(c, key)}"
+            )
     if not 0 < c.alpha_min < c.alpha_max:
         raise ParamsError("context.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
     fractions = c.curve_fractions
