@@ -9,6 +9,7 @@ import torch
 from conftest import copy_project, load_tiny_params
 
 KINDS = ("ato", "lagged", "prefix", "routed", "context")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +88,15 @@ def test_the_operators_reproduce_the_stored_scores(context_run):
         pair = ContextPair(name, config.L, config.k, torch.as_tensor(fill))
         again = stream_split(model, tokenizer, seqs, [pair], config.lags, 5, np.zeros(len(seqs), np.int64), keep=True)
         fits = {
-            kind: KindFit(config.columns(kind), config.alphas[kind], W.astype(np.float64), b.astype(np.float64), 0, 0)
+            kind: KindFit(config.columns(kind), config.alphas[kind], W.astype(np.float64), b.astype(np.float64))
             for kind, (W, b) in maps.items()
         }
-        sums = score_sequences(again.kept, pair, config.lags, fits, len(seqs), torch.device("cpu"))
+        sums = score_sequences(again.kept, pair, config.lags, fits, len(seqs), np.zeros(config.d_model), CPU)
+        r2_w = {name: float(v[0]) for name, v in sums.r2_w(np.ones((1, len(seqs)))).items()}
         budget = ContextBudget.read(layout.context(name))
         for kind in KINDS:
-            assert sums.r2_w(kind) == pytest.approx(budget.kinds[kind].r2_w.value, abs=1e-4), (name, kind)
-        assert sums.r2_w("identity") == pytest.approx(budget.identity_r2_w, abs=1e-6)
+            assert r2_w[kind] == pytest.approx(budget.kinds[kind].r2_w.value, abs=1e-4), (name, kind)
+        assert r2_w["identity"] == pytest.approx(budget.identity_r2_w, abs=1e-6)
 
 
 def test_the_pair_runs_log_the_budget_beside_their_own_r2(context_run):

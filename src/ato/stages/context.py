@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from ato.artifacts import ContextBudget, Layout, atomic_group, read_pair_stats, write_context_operator
-from ato.context_budget import budget_metrics, budget_record, ceilings, fit_kinds, operator_config, score_sequences
+from ato.context_budget import budget_metrics, budget_record, fit_kinds, kind_columns, operator_config, score_sequences
 from ato.context_pass import ContextPair, SplitPass, nested_slices, stream_split
 from ato.errors import AtoError
+from ato.math import context as cm
+from ato.math.context import select_inputs
 from ato.math.learning_curve import subset_sum
 from ato.models import load_prepared, resolve_device
 from ato.params import SPLITS, Params
@@ -58,9 +60,11 @@ def main(params: Params) -> None:
         slices = passes["train"].stats[pair.name]
         fits = fit_kinds(slices, passes["val"].stats[pair.name][0], passes["test"].stats[pair.name][0], d, cp.lags,
                          pair.k, cp)  # fmt: skip
-        sums = score_sequences(passes["test"].kept, pair, cp.lags, fits, n_test_sequences, device)
-        budget = budget_record(pair, fits, sums, n_tokens, n_test_sequences, cp)
-        budget.ceiling_same, budget.ceiling_context = ceilings(subset_sum(slices), d, cp.lags, pair.k)
+        train = subset_sum(slices)
+        sums = score_sequences(passes["test"].kept, pair, cp.lags, fits, n_test_sequences, train.mean_y, device)
+        budget = budget_record(pair, fits, sums, n_tokens, cp)
+        budget.ceiling_same = cm.ceiling(select_inputs(train, kind_columns("ato", d, cp.lags, pair.k)))
+        budget.ceiling_context = cm.ceiling(train)
         config = operator_config(pair, d, cp.lags, fits, budget.n_train, store.digest, info.weights_digest,
                                  int(info.n_layers))  # fmt: skip
         outputs[pair.name] = (budget, config, fits, pair)
