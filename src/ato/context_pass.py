@@ -56,10 +56,12 @@ class GramAccumulator:
     """n, Σx, Σy, XᵀX, XᵀY, YᵀY in float64 on the pass's device; `PairStats` once the pass is done."""
 
     def __init__(self, p: int, d: int, device: torch.device):
-        f64 = {"dtype": torch.float64, "device": device}
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
         self.n = 0.0
-        self.sum_x, self.sum_y = torch.zeros(p, **f64), torch.zeros(d, **f64)
-        self.xtx, self.xty, self.yty = torch.zeros(p, p, **f64), torch.zeros(p, d, **f64), torch.zeros(d, d, **f64)
+        self.sum_x, self.sum_y = zeros(p), zeros(d)
+        self.xtx, self.xty, self.yty = zeros(p, p), zeros(p, d), zeros(d, d)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(torch.float64), y.to(torch.float64)
