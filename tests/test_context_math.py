@@ -8,6 +8,8 @@ import torch
 
 from ato.artifacts.context import CONTEXT_KINDS
 from ato.math import context as cm
+from ato.math.cca import CCA
+from ato.math.ridge import HeldOutR2Weighted, RidgePath, r2_from_stats
 from ato.math.stats import PairStats
 
 
@@ -85,3 +87,39 @@ def test_selected_statistics_equal_those_of_the_selected_columns():
     want = PairStats.from_data(x[:, cols], y)
     for name in ("n", "sum_x", "sum_y", "xtx", "xty", "yty"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-12)
+
+
+def _regression_stats(rng: np.random.Generator, n: int, p: int, d: int) -> PairStats:
+    """Correlated inputs (far from unit scale), a noisy linear target: a Gram with some spread."""
+    x = rng.normal(size=(n, p)) @ rng.normal(size=(p, p)) * 3.0 + 5.0
+    y = x @ rng.normal(size=(p, d)) * 0.1 + rng.normal(size=(n, d)) * 4.0 + 2.0
+    return PairStats.from_data(x, y)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_heldout_r2_weighted_is_exact_for_every_alpha(standardize):
+    rng = np.random.default_rng(1)
+    train, val = _regression_stats(rng, 400, 12, 5), _regression_stats(rng, 300, 12, 5)
+    path = RidgePath.from_stats(train, standardize)
+    fast = HeldOutR2Weighted.of(path, val)
+    for alpha in (0.0, 1e-3, 1.0, 1e2, 1e5):
+        want = r2_from_stats(val, *path.solve(alpha))["r2_weighted"]
+        assert fast(alpha) == pytest.approx(want, abs=1e-10)
+
+
+def test_tune_and_fit_finds_the_best_alpha_of_the_curve():
+    rng = np.random.default_rng(2)
+    train, val = _regression_stats(rng, 200, 20, 4), _regression_stats(rng, 200, 20, 4)
+    fit = cm.tune_and_fit(train, val, 1e-3, 1e7, n_trials=40, seed=0)
+    assert fit.val_r2_w == pytest.approx(r2_from_stats(val, fit.W, fit.b)["r2_weighted"], abs=1e-10)
+    np.testing.assert_allclose(fit.W, RidgePath.from_stats(train).solve(fit.alpha)[0])
+    objective = HeldOutR2Weighted.of(RidgePath.from_stats(train), val)
+    best_on_grid = max(objective(a) for a in np.geomspace(1e-3, 1e7, 200))
+    assert fit.val_r2_w >= best_on_grid - 1e-3
+    assert cm.tune_and_fit(train, val, 1e-3, 1e7, n_trials=40, seed=0).alpha == fit.alpha  # seeded
+
+
+def test_the_ceiling_equals_the_cca_ceiling():
+    rng = np.random.default_rng(3)
+    s = _regression_stats(rng, 500, 15, 6)
+    assert cm.ceiling(s) == pytest.approx(CCA.from_stats(s).ceiling(), abs=1e-9)

@@ -15,13 +15,30 @@ are a sub-block of the union's (`select_inputs`): one pass over the tokens serve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
+
 import numpy as np
 import torch
+from scipy.stats import norm
 
+from .cca import pinv_sqrt
+from .learning_curve import insample_ceiling, ridge_solve, whitened_y
+from .metrics import percentile_interval
+from .ridge import HeldOutR2Weighted, RidgePath, r2_from_stats, search_alpha
 from .stats import PairStats
 
 # the kinds, in the order of their files; `context` is the union (ato.artifacts.context.CONTEXT_KINDS)
 CONTEXT_KINDS = ("ato", "lagged", "prefix", "routed", "context")
+# the budget's increments add the inputs in this order: ato → lagged → lagged + prefix → context, so
+# carried + the increments + computed = 1; `lagged_prefix` is fitted for that step alone
+INCREMENT_PATH = (
+    ("lagged", "ato", "lagged"),
+    ("prefix", "lagged", "lagged_prefix"),
+    ("routed", "lagged_prefix", "context"),
+)
+FITTED_KINDS = (*CONTEXT_KINDS, "lagged_prefix")  # every map the budget needs
 
 
 def stack_context_inputs(
@@ -74,10 +91,11 @@ def context_columns(kind: str, d: int, lags: int, k: int) -> np.ndarray:
         "lagged": [0, *lag_blocks],
         "prefix": [0, *prefix_block],
         "routed": [0, *routed_blocks],
+        "lagged_prefix": [0, *lag_blocks, *prefix_block],
         "context": list(range(n_blocks(lags, k))),
     }
     if kind not in blocks_of:
-        raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
+        raise ValueError(f"unknown context kind {kind!r}; expected one of {FITTED_KINDS}")
     return np.concatenate([np.arange(b * d, (b + 1) * d) for b in blocks_of[kind]])
 
 
@@ -85,3 +103,194 @@ def select_inputs(stats: PairStats, columns: np.ndarray) -> PairStats:
     """The statistics of (x[:, columns], y): a kind's from the union's, without a second pass."""
     cols = np.asarray(columns)
     return PairStats(stats.n, stats.sum_x[cols], stats.sum_y, stats.xtx[np.ix_(cols, cols)], stats.xty[cols], stats.yty)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting: the α search of `ato tune`, on exact validation R²_w
+
+
+class TunedFit(NamedTuple):
+    alpha: float
+    W: np.ndarray  # [d_out, p]
+    b: np.ndarray  # [d_out]
+    val_r2_w: float  # exact validation R²_w at α
+
+
+def tune_and_fit(
+    train: PairStats,
+    val: PairStats,
+    alpha_min: float,
+    alpha_max: float,
+    n_trials: int,
+    seed: int,
+    standardize: bool = False,
+) -> TunedFit:
+    """Ridge at the α that `ato tune`'s search (`ridge.search_alpha`) finds on exact validation R²_w.
+
+    One eigendecomposition of the train Gram and one rotation of the val Gram (each O(p³)) price every
+    trial at O(p²) (`HeldOutR2Weighted`); R²_w rather than `ato tune`'s uniform R² because the budget's
+    shares are R²_w, and only the total SSE is that cheap at p ≈ 4480."""
+    path = RidgePath.from_stats(train, standardize)
+    alpha, val_r2_w = search_alpha(HeldOutR2Weighted.of(path, val), alpha_min, alpha_max, n_trials, seed)
+    W, b = path.solve(alpha)
+    return TunedFit(alpha, W, b, val_r2_w)
+
+
+def ceiling(train: PairStats) -> float:
+    """The CCA ceiling (`CCA.ceiling()`: in-sample whitened R² of OLS) without `CCA.from_stats`' O(p³)
+    eigendecomposition and SVD of the inputs: one Cholesky of their correlation (`insample_ceiling`)."""
+    _, _, cyy = train.centred()
+    return insample_ceiling(whitened_y(train, pinv_sqrt(cyy / train.n)[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# The budget on the test split: per-sequence sums, document bootstrap
+
+
+@dataclass
+class SequenceSums:
+    """Per test sequence (the bootstrap's unit): all an R²_w needs. y may be shifted by any fixed vector
+    (the train mean keeps float64's digits for norms ~4e4): SST and SSE do not change."""
+
+    n: np.ndarray  # [S] target rows (BOS excluded)
+    sum_y: np.ndarray  # [S, d] Σ (y − shift)
+    sum_y2: np.ndarray  # [S] Σ ‖y − shift‖²
+    sse: dict[str, np.ndarray] = field(default_factory=dict)  # map → [S] Σ ‖y − ŷ‖² (FITTED_KINDS, identity)
+
+    def r2_w(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """Every map's R²_w over sequences drawn `counts` [R, S] times (R resamples; ones: observed), SST
+        about the drawn rows' own mean as `r2_from_stats`."""
+        n, sy = counts @ self.n, counts @ self.sum_y
+        sst = counts @ self.sum_y2 - np.einsum("rd,rd->r", sy, sy) / n
+        return {name: 1.0 - (counts @ sse) / sst for name, sse in self.sse.items()}
+
+
+@dataclass
+class ShareEstimate:
+    """A value with its interval and its learning-curve extrapolation: `ato.artifacts.context.Estimate`'s
+    fields (math imports nothing of ours: `Estimate(**asdict(share))`)."""
+
+    value: float
+    low: float
+    high: float
+    extrapolated: float = float("nan")
+    extrapolated_low: float = float("nan")
+    extrapolated_high: float = float("nan")
+
+
+Value = TypeVar("Value", float, np.ndarray)
+
+
+def budget_shares(r2_w: dict[str, Value]) -> dict[str, Value]:
+    """carried, moved, computed and the increments (`increment_<name>`) from the maps' R²_w (numbers,
+    bootstrap replicates or learning curves alike: every share is linear in them)."""
+    missing = [kind for kind in FITTED_KINDS if kind not in r2_w]
+    if missing:
+        raise KeyError(f"the budget needs the R²_w of {missing} (every map of FITTED_KINDS)")
+    out = {"carried": r2_w["ato"], "moved": r2_w["context"] - r2_w["ato"], "computed": 1.0 - r2_w["context"]}
+    for name, before, after in INCREMENT_PATH:
+        out[f"increment_{name}"] = r2_w[after] - r2_w[before]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Learning curve: nested train fractions at the kind's α, extrapolated in 1/n
+
+
+class KindCurve(NamedTuple):
+    n_train: np.ndarray  # train tokens of each nested fraction
+    r2_w: np.ndarray  # exact test R²_w of the kind's ridge, fitted on that fraction at its tuned α
+
+
+def nested_curve(slices: Sequence[PairStats], test: PairStats, columns: np.ndarray, alpha: float) -> KindCurve:
+    """`slices`: the union statistics of disjoint train slices in nesting order (the stage's 1/8, 1/8,
+    1/4, 1/2 of the train sequences); fraction j is the sum of the first j + 1. One Cholesky per fraction
+    (`learning_curve.ridge_solve`), the eigendecomposition's path where the Gram is not numerically PD."""
+    held = select_inputs(test, columns)
+    n_train, r2_w = [], []
+    subset: PairStats | None = None
+    for piece in slices:
+        part = select_inputs(piece, columns)
+        subset = part if subset is None else subset.merge(part)
+        if subset.n <= 1:
+            continue
+        try:
+            W, b = ridge_solve(subset, alpha)
+        except np.linalg.LinAlgError:
+            W, b = RidgePath.from_stats(subset).solve(alpha)
+        n_train.append(subset.n)
+        r2_w.append(float(r2_from_stats(held, W, b)["r2_weighted"]))
+    return KindCurve(np.array(n_train), np.array(r2_w))
+
+
+def extrapolated(n_train: np.ndarray, values: np.ndarray, sd_test: float, level: float) -> tuple[float, float, float]:
+    """(value at n → ∞, low, high): the intercept of the least-squares line in 1/n (as
+    `learning_curve.extrapolate`), ± z ·
+    √(se_fit² + sd_test²). se_fit is the intercept's standard error from the line's residuals (n − 2
+    degrees of freedom); sd_test the test bootstrap's sd of the observed value, which moves every point
+    of the curve alike (all are scored on the same test split). Train-side sampling beyond what the
+    residuals show is not resampled: `learning_curve`'s block bootstrap would cost resamples × fractions
+    ridge solves at p ≈ 4480."""
+    design = np.column_stack([np.ones(len(n_train)), 1.0 / n_train])
+    coef, *_ = np.linalg.lstsq(design, values, rcond=None)
+    value, dof = float(coef[0]), len(n_train) - 2
+    if dof < 1:
+        return value, float("nan"), float("nan")
+    sigma2 = float(np.sum((values - design @ coef) ** 2)) / dof
+    se_fit = float(np.sqrt(sigma2 * np.linalg.pinv(design.T @ design)[0, 0]))
+    half = float(norm.ppf(0.5 + level / 2)) * float(np.hypot(se_fit, sd_test))
+    return value, value - half, value + half
+
+
+# --------------------------------------------------------------------------------------------
+# The budget with its intervals
+
+
+@dataclass
+class BudgetEstimates:
+    r2_w: dict[str, ShareEstimate]  # every map of the sums (FITTED_KINDS, identity)
+    shares: dict[str, ShareEstimate]  # carried, moved, computed, increment_<lagged|prefix|routed>
+    resamples: int
+    level: float
+
+    @property
+    def interval(self) -> str:
+        """The words of `ContextBudget.interval`."""
+        return (
+            f"paired document bootstrap over test sequences (percentile, {self.resamples} resamples, "
+            f"level {self.level:g}); extrapolated: ± z·√(se_fit² + sd_test²) of the 1/n line"
+        )
+
+
+def context_budget(
+    sums: SequenceSums, curves: dict[str, KindCurve], resamples: int, seed: int, level: float = 0.95
+) -> BudgetEstimates:
+    """Every map's test R²_w and every share with a paired document-bootstrap percentile interval (the same
+    drawn sequences for every map), extrapolated where `curves` (every fitted kind's `nested_curve`, on the
+    same slices) are given; `curves` = {} leaves the extrapolations NaN."""
+    n_seq = len(sums.n)
+    if n_seq < 2 or resamples < 1:
+        raise ValueError(f"a document bootstrap needs ≥ 2 sequences and ≥ 1 resample; got {n_seq}, {resamples}")
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_seq, np.full(n_seq, 1.0 / n_seq), size=resamples).astype(np.float64)
+    observed = {name: float(r[0]) for name, r in sums.r2_w(np.ones((1, n_seq))).items()}
+    boot = sums.r2_w(counts)
+    shares, boot_shares = budget_shares(observed), budget_shares(boot)
+    curve_values = {name: c.r2_w for name, c in curves.items()}
+    curve_shares = budget_shares(curve_values) if curves else {}
+    n_train = next(iter(curves.values())).n_train if curves else np.array([])
+
+    def estimate(value: float, samples: np.ndarray, curve: np.ndarray | None) -> ShareEstimate:
+        low, high = percentile_interval(samples, level)
+        out = ShareEstimate(value, float(low), float(high))
+        if curve is not None:
+            sd_test = float(np.std(samples, ddof=1))
+            out.extrapolated, out.extrapolated_low, out.extrapolated_high = extrapolated(n_train, curve, sd_test, level)
+        return out
+
+    return BudgetEstimates(
+        {name: estimate(observed[name], boot[name], curve_values.get(name)) for name in observed},
+        {name: estimate(shares[name], boot_shares[name], curve_shares.get(name)) for name in shares},
+        resamples,
+        level,
+    )
