@@ -4,8 +4,9 @@
     the same-position pass of `ato stats` (`LayerStatsAccumulator` over the stored rows of the same
     tokens); target ≤ 3× its time. The context pass's own forward is timed apart and left out of the ratio.
 (b) the routed pattern pass (`ato.routed.context_forward`: eager attention, patterns applied to layer
-    L's values) against a bare forward of the same batches to the same depth (the model's own attention
-    implementation, no hooks beyond the early stop); target ≥ 0.8 of its throughput.
+    L's values) against a bare forward of the same batches (the model's own attention, hooks capturing the
+    same layers and stopping after the deepest, as collect runs it), interleaved; target ≥ 0.8 of its
+    throughput (`routed_throughput`, written with the routed pass).
 (c) with --fit, the fits of the stage per pair (α search and fit of every map, learning curves), to scale
     the stage's cost to the default run.
 
@@ -58,33 +59,35 @@ def stats_pass_seconds(store, split: str, n_rows: int, pairs: dict[str, tuple[in
     return time.perf_counter() - t0
 
 
-def bare_forward_seconds(model, tokenizer, seqs, batch_size: int, deepest: int) -> float:
-    """The same padded batches through the base model to block `deepest`, nothing else captured."""
+def routed_throughput(model, batches: list, pairs: list[tuple[int, int]], repeats: int = 3) -> dict[str, float]:
+    """Seconds of the bare forward (the model's own attention, hooks capturing every L and L + k and
+    stopping after the deepest, as collect runs it) and of the routed pass over `batches` (medians of
+    `repeats`, the two interleaved so that load on the machine hits both alike) and their ratio (bare /
+    routed: the routed pass's throughput as a share of the bare forward's)."""
     import torch
 
-    from ato.context_pass import padded_batches
     from ato.models import base_model, capture_residuals, run_captured
-    from ato.residuals import pad_id_of
-
-    t0 = time.perf_counter()
-    with torch.inference_mode(), capture_residuals(model, [deepest]):
-        for batch in padded_batches(seqs, batch_size, pad_id_of(tokenizer)):
-            run_captured(base_model(model), input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-    return time.perf_counter() - t0
-
-
-def routed_forward_seconds(model, tokenizer, seqs, batch_size: int, pairs: list[tuple[int, int]]) -> float:
-    import torch
-
-    from ato.context_pass import padded_batches
-    from ato.residuals import pad_id_of
     from ato.routed import context_forward
 
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for batch in padded_batches(seqs, batch_size, pad_id_of(tokenizer)):
-            context_forward(model, batch.ids, batch.mask, pairs)
-    return time.perf_counter() - t0
+    layers = sorted({L for L, _ in pairs} | {L + k for L, k in pairs})
+
+    def bare() -> None:
+        with torch.no_grad(), capture_residuals(model, layers):
+            for ids, mask in batches:
+                run_captured(base_model(model), input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def routed() -> None:
+        for ids, mask in batches:
+            context_forward(model, ids, mask, pairs)
+
+    timings: dict[str, list[float]] = {"bare": [], "routed": []}
+    routed()  # warm-up: the eager path's first call
+    for _ in range(repeats):
+        for name, run in (("bare", bare), ("routed", routed)):
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in timings.items()}
 
 
 def main() -> None:
@@ -99,9 +102,10 @@ def main() -> None:
     import torch
 
     from ato.artifacts import Layout
-    from ato.context_pass import ContextPair, stream_split
+    from ato.context_pass import ContextPair, padded_batches, stream_split
     from ato.models import load_prepared
     from ato.params import load_params
+    from ato.residuals import pad_id_of
     from ato.stages.context import fill_of
     from ato.store import ActivationStore
 
@@ -111,10 +115,8 @@ def main() -> None:
     model, tokenizer, _ = load_prepared(layout.model_dir)
     pairs = [ContextPair(n, p.L, p.k, fill_of(layout, n, store.digest)) for n, p in params.pairs.items()]
     seqs = first_sequences(store, args.split, args.tokens)
-    deepest = max(p.target for p in pairs)
     one_slice = np.zeros(len(seqs), np.int64)
-    bare_forward_seconds(model, tokenizer, seqs[:2], cp.batch_size, deepest)  # warm-up
-    runs: dict[str, list[float]] = {"stats": [], "context": [], "context_forward": [], "bare": [], "routed": []}
+    runs: dict[str, list[float]] = {"stats": [], "context": [], "context_forward": []}
     for _ in range(args.repeats):
         result = stream_split(model, tokenizer, seqs, pairs, cp.lags, cp.batch_size, one_slice, desc="bench")
         runs["context"].append(result.seconds - result.forward_seconds)
@@ -122,11 +124,9 @@ def main() -> None:
         runs["stats"].append(
             stats_pass_seconds(store, args.split, result.tokens, {p.name: (p.L, p.target) for p in pairs})
         )
-        runs["bare"].append(bare_forward_seconds(model, tokenizer, seqs, cp.batch_size, deepest))
-        runs["routed"].append(
-            routed_forward_seconds(model, tokenizer, seqs, cp.batch_size, [(p.L, p.k) for p in pairs])
-        )
     t = {name: statistics.median(v) for name, v in runs.items()}
+    batches = [(b.ids, b.mask) for b in padded_batches(seqs, cp.batch_size, pad_id_of(tokenizer))]
+    t |= routed_throughput(model, batches, [(p.L, p.k) for p in pairs], args.repeats)
     n = result.tokens
     print(f"context bench: {len(seqs)} {args.split} sequences, {n} target tokens, {len(pairs)} pairs, "
           f"lags {cp.lags}, {torch.get_num_threads()} threads, median of {args.repeats}\n")  # fmt: skip
@@ -135,7 +135,7 @@ def main() -> None:
         ("stats: same-position Grams of every pair (stored rows)", t["stats"]),
         ("context: union Grams of every pair (stacking + float64 Grams)", t["context"]),
         ("context: its forward pass (routed)", t["context_forward"]),
-        ("bare forward, same batches, same depth", t["bare"]),
+        ("bare forward, same batches, same captures and depth", t["bare"]),
         ("routed pattern pass (context_forward)", t["routed"]),
     ]
     for label, seconds in rows:
