@@ -27,18 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def first_sequences(store, split: str, tokens: int) -> list:
-    from ato.store import token_sequences
-
-    seqs, total = [], 0
-    for seq in token_sequences(store, split):
-        if total >= tokens:
-            break
-        seqs.append(seq)
-        total += len(seq.token_ids)
-    return seqs
-
-
 def stats_pass_seconds(store, split: str, n_rows: int, pairs: dict[str, tuple[int, int]]) -> float:
     """`ato stats`' accumulator over the first `n_rows` non-special stored rows (read, then timed)."""
     import numpy as np
@@ -107,14 +95,14 @@ def main() -> None:
     from ato.params import load_params
     from ato.residuals import pad_id_of
     from ato.stages.context import fill_of
-    from ato.store import ActivationStore
+    from ato.store import ActivationStore, token_sequences
 
     params = load_params(args.project / "params.yaml")
     layout, cp = Layout.from_params(params), params.context
     store = ActivationStore.open(layout.store)
     model, tokenizer, _ = load_prepared(layout.model_dir)
     pairs = [ContextPair(n, p.L, p.k, fill_of(layout, n, store.digest)) for n, p in params.pairs.items()]
-    seqs = first_sequences(store, args.split, args.tokens)
+    seqs = token_sequences(store, args.split, args.tokens)
     one_slice = np.zeros(len(seqs), np.int64)
     runs: dict[str, list[float]] = {"stats": [], "context": [], "context_forward": []}
     for _ in range(args.repeats):

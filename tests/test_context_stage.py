@@ -46,6 +46,19 @@ def test_the_budget_reads_back_and_adds_up(context_run):
         assert "fill" in budget.bos_inputs and "200 resamples" in budget.interval
 
 
+def test_a_token_budget_takes_the_first_whole_sequences(validated_tiny_project):
+    from ato.store import ActivationStore, token_sequences
+
+    store = ActivationStore.open(validated_tiny_project / "data" / "activations")
+    every = token_sequences(store, "train")
+    assert sum(len(s.token_ids) for s in every) == store.n_tokens("train")
+    assert all(s.special[0] and s.token_ids[0] == 2 for s in every)  # BOS-led
+    first = token_sequences(store, "train", 50)
+    lengths = [len(s.token_ids) for s in first]
+    assert sum(lengths) >= 50 > sum(lengths[:-1])
+    assert [s.doc_id for s in first] == [s.doc_id for s in every[: len(first)]]
+
+
 def test_the_pass_rows_are_the_stored_rows(context_run):
     """x_t and y of the pass's own forward, at the stored non-BOS tokens, are the rows `ato stats` summed."""
     from ato.artifacts import Layout, read_pair_stats

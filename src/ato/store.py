@@ -344,9 +344,10 @@ class StoredSequence:
     doc_id: int
 
 
-def token_sequences(store: ActivationStore, split: str) -> list[StoredSequence]:
-    """Every sequence of `split` in store order, from the token arrays alone (a sequence starts at
-    position 0 and may cross a part boundary)."""
+def token_sequences(store: ActivationStore, split: str, tokens: int = 0) -> list[StoredSequence]:
+    """The sequences of `split` in store order, from the token arrays alone (a sequence starts at
+    position 0 and may cross a part boundary): all of them, or with `tokens` > 0 the first ones whose
+    tokens reach that many."""
     chunks = list(store.iter_chunks(split, [], include_special=True, with_tokens=True))
     if not chunks:
         return []
@@ -355,6 +356,9 @@ def token_sequences(store: ActivationStore, split: str) -> list[StoredSequence]:
     if len(starts) == 0 or starts[0] != 0:
         raise StoreError(f"{store.root}/{split}: the split does not start at a sequence start (position 0)")
     ends = np.append(starts[1:], len(cols["position"]))
+    if tokens > 0:
+        keep = int(np.searchsorted(ends, tokens)) + 1  # up to the first sequence that reaches `tokens`
+        starts, ends = starts[:keep], ends[:keep]
     return [
         StoredSequence(
             cols["token_id"][a:b].astype(np.int64), cols["special"][a:b].astype(bool), int(cols["doc_id"][a])

@@ -276,6 +276,10 @@ def _check_context(c: ContextParams) -> None:
             raise ParamsError(
                 f"context.{key}: must be {'>= 0' if key == 'lags' else 'positive'}, got {getattr(c, key)}"
             )
+    if set(c.tokens) != set(SPLITS) or any(n < 0 for n in c.tokens.values()):
+        raise ParamsError(
+            f"context.tokens: needs {list(SPLITS)} token counts >= 0 (0: the whole split), got {c.tokens}"
+        )
     if not 0 < c.alpha_min < c.alpha_max:
         raise ParamsError("context.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
     fractions = c.curve_fractions

@@ -334,6 +334,9 @@ class ContextParams:
     model's attention) and the carried / moved / computed budget of every pair (docs/method.md#context-maps)."""
 
     lags: int = 2  # m: lagged inputs x_{t−1} … x_{t−m}
+    tokens: dict[str, int] = field(
+        default_factory=lambda: {"train": 0, "val": 0, "test": 0}
+    )  # first tokens of each split forwarded (whole sequences, store order); 0: the whole split
     alpha_min: float = 1e-3  # Optuna search of each kind's ridge α on exact validation R²_w (as `tune`)
     alpha_max: float = 1e7
     n_trials: int = 24  # trials per pair and kind (every trial reuses one eigendecomposition)

@@ -89,7 +89,7 @@ def stream_splits(
     """Each split forwarded once: train into the nested slices of the learning curve, test kept."""
     cp, out = params.context, {}
     for split in SPLITS:
-        seqs = token_sequences(store, split)
+        seqs = token_sequences(store, split, cp.tokens[split])
         if not seqs:
             raise ContextError(f"{store.root}: split {split} holds no sequence")
         slices = nested_slices(len(seqs), cp.curve_fractions) if split == "train" else np.zeros(len(seqs), np.int64)
