@@ -1,61 +1,69 @@
-"""Benchmark the context maps' passes (issue 22). The routed pattern pass (`ato.routed.context_forward`:
-eager attention, every block-between's pattern applied to layer L's values) against a bare forward of
-the same batches (the model's own attention, hooks that stop after the same deepest block, as collect
-runs it), same run, interleaved: target ≥ 0.8 of the bare forward's throughput.
+"""Benchmark `ato context` on the first `--tokens` tokens of one split (whole sequences), in one run:
 
-    .venv/bin/python bench/context.py [--store data/activations] [--model models/base]
-                                      [--sequences 32] [--batch-size 8] [--repeats 3]
+(a) the context statistics pass (every kind of every pair: the union Grams of the stacked inputs) against
+    the same-position pass of `ato stats` (`LayerStatsAccumulator` over the stored rows of the same
+    tokens); target ≤ 3× its time. The context pass's own forward is timed apart and left out of the ratio.
+(b) the routed pattern pass (`ato.routed.context_forward`: eager attention, patterns applied to layer
+    L's values) against a bare forward of the same batches (the model's own attention, hooks capturing the
+    same layers and stopping after the deepest, as collect runs it), interleaved; target ≥ 0.8 of its
+    throughput (`routed_throughput`, written with the routed pass).
+(c) with --fit, the fits of the stage per pair (α search and fit of every map, learning curves), to scale
+    the stage's cost to the default run.
 
-Reads the store's TEST token ids (so the batches are the pipeline's own sequences) and the pairs of
-params.yaml. Needs the prepared model and a collected store.
+    .venv/bin/python bench/context.py [--project DIR] [--tokens 4096] [--split train] [--repeats 2] [--fit]
+
+Reads DIR's params.yaml, store, train statistics and prepared model (default: this checkout); writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def store_batches(store_root: Path, n_sequences: int, batch_size: int) -> list[tuple[Any, Any]]:
-    """(input ids, attention mask) right-padded batches of the first `n_sequences` TEST sequences of the
-    store, length-sorted as collect forms them."""
-    import numpy as np
-    import torch
+def first_sequences(store, split: str, tokens: int) -> list:
+    from ato.store import token_sequences
 
-    from ato.store import ActivationStore
-
-    store = ActivationStore.open(store_root)
-    seqs: list[np.ndarray] = []
-    for index in range(len(store.parts("test"))):
-        group = store.open_part("test", index)
-        ids, starts = np.asarray(group["token_id"][:]), np.flatnonzero(np.asarray(group["position"][:]) == 0)
-        seqs += np.split(ids, starts[1:])
-        if len(seqs) >= n_sequences:
+    seqs, total = [], 0
+    for seq in token_sequences(store, split):
+        if total >= tokens:
             break
-    seqs = sorted(seqs[:n_sequences], key=len)
-    batches = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        ids = torch.zeros((len(chunk), max(map(len, chunk))), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)], mask[i, : len(s)] = torch.from_numpy(s.astype(np.int64)), 1
-        batches.append((ids, mask))
-    return batches
+        seqs.append(seq)
+        total += len(seq.token_ids)
+    return seqs
 
 
-def routed_throughput(model: Any, batches: list[tuple[Any, Any]], pairs: list[tuple[int, int]], repeats: int = 3):
-    """Seconds of the bare forward and of the routed pass over `batches` (medians of `repeats`, the two
-    interleaved so that load on the machine hits both alike) and their ratio (bare / routed: the routed
-    pass's throughput as a share of the bare forward's)."""
+def stats_pass_seconds(store, split: str, n_rows: int, pairs: dict[str, tuple[int, int]]) -> float:
+    """`ato stats`' accumulator over the first `n_rows` non-special stored rows (read, then timed)."""
+    import numpy as np
+
+    from ato.accumulate import LayerStatsAccumulator
+
+    acc = LayerStatsAccumulator(pairs, store.d_model)
+    chunks, got = [], 0
+    for chunk in store.iter_chunks(split, acc.layers, 8192):
+        take = min(n_rows - got, len(chunk[acc.layers[0]]))
+        chunks.append({layer: np.ascontiguousarray(chunk[layer][:take]) for layer in acc.layers})
+        got += take
+        if got >= n_rows:
+            break
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        acc.update(chunk)
+    return time.perf_counter() - t0
+
+
+def routed_throughput(model, batches: list, pairs: list[tuple[int, int]], repeats: int = 3) -> dict[str, float]:
+    """Seconds of the bare forward (the model's own attention, hooks capturing every L and L + k and
+    stopping after the deepest, as collect runs it) and of the routed pass over `batches` (medians of
+    `repeats`, the two interleaved so that load on the machine hits both alike) and their ratio (bare /
+    routed: the routed pass's throughput as a share of the bare forward's)."""
     import torch
 
     from ato.models import base_model, capture_residuals, run_captured
@@ -72,45 +80,83 @@ def routed_throughput(model: Any, batches: list[tuple[Any, Any]], pairs: list[tu
         for ids, mask in batches:
             context_forward(model, ids, mask, pairs)
 
-    timings: dict[str, list[float]] = {"bare_s": [], "routed_s": []}
+    timings: dict[str, list[float]] = {"bare": [], "routed": []}
     routed()  # warm-up: the eager path's first call
     for _ in range(repeats):
-        for name, run in (("bare_s", bare), ("routed_s", routed)):
+        for name, run in (("bare", bare), ("routed", routed)):
             start = time.perf_counter()
             run()
             timings[name].append(time.perf_counter() - start)
-    bare_s, routed_s = statistics.median(timings["bare_s"]), statistics.median(timings["routed_s"])
-    tokens = int(sum(int(mask.sum()) for _, mask in batches))
-    return {
-        "tokens": tokens,
-        "pairs": [list(p) for p in pairs],
-        "bare_s": round(bare_s, 3),
-        "routed_s": round(routed_s, 3),
-        "throughput_ratio": round(bare_s / routed_s, 3),
-        "runs": {name: [round(t, 3) for t in ts] for name, ts in timings.items()},
-    }
+    return {name: statistics.median(ts) for name, ts in timings.items()}
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--project", type=Path, default=ROOT, help="directory of params.yaml, store, stats, model")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--fit", action="store_true", help="also time the fits and the budget per pair (c)")
+    args = ap.parse_args()
+    import numpy as np
     import torch
-    import yaml
 
+    from ato.artifacts import Layout
+    from ato.context_pass import ContextPair, padded_batches, stream_split
     from ato.models import load_prepared
+    from ato.params import load_params
+    from ato.residuals import pad_id_of
+    from ato.stages.context import fill_of
+    from ato.store import ActivationStore
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", type=Path, default=ROOT / "data" / "activations")
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "base")
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pairs = [(int(p["L"]), int(p["k"])) for p in yaml.safe_load((ROOT / "params.yaml").read_text())["pairs"].values()]
-    model, _tokenizer, _info = load_prepared(args.model)
-    batches = store_batches(args.store, args.sequences, args.batch_size)
-    print(json.dumps(routed_throughput(model, batches, pairs, args.repeats), indent=2))
+    params = load_params(args.project / "params.yaml")
+    layout, cp = Layout.from_params(params), params.context
+    store = ActivationStore.open(layout.store)
+    model, tokenizer, _ = load_prepared(layout.model_dir)
+    pairs = [ContextPair(n, p.L, p.k, fill_of(layout, n, store.digest)) for n, p in params.pairs.items()]
+    seqs = first_sequences(store, args.split, args.tokens)
+    one_slice = np.zeros(len(seqs), np.int64)
+    runs: dict[str, list[float]] = {"stats": [], "context": [], "context_forward": []}
+    for _ in range(args.repeats):
+        result = stream_split(model, tokenizer, seqs, pairs, cp.lags, cp.batch_size, one_slice, desc="bench")
+        runs["context"].append(result.seconds - result.forward_seconds)
+        runs["context_forward"].append(result.forward_seconds)
+        runs["stats"].append(
+            stats_pass_seconds(store, args.split, result.tokens, {p.name: (p.L, p.target) for p in pairs})
+        )
+    t = {name: statistics.median(v) for name, v in runs.items()}
+    batches = [(b.ids, b.mask) for b in padded_batches(seqs, cp.batch_size, pad_id_of(tokenizer))]
+    t |= routed_throughput(model, batches, [(p.L, p.k) for p in pairs], args.repeats)
+    n = result.tokens
+    print(f"context bench: {len(seqs)} {args.split} sequences, {n} target tokens, {len(pairs)} pairs, "
+          f"lags {cp.lags}, {torch.get_num_threads()} threads, median of {args.repeats}\n")  # fmt: skip
+    print("| pass | seconds | tok/s |\n|---|---:|---:|")
+    rows = [
+        ("stats: same-position Grams of every pair (stored rows)", t["stats"]),
+        ("context: union Grams of every pair (stacking + float64 Grams)", t["context"]),
+        ("context: its forward pass (routed)", t["context_forward"]),
+        ("bare forward, same batches, same captures and depth", t["bare"]),
+        ("routed pattern pass (context_forward)", t["routed"]),
+    ]
+    for label, seconds in rows:
+        print(f"| {label} | {seconds:.2f} | {n / seconds:,.0f} |")
+    print(f"\n(a) context Grams / stats Grams: {t['context'] / t['stats']:.2f} (target ≤ 3)")
+    print(f"(b) routed pass throughput / bare forward: {t['bare'] / t['routed']:.3f} (target ≥ 0.8)")
+    if args.fit:
+        fit_table(result, pairs, store.d_model, cp)
+
+
+def fit_table(result, pairs, d: int, cp) -> None:
+    """(c): every map's α search, fit and learning curve per pair, on this pass's statistics (standing in
+    for train, val and test alike: the cost depends on p, not on the rows)."""
+    from ato.context_budget import fit_kinds
+
+    print("\n| pair | p (context) | fits + curves, s |\n|---|---:|---:|")
+    for pair in pairs:
+        stats = result.stats[pair.name]
+        t0 = time.perf_counter()
+        fits = fit_kinds(stats, stats[0], stats[0], d, cp.lags, pair.k, cp)
+        print(f"| {pair.name} | {len(fits['context'].columns)} | {time.perf_counter() - t0:.1f} |")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_the_budget_reads_back_and_adds_up(context_run):
         assert budget.kinds["ato"].p_over_n == pytest.approx(d / budget.n_train)
         assert budget.n_docs_test > 1 and budget.n_test > budget.n_docs_test
         assert budget.ceiling_same <= budget.ceiling_context + 1e-9
-        assert "fill" in budget.bos_inputs and "bootstrap" in budget.interval
+        assert "fill" in budget.bos_inputs and "200 resamples" in budget.interval
 
 
 def test_the_pass_rows_are_the_stored_rows(context_run):
@@ -72,6 +72,8 @@ def test_the_pass_rows_are_the_stored_rows(context_run):
 
 def test_the_operators_reproduce_the_stored_scores(context_run):
     """The saved maps, loaded back and run on a fresh pass over the test split, give the budget's R²_w."""
+    from safetensors import safe_open
+
     from ato.artifacts import ContextBudget, Layout, read_context_operator
     from ato.context_budget import KindFit, score_sequences
     from ato.context_pass import ContextPair, stream_split
@@ -85,6 +87,7 @@ def test_the_operators_reproduce_the_stored_scores(context_run):
     for name in context_run.pairs:
         config, maps, fill = read_context_operator(layout.context_operator(name), store.digest)
         assert set(maps) == set(KINDS) and config.blocks[0] == "x_t"
+        assert len(safe_open(layout.context_operator(name) / "context.safetensors", "np").keys()) == 2 * len(KINDS) + 1
         pair = ContextPair(name, config.L, config.k, torch.as_tensor(fill))
         again = stream_split(model, tokenizer, seqs, [pair], config.lags, 5, np.zeros(len(seqs), np.int64), keep=True)
         fits = {
@@ -92,7 +95,7 @@ def test_the_operators_reproduce_the_stored_scores(context_run):
             for kind, (W, b) in maps.items()
         }
         sums = score_sequences(again.kept, pair, config.lags, fits, len(seqs), np.zeros(config.d_model), CPU)
-        r2_w = {name: float(v[0]) for name, v in sums.r2_w(np.ones((1, len(seqs)))).items()}
+        r2_w = {name: 1 - sse.sum() / sums.sst().sum() for name, sse in sums.sse.items()}
         budget = ContextBudget.read(layout.context(name))
         for kind in KINDS:
             assert r2_w[kind] == pytest.approx(budget.kinds[kind].r2_w.value, abs=1e-4), (name, kind)

@@ -8,7 +8,7 @@ operator's config. The math is `ato.math.context`'s."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -17,9 +17,7 @@ from .artifacts import ContextBudget, ContextKindScore, ContextOperatorConfig, E
 from .artifacts.context import CONTEXT_KINDS
 from .context_pass import ContextPair, KeptBatch
 from .math import context as cm
-from .math.learning_curve import extrapolate, subset_sum
-from .math.metrics import percentile_interval
-from .math.ridge import r2_from_stats, ridge_fit
+from .math.learning_curve import subset_sum
 from .math.stats import PairStats
 from .params import ContextParams
 
@@ -46,8 +44,8 @@ class KindFit:
     W: np.ndarray  # [d, p_kind]
     b: np.ndarray  # [d]
     val_r2_w: float = float("nan")
-    curve_n: list[float] = field(default_factory=list)  # train tokens of each nested fraction
-    curve_r2_w: list[float] = field(default_factory=list)  # exact test R²_w of the fit on that fraction
+    ceiling: float = float("nan")  # CCA ceiling of the kind's inputs on train
+    curve: cm.KindCurve | None = None  # the learning curve over the nested train fractions
 
 
 def kind_columns(kind: str, d: int, lags: int, k: int) -> np.ndarray:
@@ -65,22 +63,16 @@ def block_names(lags: int, k: int) -> list[str]:
 def fit_kinds(
     slices: Sequence[PairStats], val: PairStats, test: PairStats, d: int, lags: int, k: int, cp: ContextParams
 ) -> dict[str, KindFit]:
-    """Every map of `cm.FITTED_KINDS`: α and the fit (`cm.tune_and_fit`) on all train slices, and the
-    learning curve: the same α refitted on each nested fraction, scored exactly on the test statistics."""
-    nested = [subset_sum(list(slices[: j + 1])) for j in range(len(slices))]
+    """Every map of `cm.FITTED_KINDS`: α and the fit (`cm.tune_and_fit`) on all train slices, and its
+    learning curve (`cm.nested_curve`: the same α refitted on each nested fraction, scored on test)."""
+    train = subset_sum(list(slices))
     fits = {}
     for kind in cm.FITTED_KINDS:
         cols = kind_columns(kind, d, lags, k)
-        tuned = cm.tune_and_fit(cm.select_inputs(nested[-1], cols), cm.select_inputs(val, cols), cp.alpha_min,
+        tuned = cm.tune_and_fit(cm.select_inputs(train, cols), cm.select_inputs(val, cols), cp.alpha_min,
                                 cp.alpha_max, cp.n_trials, cp.seed)  # fmt: skip
-        fit = KindFit(cols, tuned.alpha, tuned.W, tuned.b, tuned.val_r2_w)
-        test_kind = cm.select_inputs(test, cols)
-        for part in nested:
-            if part.n > 0:  # a tiny split's first fraction may hold no sequence
-                W, b = (tuned.W, tuned.b) if part is nested[-1] else ridge_fit(cm.select_inputs(part, cols), fit.alpha)
-                fit.curve_n.append(part.n)
-                fit.curve_r2_w.append(float(r2_from_stats(test_kind, W, b)["r2_weighted"]))
-        fits[kind] = fit
+        curve = cm.nested_curve(slices, test, cols, tuned.alpha)
+        fits[kind] = KindFit(cols, tuned.alpha, tuned.W, tuned.b, tuned.val_r2_w, tuned.ceiling, curve)
     return fits
 
 
@@ -130,49 +122,26 @@ def operator_config(
     )  # fmt: skip
 
 
-def estimates(fits: dict[str, KindFit], sums: cm.SequenceSums, cp: ContextParams) -> dict[str, Estimate]:
-    """Every map's R²_w and every share as an `Estimate` (value, interval, extrapolation)."""
-    boot = bootstrap_r2_w(sums, cp.bootstrap_resamples, cp.bootstrap_seed)
-    observed = {name: float(v[0]) for name, v in sums.r2_w(np.ones((1, len(sums.n)))).items()}
-    extra = {kind: extrapolate(np.asarray(f.curve_n), np.asarray(f.curve_r2_w)) for kind, f in fits.items()}
-    value = {**observed, **cm.budget_shares(observed)}
-    samples = {**boot, **cm.budget_shares(boot)}
-    extrapolated = {**extra, **cm.budget_shares(extra)}
-    out = {}
-    for name, v in value.items():
-        low, high = (float(q) for q in percentile_interval(samples[name], cp.level))
-        e = extrapolated.get(name, float("nan"))
-        out[name] = Estimate(v, low, high, e, e - (v - low), e + (high - v))
-    return out
-
-
-def bootstrap_r2_w(sums: cm.SequenceSums, resamples: int, seed: int) -> dict[str, np.ndarray]:
-    """map → [resamples] R²_w over test sequences drawn with replacement (the same draws for every map)."""
-    S = len(sums.n)
-    draws = np.random.default_rng(seed).integers(0, S, size=(resamples, S))
-    return sums.r2_w(np.stack([np.bincount(row, minlength=S) for row in draws]).astype(np.float64))
-
-
 def budget_record(
     pair: ContextPair, fits: dict[str, KindFit], sums: cm.SequenceSums, n_tokens: dict[str, int], cp: ContextParams
 ) -> ContextBudget:
-    """The pair's `ContextBudget` (its ceilings are the caller's)."""
-    e, n_train, n_docs = estimates(fits, sums, cp), n_tokens["train"], len(sums.n)
+    """The pair's `ContextBudget`: every value with its interval over test
+    sequences and its learning-curve extrapolation (`cm.context_budget`)."""
+    curves = {kind: f.curve for kind, f in fits.items() if f.curve is not None}
+    est = cm.context_budget(sums, curves, cp.bootstrap_resamples, cp.bootstrap_seed, cp.level, cp.interval)
+    e = {name: Estimate(**asdict(share)) for name, share in (est.r2_w | est.shares).items()}
+    n_train = n_tokens["train"]
     kinds = {
         kind: ContextKindScore(p=len(fits[kind].columns), p_over_n=len(fits[kind].columns) / n_train,
                                alpha=fits[kind].alpha, r2_w=e[kind], val_r2_w=fits[kind].val_r2_w)
         for kind in CONTEXT_KINDS
     }  # fmt: skip
-    interval = (
-        f"percentile, document bootstrap over the {n_docs} test sequences, {cp.bootstrap_resamples} resamples "
-        f"(the same draws for every map), level {cp.level}; extrapolated: linear in 1/n over the train fractions "
-        f"{cp.curve_fractions} at each map's α, its interval the test bootstrap's spread around it"
-    )
     return ContextBudget(
         pair=pair.name, L=pair.L, k=pair.k, lags=cp.lags, n_train=n_train, n_val=n_tokens["val"],
-        n_test=n_tokens["test"], n_docs_test=n_docs, interval=interval, kinds=kinds,
+        n_test=n_tokens["test"], n_docs_test=len(sums.n), interval=est.interval, kinds=kinds,
         identity_r2_w=e["identity"].value, carried=e["carried"], moved=e["moved"], computed=e["computed"],
         increments={name: e[f"increment_{name}"] for name, _, _ in cm.INCREMENT_PATH}, bos_inputs=BOS_INPUTS,
+        ceiling_same=fits["ato"].ceiling, ceiling_context=fits["context"].ceiling,
     )  # fmt: skip
 
 
