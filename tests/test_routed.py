@@ -148,10 +148,13 @@ def test_the_spliced_context_map_reproduces_an_attention_only_block_where_the_id
     eye, zero, none = torch.eye(d), torch.zeros(d, d), torch.zeros(d)
     exact = ContextPatch(1, 1, 2, torch.cat([eye, zero, zero, zero, eye], dim=1), none, none)  # x_t + z_1
     pair = causal_lib.PairPatch("L01_k1", 1, 2, eye, none, none, none, exact)
-    results, _ = causal_lib.run_conditions(
-        model, held, 2, causal_lib.pair_conditions(pair), causal_lib.check_position_sets(specs, 12), specs, 2, 7,
-        progress=False,
-    )  # fmt: skip
-    sums = {c: np.sum(s["all"]) for c, s in results["all"].nll_sum.items()}
+    conditions, masks = causal_lib.pair_conditions(pair), causal_lib.check_position_sets(specs, 12)
+    results = {
+        share: causal_lib.run_conditions(model, held, 2, conditions, masks, specs, 2, 7, share_prefix=share,
+                                         progress=False)[0]["all"].nll_sum
+        for share in (True, False)  # replayed from the traced forward, or full forwards with a hook
+    }  # fmt: skip
+    assert results[True]["context"] == results[False]["context"]
+    sums = {c: np.sum(s["all"]) for c, s in results[True].items()}
     assert abs(sums["identity"] - sums["clean"]) > 1e-3
     assert abs(sums["context"] - sums["clean"]) < 1e-3 * abs(sums["identity"] - sums["clean"])

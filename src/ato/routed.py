@@ -80,10 +80,10 @@ def context_forward(
     inputs (module docstring). Padding stays in (callers select their real tokens by the mask)."""
     pairs = list(dict.fromkeys((int(L), int(k)) for L, k in pairs))
     layers = sorted({L for L, _ in pairs} | {L + k for L, k in pairs})
-    readers: dict[int, list[tuple[Pair, int]]] = {}  # block → the (pair, j) reading its pattern
+    readers: dict[int, list[Pair]] = {}  # block L + j → the pairs reading its pattern
     for L, k in pairs:
         for j in range(1, k + 1):
-            readers.setdefault(L + j, []).append(((L, k), j))
+            readers.setdefault(L + j, []).append((L, k))
     mixtures: dict[Pair, list[torch.Tensor]] = {pair: [] for pair in pairs}
 
     def reader(block: int, hidden: dict[int, torch.Tensor]):
@@ -93,8 +93,8 @@ def context_forward(
             pattern = output[1] if isinstance(output, tuple) else None
             if pattern is None:
                 raise RuntimeError(f"block {block}'s attention returned no pattern: is attention eager?")
-            for (L, _k), _j in readers[block]:  # j ascends with the block: appended in order
-                mixtures[(L, _k)].append(mix_values(norm, attention, pattern, hidden[L]).float())
+            for pair in readers[block]:  # blocks run in order: z_1 … z_k are appended in order
+                mixtures[pair].append(mix_values(norm, attention, pattern, hidden[pair[0]]).float())
 
         return attention.register_forward_hook(hook)
 
