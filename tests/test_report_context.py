@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+
 from test_report import fake_budget, make_project, write_fake_outputs
 
 PAIRS = {"L02_k1": (2, 1), "L00_k1": (0, 1), "L01_k2": (1, 2)}  # params order is not (L, k) order

@@ -71,7 +71,9 @@ def _stacked(ax: Any, results: list[PairResults]) -> None:
     ax.legend(
         handles=[
             *(Patch(facecolor=colour, edgecolor="black", label=share) for share, colour in colours.items()),
-            Line2D([], [], marker="D", ls="none", color=identity.colour, markeredgecolor="black", label="identity R²_w"),
+            Line2D(
+                [], [], marker="D", ls="none", color=identity.colour, markeredgecolor="black", label="identity R²_w"
+            ),
             Patch(facecolor="white", edgecolor="#888888", hatch=MISSING_HATCH, label="no budget file"),
         ],
         fontsize=7,

@@ -3,10 +3,10 @@ contexts with the active token highlighted, its activation rate beside the SAE's
 L0 / d_sae), the verdict (transported / synthesised / undetermined / no verdict, from the R² interval) of
 every pair that targets the layer, and the feature R² of the ATO with its interval beside the identity
 map's; where the pair's context budget judged the feature, its reading across map kinds (transported /
-moved, by which map / synthesised / undetermined) with the union map's feature R². Rendered twice: a compact markdown section
-of summary.md and a self-contained HTML page (reports/features.html: inline CSS, no external assets,
-every token HTML-escaped). An SAE that missed its quality gates puts an UNRELIABLE banner on its
-layer's cards; missing inputs are listed, not fatal.
+moved, by which map / synthesised / undetermined) with the union map's feature R². Rendered twice: a
+compact markdown section of summary.md and a self-contained HTML page (reports/features.html: inline
+CSS, no external assets, every token HTML-escaped). An SAE that missed its quality gates puts an
+UNRELIABLE banner on its layer's cards; missing inputs are listed, not fatal.
 
 Inputs (records): `FeatureSet` and `FeatureContexts` of select, `SaeInfo` (reports/sae) of sae,
 `TransportVerdicts` of evaluate, `ContextBudget` of context (its `features`).
@@ -269,8 +269,9 @@ def cards_markdown(layers: list[LayerCards], page: str = "features.html") -> lis
         f"on one side of the threshold, *undetermined* when it straddles it; across maps (the context "
         f"budget, where it judged the feature): *transported* (the ATO reaches the threshold), *moved by* the "
         f"first context map that does, *synthesised* (none does) or *undetermined*, with the union map's "
-        f"feature R² [interval]; and its strongest activating context (train) with the active token in **bold**. First {SUMMARY_CARDS} "
-        f"per layer in selection order; every card, with all its contexts: [{page}]({page}).",
+        f"feature R² [interval]; and its strongest activating context (train) with the active token in "
+        f"**bold**. First {SUMMARY_CARDS} per layer in selection order; every card, with all its contexts: "
+        f"[{page}]({page}).",
         "",
     ]
     for lc in layers:
@@ -317,6 +318,7 @@ table.verdicts td,table.verdicts th{padding:2px 8px;border-bottom:1px solid #eee
 table.verdicts td:first-child,table.verdicts th:first-child{text-align:left}
 .verdict-transported{color:#1a7f37;font-weight:600}.verdict-synthesised{color:#b35900;font-weight:600}
 .verdict-no_verdict{color:#777}.verdict-undetermined{color:#555;font-style:italic}
+table.verdicts tr.across td{text-align:left;border-bottom:1px solid #ddd;padding-top:0}
 .context-transported{color:#1a7f37}.context-moved{color:#1f5fbf;font-weight:600}
 .context-synthesised{color:#b35900;font-weight:600}.context-undetermined{color:#555;font-style:italic}
 ol.contexts{margin:0;padding-left:1.4em;font-size:.9em}
@@ -347,26 +349,29 @@ def _html_verdicts(card: FeatureCard, pairs: list[str]) -> str:
     for p in pairs:
         v = card.verdicts.get(p)
         if v is None:
-            rows.append(f"<tr><td>{_e(p)}</td>" + "<td>—</td>" * 7 + "</tr>")
+            rows.append(f"<tr><td>{_e(p)}</td><td>—</td><td>—</td><td>—</td><td>—</td><td>—</td></tr>")
             continue
         label = _e(VERDICT_LABELS.get(v.verdict, v.verdict))
         rows.append(
             f'<tr><td>{_e(p)}</td><td class="verdict verdict-{_e(v.verdict)}">{label}</td><td>{_num(v.r2)}</td>'
             f"<td>{_e(_interval_text(v))}</td><td>{_num(v.identity_r2)}</td>"
-            f"<td>{v.active_tokens if v.active_tokens >= 0 else '—'}</td>{_html_context_cells(v.context)}</tr>"
+            f"<td>{v.active_tokens if v.active_tokens >= 0 else '—'}</td></tr>{_html_context_row(v.context)}"
         )
     head = (
         "<tr><th>pair</th><th>verdict</th><th>R² ATO</th><th>interval</th><th>R² identity</th>"
-        "<th>active test tokens</th><th>across maps</th><th>R² context [interval]</th></tr>"
+        "<th>active test tokens</th></tr>"
     )
     return f'<table class="verdicts">{head}{"".join(rows)}</table>'
 
 
-def _html_context_cells(c: ContextReading | None) -> str:
-    """The budget's reading and the union map's feature R² (two cells; dashes where it has none)."""
+def _html_context_row(c: ContextReading | None) -> str:
+    """A row under the pair's: the budget's reading and the union map's feature R² (none without one)."""
     if c is None:
-        return "<td>—</td><td>—</td>"
-    return f'<td class="context context-{_e(c.verdict)}">{_e(c.label)}</td><td>{_e(_r2_text(c))}</td>'
+        return ""
+    return (
+        f'<tr class="across"><td></td><td colspan="5">across maps: <span class="context context-{_e(c.verdict)}">'
+        f"{_e(c.label)}</span> · R² context {_e(_r2_text(c))}</td></tr>"
+    )
 
 
 def _html_card(card: FeatureCard, lc: LayerCards) -> str:

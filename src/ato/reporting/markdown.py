@@ -19,7 +19,7 @@ from .settings import SummarySettings
 
 PAIR_FIGURES = ("efficiency", "feature_r2", "dim_r2", "causal")  # per-pair figures of evaluate and causal
 CAPTIONS = {
-    "budget": "Variance budget per pair: carried / moved / computed (R²_w, test) with intervals, and moved's increments",
+    "budget": "Variance budget per pair: carried / moved / computed (R²_w, test) with intervals; moved's increments",
     "heatmaps": "Headline scores over (L, k), η beside its reference and the directions that carry transport",
     "efficiency": "Transport efficiency η(r) and CCA ceiling(r) per k, held-out subspace size beside its null",
     "causal": "Causal check: Δ log-perplexity and damage recovered vs mean ablation, with 95 % intervals",
@@ -182,8 +182,9 @@ def _residual(results: list[PairResults]) -> list[str]:
             "positions) and computed (what no map linear in x_L at s ≤ t explains); only computed, read at "
             "n → ∞, is left to non-linear computation (an upper bound on it). Without a budget 1 − R² holds both. "
             "R² counts every residual dimension alike, R²_w counts each by its variance: a few high-variance "
-            "dimensions decide R²_w, the many low-variance ones R². They can disagree in size and in the direction of a difference (between pairs, or between "
-            "the ATO and a baseline); read a comparison as settled only where both agree.",
+            "dimensions decide R²_w, the many low-variance ones R². They can disagree in size and in the "
+            "direction of a difference (between pairs, or between the ATO and a baseline); read a comparison "
+            "as settled only where both agree.",
         ),
     ]
 
@@ -308,11 +309,11 @@ def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerC
             "these into *moved* (a context map reaches the threshold: linear in layer L at earlier positions) "
             "and *synthesised* (none does): only the latter is a candidate for non-linear computation, and a "
             "candidate, not evidence (the SAE direction and the test's power stand between). An *undetermined* "
-            "feature is one this test split cannot place on either side of the threshold: count it with neither. The transported "
-            "fraction normally lies between transported/judged and (transported + undetermined)/judged; its interval "
-            "says how far another sample of documents could move it. The selected set is chosen for quality, "
-            "so its fraction need not be the live set's: the live row is what the operator does to the SAE "
-            "as a whole.",
+            "feature is one this test split cannot place on either side of the threshold: count it with "
+            "neither. The transported fraction normally lies between transported/judged and (transported + "
+            "undetermined)/judged; its interval says how far another sample of documents could move it. The "
+            "selected set is chosen for quality, so its fraction need not be the live set's: the live row is "
+            "what the operator does to the SAE as a whole.",
         ),
     ]
 

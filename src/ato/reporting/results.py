@@ -17,8 +17,8 @@ from ato.artifacts import (
     PositionSetSummary,
     TuningResult,
 )
-from ato.artifacts.context import BUDGET_SHARES
 from ato.artifacts.causal import RecoveredShare, Triplet, patched_conditions, recovered_references
+from ato.artifacts.context import BUDGET_SHARES
 from ato.params import Pair
 
 NAN_TRIPLET: Triplet = (math.nan, math.nan, math.nan)

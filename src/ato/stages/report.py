@@ -15,9 +15,10 @@ tags `sae_reliable`, `sae_gate_failures`).
 
 Writes headline.json (`HeadlineMetrics`, the pipeline's one DVC metrics file: a few numbers per pair and
 each target layer's SAE gates; per pair `moved` and `computed` from the budget), summary.md, features.html,
-figures/summary_{budget, heatmaps, efficiency, causal, alpha, learning_curve}.png and plots/{summary, efficiency, alpha}.csv under `paths.reports`, and logs them to the pipeline's
-parent MLflow run (`report/`) together with every pair's headline numbers beside their references and
-nulls as metrics `<pair>/<name>` (`ato.reporting.headline_metrics`). Params: `report.dpi`,
+figures/summary_{budget, heatmaps, efficiency, causal, alpha, learning_curve}.png and plots/{summary,
+efficiency, alpha}.csv under `paths.reports`, and logs them to the pipeline's parent MLflow run
+(`report/`) together with every pair's headline numbers beside their references and nulls as metrics
+`<pair>/<name>` (`ato.reporting.headline_metrics`). Params: `report.dpi`,
 `report.ranks` (ranks at which the tables quote η(r) and ceiling(r): the largest swept rank ≤ r),
 `report.causal_scope` (`after`: predictions at or after the first patched position, the only ones a
 patch can change; `all`: every prediction).
