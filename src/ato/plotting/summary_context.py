@@ -68,14 +68,14 @@ def _stacked(ax: Any, results: list[PairResults]) -> None:
     ax.set_ylim(-0.1, 1.15)
     ax.set_ylabel("share of y's variance (R²_w, test)")
     ax.axhline(0, color="black", lw=0.6)
+    handles = [
+        *(Patch(facecolor=colour, edgecolor="black", label=share) for share, colour in colours.items()),
+        Line2D([], [], marker="D", ls="none", color=identity.colour, markeredgecolor="black", label="identity R²_w"),
+    ]
+    if any(res.context is None for res in results):
+        handles.append(Patch(facecolor="white", edgecolor="#888888", hatch=MISSING_HATCH, label="no budget file"))
     ax.legend(
-        handles=[
-            *(Patch(facecolor=colour, edgecolor="black", label=share) for share, colour in colours.items()),
-            Line2D(
-                [], [], marker="D", ls="none", color=identity.colour, markeredgecolor="black", label="identity R²_w"
-            ),
-            Patch(facecolor="white", edgecolor="#888888", hatch=MISSING_HATCH, label="no budget file"),
-        ],
+        handles=handles,
         fontsize=7,
         loc="upper left",
         bbox_to_anchor=(1.01, 1.0),
