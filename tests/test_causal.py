@@ -525,12 +525,12 @@ def test_stage_outputs_references_and_intervals(trained_project):
     assert json.dumps(json_clean(again.to_dict()), sort_keys=True) == json.dumps(json_clean(report), sort_keys=True)
     assert set(report["position_sets"]) == {"all", "few", "single_2"}
     few = report["position_sets"]["few"]
-    assert set(few["registered"]) == {"context"}  # the only kind without a field of its own
+    assert "registered" not in few  # no registered kind: the built-in conditions only, as before
     assert few["first_patched_position"] == 1 and few["n_patched_tokens"] == 2 * 4
     assert few["recovered_vs_zero"]["reference"] == "zero"
     for cond in patched_conditions():
         assert {"logppl_all", "logppl_after", "delta_all_mean", "delta_all_lo", "delta_all_half_width"} <= set(
-            few[cond] if cond in few else few["registered"][cond]
+            few[cond]
         )
     # the late single position cannot change predictions made before it
     single = report["position_sets"]["single_2"]
@@ -596,7 +596,7 @@ def test_a_registered_causal_kind_is_patched_by_the_stage(trained_project, opera
         assert entry.patched(operator_again) == entry.ato
     written = json.loads(layout.causal("L00_k1").read_text())
     assert written[f"{operator_again}_delta_all"] == written["ato_delta_all"]
-    assert set(written["position_sets"]["all"]["registered"]) == {"context", operator_again}
+    assert set(written["position_sets"]["all"]["registered"]) == {operator_again}
     again = CausalSummary.read(layout.causal("L00_k1")).headline
     assert again.patched(operator_again) == summary.headline.patched(operator_again)
     assert f"causal_{operator_again}_delta" in causal_columns()  # the report's plots/summary.csv lists it
@@ -612,8 +612,9 @@ def test_the_context_condition_is_patched_by_the_stage_from_the_context_maps(tra
         got, ato = entry.patched("context"), entry.ato
         assert got.delta_all_mean == pytest.approx(ato.delta_all_mean, rel=1e-4, abs=1e-6)
         assert got.delta_after_mean == pytest.approx(ato.delta_after_mean, rel=1e-4, abs=1e-6)
-        assert entry.recovered_context is not None  # its share of the headline reference's damage, beside the ATO's
-        assert entry.recovered_context.all_mean == pytest.approx(entry.recovered.all_mean, rel=1e-3, abs=1e-5)
+        share, reference = entry.recovered_context, entry.patched(params.causal.headline_reference)
+        assert share is not None and share.reference == params.causal.headline_reference  # beside the ATO's
+        assert share.all_mean == pytest.approx(1 - got.delta_all_mean / reference.delta_all_mean, rel=1e-9)
     assert summary.headline.patched("context").delta_all_mean != summary.headline.identity.delta_all_mean
 
 

@@ -182,6 +182,7 @@ def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
         "bias_only": 1.7,
         "train_mean": 1.1 + 0.1 * k,
         "mean_update": 0.3 * k,
+        "context": 0.015 * k + 0.001 * L,
     }
     sets = {}
     for set_name, scale in (("all", 1.0), ("early", 0.2), ("late", 0.1), ("single_8", 0.03)):
@@ -196,6 +197,7 @@ def fake_causal(L: int, k: int, recovered_null: bool = False) -> dict:
             **patched,
             recovered=shares["train_mean"],
             **{f"recovered_vs_{r}": share for r, share in shares.items()},
+            recovered_context=_share("train_mean", patched["context"], patched["train_mean"], recovered_null),
         )
     record = CausalSummary(
         L=L,

@@ -150,6 +150,7 @@ class PositionSetSummary:
     bias_only: PatchedScores  # b
     train_mean: PatchedScores  # ȳ_train (mean ablation)
     mean_update: PatchedScores  # x_L + (ȳ_train − x̄_train): the residual carried, the computation averaged
+    context: PatchedScores  # W [x_t, lags, prefix, z's] + b: the union context map of `ato context` (issue 22)
     recovered: RecoveredShare  # against the headline reference (causal.headline_reference; `.reference`)
     recovered_vs_train_mean: RecoveredShare  # 1 − Δ(ato)/Δ(train_mean)
     recovered_vs_zero: RecoveredShare  # 1 − Δ(ato)/Δ(zero)
