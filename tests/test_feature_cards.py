@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
+from test_report import fake_budget
+
 SCRIPT_TOKEN = "<script>alert('x')</script>"  # must render as text, never as an element
 FAILURES = ["dead_fraction 0.31 > 0.05", "fve_val 0.57 < 0.8"]
 KEPT = {1: [5, 2, 7], 2: [1, 3]}  # target layer → kept features, in selection order
@@ -88,7 +90,9 @@ def build_cards_project(root: Path):
         r2_low=[0.85, 0.05, 0.45],
         r2_high=[0.95, 0.2, 0.82],
     ).write(layout.transport("L00_k1"))
-    # L01_k1 (target 2) has no evaluate output yet: its verdict cells read "—"
+    # L00_k1's context budget reads 5 transported, 2 moved by lagged, 7 moved by routed (and two features
+    # that are not kept); L01_k1 (target 2) has no evaluate or context output yet: its verdict cells read "—"
+    fake_budget("L00_k1", 0, 1).write(layout.context("L00_k1"))
     return params
 
 
@@ -167,6 +171,10 @@ def test_cards_html_renders_in_chromium(tmp_path):
     card_text = dom.by_class["card"][0]
     assert "feature 5" in card_text and "0.910" in card_text and "0.400" in card_text and "6.00%" in card_text
     assert "[0.85, 0.95]" in card_text
+    # the budget's reading across maps, with the union map's feature R² and its interval
+    assert dom.by_class["context-transported"] == ["transported"]
+    assert dom.by_class["context-moved"] == ["moved by lagged", "moved by routed"]
+    assert "0.920 [0.88, 0.95]" in card_text
     assert "L01_k1" in dom.by_class["card"][3] and "—" in dom.by_class["card"][3]  # no evaluate output yet
 
 
@@ -201,7 +209,10 @@ def test_cards_markdown_is_compact_and_escaped(tmp_path):
     assert "**\\<script\\>alert('x')\\</script\\>**" in text  # markdown- and HTML-safe
     assert "transported (R² 0.910 [0.85, 0.95] vs id 0.400)" in text
     assert "synthesised (R² 0.120 [0.05, 0.20] vs id -0.300)" in text
-    assert "undetermined (R² 0.770 [0.45, 0.82] vs id —)" in text
+    assert (
+        "undetermined (R² 0.770 [0.45, 0.82] vs id —); across maps: moved by routed (R² context 0.640 [0.55, 0.70])"
+        in text
+    )
     assert "[features.html](features.html)" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| feature")]
     assert len(rows) == sum(len(k) for k in KEPT.values())

@@ -243,13 +243,60 @@ def fake_tuning(name: str, L: int, k: int) -> dict:
     }
 
 
+def _estimate(value: float, half: float, inf_shift: float):
+    from ato.artifacts import Estimate
+
+    inf = value + inf_shift
+    return Estimate(value, value - half, value + half, inf, inf - 2 * half, inf + 2 * half)
+
+
+def fake_budget(name: str, L: int, k: int):
+    """A context budget whose moved share grows with k (increments 0.010, 0.002 and the rest routed) and
+    whose features read transported / moved (by lagged, routed) / synthesised / undetermined."""
+    from ato.artifacts import ContextBudget, ContextFeatureVerdicts, ContextKindScore
+
+    carried, moved = round(0.86 - 0.08 * k - 0.004 * L, 6), round(0.02 + 0.01 * k, 6)
+    increments = {"lagged": 0.01, "prefix": 0.002, "routed": round(moved - 0.012, 6)}
+    kinds = {
+        kind: ContextKindScore(p=640 * blocks, p_over_n=640 * blocks / 59800, alpha=10.0, r2_w=_estimate(r2, 0.004, 0))
+        for kind, blocks, r2 in (
+            ("ato", 1, carried),
+            ("lagged", 3, carried + 0.01),
+            ("prefix", 2, carried + 0.001),
+            ("routed", 1 + k, carried + moved - 0.005),
+            ("context", 4 + k, carried + moved),
+        )
+    }
+    return ContextBudget(
+        pair=name, L=L, k=k, lags=2, n_train=59800, n_val=14960, n_test=15210, n_docs_test=120,
+        interval="percentile document bootstrap over 120 test sequences, 1000 resamples, 95 %",
+        kinds=kinds,
+        identity_r2_w=round(0.5 - 0.1 * k, 6),
+        carried=_estimate(carried, 0.004, 0.003),
+        moved=_estimate(moved, 0.003, -0.002),
+        computed=_estimate(round(1 - carried - moved, 6), 0.004, -0.001),
+        increments={kind: _estimate(v, 0.002, 0.0) for kind, v in increments.items()},
+        ceiling_same=0.71, ceiling_context=0.74 + 0.01 * k,
+        bos_inputs="absent inputs are the train mean of layer L's non-BOS rows",
+        features=ContextFeatureVerdicts(
+            features=[5, 2, 7, 9, 11],
+            verdict=["transported", "moved", "moved", "synthesised", "undetermined"],
+            by=["", "lagged", "routed", "", ""],
+            ato_r2=[0.9, 0.2, 0.3, 0.1, 0.45],
+            context_r2=[0.92, 0.71, 0.64, 0.15, 0.5],
+            context_r2_low=[0.88, 0.62, 0.55, 0.08, 0.41],
+            context_r2_high=[0.95, 0.8, 0.7, 0.22, 0.58],
+        ),
+    )  # fmt: skip
+
+
 def write_fake_outputs(
     project: Path,
     pairs: dict[str, tuple[int, int]],
     skip: dict[str, set[str]] | None = None,
     recovered_null: tuple[str, ...] = (),
 ) -> None:
-    """Per-pair stage outputs under project/reports; `skip[pair]` ⊂ {metrics, efficiency, causal, tuning}."""
+    """Per-pair stage outputs under project/reports; `skip[pair]` ⊂ {metrics, efficiency, causal, tuning, context}."""
     skip = skip or {}
     reports = project / "reports"
     for name, (L, k) in pairs.items():
@@ -272,6 +319,8 @@ def write_fake_outputs(
         if "tuning" not in left_out:
             (reports / "tuning").mkdir(parents=True, exist_ok=True)
             (reports / "tuning" / f"{name}.json").write_text(json.dumps(fake_tuning(name, L, k)))
+        if "context" not in left_out:
+            fake_budget(name, L, k).write(reports / "context" / f"{name}.json")
 
 
 def make_project(tmp_path: Path, pairs: dict[str, tuple[int, int]], **report) -> Path:
@@ -486,7 +535,7 @@ def test_headline_metrics(reported):
     assert list(written) == [*PAIRS, "sae_L06", "sae_L12"]
     assert written["sae_L06"] == written["sae_L12"] == {}  # no SAE quality report in this project
     keys = ["r2", "r2_w", "eta", "ceiling", "d_ato", "d_ato_hw", "recovered", "recovered_mean_abl"]
-    keys += ["recovered_identity", "transported"]
+    keys += ["recovered_identity", "transported", "moved", "computed"]
     assert list(written["L05_k1"]) == keys
     m, causal = fake_metrics(5, 1), fake_causal(5, 1)
     expected = {
@@ -500,10 +549,13 @@ def test_headline_metrics(reported):
         "recovered_mean_abl": causal["recovered_vs_train_mean_after"],
         "recovered_identity": causal["recovered_vs_identity_after"],
         "transported": m["transported_fraction"],
+        "moved": fake_budget("L05_k1", 5, 1).moved.value,
+        "computed": fake_budget("L05_k1", 5, 1).computed.value,
     }
     assert written["L05_k1"] == pytest.approx(expected)
-    assert list(written["L10_k2"]) == ["d_ato", "d_ato_hw", "recovered", "recovered_mean_abl", "recovered_identity"]
-    assert list(written["L04_k2"]) == ["r2", "r2_w", "eta", "ceiling", "transported"]  # causal output missing
+    causal_keys = ["d_ato", "d_ato_hw", "recovered", "recovered_mean_abl", "recovered_identity"]
+    assert list(written["L10_k2"]) == [*causal_keys, "moved", "computed"]  # evaluate output missing
+    assert list(written["L04_k2"]) == ["r2", "r2_w", "eta", "ceiling", "transported", "moved", "computed"]
     assert "recovered" not in written["L09_k3"]  # undefined share
     back = HeadlineMetrics.read(path)
     assert back.pairs["L05_k1"].r2 == m["r2"] and math.isnan(back.pairs["L10_k2"].r2)
@@ -652,7 +704,7 @@ def test_nothing_there_yet(tmp_path, monkeypatch):
     pairs = {"L00_k1": (0, 1), "L01_k2": (1, 2)}
     params = load_params(make_project(tmp_path, pairs, ranks=[1, 4], causal_scope="all") / "params.yaml")
     text = report.main(params).read_text()
-    assert "8 input file(s) are missing" in text
+    assert "10 input file(s) are missing" in text
     for name in pairs:
         assert f"| {name} |" in text
     assert (tmp_path / "reports" / "figures" / "summary_heatmaps.png").exists()
@@ -757,6 +809,7 @@ def test_outputs_of_pairs_and_layers_no_longer_in_params_are_listed_as_stale(tmp
     text = report.main(load_params(project / "params.yaml")).read_text()
     section = text.split("## Stale outputs", 1)[1].split("\n## ", 1)[0]
     stale_pair = ["reports/metrics/L02_k1.json", "reports/causal/L02_k1.json", "reports/tuning/L02_k1.json"]
+    stale_pair += ["reports/context/L02_k1.json"]
     stale_pair += ["reports/evaluate/L02_k1", *earlier[:3]]
     line = {ln.split("**")[1]: ln for ln in section.splitlines() if ln.startswith("- **")}
     assert set(line) == {"L02_k1", "layer 3"}

@@ -42,6 +42,8 @@ class PairHeadline:
     recovered_mean_abl: float = math.nan  # … of mean ablation's damage (keeps no context: flatters any map of x_L)
     recovered_identity: float = math.nan  # … of the identity's damage
     transported: float = _copied("transported_fraction")  # transported fraction of the judged SAE features
+    moved: float = math.nan  # context budget (reports/context): R²_w(best context map) − R²_w(ATO), test
+    computed: float = math.nan  # … 1 − R²_w(best context map): what no map linear in the context inputs explains
 
     @classmethod
     def copied_keys(cls) -> dict[str, str]:

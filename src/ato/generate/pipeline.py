@@ -344,7 +344,8 @@ STAGES: list[Stage] = [
     Stage(
         "report",
         does=(
-            "every pair side by side: tables, heatmaps over (L, k), η(r) and ceiling(r) per k, η's learning curves, "
+            "every pair side by side, opening with the variance budget (carried / moved / computed, stacked with "
+            "intervals); tables, heatmaps over (L, k), η(r) and ceiling(r) per k, η's learning curves, "
             "causal Δ with CIs, α curves; feature cards (top contexts, rate, verdict and feature R² per kept "
             "feature); every feature-level number of an SAE that missed its gates marked UNRELIABLE; a missing "
             "pair output is listed, not fatal"
@@ -352,6 +353,7 @@ STAGES: list[Stage] = [
         output="`reports/summary.md`, `reports/features.html`, `reports/figures/summary_*.png`, `reports/plots/`",
         deps=[
             *(_e(f"{R}/{name}") for name in ("metrics", "evaluate", "causal", "tuning", "sae")),
+            _e(f"{R}/context", "the budget per pair (Layout.context): the summary's opening table and figure"),
             _e("${paths.features}"),
         ],
         params=[
@@ -369,7 +371,7 @@ STAGES: list[Stage] = [
         metrics=[_report(f"{R}/headline.json")],
         plots=[
             _report(f"{R}/figures/summary_{name}.png")
-            for name in ("heatmaps", "efficiency", "causal", "alpha", "learning_curve")
+            for name in ("budget", "heatmaps", "efficiency", "causal", "alpha", "learning_curve")
         ],
     ),
 ]

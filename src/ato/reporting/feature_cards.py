@@ -2,13 +2,14 @@
 contexts with the active token highlighted, its activation rate beside the SAE's sparse regime (mean
 L0 / d_sae), the verdict (transported / synthesised / undetermined / no verdict, from the R² interval) of
 every pair that targets the layer, and the feature R² of the ATO with its interval beside the identity
-map's. Rendered twice: a compact markdown section
-of summary.md and a self-contained HTML page (reports/features.html: inline CSS, no external assets,
-every token HTML-escaped). An SAE that missed its quality gates puts an UNRELIABLE banner on its
-layer's cards; missing inputs are listed, not fatal.
+map's; where the pair's context budget judged the feature, its reading across map kinds (transported /
+moved, by which map / synthesised / undetermined) with the union map's feature R². Rendered twice: a
+compact markdown section of summary.md and a self-contained HTML page (reports/features.html: inline
+CSS, no external assets, every token HTML-escaped). An SAE that missed its quality gates puts an
+UNRELIABLE banner on its layer's cards; missing inputs are listed, not fatal.
 
 Inputs (records): `FeatureSet` and `FeatureContexts` of select, `SaeInfo` (reports/sae) of sae,
-`TransportVerdicts` of evaluate.
+`TransportVerdicts` of evaluate, `ContextBudget` of context (its `features`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ato.artifacts import FeatureContexts, FeatureSet, Layout, SaeInfo, TokenContext, TransportVerdicts
+from ato.artifacts import (
+    ContextBudget,
+    FeatureContexts,
+    FeatureSet,
+    Layout,
+    SaeInfo,
+    TokenContext,
+    TransportVerdicts,
+)
 from ato.params import Pair
 
 SUMMARY_CARDS = 16  # cards per layer in summary.md (the HTML page has them all)
@@ -41,6 +50,22 @@ class PairVerdict:
     active_tokens: int  # test tokens where the feature is active
     r2_low: float = math.nan  # the interval of r2 (TransportVerdicts.interval)
     r2_high: float = math.nan
+    context: ContextReading | None = None  # the budget's reading across map kinds (None: not judged there)
+
+
+@dataclass
+class ContextReading:
+    """The context budget's reading of one feature (`ContextFeatureVerdicts`, one entry)."""
+
+    verdict: str  # transported | moved | synthesised | undetermined
+    by: str  # moved: the first context map reaching the threshold; else ""
+    r2: float  # feature R² of the union map (test)
+    r2_low: float  # its interval
+    r2_high: float
+
+    @property
+    def label(self) -> str:
+        return f"moved by {self.by}" if self.verdict == "moved" and self.by else self.verdict
 
 
 @dataclass
@@ -107,10 +132,27 @@ def _pair_verdicts(layout: Layout, names: list[str]) -> tuple[dict[str, dict[int
     return out, missing
 
 
+def _add_context_readings(layout: Layout, verdicts: dict[str, dict[int, PairVerdict]], pairs: list[str]) -> None:
+    """Attach each pair's budget reading to its features' verdicts. A missing budget adds nothing (the
+    summary lists it among the missing inputs); a feature only the budget judged gets a card row too."""
+    for name in pairs:
+        path = layout.context(name)
+        if not path.exists():
+            continue
+        fv = ContextBudget.read(path).features
+        by_feature = verdicts.setdefault(name, {})
+        for f, verdict, by, r2, lo, hi in zip(
+            fv.features, fv.verdict, fv.by, fv.context_r2, fv.context_r2_low, fv.context_r2_high
+        ):
+            entry = by_feature.setdefault(f, PairVerdict("no_verdict", math.nan, math.nan, -1))
+            entry.context = ContextReading(verdict, by, _float(r2), _float(lo), _float(hi))
+
+
 def load_layer(layout: Layout, layer: int, pairs: list[str]) -> LayerCards:
     """The cards of one target layer; a missing input leaves its part empty and is listed."""
     reliable, failures, missing = _gate(layout, layer)
     verdicts, missing_pairs = _pair_verdicts(layout, pairs)
+    _add_context_readings(layout, verdicts, pairs)
     lc = LayerCards(layer, pairs, reliable, failures, math.nan, missing=missing + missing_pairs)
     fs_path, ctx_path = layout.feature_set(layer), layout.feature_contexts(layer)
     for path in (fs_path, ctx_path):
@@ -200,15 +242,17 @@ def _md_context(ctx: TokenContext) -> str:
 def _md_verdict(v: PairVerdict | None) -> str:
     if v is None:
         return "—"
-    return f"{VERDICT_LABELS.get(v.verdict, v.verdict)} (R² {_r2_text(v)} vs id {_num(v.identity_r2)})"
+    text = f"{VERDICT_LABELS.get(v.verdict, v.verdict)} (R² {_r2_text(v)} vs id {_num(v.identity_r2)})"
+    c = v.context
+    return text if c is None else f"{text}; across maps: {c.label} (R² context {_r2_text(c)})"
 
 
-def _interval_text(v: PairVerdict) -> str:
+def _interval_text(v: PairVerdict | ContextReading) -> str:
     return f"[{v.r2_low:.2f}, {v.r2_high:.2f}]" if math.isfinite(v.r2_low) and math.isfinite(v.r2_high) else "—"
 
 
-def _r2_text(v: PairVerdict) -> str:
-    """The ATO's feature R² with its interval, e.g. 0.512 [0.47, 0.55]."""
+def _r2_text(v: PairVerdict | ContextReading) -> str:
+    """A feature R² with its interval, e.g. 0.512 [0.47, 0.55]."""
     interval = _interval_text(v)
     return _num(v.r2) if interval == "—" else f"{_num(v.r2)} {interval}"
 
@@ -222,9 +266,12 @@ def cards_markdown(layers: list[LayerCards], page: str = "features.html") -> lis
         f"Per kept feature: activation rate beside the SAE's sparse regime (mean L0/d_sae), the verdict of "
         f"every pair that targets the layer with the feature R² of the ATO [its interval over test documents] "
         f"vs the identity map ŷ = x (test): *transported* / *synthesised* only when the interval lies wholly "
-        f"on one side of the threshold, *undetermined* when it straddles it; and "
-        f"its strongest activating context (train) with the active token in **bold**. First {SUMMARY_CARDS} "
-        f"per layer in selection order; every card, with all its contexts: [{page}]({page}).",
+        f"on one side of the threshold, *undetermined* when it straddles it; across maps (the context "
+        f"budget, where it judged the feature): *transported* (the ATO reaches the threshold), *moved by* the "
+        f"first context map that does, *synthesised* (none does) or *undetermined*, with the union map's "
+        f"feature R² [interval]; and its strongest activating context (train) with the active token in "
+        f"**bold**. First {SUMMARY_CARDS} per layer in selection order; every card, with all its contexts: "
+        f"[{page}]({page}).",
         "",
     ]
     for lc in layers:
@@ -271,6 +318,9 @@ table.verdicts td,table.verdicts th{padding:2px 8px;border-bottom:1px solid #eee
 table.verdicts td:first-child,table.verdicts th:first-child{text-align:left}
 .verdict-transported{color:#1a7f37;font-weight:600}.verdict-synthesised{color:#b35900;font-weight:600}
 .verdict-no_verdict{color:#777}.verdict-undetermined{color:#555;font-style:italic}
+table.verdicts tr.across td{text-align:left;border-bottom:1px solid #ddd;padding-top:0}
+.context-transported{color:#1a7f37}.context-moved{color:#1f5fbf;font-weight:600}
+.context-synthesised{color:#b35900;font-weight:600}.context-undetermined{color:#555;font-style:italic}
 ol.contexts{margin:0;padding-left:1.4em;font-size:.9em}
 ol.contexts li{margin:3px 0}
 .ctx{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
@@ -305,13 +355,23 @@ def _html_verdicts(card: FeatureCard, pairs: list[str]) -> str:
         rows.append(
             f'<tr><td>{_e(p)}</td><td class="verdict verdict-{_e(v.verdict)}">{label}</td><td>{_num(v.r2)}</td>'
             f"<td>{_e(_interval_text(v))}</td><td>{_num(v.identity_r2)}</td>"
-            f"<td>{v.active_tokens if v.active_tokens >= 0 else '—'}</td></tr>"
+            f"<td>{v.active_tokens if v.active_tokens >= 0 else '—'}</td></tr>{_html_context_row(v.context)}"
         )
     head = (
         "<tr><th>pair</th><th>verdict</th><th>R² ATO</th><th>interval</th><th>R² identity</th>"
         "<th>active test tokens</th></tr>"
     )
     return f'<table class="verdicts">{head}{"".join(rows)}</table>'
+
+
+def _html_context_row(c: ContextReading | None) -> str:
+    """A row under the pair's: the budget's reading and the union map's feature R² (none without one)."""
+    if c is None:
+        return ""
+    return (
+        f'<tr class="across"><td></td><td colspan="5">across maps: <span class="context context-{_e(c.verdict)}">'
+        f"{_e(c.label)}</span> · R² context {_e(_r2_text(c))}</td></tr>"
+    )
 
 
 def _html_card(card: FeatureCard, lc: LayerCards) -> str:
@@ -357,7 +417,11 @@ def cards_html(layers: list[LayerCards], model: str) -> str:
         "(mean L0/d_sae), and for every pair (L → L+k) that targets the layer the verdict on test text — "
         "<em>transported</em> when the interval of its R² (resampling test documents) lies wholly at or above "
         "evaluate.transported_r2, <em>synthesised</em> when wholly below, <em>undetermined</em> when it "
-        "straddles the threshold — with the feature R² of the ATO and its interval beside the identity map ŷ = x."
+        "straddles the threshold — with the feature R² of the ATO and its interval beside the identity map ŷ = x. "
+        "<em>Across maps</em> (the pair's context budget, where it judged the feature): <em>transported</em> when "
+        "the ATO reaches the threshold by the same interval rule, <em>moved by</em> the first context map that "
+        "does (lagged, prefix, routed: it reads layer L at earlier positions), <em>synthesised</em> when none "
+        "does, <em>undetermined</em> otherwise; beside it the union map's feature R² and its interval."
     )
     return "\n".join(
         [

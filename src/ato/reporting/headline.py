@@ -11,8 +11,8 @@ from .results import PairResults
 
 
 def pair_headline(res: PairResults, scope: str) -> PairHeadline:
-    """One pair's headline numbers; NaN where its evaluate or causal output is missing."""
-    flat = res.m.flat()
+    """One pair's headline numbers; NaN where its evaluate, causal or context output is missing."""
+    flat, budget = res.m.flat(), res.context
     return PairHeadline(
         **{name: flat[key] for name, key in PairHeadline.copied_keys().items()},
         d_ato=res.causal_delta("ato", scope)[0],
@@ -20,6 +20,8 @@ def pair_headline(res: PairResults, scope: str) -> PairHeadline:
         recovered=res.recovered(scope)[0],
         recovered_mean_abl=res.recovered(scope, "train_mean")[0],
         recovered_identity=res.recovered(scope, "identity")[0],
+        moved=math.nan if budget is None else budget.moved.value,
+        computed=math.nan if budget is None else budget.computed.value,
     )
 
 

@@ -11,6 +11,7 @@ from ato.kinds import kinds_for
 from .cells import DASH, fmt, fmt_ci, fmt_int, how_to_read, md_table
 from .feature_cards import LayerCards, cards_markdown
 from .markdown_causal import causal_section
+from .markdown_context import budget_section
 from .markdown_sae import sae_section
 from .markdown_transport import efficiency_section, subspace_section
 from .results import PairResults
@@ -18,6 +19,7 @@ from .settings import SummarySettings
 
 PAIR_FIGURES = ("efficiency", "feature_r2", "dim_r2", "causal")  # per-pair figures of evaluate and causal
 CAPTIONS = {
+    "budget": "Variance budget per pair: carried / moved / computed (R²_w, test) with intervals; moved's increments",
     "heatmaps": "Headline scores over (L, k), η beside its reference and the directions that carry transport",
     "efficiency": "Transport efficiency η(r) and CCA ceiling(r) per k, held-out subspace size beside its null",
     "causal": "Causal check: Δ log-perplexity and damage recovered vs mean ablation, with 95 % intervals",
@@ -50,6 +52,7 @@ def render_summary(
     cards = cards or []
     sections = (
         _header(s, results),
+        budget_section(results),
         _sae_warning(results, cards),
         _missing(s, results),
         _stale(s, stale or {}),
@@ -108,7 +111,7 @@ def _missing(s: SummarySettings, results: list[PairResults]) -> list[str]:
             for name, item in missing
         ]
     else:
-        out.append("None: every pair has its evaluate, causal and tune outputs.")
+        out.append("None: every pair has its evaluate, causal, tune and context outputs.")
     return [*out, ""]
 
 
@@ -174,13 +177,14 @@ def _residual(results: list[PairResults]) -> list[str]:
         "",
         *how_to_read(
             "R² ATO well above identity and train mean says the layers change the residual in a way a linear map "
-            "of x_L predicts; R² ATO ≈ OLS says the ridge penalty plays no part. 1 − R² is an upper bound on "
-            "what is *not* linear in x_L, not a measure of non-linear computation: it also holds what the "
-            "blocks read from other positions (attention) and what no function of x_L predicts. A low R² "
-            "alone is therefore no evidence of non-linear computation. R² counts every residual dimension alike, "
-            "R²_w counts each by its variance: a few high-variance dimensions decide R²_w, the many low-variance "
-            "ones R². They can disagree in size and in the direction of a difference (between pairs, or between "
-            "the ATO and a baseline); read a comparison as settled only where both agree.",
+            "of x_L predicts; R² ATO ≈ OLS says the ridge penalty plays no part. 1 − R²_w of the ATO is not a "
+            "measure of non-linear computation: the budget above splits it into moved (read linearly from other "
+            "positions) and computed (what no map linear in x_L at s ≤ t explains); only computed, read at "
+            "n → ∞, is left to non-linear computation (an upper bound on it). Without a budget 1 − R² holds both. "
+            "R² counts every residual dimension alike, R²_w counts each by its variance: a few high-variance "
+            "dimensions decide R²_w, the many low-variance ones R². They can disagree in size and in the "
+            "direction of a difference (between pairs, or between the ATO and a baseline); read a comparison "
+            "as settled only where both agree.",
         ),
     ]
 
@@ -300,14 +304,16 @@ def _features(s: SummarySettings, results: list[PairResults], cards: list[LayerC
         "",
         *how_to_read(
             "Compare each median with the identity's: the share of features the ATO transports beyond copying "
-            "x_L is what the layers add linearly. A *synthesised* feature is one the linear map does not "
-            "reconstruct at this threshold, which makes it a candidate for non-linear computation (or for "
-            "information from other positions), not evidence of it. An *undetermined* feature is one this test "
-            "split cannot place on either side of the threshold: count it with neither. The transported "
-            "fraction normally lies between transported/judged and (transported + undetermined)/judged; its interval "
-            "says how far another sample of documents could move it. The selected set is chosen for quality, "
-            "so its fraction need not be the live set's: the live row is what the operator does to the SAE "
-            "as a whole.",
+            "x_L is what the layers add linearly. *Synthesised* here means the same-position map misses the "
+            "feature at this threshold; the budget's reading (feature cards, the budget table's counts) splits "
+            "these into *moved* (a context map reaches the threshold: linear in layer L at earlier positions) "
+            "and *synthesised* (none does): only the latter is a candidate for non-linear computation, and a "
+            "candidate, not evidence (the SAE direction and the test's power stand between). An *undetermined* "
+            "feature is one this test split cannot place on either side of the threshold: count it with "
+            "neither. The transported fraction normally lies between transported/judged and (transported + "
+            "undetermined)/judged; its interval says how far another sample of documents could move it. The "
+            "selected set is chosen for quality, so its fraction need not be the live set's: the live row is "
+            "what the operator does to the SAE as a whole.",
         ),
     ]
 

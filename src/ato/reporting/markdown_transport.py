@@ -48,7 +48,9 @@ def efficiency_section(s: SummarySettings, results: list[PairResults]) -> list[s
         "## CCA ceiling and transport efficiency η, beside the η of an exactly linear map",
         "",
         "ceiling(r) = (1/d) Σ ρ_i² over the r largest canonical correlations (train, pseudo-inverse whitening: "
-        "a true in-sample bound) is the most whitened variance any rank-r affine map of x_L explains. "
+        "a true in-sample bound) is the most whitened variance any rank-r affine map of x_L at the same position "
+        "explains; a map that also reads other positions is bounded by the budget's context ceiling instead. "
+        "η compares the ATO with its own bound, so it says nothing of what other positions add (the budget's moved). "
         "η = whitened R² / ceiling(d) of the ATO. The ceiling is in sample and η(test) out of sample, so even "
         "an exactly linear map loses η: η expected is that map's η(test) at this n, d and ρ (analytic; ± its "
         "spread by simulation), ratio = η(test)/η expected, z = (η(test) − η expected)/sd. Tokens of one "
@@ -155,8 +157,10 @@ def learning_curve_section(results: list[PairResults]) -> list[str]:
             "the test documents are more linearly predictable than train's. A ratio above 1 in the table above "
             "is read the same way, or as a reference that overstates the finite-sample loss. Non-linear "
             "computation, if any, is not a shortfall of η at all (η∞ is 1 for any law train and test share): "
-            "it sits in 1 − ceiling(d), the whitened variance no linear map of x_L reaches, which also holds "
-            "what comes from other positions; R²_w∞ is the share of y's variance the best linear map carries.",
+            "it sits in 1 − ceiling(d), the whitened variance no linear map of x_t reaches. Of that, the context "
+            "ceiling's excess over ceiling(d) is reachable linearly from earlier positions (the budget's moved, "
+            "on its own scale), and only 1 − context ceiling is left to non-linear computation. R²_w∞ is the "
+            "share of y's variance the best same-position map carries (the budget's carried ∞).",
         ),
     ]
 

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ato.artifacts import CausalSummary, EfficiencyTable, Layout, PairMetrics, PositionSetSummary, TuningResult
+from ato.artifacts import (
+    CausalSummary,
+    ContextBudget,
+    EfficiencyTable,
+    Layout,
+    PairMetrics,
+    PositionSetSummary,
+    TuningResult,
+)
 from ato.artifacts.causal import RecoveredShare, Triplet, patched_conditions, recovered_references
+from ato.artifacts.context import BUDGET_SHARES
 from ato.params import Pair
 
 NAN_TRIPLET: Triplet = (math.nan, math.nan, math.nan)
@@ -19,7 +28,7 @@ NAN_TRIPLET: Triplet = (math.nan, math.nan, math.nan)
 class MissingInput:
     """A per-pair input file that does not exist yet."""
 
-    what: str  # metrics | efficiency | causal | tuning
+    what: str  # metrics | efficiency | causal | tuning | context
     path: Path  # the file
     command: str  # the command that makes it
 
@@ -34,6 +43,7 @@ class PairResults:
     efficiency: EfficiencyTable | None = None  # evaluate
     causal: CausalSummary | None = None  # causal
     tuning: TuningResult | None = None  # tune
+    context: ContextBudget | None = None  # context: carried / moved / computed
     missing: list[MissingInput] = field(default_factory=list)
 
     @property
@@ -88,8 +98,9 @@ TUNING_METRICS = ("alpha_flatness", "alpha_gain", "val_r2_noise", "alpha_immater
 def headline_metrics(res: PairResults, scope: str) -> dict[str, float]:
     """One pair's headline numbers beside their references and nulls, for the parent MLflow run: the
     metrics file's HEADLINE keys (+ EXTRA_METRICS), the α diagnostics, and the causal headline set's Δ of
-    every condition and recovered share against every reference (each with lo, hi, half-width) in `scope`.
-    Missing inputs give NaN (not logged)."""
+    every condition and recovered share against every reference (each with lo, hi, half-width) in `scope`,
+    and the context budget's shares (each with lo, hi and its n → ∞ value). Missing inputs give NaN (not
+    logged)."""
     flat = res.m.flat()
     out = {key: flat[key] for key in (*PairMetrics.HEADLINE, *EXTRA_METRICS)}
     for key in TUNING_METRICS:
@@ -102,6 +113,11 @@ def headline_metrics(res: PairResults, scope: str) -> dict[str, float]:
             wanted += [f"{prefix}_{scope}{s}" for s in ("", "_lo", "_hi", "_half_width")]
         out |= {f"causal_{key}": causal[key] for key in wanted}
         out["causal_n_sequences"] = float(res.causal.interval_n_units)
+    if res.context is not None:
+        for share in BUDGET_SHARES:
+            e = getattr(res.context, share)
+            out |= {f"context_{share}": e.value, f"context_{share}_lo": e.low, f"context_{share}_hi": e.high}
+            out[f"context_{share}_inf"] = e.extrapolated
     return out
 
 
@@ -109,16 +125,17 @@ def load_pair(layout: Layout, name: str, pair: Pair) -> PairResults:
     """Read one pair's outputs; an unreadable file is an ArtifactError naming it."""
     res = PairResults(name, pair)
     readers = (
-        ("metrics", layout.metrics(name), PairMetrics.read, "evaluate"),
-        ("efficiency", layout.efficiency(name), EfficiencyTable.read, "evaluate"),
-        ("causal", layout.causal(name), CausalSummary.read, "causal"),
-        ("tuning", layout.tuning(name), TuningResult.read, "tune"),
+        ("metrics", layout.metrics(name), PairMetrics.read, "evaluate@" + name),
+        ("efficiency", layout.efficiency(name), EfficiencyTable.read, "evaluate@" + name),
+        ("causal", layout.causal(name), CausalSummary.read, "causal@" + name),
+        ("tuning", layout.tuning(name), TuningResult.read, "tune@" + name),
+        ("context", layout.context(name), ContextBudget.read, "context"),  # one stage for every pair
     )
     for what, path, read, stage in readers:
         if path.exists():
             setattr(res, what, read(path))
         else:
-            res.missing.append(MissingInput(what, path, f"dvc repro {stage}@{name}"))
+            res.missing.append(MissingInput(what, path, f"dvc repro {stage}"))
     return res
 
 

@@ -20,6 +20,7 @@ def _pair_dirs(layout: Layout) -> list[Path]:
     """The folders whose entries are named after a pair, from the layout's own file names."""
     probe = "L00_k1"
     dirs = [layout.metrics(probe), layout.causal(probe), layout.tuning(probe), layout.evaluate_dir(probe)]
+    dirs += [layout.context(probe)]
     dirs += [layout.pair_figure(probe, "causal"), layout.operator(probe)]
     dirs += [layout.pair_stats(split, probe) for split in SPLITS]
     return [p.parent for p in dirs]

@@ -1,8 +1,9 @@
 """Stage `report`: one readable summary of every pair's results, plus the figures that compare pairs.
 
 Reads, for every pair in `params.pairs`, what the per-pair stages wrote (`PairMetrics` and
-`EfficiencyTable` of evaluate, `CausalSummary` of causal, `TuningResult` of tune). A missing input is
-not an error (a pair's evaluate or causal stage may not have run yet): its cells read "—", the
+`EfficiencyTable` of evaluate, `CausalSummary` of causal, `TuningResult` of tune) and the pair's variance
+budget (`ContextBudget` of context: the summary opens with it). A missing input is not an error (a pair's
+evaluate, causal or context stage may not have run yet): its cells read "—", the
 figures mark it, and summary.md lists every missing file and the command that makes it. A present
 but unreadable input is an error naming the file. Outputs of pairs or target layers no longer in
 `pairs:` (an earlier run's) are listed under "Stale outputs" (`ato.reporting.stale`).
@@ -13,10 +14,11 @@ feature-level number of an SAE that missed its gates is marked UNRELIABLE (summa
 tags `sae_reliable`, `sae_gate_failures`).
 
 Writes headline.json (`HeadlineMetrics`, the pipeline's one DVC metrics file: a few numbers per pair and
-each target layer's SAE gates), summary.md, features.html, figures/summary_{heatmaps, efficiency, causal,
-alpha}.png and plots/{summary, efficiency, alpha}.csv under `paths.reports`, and logs them to the pipeline's
-parent MLflow run (`report/`) together with every pair's headline numbers beside their references and
-nulls as metrics `<pair>/<name>` (`ato.reporting.headline_metrics`). Params: `report.dpi`,
+each target layer's SAE gates; per pair `moved` and `computed` from the budget), summary.md, features.html,
+figures/summary_{budget, heatmaps, efficiency, causal, alpha, learning_curve}.png and plots/{summary,
+efficiency, alpha}.csv under `paths.reports`, and logs them to the pipeline's parent MLflow run
+(`report/`) together with every pair's headline numbers beside their references and nulls as metrics
+`<pair>/<name>` (`ato.reporting.headline_metrics`). Params: `report.dpi`,
 `report.ranks` (ranks at which the tables quote η(r) and ceiling(r): the largest swept rank ≤ r),
 `report.causal_scope` (`after`: predictions at or after the first patched position, the only ones a
 patch can change; `all`: every prediction).
@@ -31,6 +33,7 @@ from ato.artifacts import Layout, atomic_group, write_text_atomic
 from ato.params import Params
 from ato.plotting.summary import plot_alpha, plot_efficiency, plot_heatmaps, plot_learning_curve
 from ato.plotting.summary_causal import plot_causal
+from ato.plotting.summary_context import plot_budget
 from ato.reporting import (
     PairResults,
     SummarySettings,
@@ -84,6 +87,7 @@ def write_figures(
     dpi, figure = params.report.dpi, layout.summary_figure
     failures = {lc.layer: lc.failures or ["no gate result"] for lc in cards or [] if not lc.reliable}
     return {
+        "budget": plot_budget(figure("budget"), results, dpi),
         "heatmaps": plot_heatmaps(figure("heatmaps"), results, dpi, failures),
         "efficiency": plot_efficiency(figure("efficiency"), results, params.evaluate.subspace_fraction, dpi),
         "causal": plot_causal(figure("causal"), results, params.report.causal_scope, dpi),
