@@ -82,7 +82,8 @@ class ProbedPair:
 def probe_atlas(
     model: Any, store: ActivationStore, fits: dict[str, PairFit], layers: list[int], ap: AtlasParams
 ) -> dict[str, ProbedPair]:
-    """E[J] (and everything `ato.math.jacobian.probe` estimates) for every pair of the probed layers."""
+    """E[J] (and everything `ato.math.jacobian.probe` estimates, the lagged E[J_{t,t−ℓ}] included) for
+    every pair of the probed layers."""
     device = next(model.parameters()).device
     held = load_sequences(store, ap.jacobian_sequences, ap.jacobian_seq_len, split="train")
     ids = held.tokens.to(device)
@@ -99,7 +100,7 @@ def probe_atlas(
         f = block_stack(model, trace.calls, L, ts)
         x = trace.residuals[L]
         _check_replay(f, x, [trace.residuals[T] for T in ts], L, ts)
-        probes = probe(f, x, torch.as_tensor(V, dtype=x.dtype, device=device), mask, generator, ap.jacobian_chunk)
+        probes = probe(f, x, torch.as_tensor(V, dtype=x.dtype, device=device), mask, generator, ap.jacobian_chunk, ap.jacobian_lags)
         for T, p in zip(ts, probes):
             out[pair_name(L, T - L)] = ProbedPair(V, p)
     return out

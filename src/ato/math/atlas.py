@@ -37,7 +37,7 @@ import numpy as np
 from .cca import CCA, pinv_sqrt, whitening
 from .directions import TransportDirections, transport_directions
 from .heldout import CCANull, VersusNull, heldout_from_cca
-from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_variation
+from .jacobian import JacobianProbe, estimate_noise, lag_standard_error, linearisation_r2, token_variation
 from .linear_reference import LinearReference, linear_reference
 from .procrustes import peer_linearity_from_eigh, procrustes_centred, procrustes_plain
 from .ridge import RidgePath, r2_from_stats
@@ -273,8 +273,9 @@ def local_vs_global(
     ⌈r/2⌉ left singular subspaces of WV and E[J]V (and of their updates) with its random-subspace value
     q/d, the share of ‖W‖² on V, the token-to-token variation ν of J, the estimate's sign noise and its
     token-sampling error √(ν/n) (tokens taken as independent: a lower bound within sequences), the
-    variance-weighted R² on the probe tokens of the per-token linearisations beside W x + b, and the
-    singular values of WV, E[J]V and E[J_total]V."""
+    variance-weighted R² on the probe tokens of the per-token linearisations beside W x + b, the
+    singular values of WV, E[J]V and E[J_total]V, and `sequence_fields` (noise with sequences as the
+    unit, the lagged Jacobians)."""
     JV = probe.mean.numpy()
     JtV = probe.total.numpy()
     WV = W @ V
@@ -306,4 +307,22 @@ def local_vs_global(
         "sv_ridge": np.linalg.svd(WV, compute_uv=False).tolist(),
         "sv_jacobian": np.linalg.svd(JV, compute_uv=False).tolist(),
         "sv_total": np.linalg.svd(JtV, compute_uv=False).tolist(),
+        **sequence_fields(probe, norm_wv, float(np.linalg.norm(WV - JV) / norm_wv)),
+    }
+
+
+def sequence_fields(probe: JacobianProbe, norm_wv: float, gap: float, margin: float = 2.0) -> dict[str, float | list[float]]:
+    """The noise of Ê[J_tt]V with sequences as the unit, ‖SE‖_F/‖WV‖_F (on the scale of the gap
+    ‖(W − E[J])V‖/‖WV‖), the sequences at which it would fall to gap/`margin` (SE ∝ 1/√sequences), and
+    the lagged responses ‖E[J_{t,t−ℓ}]V‖_F/‖E[J_tt]V‖_F for ℓ = 1 … m with their noise on that scale."""
+    se, lagged = lag_standard_error(probe).numpy(), probe.lag_mean.numpy()
+    sequences = probe.lag_counts.shape[0]
+    noise = float(np.linalg.norm(se[0])) / norm_wv
+    same = float(np.linalg.norm(lagged[0]))
+    return {
+        "n_probe_sequences": float(sequences),
+        "sequence_noise": noise,
+        "sequences_for_gap": sequences * (margin * noise / gap) ** 2 if gap > 0 else float("nan"),
+        "lag_response": [float(np.linalg.norm(j)) / same for j in lagged[1:]],
+        "lag_noise": [float(np.linalg.norm(e)) / same for e in se[1:]],
     }

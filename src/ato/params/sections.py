@@ -317,6 +317,7 @@ class AtlasParams:
     jacobian_directions: int = 8  # r input directions probed: top right singular subspace of L's ridge maps
     # (≥ d_model: the whole matrix); every Jacobian number is restricted to it
     jacobian_chunk: int = 64  # tangents per vmapped jvp call (memory vs speed)
+    jacobian_lags: int = 2  # m: E[∂y_t/∂x_{t−ℓ}] for ℓ ≤ m from the same jvps (as the lagged context map's lags)
     causal_pairs: list[str] = field(default_factory=lambda: ["L05_k1"])  # atlas pairs patched with every
     # operator (Δ log-perplexity on TEST sequences, intervals over sequences); [] for none
     causal_sequences: int = 16  # test sequences per causal pair
