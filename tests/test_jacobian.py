@@ -113,7 +113,9 @@ def test_lagged_slopes_not_the_same_position_slope_match_the_lagged_jacobians():
     d, B, T, rho, lags = 4, 64, 24, 0.8, 2
     A, Bm = torch.randn(d, d, generator=g, dtype=torch.float64), torch.randn(d, d, generator=g, dtype=torch.float64)
     x, mask = _ar1(B, T, d, rho, g), _mask(B, T)
-    p = probe(_causal_linear(A, Bm), x, torch.eye(d, dtype=torch.float64), mask, torch.Generator().manual_seed(1), lags=lags)[0]
+    p = probe(
+        _causal_linear(A, Bm), x, torch.eye(d, dtype=torch.float64), mask, torch.Generator().manual_seed(1), lags=lags
+    )[0]
     est, se = p.lag_mean, lag_standard_error(p)
     torch.testing.assert_close(est[0], p.mean)  # ℓ = 0 is the existing same-position estimate
     truth = torch.stack([A, Bm, torch.zeros_like(A)])
@@ -125,7 +127,9 @@ def test_lagged_slopes_not_the_same_position_slope_match_the_lagged_jacobians():
     np.testing.assert_allclose(W_same, (A + rho * Bm).numpy(), atol=0.15)  # W₀ = A + ρB up to sampling
     assert float(np.abs(W_same - A.numpy()).max()) > 10 * float(se[0].max())  # the gap is far beyond the noise
     stacked = torch.cat([x[:, lags - lag : T - lag] for lag in range(lags + 1)], -1)[:, 1:]  # t ≥ 3: all lags present
-    W_lagged, _ = ridge_fit(PairStats.from_data(stacked.reshape(-1, 3 * d).numpy(), y[:, lags:].reshape(-1, d).numpy()), 1e-9)
+    W_lagged, _ = ridge_fit(
+        PairStats.from_data(stacked.reshape(-1, 3 * d).numpy(), y[:, lags:].reshape(-1, d).numpy()), 1e-9
+    )
     slopes = torch.from_numpy(W_lagged).reshape(d, lags + 1, d).permute(1, 0, 2)  # [ℓ, d_out, d_in]
     torch.testing.assert_close(slopes, truth, atol=1e-6, rtol=0)  # exact: y has no noise
     assert float(((est - slopes) / se).abs().max()) < 4.5
@@ -141,7 +145,10 @@ def test_sequence_standard_error_matches_the_spread_over_repeated_probes():
     A, Bm = torch.randn(d, d, generator=g, dtype=torch.float64), torch.randn(d, d, generator=g, dtype=torch.float64)
     linear = _causal_linear(A, Bm)
     f, eye = (lambda h: linear(torch.tanh(1.5 * h))), torch.eye(d, dtype=torch.float64)
-    probes = [probe(f, _ar1(B, T, d, 0.8, g), eye, _mask(B, T), torch.Generator().manual_seed(s), lags=1)[0] for s in range(40)]
+    probes = [
+        probe(f, _ar1(B, T, d, 0.8, g), eye, _mask(B, T), torch.Generator().manual_seed(s), lags=1)[0]
+        for s in range(40)
+    ]
     spread = torch.stack([p.lag_mean for p in probes]).std(0)
     predicted = torch.stack([lag_standard_error(p) for p in probes]).pow(2).mean(0).sqrt()
     ratio = float(spread.pow(2).sum() / predicted.pow(2).sum())

@@ -100,7 +100,9 @@ def probe_atlas(
         f = block_stack(model, trace.calls, L, ts)
         x = trace.residuals[L]
         _check_replay(f, x, [trace.residuals[T] for T in ts], L, ts)
-        probes = probe(f, x, torch.as_tensor(V, dtype=x.dtype, device=device), mask, generator, ap.jacobian_chunk, ap.jacobian_lags)
+        probes = probe(
+            f, x, torch.as_tensor(V, dtype=x.dtype, device=device), mask, generator, ap.jacobian_chunk, ap.jacobian_lags
+        )
         for T, p in zip(ts, probes):
             out[pair_name(L, T - L)] = ProbedPair(V, p)
     return out

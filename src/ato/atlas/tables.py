@@ -385,9 +385,7 @@ def _jacobian_section(result: AtlasResult) -> list[str]:
 
 def _sequence_row(pair: str, g: LocalGlobal) -> str:
     lags = ", ".join(f"{_f(v)} ({_f(e)})" for v, e in zip(g.lag_response, g.lag_noise)) or "—"
-    return (
-        f"| {pair} | {_f(g.rel_diff)} | {_f(g.sequence_noise)} | {_f(g.sequences_for_gap, '.0f')} | {lags} |"
-    )
+    return f"| {pair} | {_f(g.rel_diff)} | {_f(g.sequence_noise)} | {_f(g.sequences_for_gap, '.0f')} | {lags} |"
 
 
 def _jacobian_reading() -> list[str]:

@@ -28,6 +28,7 @@ b_J = ȳ − W_J x̄).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -307,14 +308,17 @@ def local_vs_global(
         "sv_ridge": np.linalg.svd(WV, compute_uv=False).tolist(),
         "sv_jacobian": np.linalg.svd(JV, compute_uv=False).tolist(),
         "sv_total": np.linalg.svd(JtV, compute_uv=False).tolist(),
-        **sequence_fields(probe, norm_wv, float(np.linalg.norm(WV - JV) / norm_wv)),
+        **sequence_fields(probe, float(norm_wv), float(np.linalg.norm(WV - JV) / norm_wv)),
     }
 
 
-def sequence_fields(probe: JacobianProbe, norm_wv: float, gap: float, margin: float = 2.0) -> dict[str, float | list[float]]:
+def sequence_fields(
+    probe: JacobianProbe, norm_wv: float, gap: float, margin: float = 2.0
+) -> dict[str, float | list[float]]:
     """The noise of Ê[J_tt]V with sequences as the unit, ‖SE‖_F/‖WV‖_F (on the scale of the gap
     ‖(W − E[J])V‖/‖WV‖), the sequences at which it would fall to gap/`margin` (SE ∝ 1/√sequences), and
-    the lagged responses ‖E[J_{t,t−ℓ}]V‖_F/‖E[J_tt]V‖_F for ℓ = 1 … m with their noise on that scale."""
+    the lagged responses ‖E[J_{t,t−ℓ}]V‖_F/‖E[J_tt]V‖_F for ℓ = 1 … m with their noise on that scale.
+    At least two sequences: fewer give no standard error; nan noise (one sequence) stays nan."""
     se, lagged = lag_standard_error(probe).numpy(), probe.lag_mean.numpy()
     sequences = probe.lag_counts.shape[0]
     noise = float(np.linalg.norm(se[0])) / norm_wv
@@ -322,7 +326,14 @@ def sequence_fields(probe: JacobianProbe, norm_wv: float, gap: float, margin: fl
     return {
         "n_probe_sequences": float(sequences),
         "sequence_noise": noise,
-        "sequences_for_gap": sequences * (margin * noise / gap) ** 2 if gap > 0 else float("nan"),
+        "sequences_for_gap": _sequences_for(sequences, margin * noise / gap) if gap > 0 else math.nan,
         "lag_response": [float(np.linalg.norm(j)) / same for j in lagged[1:]],
         "lag_noise": [float(np.linalg.norm(e)) / same for e in se[1:]],
     }
+
+
+def _sequences_for(sequences: int, relative_noise: float) -> float:
+    """Sequences at which a standard error now `relative_noise` × the target falls to the target (∝ 1/√n)."""
+    if not math.isfinite(relative_noise):
+        return math.nan
+    return float(max(2, math.ceil(sequences * relative_noise**2)))
