@@ -198,6 +198,7 @@ TINY_PARAMS = {
         "overlap_rank": 4,
         "device": "cpu",
     },
+    "context": {"n_trials": 4, "bootstrap_resamples": 200, "batch_size": 4, "device": "cpu"},
     "causal": {
         "n_sequences": 4,
         "seq_len": 12,

@@ -118,6 +118,7 @@ def test_repro_is_incremental(incremental_run):
     assert "nothing to do" in logs["added_pair"]
     assert (project / "models" / "operators" / ADDED_PAIR / "operator.safetensors").exists()
     assert ran(logs["rest"]) == {
+        "context",
         "sae",
         "select",
         "causal_reference",

@@ -65,6 +65,13 @@ STAGES: dict[str, tuple[str, str, bool]] = {
         "reports/metrics (params: evaluate.*, pairs, stats.include_bos, stats.chunk_tokens, report.dpi)",
         True,
     ),
+    "context": (
+        "context",
+        "carried / moved / computed: context maps (lagged, prefix, routed by the model's attention) of every pair "
+        "from one forward pass per split, α tuned on validation R²_w, budget with intervals over test sequences → "
+        "reports/context, paths.context_operators (params: context.*, pairs)",
+        False,
+    ),
     "causal_reference": (
         "causal_reference",
         "clean, zero- and mean-ablation log-perplexity once per target layer → reports/causal/reference "

@@ -45,6 +45,7 @@ __all__ = [
     "TOKEN_ARRAYS",
     "ActivationStore",
     "StoreError",
+    "StoredSequence",
     "bind_parts",
     "changed_parts",
     "complete_parts",
@@ -56,6 +57,7 @@ __all__ = [
     "remove_temporaries",
     "stat_signature",
     "require_validated",
+    "token_sequences",
     "write_part",
 ]
 
@@ -331,6 +333,34 @@ class ActivationStore:
                     raise StoreError(f"{path}: reading rows {start}:{stop} failed: {exc}") from exc
                 if n_kept:  # `layers` may be empty: token arrays only
                     yield chunk
+
+
+@dataclass
+class StoredSequence:
+    """One stored sequence's per-token arrays (no residuals): BOS-led, positions 0 … n − 1."""
+
+    token_ids: np.ndarray  # int64 [n]
+    special: np.ndarray  # bool [n]: BOS and other special tokens
+    doc_id: int
+
+
+def token_sequences(store: ActivationStore, split: str) -> list[StoredSequence]:
+    """Every sequence of `split` in store order, from the token arrays alone (a sequence starts at
+    position 0 and may cross a part boundary)."""
+    chunks = list(store.iter_chunks(split, [], include_special=True, with_tokens=True))
+    if not chunks:
+        return []
+    cols = {key: np.concatenate([c[key] for c in chunks]) for key in ("token_id", "special", "doc_id", "position")}
+    starts = np.flatnonzero(cols["position"] == 0)
+    if len(starts) == 0 or starts[0] != 0:
+        raise StoreError(f"{store.root}/{split}: the split does not start at a sequence start (position 0)")
+    ends = np.append(starts[1:], len(cols["position"]))
+    return [
+        StoredSequence(
+            cols["token_id"][a:b].astype(np.int64), cols["special"][a:b].astype(bool), int(cols["doc_id"][a])
+        )
+        for a, b in zip(starts, ends)
+    ]
 
 
 def require_validated(store: ActivationStore, report: Path) -> None:

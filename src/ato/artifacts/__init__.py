@@ -19,6 +19,7 @@ atomic writer (`atomic_path`), and read through its record: a missing, truncated
 | causal | operator, `ModelInfo`, `CausalReference`, store | `CausalSummary` → causal(pair); `CausalSequences` |
 | languages | operators, store, SAE, `FeatureSet`, `SaeInfo`, other text | `LanguageReport` → languages |
 | atlas | `StoreManifest`, `ValidationVerdict`, store, model | `AtlasResult` → atlas_result; atlas_maps; tables |
+| context | `StoreManifest`, `ValidationVerdict`, pair_stats(train), model | `ContextBudget`; context maps |
 | report | `PairMetrics`, `EfficiencyTable`, `CausalSummary`, `TuningResult`, `SaeInfo` | `HeadlineMetrics`, summary |
 """
 
@@ -47,6 +48,9 @@ _LAZY = {
     "ContextFeatureVerdicts": "context",
     "ContextKindScore": "context",
     "Estimate": "context",
+    "ContextOperatorConfig": "context_operator",
+    "read_context_operator": "context_operator",
+    "write_context_operator": "context_operator",
     "AtlasBudget": "atlas",
     "AtlasMapsMeta": "atlas",
     "AtlasPair": "atlas",
@@ -117,7 +121,12 @@ __all__ = [
     "CausalSequences",
     "CausalSummary",
     "CleanScores",
+    "ContextBudget",
+    "ContextFeatureVerdicts",
+    "ContextKindScore",
+    "ContextOperatorConfig",
     "EfficiencyTable",
+    "Estimate",
     "ExpectationOutcome",
     "FeatureContext",
     "FeatureContexts",
@@ -165,11 +174,13 @@ __all__ = [
     "model_info_path",
     "publish_stats_dir",
     "read_atlas_maps",
+    "read_context_operator",
     "read_json",
     "read_pair_stats",
     "read_pair_stats_meta",
     "read_train_means",
     "write_atlas_maps",
+    "write_context_operator",
     "write_csv_atomic",
     "write_json_atomic",
     "write_pair_stats",
@@ -205,6 +216,8 @@ if TYPE_CHECKING:
         ReferenceSet,
         SequenceDetail,
     )
+    from .context import ContextBudget, ContextFeatureVerdicts, ContextKindScore, Estimate
+    from .context_operator import ContextOperatorConfig, read_context_operator, write_context_operator
     from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
     from .headline import HeadlineMetrics, PairHeadline, SaeHeadline
     from .languages import IntervalScore, LanguageReport, LanguageScores, LanguageSource, PairTransfer

@@ -29,6 +29,7 @@ class Layout:
     features: Path  # select → layer_NN.json, layer_NN_contexts.json
     operators: Path  # fit → <pair>/ (operator.safetensors + config.json)
     atlas: Path  # atlas → maps.safetensors
+    context_operators: Path  # context → <pair>/ (context.safetensors + config.json)
     reports: Path  # every human-facing output
 
     @classmethod
@@ -123,6 +124,10 @@ class Layout:
     # context
     def context(self, pair: str) -> Path:
         return self.reports / "context" / f"{pair}.json"
+
+    def context_operator(self, pair: str) -> Path:
+        """The pair's context maps (`ato.artifacts.context_operator`)."""
+        return self.context_operators / pair
 
     # causal_reference
     @property

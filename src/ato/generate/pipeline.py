@@ -211,6 +211,27 @@ STAGES: list[Stage] = [
         ],
     ),
     Stage(
+        "context",
+        does=(
+            "carried, moved or computed: maps reading layer L at positions s ≤ t (lagged, prefix mean, routed by the "
+            "model's own attention patterns) beside the same-position ATO, from one forward pass per split; the "
+            "variance budget per pair with document-bootstrap intervals, p/n, learning-curve extrapolation and the "
+            "CCA ceiling of the context inputs"
+        ),
+        output="`reports/context/<pair>.json`, `models/context/<pair>/`",
+        deps=[
+            _e("${paths.store}", "the token arrays of every split (no residuals) + manifest"),
+            VALIDATED,
+            _e("${paths.stats}/train", "fill: each pair's train mean of layer L (mean_x)"),
+            _e("${paths.model_dir}", "the forward pass: residuals and attention patterns"),
+        ],
+        params=[_e("context"), _e("pairs"), MODEL_LABEL, PATHS],
+        outs=[
+            _e("${paths.context_operators}", "per pair: context.safetensors + config.json"),
+            _report(f"{R}/context"),
+        ],
+    ),
+    Stage(
         "causal_reference",
         does=(
             "clean, zero- and mean-ablation log-perplexity of the held-out test sequences, once per target layer L+k "

@@ -12,7 +12,9 @@ See docs/method.md#ridge and docs/method.md#r2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,15 +45,17 @@ class RidgePath:
         lam, Q = np.linalg.eigh(xtx)
         return cls(np.clip(lam, 0, None), Q, Q.T @ xty, scale, s.mean_x, s.mean_y)
 
-    def solve(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        """(W [d_out, d_in], b [d_out]) in original coordinates for penalty α (α = 0: OLS via pinv)."""
+    def shrinkage(self, alpha: float) -> np.ndarray:
+        """1/(λ + α) per eigenvalue (α = 0: the pseudo-inverse's 1/λ, 0 below the rank cutoff)."""
         lam = self.eigvals
         if alpha > 0:
-            inv = 1.0 / (lam + alpha)
-        else:
-            cutoff = lam.max() * len(lam) * np.finfo(float).eps
-            inv = np.where(lam > cutoff, 1.0 / np.where(lam > cutoff, lam, 1.0), 0.0)
-        wt = self.eigvecs @ (inv[:, None] * self.qt_xty)  # [d_in, d_out], standardised coordinates
+            return 1.0 / (lam + alpha)
+        cutoff = lam.max() * len(lam) * np.finfo(float).eps
+        return np.where(lam > cutoff, 1.0 / np.where(lam > cutoff, lam, 1.0), 0.0)
+
+    def solve(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """(W [d_out, d_in], b [d_out]) in original coordinates for penalty α (α = 0: OLS via pinv)."""
+        wt = self.eigvecs @ (self.shrinkage(alpha)[:, None] * self.qt_xty)  # [d_in, d_out], standardised
         W = (wt / self.scale[:, None]).T
         b = self.mean_y - W @ self.mean_x
         return W, b
@@ -88,3 +92,55 @@ class HeldOutR2:
 
     def __call__(self, alpha: float) -> float:
         return float(np.mean([r2_from_stats(held, *path.solve(alpha))["r2"] for path, held in self.folds]))
+
+
+@dataclass
+class HeldOutR2Weighted:
+    """Exact held-out R²_w (as `r2_from_stats`' `r2_weighted`) of the ridge path for any α in O(d_in²).
+
+    With u = x − x̄, v = y − ȳ (train means), R = Qᵀ diag(1/σ) and Wᵀ = diag(1/σ) Q D C (C = `qt_xty`,
+    D = diag(1/(λ+α))), the held-out SSE summed over dimensions is
+    Σ‖v‖² − 2 Σᵢ Dᵢ aᵢ + Σᵢⱼ Dᵢ Dⱼ Mᵢⱼ, with a = rowsums(C ∘ R Suv) and M = (R Suu Rᵀ) ∘ (C Cᵀ):
+    one O(d_in³) rotation of the held-out Gram, then each α is a quadratic form. Only the total over
+    dimensions is this cheap (a per-dimension R² needs O(d_in² d_out) per α)."""
+
+    path: RidgePath
+    vv: float  # Σ‖v‖²
+    linear: np.ndarray  # a
+    quadratic: np.ndarray  # M
+    sst: float  # Σ over dimensions of the held-out rows' scatter about their own mean
+
+    @classmethod
+    def of(cls, path: RidgePath, held: PairStats) -> HeldOutR2Weighted:
+        mx, my, n = path.mean_x, path.mean_y, held.n
+        suu = held.xtx - np.outer(mx, held.sum_x) - np.outer(held.sum_x, mx) + n * np.outer(mx, mx)
+        suv = held.xty - np.outer(mx, held.sum_y) - np.outer(held.sum_x, my) + n * np.outer(mx, my)
+        vv = float(np.trace(held.yty) - 2 * my @ held.sum_y + n * my @ my)
+        rotate = path.eigvecs.T / path.scale[None, :]
+        C = path.qt_xty
+        quadratic = (rotate @ suu @ rotate.T) * (C @ C.T)
+        return cls(path, vv, np.sum(C * (rotate @ suv), axis=1), quadratic, float(sst_from_stats(held).sum()))
+
+    def __call__(self, alpha: float) -> float:
+        shrink = self.path.shrinkage(alpha)
+        sse = self.vv - 2 * shrink @ self.linear + shrink @ self.quadratic @ shrink
+        return float(1 - sse / self.sst)
+
+
+def alpha_trial(objective: Callable[[float], float], alpha_min: float, alpha_max: float) -> Callable[[Any], float]:
+    """The α search space of every Optuna study of the project: α log-uniform on [min, max], named
+    "alpha" (the name `ato tune`'s trials record)."""
+    return lambda trial: objective(trial.suggest_float("alpha", alpha_min, alpha_max, log=True))
+
+
+def search_alpha(
+    objective: Callable[[float], float], alpha_min: float, alpha_max: float, n_trials: int, seed: int
+) -> tuple[float, float]:
+    """(best α, its objective) of an in-memory Optuna study with `ato tune`'s sampler (TPE, seeded) and
+    search space (`alpha_trial`): the same search, without the stage's storage and workers."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(alpha_trial(objective, alpha_min, alpha_max), n_trials=n_trials, show_progress_bar=False)
+    return float(study.best_params["alpha"]), float(study.best_value)

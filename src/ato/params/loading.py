@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .sections import SPLITS, AtlasParams, CausalParams, Pair, Params, ParamsError
+from .sections import SPLITS, AtlasParams, CausalParams, ContextParams, Pair, Params, ParamsError
 
 _PAIR_NAME = re.compile(r"^L(\d{2,})_k(\d+)$")
 
@@ -235,6 +235,7 @@ def check_params(params: Params, n_layers: int | None = None) -> None:
     _check_position_sets(params.causal)
     _check_atlas(params.atlas)
     _check_languages(params)
+    _check_context(params.context)
     if n_layers is not None:
         check_depth(params, n_layers)
 
@@ -267,6 +268,21 @@ def _check_languages(params: Params) -> None:
         raise ParamsError(f"languages.shared_threshold: must be in (0, 1], got {lp.shared_threshold}")
     if lp.causal_seq_len < 2:
         raise ParamsError(f"languages.causal_seq_len: must be at least 2, got {lp.causal_seq_len}")
+
+
+def _check_context(c: ContextParams) -> None:
+    for key in ("lags", "n_trials", "bootstrap_resamples", "batch_size"):
+        if getattr(c, key) < (0 if key == "lags" else 1):
+            raise ParamsError(
+                f"context.{key}: must be {'>= 0' if key == 'lags' else 'positive'}, got {getattr(c, key)}"
+            )
+    if not 0 < c.alpha_min < c.alpha_max:
+        raise ParamsError("context.alpha_min/alpha_max: need 0 < alpha_min < alpha_max")
+    fractions = c.curve_fractions
+    if not fractions or fractions[-1] != 1 or any(not 0 < a < b for a, b in zip(fractions, fractions[1:])):
+        raise ParamsError(f"context.curve_fractions: increasing fractions in (0, 1] ending at 1, got {fractions}")
+    if not 0 < c.level < 1:
+        raise ParamsError(f"context.level: must be in (0, 1), got {c.level}")
 
 
 def _check_atlas(a: AtlasParams) -> None:

@@ -34,6 +34,7 @@ class Paths:
     features: str = "data/features"  # ranked SAE feature ids per layer
     operators: str = "models/operators"  # one directory per (L, k)
     atlas: str = "data/atlas"  # atlas → the ridge map of every atlas pair (maps.safetensors)
+    context_operators: str = "models/context"  # context → one directory of context maps per pair
     reports: str = "reports"
     mlflow_uri: str = "sqlite:///mlruns/mlflow.db"
     mlflow_artifacts: str = "mlruns/artifacts"
@@ -329,6 +330,28 @@ class AtlasParams:
 
 
 @dataclass
+class ContextParams:
+    """Stage `context`: maps that also read other positions of layer L (lagged, prefix, routed by the
+    model's attention) and the carried / moved / computed budget of every pair (docs/method.md#context-maps)."""
+
+    lags: int = 2  # m: lagged inputs x_{t−1} … x_{t−m}
+    alpha_min: float = 1e-3  # Optuna search of each kind's ridge α on exact validation R²_w (as `tune`)
+    alpha_max: float = 1e7
+    n_trials: int = 24  # trials per pair and kind (every trial reuses one eigendecomposition)
+    seed: int = 0  # the α search's sampler
+    curve_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])  # nested train
+    # fractions (of the train sequences, store order) of the learning curve; the last must be 1
+    interval: Literal["studentized_hull", "studentized", "t", "bca", "percentile"] = "studentized_hull"  # every
+    # value's interval over test sequences (`ato.math.intervals`, as causal.interval: the hull held `moved` at
+    # 0.945 of nominal 0.95 with heavy-tailed noise where the percentile bootstrap held 0.915)
+    bootstrap_resamples: int = 1000  # resamples of those intervals
+    level: float = 0.95  # interval level
+    bootstrap_seed: int = 0
+    batch_size: int = 8  # sequences per forward pass
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the forward pass and the Grams
+
+
+@dataclass
 class ReportParams:
     """Stage `report` (and the resolution of every stage's PNG figures)."""
 
@@ -358,6 +381,7 @@ class Params:
     causal: CausalParams = field(default_factory=CausalParams)
     atlas: AtlasParams = field(default_factory=AtlasParams)
     languages: LanguagesParams = field(default_factory=LanguagesParams)
+    context: ContextParams = field(default_factory=ContextParams)
     report: ReportParams = field(default_factory=ReportParams)
     root: Path = Path(".")  # directory relative paths resolve against (the params file's)
 

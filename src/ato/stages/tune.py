@@ -23,7 +23,7 @@ import numpy as np
 
 from ato.accumulate import kfold_stats
 from ato.artifacts import AlphaPoint, Layout, TuningResult, atomic_group, read_pair_stats, write_text_atomic
-from ato.math.ridge import HeldOutR2, RidgePath
+from ato.math.ridge import HeldOutR2, RidgePath, alpha_trial
 from ato.math.ridge_diagnostics import diagnose_alpha
 from ato.params import Params, TuneParams, section_dict
 from ato.plotting.tuning import plot_alpha_curve
@@ -231,7 +231,7 @@ def _run_worker(
         callbacks.append(_log_trial)
     with _in_run(params, run_id):
         study.optimize(
-            lambda trial: objective(trial.suggest_float("alpha", t.alpha_min, t.alpha_max, log=True)),
+            alpha_trial(objective, t.alpha_min, t.alpha_max),
             n_trials=remaining,
             callbacks=callbacks,
             show_progress_bar=False,

@@ -1,0 +1,218 @@
+"""The streaming pass of `ato context`: the store's token sequences of a split, forwarded once in
+batches (`ato.routed.context_forward`: every pair's layers L and L + k and routed inputs from the same
+forward), stacked into the context inputs of every pair (`ato.math.context.stack_context_inputs`) and
+accumulated into float64 sufficient statistics of the union's inputs, one per slice of sequences.
+
+Targets are the stored tokens that are not special (BOS excluded, as the statistics of `ato stats`);
+an absent input (BOS, or before the sequence start) is `fill`, the train mean of layer L's non-BOS rows.
+A split's test batches may be kept (their forward outputs, float32 on the CPU) so that every fitted
+map is scored per sequence afterwards without a second forward pass.
+
+The Grams are formed in float64 on the pass's device (residual norms reach ~4e4: float32 products
+would lose the digits that an R²_w difference of 1e-3 needs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .math.context import stack_context_inputs
+from .math.stats import PairStats
+from .residuals import pad_id_of
+from .routed import ContextForward, context_forward
+from .store import StoredSequence
+
+__all__ = [
+    "ContextPair",
+    "GramAccumulator",
+    "KeptBatch",
+    "SplitPass",
+    "pair_rows",
+    "stream_split",
+]
+
+
+@dataclass(frozen=True)
+class ContextPair:
+    """A pair as the pass needs it."""
+
+    name: str
+    L: int
+    k: int
+    fill: torch.Tensor  # [d] float32: the train mean of layer L's non-BOS rows (an absent input)
+
+    @property
+    def target(self) -> int:
+        return self.L + self.k
+
+
+class GramAccumulator:
+    """n, Σx, Σy, XᵀX, XᵀY, YᵀY in float64 on the pass's device; `PairStats` once the pass is done."""
+
+    def __init__(self, p: int, d: int, device: torch.device):
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        self.n = 0.0
+        self.sum_x, self.sum_y = zeros(p), zeros(d)
+        self.xtx, self.xty, self.yty = zeros(p, p), zeros(p, d), zeros(d, d)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        self.n += float(x.shape[0])
+        self.sum_x += x.sum(0)
+        self.sum_y += y.sum(0)
+        self.xtx.addmm_(x.T, x)
+        self.xty.addmm_(x.T, y)
+        self.yty.addmm_(y.T, y)
+
+    def pair_stats(self) -> PairStats:
+        def cpu(t: torch.Tensor) -> np.ndarray:
+            return t.cpu().numpy()
+
+        return PairStats(self.n, cpu(self.sum_x), cpu(self.sum_y), cpu(self.xtx), cpu(self.xty), cpu(self.yty))
+
+
+@dataclass
+class PaddedBatch:
+    """Right-padded token ids of some sequences of a split."""
+
+    sequences: list[int]  # indices into the split's sequences, one per row
+    ids: torch.Tensor  # int64 [B, T]
+    mask: torch.Tensor  # int64 [B, T]: 1 on real tokens
+    lengths: torch.Tensor  # int64 [B]
+    target: torch.Tensor  # bool [B, T]: real tokens that are not special (the rows every map predicts)
+
+
+def padded_batches(seqs: Sequence[StoredSequence], batch_size: int, pad_id: int) -> Iterator[PaddedBatch]:
+    """Batches of sequences of similar length (less padding), every sequence once."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        lengths = torch.tensor([len(seqs[i].token_ids) for i in chosen])
+        width = int(lengths.max())
+        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        target = torch.zeros((len(chosen), width), dtype=torch.bool)
+        for row, i in enumerate(chosen):
+            ids[row, : lengths[row]] = torch.from_numpy(seqs[i].token_ids)
+            target[row, : lengths[row]] = ~torch.from_numpy(seqs[i].special)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        yield PaddedBatch(chosen, ids, mask, lengths, target)
+
+
+@dataclass
+class PairRows:
+    """One pair's target rows of a batch."""
+
+    x: torch.Tensor  # [n, p] stacked inputs (the union's blocks)
+    y: torch.Tensor  # [n, d] residual of layer L + k
+    row_sequence: torch.Tensor  # int64 [n]: the batch row (sequence) each target row belongs to
+
+
+def pair_rows(
+    hidden: dict[int, torch.Tensor],
+    routed: dict[tuple[int, int], torch.Tensor],
+    pair: ContextPair,
+    lags: int,
+    lengths: torch.Tensor,
+    target: torch.Tensor,
+) -> PairRows:
+    """The stacked inputs and targets of `pair` at a batch's target positions."""
+    x = hidden[pair.L]
+    stacked = stack_context_inputs(x, routed[(pair.L, pair.k)], lags, pair.fill.to(x.device), lengths.to(x.device))
+    where = target.to(x.device)
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(where)[where]
+    return PairRows(stacked[where], hidden[pair.target][where], rows)
+
+
+@dataclass
+class KeptBatch:
+    """A batch's forward outputs kept (float32, CPU) to score the fitted maps per sequence later."""
+
+    sequences: list[int]
+    lengths: torch.Tensor
+    target: torch.Tensor
+    hidden: dict[int, torch.Tensor]
+    routed: dict[tuple[int, int], torch.Tensor]
+
+    def rows(self, pair: ContextPair, lags: int, device: torch.device) -> PairRows:
+        hidden = {n: self.hidden[n].to(device) for n in (pair.L, pair.target)}
+        routed = {(pair.L, pair.k): self.routed[(pair.L, pair.k)].to(device)}
+        return pair_rows(hidden, routed, pair, lags, self.lengths, self.target)
+
+
+@dataclass
+class SplitPass:
+    """One split's statistics per pair and slice, and what was kept."""
+
+    stats: dict[str, list[PairStats]]  # pair → one union PairStats per slice (slice order)
+    doc_ids: list[int]  # of each sequence, in the split's order (the index `KeptBatch.sequences` uses)
+    kept: list[KeptBatch] = field(default_factory=list)
+    tokens: int = 0  # target rows per pair
+    forward_seconds: float = 0.0  # the forward passes alone (the rest: stacking and Grams)
+    seconds: float = 0.0
+
+
+def stream_split(
+    model: Any,
+    tokenizer: Any,
+    seqs: Sequence[StoredSequence],
+    pairs: Sequence[ContextPair],
+    lags: int,
+    batch_size: int,
+    slice_of: np.ndarray,
+    keep: bool = False,
+    desc: str = "context",
+) -> SplitPass:
+    """Forward `seqs` once and accumulate every pair's union statistics into slice `slice_of[i]` of
+    sequence i; with `keep`, every batch's forward outputs are kept on the CPU (`KeptBatch`)."""
+    device = next(model.parameters()).device
+    n_slices = int(slice_of.max()) + 1 if len(slice_of) else 1
+    d = int(model.config.hidden_size)
+    accs = {pair.name: [GramAccumulator(d * (2 + lags + pair.k), d, device) for _ in range(n_slices)] for pair in pairs}
+    result = SplitPass(stats={}, doc_ids=[s.doc_id for s in seqs])
+    t0 = time.perf_counter()
+    total = sum(int((~s.special).sum()) for s in seqs)
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, mininterval=2.0) as bar:
+        for batch in padded_batches(seqs, batch_size, pad_id_of(tokenizer)):
+            t_forward = time.perf_counter()
+            fwd = context_forward(model, batch.ids.to(device), batch.mask.to(device), [(p.L, p.k) for p in pairs])
+            result.forward_seconds += time.perf_counter() - t_forward
+            slices = torch.as_tensor(slice_of[batch.sequences], device=device)
+            for pair in pairs:
+                rows = pair_rows(fwd.hidden, fwd.routed, pair, lags, batch.lengths, batch.target)
+                row_slice = slices[rows.row_sequence]
+                for s in row_slice.unique().tolist():
+                    chosen = row_slice == s
+                    accs[pair.name][s].update(rows.x[chosen], rows.y[chosen])
+            if keep:
+                result.kept.append(_kept(batch, fwd))
+            n = int(batch.target.sum())
+            result.tokens += n
+            bar.update(n)
+    result.stats = {name: [acc.pair_stats() for acc in slices_] for name, slices_ in accs.items()}
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _kept(batch: PaddedBatch, fwd: ContextForward) -> KeptBatch:
+    return KeptBatch(
+        batch.sequences,
+        batch.lengths,
+        batch.target,
+        {n: h.cpu() for n, h in fwd.hidden.items()},
+        {key: z.cpu() for key, z in fwd.routed.items()},
+    )
+
+
+def nested_slices(n_sequences: int, fractions: Sequence[float]) -> np.ndarray:
+    """Slice index of each train sequence (store order): slice j holds the sequences between fractions
+    j − 1 and j, so the first j + 1 slices together are the nested fraction j of the learning curve."""
+    bounds = np.round(np.asarray(fractions, dtype=np.float64) * n_sequences).astype(np.int64)
+    return np.searchsorted(bounds, np.arange(n_sequences), side="right").astype(np.int64)
