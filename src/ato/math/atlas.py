@@ -38,7 +38,14 @@ import numpy as np
 from .cca import CCA, pinv_sqrt, whitening
 from .directions import TransportDirections, transport_directions
 from .heldout import CCANull, VersusNull, heldout_from_cca
-from .jacobian import JacobianProbe, estimate_noise, lag_standard_error, linearisation_r2, token_variation
+from .jacobian import (
+    JacobianProbe,
+    estimate_noise,
+    lag_standard_error,
+    linearisation_r2,
+    slope_gaps,
+    token_variation,
+)
 from .linear_reference import LinearReference, linear_reference
 from .procrustes import peer_linearity_from_eigh, procrustes_centred, procrustes_plain
 from .ridge import RidgePath, r2_from_stats
@@ -308,20 +315,20 @@ def local_vs_global(
         "sv_ridge": np.linalg.svd(WV, compute_uv=False).tolist(),
         "sv_jacobian": np.linalg.svd(JV, compute_uv=False).tolist(),
         "sv_total": np.linalg.svd(JtV, compute_uv=False).tolist(),
-        **sequence_fields(probe, float(norm_wv), float(np.linalg.norm(WV - JV) / norm_wv)),
+        **sequence_fields(probe, W, V),
     }
 
 
 def sequence_fields(
-    probe: JacobianProbe, norm_wv: float, gap: float, margin: float = 2.0
+    probe: JacobianProbe, W: np.ndarray, V: np.ndarray, margin: float = 2.0
 ) -> dict[str, float | list[float]]:
-    """The noise of Ê[J_tt]V with sequences as the unit, ‖SE‖_F/‖WV‖_F (on the scale of the gap
-    ‖(W − E[J])V‖/‖WV‖), the sequences at which it would fall to gap/`margin` (SE ∝ 1/√sequences), and
-    the lagged responses ‖E[J_{t,t−ℓ}]V‖_F/‖E[J_tt]V‖_F for ℓ = 1 … m with their noise on that scale.
-    At least two sequences: fewer give no standard error; nan noise (one sequence) stays nan."""
+    """The noise of Ê[J_tt]V with sequences as the unit on the scale of the gap ‖(W − E[J])V‖/‖WV‖
+    (`slope_gaps`), the sequences at which it would fall to gap/`margin` (SE ∝ 1/√sequences), and the
+    lagged responses ‖E[J_{t,t−ℓ}]V‖_F/‖E[J_tt]V‖_F for ℓ = 1 … m with their noise on that scale.
+    One sequence gives no standard error: nan."""
+    (gap,), (noise,) = slope_gaps([W], V, probe)
     se, lagged = lag_standard_error(probe).numpy(), probe.lag_mean.numpy()
     sequences = probe.lag_counts.shape[0]
-    noise = float(np.linalg.norm(se[0])) / norm_wv
     same = float(np.linalg.norm(lagged[0]))
     return {
         "n_probe_sequences": float(sequences),

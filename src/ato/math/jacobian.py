@@ -239,3 +239,18 @@ def lag_standard_error(p: JacobianProbe) -> torch.Tensor:
     counts = np.broadcast_to(p.lag_counts.double().T.numpy()[:, None, None, :], sums.shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         return torch.from_numpy(ratio_standard_error(sums, counts))
+
+
+def slope_gaps(slopes: list[np.ndarray], V: np.ndarray, p: JacobianProbe) -> tuple[list[float], list[float]]:
+    """Per lag ℓ (slopes[ℓ] = a map's W_ℓ [d_out, d_in], ℓ ≤ m): ‖(W_ℓ − E[J_{t,t−ℓ}])V‖_F / ‖W_ℓ V‖_F and
+    its noise ‖SE(Ê[J_{t,t−ℓ}]V)‖_F / ‖W_ℓ V‖_F, sequences as the unit (the expected size of the
+    estimate's error on the gap's scale)."""
+    if len(slopes) > p.lag_counts.shape[1]:
+        raise ValueError(f"{len(slopes)} slopes for a probe of lags 0 … {p.lag_counts.shape[1] - 1}")
+    lagged, se = p.lag_mean.numpy(), lag_standard_error(p).numpy()
+    gaps, noise = [], []
+    for lag, W in enumerate(slopes):
+        scale = float(np.linalg.norm(W @ V))
+        gaps.append(float(np.linalg.norm(W @ V - lagged[lag])) / scale if scale > 0 else float("nan"))
+        noise.append(float(np.linalg.norm(se[lag])) / scale if scale > 0 else float("nan"))
+    return gaps, noise

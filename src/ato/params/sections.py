@@ -349,6 +349,9 @@ class ContextParams:
     bootstrap_seed: int = 0
     batch_size: int = 8  # sequences per forward pass
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the forward pass and the Grams
+    jacobian_sequences: int = 8  # TRAIN sequences of the lagged Jacobians beside W_ℓ (0: not probed)
+    jacobian_seq_len: int = 48  # tokens per such sequence
+    jacobian_directions: int = 8  # r: top right singular vectors of the lagged map the Jacobians are taken on
 
 
 @dataclass
