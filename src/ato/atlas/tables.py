@@ -401,10 +401,12 @@ def _jacobian_reading() -> list[str]:
         "with sequences as the unit (tokens of one sequence are not independent; the signs' and tokens' "
         "columns above are lower bounds): where the noise exceeds gap/2, the probe averaged too few "
         "sequences for the gap (`atlas.jacobian_sequences`; the column says how many would do, SE ∝ "
-        "1/√sequences). The second column divides by the computed part (W − I) only. Token variation ≈ 0 "
-        "means one linear map is the local map everywhere; values ≥ 1 mean the local linear regime is "
-        "narrower than the data. The three R²_w columns: how much of y the per-token linearisation "
-        "explains, beside the global map.",
+        "1/√sequences). A lag response whose noise exceeds half of it is not resolved: on the default "
+        "run's six pairs 2 sequences resolve the gap but not the lag responses, which take ≈ 5–60 "
+        "(docs/statistics.md#jacobian-noise). The second column divides by the computed part (W − I) "
+        "only. Token variation ≈ 0 means one linear map is the local map everywhere; values ≥ 1 mean the "
+        "local linear regime is narrower than the data. The three R²_w columns: how much of y the "
+        "per-token linearisation explains, beside the global map.",
         "",
     ]
 
