@@ -349,10 +349,11 @@ class ContextParams:
     bootstrap_seed: int = 0
     batch_size: int = 8  # sequences per forward pass
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the forward pass and the Grams
-    jacobian_sequences: int = 4  # TRAIN sequences of the lagged Jacobians beside W_ℓ (0: not probed); ≈ 7 s
-    # per sequence for the six default pairs on one CPU thread
+    jacobian_sequences: int = 4  # TRAIN sequences of the lagged Jacobians beside W_ℓ (0: not probed); the
+    # noise's unit (docs/statistics.md#jacobian-noise); cost linear in it
     jacobian_seq_len: int = 48  # tokens per such sequence
-    jacobian_directions: int = 8  # r: top right singular vectors of the lagged map the Jacobians are taken on
+    jacobian_directions: int = 4  # r: top right singular vectors of the lagged map the Jacobians are taken on
+    # (3r + 3 jvp tangents per pair: r = 4 and 4 sequences keep the six default pairs near 20 s of CPU)
 
 
 @dataclass
