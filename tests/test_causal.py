@@ -192,6 +192,24 @@ def build_causal_project(
                 "store_digest": "store-digest",
             },
         )
+        write_context_maps(params, name, W, b, info)
+
+
+def write_context_maps(params, name: str, W, b, info) -> None:
+    """The pair's context maps as `ato context` writes them: every kind is the operator on x_t, every other
+    input block weighted zero (so the context condition must patch what the ATO patches)."""
+    from ato.artifacts import ContextOperatorConfig, Layout, write_context_operator
+
+    pair, lags, d = params.pairs[name], params.context.lags, info.d_model
+    blocks = ["x_t", *(f"x_t-{lag}" for lag in range(1, lags + 1)), "prefix", *(f"z_{j}" for j in range(1, pair.k + 1))]
+    on_x = {"ato": [0], "context": list(range(len(blocks)))}
+    maps = {kind: (np.hstack([W] + [np.zeros((d, d))] * (len(cols) - 1)), b) for kind, cols in on_x.items()}
+    config = ContextOperatorConfig(
+        pair=name, L=pair.L, k=pair.k, lags=lags, d_model=d, blocks=blocks, kinds=on_x,
+        alphas=dict.fromkeys(on_x, 1.0), absent_inputs="fill", routed_inputs="z", n_train_tokens=1,
+        store_digest="store-digest", model_digest=info.weights_digest, n_layers=info.n_layers,
+    )  # fmt: skip
+    write_context_operator(Layout.from_params(params).context_operator(name), config, maps, np.zeros(d))
 
 
 TEXTS = {"train": _texts(0, 30, 12, 30), "val": _texts(1, 3, 12, 30), "test": _texts(2, 6, 14, 30)}
@@ -347,7 +365,7 @@ def test_shared_prefix_gives_the_same_sums_as_full_forwards(kind):
     shared = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=True, **kw)
     full = causal_lib.run_pair(model, held, pair, mean_y, masks, specs, share_prefix=False, **kw)
     assert _sums(shared) == _sums(full)
-    assert set(shared["all"].nll_sum) == set(all_conditions())
+    assert set(shared["all"].nll_sum) == set(all_conditions()) - {"context"}  # no context maps: not patched
 
 
 def test_the_all_scope_leaves_out_the_prediction_made_at_bos():
@@ -507,12 +525,12 @@ def test_stage_outputs_references_and_intervals(trained_project):
     assert json.dumps(json_clean(again.to_dict()), sort_keys=True) == json.dumps(json_clean(report), sort_keys=True)
     assert set(report["position_sets"]) == {"all", "few", "single_2"}
     few = report["position_sets"]["few"]
-    assert "registered" not in few  # no registered kind: the built-in conditions only, as before
+    assert set(few["registered"]) == {"context"}  # the only kind without a field of its own
     assert few["first_patched_position"] == 1 and few["n_patched_tokens"] == 2 * 4
     assert few["recovered_vs_zero"]["reference"] == "zero"
     for cond in patched_conditions():
         assert {"logppl_all", "logppl_after", "delta_all_mean", "delta_all_lo", "delta_all_half_width"} <= set(
-            few[cond]
+            few[cond] if cond in few else few["registered"][cond]
         )
     # the late single position cannot change predictions made before it
     single = report["position_sets"]["single_2"]
@@ -578,10 +596,25 @@ def test_a_registered_causal_kind_is_patched_by_the_stage(trained_project, opera
         assert entry.patched(operator_again) == entry.ato
     written = json.loads(layout.causal("L00_k1").read_text())
     assert written[f"{operator_again}_delta_all"] == written["ato_delta_all"]
-    assert set(written["position_sets"]["all"]["registered"]) == {operator_again}
+    assert set(written["position_sets"]["all"]["registered"]) == {"context", operator_again}
     again = CausalSummary.read(layout.causal("L00_k1")).headline
     assert again.patched(operator_again) == summary.headline.patched(operator_again)
     assert f"causal_{operator_again}_delta" in causal_columns()  # the report's plots/summary.csv lists it
+
+
+def test_the_context_condition_is_patched_by_the_stage_from_the_context_maps(trained_project):
+    """`ato causal` splices each pair's union context map (`ato context`) as the condition `context`. The
+    planted maps weigh x_t by the operator and every other block by zero, so it patches what the ATO
+    patches (its x_L from the routed pass's own forward: equal up to float error)."""
+    _, params = trained_project
+    summary = causal.main(params, pair="L01_k2")["L01_k2"]
+    for entry in summary.position_sets.values():
+        got, ato = entry.patched("context"), entry.ato
+        assert got.delta_all_mean == pytest.approx(ato.delta_all_mean, rel=1e-4, abs=1e-6)
+        assert got.delta_after_mean == pytest.approx(ato.delta_after_mean, rel=1e-4, abs=1e-6)
+        assert entry.recovered_context is not None  # its share of the headline reference's damage, beside the ATO's
+        assert entry.recovered_context.all_mean == pytest.approx(entry.recovered.all_mean, rel=1e-3, abs=1e-5)
+    assert summary.headline.patched("context").delta_all_mean != summary.headline.identity.delta_all_mean
 
 
 def test_headline_reference_and_interval_method_are_params(trained_project):

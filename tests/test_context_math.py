@@ -122,10 +122,13 @@ def test_tune_and_fit_finds_the_best_alpha_of_the_curve():
     assert cm.tune_and_fit(train, val, 1e-3, 1e7, n_trials=40, seed=0).alpha == fit.alpha  # seeded
 
 
-def test_the_ceiling_equals_the_cca_ceiling():
+@pytest.mark.parametrize("standardize", [False, True])
+def test_the_ceiling_equals_the_cca_ceiling(standardize):
     rng = np.random.default_rng(3)
     s = _regression_stats(rng, 500, 15, 6)
-    assert cm.ceiling(s) == pytest.approx(CCA.from_stats(s).ceiling(), abs=1e-9)
+    want = CCA.from_stats(s).ceiling()
+    assert cm.ceiling(RidgePath.from_stats(s, standardize), s) == pytest.approx(want, abs=1e-9)
+    assert cm.tune_and_fit(s, s, 1e-3, 1e3, 5, 0, standardize).ceiling == pytest.approx(want, abs=1e-9)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ def test_the_pass_rows_are_the_stored_rows(context_run):
 
 def test_the_operators_reproduce_the_stored_scores(context_run):
     """The saved maps, loaded back and run on a fresh pass over the test split, give the budget's R²_w."""
+    from safetensors import safe_open
+
     from ato.artifacts import ContextBudget, Layout, read_context_operator
     from ato.context_budget import KindFit, score_sequences
     from ato.context_pass import ContextPair, stream_split
@@ -89,6 +91,7 @@ def test_the_operators_reproduce_the_stored_scores(context_run):
     for name in context_run.pairs:
         config, maps, fill = read_context_operator(layout.context_operator(name), store.digest)
         assert set(maps) == set(KINDS) and config.blocks[0] == "x_t"
+        assert len(safe_open(layout.context_operator(name) / "context.safetensors", "np").keys()) == 2 * len(KINDS) + 1
         pair = ContextPair(name, config.L, config.k, torch.as_tensor(fill))
         again = stream_split(model, tokenizer, seqs, [pair], config.lags, 5, np.zeros(len(seqs), np.int64), keep=True)
         fits = {

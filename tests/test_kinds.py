@@ -19,8 +19,8 @@ def test_built_in_roles_list_the_historical_keys_in_their_order():
     assert kinds.keys_for("evaluate") == ("ato", "identity", "mean", "ols")
     assert kinds.keys_for("atlas") == ("identity", "procrustes", "procrustes_centred", "ridge", "rrr", "jacobian")
     assert kinds.keys_for("atlas_reference") == ("train_mean",)
-    assert kinds.keys_for("causal") == ("ato", "identity", "zero", "bias_only", "train_mean", "mean_update")
-    assert kinds.causal_keys("pair") == ("ato", "identity", "bias_only", "mean_update")
+    assert kinds.keys_for("causal") == ("ato", "identity", "zero", "bias_only", "train_mean", "mean_update", "context")
+    assert kinds.causal_keys("pair") == ("ato", "identity", "bias_only", "mean_update", "context")
     assert kinds.causal_keys("target") == ("zero", "train_mean")
     assert kinds.keys_for("recovered_against") == ("train_mean", "zero", "identity", "mean_update")
     assert kinds.keys_for("languages_features") == ("operator", "own", "identity")
@@ -126,8 +126,8 @@ def test_built_in_causal_patches_build_the_documented_values():
     import torch
 
     x, W, b, mean_y = torch.randn(3, 4), torch.randn(4, 4), torch.randn(4), torch.randn(4)
-    mean_x = torch.randn(4)
-    per_pair = kinds.PatchInputs(W=W, b=b, mean_x=mean_x, mean_y=mean_y)
+    mean_x, W_context, b_context = torch.randn(4), torch.randn(4, 4), torch.randn(4)
+    per_pair = kinds.PatchInputs(W=W, b=b, mean_x=mean_x, mean_y=mean_y, W_context=W_context, b_context=b_context)
     per_target = kinds.PatchInputs(mean_y=mean_y)
     value = {
         k.name: k.patch_value(per_pair if k.causal == "pair" else per_target)(x) for k in kinds.kinds_for("causal")
@@ -136,6 +136,8 @@ def test_built_in_causal_patches_build_the_documented_values():
     assert torch.equal(value["identity"], x) and torch.equal(value["zero"], torch.zeros(3, 4))
     assert torch.equal(value["bias_only"], b.expand(3, -1)) and torch.equal(value["train_mean"], mean_y.expand(3, -1))
     assert torch.equal(value["mean_update"], x + (mean_y - mean_x))
+    assert torch.equal(value["context"], torch.nn.functional.linear(x, W_context, b_context))  # x: stacked rows
+    assert kinds.get("context").reads == "context" and kinds.get("ato").reads == "x_L"
     with pytest.raises(ValueError, match="'W' is not given in this scope"):
         kinds.get("ato").patch_value(per_target)
 

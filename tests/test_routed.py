@@ -133,3 +133,25 @@ def test_routed_pass_on_the_real_model_matches_its_attention_and_the_store(real_
         np.testing.assert_allclose(
             forward.hidden[layer][real].numpy(), recorded[layer], rtol=1e-4, atol=1e-4 * np.abs(recorded[layer]).max()
         )
+
+
+def test_the_spliced_context_map_reproduces_an_attention_only_block_where_the_identity_does_not():
+    """Condition `context` of `ato causal` on an attention-only model: the map [x_t, lags, prefix, z_1] →
+    x_t + z_1 is block L+1 itself, so the patched forward is the clean one; the identity (x_t) is not."""
+    from ato import causal as causal_lib
+    from ato.causal.context import ContextPatch
+
+    model = attention_only(tiny_model("llama"))
+    d, n = 32, 4
+    held = causal_lib.HeldOut(random_ids(n, 12, seed=3), torch.zeros(n, 12, dtype=torch.bool), list(range(n)), [0] * n)
+    specs = {"all": "all"}
+    eye, zero, none = torch.eye(d), torch.zeros(d, d), torch.zeros(d)
+    exact = ContextPatch(1, 1, 2, torch.cat([eye, zero, zero, zero, eye], dim=1), none, none)  # x_t + z_1
+    pair = causal_lib.PairPatch("L01_k1", 1, 2, eye, none, none, none, exact)
+    results, _ = causal_lib.run_conditions(
+        model, held, 2, causal_lib.pair_conditions(pair), causal_lib.check_position_sets(specs, 12), specs, 2, 7,
+        progress=False,
+    )  # fmt: skip
+    sums = {c: np.sum(s["all"]) for c, s in results["all"].nll_sum.items()}
+    assert abs(sums["identity"] - sums["clean"]) > 1e-3
+    assert abs(sums["context"] - sums["clean"]) < 1e-3 * abs(sums["identity"] - sums["clean"])

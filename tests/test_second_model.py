@@ -72,6 +72,7 @@ def test_the_pipeline_runs_end_to_end_on_smollm2(tmp_path, caplog):
         causal,
         causal_reference,
         collect,
+        context,
         evaluate,
         fit,
         prepare,
@@ -89,7 +90,7 @@ def test_the_pipeline_runs_end_to_end_on_smollm2(tmp_path, caplog):
         model_dir = prepare.main(params)
     assert "declares BOS '<|im_start|>' but does not add it" in caplog.text
     params = load_params(tmp_path / "params.yaml", n_layers=30)
-    for stage in (collect, validate, stats, tune, fit, sae, select, evaluate, causal_reference):
+    for stage in (collect, validate, stats, tune, fit, sae, select, evaluate, context, causal_reference):
         stage.main(params)
     headline = causal.main(params)["L05_k1"].headline_metrics()
     report.main(params)

@@ -44,6 +44,7 @@ class KindFit:
     W: np.ndarray  # [d, p_kind]
     b: np.ndarray  # [d]
     val_r2_w: float = float("nan")
+    ceiling: float = float("nan")  # CCA ceiling of the kind's inputs on train
     curve: cm.KindCurve | None = None  # the learning curve over the nested train fractions
 
 
@@ -71,7 +72,7 @@ def fit_kinds(
         tuned = cm.tune_and_fit(cm.select_inputs(train, cols), cm.select_inputs(val, cols), cp.alpha_min,
                                 cp.alpha_max, cp.n_trials, cp.seed)  # fmt: skip
         curve = cm.nested_curve(slices, test, cols, tuned.alpha)
-        fits[kind] = KindFit(cols, tuned.alpha, tuned.W, tuned.b, tuned.val_r2_w, curve)
+        fits[kind] = KindFit(cols, tuned.alpha, tuned.W, tuned.b, tuned.val_r2_w, tuned.ceiling, curve)
     return fits
 
 
@@ -124,7 +125,7 @@ def operator_config(
 def budget_record(
     pair: ContextPair, fits: dict[str, KindFit], sums: cm.SequenceSums, n_tokens: dict[str, int], cp: ContextParams
 ) -> ContextBudget:
-    """The pair's `ContextBudget` (its ceilings are the caller's): every value with its interval over test
+    """The pair's `ContextBudget`: every value with its interval over test
     sequences and its learning-curve extrapolation (`cm.context_budget`)."""
     curves = {kind: f.curve for kind, f in fits.items() if f.curve is not None}
     est = cm.context_budget(sums, curves, cp.bootstrap_resamples, cp.bootstrap_seed, cp.level, cp.interval)
@@ -140,6 +141,7 @@ def budget_record(
         n_test=n_tokens["test"], n_docs_test=len(sums.n), interval=est.interval, kinds=kinds,
         identity_r2_w=e["identity"].value, carried=e["carried"], moved=e["moved"], computed=e["computed"],
         increments={name: e[f"increment_{name}"] for name, _, _ in cm.INCREMENT_PATH}, bos_inputs=BOS_INPUTS,
+        ceiling_same=fits["ato"].ceiling, ceiling_context=fits["context"].ceiling,
     )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ BuiltFrom = Literal[
     "model",  # the model itself (its Jacobian)
     "language_stats",  # another language's train statistics
     "constant",  # no fit: a fixed map
+    "context",  # the pair's context maps (`ato context`: layer L at positions s ≤ t, routed by attention)
 ]
 Saved = Literal["operator", "recomputed"]  # an operator artifact, or rebuilt by each stage that uses it
 Map = tuple["np.ndarray", "np.ndarray"]  # (W [d_out, d_in], b [d_out]): ŷ = W x + b
@@ -58,13 +59,16 @@ class PatchInputs:
     b: torch.Tensor | None = None  # its intercept [d] (per-pair conditions)
     mean_y: torch.Tensor | None = None  # ȳ_train of the target layer [d] (both scopes)
     mean_x: torch.Tensor | None = None  # x̄_train of the input layer [d] (per-pair conditions)
+    W_context: torch.Tensor | None = None  # the pair's union context map [d, p] (`ato context`; per pair)
+    b_context: torch.Tensor | None = None  # its intercept [d]
 
-    def need(self, name: Literal["W", "b", "mean_y", "mean_x"]) -> torch.Tensor:
+    def need(self, name: Literal["W", "b", "mean_y", "mean_x", "W_context", "b_context"]) -> torch.Tensor:
         """The input `name`; absent (the condition's scope does not provide it) is a ValueError."""
         value: torch.Tensor | None = getattr(self, name)
         if value is None:
             raise ValueError(
-                f"causal patch input {name!r} is not given in this scope (pair: W, b, mean_x, mean_y; target: mean_y)"
+                f"causal patch input {name!r} is not given in this scope "
+                "(pair: W, b, mean_x, mean_y, W_context, b_context; target: mean_y)"
             )
         return value
 
@@ -101,6 +105,10 @@ class MapKind:
     # For a causal kind: its patch value from the inputs of its scope (`causal`), asked by `ato causal` /
     # `ato causal_reference` at each run.
     patch: Callable[[PatchInputs], PatchValue] | None = None
+    # What a causal kind's patch value reads at the patched rows: layer L's residual x_L, or the pair's
+    # stacked context inputs [x_t, lags, prefix, z's] of the clean forward (`ato.causal.context`: they
+    # read other positions and the attention patterns, which no function of x_L's rows sees).
+    reads: Literal["x_L", "context"] = "x_L"
 
     def key(self, role: Role) -> str:
         """This kind's key in `role` (files, MLflow names, dict keys)."""
@@ -258,6 +266,13 @@ def _patch_train_mean(inputs: PatchInputs) -> PatchValue:
     return lambda x: mean_y.expand(x.shape[0], -1)
 
 
+def _patch_context(inputs: PatchInputs) -> PatchValue:
+    from torch.nn.functional import linear
+
+    W, b = inputs.need("W_context"), inputs.need("b_context")
+    return lambda stacked: linear(stacked, W, b)  # rows of the stacked context inputs [m, p] → [m, d]
+
+
 def _patch_mean_update(inputs: PatchInputs) -> PatchValue:
     shift = inputs.need("mean_y") - inputs.need("mean_x")  # the blocks' average update, computed once
     return lambda x: x + shift
@@ -366,6 +381,18 @@ for _kind in (
         causal="pair",
         patch=_patch_bias,
         places={"causal": Place(3)},
+    ),
+    MapKind(
+        name="context",
+        label="context  W[x, lags, prefix, z]+b",
+        meaning="the union context map: x_t, lagged x, the prefix mean and the attention-routed z's of layer L",
+        built_from="context",
+        saved="operator",
+        colour="#393b79",
+        causal="pair",
+        patch=_patch_context,
+        reads="context",
+        places={"causal": Place(6)},
     ),
     MapKind(
         name="procrustes",

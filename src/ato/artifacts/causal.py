@@ -157,6 +157,9 @@ class PositionSetSummary:
     recovered_vs_mean_update: RecoveredShare  # 1 − Δ(ato)/Δ(mean_update)
     # causal kinds registered beyond the fields above (`ato.kinds`), by key; not written when empty
     registered: dict[str, PatchedScores] = field(default_factory=dict, metadata=OMIT_EMPTY)  # other causal kinds
+    # 1 − Δ(context)/Δ(headline reference): the share the union context map (`ato context`, issue 22)
+    # recovers, beside the ATO's `recovered`; not written without the context condition
+    recovered_context: RecoveredShare | None = field(default=None, metadata=OMIT_EMPTY)
 
     def patched(self, condition: str) -> PatchedScores:
         known = patched_conditions()

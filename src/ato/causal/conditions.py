@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ato.artifacts.causal import SCOPES, patched_conditions
+from ato.causal.context import ContextPatch
 from ato.causal.forward import BodyTrace, ValueFn, first_patched_col, token_nll, trace_body
 from ato.causal.inputs import HeldOut, PositionSpec
 from ato.kinds import PatchInputs, kinds_for
@@ -34,6 +35,9 @@ class Condition:
     name: str
     layer_in: int | None  # the layer whose residual `value` reads (None: a constant, given y rows for shape)
     value: ValueFn  # residual rows at the patched positions [m, d] → patch values [m, d]
+    # inputs other than a residual: (model, ids [B, T]) → [B, T, p] per batch, the rows `value` reads
+    # instead of x_L's (the context map's stacked inputs, `ato.causal.context`)
+    stacked: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -47,15 +51,22 @@ class PairPatch:
     b: torch.Tensor  # [d]
     mean_x: torch.Tensor  # x̄_train of layer L [d] (the pair's train statistics)
     mean_y: torch.Tensor  # ȳ_train of layer L+k [d]
+    context: ContextPatch | None = None  # the pair's context maps (None: the context kinds are not patched)
 
 
 def pair_conditions(pair: PairPatch, device: torch.device | str = "cpu") -> list[Condition]:
-    """The conditions patched per pair (ato, identity, bias_only, mean_update, and any registered
-    pair-scope kind)."""
+    """The conditions patched per pair (ato, identity, bias_only, mean_update, context, and any registered
+    pair-scope kind); without the pair's context maps, none that reads the stacked context inputs."""
+    context = None if pair.context is None else pair.context.to(device)
     inputs = PatchInputs(
-        W=pair.W.to(device), b=pair.b.to(device), mean_x=pair.mean_x.to(device), mean_y=pair.mean_y.to(device)
+        W=pair.W.to(device),
+        b=pair.b.to(device),
+        mean_x=pair.mean_x.to(device),
+        mean_y=pair.mean_y.to(device),
+        W_context=None if context is None else context.W,
+        b_context=None if context is None else context.b,
     )
-    return _registered_conditions("pair", inputs, pair.layer_in)
+    return _registered_conditions("pair", inputs, pair.layer_in, context)
 
 
 def reference_conditions(mean_y: torch.Tensor, device: torch.device | str = "cpu") -> list[Condition]:
@@ -65,10 +76,19 @@ def reference_conditions(mean_y: torch.Tensor, device: torch.device | str = "cpu
 
 
 def _registered_conditions(
-    scope: Literal["pair", "target"], inputs: PatchInputs, layer_in: int | None
+    scope: Literal["pair", "target"], inputs: PatchInputs, layer_in: int | None, context: ContextPatch | None = None
 ) -> list[Condition]:
-    kinds = [k for k in kinds_for("causal") if k.causal == scope]
-    return [Condition(k.key("causal"), layer_in, k.patch_value(inputs)) for k in kinds]
+    """The scope's causal kinds; a kind reading the stacked context inputs only where `context` is given."""
+    kinds = [k for k in kinds_for("causal") if k.causal == scope and (k.reads != "context" or context is not None)]
+    return [
+        Condition(
+            k.key("causal"),
+            layer_in,
+            k.patch_value(inputs),
+            context.inputs if context is not None and k.reads == "context" else None,
+        )
+        for k in kinds
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +122,7 @@ class _Batch:
     trace: BodyTrace
     clean: torch.Tensor  # [B, T-1]
     replay_exact: bool
+    stacked: dict[str, torch.Tensor] = field(default_factory=dict)  # a condition's stacked inputs, once per batch
 
 
 def run_conditions(
@@ -205,11 +226,12 @@ def _run_set(
     per_cond = {"clean": batch.clean}
     for cond in conditions:
         with clock(cond.name):
+            value, layer_in = _value_at(model, batch, cond, rows)
             if batch.replay_exact:
-                x = None if cond.layer_in is None else trace.residuals[cond.layer_in]
-                hidden = trace.replay(model, layer_out, patch_rows(y, x, rows, cond.value))
+                x = None if layer_in is None else trace.residuals[layer_in]
+                hidden = trace.replay(model, layer_out, patch_rows(y, x, rows, value))
             else:  # the same patch by hooks in a full forward (`ato.splicing`, what `ato.splice` runs)
-                with spliced(model, layer_out, cond.value, rows, cond.layer_in):
+                with spliced(model, layer_out, value, rows, layer_in):
                     hidden = final_hidden(model, ids)
             per_cond[cond.name] = token_nll(model, ids, chunk_rows, hidden=hidden, from_col=from_col, base=batch.clean)
         tick(1)
@@ -217,6 +239,18 @@ def _run_set(
         nll64 = nll.double()
         res.nll_sum[name]["all"] += nll64[:, 1:].sum(1).tolist()
         res.nll_sum[name]["after"] += (nll64 * after).sum(1).tolist()
+
+
+def _value_at(model: nn.Module, batch: _Batch, cond: Condition, rows: tuple[torch.Tensor, ...]):
+    """(value function, the layer it reads or None) of `cond` at `rows`. A condition on stacked inputs
+    gets its values now, from the batch's stacked inputs (built once, shared by the position sets), and
+    patches them as constants: the rows of its own clean forward, whichever way the patch runs."""
+    if cond.stacked is None:
+        return cond.value, cond.layer_in
+    if cond.name not in batch.stacked:
+        batch.stacked[cond.name] = cond.stacked(model, batch.ids)
+    values = cond.value(batch.stacked[cond.name][rows])
+    return (lambda _rows: values), None
 
 
 class _Clock:

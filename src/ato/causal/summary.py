@@ -22,6 +22,7 @@ from ato.math.intervals import Interval, delta_interval, recovered_interval
 from ato.params import CausalParams
 
 LEVEL = 0.95  # two-sided level of every causal interval
+CONTEXT = "context"  # the union context map's condition (`ato.causal.context`): its recovered share too
 
 
 def summarise_set(res: SetResult, cp: CausalParams) -> tuple[PositionSetSummary, SequenceDetail]:
@@ -35,6 +36,7 @@ def summarise_set(res: SetResult, cp: CausalParams) -> tuple[PositionSetSummary,
     counts = {s: np.asarray(res.count[s], dtype=np.float64) for s in SCOPES}
     kw: dict[str, Any] = {"level": LEVEL, "method": cp.interval, "n_resamples": cp.bootstrap_resamples, "seed": cp.seed}
     patched = {c: _patched_scores(sums[c], sums["clean"], counts, kw) for c in patched_conditions()}
+    head = cp.headline_reference
     shares = {r: _recovered(sums["ato"], sums[r], sums["clean"], counts, r, kw) for r in recovered_references()}
     typed: dict[str, PatchedScores | RecoveredShare] = {c: s for c, s in patched.items() if c in TYPED_CONDITIONS}
     typed |= {f"recovered_vs_{r}": share for r, share in shares.items()}  # one field per reference
@@ -44,8 +46,11 @@ def summarise_set(res: SetResult, cp: CausalParams) -> tuple[PositionSetSummary,
         n_tokens_all=int(counts["all"].sum()),
         n_tokens_after=int(counts["after"].sum()),
         clean=CleanScores(**{f"logppl_{s}": _ratio(sums["clean"][s], counts[s]) for s in SCOPES}),
-        recovered=shares[cp.headline_reference],
+        recovered=shares[head],
         registered={c: scores for c, scores in patched.items() if c not in TYPED_CONDITIONS},
+        recovered_context=(
+            _recovered(sums[CONTEXT], sums[head], sums["clean"], counts, head, kw) if CONTEXT in sums else None
+        ),
         **typed,  # type: ignore[arg-type]  # each key is the field of its type
     )
     detail = SequenceDetail(
@@ -93,7 +98,8 @@ def _recovered(
     reference: str,
     kw: dict[str, Any],
 ) -> RecoveredShare:
-    """1 − Δ(ato)/Δ(reference) per scope; NaN where the reference does no damage at all (Σ Δ = 0).
+    """1 − Δ(ato)/Δ(reference) per scope (`ato`: the sums of the map whose share it is); NaN where the
+    reference does no damage at all (Σ Δ = 0).
     Degenerate where the interval of Δ(reference) − Δ(ato) reaches 0: the reference does not measurably
     damage more than the ATO, so a share of its damage says nothing about what the ATO carries."""
     row: dict[str, Any] = {"reference": reference}

@@ -249,12 +249,14 @@ STAGES: list[Stage] = [
     Stage(
         "causal",
         does=(
-            "log-perplexity under patching by the ATO, identity, bias-only and mean-update maps, against the shared "
-            "clean / zero / mean-ablation references; Δ and recovered share with studentized intervals over sequences"
+            "log-perplexity under patching by the ATO, identity, bias-only, mean-update and context maps, against the "
+            "shared clean / zero / mean-ablation references; Δ and recovered share with studentized intervals over "
+            "sequences"
         ),
         output="`reports/causal/<pair>.json`, figures",
         deps=[
             _e("${paths.operators}/${key}"),
+            _e("${paths.context_operators}/${key}", "the union context map spliced as condition `context`"),
             _e("${paths.stats}/train/${key}.safetensors", "x̄_train, ȳ_train: the mean update's shift"),
             _e("${paths.model_dir}"),
             STORE_TEST_TOKENS,

@@ -1,5 +1,5 @@
 """Context maps: inputs of layer L at positions s ≤ t stacked beside x_t, and each kind's sub-statistics
-(docs/method.md#context-maps).
+(docs/method.md#context).
 
 The stacked input of target position t, every block d wide, in this order:
 
@@ -25,7 +25,7 @@ from scipy.stats import norm
 
 from .cca import pinv_sqrt
 from .intervals import DEFAULT_METHOD, ratio_bounds, ratio_standard_error
-from .learning_curve import insample_ceiling, ridge_solve, whitened_y
+from .learning_curve import ridge_solve
 from .ridge import HeldOutR2Weighted, RidgePath, r2_from_stats, search_alpha
 from .stats import PairStats
 
@@ -114,6 +114,7 @@ class TunedFit(NamedTuple):
     W: np.ndarray  # [d_out, p]
     b: np.ndarray  # [d_out]
     val_r2_w: float  # exact validation R²_w at α
+    ceiling: float  # the CCA ceiling of the kind's inputs on train (`ceiling`)
 
 
 def tune_and_fit(
@@ -129,18 +130,25 @@ def tune_and_fit(
 
     One eigendecomposition of the train Gram and one rotation of the val Gram (each O(p³)) price every
     trial at O(p²) (`HeldOutR2Weighted`); R²_w rather than `ato tune`'s uniform R² because the budget's
-    shares are R²_w, and only the total SSE is that cheap at p ≈ 4480."""
+    shares are R²_w, and only the total SSE is that cheap at p ≈ 4480. The same eigendecomposition gives
+    the kind's CCA ceiling."""
     path = RidgePath.from_stats(train, standardize)
     alpha, val_r2_w = search_alpha(HeldOutR2Weighted.of(path, val), alpha_min, alpha_max, n_trials, seed)
     W, b = path.solve(alpha)
-    return TunedFit(alpha, W, b, val_r2_w)
+    return TunedFit(alpha, W, b, val_r2_w, ceiling(path, train))
 
 
-def ceiling(train: PairStats) -> float:
-    """The CCA ceiling (`CCA.ceiling()`: in-sample whitened R² of OLS) without `CCA.from_stats`' O(p³)
-    eigendecomposition and SVD of the inputs: one Cholesky of their correlation (`insample_ceiling`)."""
-    _, _, cyy = train.centred()
-    return insample_ceiling(whitened_y(train, pinv_sqrt(cyy / train.n)[0]))
+def ceiling(path: RidgePath, train: PairStats) -> float:
+    """The CCA ceiling (`CCA.ceiling()`: in-sample whitened R² of OLS, as `PairMetrics.ceiling_full`) from
+    the ridge path's eigendecomposition, in O(p d²) instead of `CCA.from_stats`' own O(p³) ones:
+    tr(A Syx Sxx⁺ Sxy A) / tr(A Syy A) with A = Syy^{+1/2}, Sxx⁺ Sxy = Q diag(1/λ) Qᵀ Sxy (`shrinkage(0)`:
+    the pseudo-inverse; a per-dimension scaling of x cancels)."""
+    _, _, syy = train.centred()
+    whiten = pinv_sqrt(syy)[0]
+    rotated = path.qt_xty @ whiten
+    explained = float(path.shrinkage(0.0) @ np.sum(rotated * rotated, axis=1))
+    total = float(np.sum((whiten @ syy) * whiten))
+    return explained / total if total > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------------------------

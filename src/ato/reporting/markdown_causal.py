@@ -3,7 +3,7 @@ the ATO recovers, and the same per position set."""
 
 from __future__ import annotations
 
-from ato.artifacts.causal import condition_labels, patched_conditions, recovered_references
+from ato.artifacts.causal import RecoveredShare, condition_labels, patched_conditions, recovered_references
 from ato.kinds import kinds_for
 from ato.params import CausalParams
 
@@ -21,6 +21,11 @@ def _causal_references(results: list[PairResults]) -> list[str]:
     return [head, *(r for r in recovered_references() if r != head)]
 
 
+def _context_share(res: PairResults) -> RecoveredShare | None:
+    """1 − Δ(context)/Δ(headline reference) on the headline set: the union context map's share (issue 22)."""
+    return None if res.headline is None else res.headline.recovered_context
+
+
 def causal_section(s: SummarySettings, results: list[PairResults]) -> list[str]:
     scope = s.report.causal_scope
     refs, conditions, labels = _causal_references(results), patched_conditions(), condition_labels()
@@ -32,7 +37,10 @@ def causal_section(s: SummarySettings, results: list[PairResults]) -> list[str]:
         ]
         for res in results
     ]
-    share_rows = [[res.name, *[fmt_share(res.recovered_share(r), scope) for r in refs]] for res in results]
+    share_rows = [
+        [res.name, *[fmt_share(res.recovered_share(r), scope) for r in refs], fmt_share(_context_share(res), scope)]
+        for res in results
+    ]
     out = [
         "## Causal check (held-out test text)",
         "",
@@ -49,6 +57,7 @@ def causal_section(s: SummarySettings, results: list[PairResults]) -> list[str]:
                     f"recovered vs {REFERENCE_LABELS[r]}" + (" (headline)" if i == 0 else "")
                     for i, r in enumerate(refs)
                 ],
+                f"context map: recovered vs {REFERENCE_LABELS[refs[0]]}",
             ],
             share_rows,
         ),

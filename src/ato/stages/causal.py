@@ -2,7 +2,8 @@
 
 Overwrites the residual after block L+k of held-out test sequences with the pair's conditions (the
 ATO's W x_L + b, identity x_L, bias only b, the mean update x_L + ȳ_train − x̄_train from the pair's
-train statistics) and takes clean, zero and train-mean from the target
+train statistics, and the union context map of `ato context` on the stacked inputs of the clean forward:
+x_t, lags, prefix mean and the routed z's, `ato.causal.context`) and takes clean, zero and train-mean from the target
 layer's `CausalReference` (`ato causal_reference`, computed once per target layer). Reports Δ
 log-perplexity vs clean for every condition and the share of each reference's damage the ATO recovers
 (the mean update is the headline, `causal.headline_reference`), each with its interval over sequences
@@ -50,6 +51,7 @@ from ato.causal import (
     run_conditions,
     summarise_set,
 )
+from ato.causal.context import read_context_patch
 from ato.kinds import causal_keys
 from ato.params import CausalParams, Params
 from ato.plotting.causal import plot_pair
@@ -123,7 +125,8 @@ def prepare_inputs(
             },
         )
         mean_x, mean_y = _train_means(layout.pair_stats("train", name), info.d_model, store_digest)
-        out[name] = PairPatch(name, pair.L, pair.target, op.W.float(), op.b.float(), mean_x, mean_y)
+        context = read_context_patch(layout.context_operator(name), pair.L, pair.k, info.d_model, store_digest)
+        out[name] = PairPatch(name, pair.L, pair.target, op.W.float(), op.b.float(), mean_x, mean_y, context)
     return out
 
 

@@ -23,12 +23,10 @@ import numpy as np
 import torch
 
 from ato.artifacts import ContextBudget, Layout, atomic_group, read_pair_stats, write_context_operator
-from ato.context_budget import budget_metrics, budget_record, fit_kinds, kind_columns, operator_config, score_sequences
+from ato.context_budget import budget_metrics, budget_record, fit_kinds, operator_config, score_sequences
 from ato.context_jacobian import lagged_jacobians
 from ato.context_pass import ContextPair, SplitPass, nested_slices, stream_split
 from ato.errors import AtoError
-from ato.math import context as cm
-from ato.math.context import select_inputs
 from ato.math.learning_curve import subset_sum
 from ato.models import load_prepared, resolve_device
 from ato.params import SPLITS, Params
@@ -64,8 +62,6 @@ def main(params: Params) -> None:
         train = subset_sum(slices)
         sums = score_sequences(passes["test"].kept, pair, cp.lags, fits, n_test_sequences, train.mean_y, device)
         budget = budget_record(pair, fits, sums, n_tokens, cp)
-        budget.ceiling_same = cm.ceiling(select_inputs(train, kind_columns("ato", d, cp.lags, pair.k)))
-        budget.ceiling_context = cm.ceiling(train)
         config = operator_config(pair, d, cp.lags, fits, budget.n_train, store.digest, info.weights_digest,
                                  int(info.n_layers))  # fmt: skip
         outputs[pair.name] = (budget, config, fits, pair)
@@ -80,7 +76,7 @@ def main(params: Params) -> None:
     with atomic_group():  # every budget and every operator directory, or none
         for name, (budget, config, fits, pair) in outputs.items():
             budget.write(layout.context(name))
-            maps = {kind: (f.W, f.b) for kind, f in fits.items()}
+            maps = {kind: (fits[kind].W, fits[kind].b) for kind in config.kinds}  # not lagged_prefix
             write_context_operator(layout.context_operator(name), config, maps, pair.fill.numpy())
     _log_mlflow(params, {name: out[0] for name, out in outputs.items()}, layout)
 
