@@ -198,7 +198,14 @@ TINY_PARAMS = {
         "overlap_rank": 4,
         "device": "cpu",
     },
-    "context": {"n_trials": 4, "bootstrap_resamples": 200, "batch_size": 4, "device": "cpu"},
+    "context": {
+        "n_trials": 4,
+        "bootstrap_resamples": 200,
+        "batch_size": 4,
+        "device": "cpu",
+        "jacobian_sequences": 3,
+        "jacobian_seq_len": 12,
+    },
     "causal": {
         "n_sequences": 4,
         "seq_len": 12,

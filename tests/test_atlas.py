@@ -248,6 +248,8 @@ def test_stage_writes_every_output_and_the_numbers_hang_together(atlas_run):
         assert np.isfinite([ops[o].r2 for o in ("identity", "ridge", "rrr", "procrustes", "jacobian")]).all()
         assert p.local is not None and p.local.directions == 4 and p.local.n_probe_tokens == 22
         assert 0 <= p.local.alignment <= 1 + 1e-9 and len(p.local.sv_jacobian) == 4
+        assert p.local.n_probe_sequences == 2 and len(p.local.lag_response) == len(p.local.lag_noise) == 2  # ℓ = 1, 2
+        assert p.local.sequence_noise > 0 and np.isfinite([*p.local.lag_response, p.local.sequences_for_gap]).all()
         assert p.gain_over_identity == pytest.approx(ops["ridge"].r2 - ops["identity"].r2)
         assert p.eta_expected > 0 and np.isfinite(p.heldout_subspace_size_null)
         assert 0 <= p.transport_directions <= store.d_model and 0 <= p.transport_directions_share <= 1 + 1e-12
@@ -261,6 +263,7 @@ def test_stage_writes_every_output_and_the_numbers_hang_together(atlas_run):
     assert set(metrics) >= {"k1", "k2", "seconds", "n_pairs"} and metrics["n_pairs"] == 5
     report = layout.atlas_report.read_text()
     assert all(p.pair in report for p in result.pairs) and "Causal Δ" in report
+    assert "sequences for noise ≤ gap/2" in report and "needs both non-Gaussian" not in report
     for kind in ("heatmaps", "operators", "spectra"):
         assert layout.atlas_figure(kind).stat().st_size > 10_000
     assert len(layout.atlas_table.read_text().splitlines()) == 1 + len(result.pairs)

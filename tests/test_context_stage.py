@@ -44,6 +44,10 @@ def test_the_budget_reads_back_and_adds_up(context_run):
         assert budget.n_docs_test > 1 and budget.n_test > budget.n_docs_test
         assert budget.ceiling_same <= budget.ceiling_context + 1e-9
         assert "fill" in budget.bos_inputs and "200 resamples" in budget.interval
+        jac = budget.jacobian  # W_ℓ beside E[J_{t,t−ℓ}], one entry per lag ℓ = 0 … m, noise over 3 sequences
+        assert (jac.directions, jac.sequences, jac.tokens) == (4, 3, 3 * 11)
+        assert len(jac.rel_diff) == len(jac.noise) == budget.lags + 1
+        assert np.isfinite([*jac.rel_diff, *jac.noise, jac.ato_rel_diff]).all() and min(jac.noise) > 0
 
 
 def test_a_token_budget_takes_the_first_whole_sequences(validated_tiny_project):

@@ -46,6 +46,7 @@ from .layout import Layout, layer_dir_name, model_info_path
 _LAZY = {
     "ContextBudget": "context",
     "ContextFeatureVerdicts": "context",
+    "LaggedJacobian": "context",
     "ContextKindScore": "context",
     "Estimate": "context",
     "ContextOperatorConfig": "context_operator",
@@ -123,6 +124,7 @@ __all__ = [
     "CleanScores",
     "ContextBudget",
     "ContextFeatureVerdicts",
+    "LaggedJacobian",
     "ContextKindScore",
     "ContextOperatorConfig",
     "EfficiencyTable",
@@ -216,7 +218,7 @@ if TYPE_CHECKING:
         ReferenceSet,
         SequenceDetail,
     )
-    from .context import ContextBudget, ContextFeatureVerdicts, ContextKindScore, Estimate
+    from .context import ContextBudget, ContextFeatureVerdicts, ContextKindScore, Estimate, LaggedJacobian
     from .context_operator import ContextOperatorConfig, read_context_operator, write_context_operator
     from .features import FeatureContext, FeatureContexts, FeatureScores, FeatureSet, SelectReport, TokenContext
     from .headline import HeadlineMetrics, PairHeadline, SaeHeadline

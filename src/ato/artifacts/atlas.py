@@ -59,6 +59,11 @@ class LocalGlobal:
     sv_ridge: list[float] = field(default_factory=list)  # singular values of W V
     sv_jacobian: list[float] = field(default_factory=list)  # singular values of E[J] V
     sv_total: list[float] = field(default_factory=list)  # singular values of E[J_total] V
+    n_probe_sequences: int = 0  # TRAIN sequences those tokens come from (the noise's unit)
+    sequence_noise: float = math.nan  # ‖SE(E[J] V)‖_F / ‖W V‖_F, sequences as the unit: the noise of rel_diff
+    sequences_for_gap: float = math.nan  # sequences at which sequence_noise would be rel_diff / 2 (SE ∝ 1/√n)
+    lag_response: list[float] = field(default_factory=list)  # ‖E[J_{t,t−ℓ}] V‖_F / ‖E[J_tt] V‖_F, ℓ = 1 … m
+    lag_noise: list[float] = field(default_factory=list)  # its standard error on that scale (sequences as unit)
 
 
 @dataclass

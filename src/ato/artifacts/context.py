@@ -61,6 +61,22 @@ class ContextFeatureVerdicts:
 
 
 @dataclass
+class LaggedJacobian:
+    """The model's lagged mean Jacobians E[∂y_t/∂x_{t−ℓ}] (random-sign jvps, `ato.math.jacobian`) beside
+    the lagged map's slopes W_ℓ, their right counterpart by Stein's lemma with positions, on the top input
+    directions V of the lagged map (docs/method.md#atlas)."""
+
+    directions: int = 0  # r = dim V: top right singular vectors of [W_0; W_1; …; W_m] (lagged map)
+    sequences: int = 0  # TRAIN sequences averaged over (context.jacobian_sequences): the noise's unit
+    tokens: int = 0  # their tokens t (BOS excluded) at lag 0
+    rel_diff: list[float] = field(default_factory=list)  # per ℓ = 0 … m: ‖(W_ℓ − E[J_{t,t−ℓ}])V‖_F / ‖W_ℓ V‖_F
+    noise: list[float] = field(default_factory=list)  # per ℓ: ‖SE(E[J_{t,t−ℓ}] V)‖_F / ‖W_ℓ V‖_F, sequences as unit
+    ato_rel_diff: float = math.nan  # ‖(W − E[J_tt])V‖_F / ‖W V‖_F for the same-position map (`ato` kind)
+    ato_noise: float = math.nan  # its noise, as `noise`
+    seconds: float = math.nan  # wall time of the probe (trace + jvps) for this pair
+
+
+@dataclass
 class ContextBudget(Record):
     """One pair's budget: what the ATO carries, what context maps add, what no linear map explains."""
 
@@ -86,3 +102,4 @@ class ContextBudget(Record):
     ceiling_context: float = math.nan  # … of every context input: the bound of any map linear in them
     bos_inputs: str = ""  # how BOS and positions before the sequence start enter as inputs
     features: ContextFeatureVerdicts = field(default_factory=ContextFeatureVerdicts)  # empty: SAE not run
+    jacobian: LaggedJacobian = field(default_factory=LaggedJacobian)  # W_ℓ beside E[J_{t,t−ℓ}]; empty: not probed

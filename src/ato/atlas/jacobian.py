@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ato.accumulate import BandedGramAccumulator
 from ato.atlas.fitting import AtlasError
-from ato.causal.forward import trace_body
+from ato.causal.forward import BodyTrace, trace_body
 from ato.causal.inputs import load_sequences
 from ato.math.atlas import (
     PairFit,
@@ -82,27 +82,53 @@ class ProbedPair:
 def probe_atlas(
     model: Any, store: ActivationStore, fits: dict[str, PairFit], layers: list[int], ap: AtlasParams
 ) -> dict[str, ProbedPair]:
-    """E[J] (and everything `ato.math.jacobian.probe` estimates) for every pair of the probed layers."""
-    device = next(model.parameters()).device
-    held = load_sequences(store, ap.jacobian_sequences, ap.jacobian_seq_len, split="train")
-    ids = held.tokens.to(device)
-    mask = (~held.special).to(device)
-    mask[:, 0] = False  # BOS: its residual is a fixed point the fits exclude
+    """E[J] (and everything `ato.math.jacobian.probe` estimates, the lagged E[J_{t,t−ℓ}] included) for
+    every pair of the probed layers."""
     targets = {L: sorted(f.T for f in fits.values() if f.L == L) for L in layers}
-    with torch.no_grad():
-        trace = trace_body(model, ids, sorted({*layers, *(t for ts in targets.values() for t in ts)}), min(layers) + 1)
+    every = sorted({*layers, *(t for ts in targets.values() for t in ts)})
+    trace, mask = traced_sequences(model, store, ap.jacobian_sequences, ap.jacobian_seq_len, every)
     generator = torch.Generator().manual_seed(ap.seed)
     out: dict[str, ProbedPair] = {}
     for L in tqdm(layers, desc="atlas Jacobian", unit="layer"):
         ts = targets[L]
         V = probe_directions([fits[pair_name(L, T - L)].maps["ridge"][0] for T in ts], ap.jacobian_directions)
-        f = block_stack(model, trace.calls, L, ts)
-        x = trace.residuals[L]
-        _check_replay(f, x, [trace.residuals[T] for T in ts], L, ts)
-        probes = probe(f, x, torch.as_tensor(V, dtype=x.dtype, device=device), mask, generator, ap.jacobian_chunk)
+        probes = probe_blocks(model, trace, L, ts, V, mask, generator, ap.jacobian_chunk, ap.jacobian_lags)
         for T, p in zip(ts, probes):
             out[pair_name(L, T - L)] = ProbedPair(V, p)
     return out
+
+
+def traced_sequences(
+    model: Any, store: ActivationStore, sequences: int, seq_len: int, layers: list[int]
+) -> tuple[BodyTrace, torch.Tensor]:
+    """One traced forward of the first TRAIN sequences (the residuals of `layers` and every later block's
+    call) and the mask of the tokens the Jacobian averages over and shifts: every non-special token but BOS."""
+    device = next(model.parameters()).device
+    held = load_sequences(store, sequences, seq_len, split="train")
+    mask = (~held.special).to(device)
+    mask[:, 0] = False  # BOS: its residual is a fixed point the fits exclude
+    with torch.no_grad():
+        trace = trace_body(model, held.tokens.to(device), layers, min(layers) + 1)
+    return trace, mask
+
+
+def probe_blocks(
+    model: Any,
+    trace: BodyTrace,
+    L: int,
+    targets: list[int],
+    V: np.ndarray,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    chunk: int,
+    lags: int,
+) -> list[JacobianProbe]:
+    """`ato.math.jacobian.probe` of blocks L+1 … max(targets), re-run from the traced calls (checked to
+    reproduce the trace), on the directions V [d, r]: one probe per target layer."""
+    f = block_stack(model, trace.calls, L, targets)
+    x = trace.residuals[L]
+    _check_replay(f, x, [trace.residuals[T] for T in targets], L, targets)
+    return probe(f, x, torch.as_tensor(V, dtype=x.dtype, device=x.device), mask, generator, chunk, lags)
 
 
 def _check_replay(f: Callable[..., Any], x: torch.Tensor, want: list[torch.Tensor], L: int, ts: list[int]) -> None:

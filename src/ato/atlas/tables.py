@@ -38,7 +38,7 @@ def pair_record(name: str, fit: PairFit, causal: dict[str, Interval]) -> AtlasPa
     local = None
     if e:
         local = LocalGlobal(
-            **{k: int(v) if k in ("directions", "n_probe_tokens") else v for k, v in e.items()}  # type: ignore[arg-type]
+            **{k: int(v) if k in ("directions", "n_probe_tokens", "n_probe_sequences") else v for k, v in e.items()}  # type: ignore[arg-type]
         )
     lin, size = fit.linear, fit.heldout_size
     return AtlasPair(
@@ -252,7 +252,7 @@ def readme_table(result: AtlasResult) -> list[str]:
             for op in operators()
         )
         locs = [p.local for p in ps if p.local is not None]
-        noise = _median([math.hypot(g.estimate_noise, g.sampling_error) for g in locs])
+        noise = _median([g.sequence_noise for g in locs])
         diff = f"{_f(_median([g.rel_diff for g in locs]))} ({_f(noise)})" if locs else "—"
         out.append(
             f"| {k} | {ops} | {_f(_median([p.eta_ratio for p in ps]))} | "
@@ -350,6 +350,8 @@ def _jacobian_section(result: AtlasResult) -> list[str]:
     if not probed:
         return []
     r = probed[0].local.directions if probed[0].local else 0
+    first = probed[0].local
+    sequences = first.n_probe_sequences if first else 0
     out = [
         f"## The mean Jacobian beside the ridge map (on the top-{r} right singular subspace V of L's ridge maps)",
         "",
@@ -369,15 +371,44 @@ def _jacobian_section(result: AtlasResult) -> list[str]:
         )
     out += [
         "",
-        "**How to read.** For Gaussian x, Stein's lemma makes the least-squares slope equal E[J] exactly, "
-        "whatever the blocks compute; a gap between W and E[J] therefore needs both non-Gaussian inputs and "
-        "non-linear computation. Compare ‖(W−E[J])V‖ with the noise of the estimate (two sign draws); the "
-        "second column divides by the computed part (W − I) only. Token variation ≈ 0 means one linear map is "
-        "the local map everywhere; values ≥ 1 mean the local linear regime is narrower than the data. The last "
-        "three columns: how much of y the per-token linearisation explains, beside the global map.",
+        f"### Its noise over {sequences} sequences, and the response to earlier positions",
         "",
+        "| pair | ‖(W−E[J])V‖/‖WV‖ | noise (sequences as unit) | sequences for noise ≤ gap/2 | "
+        "‖E[J_{t,t−ℓ}]V‖/‖E[J_tt]V‖, ℓ = 1… (noise) |",
+        "|---|---|---|---|---|",
+        *(_sequence_row(p.pair, p.local) for p in probed if p.local),
+        "",
+        *_jacobian_reading(),
     ]
     return out
+
+
+def _sequence_row(pair: str, g: LocalGlobal) -> str:
+    lags = ", ".join(f"{_f(v)} ({_f(e)})" for v, e in zip(g.lag_response, g.lag_noise)) or "—"
+    return f"| {pair} | {_f(g.rel_diff)} | {_f(g.sequence_noise)} | {_f(g.sequences_for_gap, '.0f')} | {lags} |"
+
+
+def _jacobian_reading() -> list[str]:
+    return [
+        "**How to read.** Stein's lemma with positions reads Cov(y_t, x_s) = Σ_u E[J_tu] Cov(x_u, x_s): "
+        "the residuals of a sequence's positions are correlated, so the same-position slope W also carries "
+        "what earlier positions send to t (W ≈ E[J_tt] + Σ_ℓ E[J_{t,t−ℓ}] Cov(x_{t−ℓ}, x_t) Σ⁻¹). A gap "
+        "between W and E[J_tt] therefore arises even for a linear model, from correlated positions alone; "
+        "comparing W with E[J_tt] is an approximation, exact only when the blocks do not mix positions or "
+        "positions are uncorrelated. The right counterpart of E[J_{t,t−ℓ}] is the lagged context map's W_ℓ "
+        "(`ato context`); the last table's lag responses say how far the blocks reach back. Only beyond "
+        "that, a gap needs non-Gaussian inputs and non-linear computation. Read the gap against its noise "
+        "with sequences as the unit (tokens of one sequence are not independent; the signs' and tokens' "
+        "columns above are lower bounds): where the noise exceeds gap/2, the probe averaged too few "
+        "sequences for the gap (`atlas.jacobian_sequences`; the column says how many would do, SE ∝ "
+        "1/√sequences). A lag response whose noise exceeds half of it is not resolved: on the default "
+        "run's six pairs 2 sequences resolve the gap but not the lag responses, which take ≈ 5–60 "
+        "(docs/statistics.md#jacobian-noise). The second column divides by the computed part (W − I) "
+        "only. Token variation ≈ 0 means one linear map is the local map everywhere; values ≥ 1 mean the "
+        "local linear regime is narrower than the data. The three R²_w columns: how much of y the "
+        "per-token linearisation explains, beside the global map.",
+        "",
+    ]
 
 
 def _causal_section(result: AtlasResult) -> list[str]:

@@ -28,6 +28,7 @@ b_J = ȳ − W_J x̄).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -37,7 +38,14 @@ import numpy as np
 from .cca import CCA, pinv_sqrt, whitening
 from .directions import TransportDirections, transport_directions
 from .heldout import CCANull, VersusNull, heldout_from_cca
-from .jacobian import JacobianProbe, estimate_noise, linearisation_r2, token_variation
+from .jacobian import (
+    JacobianProbe,
+    estimate_noise,
+    lag_standard_error,
+    linearisation_r2,
+    slope_gaps,
+    token_variation,
+)
 from .linear_reference import LinearReference, linear_reference
 from .procrustes import peer_linearity_from_eigh, procrustes_centred, procrustes_plain
 from .ridge import RidgePath, r2_from_stats
@@ -273,8 +281,9 @@ def local_vs_global(
     ⌈r/2⌉ left singular subspaces of WV and E[J]V (and of their updates) with its random-subspace value
     q/d, the share of ‖W‖² on V, the token-to-token variation ν of J, the estimate's sign noise and its
     token-sampling error √(ν/n) (tokens taken as independent: a lower bound within sequences), the
-    variance-weighted R² on the probe tokens of the per-token linearisations beside W x + b, and the
-    singular values of WV, E[J]V and E[J_total]V."""
+    variance-weighted R² on the probe tokens of the per-token linearisations beside W x + b, the
+    singular values of WV, E[J]V and E[J_total]V, and `sequence_fields` (noise with sequences as the
+    unit, the lagged Jacobians)."""
     JV = probe.mean.numpy()
     JtV = probe.total.numpy()
     WV = W @ V
@@ -306,4 +315,32 @@ def local_vs_global(
         "sv_ridge": np.linalg.svd(WV, compute_uv=False).tolist(),
         "sv_jacobian": np.linalg.svd(JV, compute_uv=False).tolist(),
         "sv_total": np.linalg.svd(JtV, compute_uv=False).tolist(),
+        **sequence_fields(probe, W, V),
     }
+
+
+def sequence_fields(
+    probe: JacobianProbe, W: np.ndarray, V: np.ndarray, margin: float = 2.0
+) -> dict[str, float | list[float]]:
+    """The noise of Ê[J_tt]V with sequences as the unit on the scale of the gap ‖(W − E[J])V‖/‖WV‖
+    (`slope_gaps`), the sequences at which it would fall to gap/`margin` (SE ∝ 1/√sequences), and the
+    lagged responses ‖E[J_{t,t−ℓ}]V‖_F/‖E[J_tt]V‖_F for ℓ = 1 … m with their noise on that scale.
+    One sequence gives no standard error: nan."""
+    (gap,), (noise,) = slope_gaps([W], V, probe)
+    se, lagged = lag_standard_error(probe).numpy(), probe.lag_mean.numpy()
+    sequences = probe.lag_counts.shape[0]
+    same = float(np.linalg.norm(lagged[0]))
+    return {
+        "n_probe_sequences": float(sequences),
+        "sequence_noise": noise,
+        "sequences_for_gap": _sequences_for(sequences, margin * noise / gap) if gap > 0 else math.nan,
+        "lag_response": [float(np.linalg.norm(j)) / same for j in lagged[1:]],
+        "lag_noise": [float(np.linalg.norm(e)) / same for e in se[1:]],
+    }
+
+
+def _sequences_for(sequences: int, relative_noise: float) -> float:
+    """Sequences at which a standard error now `relative_noise` × the target falls to the target (∝ 1/√n)."""
+    if not math.isfinite(relative_noise):
+        return math.nan
+    return float(max(2, math.ceil(sequences * relative_noise**2)))

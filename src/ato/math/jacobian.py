@@ -21,6 +21,15 @@ exactly (their noises are uncorrelated), which makes the token-to-token variance
 squared error of a per-token linearisation unbiased too. A tangent equal to v at every masked position
 (no signs) gives the total response Σ_s J_ts v exactly.
 
+**Lagged terms from the same jvps.** Multiplying the output at t by the sign of an earlier position
+t − ℓ instead, s_{t−ℓ} Σ_s s_s J_ts v has expectation J_{t,t−ℓ} v: one jvp per direction gives
+E[∂y_t/∂x_{t−ℓ}] v for every lag ℓ = 0 … m (over the tokens t whose t − ℓ is masked too, in the same
+sequence). These are what a lagged map's slopes W_ℓ compete with: by Stein's lemma with positions,
+Cov(y_t, x_s) = Σ_u E[J_tu] Cov(x_u, x_s), so with correlated positions the same-position slope W₀
+differs from E[J_tt] even for a linear f, while the lagged regression's W_ℓ recover E[J_{t,t−ℓ}] when
+the response reaches back no further than m. Their noise is taken with sequences as the unit (tokens of
+one sequence are not independent; each sequence has its own signs): `lag_standard_error`.
+
 Directions: `V` [d, r] (orthonormal columns, e.g. the top right singular vectors of a ridge map, or
 the identity for the whole matrix). The token's own residual is a direction too: x_t itself (signed)
 gives J_tt x_t, the per-token linearisation, and unsigned Σ_s J_ts x_s.
@@ -35,8 +44,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.func import jvp, vmap
+
+from .intervals import ratio_standard_error
 
 BlockFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # residual [B, T, d] → outputs [B, T, d] per target
 DRAWS = 2  # independent sign draws: two make second moments unbiased
@@ -75,6 +87,8 @@ class JacobianProbe:
     lin_total: torch.Tensor  # [n, d_out]: per-token Σ_s J_ts x_s (exact)
     x: torch.Tensor  # [n, d_in]: the masked tokens' inputs
     y: torch.Tensor  # [n, d_out]: their outputs f(x)
+    lag_sums: torch.Tensor  # [B, m+1, d_out, r]: per sequence, Σ_t of s_{t−ℓ}·(jvp at t), mean of the draws
+    lag_counts: torch.Tensor  # [B, m+1]: tokens t of each sequence in those sums (t and t − ℓ masked)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -85,6 +99,11 @@ class JacobianProbe:
     def n_tokens(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def lag_mean(self) -> torch.Tensor:
+        """[m+1, d_out, r]: Ê_t[J_{t,t−ℓ}] V for ℓ = 0 … m (ℓ = 0: `mean`)."""
+        return self.lag_sums.sum(0) / self.lag_counts.sum(0).clamp(min=1)[:, None, None]
+
 
 def probe(
     f: BlockFn,
@@ -93,16 +112,20 @@ def probe(
     mask: torch.Tensor,
     generator: torch.Generator,
     chunk: int = 16,
+    lags: int = 0,
 ) -> list[JacobianProbe]:
     """Every estimate of the module docstring for each output of f, with 3r + 3 tangents.
 
     x [B, T, d_in] (the residual at L), V [d_in, r] directions, mask [B, T] bool (tokens averaged over
-    and shifted; the others' tangents are zero, so they are held fixed). Tangents go through in
-    groups of `chunk` and are reduced at once, so memory does not grow with r."""
+    and shifted; the others' tangents are zero, so they are held fixed), `lags` m: the lagged
+    Jacobians ℓ = 1 … m from the same tangents. Tangents go through in groups of `chunk` and are
+    reduced at once, so memory does not grow with r."""
     if V.ndim != 2 or V.shape[0] != x.shape[-1]:
         raise ValueError(f"V must be [d_in={x.shape[-1]}, r], got {tuple(V.shape)}")
     if not mask.any():
         raise ValueError("the mask selects no token")
+    if not 0 <= lags < mask.shape[1]:
+        raise ValueError(f"lags must lie in 0 … {mask.shape[1] - 1} (sequence length {mask.shape[1]}), got {lags}")
     m = mask.to(x.dtype)[..., None]  # [B, T, 1]
     signs = random_signs((DRAWS, *mask.shape), generator, x.dtype, x.device)[..., None] * m  # [DRAWS, B, T, 1]
     keep = mask.reshape(-1)
@@ -117,6 +140,7 @@ def probe(
     mean_draws = [torch.zeros(DRAWS, y.shape[-1], r, dtype=torch.float64) for y in ys]
     second = [torch.zeros(r, dtype=torch.float64) for _ in ys]
     total = [torch.zeros(y.shape[-1], r, dtype=torch.float64) for y in ys]
+    lag_sums = [torch.zeros(mask.shape[0], lags + 1, y.shape[-1], r, dtype=torch.float64) for y in ys]
     for lo in range(0, r, per_dir):
         dirs = V[:, lo : lo + per_dir].T.to(x.dtype)[:, None, None, :]  # [c, 1, 1, d]
         c = dirs.shape[0]
@@ -128,9 +152,13 @@ def probe(
             mean_draws[i][:, :, lo : lo + c] = est.mean(2).transpose(1, 2)
             second[i][lo : lo + c] = (est[0] * est[1]).sum(-1).mean(-1)
             total[i][:, lo : lo + c] = flat[DRAWS * c :].mean(1).T
+            lag_sums[i][..., lo : lo + c] = _lag_sums(out[: DRAWS * c].reshape(DRAWS, c, *out.shape[1:]), signs, lags)
     x_tangents = torch.cat([signs * x[None], (m * x)[None]])  # signed x per draw, then unsigned x
     lin = [at_tokens(out) for out in batched_jvp(f, x, x_tangents, chunk)]
     x_keep = x.reshape(-1, x.shape[-1])[keep].double().cpu()
+    T = mask.shape[1]
+    lag_counts = torch.stack([(mask[:, lag:] & mask[:, : T - lag]).sum(1) for lag in range(lags + 1)], 1)
+    lag_counts = lag_counts.double().cpu()
     return [
         JacobianProbe(
             mean_draws=mean_draws[i],
@@ -140,9 +168,24 @@ def probe(
             lin_total=lin[i][DRAWS],
             x=x_keep,
             y=y.reshape(-1, y.shape[-1])[keep].double().cpu(),
+            lag_sums=lag_sums[i],
+            lag_counts=lag_counts,
         )
         for i, y in enumerate(ys)
     ]
+
+
+def _lag_sums(out: torch.Tensor, signs: torch.Tensor, lags: int) -> torch.Tensor:
+    """[B, m+1, d, c]: per sequence, Σ_t s_{t−ℓ}·out_t averaged over the draws, from the signed jvps
+    out [DRAWS, c, B, T, d] and signs [DRAWS, B, T, 1] (zero at unmasked positions, so a t or t − ℓ
+    outside the mask adds nothing)."""
+    out, T = out.double(), out.shape[3]
+    present = (signs != 0).double()
+    sums = []
+    for lag in range(lags + 1):
+        weight = (signs[:, :, : T - lag] * present[:, :, lag:]).double()  # s_{t−ℓ}, zero unless t masked too
+        sums.append((out[:, :, :, lag:] * weight[:, None]).sum(3).mean(0))  # [c, B, d]
+    return torch.stack(sums).permute(2, 0, 3, 1).cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,3 +229,28 @@ def linearisation_r2(p: JacobianProbe) -> dict[str, float]:
     if sst <= 0:
         return {"same": float("nan"), "total": float("nan")}
     return {"same": 1 - sse_same / sst, "total": 1 - sse_total / sst}
+
+
+def lag_standard_error(p: JacobianProbe) -> torch.Tensor:
+    """[m+1, d_out, r]: standard error of Ê_t[J_{t,t−ℓ}] V with sequences as the unit (the delta-method
+    error of a ratio of per-sequence sums): it holds the token sampling, the tokens' dependence within a
+    sequence and the sign noise at once. nan with fewer than two sequences."""
+    sums = p.lag_sums.double().permute(1, 2, 3, 0).numpy()  # [m+1, d_out, r, B]
+    counts = np.broadcast_to(p.lag_counts.double().T.numpy()[:, None, None, :], sums.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return torch.from_numpy(ratio_standard_error(sums, counts))
+
+
+def slope_gaps(slopes: list[np.ndarray], V: np.ndarray, p: JacobianProbe) -> tuple[list[float], list[float]]:
+    """Per lag ℓ (slopes[ℓ] = a map's W_ℓ [d_out, d_in], ℓ ≤ m): ‖(W_ℓ − E[J_{t,t−ℓ}])V‖_F / ‖W_ℓ V‖_F and
+    its noise ‖SE(Ê[J_{t,t−ℓ}]V)‖_F / ‖W_ℓ V‖_F, sequences as the unit (the expected size of the
+    estimate's error on the gap's scale)."""
+    if len(slopes) > p.lag_counts.shape[1]:
+        raise ValueError(f"{len(slopes)} slopes for a probe of lags 0 … {p.lag_counts.shape[1] - 1}")
+    lagged, se = p.lag_mean.numpy(), lag_standard_error(p).numpy()
+    gaps, noise = [], []
+    for lag, W in enumerate(slopes):
+        scale = float(np.linalg.norm(W @ V))
+        gaps.append(float(np.linalg.norm(W @ V - lagged[lag])) / scale if scale > 0 else float("nan"))
+        noise.append(float(np.linalg.norm(se[lag])) / scale if scale > 0 else float("nan"))
+    return gaps, noise

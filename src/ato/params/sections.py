@@ -318,6 +318,7 @@ class AtlasParams:
     jacobian_directions: int = 8  # r input directions probed: top right singular subspace of L's ridge maps
     # (≥ d_model: the whole matrix); every Jacobian number is restricted to it
     jacobian_chunk: int = 64  # tangents per vmapped jvp call (memory vs speed)
+    jacobian_lags: int = 2  # m: E[∂y_t/∂x_{t−ℓ}] for ℓ ≤ m from the same jvps (as the lagged context map's lags)
     causal_pairs: list[str] = field(default_factory=lambda: ["L05_k1"])  # atlas pairs patched with every
     # operator (Δ log-perplexity on TEST sequences, intervals over sequences); [] for none
     causal_sequences: int = 16  # test sequences per causal pair
@@ -351,6 +352,11 @@ class ContextParams:
     bootstrap_seed: int = 0
     batch_size: int = 8  # sequences per forward pass
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the forward pass and the Grams
+    jacobian_sequences: int = 4  # TRAIN sequences of the lagged Jacobians beside W_ℓ (0: not probed); the
+    # noise's unit (docs/statistics.md#jacobian-noise); cost linear in it
+    jacobian_seq_len: int = 48  # tokens per such sequence
+    jacobian_directions: int = 4  # r: top right singular vectors of the lagged map the Jacobians are taken on
+    # (3r + 3 jvp tangents per pair: r = 4 and 4 sequences keep the six default pairs near 20 s of CPU)
 
 
 @dataclass

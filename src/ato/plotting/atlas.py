@@ -183,7 +183,7 @@ def plot_spectra(path: Path, result: AtlasResult, dpi: int) -> Path:
             ax.plot(np.arange(1, len(values) + 1), values, style, ms=3, color=colour, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("singular value index")
-        noise = math.hypot(lg.estimate_noise, lg.sampling_error)
+        noise = lg.sequence_noise  # sequences as the unit: tokens of one sequence are not independent
         ax.set_title(f"{p.pair}: ‖(W−E[J])V‖/‖WV‖ = {lg.rel_diff:.2f} (noise {noise:.2f})", fontsize=8)
     axes[0, 0].set_ylabel("singular value")
     axes[0, 0].legend(fontsize=7)

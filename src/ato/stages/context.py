@@ -24,6 +24,7 @@ import torch
 
 from ato.artifacts import ContextBudget, Layout, atomic_group, read_pair_stats, write_context_operator
 from ato.context_budget import budget_metrics, budget_record, fit_kinds, operator_config, score_sequences
+from ato.context_jacobian import lagged_jacobians
 from ato.context_pass import ContextPair, SplitPass, nested_slices, stream_split
 from ato.errors import AtoError
 from ato.math.learning_curve import subset_sum
@@ -69,6 +70,9 @@ def main(params: Params) -> None:
             pair.name, budget.carried.value, budget.moved.value, budget.moved.low, budget.moved.high,
             budget.computed.value, budget.identity_r2_w, time.perf_counter() - t0,
         )  # fmt: skip
+    slopes = {name: (out[2]["lagged"].W, out[2]["ato"].W) for name, out in outputs.items()}
+    for name, jacobian in lagged_jacobians(model, store, {p.name: (p.L, p.k) for p in pairs}, slopes, cp).items():
+        outputs[name][0].jacobian = jacobian  # W_ℓ beside E[J_{t,t−ℓ}] (after the passes: it switches to eager)
     with atomic_group():  # every budget and every operator directory, or none
         for name, (budget, config, fits, pair) in outputs.items():
             budget.write(layout.context(name))
