@@ -55,7 +55,7 @@ from ato.causal.conditions import (
     run_conditions,
     run_pair,
 )
-from ato.causal.forward import BodyTrace, patched_token_nll, token_nll, trace_body
+from ato.causal.forward import BodyTrace, patched_token_nll, token_nll, trace_body, trace_prefix
 from ato.causal.inputs import (
     SPLIT,
     CausalError,
@@ -96,4 +96,5 @@ __all__ = [
     "summarise_set",
     "token_nll",
     "trace_body",
+    "trace_prefix",
 ]
