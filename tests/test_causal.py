@@ -350,12 +350,14 @@ def test_shared_prefix_gives_the_same_sums_as_full_forwards(kind):
     assert set(shared["all"].nll_sum) == set(all_conditions())
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("gemma3", [True, False]), ("gpt2", [True, True])])
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("gemma3", [True, False]), ("llama", [True, True]), ("gpt2", [True, True])]
+)
 def test_later_batches_trace_only_their_prefix_and_give_the_same_sums(kind, expected, monkeypatch):
     """Given the clean NLL (as `ato causal` is), a batch after the first exact one runs blocks ≤ T only and
     replays the later blocks with the first batch's calls; the last batch, of one sequence, is traced in
     full where its blocks get other arguments (Gemma-3's masks and position embeddings have the batch's
-    shape; GPT-2's blocks get none that do). Every sum equals the full forwards'."""
+    shape; Llama's and GPT-2's blocks get none that do). Every sum equals the full forwards'."""
     from ato.causal import conditions as conditions_module
 
     model = tiny_model(kind)
