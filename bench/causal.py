@@ -7,6 +7,9 @@ sharing of work, in the same run.
    - after: clean, zero and train_mean once per target layer (`causal_reference`), and the pair's ato,
      identity and bias_only replaying only the blocks after L+k from one traced clean forward
      (`causal`). The per-sequence NLL sums of both designs are checked to be identical.
+   - issue 23: the pair's traced clean forward with every batch traced in full and its replay checked
+     (before) vs the prefix ≤ T only after the first batch (`ato.causal.trace_prefix`), same sums checked
+     (use --before-sequences > --batch-size: the first batch is always traced in full).
 2. Issue 14: the public splice (`ato.splice`, the one implementation the stages now use) against the
    internal hook it replaced (capture + patch hooks, as `ato.causal.patched_token_nll` had them), on the
    same batch and operator: wall time of the patched body forward, interleaved repeats, medians, with
@@ -140,6 +143,7 @@ def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, flo
     """Seconds per sequence of each condition, before and after, on the first `n_before` sequences."""
     from ato import causal as causal_lib
     from ato.artifacts import Layout, read_pair_stats
+    from ato.causal import conditions as conditions_module
     from ato.stages import causal
     from ato.store import ActivationStore
 
@@ -169,7 +173,25 @@ def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, flo
         timings=pair_t,
         **kw,
     )
+    full_t: dict[str, float] = {}  # issue 23: the same with every batch traced in full (no `trace_prefix`)
+    prefix = conditions_module.trace_prefix
+    conditions_module.trace_prefix = lambda *_: None
+    try:
+        full, _ = causal_lib.run_conditions(
+            model,
+            held,
+            pair.layer_out,
+            causal_lib.pair_conditions(pair),
+            masks,
+            specs,
+            clean_nll=clean,
+            timings=full_t,
+            **kw,
+        )
+    finally:
+        conditions_module.trace_prefix = prefix
     for set_name, res in old.items():
+        assert full[set_name].nll_sum == new[set_name].nll_sum, f"{set_name}: prefix traces change the sums"
         for cond in res.nll_sum:
             other = ref[set_name] if cond in ("clean", "zero", "train_mean") else new[set_name]
             assert res.nll_sum[cond] == other.nll_sum[cond], f"{set_name}/{cond}: the designs differ"
@@ -178,6 +200,7 @@ def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, flo
         "before": {k: v * scale for k, v in before.items()},
         "after_reference": {k: v * scale for k, v in ref_t.items()},
         "after_pair": {k: v * scale for k, v in pair_t.items()},
+        "after_pair_full_traces": {k: v * scale for k, v in full_t.items()},
     }
 
 
@@ -192,14 +215,23 @@ def print_conditions(t: dict[str, dict[str, float]], n_before: int, pairs_per_ta
         if cond == "clean":
             note = "traced forward + LM head once; each pair re-traces (below)"
         print(f"{cond:12s} {t['before'].get(cond, 0):9.3f} {t[where].get(cond, 0):9.3f}  {note}")
-    print(f"{'(pair trace)':12s} {'':9s} {t['after_pair']['clean']:9.3f}  traced clean body forward + replay check")
+    print(
+        f"{'(pair trace)':12s} {t['after_pair_full_traces']['clean']:9.3f} {t['after_pair']['clean']:9.3f}  "
+        "traced clean body: every batch in full + replay check (before) / after the first batch only the "
+        "prefix ≤ T (after, `trace_prefix`; needs --before-sequences > --batch-size)"
+    )
     before_pair = sum(t["before"].values())
     after_pair = sum(t["after_pair"].values()) + sum(t["after_reference"].values()) / pairs_per_target
     print(
         f"per pair and sequence: before {before_pair:.3f} s, after {after_pair:.3f} s "
         f"(reference shared by {pairs_per_target} pairs) → {before_pair / after_pair:.2f}× less"
     )
-    return {"before_s_per_pair_seq": before_pair, "after_s_per_pair_seq": after_pair}
+    return {
+        "before_s_per_pair_seq": before_pair,
+        "after_s_per_pair_seq": after_pair,
+        "pair_trace_full_s_per_seq": t["after_pair_full_traces"]["clean"],
+        "pair_trace_prefix_s_per_seq": t["after_pair"]["clean"],
+    }
 
 
 def _old_internal_hook(model, ids, layer_in, layer_out, patch, value_fn):

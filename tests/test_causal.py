@@ -368,6 +368,37 @@ def test_shared_prefix_gives_the_same_sums_as_full_forwards(kind):
     assert set(shared["all"].nll_sum) == set(all_conditions()) - {"context"}  # no context maps: not patched
 
 
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("gemma3", [True, False]), ("llama", [True, True]), ("gpt2", [True, True])]
+)
+def test_later_batches_trace_only_their_prefix_and_give_the_same_sums(kind, expected, monkeypatch):
+    """Given the clean NLL (as `ato causal` is), a batch after the first exact one runs blocks ≤ T only and
+    replays the later blocks with the first batch's calls; the last batch, of one sequence, is traced in
+    full where its blocks get other arguments (Gemma-3's masks and position embeddings have the batch's
+    shape; Llama's and GPT-2's blocks get none that do). Every sum equals the full forwards'."""
+    from ato.causal import conditions as conditions_module
+
+    model = tiny_model(kind)
+    held = causal_lib.HeldOut(_ids(5), torch.zeros(5, 12, dtype=torch.bool), list(range(5)), list(range(5)))
+    specs = {"all": "all", "few": [1, 3]}
+    masks = causal_lib.check_position_sets(specs, 12)
+    pair, _ = _pair_inputs(int(model.config.hidden_size))
+    conditions = causal_lib.pair_conditions(pair)
+    run = functools.partial(causal_lib.run_conditions, model, held, 2, conditions, masks, specs, 2, 7, progress=False)
+    full, clean = run(share_prefix=False)
+    traced: list[bool] = []  # per call of trace_prefix: whether it could replay from the template
+
+    def counted(*args):
+        trace = causal_lib.trace_prefix(*args)
+        traced.append(trace is not None)
+        return trace
+
+    monkeypatch.setattr(conditions_module, "trace_prefix", counted)
+    shared, again = run(clean_nll=clean, share_prefix=True)
+    assert _sums(shared) == _sums(full) and torch.equal(again, clean)
+    assert traced == expected  # sequences 2–3: prefix only; sequence 4 (a batch of one): in full or not
+
+
 def test_the_all_scope_leaves_out_the_prediction_made_at_bos():
     """BOS is never patched, so the prediction made at position 0 is the clean one in every condition:
     scope `all` counts the T − 2 predictions made at positions 1..T−2, and sums only those."""

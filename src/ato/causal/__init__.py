@@ -31,9 +31,13 @@ Shared work (issue 11):
 - Everything up to block T is the clean forward. One traced clean forward per batch (`trace_body`)
   records the residuals and the call of every later block; each patched condition then replays only
   blocks T+1.. and the body's final norm (`BodyTrace.replay`). The replay is checked bit for bit against
-  the traced forward's own final hidden states on every batch; where they differ (a body that does
-  more between its blocks than hand each block's output to the next) that batch's conditions run as
-  full forwards with a patching hook instead: the same numbers at the old cost, with a warning.
+  the traced forward's own final hidden states; where they differ (a body that does more between its
+  blocks than hand each block's output to the next) that batch's conditions run as full forwards with
+  a patching hook instead: the same numbers at the old cost, with a warning. Given the clean NLL (the
+  reference's), a batch after the first exact one traces only blocks ≤ T and replays with that batch's
+  calls of the later blocks when every block ≤ T got the same arguments (masks, position embeddings;
+  `trace_prefix`), else it is traced and checked in full: the blocks after T run once per batch and
+  condition, not twice more for the clean forward and its check (issue 23).
 
 Per condition vs clean: Δ log-perplexity = Σ_j (patched NLL sum_j − clean NLL sum_j) / Σ_j tokens_j with
 its interval over sequences, and the share of a reference condition's damage the ATO recovers,
@@ -55,7 +59,7 @@ from ato.causal.conditions import (
     run_conditions,
     run_pair,
 )
-from ato.causal.forward import BodyTrace, patched_token_nll, token_nll, trace_body
+from ato.causal.forward import BodyTrace, patched_token_nll, token_nll, trace_body, trace_prefix
 from ato.causal.inputs import (
     SPLIT,
     CausalError,
@@ -96,4 +100,5 @@ __all__ = [
     "summarise_set",
     "token_nll",
     "trace_body",
+    "trace_prefix",
 ]

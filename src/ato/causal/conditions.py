@@ -15,7 +15,7 @@ from torch import nn
 
 from ato.artifacts.causal import SCOPES, patched_conditions
 from ato.causal.context import ContextPatch
-from ato.causal.forward import BodyTrace, ValueFn, first_patched_col, token_nll, trace_body
+from ato.causal.forward import BodyTrace, ValueFn, first_patched_col, token_nll, trace_body, trace_prefix
 from ato.causal.inputs import HeldOut, PositionSpec
 from ato.kinds import PatchInputs, kinds_for
 from ato.models import final_hidden
@@ -157,12 +157,17 @@ def run_conditions(
     cleans: list[torch.Tensor] = []
     starts = list(range(0, held.tokens.shape[0], batch_size))
     bar = tqdm(total=len(starts) * len(masks) * len(conditions), desc=f"causal T={layer_out}", disable=not progress)
+    template: BodyTrace | None = None  # a full trace whose replay was exact: later batches trace their prefix
     with torch.inference_mode():
         for start in starts:
             with clock("clean"):
                 stop = start + batch_size
                 base = None if clean_nll is None else clean_nll[start:stop].to(device)
-                batch = _trace_batch(model, held, start, stop, layers, layer_out, chunk_rows, base, share_prefix)
+                batch = _trace_batch(
+                    model, held, start, stop, layers, layer_out, chunk_rows, base, share_prefix, template
+                )
+            if batch.replay_exact and batch.trace.final is not None:
+                template = batch.trace
             cleans.append(batch.clean.cpu())
             for res in results.values():
                 _run_set(model, batch, layer_out, conditions, res, chunk_rows, clock, bar.update)
@@ -180,10 +185,18 @@ def _trace_batch(
     chunk_rows: int,
     clean: torch.Tensor | None,
     share_prefix: bool,
+    template: BodyTrace | None = None,
 ) -> _Batch:
+    """The batch's clean trace: given the clean NLL and an exact `template`, only the prefix up to
+    `layer_out` (`trace_prefix`); otherwise the full forward, its replay checked bit for bit."""
     device = next(model.parameters()).device
     ids, special = held.tokens[start:stop].to(device), held.special[start:stop].to(device)
+    if share_prefix and clean is not None and template is not None:
+        prefix = trace_prefix(model, ids, layers, template)
+        if prefix is not None:
+            return _Batch(ids, special, prefix, clean, True)
     trace = trace_body(model, ids, layers, replay_from=layer_out + 1)
+    assert trace.final is not None  # a full trace
     exact = share_prefix and torch.equal(trace.replay(model, layer_out, trace.residuals[layer_out]), trace.final)
     if share_prefix and not exact:
         log.warning(

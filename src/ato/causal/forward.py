@@ -1,5 +1,6 @@
 """The forward passes: the per-token NLL through the chunked LM head, a patched full forward, and the
-traced clean forward whose later blocks can be replayed from a changed residual (`BodyTrace`)."""
+traced clean forward whose later blocks can be replayed from a changed residual (`BodyTrace`; after the
+first batch, a traced prefix borrows the later blocks' calls: `trace_prefix`)."""
 
 from __future__ import annotations
 
@@ -78,14 +79,13 @@ def _block_output(output: object) -> torch.Tensor:
 
 @dataclass
 class BodyTrace:
-    """One clean forward of the body: residuals, and what every block from `replay_from` on and every
-    module after the last block was called with, so the rest of the body can be re-run from a changed
-    residual (`replay`)."""
+    """One clean forward of the body: residuals, and what every block and every module after the last
+    block was called with, so the rest of the body can be re-run from a changed residual (`replay`)."""
 
     residuals: dict[int, torch.Tensor]  # layer → block output [B, T, d]
     calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]  # block index → (args, kwargs) of its call
     tail: list[nn.Module]  # the body's modules called after its last block, in order (the final norm)
-    final: torch.Tensor  # final hidden states [B, T, d] of the clean forward
+    final: torch.Tensor | None  # final hidden states [B, T, d] of the clean forward (None: `trace_prefix`)
 
     def replay(self, model: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states when the residual after block `layer` is `hidden`: blocks layer+1.. and
@@ -110,8 +110,8 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
 
 
 def trace_body(model: nn.Module, input_ids: torch.Tensor, layers: list[int], replay_from: int) -> BodyTrace:
-    """The clean forward of `input_ids` with the residuals of `layers` and the calls of blocks
-    ≥ `replay_from` recorded (`BodyTrace`)."""
+    """The clean forward of `input_ids` with the residuals of `layers` and the calls of the blocks
+    recorded (`BodyTrace`; those before `replay_from` too, for `trace_prefix` to compare with)."""
     blocks, body = decoder_blocks(model), base_model(model)
     residuals: dict[int, torch.Tensor] = {}
     calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -135,12 +135,84 @@ def trace_body(model: nn.Module, input_ids: torch.Tensor, layers: list[int], rep
         return lambda *_: finished.append(("child", module))
 
     handles = [b.register_forward_hook(on_block(j)) for j, b in enumerate(blocks)]
-    handles += [
-        blocks[j].register_forward_pre_hook(on_call(j), with_kwargs=True) for j in range(replay_from, len(blocks))
-    ]
+    handles += [blocks[j].register_forward_pre_hook(on_call(j), with_kwargs=True) for j in range(len(blocks))]
     handles += [m.register_forward_hook(on_child(m)) for m in body.children() if m is not blocks]
     with _hooks(handles):
         final = final_hidden(model, input_ids)
     last = max(i for i, (kind, _) in enumerate(finished) if kind == "block")
     tail = [m for kind, m in finished[last + 1 :] if kind == "child"]
     return BodyTrace(residuals, calls, tail, final)
+
+
+class _Cut(Exception):
+    """Raised after the last block a prefix trace needs: the rest of the forward is not run."""
+
+
+def trace_prefix(model: nn.Module, input_ids: torch.Tensor, layers: list[int], template: BodyTrace) -> BodyTrace | None:
+    """The clean forward of `input_ids` cut after block max(`layers`), with the later blocks' calls and
+    the tail taken from `template` (a `trace_body` of an earlier batch whose replay was checked exact).
+
+    A body computes every block's arguments but the hidden state (masks, position embeddings) from the
+    input's shape and mask before its first block, so when every block up to the cut got the same
+    arguments as in the template, the later blocks get them too, and the template's calls replay this
+    batch. None when any argument differs (a batch of another shape): trace that batch in full. The
+    residuals are the model's own forward either way, so the numbers do not change; the blocks after
+    the cut, and the check replay of them, run only once per stage instead of once per batch."""
+    blocks, last = decoder_blocks(model), max(layers)
+    residuals: dict[int, torch.Tensor] = {}
+    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def on_block(j: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if j in layers:
+                residuals[j] = _block_output(output).detach()
+            if j == last:
+                raise _Cut
+
+        return hook
+
+    def on_call(j: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls[j] = (args, dict(kwargs))
+
+        return hook
+
+    handles = [blocks[j].register_forward_hook(on_block(j)) for j in range(last + 1)]
+    handles += [blocks[j].register_forward_pre_hook(on_call(j), with_kwargs=True) for j in range(last + 1)]
+    with _hooks(handles):
+        try:
+            final_hidden(model, input_ids)
+        except _Cut:
+            pass
+    if not all(j in template.calls and _same_arguments(calls[j], template.calls[j]) for j in range(last + 1)):
+        return None
+    later = {j: call for j, call in template.calls.items() if j > last}
+    return BodyTrace(residuals, {**calls, **later}, template.tail, None)
+
+
+def _same_arguments(
+    call: tuple[tuple[Any, ...], dict[str, Any]], other: tuple[tuple[Any, ...], dict[str, Any]]
+) -> bool:
+    """Whether two calls of a block got the same arguments, the hidden state (the first) aside."""
+    (args, kwargs), (other_args, other_kwargs) = call, other
+    rest = [{k: v for k, v in kw.items() if k != "hidden_states"} for kw in (kwargs, other_kwargs)]
+    return _same(args[1:], other_args[1:]) and _same(rest[0], rest[1])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values: tensors element by element (shape and dtype too), containers item by item, plain
+    scalars by value; any other object only if it is the same object (then nothing is assumed)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if type(a) in (bool, int, float, str, type(None)):
+        return type(a) is type(b) and a == b
+    return a is b
