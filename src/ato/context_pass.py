@@ -8,8 +8,12 @@ an absent input (BOS, or before the sequence start) is `fill`, the train mean of
 A split's test batches may be kept (their forward outputs, float32 on the CPU) so that every fitted
 map is scored per sequence afterwards without a second forward pass.
 
-The Grams are formed in float64 on the pass's device (residual norms reach ~4e4: float32 products
-would lose the digits that an R²_w difference of 1e-3 needs)."""
+The Grams are accumulated in float64 on the pass's device. Each batch's products are formed about a
+shift (the first batch's column means): in float64, or with `context.gram_dtype: float32` in float32
+(5–6× the GEMM rate on a CPU) — centring first is what makes float32 safe, since the uncentred rows
+reach norms of ~4e4 and their products would lose the digits an R²_w difference of 1e-3 needs. The
+sums about the shift are turned back into the uncentred `PairStats` in float64
+(tests/test_context_stage.py::test_float32_products_give_the_float64_fits checks the fits agree)."""
 
 from __future__ import annotations
 
@@ -53,30 +57,56 @@ class ContextPair:
 
 
 class GramAccumulator:
-    """n, Σx, Σy, XᵀX, XᵀY, YᵀY in float64 on the pass's device; `PairStats` once the pass is done."""
+    """n, Σx, Σy, XᵀX, XᵀY, YᵀY in float64 on the pass's device; `PairStats` once the pass is done.
 
-    def __init__(self, p: int, d: int, device: torch.device):
+    Products are formed about a shift (the first batch's column means) in `product_dtype` and summed in
+    float64; `pair_stats` adds the shift back exactly (module docstring)."""
+
+    def __init__(self, p: int, d: int, device: torch.device, product_dtype: torch.dtype = torch.float64):
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.float64, device=device)
 
+        self.product_dtype = product_dtype
         self.n = 0.0
-        self.sum_x, self.sum_y = zeros(p), zeros(d)
-        self.xtx, self.xty, self.yty = zeros(p, p), zeros(p, d), zeros(d, d)
+        self.shift_x: torch.Tensor | None = None
+        self.shift_y: torch.Tensor | None = None
+        self.sum_x, self.sum_y = zeros(p), zeros(d)  # of the shifted rows
+        self.xtx, self.xty, self.yty = zeros(p, p), zeros(p, d), zeros(d, d)  # of the shifted rows
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.to(torch.float64), y.to(torch.float64)
+        if self.shift_x is None or self.shift_y is None:
+            self.shift_x = x.to(torch.float64).mean(0)
+            self.shift_y = y.to(torch.float64).mean(0)
+        x64, y64 = x.to(torch.float64) - self.shift_x, y.to(torch.float64) - self.shift_y
         self.n += float(x.shape[0])
-        self.sum_x += x.sum(0)
-        self.sum_y += y.sum(0)
-        self.xtx.addmm_(x.T, x)
-        self.xty.addmm_(x.T, y)
-        self.yty.addmm_(y.T, y)
+        self.sum_x += x64.sum(0)  # sums in float64 whatever the products' dtype
+        self.sum_y += y64.sum(0)
+        xc, yc = x64.to(self.product_dtype), y64.to(self.product_dtype)
+        self.xtx += (xc.T @ xc).to(torch.float64)
+        self.xty += (xc.T @ yc).to(torch.float64)
+        self.yty += (yc.T @ yc).to(torch.float64)
 
     def pair_stats(self) -> PairStats:
+        """The uncentred sums: Σ(a+s)(b+u)ᵀ = Σabᵀ + (Σa)uᵀ + s(Σb)ᵀ + n s uᵀ, in float64."""
+
         def cpu(t: torch.Tensor) -> np.ndarray:
             return t.cpu().numpy()
 
-        return PairStats(self.n, cpu(self.sum_x), cpu(self.sum_y), cpu(self.xtx), cpu(self.xty), cpu(self.yty))
+        p, d = self.sum_x.shape[0], self.sum_y.shape[0]
+        sx = self.shift_x if self.shift_x is not None else self.sum_x.new_zeros(p)
+        sy = self.shift_y if self.shift_y is not None else self.sum_y.new_zeros(d)
+
+        def uncentred(ab: torch.Tensor, sum_a: torch.Tensor, s: torch.Tensor, sum_b: torch.Tensor, u: torch.Tensor):
+            return ab + torch.outer(sum_a, u) + torch.outer(s, sum_b) + self.n * torch.outer(s, u)
+
+        return PairStats(
+            self.n,
+            cpu(self.sum_x + self.n * sx),
+            cpu(self.sum_y + self.n * sy),
+            cpu(uncentred(self.xtx, self.sum_x, sx, self.sum_x, sx)),
+            cpu(uncentred(self.xty, self.sum_x, sx, self.sum_y, sy)),
+            cpu(uncentred(self.yty, self.sum_y, sy, self.sum_y, sy)),
+        )
 
 
 @dataclass
@@ -169,13 +199,17 @@ def stream_split(
     slice_of: np.ndarray,
     keep: bool = False,
     desc: str = "context",
+    product_dtype: torch.dtype = torch.float64,
 ) -> SplitPass:
     """Forward `seqs` once and accumulate every pair's union statistics into slice `slice_of[i]` of
     sequence i; with `keep`, every batch's forward outputs are kept on the CPU (`KeptBatch`)."""
     device = next(model.parameters()).device
     n_slices = int(slice_of.max()) + 1 if len(slice_of) else 1
     d = int(model.config.hidden_size)
-    accs = {pair.name: [GramAccumulator(d * (2 + lags + pair.k), d, device) for _ in range(n_slices)] for pair in pairs}
+    accs = {
+        pair.name: [GramAccumulator(d * (2 + lags + pair.k), d, device, product_dtype) for _ in range(n_slices)]
+        for pair in pairs
+    }
     result = SplitPass(stats={}, doc_ids=[s.doc_id for s in seqs])
     t0 = time.perf_counter()
     total = sum(int((~s.special).sum()) for s in seqs)

@@ -99,7 +99,8 @@ def stream_splits(
         slices = nested_slices(len(seqs), cp.curve_fractions) if split == "train" else np.zeros(len(seqs), np.int64)
         with torch.inference_mode():
             out[split] = stream_split(model, tokenizer, seqs, pairs, cp.lags, cp.batch_size, slices,
-                                      keep=split == "test", desc=f"context {split}")  # fmt: skip
+                                      keep=split == "test", desc=f"context {split}",
+                                      product_dtype=getattr(torch, cp.gram_dtype))  # fmt: skip
         log.info(
             "context %s: %d tokens, %d sequences in %.1fs (forward %.1fs)",
             split, out[split].tokens, len(seqs), out[split].seconds, out[split].forward_seconds,
