@@ -328,3 +328,20 @@ def toy_kind():
     kinds.register(kind)
     yield kind
     kinds.unregister(TOY_KIND)
+
+
+def write_context_maps(params, name: str, W, b, info) -> None:
+    """The pair's context maps as `ato context` writes them: every kind is the operator on x_t, every other
+    input block weighted zero (so the context condition must patch what the ATO patches)."""
+    from ato.artifacts import ContextOperatorConfig, Layout, write_context_operator
+
+    pair, lags, d = params.pairs[name], params.context.lags, info.d_model
+    blocks = ["x_t", *(f"x_t-{lag}" for lag in range(1, lags + 1)), "prefix", *(f"z_{j}" for j in range(1, pair.k + 1))]
+    on_x = {"ato": [0], "context": list(range(len(blocks)))}
+    maps = {kind: (np.hstack([W] + [np.zeros((d, d))] * (len(cols) - 1)), np.array(b)) for kind, cols in on_x.items()}
+    config = ContextOperatorConfig(
+        pair=name, L=pair.L, k=pair.k, lags=lags, d_model=d, blocks=blocks, kinds=on_x,
+        alphas=dict.fromkeys(on_x, 1.0), absent_inputs="fill", routed_inputs="z", n_train_tokens=1,
+        store_digest="store-digest", model_digest=info.weights_digest, n_layers=info.n_layers,
+    )  # fmt: skip
+    write_context_operator(Layout.from_params(params).context_operator(name), config, maps, np.zeros(d))

@@ -19,7 +19,7 @@ from ato.artifacts.causal import SCOPES, all_conditions, patched_conditions, rec
 from ato.errors import AtoError
 from ato.models import final_hidden
 from ato.stages import causal, causal_reference
-from conftest import load_tiny_params, random_text, save_prepared, tiny_model, tiny_tokenizer
+from conftest import load_tiny_params, random_text, save_prepared, tiny_model, tiny_tokenizer, write_context_maps
 
 
 @pytest.fixture(autouse=True)
@@ -193,23 +193,6 @@ def build_causal_project(
             },
         )
         write_context_maps(params, name, W, b, info)
-
-
-def write_context_maps(params, name: str, W, b, info) -> None:
-    """The pair's context maps as `ato context` writes them: every kind is the operator on x_t, every other
-    input block weighted zero (so the context condition must patch what the ATO patches)."""
-    from ato.artifacts import ContextOperatorConfig, Layout, write_context_operator
-
-    pair, lags, d = params.pairs[name], params.context.lags, info.d_model
-    blocks = ["x_t", *(f"x_t-{lag}" for lag in range(1, lags + 1)), "prefix", *(f"z_{j}" for j in range(1, pair.k + 1))]
-    on_x = {"ato": [0], "context": list(range(len(blocks)))}
-    maps = {kind: (np.hstack([W] + [np.zeros((d, d))] * (len(cols) - 1)), b) for kind, cols in on_x.items()}
-    config = ContextOperatorConfig(
-        pair=name, L=pair.L, k=pair.k, lags=lags, d_model=d, blocks=blocks, kinds=on_x,
-        alphas=dict.fromkeys(on_x, 1.0), absent_inputs="fill", routed_inputs="z", n_train_tokens=1,
-        store_digest="store-digest", model_digest=info.weights_digest, n_layers=info.n_layers,
-    )  # fmt: skip
-    write_context_operator(Layout.from_params(params).context_operator(name), config, maps, np.zeros(d))
 
 
 TEXTS = {"train": _texts(0, 30, 12, 30), "val": _texts(1, 3, 12, 30), "test": _texts(2, 6, 14, 30)}

@@ -24,7 +24,7 @@ from ato.operators import OperatorError, load_operator, save_operator
 from ato.params import load_params
 from ato.stages import causal, evaluate, fit, stats
 from ato.store import ActivationStore
-from conftest import make_prepared_model
+from conftest import make_prepared_model, write_context_maps
 
 PAIR = "L01_k2"
 
@@ -75,8 +75,11 @@ def test_operator_of_another_model_is_refused_by_causal(fitted, tmp_path):
     assert other.weights_digest != _model_info(fitted.path("model_dir")).weights_digest
     with pytest.raises(OperatorError, match=r"model_digest=.*refit"):
         causal.prepare_inputs(fitted, [PAIR], other)
-    # the matching model passes the same check
-    assert PAIR in causal.prepare_inputs(fitted, [PAIR], _model_info(fitted.path("model_dir")))
+    # the matching model passes the same check (with the pair's context maps, which causal also reads)
+    info = _model_info(fitted.path("model_dir"))
+    op = load_operator(fitted.path("operators") / PAIR)
+    write_context_maps(fitted, PAIR, op.W.numpy(), op.b.numpy(), info)
+    assert PAIR in causal.prepare_inputs(fitted, [PAIR], info)
 
 
 def test_operator_of_another_store_is_refused_by_evaluate(fitted):
