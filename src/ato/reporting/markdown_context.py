@@ -139,10 +139,12 @@ def budget_section(results: list[PairResults]) -> list[str]:
             "what attention's mixing adds beyond it. The routed inputs take each pattern from the clean forward: "
             "where to look is computed by the model and handed to the map, so routed counts what attention "
             "carries, not how it chooses. Computed is what no map linear in these inputs explains, with the "
-            "union map's finite-sample loss; at ∞ it drops that loss and is an upper bound on the non-linear "
-            "computation of blocks L+1 … L+k other than the choice of pattern (the maps do not span every "
-            "linear function of the prefix). Where p/n is large part of a gain is finite-sample: read moved at "
-            "∞, and as shown only where its interval excludes 0. The ceiling of x_t bounds the ATO, not a map "
+            "union map's finite-sample loss: an upper bound on the non-linear computation of blocks L+1 … L+k "
+            "other than the choice of pattern (the maps do not span every linear function of the prefix). Read "
+            "the observed values with their intervals. The ∞ values extrapolate a line in 1/n through nested "
+            "train fractions; at the smallest fraction the union map's p/n is 8× the one shown, where ridge's "
+            "excess error is far from linear in 1/n, so the union's ∞ over-shoots (computed ∞ can reach 0 or "
+            "below): treat the union's ∞ as unreliable until the curve is fitted in 1/(n − p). The ceiling of x_t bounds the ATO, not a map "
             "that reads other positions: the context ceiling bounds those (both whitened and in sample, so "
             "compare them with each other, not with R²_w).",
         ),
