@@ -145,7 +145,7 @@ def budget_section(results: list[PairResults]) -> list[str]:
             "train fractions; at the smallest fraction the union map's p/n is 8× the one shown, where ridge's "
             "excess error is far from linear in 1/n, so the union's ∞ over-shoots (computed ∞ can reach 0 or "
             "below): treat the union's ∞ as unreliable until the curve is fitted in 1/(n − p). The ceiling "
-            "of x_t bounds the ATO, not a map that reads other positions: the context ceiling bounds those (both whitened and in sample, so "
-            "compare them with each other, not with R²_w).",
+            "of x_t bounds the ATO, not a map that reads other positions: the context ceiling bounds those "
+            "(both whitened and in sample, so compare them with each other, not with R²_w).",
         ),
     ]
