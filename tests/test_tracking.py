@@ -30,14 +30,14 @@ VARIANTS = ["rank1", "rank64", "update8", "procrustes", "identity"]
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """The tiny project, every stage a pair run reads from, run once for the module."""
-    from ato.stages import causal, causal_reference, collect, evaluate, fit, sae, select, stats, tune, validate
+    from ato.stages import causal, causal_reference, collect, context, evaluate, fit, sae, select, stats, tune, validate
 
     root = tmp_path_factory.mktemp("tracking")
     make_prepared_model(root / "models" / "base")
     make_corpus(root / "corpus.jsonl")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     params = load_tiny_params(root, **{"fit.variants": VARIANTS, "fit.register_below_identity": True})
-    for stage in (collect, validate, stats, tune, fit, sae, select, evaluate, causal_reference, causal):
+    for stage in (collect, validate, stats, tune, fit, sae, select, evaluate, context, causal_reference, causal):
         stage.main(params)
     return params
 
