@@ -161,33 +161,21 @@ def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, flo
     ref, clean = causal_lib.run_conditions(
         model, held, pair.layer_out, causal_lib.reference_conditions(mean_y), masks, specs, timings=ref_t, **kw
     )
+
+    def pair_run(timings: dict[str, float]) -> dict:
+        conditions = causal_lib.pair_conditions(pair)
+        run, _ = causal_lib.run_conditions(
+            model, held, pair.layer_out, conditions, masks, specs, clean_nll=clean, timings=timings, **kw
+        )
+        return run
+
     pair_t: dict[str, float] = {}
-    new, _ = causal_lib.run_conditions(
-        model,
-        held,
-        pair.layer_out,
-        causal_lib.pair_conditions(pair),
-        masks,
-        specs,
-        clean_nll=clean,
-        timings=pair_t,
-        **kw,
-    )
+    new = pair_run(pair_t)
     full_t: dict[str, float] = {}  # issue 23: the same with every batch traced in full (no `trace_prefix`)
     prefix = conditions_module.trace_prefix
     conditions_module.trace_prefix = lambda *_: None
     try:
-        full, _ = causal_lib.run_conditions(
-            model,
-            held,
-            pair.layer_out,
-            causal_lib.pair_conditions(pair),
-            masks,
-            specs,
-            clean_nll=clean,
-            timings=full_t,
-            **kw,
-        )
+        full = pair_run(full_t)
     finally:
         conditions_module.trace_prefix = prefix
     for set_name, res in old.items():
