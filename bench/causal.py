@@ -136,7 +136,29 @@ def build_project(root: Path, model, tok, info, model_dir: Path, target: int, do
         config = {"model": info.name, "model_digest": info.weights_digest, "layer_in": L, "layer_out": L + k}
         config |= {"alpha": 1e3, "method": "ridge", "d_model": info.d_model, "n_train_tokens": int(stats[name].n)}
         save_operator(layout.operator(name), W, b, {**config, "store_digest": "bench"})
+        _context_maps(layout, name, L, k, W, b, info)
     return root / "params.yaml"
+
+
+def _context_maps(layout, name: str, L: int, k: int, W, b, info) -> None:
+    """The pair's context maps, which `ato causal` patches as condition `context`: the operator on x_t,
+    every other input block weighted zero (a timing needs their shape, not a fit; lags as params' default)."""
+    import numpy as np
+
+    from ato.artifacts import ContextOperatorConfig, write_context_operator
+    from ato.params import ContextParams
+    from ato.store import ActivationStore
+
+    d, lags = info.d_model, ContextParams().lags
+    blocks = ["x_t", *(f"x_t-{lag}" for lag in range(1, lags + 1)), "prefix", *(f"z_{j}" for j in range(1, k + 1))]
+    kinds = {"ato": [0], "context": list(range(len(blocks)))}
+    maps = {kind: (np.hstack([W] + [np.zeros((d, d))] * (len(c) - 1)), np.array(b)) for kind, c in kinds.items()}
+    config = ContextOperatorConfig(
+        pair=name, L=L, k=k, lags=lags, d_model=d, blocks=blocks, kinds=kinds, alphas=dict.fromkeys(kinds, 1e3),
+        absent_inputs="fill", routed_inputs="z", n_train_tokens=1, model_digest=info.weights_digest,
+        store_digest=ActivationStore.open(layout.store).digest, n_layers=info.n_layers,
+    )  # fmt: skip
+    write_context_operator(layout.context_operator(name), config, maps, np.zeros(d))
 
 
 def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, float]]:
@@ -193,11 +215,11 @@ def per_condition(model, info, params, n_before: int) -> dict[str, dict[str, flo
 
 
 def print_conditions(t: dict[str, dict[str, float]], n_before: int, pairs_per_target: int) -> dict[str, float]:
-    from ato.artifacts.causal import CONDITIONS
+    from ato.artifacts.causal import all_conditions
 
     print(f"\ncost per sequence and condition (seconds; first {n_before} sequences, every position set)")
     print(f"{'condition':12s} {'before':>9s} {'after':>9s}  where (after)")
-    for cond in CONDITIONS:
+    for cond in all_conditions():
         where = "after_reference" if cond in ("clean", "zero", "train_mean") else "after_pair"
         note = "once per target layer" if where == "after_reference" else "per pair, prefix shared"
         if cond == "clean":
