@@ -30,7 +30,8 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 def main() -> None:
     from ato.causal import token_nll
-    from ato.models import final_hidden, load_prepared, set_lm_head_dtype
+    from ato.lm_head import set_lm_head_dtype
+    from ato.models import final_hidden, load_prepared
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default="models/base")

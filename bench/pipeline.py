@@ -246,7 +246,8 @@ def measure_rates(run: Path, raw: dict[str, Any], tokens: int, repeats: int) -> 
     """Bare forward (bench/collect.py's, on RUN_DIR's model and corpus), bare LM head and GEMM rates."""
     import torch
 
-    from ato.models import load_prepared, native_bfloat16
+    from ato.lm_head import native_bfloat16
+    from ato.models import load_prepared
     from ato.params import parse_params
     from collect import bare_forward_seconds
 

@@ -470,7 +470,8 @@ def test_shared_reference_equals_a_per_pair_recomputation_exactly(trained_projec
     """causal_reference (clean, zero, train_mean once per target) + causal (ato, identity, bias_only)
     give the same per-sequence sums as every condition computed in one per-pair run, full forwards."""
     from ato.artifacts import read_pair_stats
-    from ato.models import load_prepared, set_lm_head_dtype
+    from ato.lm_head import set_lm_head_dtype
+    from ato.models import load_prepared
 
     project, params = trained_project
     causal.main(params, pair="L01_k2")
@@ -815,13 +816,14 @@ def test_bf16_lm_head_agrees_with_float32_on_the_real_model(real_model_dir, monk
     |NLL_bf16 − NLL_f32| ≤ 0.011 nats. Rounding only the bf16 matmul's output (no float32 top logits) gave
     ΔΔ = 2.1e-3 on L11's mean update: the test fails without `_exact_top_logits`."""
     from ato.corpus import Corpus, sequences_for_split
-    from ato.models import load_prepared, set_lm_head_dtype
+    from ato.lm_head import set_lm_head_dtype
+    from ato.models import load_prepared
     from ato.params import CorpusParams
 
     model, tok, _ = load_prepared(real_model_dir, "cpu")
     # the agreement is a property of bf16 arithmetic, not of the CPU: where bf16 is only emulated the
     # stages fall back to float32, but this test still measures the bf16 numbers
-    monkeypatch.setattr("ato.models.native_bfloat16", lambda device: True)
+    monkeypatch.setattr("ato.lm_head.native_bfloat16", lambda device: True)
     rows = [s.token_ids for s in sequences_for_split(Corpus(CorpusParams()), tok, "test") if len(s.token_ids) >= 64]
     ids = torch.tensor([r[:64] for r in rows[:8]])
     patch = torch.ones_like(ids, dtype=torch.bool)

@@ -276,3 +276,26 @@ def test_extrapolation_of_a_line_in_one_over_n():
     assert value == pytest.approx(0.6) and high - low == pytest.approx(0.0, abs=1e-9)
     value, low, high = cm.extrapolated(n, 0.6 - 50.0 / n + np.array([0.01, -0.01, 0.01, -0.01]), 0.002, 0.95)
     assert low < value < high and high - low > 2 * 1.96 * 0.002
+
+
+@pytest.mark.parametrize("product_dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_the_striped_gram_accumulator_gives_the_full_sums(product_dtype, tol):
+    """Upper stripes (a width that does not divide p), mirrored, over batches buffered into two products
+    (9 + 30 rows, then 4 at the end) of off-centre rows:
+    the uncentred sums of numpy's float64 products."""
+    from ato.context_pass import GramAccumulator
+
+    gen = torch.Generator().manual_seed(3)
+    p, d = 23, 5
+    batches = [(torch.randn(n, p, generator=gen) * 3 + 40, torch.randn(n, d, generator=gen) - 7) for n in (9, 30, 4)]
+    acc = GramAccumulator(p, d, torch.device("cpu"), product_dtype, stripe=7, flush_rows=12)
+    for x, y in batches:
+        acc.update(x, y)
+    stats = acc.pair_stats()
+    x = np.concatenate([b[0].double().numpy() for b in batches])
+    y = np.concatenate([b[1].double().numpy() for b in batches])
+    assert stats.n == len(x)
+    for got, want in [(stats.sum_x, x.sum(0)), (stats.sum_y, y.sum(0)), (stats.xtx, x.T @ x), (stats.xty, x.T @ y),
+                      (stats.yty, y.T @ y)]:  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=tol, atol=0)
+    np.testing.assert_array_equal(stats.xtx, stats.xtx.T)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
 
 import torch
 from torch import nn
@@ -320,124 +318,6 @@ def load_prepared(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.to(resolve_device(device)).eval()  # type: ignore[arg-type]  # transformers' stub types .to oddly
     return model, tokenizer, info
-
-
-# --------------------------------------------------------------------------------------------
-# The LM-head loss (one implementation: causal, select and the SAE quality checks use it)
-
-
-def lm_head_and_softcap(model: nn.Module) -> tuple[nn.Module, float | None]:
-    """The output embedding and Gemma's final-logit softcap (None where the model has none)."""
-    head = model.get_output_embeddings()  # type: ignore[operator]  # an HF PreTrainedModel method
-    if head is None:
-        raise ModelLoadError(f"{type(model).__name__}: no LM head (get_output_embeddings() is None)")
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return head, (float(cap) if cap else None)
-
-
-# LM heads whose matmul runs in a lower precision: head → its weight cast once (`set_lm_head_dtype`)
-_LOW_PRECISION_HEADS: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """True where bf16 matmuls run natively: CUDA with bf16 support, a CPU with AVX512-BF16 or AMX-BF16
-    (elsewhere oneDNN emulates them, slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if device.type == "cpu" and cpuinfo.exists() else set()
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def _head_parameters(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight [vocab, d] and bias (None for tied embeddings like Gemma's)."""
-    bias = getattr(head, "bias", None)
-    return cast(torch.Tensor, head.weight), (None if bias is None else cast(torch.Tensor, bias))
-
-
-def set_lm_head_dtype(model: nn.Module, dtype: str) -> str:
-    """Run `model`'s LM-head matmul in `dtype` ("bfloat16" | "float32"); returns the dtype in effect.
-
-    bfloat16 casts the hidden rows and the head's weight (once, kept here) to bf16; the logits come back to
-    float32 before the softcap and the log-softmax. It falls back to float32, with one log line, where the
-    device has no native bf16.
-    """
-    head, _cap = lm_head_and_softcap(model)
-    weight, _bias = _head_parameters(head)
-    if dtype == "bfloat16" and not native_bfloat16(weight.device):
-        log.info("LM head in float32: %s has no native bf16 matmul (no avx512_bf16/amx_bf16)", weight.device)
-        dtype = "float32"
-    if dtype == "bfloat16":
-        _LOW_PRECISION_HEADS[head] = weight.detach().to(torch.bfloat16)
-    else:
-        _LOW_PRECISION_HEADS.pop(head, None)
-    return dtype
-
-
-def chunk_logits(
-    head: nn.Module, cap: float | None, hidden: torch.Tensor, targets: torch.Tensor | None = None
-) -> torch.Tensor:
-    """float32 logits of `hidden` rows, softcapped like the model's own forward (the matmul in bf16 where
-    `set_lm_head_dtype` asked for it, with the logits that decide the loss recomputed exactly)."""
-    low = _LOW_PRECISION_HEADS.get(head)
-    if low is None:
-        logits = head(hidden).float()
-    else:
-        _weight, bias = _head_parameters(head)
-        bias = None if bias is None else bias.to(low.dtype)
-        logits = nn.functional.linear(hidden.to(low.dtype), low, bias).float()
-        _exact_top_logits(logits, head, hidden, targets)
-    return torch.tanh(logits / cap) * cap if cap is not None else logits
-
-
-_EXACT_TOP = 64  # logits per row recomputed in float32 after a bf16 LM head
-
-
-def _exact_top_logits(
-    logits: torch.Tensor, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | None
-) -> None:
-    """Overwrite the `_EXACT_TOP` largest logits of each row (and its target's) with float32 ones.
-
-    bf16 rounds a logit of size 20 by up to 0.04: the few largest logits carry the log-sum-exp and the
-    target's carries the NLL, so their rounding would bias a mean Δ; the many small ones' errors average out.
-    """
-    index = logits.topk(min(_EXACT_TOP, logits.shape[-1]), dim=-1).indices
-    if targets is not None:
-        index = torch.cat([index, targets[:, None]], dim=1)
-    weight, bias = _head_parameters(head)
-    rows = weight[index]  # [m, K, d]
-    exact = torch.einsum("md,mkd->mk", hidden.to(rows.dtype), rows).float()
-    if bias is not None:
-        exact = exact + bias[index].float()
-    logits.scatter_(1, index, exact)
-
-
-def chunked_nll(
-    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int, checkpointed: bool = False
-) -> torch.Tensor:
-    """Per-row next-token NLL: final hidden states [m, d], targets [m] → float32 [m].
-
-    Logits exist for at most `chunk_rows` rows at a time (the 262k-row LM head dominates memory) and
-    are computed in float32 like transformers' own loss. With `checkpointed` (and grad enabled) each
-    chunk's logits are recomputed in the backward pass instead of kept.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    head, cap = lm_head_and_softcap(model)
-
-    def rows_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(chunk_logits(head, cap, h, t), t, reduction="none")
-
-    parts = []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-        if checkpointed and torch.is_grad_enabled():
-            parts.append(checkpoint(rows_nll, h, t, use_reentrant=False))
-        else:
-            parts.append(rows_nll(h, t))
-    if not parts:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(parts)
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ a chosen set of positions, with the condition's value:
 Every patched residual is `ato.splicing.patch_rows`, the implementation behind the public `ato.splice`
 (one implementation: replayed from a traced forward below, or hooked into a full forward by
 `ato.splicing.spliced`). BOS (position 0) and other special tokens are never patched. The loss is the
-next-token NLL from the final hidden states through the chunked LM head (`ato.models.chunked_nll`, with
+next-token NLL from the final hidden states through the chunked LM head (`ato.lm_head.chunked_nll`, with
 the model's final logit softcapping), so the 262k-vocab logits never exist all at once. Two token
 scopes: `all` (every prediction but the one made at BOS, which no patch can change) and `after`
 (predictions at or after the first patched position — the only ones a patch can change in a causal

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ato.models import base_model, chunked_nll, decoder_blocks, final_hidden
+from ato.lm_head import chunked_nll
+from ato.models import base_model, decoder_blocks, final_hidden
 from ato.splicing import spliced
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]  # x_L rows [m, d] → patch values [m, d]

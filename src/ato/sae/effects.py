@@ -163,7 +163,7 @@ class RunScores:
 
 
 def _log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    from ato.models import chunk_logits, lm_head_and_softcap
+    from ato.lm_head import chunk_logits, lm_head_and_softcap
 
     head, cap = lm_head_and_softcap(model)
     return torch.log_softmax(chunk_logits(head, cap, hidden), dim=-1)

@@ -82,7 +82,7 @@ def final_norm(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def direction_logits(model: nn.Module, directions: torch.Tensor) -> torch.Tensor:
     """W_U · (N(d) − N(0)) for rows d of `directions` → [m, vocab]."""
-    from ato.models import lm_head_and_softcap
+    from ato.lm_head import lm_head_and_softcap
 
     norm = final_norm(model)
     w_u = cast(torch.Tensor, lm_head_and_softcap(model)[0].weight)

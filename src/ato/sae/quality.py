@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ato.models import chunk_logits, final_hidden, lm_head_and_softcap, patch_residual
+from ato.lm_head import chunk_logits, lm_head_and_softcap
+from ato.models import final_hidden, patch_residual
 from ato.params import SaeGates
 from ato.store import ActivationStore
 

@@ -64,7 +64,8 @@ __all__ = ["CausalError", "main", "prepare_inputs", "read_references"]
 
 def main(params: Params, pair: str | None = None) -> dict[str, CausalSummary]:
     """Run the causal check for `pair` (None: every pair); returns each pair's summary."""
-    from ato.models import load_prepared, resolve_device, set_lm_head_dtype
+    from ato.lm_head import set_lm_head_dtype
+    from ato.models import load_prepared, resolve_device
 
     cp, layout = params.causal, Layout.from_params(params)
     names = list(params.pairs) if pair is None else [pair]  # one pair: read only its entry (dvc.yaml)

@@ -35,7 +35,8 @@ __all__ = ["main", "target_means"]
 
 def main(params: Params) -> dict[int, CausalReference]:
     """Compute and write the reference record of every target layer; returns them by layer."""
-    from ato.models import load_prepared, resolve_device, set_lm_head_dtype
+    from ato.lm_head import set_lm_head_dtype
+    from ato.models import load_prepared, resolve_device
 
     cp, layout = params.causal, Layout.from_params(params)
     if not params.pairs:
