@@ -158,3 +158,34 @@ def test_the_spliced_context_map_reproduces_an_attention_only_block_where_the_id
     sums = {c: np.sum(s["all"]) for c, s in results[True].items()}
     assert abs(sums["identity"] - sums["clean"]) > 1e-3
     assert abs(sums["context"] - sums["clean"]) < 1e-3 * abs(sums["identity"] - sums["clean"])
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_context_inputs_from_the_traced_residual_equal_the_full_forwards(kind, caplog):
+    """The causal condition's stacked inputs from the clean trace's layer-L residual (blocks 0 … L
+    skipped, `ato.routed.skipped_blocks`) equal those of the full eager forward; a residual of other
+    tokens fails the first batch's check, and every batch then takes the full forward, with a warning."""
+    from ato.causal.context import ContextPatch
+    from ato.causal.forward import trace_body
+
+    model = tiny_model(kind)  # Gemma-3: sliding window 8 over 20 tokens
+    d, L, k = 32, 1, 2
+    ids, other = random_ids(3, 20), random_ids(3, 20, seed=9)
+    fill = torch.randn(d)
+
+    def patch() -> ContextPatch:
+        return ContextPatch(L, k, 2, torch.zeros(d, d * (4 + k)), torch.zeros(d), fill)
+
+    with torch.inference_mode():
+        x_L = trace_body(model, ids, [L, L + k], L + k + 1).residuals[L]
+        x_other = trace_body(model, other, [L, L + k], L + k + 1).residuals[L]
+        good, bad = patch(), patch()
+        full = good.inputs(model, ids)
+        from_trace = good.inputs(model, ids, x_L)
+        assert good.skip_checked is True
+        torch.testing.assert_close(from_trace, full, rtol=1e-5, atol=1e-5)
+        assert torch.equal(good.inputs(model, ids, x_L), from_trace)  # checked once, then skipped
+        assert torch.equal(bad.inputs(model, ids, x_other), full)
+    assert bad.skip_checked is False
+    assert "every batch runs the full forward" in caplog.text
+    assert [type(b).forward for b in base_model(model).layers] == [b.forward.__func__ for b in base_model(model).layers]

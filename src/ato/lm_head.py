@@ -112,7 +112,8 @@ def _buffer(dtype: torch.dtype, shape: torch.Size | tuple[int, int], device: tor
     key = (dtype, device, int(vocab))
     held = _BUFFERS.get(key)
     if held is None or held.shape[0] < rows:
-        held = _BUFFERS[key] = torch.empty(rows, vocab, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            held = _BUFFERS[key] = torch.empty(rows, vocab, dtype=dtype, device=device)
     return held[:rows]
 
 

@@ -8,7 +8,10 @@ no MLP, y_{L+1} = x_L + z_1 exactly.
 One forward with eager attention (the only implementation that hands its probabilities back): a
 forward hook on block L+j's attention mixes the values the moment the pattern exists and drops it, so
 no more than one block's patterns of one batch are ever alive, and none is written. The forward stops
-after the deepest block needed (`ato.models.capture_residuals`).
+after the deepest block needed (`ato.models.capture_residuals`). Given layer L's residual of the same
+tokens from an earlier forward (`start`: the causal stage's clean trace), blocks 0 … L are skipped
+(`skipped_blocks`): block L hands back that residual, the earlier ones their input, and only blocks
+L+1 … L+k run, the body still building its own masks and position embeddings for eager attention.
 """
 
 from __future__ import annotations
@@ -20,9 +23,16 @@ from typing import Any  # HF models and their modules: attributes by architectur
 
 import torch
 
-from .models import UnsupportedArchitectureError, base_model, capture_residuals, layer_block, run_captured
+from .models import (
+    UnsupportedArchitectureError,
+    base_model,
+    capture_residuals,
+    decoder_blocks,
+    layer_block,
+    run_captured,
+)
 
-__all__ = ["ContextForward", "context_forward", "eager_attention", "mix_values", "routed_attention"]
+__all__ = ["ContextForward", "context_forward", "eager_attention", "mix_values", "routed_attention", "skipped_blocks"]
 
 Pair = tuple[int, int]
 
@@ -46,6 +56,35 @@ def eager_attention(model: Any) -> Iterator[None]:
     finally:
         if before != "eager":
             model.set_attn_implementation(before)
+
+
+@contextmanager
+def skipped_blocks(model: Any, layer: int, residual: torch.Tensor) -> Iterator[None]:
+    """Forwards in which blocks 0 … `layer` compute nothing: block `layer` returns `residual` (its output
+    for these tokens in an earlier forward), the blocks before it their input. Each block's `forward` is
+    shadowed on the instance, so hooks on the blocks still fire; restored on exit."""
+    blocks = decoder_blocks(model)
+
+    def hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    def given(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return residual
+
+    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_of(args, kwargs)
+
+    shadowed = {j: vars(blocks[j]).get("forward") for j in range(layer + 1)}
+    try:
+        for j in range(layer + 1):
+            blocks[j].forward = given if j == layer else passthrough
+        yield
+    finally:
+        for j, before in shadowed.items():
+            if before is None:
+                del blocks[j].forward
+            else:
+                blocks[j].forward = before
 
 
 def routed_attention(model: Any, block: int) -> tuple[Any, Any]:
@@ -74,10 +113,16 @@ def mix_values(norm: Any, attention: Any, pattern: torch.Tensor, x: torch.Tensor
 
 @torch.no_grad()
 def context_forward(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pairs: Sequence[Pair]
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pairs: Sequence[Pair],
+    start: tuple[int, torch.Tensor] | None = None,
 ) -> ContextForward:
     """One forward of a batch: the residuals of every L and L + k of `pairs` and each pair's routed
-    inputs (module docstring). Padding stays in (callers select their real tokens by the mask)."""
+    inputs (module docstring). Padding stays in (callers select their real tokens by the mask). `start`
+    (layer, its residual [B, T, d] for these ids): blocks up to it are skipped (`skipped_blocks`); every
+    pair must read that layer or a later one."""
     pairs = list(dict.fromkeys((int(L), int(k)) for L, k in pairs))
     layers = sorted({L for L, _ in pairs} | {L + k for L, k in pairs})
     readers: dict[int, list[Pair]] = {}  # block L + j → the pairs reading its pattern
@@ -100,6 +145,10 @@ def context_forward(
 
     with ExitStack() as stack:
         stack.enter_context(eager_attention(model))
+        if start is not None:
+            if min(L for L, _ in pairs) < start[0]:
+                raise ValueError(f"pairs {pairs} read layers before the skipped blocks' last, {start[0]}")
+            stack.enter_context(skipped_blocks(model, *start))
         hidden = stack.enter_context(capture_residuals(model, layers))
         for block in readers:
             stack.callback(reader(block, hidden).remove)

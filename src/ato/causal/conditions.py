@@ -35,9 +35,10 @@ class Condition:
     name: str
     layer_in: int | None  # the layer whose residual `value` reads (None: a constant, given y rows for shape)
     value: ValueFn  # residual rows at the patched positions [m, d] → patch values [m, d]
-    # inputs other than a residual: (model, ids [B, T]) → [B, T, p] per batch, the rows `value` reads
-    # instead of x_L's (the context map's stacked inputs, `ato.causal.context`)
-    stacked: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # inputs other than a residual: (model, ids [B, T], the clean trace's layer_in residual or None) →
+    # [B, T, p] per batch, the rows `value` reads instead of x_L's (the context map's stacked inputs,
+    # `ato.causal.context`)
+    stacked: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
 
 @dataclass
@@ -261,7 +262,8 @@ def _value_at(model: nn.Module, batch: _Batch, cond: Condition, rows: tuple[torc
     if cond.stacked is None:
         return cond.value, cond.layer_in
     if cond.name not in batch.stacked:
-        batch.stacked[cond.name] = cond.stacked(model, batch.ids)
+        x_L = None if cond.layer_in is None else batch.trace.residuals.get(cond.layer_in)
+        batch.stacked[cond.name] = cond.stacked(model, batch.ids, x_L)
     values = cond.value(batch.stacked[cond.name][rows])
     return (lambda _rows: values), None
 

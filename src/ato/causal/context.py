@@ -5,7 +5,11 @@ the batch (`ato.routed.context_forward`: layer L's residuals and block L+j's att
 to their values; `ato.math.context.stack_context_inputs`: lags, prefix, absent inputs = `fill`).
 
 The patch is at L + k, so blocks L+1 … L+k run clean in the patched forward too: the patterns the z's
-use ARE the live forward's patterns, not stale ones from another pass.
+use ARE the live forward's patterns, not stale ones from another pass. Given layer L's residual from
+the batch's clean trace, only blocks L+1 … L+k run (`ato.routed.skipped_blocks`) instead of 0 … L+k;
+the first batch is checked against the full eager forward (relative difference ≤ `SKIP_TOLERANCE`: the
+trace's attention is the model's own, sdpa, where the full pass is eager throughout), and a miss falls
+back to the full forward for the stage, with a warning.
 
 The value reads other positions and the patterns, which no function of x_L's rows sees: the map-kind
 registry carries it as a kind whose patch rows are these stacked inputs (`MapKind.reads == "context"`),
@@ -13,7 +17,8 @@ built once per batch and shared by every position set (`ato.causal.conditions`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +31,8 @@ from ato.routed import context_forward
 __all__ = ["ContextPatch", "read_context_patch"]
 
 UNION = "context"  # the kind of `ato context` whose map is spliced: every input block
+SKIP_TOLERANCE = 1e-4  # ‖skipped − full‖ / ‖full‖ of the first batch's stacked inputs
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,13 +45,30 @@ class ContextPatch:
     W: torch.Tensor  # [d, p] float32, p = d · (1 + m + 1 + k)
     b: torch.Tensor  # [d]
     fill: torch.Tensor  # [d]: an absent input (BOS, before the sequence start)
+    skip_checked: bool | None = field(default=None, compare=False)  # None: not yet compared (module docstring)
 
     def to(self, device: torch.device | str) -> ContextPatch:
         return ContextPatch(self.L, self.k, self.lags, self.W.to(device), self.b.to(device), self.fill.to(device))
 
-    def inputs(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """The stacked context inputs [B, T, p] of the clean forward of `ids` [B, T] (row 0: BOS)."""
-        forward = context_forward(model, ids, None, [(self.L, self.k)])
+    def inputs(self, model: nn.Module, ids: torch.Tensor, x_L: torch.Tensor | None = None) -> torch.Tensor:
+        """The stacked context inputs [B, T, p] of the clean forward of `ids` [B, T] (row 0: BOS); with
+        `x_L`, that forward's layer-L residual, only blocks L+1 … L+k run (module docstring)."""
+        if x_L is None or self.skip_checked is False:
+            return self._stacked(model, ids, None)
+        skipped = self._stacked(model, ids, x_L)
+        if self.skip_checked is None:
+            full = self._stacked(model, ids, None)
+            error = float((skipped - full).norm() / full.norm())
+            self.skip_checked = error <= SKIP_TOLERANCE
+            if not self.skip_checked:
+                log.warning("context inputs from the trace's layer %d differ from the full forward's by %.1e "
+                            "(> %.0e): every batch runs the full forward", self.L, error, SKIP_TOLERANCE)  # fmt: skip
+                return full
+        return skipped
+
+    def _stacked(self, model: nn.Module, ids: torch.Tensor, x_L: torch.Tensor | None) -> torch.Tensor:
+        start = None if x_L is None else (self.L, x_L)
+        forward = context_forward(model, ids, None, [(self.L, self.k)], start=start)
         x, z = forward.hidden[self.L], forward.routed[(self.L, self.k)]
         return stack_context_inputs(x, z, self.lags, self.fill.to(x.dtype)).to(self.W.dtype)
 
