@@ -176,7 +176,9 @@ def _planted_budget(rng: np.random.Generator, law, n_test: int = 160) -> cm.Budg
         fit = cm.tune_and_fit(cm.select_inputs(train, cols), cm.select_inputs(val, cols), 1e-3, 1e5, 20, 0)
         predicted = test_inputs[..., cols] @ torch.as_tensor(fit.W).T + torch.as_tensor(fit.b)
         sums.sse[kind] = ((test_y - predicted) ** 2).sum((1, 2)).numpy()
-        curves[kind] = cm.nested_curve(slices, _stats(test_inputs, test_y), cols, fit.alpha)
+        curves[kind] = cm.nested_curve(slices, _stats(test_inputs, test_y), cols, fit.alpha, full=(fit.W, fit.b))
+        solved = cm.nested_curve(slices, _stats(test_inputs, test_y), cols, fit.alpha)  # every fraction solved
+        np.testing.assert_allclose(curves[kind].r2_w, solved.r2_w, rtol=0, atol=1e-9)
     return cm.context_budget(sums, curves, resamples=400, seed=0)
 
 

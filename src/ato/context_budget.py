@@ -71,7 +71,7 @@ def fit_kinds(
         cols = kind_columns(kind, d, lags, k)
         tuned = cm.tune_and_fit(cm.select_inputs(train, cols), cm.select_inputs(val, cols), cp.alpha_min,
                                 cp.alpha_max, cp.n_trials, cp.seed)  # fmt: skip
-        curve = cm.nested_curve(slices, test, cols, tuned.alpha)
+        curve = cm.nested_curve(slices, test, cols, tuned.alpha, full=(tuned.W, tuned.b))
         fits[kind] = KindFit(cols, tuned.alpha, tuned.W, tuned.b, tuned.val_r2_w, tuned.ceiling, curve)
     return fits
 

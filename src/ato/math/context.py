@@ -210,22 +210,32 @@ class KindCurve(NamedTuple):
     r2_w: np.ndarray  # exact test R²_w of the kind's ridge, fitted on that fraction at its tuned α
 
 
-def nested_curve(slices: Sequence[PairStats], test: PairStats, columns: np.ndarray, alpha: float) -> KindCurve:
+def nested_curve(
+    slices: Sequence[PairStats],
+    test: PairStats,
+    columns: np.ndarray,
+    alpha: float,
+    full: tuple[np.ndarray, np.ndarray] | None = None,
+) -> KindCurve:
     """`slices`: the union statistics of disjoint train slices in nesting order (the stage's 1/8, 1/8,
     1/4, 1/2 of the train sequences); fraction j is the sum of the first j + 1. One Cholesky per fraction
-    (`learning_curve.ridge_solve`), the eigendecomposition's path where the Gram is not numerically PD."""
+    (`learning_curve.ridge_solve`), the eigendecomposition's path where the Gram is not numerically PD;
+    `full`: the map already fitted at α on all slices (W, b), used for the last fraction instead."""
     held = select_inputs(test, columns)
     n_train, r2_w = [], []
     subset: PairStats | None = None
-    for piece in slices:
+    for j, piece in enumerate(slices):
         part = select_inputs(piece, columns)
         subset = part if subset is None else subset.merge(part)
         if subset.n <= 1:
             continue
-        try:
-            W, b = ridge_solve(subset, alpha)
-        except np.linalg.LinAlgError:
-            W, b = RidgePath.from_stats(subset).solve(alpha)
+        if full is not None and j == len(slices) - 1:
+            W, b = full
+        else:
+            try:
+                W, b = ridge_solve(subset, alpha)
+            except np.linalg.LinAlgError:
+                W, b = RidgePath.from_stats(subset).solve(alpha)
         n_train.append(subset.n)
         r2_w.append(float(r2_from_stats(held, W, b)["r2_weighted"]))
     return KindCurve(np.array(n_train), np.array(r2_w))

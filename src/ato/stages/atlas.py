@@ -47,6 +47,7 @@ from ato.atlas import (
     table_columns,
     torch_threads,
 )
+from ato.lm_head import set_lm_head_dtype
 from ato.models import resolve_device
 from ato.params import Params
 from ato.plotting.atlas import plot_atlas_heatmaps, plot_operator_bars, plot_spectra
@@ -78,6 +79,8 @@ def main(params: Params) -> AtlasResult:
         if layers:
             apply_jacobian(fits, probe_atlas(model, store, fits, layers, ap), grams)
     with _timed(seconds, "causal"), torch_threads(ap.threads):
+        if ap.causal_pairs:
+            set_lm_head_dtype(model, ap.lm_head_dtype)
         causal = causal_atlas(model, store, fits, grams, ap) if ap.causal_pairs else {}
     result = atlas_result(store, grams, fits, causal, layers, ap, seconds)
     with _timed(seconds, "write"), atomic_group():  # maps, tables, report and figures, or none

@@ -105,6 +105,7 @@ def main(params: Params) -> LanguageReport:
 def load_inputs(params: Params, layout: Layout) -> Inputs:
     """Store, model, every pair's operator (checked against both) and each target layer's SAE features,
     all before the first forward pass."""
+    from ato.lm_head import set_lm_head_dtype
     from ato.models import load_prepared, resolve_device
     from ato.operators import load_operator
 
@@ -112,6 +113,7 @@ def load_inputs(params: Params, layout: Layout) -> Inputs:
     pairs = {name: (p.L, p.target) for name, p in params.pairs.items()}
     store.require_layers(sorted({layer for lt in pairs.values() for layer in lt}), "languages")
     model, tokenizer, info = load_prepared(layout.model_dir, str(resolve_device(params.languages.device)))
+    set_lm_head_dtype(model, params.languages.lm_head_dtype)
     operators, alphas, tokens = {}, {}, {}
     for name, (L, T) in pairs.items():
         expect = {"model_digest": info.weights_digest, "d_model": info.d_model, "layer_in": L, "layer_out": T}
