@@ -79,7 +79,7 @@ def main(params: Params) -> AtlasResult:
         if layers:
             apply_jacobian(fits, probe_atlas(model, store, fits, layers, ap), grams)
     with _timed(seconds, "causal"), torch_threads(ap.threads):
-        if ap.causal_pairs:
+        if model is not None and ap.causal_pairs:
             set_lm_head_dtype(model, ap.lm_head_dtype)
         causal = causal_atlas(model, store, fits, grams, ap) if ap.causal_pairs else {}
     result = atlas_result(store, grams, fits, causal, layers, ap, seconds)
