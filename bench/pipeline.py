@@ -168,6 +168,8 @@ def stage_work(stage: str, pair: str | None, p: dict[str, Any], sizes: Sizes) ->
         return one.times(len(lp["sources"]))
     if stage == "atlas":
         return _atlas_work(p, sizes, len(keys_for("atlas")) + len(keys_for("atlas_reference")))
+    if stage == "context":
+        return _context_work(p, sizes, targets)
     return None
 
 
@@ -188,6 +190,26 @@ def _sae_work(p: dict[str, Any], sizes: Sizes, targets: list[int]) -> Work:
     head = s["eval_sequences"] * (s["eval_seq_len"] - 1)
     splice = patched_passes(sizes, e, head, targets * 2, clean=True) if e else Work()  # SAE, ablation
     return Work(token_layers=streamed, flops32=training) + splice
+
+
+def _context_work(p: dict[str, Any], sizes: Sizes, targets: list[int]) -> Work:
+    """One forward of every split's context tokens to the deepest target; per pair, the union Gram of
+    its p = d·(2 + lags + k) stacked inputs and the target (XᵀX's upper triangle, XᵀY, YᵀY: float32
+    products, `context.gram_dtype`) and, per fitted kind, the two p³ GEMMs that rotate the validation
+    Gram into the train eigenbasis (the eigendecompositions themselves are not GEMMs: left out, so the
+    floor is low and the ratio conservative)."""
+    from ato.math.context import FITTED_KINDS, context_columns
+
+    c, d = p["context"], sizes.d_model
+    rows = sum(c["tokens"][s] or sizes.rows[s] for s in ("train", "val", "test"))
+    tokens = sum(c["tokens"][s] or sizes.tokens[s] for s in ("train", "val", "test"))
+    work = Work(token_layers=tokens * (max(targets) + 1))
+    for q in p["pairs"].values():
+        width = d * (2 + c["lags"] + q["k"])
+        products = rows * (width * width + 2.0 * width * d + d * d)
+        fits = sum(4.0 * len(context_columns(kind, d, c["lags"], q["k"])) ** 3 for kind in FITTED_KINDS)
+        work += Work(flops32=products, flops64=fits)
+    return work
 
 
 def _atlas_work(p: dict[str, Any], sizes: Sizes, conditions: int) -> Work:

@@ -91,3 +91,19 @@ def test_a_floor_of_milliseconds_prints_its_digits(bench):
     assert float(cells["collect"][2].replace(",", "")) == pytest.approx(5.4 / 0.0123, rel=1e-2)
     assert cells["report"][1].strip() == "—"
     assert float(cells["**run** (stages with a known start)"][0]) == pytest.approx(12.5)
+
+
+def test_the_context_floor_by_hand(bench):
+    """One forward of every split to the deepest target; per pair the union Gram's products (upper XᵀX,
+    XᵀY, YᵀY) at float32 and two p³ rotations per fitted kind at float64."""
+    three = bench.Sizes(n_layers=6, d_model=10, stored_layers=list(range(6)),
+                        tokens={"train": 110, "val": 22, "test": 55}, rows={"train": 100, "val": 20, "test": 50})  # fmt: skip
+    raw = {"pairs": {"a": {"L": 0, "k": 1}}, "context": {"tokens": {"train": 0, "val": 0, "test": 0}, "lags": 1}}
+    work = bench.stage_work("context", None, raw, three)
+    assert work.token_layers == 187 * 2  # every token through blocks 0–1
+    # p = 10 · (2 + 1 + 1) = 40 over 170 rows: 40² + 2 · 40 · 10 + 10² per row
+    assert work.flops32 == 170 * (1600 + 800 + 100)
+    # kinds ato 10, lagged 20, prefix 20, routed 20, context 40, lagged_prefix 30 columns
+    assert work.flops64 == 4 * (10**3 + 3 * 20**3 + 40**3 + 30**3)
+    raw["context"]["tokens"]["train"] = 50
+    assert bench.stage_work("context", None, raw, three).token_layers == (50 + 22 + 55) * 2
