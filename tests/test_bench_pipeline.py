@@ -96,8 +96,8 @@ def test_a_floor_of_milliseconds_prints_its_digits(bench):
 def test_the_context_floor_by_hand(bench):
     """One forward of every split to the deepest target; per pair the union Gram's products (upper XᵀX,
     XᵀY, YᵀY) at float32 and two p³ rotations per fitted kind at float64."""
-    three = bench.Sizes(n_layers=6, d_model=10, stored_layers=list(range(6)),
-                        tokens={"train": 110, "val": 22, "test": 55}, rows={"train": 100, "val": 20, "test": 50})  # fmt: skip
+    tokens, rows = {"train": 110, "val": 22, "test": 55}, {"train": 100, "val": 20, "test": 50}
+    three = bench.Sizes(n_layers=6, d_model=10, stored_layers=list(range(6)), tokens=tokens, rows=rows)
     raw = {"pairs": {"a": {"L": 0, "k": 1}}, "context": {"tokens": {"train": 0, "val": 0, "test": 0}, "lags": 1}}
     work = bench.stage_work("context", None, raw, three)
     assert work.token_layers == 187 * 2  # every token through blocks 0–1
